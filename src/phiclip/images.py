@@ -16,12 +16,12 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageInput = Union[Image.Image, np.ndarray, str, os.PathLike, bytes, bytearray, memoryview]
+ImageInput = Image.Image | np.ndarray | str | os.PathLike | bytes | bytearray | memoryview
 
 #: Default pixel limit (width * height) above which an image is refused as a decompression bomb.
 #: PIL's own default warning threshold, about 89.5 megapixels (e.g. 9459 x 9459).

@@ -183,3 +183,182 @@ def make_sample_images(
         for r in records:
             f.write(f"{Path(r['path']).relative_to(out)},{r['label']},{r['caption']}\n")
     return records
+
+
+# ==============================================================================================
+# Phi-3-vision checkpoints in the released layout
+# ==============================================================================================
+#: A tiny CLIP tower that keeps the 336 px / patch 14 geometry (24x24 grid) of the real one.
+TINY_PHI3V_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "image_size": 336,
+    "patch_size": 14,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
+
+
+def phi3v_config_dict(
+    *,
+    hidden_size: int = 3072,
+    vocab_size: int = 32064,
+    num_lm_layers: int = 32,
+    vision_config: dict[str, Any] | None = None,
+    hd_transform_order: str = "sub_glb",
+    projection_cls: str = "mlp",
+    layer_idx: int | None = None,
+    type_feature: str | None = None,
+    embd_pdrop: float = 0.0,
+) -> dict[str, Any]:
+    """A ``config.json`` as the released checkpoints have it (the LM fields included), with
+    phiclip's optional ``img_processor.vision_config`` for a non-ViT-L tower."""
+    img_processor: dict[str, Any] = {
+        "name": "clip_vision_model",
+        "model_name": "openai/clip-vit-large-patch14-336",
+        "image_dim_out": (vision_config or {}).get("hidden_size", 1024),
+        "num_img_tokens": 144,
+    }
+    if vision_config is not None:
+        img_processor["vision_config"] = dict(vision_config)
+    if layer_idx is not None:
+        img_processor["layer_idx"] = layer_idx
+    if type_feature is not None:
+        img_processor["type_feature"] = type_feature
+    return {
+        "architectures": ["Phi3VForCausalLM"],
+        "model_type": "phi3_v",
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 8 // 3 if hidden_size != 3072 else 8192,
+        "num_hidden_layers": num_lm_layers,
+        "num_attention_heads": 32 if hidden_size == 3072 else 4,
+        "vocab_size": vocab_size,
+        "embd_pdrop": embd_pdrop,
+        "torch_dtype": "bfloat16",
+        "img_processor": img_processor,
+        "embd_layer": {
+            "embedding_cls": "image",
+            "hd_transform_order": hd_transform_order,
+            "projection_cls": projection_cls,
+            "use_hd_transform": True,
+            "with_learnable_separator": True,
+        },
+    }
+
+
+def _phi3v_lm_tensors(hidden: int, vocab: int, layers: range, gen: Any, dtype: Any) -> dict[str, Any]:
+    import torch
+
+    inter = hidden * 8 // 3 if hidden != 3072 else 8192
+    out = {}
+    for i in layers:
+        p = f"model.layers.{i}."
+        out[p + "self_attn.qkv_proj.weight"] = torch.randn(3 * hidden, hidden, generator=gen).to(dtype)
+        out[p + "self_attn.o_proj.weight"] = torch.randn(hidden, hidden, generator=gen).to(dtype)
+        out[p + "mlp.gate_up_proj.weight"] = torch.randn(2 * inter, hidden, generator=gen).to(dtype)
+        out[p + "mlp.down_proj.weight"] = torch.randn(hidden, inter, generator=gen).to(dtype)
+        out[p + "input_layernorm.weight"] = torch.ones(hidden).to(dtype)
+        out[p + "post_attention_layernorm.weight"] = torch.ones(hidden).to(dtype)
+    return out
+
+
+def build_tiny_phi3v(
+    out_dir: str | Path,
+    *,
+    vision_config: dict[str, Any] | None = None,
+    hidden_size: int = 64,
+    vocab_size: int = 128,
+    num_lm_layers: int = 2,
+    num_crops: int = 16,
+    hd_transform_order: str = "sub_glb",
+    projection_cls: str = "mlp",
+    layer_idx: int | None = None,
+    type_feature: str | None = None,
+    vision_shards: int = 1,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> Path:
+    """Save a random-weight Phi-3-vision checkpoint in the released layout.
+
+    Files: ``config.json``, ``preprocessor_config.json``, ``model.safetensors.index.json`` and
+    ``model-0000k-of-0000n.safetensors`` shards. The vision tensors (``model.vision_embed_tokens.*``
+    with HF ``CLIPVisionModel`` names under ``img_processor.vision_model.``) share the first shard
+    with ``model.embed_tokens.weight`` and LM layer 0, as in the released checkpoint; with
+    ``vision_shards=2`` they are split over two shards. The last shard holds only language-model
+    tensors (later layers, ``model.norm``, ``lm_head``): a vision-only loader must never open it.
+    Separators and projections are random (not zero) so that tests see them.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vcfg = dict(TINY_PHI3V_VISION if vision_config is None else vision_config)
+    tdtype = getattr(torch, dtype)
+    config = phi3v_config_dict(
+        hidden_size=hidden_size, vocab_size=vocab_size, num_lm_layers=num_lm_layers, vision_config=vcfg,
+        hd_transform_order=hd_transform_order, projection_cls=projection_cls, layer_idx=layer_idx, type_feature=type_feature,
+    )
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (out / "preprocessor_config.json").write_text(
+        json.dumps({
+            "image_processor_type": "Phi3VImageProcessor", "num_crops": num_crops,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "processor_class": "Phi3VProcessor",
+        }, indent=2),
+        encoding="utf-8",
+    )
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    hf_cfg = {k: v for k, v in vcfg.items() if k in CLIPVisionConfig().to_dict()}
+    tower = CLIPVisionModel(CLIPVisionConfig(**hf_cfg))
+    prefix = "model.vision_embed_tokens."
+    vision: dict[str, Any] = {}
+    for k, v in tower.state_dict().items():
+        k = k[len("vision_model."):] if k.startswith("vision_model.") else k  # transformers 4 vs 5
+        if k.endswith("position_ids"):
+            continue
+        # Random, non-trivial values for every tensor (HF init leaves layer norms at 1/0).
+        vision[prefix + "img_processor.vision_model." + k] = (v + 0.02 * torch.randn(v.shape, generator=gen)).to(tdtype)
+    d4 = 4 * vcfg["hidden_size"]
+    vision[prefix + "glb_GN"] = torch.randn(1, 1, d4, generator=gen).to(tdtype)
+    vision[prefix + "sub_GN"] = torch.randn(1, 1, 1, d4, generator=gen).to(tdtype)
+    if projection_cls == "mlp":
+        vision[prefix + "img_projection.0.weight"] = (torch.randn(hidden_size, d4, generator=gen) / d4**0.5).to(tdtype)
+        vision[prefix + "img_projection.0.bias"] = (0.1 * torch.randn(hidden_size, generator=gen)).to(tdtype)
+        vision[prefix + "img_projection.2.weight"] = (torch.randn(hidden_size, hidden_size, generator=gen) / hidden_size**0.5).to(tdtype)
+        vision[prefix + "img_projection.2.bias"] = (0.1 * torch.randn(hidden_size, generator=gen)).to(tdtype)
+    else:
+        vision[prefix + "img_projection.weight"] = (torch.randn(hidden_size, d4, generator=gen) / d4**0.5).to(tdtype)
+        vision[prefix + "img_projection.bias"] = (0.1 * torch.randn(hidden_size, generator=gen)).to(tdtype)
+
+    first = {"model.embed_tokens.weight": torch.randn(vocab_size, hidden_size, generator=gen).to(tdtype)}
+    first.update(_phi3v_lm_tensors(hidden_size, vocab_size, range(0, 1), gen, tdtype))
+    last = _phi3v_lm_tensors(hidden_size, vocab_size, range(1, num_lm_layers), gen, tdtype)
+    last["model.norm.weight"] = torch.ones(hidden_size).to(tdtype)
+    last["lm_head.weight"] = torch.randn(vocab_size, hidden_size, generator=gen).to(tdtype)
+    vision_keys = sorted(vision)
+    shards: list[dict[str, Any]] = []
+    if vision_shards <= 1:
+        shards.append({**first, **vision})
+    else:
+        half = len(vision_keys) // 2
+        shards.append({**first, **{k: vision[k] for k in vision_keys[:half]}})
+        shards.append({k: vision[k] for k in vision_keys[half:]})
+    shards.append(last)
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, tensors in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / name), metadata={"format": "pt"})
+        for k, v in tensors.items():
+            weight_map[k] = name
+            total += v.numel() * v.element_size()
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8"
+    )
+    return out

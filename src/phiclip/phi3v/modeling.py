@@ -1,0 +1,527 @@
+"""Phi-3-vision's image embedding, vision-only: CLIP tower (truncated), 2x2 merge, separators,
+projection, and the merge into a text sequence.
+
+Reads bottom-up like a transformers modeling file: the CLIP tower's blocks first (attribute names
+are the checkpoint's, ``pre_layrnorm`` included), the public ``Phi3VImageEmbedding`` last. Shapes
+use ``C`` for crops, ``L`` for tokens, ``D`` for the tower width (1024) and ``H`` for the LM width
+(3072).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phiclip.phi3v.config import CROP_SIZE, Phi3VVisionConfig
+from phiclip.phi3v.weights import (
+    TEXT_EMBED_KEY,
+    VISION_PREFIX,
+    CheckpointError,
+    checkpoint_to_module_name,
+    is_unused_tower_key,
+    load_tensors,
+    read_weight_map,
+    resolve_file,
+)
+
+MAX_INPUT_ID = int(1e9)  # ids in (-1e9, 0) mark image tokens, as in the released model
+
+
+# ==============================================================================================
+# The CLIP vision tower (HF CLIPVisionModel's names), run only up to the layer that is used
+# ==============================================================================================
+def _activation(name: str) -> nn.Module:
+    if name == "quick_gelu":
+        return _QuickGELU()
+    if name in ("gelu", "gelu_python"):
+        return nn.GELU()
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return nn.GELU(approximate="tanh")
+    raise ValueError(f"hidden_act {name!r} is not supported (quick_gelu, gelu, gelu_new)")
+
+
+class _QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, hidden_size: int, image_size: int, patch_size: int, num_channels: int = 3) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.num_patches = (image_size // patch_size) ** 2
+        self.class_embedding = nn.Parameter(torch.empty(hidden_size))
+        self.patch_embedding = nn.Conv2d(num_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.position_embedding = nn.Embedding(self.num_patches + 1, hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        c = pixel_values.shape[0]
+        dtype = self.patch_embedding.weight.dtype
+        patches = self.patch_embedding(pixel_values.to(dtype))  # (C, D, g, g)
+        patches = patches.flatten(2).transpose(1, 2)  # (C, g*g, D)
+        cls = self.class_embedding.to(dtype).expand(c, 1, -1)  # (C, 1, D)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight[None]  # (C, 1 + g*g, D)
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        self.v_proj = nn.Linear(hidden_size, hidden_size)
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, n, d = x.shape
+        # (C, L, D) -> (C, heads, L, head_dim)
+        q = self.q_proj(x).view(c, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(c, n, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(c, n, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)  # (C, heads, L, head_dim), scale 1/sqrt(head_dim)
+        return self.out_proj(out.transpose(1, 2).reshape(c, n, d))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.activation_fn = _activation(hidden_act)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        d, eps = cfg["hidden_size"], cfg["layer_norm_eps"]
+        self.layer_norm1 = nn.LayerNorm(d, eps=eps)
+        self.self_attn = CLIPAttention(d, cfg["num_attention_heads"])
+        self.layer_norm2 = nn.LayerNorm(d, eps=eps)
+        self.mlp = CLIPMLP(d, cfg["intermediate_size"], cfg["hidden_act"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: dict[str, Any], num_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([CLIPEncoderLayer(cfg) for _ in range(num_layers)])
+
+
+class CLIPVisionTransformer(nn.Module):
+    """``embeddings -> pre_layrnorm -> encoder.layers[:num_layers]``. ``post_layernorm`` and later
+    layers are not built: the image path reads a hidden state before them."""
+
+    def __init__(self, cfg: dict[str, Any], num_layers: int) -> None:
+        super().__init__()
+        self.embeddings = CLIPVisionEmbeddings(cfg["hidden_size"], cfg["image_size"], cfg["patch_size"], cfg.get("num_channels", 3))
+        self.pre_layrnorm = nn.LayerNorm(cfg["hidden_size"], eps=cfg["layer_norm_eps"])
+        self.encoder = CLIPEncoder(cfg, num_layers)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(C, 3, S, S)`` -> hidden state after the last built layer ``(C, 1 + g*g, D)``."""
+        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return x
+
+
+class Phi3VCLIPVisionTower(nn.Module):
+    """Holds ``vision_model`` so that state-dict names read ``img_processor.vision_model.*``."""
+
+    def __init__(self, cfg: dict[str, Any], num_layers: int) -> None:
+        super().__init__()
+        self.vision_model = CLIPVisionTransformer(cfg, num_layers)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision_model(pixel_values)
+
+
+# ==============================================================================================
+# The image embedding
+# ==============================================================================================
+def _coerce_config(config: Any) -> Phi3VVisionConfig:
+    """Accept phiclip's config, a dict, or any object with the attributes of a Phi-3-vision config
+    (e.g. a transformers ``PretrainedConfig``, as the released sample passes)."""
+    if isinstance(config, Phi3VVisionConfig):
+        return config
+    if isinstance(config, dict):
+        return Phi3VVisionConfig.from_dict(config)
+    d = {
+        "hidden_size": getattr(config, "n_embd", None) or getattr(config, "hidden_size", 3072),
+        "vocab_size": getattr(config, "vocab_size", 32064),
+        "embd_pdrop": getattr(config, "embd_pdrop", getattr(config, "embed_pdrop", 0.0)),
+        "img_processor": getattr(config, "img_processor", None),
+        "embd_layer": getattr(config, "embd_layer", None) or {},
+    }
+    if not isinstance(d["img_processor"], dict):
+        raise ValueError("config.img_processor must be a dict like {'name': 'clip_vision_model', ...}")
+    return Phi3VVisionConfig.from_dict(d)
+
+
+class Phi3VImageEmbedding(nn.Module):
+    """Phi-3-vision's image embedding (``model.vision_embed_tokens``), without the language model.
+
+    Args:
+        config: a :class:`Phi3VVisionConfig`, a ``config.json`` dict, or a config object with
+            ``img_processor``, ``embd_layer``, ``hidden_size`` and ``vocab_size``.
+        wte: the text embedding (``model.embed_tokens``), needed only by :meth:`forward`.
+        max_crops_per_batch: crops per tower call (bounds memory; all crops of all images are
+            batched together and cut into chunks of this size).
+        **embd_layer: overrides of ``config.embd_layer`` (``hd_transform_order``,
+            ``projection_cls``, ``use_hd_transform``, ``with_learnable_separator``), as the
+            released sample passes them.
+    """
+
+    def __init__(self, config: Any, wte: nn.Embedding | None = None, *, max_crops_per_batch: int = 32, **embd_layer: Any) -> None:
+        super().__init__()
+        self.config = cfg = _coerce_config(config)
+        layer_cfg = {**cfg.embd_layer, **embd_layer}
+        self.hidden_size = cfg.hidden_size
+        self.vocab_size = cfg.vocab_size
+        self.use_hd_transform = bool(layer_cfg.get("use_hd_transform", False))
+        self.with_learnable_separator = bool(layer_cfg.get("with_learnable_separator", False))
+        self.hd_transform_order = layer_cfg.get("hd_transform_order", "glb_sub")  # absent -> glb_sub (released code)
+        projection_cls = layer_cfg.get("projection_cls", "linear")  # absent -> linear (released code)
+        self.type_feature = cfg.type_feature
+        self.max_crops_per_batch = int(max_crops_per_batch)
+        if self.use_hd_transform != self.with_learnable_separator:
+            raise ValueError(
+                "use_hd_transform and with_learnable_separator must be equal (the HD layout needs the separators); "
+                f"got {self.use_hd_transform} and {self.with_learnable_separator}"
+            )
+        if self.hd_transform_order not in ("sub_glb", "glb_sub"):
+            raise ValueError(f"hd_transform_order must be 'sub_glb' or 'glb_sub', got {self.hd_transform_order!r}")
+        if self.type_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"img_processor.type_feature must be 'patch' or 'cls_patch', got {self.type_feature!r}")
+        if self.type_feature == "cls_patch" and self.use_hd_transform:
+            raise ValueError("type_feature 'cls_patch' cannot be used with the HD transform (the 2x2 merge needs the patch grid only)")
+
+        vcfg = cfg.vision_config
+        self.image_size, self.patch_size = int(vcfg["image_size"]), int(vcfg["patch_size"])
+        self.grid = self.image_size // self.patch_size  # 24
+        if self.use_hd_transform and (self.image_size != CROP_SIZE or self.grid % 2):
+            raise ValueError(f"the HD transform needs 336-px crops and an even patch grid; got {self.image_size} px / patch {self.patch_size}")
+        n_layers = int(vcfg["num_hidden_layers"])
+        layer_idx = cfg.layer_idx
+        # hidden_states has n_layers + 1 entries (index 0: embeddings after pre_layrnorm).
+        self.num_layers_run = layer_idx if layer_idx >= 0 else n_layers + 1 + layer_idx
+        if not 0 <= self.num_layers_run <= n_layers:
+            raise ValueError(f"img_processor.layer_idx {layer_idx} is out of range for a {n_layers}-layer tower")
+        self.layer_idx = layer_idx
+        self.image_dim_out = cfg.image_dim_out
+        if self.image_dim_out != int(vcfg["hidden_size"]):
+            raise ValueError(f"image_dim_out {self.image_dim_out} differs from the tower's hidden_size {vcfg['hidden_size']}")
+
+        self.img_processor = Phi3VCLIPVisionTower(vcfg, self.num_layers_run)
+        dim = self.image_dim_out * 4 if self.use_hd_transform else self.image_dim_out  # 4096: 2x2 merged
+        if self.with_learnable_separator:
+            self.glb_GN = nn.Parameter(torch.zeros(1, 1, dim))  # between sub-images and global view
+            self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, dim))  # end of every row
+        if projection_cls == "linear":
+            self.img_projection: nn.Module = nn.Linear(dim, self.hidden_size)
+        elif projection_cls == "mlp":
+            self.img_projection = nn.Sequential(nn.Linear(dim, self.hidden_size), nn.GELU(), nn.Linear(self.hidden_size, self.hidden_size))
+        else:
+            raise ValueError(f"projection_cls must be 'linear' or 'mlp', got {projection_cls!r}")
+        self.projection_cls = projection_cls
+        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.wte = wte
+        # A full checkpoint (all layers, post_layernorm) loads into the truncated tower.
+        self._register_load_state_dict_pre_hook(self._drop_unused_tower_keys)
+
+    # --- loading -----------------------------------------------------------------------------
+    def _drop_unused_tower_keys(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for key in list(state_dict):
+            if key.startswith(prefix) and is_unused_tower_key(checkpoint_to_module_name(key[len(prefix):]), self.num_layers_run):
+                del state_dict[key]
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | Path,
+        *,
+        torch_dtype: torch.dtype | str | None = torch.float32,
+        device: torch.device | str = "cpu",
+        load_text_embeddings: bool = False,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
+        **kwargs: Any,
+    ) -> Phi3VImageEmbedding:
+        """Load the image path of a Phi-3-vision checkpoint (local directory or hub id).
+
+        Only ``config.json``, the index and the shards holding ``model.vision_embed_tokens.*`` are
+        read (downloaded, for a hub id); ``model.embed_tokens.weight`` too when
+        ``load_text_embeddings`` (needed by :meth:`forward`). ``torch_dtype="auto"`` keeps the
+        stored dtype. Extra keyword arguments go to the constructor.
+        """
+        hub = {"revision": revision, "cache_dir": cache_dir, "token": token}
+        config_path = resolve_file(path_or_hub_id, "config.json", **hub)
+        config = Phi3VVisionConfig.from_json_file(config_path)  # type: ignore[arg-type]
+        dtype = None if torch_dtype == "auto" else (getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype)
+        with torch.device("meta"):
+            model = cls(config, **kwargs)
+        weight_map, _ = read_weight_map(path_or_hub_id, **hub)
+        expected = set(model.state_dict().keys()) - {k for k in model.state_dict() if k.startswith("wte.")}
+        wanted: dict[str, str] = {}  # checkpoint name -> module name
+        for name in weight_map:
+            if not name.startswith(VISION_PREFIX):
+                continue
+            key = checkpoint_to_module_name(name)
+            if is_unused_tower_key(key, model.num_layers_run):
+                continue  # never read: after layer_idx, or post_layernorm
+            wanted[name] = key
+        if load_text_embeddings:
+            if TEXT_EMBED_KEY not in weight_map:
+                raise CheckpointError(f"{path_or_hub_id} has no {TEXT_EMBED_KEY}, needed to merge image tokens into text")
+            wanted[TEXT_EMBED_KEY] = "wte.weight"
+        missing = sorted(expected - set(wanted.values()))
+        unexpected = sorted(set(wanted.values()) - expected - {"wte.weight"})
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path_or_hub_id}: the image-path tensors do not match config.json; "
+                f"missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected: {unexpected[:8]}"
+            )
+        tensors = load_tensors(path_or_hub_id, weight_map, wanted, dtype=dtype, device=device, **hub)
+        state = {wanted[k]: v for k, v in tensors.items()}
+        if load_text_embeddings:
+            w = state.pop("wte.weight")
+            model.wte = nn.Embedding(w.shape[0], w.shape[1], device="meta")
+            model.wte.load_state_dict({"weight": w}, assign=True)
+        model.load_state_dict({k: v for k, v in state.items()}, strict=not load_text_embeddings, assign=True)
+        if load_text_embeddings:
+            leftover = expected - set(state)
+            if leftover:
+                raise CheckpointError(f"missing tensors after load: {sorted(leftover)[:8]}")
+        model.source = str(path_or_hub_id)
+        return model.to(device).eval()
+
+    # --- shapes and validation ---------------------------------------------------------------
+    @property
+    def merged_grid(self) -> int:
+        """Tokens per crop side after the 2x2 merge (12)."""
+        return self.grid // 2
+
+    def num_tokens(self, hd_height: int, hd_width: int) -> int:
+        """Tokens for an HD canvas ``[H, W]``: ``(h*w + 1) * 144 + 1 + (h + 1) * 12`` for the released tower."""
+        h, w = hd_height // self.image_size, hd_width // self.image_size
+        m = self.merged_grid
+        return (h * w + 1) * m * m + 1 + (h + 1) * m
+
+    def _crop_grid(self, image_sizes: torch.Tensor | Sequence[Sequence[int]], n: int) -> list[tuple[int, int]]:
+        sizes = torch.as_tensor(image_sizes)
+        if sizes.ndim != 2 or sizes.shape != (n, 2):
+            raise ValueError(f"image_sizes must have shape ({n}, 2) as [H, W] per image, got {tuple(sizes.shape)}")
+        out = []
+        for i, (h, w) in enumerate(sizes.tolist()):
+            if h <= 0 or w <= 0 or h % self.image_size or w % self.image_size:
+                raise ValueError(f"image_sizes[{i}] = [{h}, {w}] is not a positive multiple of {self.image_size} (use the processor's image_sizes)")
+            out.append((int(h) // self.image_size, int(w) // self.image_size))
+        return out
+
+    def _real_crops(self, pixel_values: torch.Tensor | Sequence[torch.Tensor], grids: list[tuple[int, int]]) -> torch.Tensor:
+        """Gather the real crops of every image (global view first): ``(sum_i 1 + h_i*w_i, 3, S, S)``."""
+        s = self.image_size
+        if isinstance(pixel_values, torch.Tensor):
+            if pixel_values.ndim != 5 or pixel_values.shape[2:] != (3, s, s) or pixel_values.shape[0] != len(grids):
+                raise ValueError(
+                    f"pixel_values must have shape ({len(grids)}, num_crops+1, 3, {s}, {s}) or be a list of "
+                    f"(crops, 3, {s}, {s}) tensors; got {tuple(pixel_values.shape)}"
+                )
+            per_image = []
+            for i, (h, w) in enumerate(grids):
+                if 1 + h * w > pixel_values.shape[1]:
+                    raise ValueError(f"image {i} needs {1 + h * w} crops for image_sizes {h * s}x{w * s} but pixel_values has {pixel_values.shape[1]}")
+                per_image.append(pixel_values[i, : 1 + h * w])
+        else:
+            per_image = list(pixel_values)
+            if len(per_image) != len(grids):
+                raise ValueError(f"{len(per_image)} pixel_values tensors for {len(grids)} image_sizes")
+            for i, (t, (h, w)) in enumerate(zip(per_image, grids)):
+                if t.ndim != 4 or tuple(t.shape[1:]) != (3, s, s) or t.shape[0] != 1 + h * w:
+                    raise ValueError(f"pixel_values[{i}] must have shape ({1 + h * w}, 3, {s}, {s}) for image_sizes {h * s}x{w * s}, got {tuple(t.shape)}")
+        return torch.cat(per_image, dim=0)
+
+    # --- the tower --------------------------------------------------------------------------
+    def crop_features(self, crops: torch.Tensor) -> torch.Tensor:
+        """``(C, 3, 336, 336)`` -> the hidden state at ``layer_idx``: ``(C, 576, D)`` for ``patch``
+        (CLS dropped) or ``(C, 577, D)`` for ``cls_patch``. Runs in chunks of ``max_crops_per_batch``."""
+        param = self.img_processor.vision_model.embeddings.patch_embedding.weight
+        outs = []
+        for start in range(0, crops.shape[0], max(1, self.max_crops_per_batch)):
+            chunk = crops[start : start + self.max_crops_per_batch].to(device=param.device, dtype=param.dtype, non_blocking=True)
+            hidden = self.img_processor(chunk)  # (c, 1 + g*g, D)
+            outs.append(hidden[:, 1:] if self.type_feature == "patch" else hidden)
+        return torch.cat(outs, dim=0)
+
+    def get_img_features(self, img_embeds: torch.Tensor) -> torch.Tensor:
+        """The released sample's name for :meth:`crop_features`."""
+        return self.crop_features(img_embeds)
+
+    def _merge_2x2(self, feats: torch.Tensor) -> torch.Tensor:
+        """``(C, g*g, D)`` -> ``(C, g/2, g/2, 4D)`` with channels ``[p(2r,2c), p(2r,2c+1), p(2r+1,2c), p(2r+1,2c+1)]``."""
+        c, _, d = feats.shape
+        g, m = self.grid, self.merged_grid
+        return (
+            feats.reshape(c, m, 2, m, 2, d)  # (C, 12, 2, 12, 2, D)
+            .permute(0, 1, 3, 2, 4, 5)  # (C, 12, 12, 2, 2, D)
+            .reshape(c, m, m, 4 * d)  # (C, 12, 12, 4D)
+        ) if g == 2 * m else feats
+
+    def _with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
+        """``(rows, cols, 4D)`` -> ``(rows * (cols + 1), 4D)`` with ``sub_GN`` after every row."""
+        rows, _, dim = grid.shape
+        newline = self.sub_GN.reshape(1, 1, dim).to(grid.dtype).expand(rows, 1, dim)
+        return torch.cat([grid, newline], dim=1).reshape(-1, dim)
+
+    def _hd_sequences(self, merged: torch.Tensor, grids: list[tuple[int, int]], separators: bool = True) -> list[torch.Tensor]:
+        """Per image, the un-projected token sequence ``(T_i, 4D)`` in the configured order.
+        Without ``separators``, only the patch tokens (sub-images then global, no GN tokens)."""
+        m = self.merged_grid
+        seqs, offset = [], 0
+        for h, w in grids:
+            glb = merged[offset]  # (12, 12, 4D)
+            sub = merged[offset + 1 : offset + 1 + h * w]  # (h*w, 12, 12, 4D)
+            offset += 1 + h * w
+            # (h*w, 12, 12, 4D) -> (h, w, 12, 12, 4D) -> (h, 12, w, 12, 4D) -> (12h, 12w, 4D)
+            sub = sub.reshape(h, w, m, m, -1).permute(0, 2, 1, 3, 4).reshape(h * m, w * m, -1)
+            if not separators:
+                seqs.append(torch.cat([sub.reshape(-1, sub.shape[-1]), glb.reshape(-1, glb.shape[-1])], dim=0))
+                continue
+            sub_seq = self._with_newlines(sub)  # (12h * (12w + 1), 4D)
+            glb_seq = self._with_newlines(glb)  # (12 * 13, 4D)
+            sep = self.glb_GN.reshape(1, -1).to(merged.dtype)  # (1, 4D)
+            parts = [sub_seq, sep, glb_seq] if self.hd_transform_order == "sub_glb" else [glb_seq, sep, sub_seq]
+            seqs.append(torch.cat(parts, dim=0))
+        return seqs
+
+    def _project(self, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Project all images' tokens in one call, then split back per image: ``(T_i, H)``."""
+        lengths = [s.shape[0] for s in seqs]
+        projected = self.img_projection(torch.cat(seqs, dim=0))  # (sum T_i, H)
+        return list(projected.split(lengths, dim=0))
+
+    # --- public API -------------------------------------------------------------------------
+    def image_tokens(self, pixel_values: torch.Tensor | Sequence[torch.Tensor], image_sizes: torch.Tensor | Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Per image, its projected image tokens ``(T_i, hidden_size)``, ``T_i = num_image_tokens``.
+
+        Args:
+            pixel_values: ``(n, num_crops+1, 3, 336, 336)`` (padded crops are never run) or a list
+                of ``(1 + h_i*w_i, 3, 336, 336)`` tensors (the processor's ``padding=False``).
+            image_sizes: ``(n, 2)`` HD canvas sizes ``[H, W]``.
+        """
+        if not self.use_hd_transform:
+            return self._non_hd_tokens(pixel_values)
+        n = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else len(pixel_values)
+        grids = self._crop_grid(image_sizes, n)
+        merged = self._merge_2x2(self.crop_features(self._real_crops(pixel_values, grids)))  # (C, 12, 12, 4D)
+        return self._project(self._hd_sequences(merged, grids))
+
+    def _non_hd_tokens(self, pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Without the HD transform: every crop's features (576 or 577 per crop), projected."""
+        per_image = list(pixel_values) if not isinstance(pixel_values, torch.Tensor) else list(pixel_values.unbind(0))
+        per_image = [t if t.ndim == 4 else t[None] for t in per_image]
+        counts = [t.shape[0] for t in per_image]
+        feats = self.crop_features(torch.cat(per_image, dim=0))  # (C, L, D)
+        seqs = [f.reshape(-1, f.shape[-1]) for f in feats.split(counts, dim=0)]
+        return self._project(seqs)
+
+    def pooled(
+        self,
+        pixel_values: torch.Tensor | Sequence[torch.Tensor],
+        image_sizes: torch.Tensor | Sequence[Sequence[int]],
+        pooling: str = "mean",
+        normalize: bool = False,
+    ) -> torch.Tensor:
+        """One vector per image for retrieval.
+
+        Args:
+            pooling: ``"mean"``: the mean of the image's projected tokens (sub-image and global-view
+                patches; the learnt separator tokens are left out, they carry no image content),
+                ``(n, hidden_size)``. ``"global"``: the mean over the global view's patch features
+                from the tower at ``layer_idx``, ``(n, D)``; runs the tower on the global view only
+                (1 crop per image instead of up to num_crops + 1).
+            normalize: L2-normalise the vectors.
+        """
+        n = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else len(pixel_values)
+        if pooling == "global":
+            globals_ = pixel_values[:, 0] if isinstance(pixel_values, torch.Tensor) else torch.stack([t[0] for t in pixel_values])
+            feats = self.crop_features(globals_)  # (n, 576, D)
+            out = feats.mean(dim=1)
+        elif pooling == "mean":
+            if not self.use_hd_transform:
+                out = torch.stack([t.mean(dim=0) for t in self._non_hd_tokens(pixel_values)])
+            else:
+                grids = self._crop_grid(image_sizes, n)
+                merged = self._merge_2x2(self.crop_features(self._real_crops(pixel_values, grids)))
+                out = torch.stack([t.mean(dim=0) for t in self._project(self._hd_sequences(merged, grids, separators=False))])
+        else:
+            raise ValueError(f"pooling must be 'mean' or 'global', got {pooling!r}")
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        image_sizes: torch.Tensor | Sequence[Sequence[int]] | None = None,
+    ) -> torch.Tensor:
+        """Text embeddings with image tokens merged in: ``input_ids (B, L)`` -> ``(B, L, hidden_size)``.
+
+        Positions with ``-1e9 < id < 0`` (``-k`` marks image ``k``'s tokens) are filled, in order,
+        with the images' tokens; every other id is embedded with ``wte``. Out of place: the
+        caller's ``input_ids`` is never changed and gradients flow.
+        """
+        if self.wte is None:
+            raise ValueError("forward needs the text embedding: load with load_text_embeddings=True or pass wte=")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError("input_ids must be an integer tensor (batch, seq_len)")
+        shape = input_ids.shape
+        ids = input_ids.reshape(-1, shape[-1])  # (B, L)
+        marked = (ids < 0) & (ids > -MAX_INPUT_ID)
+        n_marked = int(marked.sum())
+        too_big = ids >= self.wte.num_embeddings
+        if bool(too_big.any()):
+            raise ValueError(f"input_ids contain {int(ids.max())}, outside the vocabulary of {self.wte.num_embeddings}")
+        embeds = self.wte(ids.clamp_min(0))  # (B, L, H); a new tensor, input_ids untouched
+        if pixel_values is None:
+            if n_marked:
+                raise ValueError(f"input_ids mark {n_marked} image-token positions but no pixel_values were given")
+        else:
+            if image_sizes is None:
+                raise ValueError("pixel_values given without image_sizes")
+            tokens = self.image_tokens(pixel_values, image_sizes)
+            counts = [t.shape[0] for t in tokens]
+            if n_marked != sum(counts):
+                raise ValueError(
+                    f"input_ids mark {n_marked} image-token positions but the {len(tokens)} images give "
+                    f"{sum(counts)} tokens ({counts} per image); build the prompt with each image's num_img_tokens"
+                )
+            positions = marked.nonzero(as_tuple=True)
+            embeds = embeds.index_put(positions, torch.cat(tokens, dim=0).to(embeds.dtype))
+        return self.drop(embeds).reshape(*shape, -1)
+
+
+class Phi3ImageEmbedding(Phi3VImageEmbedding):
+    """The released sample's class name and signature: ``Phi3ImageEmbedding(config, wte=..., **config.embd_layer)``."""
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (``wte`` excluded)."""
+    return sum(p.numel() for n, p in module.named_parameters() if not n.startswith("wte."))
+
+
+__all__ = ["Phi3ImageEmbedding", "Phi3VImageEmbedding", "count_parameters"]

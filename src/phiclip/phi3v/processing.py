@@ -1,0 +1,255 @@
+"""The Phi-3-vision HD image transform: size arithmetic (pure functions) and the pixel path.
+
+Behaviour of the released processor (see ``shared/docs/phi3v-image-path.md``), per image with
+``num_crops = N``: transpose portraits, pick the largest ``scale`` with
+``scale * ceil(scale / ratio) <= N``, resize to ``scale * 336`` wide with PIL bilinear, pad the
+height with white to a multiple of 336 (centred), transpose back, normalise, then
+``[global view (bicubic 336x336 of the normalised canvas), crop_1 .. crop_hw]``.
+
+phiclip differs on purpose in two places only: ``num_crops < 1`` is an error, and an image so
+thin that its resized height would be 0 is kept 1 pixel tall.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from phiclip.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
+from phiclip.phi3v.config import CROP_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Phi3VImageProcessorConfig
+
+# Tokens per crop side after the 2x2 merge of the 24x24 patch grid (336 / 14 / 2).
+MERGED_GRID = 12
+
+
+def _check_num_crops(num_crops: int) -> None:
+    if not isinstance(num_crops, (int, np.integer)) or num_crops < 1:
+        raise ValueError(f"num_crops must be an integer >= 1, got {num_crops!r} (the released checkpoints use 16 or 4)")
+
+
+def hd_scale(width: int, height: int, num_crops: int = 16) -> int:
+    """Number of 336-px crops across the long side: the largest ``s`` with ``s * ceil(s / ratio) <= N``
+    where ``ratio = long / short`` side."""
+    _check_num_crops(num_crops)
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    long_side, short_side = max(width, height), min(width, height)
+    ratio = long_side / short_side
+    scale = 1
+    while scale * math.ceil(scale / ratio) <= num_crops:
+        scale += 1
+    return scale - 1
+
+
+def resized_size(width: int, height: int, num_crops: int = 16) -> tuple[int, int]:
+    """The size ``(w, h)`` the image is resized to before padding (in its own orientation)."""
+    scale = hd_scale(width, height, num_crops)
+    long_side, short_side = max(width, height), min(width, height)
+    new_long = scale * CROP_SIZE
+    # int() truncates like the released code; at least 1 pixel (phiclip's fix for very thin images).
+    new_short = max(1, int(new_long / (long_side / short_side)))
+    return (new_long, new_short) if width >= height else (new_short, new_long)
+
+
+def hd_size(width: int, height: int, num_crops: int = 16) -> tuple[int, int]:
+    """The HD canvas size ``(H, W)`` (both multiples of 336) for an image of ``width x height``.
+
+    This is the image's ``image_sizes`` entry, computed without touching pixels.
+    """
+    new_w, new_h = resized_size(width, height, num_crops)
+    if width >= height:
+        return math.ceil(new_h / CROP_SIZE) * CROP_SIZE, new_w
+    return new_h, math.ceil(new_w / CROP_SIZE) * CROP_SIZE
+
+
+def num_tokens_for_hd_size(hd_height: int, hd_width: int) -> int:
+    """Image tokens for an HD canvas of ``hd_height x hd_width``: ``(h*w + 1) * 144 + 1 + (h + 1) * 12``."""
+    h, w = hd_height // CROP_SIZE, hd_width // CROP_SIZE
+    return (h * w + 1) * MERGED_GRID**2 + 1 + (h + 1) * MERGED_GRID
+
+
+def num_image_tokens(width: int, height: int, num_crops: int = 16) -> int:
+    """Number of image tokens Phi-3-vision produces for an image of ``width x height`` pixels."""
+    return num_tokens_for_hd_size(*hd_size(width, height, num_crops))
+
+
+def num_crops_for_hd_size(hd_height: int, hd_width: int) -> int:
+    """Real crops of an image (global view included): ``1 + h * w``."""
+    return 1 + (hd_height // CROP_SIZE) * (hd_width // CROP_SIZE)
+
+
+@dataclass
+class Phi3VImageInputs:
+    """The processor's output.
+
+    Attributes:
+        pixel_values: padded: ``(n, num_crops + 1, 3, 336, 336)`` float32, blank crops zero;
+            unpadded: a list of ``(1 + h_i * w_i, 3, 336, 336)`` tensors (global view first).
+        image_sizes: ``(n, 2)`` int64, the HD canvas ``[H, W]`` of each image.
+        num_img_tokens: image tokens per image.
+    """
+
+    pixel_values: torch.Tensor | list[torch.Tensor]
+    image_sizes: torch.Tensor
+    num_img_tokens: list[int]
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        return ["pixel_values", "image_sizes", "num_img_tokens"]
+
+    @property
+    def num_crops_per_image(self) -> list[int]:
+        """Real crops per image (``1 + h * w``)."""
+        return [num_crops_for_hd_size(int(h), int(w)) for h, w in self.image_sizes.tolist()]
+
+
+class Phi3VImageProcessor:
+    """Phi-3-vision's image processor, exact to the released one, without its remote code.
+
+    >>> proc = Phi3VImageProcessor(num_crops=16)
+    >>> out = proc([image_a, "photo.jpg"])          # doctest: +SKIP
+    >>> out.pixel_values.shape                      # doctest: +SKIP
+    torch.Size([2, 17, 3, 336, 336])
+
+    Accepts PIL images, ``HxWx3`` uint8 arrays, file paths and bytes (EXIF orientation applied,
+    every mode converted to RGB).
+    """
+
+    def __init__(
+        self,
+        num_crops: int = 16,
+        image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        image_std: Sequence[float] = OPENAI_CLIP_STD,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        _check_num_crops(num_crops)
+        if len(image_mean) != 3 or len(image_std) != 3 or any(s == 0 for s in image_std):
+            raise ValueError(f"image_mean and image_std need 3 values each (std non-zero), got {image_mean}, {image_std}")
+        self.num_crops = int(num_crops)
+        self.image_mean = tuple(float(m) for m in image_mean)
+        self.image_std = tuple(float(s) for s in image_std)
+        self.max_pixels = max_pixels
+        # float32 like the released code (ToTensor then Normalize in float32).
+        self._mean = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
+        # The normalised value of a white pixel, used for the padding band.
+        self._white = (torch.ones(3, 1, 1) - self._mean) / self._std
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | Path, **kwargs: Any) -> Phi3VImageProcessor:
+        """Read ``preprocessor_config.json`` (num_crops, image_mean, image_std) from a local
+        directory or a hub id; keyword arguments override what the file says."""
+        from phiclip.phi3v.weights import resolve_file
+
+        path = resolve_file(path_or_hub_id, "preprocessor_config.json", required=False)
+        cfg = Phi3VImageProcessorConfig()
+        if path is not None:
+            import json
+
+            with open(path, encoding="utf-8") as f:
+                cfg = Phi3VImageProcessorConfig.from_dict(json.load(f))
+        args = {"num_crops": cfg.num_crops, "image_mean": cfg.image_mean, "image_std": cfg.image_std}
+        args.update(kwargs)
+        return cls(**args)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Settings that decide the output (for manifests)."""
+        return {
+            "name": "phi3v_hd_transform",
+            "num_crops": self.num_crops,
+            "crop_size": CROP_SIZE,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "resize": "PIL bilinear (antialiased) to scale*336 on the long side, white padding to a multiple of 336",
+            "global_view": "bicubic (align_corners=False, no antialias) of the normalised canvas to 336x336",
+        }
+
+    # --- the pixel path -----------------------------------------------------------------------
+    def hd_canvas(self, image: Image.Image) -> torch.Tensor:
+        """One RGB image -> its normalised HD canvas ``(3, H, W)`` float32."""
+        width, height = image.size
+        transposed = width < height
+        if transposed:
+            # A flip over the main diagonal, as the released code does (resizing the transposed
+            # image is not bit-identical to resizing the original with swapped sizes).
+            image = image.transpose(Image.Transpose.TRANSPOSE)
+            width, height = height, width
+        new_w, new_h = resized_size(width, height, self.num_crops)
+        resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        target_h = math.ceil(new_h / CROP_SIZE) * CROP_SIZE
+        top = int((target_h - new_h) / 2)
+        # (new_h, new_w, 3) uint8 -> (3, new_h, new_w) float32 in [0, 1] -> normalised.
+        pixels = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)
+        pixels = (pixels.to(torch.float32) / 255.0 - self._mean) / self._std
+        canvas = self._white.expand(3, target_h, new_w).clone()  # (3, H, W), white padding
+        canvas[:, top : top + new_h, :] = pixels
+        if transposed:
+            canvas = canvas.transpose(1, 2).contiguous()  # (3, W, H) -> back to portrait
+        return canvas
+
+    def crops_from_canvas(self, canvas: torch.Tensor) -> torch.Tensor:
+        """``(3, H, W)`` canvas -> ``(1 + h*w, 3, 336, 336)``: global view, then crops row-major."""
+        _, H, W = canvas.shape
+        h, w = H // CROP_SIZE, W // CROP_SIZE
+        global_view = F.interpolate(canvas[None], size=(CROP_SIZE, CROP_SIZE), mode="bicubic", align_corners=False)
+        # (3, h*336, w*336) -> (3, h, 336, w, 336) -> (h, w, 3, 336, 336) -> (h*w, 3, 336, 336)
+        tiles = canvas.reshape(3, h, CROP_SIZE, w, CROP_SIZE).permute(1, 3, 0, 2, 4).reshape(h * w, 3, CROP_SIZE, CROP_SIZE)
+        return torch.cat([global_view, tiles], dim=0)
+
+    def preprocess_image(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One RGB PIL image -> ``(crops (1 + h*w, 3, 336, 336), (H, W))``."""
+        canvas = self.hd_canvas(image)
+        return self.crops_from_canvas(canvas), (int(canvas.shape[1]), int(canvas.shape[2]))
+
+    def __call__(
+        self, images: ImageInput | Sequence[ImageInput], *, padding: bool = True, return_tensors: str = "pt"
+    ) -> Phi3VImageInputs:
+        """Preprocess one image or a list of images.
+
+        Args:
+            images: PIL images, ``HxWx3`` uint8 arrays, paths or bytes (or one of them).
+            padding: ``True`` pads every image to ``num_crops + 1`` crops (the released format);
+                ``False`` returns a list of per-image tensors with only their real crops.
+            return_tensors: only ``"pt"`` is supported.
+        """
+        if return_tensors != "pt":
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt'")
+        if isinstance(images, (list, tuple)):
+            batch = list(images)
+        else:
+            batch = [images]
+        if not batch:
+            raise ValueError("no images given; pass a list with at least one image")
+        crops, sizes = [], []
+        for image in batch:
+            c, size = self.preprocess_image(load_image(image, max_pixels=self.max_pixels))
+            crops.append(c)
+            sizes.append(size)
+        image_sizes = torch.tensor(sizes, dtype=torch.int64)
+        tokens = [num_tokens_for_hd_size(h, w) for h, w in sizes]
+        if not padding:
+            return Phi3VImageInputs(pixel_values=crops, image_sizes=image_sizes, num_img_tokens=tokens)
+        return Phi3VImageInputs(
+            pixel_values=pad_crops(crops, self.num_crops + 1), image_sizes=image_sizes, num_img_tokens=tokens
+        )
+
+
+def pad_crops(crops: Sequence[torch.Tensor], max_crops: int) -> torch.Tensor:
+    """Stack per-image crop tensors into ``(n, max_crops, 3, 336, 336)``, zero-padded."""
+    n = len(crops)
+    out = torch.zeros((n, max_crops, *crops[0].shape[1:]), dtype=crops[0].dtype)
+    for i, c in enumerate(crops):
+        if c.shape[0] > max_crops:
+            raise ValueError(f"image {i} has {c.shape[0]} crops, more than max_crops={max_crops}")
+        out[i, : c.shape[0]] = c
+    return out
