@@ -322,6 +322,18 @@ class Phi3VImageEmbedding(nn.Module):
         m = self.merged_grid
         return (h * w + 1) * m * m + 1 + (h + 1) * m
 
+    def separator_mask(self, hd_height: int, hd_width: int) -> torch.Tensor:
+        """``(T,)`` bool: which of an image's tokens are learnt separators (``sub_GN`` row ends, ``glb_GN``)."""
+        h, w = hd_height // self.image_size, hd_width // self.image_size
+        m = self.merged_grid
+        sub = torch.zeros(h * m, w * m + 1, dtype=torch.bool)
+        sub[:, -1] = True  # sub_GN after every row
+        glb = torch.zeros(m, m + 1, dtype=torch.bool)
+        glb[:, -1] = True
+        sep = torch.ones(1, dtype=torch.bool)  # glb_GN
+        parts = [sub.flatten(), sep, glb.flatten()]
+        return torch.cat(parts if self.hd_transform_order == "sub_glb" else parts[::-1])
+
     def _crop_grid(self, image_sizes: torch.Tensor | Sequence[Sequence[int]], n: int) -> list[tuple[int, int]]:
         sizes = torch.as_tensor(image_sizes)
         if sizes.ndim != 2 or sizes.shape != (n, 2):
