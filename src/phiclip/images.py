@@ -94,6 +94,8 @@ def _open_encoded(fp: Any, source: str, max_pixels: int | None) -> Image.Image:
         raise ImageDecodeError(
             source, "not a readable image (unknown or corrupt format); remove it or convert it to JPEG/PNG"
         ) from None
+    except (OSError, SyntaxError, ValueError) as e:  # e.g. a header cut short: "Truncated File Read"
+        raise ImageDecodeError(source, f"corrupt or truncated image header ({e}); re-export or remove the file") from None
     width, height = img.size
     if max_pixels is not None and width * height > max_pixels:
         raise ImageDecodeError(

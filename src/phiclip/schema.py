@@ -50,4 +50,6 @@ MANIFEST_KEYS = (
     "input",  # dict: what was read (source spec)
     "counts",  # dict: inputs, embedded, failed
     "complete",  # bool: every shard is written
+    "settings",  # dict: the run settings that decide the output (compared on rerun)
+    "timings",  # dict: seconds per stage of the last run
 )

@@ -150,17 +150,23 @@ def load_tensors(
     opened: list[str] | None = None,
     **hub_kwargs: object,
 ) -> dict[str, torch.Tensor]:
-    """Read only ``names`` from only the shards that hold them. ``opened`` (if given) collects the
-    shard files that were opened, for tests and logs."""
+    """Read only ``names`` from only the shards that hold them.
+
+    safetensors memory-maps each shard, so only the bytes of the tensors asked for are ever read
+    from disk; the rest of a shard (language-model layers beside the image path) is never touched.
+    ``opened`` (if given) collects the shard files that were opened, for tests and logs.
+    """
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
     for shard, keys in select_shards(weight_map, names).items():
-        path = resolve_file(path_or_hub_id, shard, **hub_kwargs)  # type: ignore[arg-type]
+        path = str(resolve_file(path_or_hub_id, shard, **hub_kwargs))  # type: ignore[arg-type]
         if opened is not None:
             opened.append(shard)
-        with safe_open(str(path), framework="pt", device=str(device) if str(device) != "meta" else "cpu") as f:
-            for k in keys:
-                t = f.get_tensor(k)
-                out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in keys:
+                t = f.get_tensor(name)
+                if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                    t = t.to(dtype)
+                out[name] = t if str(device) in ("cpu", "meta") else t.to(device)
     return out

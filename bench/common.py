@@ -1,0 +1,129 @@
+"""Shared helpers of the benchmark scripts: timing, peak memory, sample images, the result table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+# Photo-like sizes: 4:3, 16:9, portrait 9:16, square, 3:2 portrait.
+PHOTO_SIZES = ((1600, 1200), (1920, 1080), (1080, 1920), (1000, 1000), (800, 1200), (1280, 960))
+
+
+def photo_like_images(n: int, seed: int = 0, sizes: tuple[tuple[int, int], ...] = PHOTO_SIZES) -> list[Image.Image]:
+    """Smooth random images (gradients + blobs, so JPEG and resizing behave like on photos)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        small = rng.integers(0, 256, (max(2, h // 64), max(2, w // 64), 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
+        out.append(img)
+    return out
+
+
+def time_it(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs, in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def peak_rss_of(code: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``code`` in a fresh Python process; return its printed JSON plus its peak RSS (MiB)."""
+    wrapper = (
+        "import json, resource, time\n"
+        "t0 = time.perf_counter()\n"
+        f"{code}\n"
+        "print(json.dumps({'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+        "'seconds': time.perf_counter() - t0, **globals().get('RESULT', {})}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise RuntimeError(f"subprocess failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class Row:
+    """One line of the result table."""
+
+    what: str
+    baseline: str
+    phiclip: str
+    ratio: float
+    target: float | None = None
+    note: str = ""
+    higher_is_better: bool = True
+
+    @property
+    def met(self) -> str:
+        if self.target is None:
+            return ""
+        return "yes" if self.ratio >= self.target else "NO"
+
+
+@dataclass
+class Report:
+    title: str
+    rows: list[Row] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
+    env: dict[str, Any] = field(default_factory=dict)
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| what | baseline | phiclip | ratio | target | met | note |", "|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            tgt = f">= {r.target:g}x" if r.target is not None else ""
+            lines.append(f"| {r.what} | {r.baseline} | {r.phiclip} | {r.ratio:.2f}x | {tgt} | {r.met} | {r.note} |")
+        lines += ["", "Correctness checks (run before timing):", *[f"- {c}" for c in self.checks], "",
+                  "Environment: " + ", ".join(f"{k} {v}" for k, v in self.env.items())]
+        return "\n".join(lines)
+
+    def save(self, log_dir: str | Path | None) -> None:
+        if not log_dir:
+            return
+        d = Path(log_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "results.md").write_text(self.markdown() + "\n")
+        (d / "results.json").write_text(json.dumps({"title": self.title, "rows": [asdict(r) for r in self.rows],
+                                                     "checks": self.checks, "env": self.env}, indent=2))
+
+
+def environment() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    env = {"cpu": cpu, "cores": os.cpu_count(), "torch threads": torch.get_num_threads(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

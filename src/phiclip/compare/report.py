@@ -1,0 +1,842 @@
+"""Render a comparison: ``report.json``, a self-contained ``report.html`` and terminal tables.
+
+The HTML needs no network: the charts are inline SVG drawn here, the styles are inline, the
+thumbnails are ``data:`` URIs, and there is no script. Everything is rendered from the report's
+dict (what ``report.json`` holds), so a saved report can be rendered again.
+
+Each number shown in the page is a ``<span class="num" data-key="models.0.cost.images_per_s"
+data-value="...">`` whose key is its path in ``report.json`` and whose value is the exact number;
+each drawn bar carries the same attributes. Charts are ``<svg class="chart ...">`` with stable ids:
+``chart-cost-<metric>``, ``chart-quality``, ``chart-similarity-<key>``, ``chart-overlap-<a>-<b>``,
+``chart-projection-<key>``; the neighbour grid is ``table#neighbour-grid``.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from phiclip.compare.results import CompareReport
+
+#: Colours of the models (A, B, ...) and of the labels in the projections.
+MODEL_COLOURS = ("#3465c8", "#e07a1f", "#2b9a6b", "#b24a98", "#6b5ccc", "#c23b3b")
+LABEL_COLOURS = (
+    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
+    "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#7f7f7f",
+)  # fmt: skip
+#: Class names that are colour names are drawn in that colour (the sample data's classes are).
+NAMED_COLOURS = {
+    "red": "#d63a3a", "green": "#2f9e4f", "blue": "#3b62d6", "yellow": "#e0b81f", "orange": "#ec8a24",
+    "purple": "#8e4fc2", "pink": "#e86fa8", "brown": "#8a5a36", "black": "#222222", "grey": "#8c8c8c",
+    "gray": "#8c8c8c", "cyan": "#21a8b8", "magenta": "#c2309e",
+}  # fmt: skip
+
+#: (metric, title, unit, higher is better) of the cost charts, in order.
+COST_METRICS: tuple[tuple[str, str, str, bool], ...] = (
+    ("images_per_s", "Throughput", "images/s", True),
+    ("crops_per_s", "Crop throughput", "crops/s", True),
+    ("end_to_end_images_per_s", "End to end (with decoding)", "images/s", True),
+    ("load_s", "Load time", "s", False),
+    ("peak_rss_mb", "Peak memory (RSS)", "MiB", False),
+    ("gpu_peak_mb", "Peak GPU memory", "MiB", False),
+    ("parameters", "Parameters", "", False),
+    ("dim", "Embedding dimension", "", False),
+)
+#: Quality metrics in display order, with their titles.
+QUALITY_TITLES: dict[str, str] = {
+    "knn_accuracy": "kNN accuracy",
+    "linear_probe_accuracy": "Linear probe accuracy",
+    "zero_shot_top1": "Zero-shot top-1",
+    "zero_shot_top5": "Zero-shot top-5",
+    "text_to_image_recall@1": "Text→image R@1",
+    "text_to_image_recall@5": "Text→image R@5",
+    "text_to_image_recall@10": "Text→image R@10",
+    "image_to_text_recall@1": "Image→text R@1",
+    "image_to_text_recall@5": "Image→text R@5",
+    "image_to_text_recall@10": "Image→text R@10",
+}
+
+
+# --- numbers -----------------------------------------------------------------------------------
+
+
+def format_number(value: Any, *, kind: str = "auto") -> str:
+    """How a number is shown (``–`` for missing). ``kind``: ``"count"`` (``1.23 M`` above a
+    million, else with separators), ``"fraction"`` (three decimals) or ``"auto"``."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if kind == "count" or (kind == "auto" and isinstance(value, int)):
+        v = int(value)
+        if abs(v) >= 1_000_000_000:
+            return f"{v / 1e9:.2f} B"
+        if abs(v) >= 1_000_000:
+            return f"{v / 1e6:.2f} M"
+        return f"{v:,}"
+    v = float(value)
+    if kind == "fraction":
+        return f"{v:.3f}"
+    a = abs(v)
+    if a == 0:
+        return "0"
+    if a >= 100:
+        return f"{v:,.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def _esc(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _num(value: Any, key: str, *, kind: str = "auto", unit: str = "") -> str:
+    """A number in the page, tagged with its report.json path and exact value."""
+    if value is None:
+        return f'<span class="num missing" data-key="{_esc(key)}" data-value="null">–</span>'
+    shown = format_number(value, kind=kind) + (f" {unit}" if unit else "")
+    return f'<span class="num" data-key="{_esc(key)}" data-value="{value!r}">{_esc(shown)}</span>'
+
+
+# --- small SVG helpers -----------------------------------------------------------------------------
+
+
+def _nice_step(span: float, target: int) -> float:
+    if span <= 0:
+        return 1.0
+    raw = span / max(target, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    for m in (1, 2, 2.5, 5, 10):
+        if m * mag >= raw:
+            return m * mag
+    return 10 * mag
+
+
+def nice_ticks(lo: float, hi: float, target: int = 5, *, integer: bool = False) -> list[float]:
+    """Round tick values covering [lo, hi] (about ``target`` of them; whole numbers with ``integer``)."""
+    if hi < lo:
+        lo, hi = hi, lo
+    if hi == lo:
+        hi = lo + 1.0
+    step = _nice_step(hi - lo, target)
+    if integer:
+        step = max(1.0, float(math.ceil(step)))
+    start = math.floor(lo / step + 1e-9) * step
+    ticks = []
+    t = start
+    while t <= hi + step * 1e-9:
+        ticks.append(round(t, 10))
+        t += step
+    if ticks[-1] < hi - 1e-12:
+        ticks.append(round(t, 10))
+    return ticks
+
+
+def _tick_label(t: float, step: float) -> str:
+    """A tick value with as many decimals as the step needs (0.05 -> 2, 0.25 -> 2, 5 -> 0)."""
+    decimals = next((d for d in range(6) if abs(round(step, d) - step) < 1e-9 * max(1.0, abs(step))), 6)
+    if decimals == 0:
+        return format_number(int(round(t)), kind="count")
+    return f"{t:.{decimals}f}"
+
+
+def _svg_open(chart_id: str, cls: str, width: int, height: int, label: str) -> str:
+    return (
+        f'<svg id="{_esc(chart_id)}" class="chart {cls}" role="img" aria-label="{_esc(label)}" '
+        f'viewBox="0 0 {width} {height}" width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
+    )
+
+
+def bar_chart(
+    chart_id: str, title: str, rows: Sequence[tuple[str, Any, str, str]], *, unit: str = "", kind: str = "auto"
+) -> str:
+    """Horizontal bars, one per model: ``rows`` are (label, value or None, colour, report key)."""
+    width, left, right, bar_h, gap, top = 340, 78, 86, 20, 8, 8
+    height = top + len(rows) * (bar_h + gap) + 4
+    values = [float(v) for _, v, _, _ in rows if v is not None]
+    vmax = max(values) if values and max(values) > 0 else 1.0
+    span = width - left - right
+    parts = [_svg_open(chart_id, "bar-chart", width, height, title)]
+    for i, (label, value, colour, key) in enumerate(rows):
+        y = top + i * (bar_h + gap)
+        parts.append(
+            f'<text class="axis-label" x="{left - 6}" y="{y + bar_h * 0.7:.1f}" text-anchor="end">{_esc(label)}</text>'
+        )
+        if value is None:
+            parts.append(f'<text class="value missing" x="{left + 4}" y="{y + bar_h * 0.7:.1f}">n/a</text>')
+            continue
+        w = max(1.0, span * float(value) / vmax) if float(value) > 0 else 0.0
+        parts.append(
+            f'<rect class="bar" data-key="{_esc(key)}" data-value="{value!r}" x="{left}" y="{y}" '
+            f'width="{w:.1f}" height="{bar_h}" rx="3" fill="{colour}"><title>{_esc(label)}: '
+            f"{_esc(format_number(value, kind=kind))} {_esc(unit)}</title></rect>"
+        )
+        shown = format_number(value, kind=kind) + (f" {unit}" if unit else "")
+        parts.append(f'<text class="value" x="{left + w + 5:.1f}" y="{y + bar_h * 0.7:.1f}">{_esc(shown)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def grouped_bar_chart(
+    chart_id: str,
+    title: str,
+    groups: Sequence[tuple[str, Sequence[tuple[str, Any, str, str]]]],
+    *,
+    vmax: float = 1.0,
+) -> str:
+    """Vertical bars grouped by metric: ``groups`` are (metric title, [(model key, value, colour, report key)])."""
+    n_series = max((len(s) for _, s in groups), default=1)
+    bar_w, inner_gap, group_gap = 18, 3, 26
+    group_w = n_series * (bar_w + inner_gap) - inner_gap
+    left, top, plot_h, bottom = 40, 12, 180, 64
+    width = max(320, left + len(groups) * (group_w + group_gap) + 10)
+    height = top + plot_h + bottom
+    parts = [_svg_open(chart_id, "grouped-bar-chart", width, height, title)]
+    for t in nice_ticks(0.0, vmax, 4):
+        y = top + plot_h - plot_h * t / vmax
+        parts.append(f'<line class="grid" x1="{left}" x2="{width - 6}" y1="{y:.1f}" y2="{y:.1f}"/>')
+        parts.append(f'<text class="tick" x="{left - 5}" y="{y + 4:.1f}" text-anchor="end">{t:g}</text>')
+    for gi, (gtitle, series) in enumerate(groups):
+        x0 = left + 12 + gi * (group_w + group_gap)
+        for si, (skey, value, colour, key) in enumerate(series):
+            x = x0 + si * (bar_w + inner_gap)
+            if value is None:
+                parts.append(f'<text class="tick missing" x="{x + bar_w / 2:.1f}" y="{top + plot_h - 4}" text-anchor="middle">–</text>')
+                continue
+            h = plot_h * min(float(value), vmax) / vmax
+            parts.append(
+                f'<rect class="bar" data-key="{_esc(key)}" data-value="{value!r}" x="{x}" y="{top + plot_h - h:.1f}" '
+                f'width="{bar_w}" height="{max(h, 0.0):.1f}" fill="{colour}"><title>{_esc(skey)} · {_esc(gtitle)}: '
+                f"{_esc(format_number(value, kind='fraction'))}</title></rect>"
+            )
+        cx = x0 + group_w / 2
+        words = gtitle.split(" ")
+        lines = [" ".join(words[: len(words) // 2 or 1]), " ".join(words[len(words) // 2 or 1 :])]
+        for li, line in enumerate(x for x in lines if x):
+            parts.append(
+                f'<text class="axis-label small" x="{cx:.1f}" y="{top + plot_h + 16 + li * 13}" text-anchor="middle">{_esc(line)}</text>'
+            )
+    parts.append(f'<line class="axis" x1="{left}" x2="{width - 6}" y1="{top + plot_h}" y2="{top + plot_h}"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def histogram_chart(
+    chart_id: str,
+    title: str,
+    edges: Sequence[float],
+    series: Sequence[tuple[str, Sequence[int], str]],
+    *,
+    xlabel: str,
+    density: bool = True,
+    markers: Sequence[tuple[str, float, str]] = (),
+) -> str:
+    """Overlaid histograms on shared bins: ``series`` are (name, counts, colour); with ``density``
+    each is scaled to fractions of its own total so different-size groups compare. ``markers``
+    draw labelled vertical lines (name, x, colour)."""
+    width, height, left, right, top, bottom = 360, 210, 44, 20, 26, 38
+    pw, ph = width - left - right, height - top - bottom
+    lo, hi = float(edges[0]), float(edges[-1])
+    scaled = []
+    for name, counts, colour in series:
+        total = sum(counts)
+        vals = [c / total if density and total else float(c) for c in counts]
+        scaled.append((name, counts, vals, colour))
+    ymax = max((max(v) for _, _, v, _ in scaled if v), default=1.0) or 1.0
+    parts = [_svg_open(chart_id, "histogram", width, height, title)]
+
+    def sx(x: float) -> float:
+        return left + pw * (x - lo) / (hi - lo if hi > lo else 1.0)
+
+    yticks = nice_ticks(0.0, ymax, 3, integer=not density)
+    ytop = yticks[-1] if yticks[-1] > 0 else 1.0
+    for t in yticks:
+        y = top + ph - ph * t / ytop
+        parts.append(f'<line class="grid" x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}"/>')
+        parts.append(f'<text class="tick" x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{_tick_label(t, yticks[1] - yticks[0] if len(yticks) > 1 else 1)}</text>')
+    for name, counts, vals, colour in scaled:
+        for i, v in enumerate(vals):
+            if counts[i] == 0:
+                continue
+            x0, x1 = sx(float(edges[i])), sx(float(edges[i + 1]))
+            h = ph * v / ytop
+            parts.append(
+                f'<rect class="hist-bar" data-series="{_esc(name)}" data-count="{int(counts[i])}" x="{x0:.2f}" '
+                f'y="{top + ph - h:.2f}" width="{max(x1 - x0 - 0.5, 0.5):.2f}" height="{h:.2f}" fill="{colour}" '
+                f'fill-opacity="0.55"><title>{_esc(name)}: {int(counts[i])} in [{edges[i]:.3f}, {edges[i + 1]:.3f})</title></rect>'
+            )
+    for name, x, colour in markers:
+        if lo <= x <= hi:
+            parts.append(
+                f'<line class="marker" x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{top}" y2="{top + ph}" stroke="{colour}" '
+                f'stroke-dasharray="4 3"><title>{_esc(name)}: {x:.3f}</title></line>'
+            )
+    xticks = [t for t in nice_ticks(lo, hi, 5) if lo - 1e-9 <= t <= hi + 1e-9]
+    xstep = (xticks[1] - xticks[0]) if len(xticks) > 1 else 1.0
+    for t in xticks:
+        parts.append(f'<text class="tick" x="{sx(t):.1f}" y="{top + ph + 14}" text-anchor="middle">{_tick_label(t, xstep)}</text>')
+    parts.append(f'<line class="axis" x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}"/>')
+    parts.append(f'<text class="axis-label small" x="{left + pw / 2:.1f}" y="{height - 4}" text-anchor="middle">{_esc(xlabel)}</text>')
+    lx = left
+    for name, _, _, colour in scaled:
+        parts.append(f'<rect class="legend-swatch" x="{lx}" y="6" width="10" height="10" fill="{colour}" fill-opacity="0.7"/>')
+        parts.append(f'<text class="legend-text" x="{lx + 14}" y="15">{_esc(name)}</text>')
+        lx += 22 + 7 * len(name)
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def scatter_chart(
+    chart_id: str,
+    title: str,
+    points: Sequence[Sequence[float]],
+    point_labels: Sequence[str | None],
+    point_titles: Sequence[str],
+    colours: dict[str, str],
+) -> str:
+    """Points coloured by label (``colours`` maps label -> colour; ``None`` labels are grey)."""
+    size, pad = 340, 14
+    xs = [float(p[0]) for p in points]
+    ys = [float(p[1]) for p in points]
+    cx, cy = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2
+    half = max(max(xs) - min(xs), max(ys) - min(ys)) / 2 or 1.0
+    scale = (size / 2 - pad) / half
+    radius = 4.0 if len(points) <= 300 else 2.5 if len(points) <= 1000 else 1.8
+    parts = [_svg_open(chart_id, "scatter", size, size, title)]
+    parts.append(f'<rect class="frame" x="0.5" y="0.5" width="{size - 1}" height="{size - 1}" rx="6"/>')
+    for x, y, lab, tip in zip(xs, ys, point_labels, point_titles):
+        px = size / 2 + (x - cx) * scale
+        py = size / 2 - (y - cy) * scale  # SVG y grows downwards
+        colour = colours.get(lab, "#888888") if lab is not None else "#888888"
+        parts.append(
+            f'<circle class="pt" data-label="{_esc(lab if lab is not None else "")}" cx="{px:.1f}" cy="{py:.1f}" '
+            f'r="{radius}" fill="{colour}" fill-opacity="0.8"><title>{_esc(tip)}</title></circle>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# --- the page ------------------------------------------------------------------------------------
+
+
+def label_colours(classnames: Sequence[str]) -> dict[str, str]:
+    """A colour per class: colour names in their colour when every class is one, else a palette."""
+    lower = [c.lower() for c in classnames]
+    if classnames and all(c in NAMED_COLOURS for c in lower) and len({NAMED_COLOURS[c] for c in lower}) == len(lower):
+        return {c: NAMED_COLOURS[c.lower()] for c in classnames}
+    return {c: LABEL_COLOURS[i % len(LABEL_COLOURS)] for i, c in enumerate(classnames)}
+
+
+def _ratio_words(a: float, b: float) -> str:
+    if a <= 0 or b <= 0:
+        return ""
+    r = a / b
+    if 0.95 <= r <= 1.05:
+        return "about the same"
+    return f"{r:.1f}× faster" if r > 1 else f"{1 / r:.1f}× slower"
+
+
+def summary_sentence(report: dict[str, Any]) -> str:
+    """One or two plain sentences with the headline numbers (text, no markup)."""
+    models = report["models"]
+    data = report["data"]
+    classes = f" in {len(data['classnames'])} classes" if data["has_labels"] and data["classnames"] else ""
+    lead = f"{len(models)} encoders compared on {data['images']} images{classes}."
+    speeds = "; ".join(f"{m['key']} ({m['name']}) {format_number(m['cost']['images_per_s'])} images/s" for m in models)
+    parts = [lead, f"Throughput: {speeds}."]
+    if len(models) >= 2:
+        a, b = models[0], models[1]
+        words = _ratio_words(a["cost"]["images_per_s"], b["cost"]["images_per_s"])
+        if words:
+            parts.append(f"A is {words} than B.")
+        for metric in ("knn_accuracy", "zero_shot_top1", "text_to_image_recall@1"):
+            va, vb = a["quality"]["metrics"].get(metric), b["quality"]["metrics"].get(metric)
+            if va is not None and vb is not None:
+                parts.append(
+                    f"{QUALITY_TITLES[metric]}: A {format_number(va, kind='fraction')}, B {format_number(vb, kind='fraction')}."
+                )
+                break
+    for p in report["pairs"][:1]:
+        ka, kb = models[p["a"]]["key"], models[p["b"]]["key"]
+        parts.append(
+            f"{ka} and {kb} share {format_number(p['knn_overlap_mean'], kind='fraction')} of each image's "
+            f"{p['k']} nearest neighbours (chance {format_number(p['knn_overlap_chance'], kind='fraction')}); "
+            f"linear CKA {format_number(p['linear_cka'], kind='fraction')}."
+        )
+    return " ".join(parts)
+
+
+_CSS = """
+:root { --ink:#1f2430; --muted:#5d6575; --line:#dfe3ea; --bg:#f6f7fa; --card:#fff; }
+* { box-sizing: border-box; }
+body { margin:0; background:var(--bg); color:var(--ink);
+  font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, "Liberation Sans", sans-serif; }
+main { max-width: 1180px; margin: 0 auto; padding: 28px 24px 60px; }
+h1 { font-size: 26px; margin: 0 0 4px; } h2 { font-size: 20px; margin: 0 0 10px; }
+h3 { font-size: 15px; margin: 0 0 6px; }
+.subtitle { color: var(--muted); margin: 0 0 14px; }
+.summary { font-size: 16px; background: var(--card); border-left: 4px solid #3465c8; padding: 12px 16px; border-radius: 6px; }
+section { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 18px 20px; margin: 18px 0; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(350px, 1fr)); gap: 16px 22px; }
+figure { margin: 0; } figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
+table { border-collapse: collapse; font-size: 14px; }
+th, td { text-align: left; padding: 5px 10px; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { color: var(--muted); font-weight: 600; }
+td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
+.key { display:inline-block; min-width: 22px; text-align:center; color:#fff; border-radius: 4px; font-weight: 700; padding: 0 5px; }
+.spec { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12.5px; word-break: break-all; }
+.note { color: var(--muted); font-size: 13px; }
+.headline { font-size: 30px; font-weight: 700; }
+.stat { display:inline-block; margin-right: 30px; }
+svg.chart { display: block; max-width: 100%; height: auto; }
+svg.chart text { font-size: 11.5px; fill: var(--ink); }
+svg.chart .tick, svg.chart .small { font-size: 10.5px; fill: var(--muted); }
+svg.chart .grid { stroke: #eceff4; } svg.chart .axis { stroke: #9aa3b2; }
+svg.chart .frame { fill: #fbfbfd; stroke: var(--line); }
+.legend { display:flex; flex-wrap: wrap; gap: 4px 14px; font-size: 13px; margin: 6px 0 0; }
+.legend span.sw { display:inline-block; width: 11px; height: 11px; border-radius: 50%; margin-right: 5px; vertical-align: -1px; }
+#neighbour-grid td { padding: 8px 8px; }
+.strip { display: flex; flex-wrap: wrap; gap: 6px; }
+#neighbour-grid { width: 100%; }
+.thumb { margin: 0; text-align: center; font-size: 11px; color: var(--muted); width: 84px; }
+.thumb img { width: 80px; height: 80px; object-fit: contain; background: #f0f1f4; border-radius: 4px; border: 3px solid transparent; display:block; }
+.thumb.query img { border-color: #1f2430; }
+#neighbour-grid.many .thumb { width: 62px; } #neighbour-grid.many .thumb img { width: 58px; height: 58px; }
+.thumb.same img { border-color: #2b9a6b; } .thumb.other img { border-color: #d0d4dc; }
+.thumb .shared { color: #1f2430; font-weight: 700; }
+footer { color: var(--muted); font-size: 12.5px; margin-top: 20px; }
+"""
+
+
+def _model_chip(m: dict[str, Any], i: int) -> str:
+    return f'<span class="key" style="background:{MODEL_COLOURS[i % len(MODEL_COLOURS)]}">{_esc(m["key"])}</span>'
+
+
+def _models_section(report: dict[str, Any]) -> str:
+    rows = []
+    for i, m in enumerate(report["models"]):
+        c = m["cost"]
+        d = m["description"]
+        extra = ", ".join(f"{k}={d[k]}" for k in ("pooling", "normalize") if k in d)
+        rows.append(
+            "<tr>"
+            f"<td>{_model_chip(m, i)}</td><td>{_esc(m['name'])}<div class='spec'>{_esc(m['spec'])}</div></td>"
+            f"<td class='n'>{_num(c['dim'], f'models.{i}.cost.dim')}</td>"
+            f"<td class='n'>{_num(c['parameters'], f'models.{i}.cost.parameters', kind='count')}</td>"
+            f"<td>{_esc(c['device'])} / {_esc(c['dtype'])}</td><td class='note'>{_esc(extra)}</td>"
+            "</tr>"
+        )
+    return (
+        '<section id="models"><h2>Encoders</h2><table class="models"><tr><th></th><th>Model</th>'
+        "<th class='n'>Dim</th><th class='n'>Parameters</th><th>Device / dtype</th><th>Options</th></tr>"
+        + "".join(rows)
+        + "</table></section>"
+    )
+
+
+def _cost_section(report: dict[str, Any]) -> str:
+    models = report["models"]
+    figures = []
+    for metric, title, unit, higher in COST_METRICS:
+        values = [m["cost"].get(metric) for m in models]
+        if all(v is None for v in values):
+            continue
+        kind = "count" if metric == "parameters" else "auto"
+        rows = [
+            (f"{m['key']}", m["cost"].get(metric), MODEL_COLOURS[i % len(MODEL_COLOURS)], f"models.{i}.cost.{metric}")
+            for i, m in enumerate(models)
+        ]
+        better = "higher is better" if higher else "lower is better"
+        if metric in ("parameters", "dim"):
+            better = "size of the model / of its vectors"
+        figures.append(
+            f'<figure class="cost-figure" id="figure-cost-{metric}"><h3>{_esc(title)}'
+            f'{" (" + _esc(unit) + ")" if unit else ""}</h3>'
+            + bar_chart(f"chart-cost-{metric}", title, rows, unit=unit, kind=kind)
+            + f"<figcaption>{_esc(better)}</figcaption></figure>"
+        )
+    # The numbers behind the charts, with the timings they derive from.
+    fields = [
+        ("import_s", "Code import (before loading)", "s"), ("load_s", "Load time", "s"), ("preprocess_s", "Decode + preprocess", "s"), ("encode_s", "Model time", "s"),
+        ("images_per_s", "Images/s", ""), ("crops", "Crops", ""), ("crops_per_s", "Crops/s", ""),
+        ("end_to_end_images_per_s", "Images/s end to end", ""), ("text_encode_s", "Text encoding", "s"),
+        ("baseline_rss_mb", "RSS before loading", "MiB"), ("peak_rss_mb", "Peak RSS", "MiB"),
+        ("gpu_peak_mb", "Peak GPU memory", "MiB"), ("batch_size", "Batch size", ""),
+    ]  # fmt: skip
+    head = "".join(f"<th class='n'>{_model_chip(m, i)}</th>" for i, m in enumerate(models))
+    body = []
+    for key, title, unit in fields:
+        if all(m["cost"].get(key) is None for m in models):
+            continue
+        cells = "".join(
+            f"<td class='n'>{_num(m['cost'].get(key), f'models.{i}.cost.{key}', unit=unit)}</td>" for i, m in enumerate(models)
+        )
+        body.append(f"<tr><th>{_esc(title)}</th>{cells}</tr>")
+    scopes = {m["cost"]["memory_scope"] for m in models}
+    mem_note = (
+        "Each encoder ran in its own process, so its peak RSS is its own (it includes Python, torch and "
+        "transformers: compare with the RSS before loading)."
+        if scopes == {"subprocess"}
+        else "Encoders ran in one process: peak RSS after the first can be blurred by memory the earlier one freed."
+    )
+    return (
+        '<section id="cost"><h2>Cost</h2>'
+        '<p class="note">Throughput is model time only (batching and forward passes after one untimed warm-up batch); '
+        "end to end adds decoding and preprocessing. A crop is one tower pass: Phi-3-vision runs several per image "
+        f"(its HD transform), CLIP one. {_esc(mem_note)}</p>"
+        f'<div class="grid">{"".join(figures)}</div>'
+        f'<h3 style="margin-top:16px">All timings</h3><table id="cost-table"><tr><th></th>{head}</tr>{"".join(body)}</table>'
+        + _tokens_table(report)
+        + "</section>"
+    )
+
+
+def _tokens_table(report: dict[str, Any]) -> str:
+    models = report["models"]
+    sizes: dict[tuple[int, int], dict[int, dict[str, Any]]] = {}
+    for i, m in enumerate(models):
+        for j, t in enumerate(m["cost"]["tokens_by_size"]):
+            sizes.setdefault((t["width"], t["height"]), {})[i] = {**t, "_j": j}
+    if not sizes:
+        return ""
+    head = "".join(f"<th class='n'>{_model_chip(m, i)} crops</th><th class='n'>{_model_chip(m, i)} tokens</th>" for i, m in enumerate(models))
+    rows = []
+    for (w, h), per in sorted(sizes.items(), key=lambda kv: (kv[0][0] * kv[0][1], kv[0])):
+        count = next(iter(per.values()))["images"]
+        cells = []
+        for i in range(len(models)):
+            t = per.get(i)
+            if t is None:
+                cells.append("<td class='n'>–</td><td class='n'>–</td>")
+                continue
+            base = f"models.{i}.cost.tokens_by_size.{t['_j']}"
+            cells.append(f"<td class='n'>{_num(t['crops'], base + '.crops')}</td><td class='n'>{_num(t['tokens'], base + '.tokens')}</td>")
+        rows.append(f"<tr><td>{w}×{h}</td><td class='n'>{count}</td>{''.join(cells)}</tr>")
+    return (
+        '<h3 style="margin-top:16px">Crops and image tokens by image size</h3>'
+        '<p class="note">Tokens are the image tokens a Phi-3-vision language model would read for an image of that size '
+        "(– where the encoder has no such notion).</p>"
+        f'<table id="tokens-table"><tr><th>Size (w×h)</th><th class="n">Images</th>{head}</tr>{"".join(rows)}</table>'
+    )
+
+
+def _quality_section(report: dict[str, Any]) -> str:
+    models = report["models"]
+    names = [name for name in QUALITY_TITLES if any(name in m["quality"]["metrics"] for m in models)]
+    names += sorted({n for m in models for n in m["quality"]["metrics"]} - set(names))
+    skipped = {}
+    for m in models:
+        for metric, reason in m["quality"]["skipped"].items():
+            skipped.setdefault(metric, []).append(f"{m['key']}: {reason}")
+    notes = "".join(f"<li><b>{_esc(metric.replace('_', ' '))}</b> skipped: {_esc('; '.join(r))}</li>" for metric, r in skipped.items())
+    settings = report["settings"]
+    split_note = (
+        f"kNN (k={settings['k']}, cosine, similarity-weighted vote) and the linear probe (logistic regression) "
+        f"train on a stratified {1 - settings['test_fraction']:.0%} of the images and are scored on the rest "
+        f"(seed {settings['seed']}); zero-shot classifies every image from prompts of its class name; retrieval uses the captions."
+    )
+    if not names:
+        return (
+            '<section id="quality"><h2>Quality</h2><p class="note">No quality metric could be computed.</p>'
+            f"<ul class='note'>{notes}</ul></section>"
+        )
+    groups = [
+        (
+            QUALITY_TITLES.get(name, name),
+            [
+                (m["key"], m["quality"]["metrics"].get(name), MODEL_COLOURS[i % len(MODEL_COLOURS)], f"models.{i}.quality.metrics.{name}")
+                for i, m in enumerate(models)
+            ],
+        )
+        for name in names
+    ]
+    head = "".join(f"<th class='n'>{_model_chip(m, i)}</th>" for i, m in enumerate(models))
+    rows = "".join(
+        f"<tr><th>{_esc(QUALITY_TITLES.get(name, name))}</th>"
+        + "".join(
+            f"<td class='n'>{_num(m['quality']['metrics'].get(name), f'models.{i}.quality.metrics.{name}', kind='fraction')}</td>"
+            for i, m in enumerate(models)
+        )
+        + "</tr>"
+        for name in names
+    )
+    legend = "".join(
+        f'<span><span class="sw" style="background:{MODEL_COLOURS[i % len(MODEL_COLOURS)]}"></span>{_esc(m["key"])} {_esc(m["name"])}</span>'
+        for i, m in enumerate(models)
+    )
+    return (
+        '<section id="quality"><h2>Quality</h2>'
+        f'<p class="note">{_esc(split_note)}</p>'
+        f'<figure id="figure-quality">{grouped_bar_chart("chart-quality", "Quality metrics", groups)}'
+        f'<div class="legend">{legend}</div><figcaption>Fractions in [0, 1]; higher is better.</figcaption></figure>'
+        f'<table id="quality-table" style="margin-top:12px"><tr><th></th>{head}</tr>{rows}</table>'
+        + (f"<ul class='note'>{notes}</ul>" if notes else "")
+        + "</section>"
+    )
+
+
+def _structure_section(report: dict[str, Any]) -> str:
+    models = report["models"]
+    pair_blocks = []
+    for pi, p in enumerate(report["pairs"]):
+        ma, mb = models[p["a"]], models[p["b"]]
+        k = p["k"]
+        counts = p["knn_overlap_counts"]
+        edges = [c - 0.5 for c in range(k + 2)]
+        edges = [e / k for e in edges]  # shared fraction per image, centred bins
+        chart = histogram_chart(
+            f"chart-overlap-{p['a']}-{p['b']}",
+            f"k-NN overlap {ma['key']} vs {mb['key']}",
+            edges,
+            [(f"images ({ma['key']} vs {mb['key']})", counts, "#5a6b8c")],
+            xlabel=f"fraction of the {k} nearest neighbours shared",
+            density=False,
+            markers=[("mean", p["knn_overlap_mean"], "#1f2430"), ("chance", p["knn_overlap_chance"], "#c23b3b")],
+        )
+        pair_blocks.append(
+            f'<div class="pair" id="pair-{p["a"]}-{p["b"]}"><h3>{_model_chip(ma, p["a"])} vs {_model_chip(mb, p["b"])}</h3>'
+            f'<div class="stat"><div class="note">Linear CKA</div><div class="headline">{_num(p["linear_cka"], f"pairs.{pi}.linear_cka", kind="fraction")}</div></div>'
+            f'<div class="stat"><div class="note">k-NN overlap (k={k})</div><div class="headline">{_num(p["knn_overlap_mean"], f"pairs.{pi}.knn_overlap_mean", kind="fraction")}</div></div>'
+            f'<div class="stat"><div class="note">Chance overlap</div><div class="headline">{_num(p["knn_overlap_chance"], f"pairs.{pi}.knn_overlap_chance", kind="fraction")}</div></div>'
+            f"<figure>{chart}<figcaption>How many images share how much of their {k} nearest neighbours in the two spaces "
+            "(dashed: the mean, and the overlap two unrelated spaces would give).</figcaption></figure></div>"
+        )
+    sims = []
+    for i, m in enumerate(models):
+        s = m["similarity"]
+        if s["same"] is not None:
+            series = [("same label", s["same"], "#2b9a6b"), ("different label", s["different"], "#d1603d")]
+            markers = [("same-label mean", s["same_mean"], "#2b9a6b"), ("different-label mean", s["different_mean"], "#d1603d")]
+        else:
+            series = [("all pairs", s["all"], MODEL_COLOURS[i % len(MODEL_COLOURS)])]
+            markers = [("mean", s["mean"], "#1f2430")]
+        markers = [mk for mk in markers if mk[1] is not None]
+        chart = histogram_chart(
+            f"chart-similarity-{m['key']}", f"Pairwise similarities, {m['key']}", s["edges"], series,
+            xlabel="cosine similarity of a pair of images", markers=markers,
+        )  # fmt: skip
+        stats = f"mean {_num(s['mean'], f'models.{i}.similarity.mean', kind='fraction')}, std {_num(s['std'], f'models.{i}.similarity.std', kind='fraction')}"
+        if s["same_mean"] is not None and s["different_mean"] is not None:
+            stats += (
+                f"; same label {_num(s['same_mean'], f'models.{i}.similarity.same_mean', kind='fraction')}, "
+                f"different label {_num(s['different_mean'], f'models.{i}.similarity.different_mean', kind='fraction')}"
+            )
+        sims.append(
+            f'<figure id="figure-similarity-{_esc(m["key"])}"><h3>{_model_chip(m, i)} {_esc(m["name"])}</h3>{chart}'
+            f"<figcaption>Cosine similarity of every pair of images ({stats}). Well separated same-label and "
+            "different-label pairs mean the classes form clusters.</figcaption></figure>"
+        )
+    return (
+        '<section id="structure"><h2>Structure</h2>'
+        '<p class="note">Do the spaces agree on which images are alike? k-NN overlap: the fraction of each image\'s '
+        "k nearest neighbours (cosine) found in both spaces. Linear CKA: a similarity of the two representations in [0, 1], "
+        "unchanged by rotations and uniform scaling.</p>"
+        + f'<div class="grid pairs">{"".join(pair_blocks)}</div>'
+        + f'<h3 style="margin-top:18px">Similarity distributions</h3><div class="grid">{"".join(sims)}</div></section>'
+    )
+
+
+def _projection_section(report: dict[str, Any]) -> str:
+    models = report["models"]
+    images = report["images"]
+    classnames = report["data"]["classnames"]
+    colours = label_colours(classnames)
+    figs = []
+    for i, m in enumerate(models):
+        p = m["projection"]
+        labels = [images[j]["label"] for j in p["indices"]]
+        tips = [f"{images[j]['source']} ({images[j]['label'] or 'no label'})" for j in p["indices"]]
+        chart = scatter_chart(f"chart-projection-{m['key']}", f"2-D projection of {m['key']}", p["points"], labels, tips, colours)
+        ev = p["explained_variance_ratio"]
+        aligned = " Rotated/reflected to match A's orientation (distances unchanged)." if p["aligned_to"] is not None else ""
+        figs.append(
+            f'<figure id="figure-projection-{_esc(m["key"])}"><h3>{_model_chip(m, i)} {_esc(m["name"])}</h3>{chart}'
+            f"<figcaption>PCA of {len(p['indices'])} images; the two axes explain "
+            f"{_num(ev[0], f'models.{i}.projection.explained_variance_ratio.0', kind='fraction')} and "
+            f"{_num(ev[1], f'models.{i}.projection.explained_variance_ratio.1', kind='fraction')} of the variance.{aligned}</figcaption></figure>"
+        )
+    legend = ""
+    if classnames:
+        counts = {c: 0 for c in classnames}
+        for im in images:
+            if im["label"] in counts:
+                counts[im["label"]] += 1
+        legend = '<div class="legend" id="projection-legend">' + "".join(
+            f'<span data-label="{_esc(c)}"><span class="sw" style="background:{colours[c]}"></span>{_esc(c)} ({counts[c]})</span>'
+            for c in classnames
+        ) + "</div>"
+    return (
+        '<section id="projection"><h2>Maps of the spaces</h2>'
+        '<p class="note">Each point is an image, coloured by its label; images close together are alike to the encoder.</p>'
+        f'{legend}<div class="grid">{"".join(figs)}</div></section>'
+    )
+
+
+def _thumb(index: int, images: list[dict[str, Any]], thumbnails: dict[int, str], cls: str, extra: str = "") -> str:
+    im = images[index]
+    label = im["label"] if im["label"] is not None else ""
+    tip = f"{im['source']}" + (f" · {im['caption']}" if im.get("caption") else "")
+    src = thumbnails.get(index)
+    img = f'<img src="{src}" alt="{_esc(label)}">' if src else '<img alt="(no thumbnail)">'
+    return (
+        f'<figure class="thumb {cls}" data-index="{index}" title="{_esc(tip)}">{img}'
+        f"<figcaption>{_esc(label) or '#' + str(index)}{extra}</figcaption></figure>"
+    )
+
+
+def _neighbours_section(report: dict[str, Any], thumbnails: dict[int, str]) -> str:
+    models = report["models"]
+    images = report["images"]
+    if not report["queries"]:
+        return ""
+    head = "<th>Query</th>" + "".join(f"<th>{_model_chip(m, i)} {_esc(m['name'])}</th>" for i, m in enumerate(models))
+    rows = []
+    for qi, q in enumerate(report["queries"]):
+        q_label = images[q]["label"]
+        shared = set(models[0]["neighbours"][qi])
+        for m in models[1:]:
+            shared &= set(m["neighbours"][qi])
+        cells = [f"<td>{_thumb(q, images, thumbnails, 'query')}</td>"]
+        for m in models:
+            strip = []
+            for j in m["neighbours"][qi]:
+                cls = "same" if q_label is not None and images[j]["label"] == q_label else "other"
+                mark = ' <span class="shared" title="a neighbour in every space">●</span>' if j in shared else ""
+                strip.append(_thumb(j, images, thumbnails, cls, mark))
+            cells.append(f'<td><div class="strip">{"".join(strip)}</div></td>')
+        rows.append(f'<tr data-query="{q}">' + "".join(cells) + "</tr>")
+    n_show = len(models[0]["neighbours"][0]) if models[0]["neighbours"] else 0
+    return (
+        '<section id="neighbours"><h2>Nearest neighbours</h2>'
+        f'<p class="note">For a few query images, the {n_show} most similar other images in each space, nearest first. '
+        "Green frame: same label as the query; ● : a neighbour in every space.</p>"
+        f'<table id="neighbour-grid" class="{"many" if len(models) > 2 else "pair"}"><tr>{head}</tr>{"".join(rows)}</table></section>'
+    )
+
+
+def render_html(report: CompareReport | dict[str, Any], thumbnails: dict[int, str] | None = None) -> str:
+    """The whole self-contained page. ``thumbnails`` maps image index -> ``data:`` URI for the
+    images of the neighbour grid (without them the grid shows labels only)."""
+    r = report.to_dict() if isinstance(report, CompareReport) else report
+    thumbs = {int(k): v for k, v in (thumbnails or {}).items()}
+    models = r["models"]
+    title = " vs ".join(f"{m['key']}: {m['name']}" for m in models)
+    data = r["data"]
+    skipped = ""
+    if data["skipped"]:
+        items = "".join(f"<li><span class='spec'>{_esc(s['source'])}</span>: {_esc(s['reason'])}</li>" for s in data["skipped"][:50])
+        more = f"<li>and {len(data['skipped']) - 50} more (all in report.json)</li>" if len(data["skipped"]) > 50 else ""
+        skipped = f'<section id="skipped"><h2>Images left out</h2><p class="note">{len(data["skipped"])} image(s) could not be read:</p><ul>{items}{more}</ul></section>'
+    body = "".join(
+        [
+            "<main>",
+            f"<h1>Encoder comparison: {_esc(title)}</h1>",
+            f'<p class="subtitle">{_num(data["images"], "data.images")} images from <span class="spec">{_esc(data["source"])}</span>'
+            f" · phiclip {_esc(r['phiclip_version'])} · {_esc(r['created'])}</p>",
+            f'<p class="summary" id="summary">{_esc(summary_sentence(r))}</p>',
+            _models_section(r),
+            _cost_section(r),
+            _quality_section(r),
+            _structure_section(r),
+            _projection_section(r),
+            _neighbours_section(r, thumbs),
+            skipped,
+            "<footer>Every number on this page is in report.json beside it, under the path in its data-key attribute. "
+            "Settings: " + _esc(", ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "templates")) + "</footer>",
+            "</main>",
+        ]
+    )
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>phiclip compare: {_esc(title)}</title><style>{_CSS}</style></head><body>{body}</body></html>\n"
+    )
+
+
+def write_report(report: CompareReport, output: str | Path, thumbnails: dict[int, str] | None = None) -> dict[str, Path]:
+    """Write ``report.json`` and ``report.html`` into ``output``; returns their paths."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = report.save(out / "report.json")
+    html_path = out / "report.html"
+    tmp = html_path.with_name(html_path.name + ".tmp")
+    tmp.write_text(render_html(report, thumbnails), encoding="utf-8")
+    tmp.replace(html_path)
+    return {"report_json": json_path, "report_html": html_path}
+
+
+# --- the terminal --------------------------------------------------------------------------------
+
+
+def terminal_tables(report: CompareReport | dict[str, Any]) -> list[Any]:
+    """``rich`` tables: cost, quality and structure (models as columns)."""
+    from rich.table import Table
+
+    r = report.to_dict() if isinstance(report, CompareReport) else report
+    models = r["models"]
+
+    def table(title: str) -> Table:
+        t = Table(title=title, title_justify="left", header_style="bold")
+        t.add_column("")
+        for m in models:
+            t.add_column(f"{m['key']} {m['name']}", justify="right")
+        return t
+
+    cost = table("Cost")
+    for metric, title, unit, _ in COST_METRICS:
+        values = [m["cost"].get(metric) for m in models]
+        if all(v is None for v in values):
+            continue
+        kind = "count" if metric == "parameters" else "auto"
+        cost.add_row(f"{title}" + (f" ({unit})" if unit else ""), *[format_number(v, kind=kind) for v in values])
+    tables = [cost]
+    names = [n for n in QUALITY_TITLES if any(n in m["quality"]["metrics"] for m in models)]
+    if names:
+        quality = table("Quality")
+        for n in names:
+            quality.add_row(QUALITY_TITLES[n], *[format_number(m["quality"]["metrics"].get(n), kind="fraction") for m in models])
+        tables.append(quality)
+    if r["pairs"]:
+        s = Table(title="Structure", title_justify="left", header_style="bold")
+        for col in ("Pair", "Linear CKA", "k-NN overlap", "Chance"):
+            s.add_column(col, justify="right" if col != "Pair" else "left")
+        for p in r["pairs"]:
+            s.add_row(
+                f"{models[p['a']]['key']} vs {models[p['b']]['key']} (k={p['k']})",
+                format_number(p["linear_cka"], kind="fraction"),
+                format_number(p["knn_overlap_mean"], kind="fraction"),
+                format_number(p["knn_overlap_chance"], kind="fraction"),
+            )
+        tables.append(s)
+    return tables
+
+
+def print_report(report: CompareReport | dict[str, Any], console: Any = None) -> None:
+    """Print the summary sentence and the tables to the terminal."""
+    from rich.console import Console
+
+    con = console or Console()
+    r = report.to_dict() if isinstance(report, CompareReport) else report
+    for t in terminal_tables(r):
+        con.print(t)
+    con.print(summary_sentence(r))
+
+
+__all__ = [
+    "bar_chart",
+    "format_number",
+    "grouped_bar_chart",
+    "histogram_chart",
+    "label_colours",
+    "nice_ticks",
+    "print_report",
+    "render_html",
+    "scatter_chart",
+    "summary_sentence",
+    "terminal_tables",
+    "write_report",
+]
