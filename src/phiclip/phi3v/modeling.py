@@ -197,6 +197,8 @@ class Phi3VImageEmbedding(nn.Module):
         self.hd_transform_order = layer_cfg.get("hd_transform_order", "glb_sub")  # absent -> glb_sub (released code)
         projection_cls = layer_cfg.get("projection_cls", "linear")  # absent -> linear (released code)
         self.type_feature = cfg.type_feature
+        if int(max_crops_per_batch) < 1:
+            raise ValueError(f"max_crops_per_batch must be >= 1, got {max_crops_per_batch}")
         self.max_crops_per_batch = int(max_crops_per_batch)
         if self.use_hd_transform != self.with_learnable_separator:
             raise ValueError(
@@ -272,7 +274,7 @@ class Phi3VImageEmbedding(nn.Module):
         hub = {"revision": revision, "cache_dir": cache_dir, "token": token}
         config_path = resolve_file(path_or_hub_id, "config.json", **hub)
         config = Phi3VVisionConfig.from_json_file(config_path)  # type: ignore[arg-type]
-        dtype = None if torch_dtype == "auto" else (getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype)
+        dtype = _resolve_dtype(torch_dtype)
         with torch.device("meta"):
             model = cls(config, **kwargs)
         weight_map, _ = read_weight_map(path_or_hub_id, **hub)
@@ -333,6 +335,18 @@ class Phi3VImageEmbedding(nn.Module):
         sep = torch.ones(1, dtype=torch.bool)  # glb_GN
         parts = [sub.flatten(), sep, glb.flatten()]
         return torch.cat(parts if self.hd_transform_order == "sub_glb" else parts[::-1])
+
+    def _num_images(self, pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> int:
+        s = self.image_size
+        if isinstance(pixel_values, torch.Tensor):
+            if pixel_values.ndim != 5:
+                raise ValueError(
+                    f"pixel_values must have shape (n, num_crops+1, 3, {s}, {s}) or be a list of (crops, 3, {s}, {s}) "
+                    f"tensors, got a {pixel_values.ndim}-D tensor of shape {tuple(pixel_values.shape)} "
+                    "(for one image's crops, pass [crops] or crops[None])"
+                )
+            return int(pixel_values.shape[0])
+        return len(pixel_values)
 
     def _crop_grid(self, image_sizes: torch.Tensor | Sequence[Sequence[int]], n: int) -> list[tuple[int, int]]:
         sizes = torch.as_tensor(image_sizes)
@@ -438,7 +452,7 @@ class Phi3VImageEmbedding(nn.Module):
         """
         if not self.use_hd_transform:
             return self._non_hd_tokens(pixel_values)
-        n = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else len(pixel_values)
+        n = self._num_images(pixel_values)
         grids = self._crop_grid(image_sizes, n)
         merged = self._merge_2x2(self.crop_features(self._real_crops(pixel_values, grids)))  # (C, 12, 12, 4D)
         return self._project(self._hd_sequences(merged, grids))
@@ -469,7 +483,7 @@ class Phi3VImageEmbedding(nn.Module):
                 (1 crop per image instead of up to num_crops + 1).
             normalize: L2-normalise the vectors.
         """
-        n = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else len(pixel_values)
+        n = self._num_images(pixel_values)
         if pooling == "global":
             globals_ = pixel_values[:, 0] if isinstance(pixel_values, torch.Tensor) else torch.stack([t[0] for t in pixel_values])
             feats = self.crop_features(globals_)  # (n, 576, D)
@@ -529,6 +543,18 @@ class Phi3VImageEmbedding(nn.Module):
 
 class Phi3ImageEmbedding(Phi3VImageEmbedding):
     """The released sample's class name and signature: ``Phi3ImageEmbedding(config, wte=..., **config.embd_layer)``."""
+
+
+def _resolve_dtype(torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``torch.float32`` / ``"float32"`` / ``"bfloat16"`` / ``"auto"`` (keep the stored dtype) / ``None``."""
+    if torch_dtype is None or torch_dtype == "auto":
+        return None
+    if isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    value = getattr(torch, str(torch_dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"torch_dtype {torch_dtype!r} is not a floating dtype; use float32, bfloat16, float16 or 'auto'")
+    return value
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -56,6 +56,13 @@ def resolve_file(
         return Path(
             hf_hub_download(str(path_or_hub_id), filename, revision=revision, cache_dir=cache_dir, token=token)
         )
+    except LocalEntryNotFoundError:  # offline or unreachable, and not cached (a subclass of EntryNotFoundError)
+        if not required and _offline_cache_has_repo(str(path_or_hub_id), cache_dir):
+            return None
+        raise CheckpointError(
+            f"cannot fetch {filename} of {path_or_hub_id!r}: the hub is unreachable and it is not in the local "
+            "cache; download the checkpoint and pass its local directory instead"
+        ) from None
     except EntryNotFoundError:
         if required:
             raise CheckpointError(f"hub repo {path_or_hub_id} has no {filename}") from None
@@ -64,13 +71,6 @@ def resolve_file(
         raise CheckpointError(
             f"{path_or_hub_id!r} is neither a local directory nor a hub repo you can access; "
             "check the path or the hub id (and your token for gated repos)"
-        ) from None
-    except LocalEntryNotFoundError:
-        if not required and _offline_cache_has_repo(str(path_or_hub_id), cache_dir):
-            return None
-        raise CheckpointError(
-            f"cannot fetch {filename} of {path_or_hub_id!r}: the hub is unreachable and it is not in the local "
-            "cache; download the checkpoint and pass its local directory instead"
         ) from None
 
 
@@ -133,8 +133,11 @@ def checkpoint_to_module_name(name: str) -> str:
 
 
 def is_unused_tower_key(module_key: str, num_layers_run: int) -> bool:
-    """Tensors of the tower the image path never runs: layers after ``layer_idx`` and ``post_layernorm``."""
+    """Tensors of the tower the image path never uses: layers after ``layer_idx``, ``post_layernorm``,
+    and the ``position_ids`` buffer that older transformers versions saved (it is always ``arange``)."""
     if module_key.startswith("img_processor.vision_model.post_layernorm."):
+        return True
+    if module_key == "img_processor.vision_model.embeddings.position_ids":
         return True
     m = _LAYER_RE.match(module_key)
     return bool(m and int(m.group(1)) >= num_layers_run)
@@ -163,8 +166,18 @@ def load_tensors(
         path = str(resolve_file(path_or_hub_id, shard, **hub_kwargs))  # type: ignore[arg-type]
         if opened is not None:
             opened.append(shard)
-        with safe_open(path, framework="pt", device="cpu") as f:
+        try:
+            handle = safe_open(path, framework="pt", device="cpu")
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for damaged headers
+            raise CheckpointError(f"{path_or_hub_id}: shard {shard} is damaged ({e}); download it again") from None
+        with handle as f:
+            present = set(f.keys())
             for name in keys:
+                if name not in present:
+                    raise CheckpointError(
+                        f"{path_or_hub_id}: the index puts {name} in {shard}, but that shard does not hold it "
+                        "(index and shards disagree; download the checkpoint again)"
+                    )
                 t = f.get_tensor(name)
                 if dtype is not None and t.is_floating_point() and t.dtype != dtype:
                     t = t.to(dtype)
