@@ -13,7 +13,10 @@ thin that its resized height would be 0 is kept 1 pixel tall.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,8 +178,9 @@ class Phi3VImageProcessor:
         }
 
     # --- the pixel path -----------------------------------------------------------------------
-    def hd_canvas(self, image: Image.Image) -> torch.Tensor:
-        """One RGB image -> its normalised HD canvas ``(3, H, W)`` float32."""
+    def _resize(self, image: Image.Image) -> tuple[np.ndarray, int, int, bool]:
+        """PIL part: ``(resized uint8 (new_h, new_w, 3) in landscape orientation, top padding,
+        padded height, transposed?)``."""
         width, height = image.size
         transposed = width < height
         if transposed:
@@ -185,26 +189,47 @@ class Phi3VImageProcessor:
             image = image.transpose(Image.Transpose.TRANSPOSE)
             width, height = height, width
         new_w, new_h = resized_size(width, height, self.num_crops)
-        resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        resized = np.asarray(image.resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.uint8)
         target_h = math.ceil(new_h / CROP_SIZE) * CROP_SIZE
         top = int((target_h - new_h) / 2)
-        # (new_h, new_w, 3) uint8 -> (3, new_h, new_w) float32 in [0, 1] -> normalised.
-        pixels = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)
-        pixels = (pixels.to(torch.float32) / 255.0 - self._mean) / self._std
-        canvas = self._white.expand(3, target_h, new_w).clone()  # (3, H, W), white padding
-        canvas[:, top : top + new_h, :] = pixels
+        return resized, top, target_h, transposed
+
+    def hd_canvas(self, image: Image.Image) -> torch.Tensor:
+        """One RGB image -> its normalised HD canvas ``(3, H, W)`` float32."""
+        resized, top, target_h, transposed = self._resize(image)
+        new_h, new_w = resized.shape[:2]
+        with warnings.catch_warnings():  # PIL's buffer is read-only; it is only ever read from here
+            warnings.simplefilter("ignore", UserWarning)
+            src = torch.from_numpy(resized)  # (new_h, new_w, 3) uint8
         if transposed:
-            canvas = canvas.transpose(1, 2).contiguous()  # (3, W, H) -> back to portrait
+            # Portrait: the canvas is the transposed landscape canvas; write it transposed directly.
+            canvas = torch.empty(3, new_w, target_h)  # (3, H, W)
+            region = canvas[:, :, top : top + new_h]
+            src_chw = src.permute(2, 1, 0)  # (3, new_w, new_h)
+            canvas[:, :, :top] = self._white
+            canvas[:, :, top + new_h :] = self._white
+        else:
+            canvas = torch.empty(3, target_h, new_w)  # (3, H, W)
+            region = canvas[:, top : top + new_h, :]
+            src_chw = src.permute(2, 0, 1)  # (3, new_h, new_w)
+            canvas[:, :top, :] = self._white
+            canvas[:, top + new_h :, :] = self._white
+        # uint8 -> float32 in [0, 1] -> normalised, in place (ToTensor then Normalize, same float ops).
+        region.copy_(src_chw).div_(255.0).sub_(self._mean).div_(self._std)
         return canvas
 
-    def crops_from_canvas(self, canvas: torch.Tensor) -> torch.Tensor:
-        """``(3, H, W)`` canvas -> ``(1 + h*w, 3, 336, 336)``: global view, then crops row-major."""
+    def crops_from_canvas(self, canvas: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(3, H, W)`` canvas -> ``(1 + h*w, 3, 336, 336)``: global view, then crops row-major.
+        Written into ``out`` when given (e.g. a slice of a padded batch), avoiding extra copies."""
         _, H, W = canvas.shape
         h, w = H // CROP_SIZE, W // CROP_SIZE
-        global_view = F.interpolate(canvas[None], size=(CROP_SIZE, CROP_SIZE), mode="bicubic", align_corners=False)
-        # (3, h*336, w*336) -> (3, h, 336, w, 336) -> (h, w, 3, 336, 336) -> (h*w, 3, 336, 336)
-        tiles = canvas.reshape(3, h, CROP_SIZE, w, CROP_SIZE).permute(1, 3, 0, 2, 4).reshape(h * w, 3, CROP_SIZE, CROP_SIZE)
-        return torch.cat([global_view, tiles], dim=0)
+        if out is None:
+            out = torch.empty(1 + h * w, 3, CROP_SIZE, CROP_SIZE)
+        out[0] = F.interpolate(canvas[None], size=(CROP_SIZE, CROP_SIZE), mode="bicubic", align_corners=False)[0]
+        # (3, h*336, w*336) -> (3, h, 336, w, 336) -> (h, w, 3, 336, 336), copied straight into the crops
+        tiles = canvas.view(3, h, CROP_SIZE, w, CROP_SIZE).permute(1, 3, 0, 2, 4)
+        out[1 : 1 + h * w].view(h, w, 3, CROP_SIZE, CROP_SIZE).copy_(tiles)
+        return out
 
     def preprocess_image(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
         """One RGB PIL image -> ``(crops (1 + h*w, 3, 336, 336), (H, W))``."""
@@ -212,7 +237,12 @@ class Phi3VImageProcessor:
         return self.crops_from_canvas(canvas), (int(canvas.shape[1]), int(canvas.shape[2]))
 
     def __call__(
-        self, images: ImageInput | Sequence[ImageInput], *, padding: bool = True, return_tensors: str = "pt"
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        padding: bool = True,
+        return_tensors: str = "pt",
+        num_threads: int | None = None,
     ) -> Phi3VImageInputs:
         """Preprocess one image or a list of images.
 
@@ -221,27 +251,36 @@ class Phi3VImageProcessor:
             padding: ``True`` pads every image to ``num_crops + 1`` crops (the released format);
                 ``False`` returns a list of per-image tensors with only their real crops.
             return_tensors: only ``"pt"`` is supported.
+            num_threads: images decoded and resized in parallel (PIL releases the GIL);
+                default: the number of CPUs, at most the number of images.
         """
         if return_tensors != "pt":
             raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt'")
-        if isinstance(images, (list, tuple)):
-            batch = list(images)
-        else:
-            batch = [images]
+        batch = list(images) if isinstance(images, (list, tuple)) else [images]
         if not batch:
             raise ValueError("no images given; pass a list with at least one image")
-        crops, sizes = [], []
-        for image in batch:
-            c, size = self.preprocess_image(load_image(image, max_pixels=self.max_pixels))
-            crops.append(c)
-            sizes.append(size)
+
+        def canvas_of(image: ImageInput) -> torch.Tensor:
+            return self.hd_canvas(load_image(image, max_pixels=self.max_pixels))
+
+        threads = min(len(batch), num_threads or os.cpu_count() or 1)
+        if threads > 1:
+            with ThreadPoolExecutor(threads) as pool:
+                canvases = list(pool.map(canvas_of, batch))
+        else:
+            canvases = [canvas_of(im) for im in batch]
+        sizes = [(int(c.shape[1]), int(c.shape[2])) for c in canvases]
         image_sizes = torch.tensor(sizes, dtype=torch.int64)
         tokens = [num_tokens_for_hd_size(h, w) for h, w in sizes]
         if not padding:
+            crops = [self.crops_from_canvas(c) for c in canvases]
             return Phi3VImageInputs(pixel_values=crops, image_sizes=image_sizes, num_img_tokens=tokens)
-        return Phi3VImageInputs(
-            pixel_values=pad_crops(crops, self.num_crops + 1), image_sizes=image_sizes, num_img_tokens=tokens
-        )
+        out = torch.empty(len(batch), self.num_crops + 1, 3, CROP_SIZE, CROP_SIZE)
+        for i, (canvas, (h, w)) in enumerate(zip(canvases, sizes)):
+            n_real = num_crops_for_hd_size(h, w)
+            self.crops_from_canvas(canvas, out[i, :n_real])
+            out[i, n_real:].zero_()  # blank crops, as the released processor pads
+        return Phi3VImageInputs(pixel_values=out, image_sizes=image_sizes, num_img_tokens=tokens)
 
 
 def pad_crops(crops: Sequence[torch.Tensor], max_crops: int) -> torch.Tensor:
