@@ -3,7 +3,8 @@
 Accepted inputs: ``PIL.Image.Image``, ``HxWx3`` (or ``HxW``) ``uint8`` numpy arrays, file paths
 (``str``/``os.PathLike``) and encoded bytes. Files and bytes get their EXIF orientation applied;
 every mode becomes RGB the way ``Image.convert("RGB")`` does it (which is what the released
-Phi-3-vision and CLIP processors do), except 16/32-bit integer and float images, which are scaled
+Phi-3-vision processor does; ``keep_alpha`` keeps transparency for encoders, like CLIP's, whose
+processor composites it onto white), except 16/32-bit integer and float images, which are scaled
 to 8 bits instead of being clipped to white. Animated images give their first frame.
 
 Failures raise :class:`ImageDecodeError` (a ``ValueError``) whose message names the input and
@@ -70,8 +71,20 @@ def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
     return Image.fromarray(arr8, mode="L").convert("RGB")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB (palette transparency handled, alpha dropped like ``convert``)."""
+def has_alpha(img: Image.Image) -> bool:
+    """Whether an image carries transparency (an alpha band or a palette/colour-key transparency)."""
+    return "A" in img.getbands() or img.info.get("transparency") is not None
+
+
+def to_rgb(img: Image.Image, *, keep_alpha: bool = False) -> Image.Image:
+    """Convert any PIL mode to RGB (palette transparency handled, alpha dropped like ``convert``).
+
+    With ``keep_alpha``, images with transparency become RGBA instead, for encoders whose own
+    processor flattens transparency itself (transformers' CLIP/SigLIP processors composite onto
+    white; Phi-3-vision's ``convert("RGB")`` drops alpha).
+    """
+    if keep_alpha and has_alpha(img) and img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+        return img if img.mode == "RGBA" else img.convert("RGBA")
     if img.mode == "RGB":
         return img
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
@@ -120,12 +133,15 @@ def _open_encoded(fp: Any, source: str, max_pixels: int | None) -> Image.Image:
     return img
 
 
-def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Turn one input into an RGB ``PIL.Image``.
+def load_image(
+    image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, keep_alpha: bool = False
+) -> Image.Image:
+    """Turn one input into an RGB ``PIL.Image`` (RGBA for transparent images with ``keep_alpha``).
 
     Args:
         image: a PIL image, an ``HxWx3``/``HxW`` uint8 array, a file path, or encoded bytes.
         max_pixels: refuse encoded images with more pixels than this (``None``: no limit).
+        keep_alpha: return images with transparency as RGBA (see :func:`to_rgb`).
 
     Raises:
         ImageDecodeError: naming the input and the reason.
@@ -134,7 +150,7 @@ def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
     if isinstance(image, Image.Image):
         if image.size[0] < 1 or image.size[1] < 1:
             raise ImageDecodeError(source, "image has no pixels")
-        return to_rgb(image)
+        return to_rgb(image, keep_alpha=keep_alpha)
     if isinstance(image, np.ndarray):
         arr = image
         if arr.dtype != np.uint8:
@@ -147,7 +163,7 @@ def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
     if isinstance(image, (bytes, bytearray, memoryview)):
         if len(image) == 0:
             raise ImageDecodeError(source, "empty (0 bytes)")
-        return to_rgb(_open_encoded(io.BytesIO(bytes(image)), source, max_pixels))
+        return to_rgb(_open_encoded(io.BytesIO(bytes(image)), source, max_pixels), keep_alpha=keep_alpha)
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         try:
@@ -165,18 +181,18 @@ def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
                 data = f.read()
         except OSError as e:
             raise ImageDecodeError(source, f"cannot read ({e.strerror or e}); check its permissions", stage="read") from None
-        return to_rgb(_open_encoded(io.BytesIO(data), source, max_pixels))
+        return to_rgb(_open_encoded(io.BytesIO(data), source, max_pixels), keep_alpha=keep_alpha)
     raise ImageDecodeError(
         source, "unsupported input type; pass a PIL image, an HxWx3 uint8 array, a file path or bytes", stage="read"
     )
 
 
 def try_load_image(
-    image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, keep_alpha: bool = False
 ) -> tuple[Image.Image | None, ImageDecodeError | None]:
     """Like :func:`load_image`, but returns ``(image, None)`` or ``(None, error)`` instead of raising."""
     try:
-        return load_image(image, max_pixels=max_pixels), None
+        return load_image(image, max_pixels=max_pixels, keep_alpha=keep_alpha), None
     except ImageDecodeError as e:
         return None, e
 

@@ -362,3 +362,95 @@ def build_tiny_phi3v(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8"
     )
     return out
+
+
+#: Words of the tiny SigLIP vocabulary (whole-word pieces; anything else falls back to characters).
+_SIGLIP_WORDS = ("a", "photo", "of", "the", "red", "green", "blue", "yellow", "circle", "square", "triangle")
+
+
+def build_tiny_siglip_tokenizer(*, model_max_length: int = 64) -> Any:
+    """A tiny SentencePiece-style (Unigram, ``▁`` word marker, lower-casing, ``</s>`` appended)
+    tokenizer with SigLIP's special tokens (``<pad>`` 0, ``</s>`` 1 = eos = pad, ``<unk>`` 2).
+
+    Released SigLIP checkpoints ship ``spiece.model`` for ``SiglipTokenizer``, which needs the
+    ``sentencepiece`` package; this one is built with ``tokenizers`` alone and saved as
+    ``tokenizer.json``, so it loads with ``AutoTokenizer`` offline without sentencepiece.
+    """
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -3.0) for w in _SIGLIP_WORDS]
+    pieces += [(c, -6.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="</s>",
+        pad_token="</s>",
+        unk_token="<unk>",
+        model_max_length=model_max_length,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def build_tiny_siglip(
+    out_dir: str | Path,
+    *,
+    image_size: int = 224,
+    patch_size: int = 32,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    text_max_length: int = 64,
+    seed: int = 0,
+    with_tokenizer: bool = True,
+) -> Path:
+    """Save a random-weight ``SiglipModel`` with its image processor (and a tokenizer) as
+    ``from_pretrained`` expects: ``config.json``, ``model.safetensors``, ``preprocessor_config.json``
+    (resize to ``image_size`` square, bicubic, mean/std 0.5, no crop, like the released ones) and,
+    with ``with_tokenizer``, the tokenizer of :func:`build_tiny_siglip_tokenizer`.
+    """
+    import torch
+    from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_siglip_tokenizer(model_max_length=text_max_length)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        max_position_embeddings=text_max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    vision = dict(
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    config = SiglipConfig(text_config=text, vision_config=vision)
+    torch.manual_seed(seed)
+    model = SiglipModel(config).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    SiglipImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        resample=3,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    ).save_pretrained(out)
+    if with_tokenizer:
+        tokenizer.save_pretrained(out)
+    return out

@@ -233,7 +233,7 @@ def measure_model(job: MeasureJob, *, memory_scope: str = "in-process") -> Measu
             t = time.perf_counter()
             items = []
             for src in job.sources[start : start + job.batch_size]:
-                image = load_image(src)
+                image = load_image(src, keep_alpha=encoder.keeps_alpha)
                 try:
                     item = encoder.preprocess(image)
                 except Exception as e:  # noqa: BLE001 - name the image and the model

@@ -102,6 +102,9 @@ class Encoder(abc.ABC):
     modalities: frozenset[str]
     #: Whether the vectors are L2-normalised.
     normalize: bool = True
+    #: Whether ``preprocess`` wants transparent images as RGBA (it flattens them itself, as its
+    #: checkpoint's processor does); otherwise images arrive as RGB with alpha dropped.
+    keeps_alpha: bool = False
 
     # --- the three steps of the bulk pipeline -------------------------------------------------
     @abc.abstractmethod
@@ -125,7 +128,7 @@ class Encoder(abc.ABC):
         """Images (PIL, arrays, paths or bytes) -> (n, dim) float32 embeddings."""
         out = []
         for start in range(0, len(images), batch_size):
-            chunk = [self.preprocess(load_image(im)) for im in images[start : start + batch_size]]
+            chunk = [self.preprocess(load_image(im, keep_alpha=self.keeps_alpha)) for im in images[start : start + batch_size]]
             out.append(self.encode_batch(self.collate(chunk)).embeddings)
         if not out:
             return np.zeros((0, self.dim), dtype=np.float32)

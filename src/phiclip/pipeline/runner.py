@@ -317,6 +317,7 @@ class _ImageWork:
     item_cost: Callable[[Any], int]
     max_pixels: int | None
     budget: int
+    keep_alpha: bool = False
 
     def _prepare(self, rec: Record, payload: Any) -> tuple[Any, tuple[int, int], int] | tuple[str, str]:
         """One record -> (item, (width, height), cost), or (stage, reason) when it fails."""
@@ -334,7 +335,7 @@ class _ImageWork:
         # PIL refuses images over 2x its own limit before ours is checked; align it with max_pixels.
         Image.MAX_IMAGE_PIXELS = None if self.max_pixels is None else max(self.max_pixels, old_limit or 0)
         try:
-            img, err = try_load_image(payload, max_pixels=self.max_pixels)
+            img, err = try_load_image(payload, max_pixels=self.max_pixels, keep_alpha=self.keep_alpha)
         except Exception as e:  # noqa: BLE001 - decoder plugins raise many kinds
             return "decode", f"could not decode ({type(e).__name__}: {e})"
         finally:
@@ -675,7 +676,7 @@ def _embed_image_shards(job: _Job, encoder: Any, pending: list[int], writer: Sha
     chunk_len = max(1, opts.batch_size)
     chunks = [_Chunk(s, a, min(a + chunk_len, plan[s].stop)) for s in pending for a in range(plan[s].start, plan[s].stop, chunk_len)]
     work = _ImageWork(records, job.listing.reader, encoder.preprocess, encoder.collate, encoder.item_cost,
-                      opts.max_pixels, opts.batch_size)
+                      opts.max_pixels, opts.batch_size, keep_alpha=getattr(encoder, "keeps_alpha", False))
     nw = min(opts.workers, len(chunks))
     loader = DataLoader(_chunk_dataset(work, chunks), batch_size=None, num_workers=nw, collate_fn=_identity,
                         multiprocessing_context=_mp_context(nw), prefetch_factor=4 if nw else None)
