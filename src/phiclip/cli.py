@@ -285,8 +285,8 @@ def search_cmd(
     table = Table(title=f"{len(hits)} nearest to {query}", title_justify="left")
     table.add_column("rank", justify="right")
     table.add_column("score", justify="right")
-    table.add_column("source", overflow="fold", ratio=3)
-    table.add_column("id", style="dim", overflow="ellipsis", no_wrap=True, ratio=1)
+    table.add_column("source", overflow="fold")
+    table.add_column("id", style="dim", overflow="ellipsis", no_wrap=True, max_width=12)
     for h in hits:
         table.add_row(str(h.rank), f"{h.score:.4f}", h.source, h.id)
     Console().print(table)

@@ -1,0 +1,715 @@
+"""Evaluation of embeddings, following the protocol of CLIP_benchmark so numbers are comparable.
+
+The metrics are pure functions on arrays (shapes in each docstring), so they are tested on
+constructed embeddings whose answers are known:
+
+- :func:`zero_shot_classifier` / :func:`zero_shot_metrics`: class names times prompt templates;
+  each class's vector is the mean of its L2-normalised template embeddings, renormalised; images are
+  classified by cosine similarity. ``acc1``, ``acc5`` (top-``min(5, c)``) and the mean per-class
+  recall (balanced accuracy over the classes present in the labels).
+- :func:`knn_classify`: cosine k-nearest neighbours on frozen embeddings, similarity-weighted vote.
+- :func:`linear_probe`: multinomial logistic regression on frozen (standardised) embeddings, the L2
+  weight decay chosen on a validation split of the training set.
+- :func:`retrieval_metrics`: image->text and text->image recall@k, a hit when any positive is in
+  the top k; the keys are CLIP_benchmark's (``image_retrieval_recall@k``: a text query retrieves
+  images; ``text_retrieval_recall@k``: an image query retrieves texts).
+
+Ranking ties are broken by index (a stable sort, as ``argmax`` does), never in the candidate's favour
+beyond that. :func:`evaluate` runs a whole task: load the data (:mod:`phiclip.datasets_io`), embed
+it with an encoder, compute the metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from phiclip.datasets_io import LabelledData
+    from phiclip.encoders.base import Encoder
+
+#: A small set of generic prompt templates (``{c}`` is replaced by the class name).
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {c}.",
+    "a picture of a {c}.",
+    "an image of a {c}.",
+    "a close-up photo of a {c}.",
+    "a photo of the {c}.",
+    "a drawing of a {c}.",
+)
+
+#: Task names accepted by :func:`evaluate` and ``phiclip eval --task``.
+TASKS: tuple[str, ...] = ("zeroshot", "knn", "linear-probe", "retrieval")
+
+#: Weight decays searched by :func:`linear_probe` (on standardised features, mean cross-entropy).
+DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+Template = str | Callable[[str], str]
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _matrix(x: Any, name: str) -> np.ndarray:
+    arr = np.asarray(x, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-d (n, d) array, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} holds NaN or infinite values; check the encoder's output")
+    return arr
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """(n, d) -> (n, d) float32 with unit rows (all-zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def _int_labels(labels: Any, n: int, name: str, num_classes: int | None = None) -> np.ndarray:
+    y = np.asarray(labels)
+    if y.shape != (n,):
+        raise ValueError(f"{name} must have one entry per row: shape ({n},), got {y.shape}")
+    if y.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be integer class indices, got dtype {y.dtype}")
+    if num_classes is not None and n and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"{name} must lie in [0, {num_classes}); found {int(y.min())}..{int(y.max())}")
+    return y.astype(np.int64)
+
+
+def _rank_of(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Position (0 = first) of column ``target[i]`` in row i of ``scores`` sorted descending, ties by index.
+
+    Args:
+        scores: (q, m). target: (q,) column indices.
+    Returns:
+        (q,) int64 ranks.
+    """
+    rows = np.arange(scores.shape[0])
+    s_t = scores[rows, target][:, None]  # (q, 1)
+    before = np.arange(scores.shape[1])[None, :] < target[:, None]  # (q, m)
+    return ((scores > s_t) | ((scores == s_t) & before)).sum(axis=1)
+
+
+def mean_per_class_recall(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Balanced accuracy: the recall of each class present in ``y_true``, averaged.
+
+    Args:
+        y_true, y_pred: (n,) labels of any comparable kind.
+    """
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1 or len(y_true) == 0:
+        raise ValueError(f"need two equal, non-empty 1-d label arrays; got {y_true.shape} and {y_pred.shape}")
+    recalls = [float(np.mean(y_pred[y_true == c] == c)) for c in np.unique(y_true)]
+    return float(np.mean(recalls))
+
+
+def stratified_split(labels: Sequence[Any], test_fraction: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split row indices into train and test, keeping each class's proportion.
+
+    Each class with ``m`` rows sends ``round(m * test_fraction)`` of them (at least 1 and at most
+    ``m - 1`` when ``m >= 2``) to test, chosen with a generator seeded by ``seed``; a class with a
+    single row stays in train.
+
+    Args:
+        labels: (n,) labels of any kind.
+    Returns:
+        ``(train_idx, test_idx)``: sorted int64 arrays that partition ``range(n)``.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction}")
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise ValueError(f"labels must be 1-d, got shape {y.shape}")
+    rng = np.random.default_rng(seed)
+    test: list[np.ndarray] = []
+    _, inverse = np.unique(y, return_inverse=True)
+    for c in range(int(inverse.max()) + 1 if len(y) else 0):
+        rows = np.flatnonzero(inverse == c)
+        m = len(rows)
+        if m < 2:
+            continue
+        n_test = min(m - 1, max(1, int(round(m * test_fraction))))
+        test.append(rng.permutation(rows)[:n_test])
+    test_idx = np.sort(np.concatenate(test)) if test else np.zeros(0, dtype=np.int64)
+    mask = np.ones(len(y), dtype=bool)
+    mask[test_idx] = False
+    return np.flatnonzero(mask).astype(np.int64), test_idx.astype(np.int64)
+
+
+# --- zero-shot classification ------------------------------------------------------------------
+
+
+def fill_template(template: Template, classname: str) -> str:
+    """``"a photo of a {c}."`` (or ``{}``, or a callable) + a class name -> the prompt."""
+    if callable(template):
+        return str(template(classname))
+    if "{c}" in template:
+        return template.replace("{c}", classname)
+    if "{}" in template:
+        return template.replace("{}", classname)
+    raise ValueError(f"template {template!r} has no '{{c}}' placeholder for the class name")
+
+
+def zero_shot_classifier(
+    encoder: Encoder, classnames: Sequence[str], templates: Sequence[Template] = DEFAULT_TEMPLATES, batch_size: int = 256
+) -> np.ndarray:
+    """One vector per class: the mean of the normalised embeddings of its prompts, renormalised.
+
+    Args:
+        encoder: an encoder with a text side (CLIP, SigLIP).
+        classnames: c class names. templates: t prompt templates with ``{c}``.
+    Returns:
+        (c, d) float32 with unit rows.
+    """
+    if "text" not in encoder.modalities:
+        raise ValueError(
+            f"{encoder.name!r} embeds images only, so zero-shot classification (which embeds class prompts) "
+            "cannot run; use --task knn or --task linear-probe for it"
+        )
+    if not classnames:
+        raise ValueError("zero-shot classification needs at least one class name")
+    if not templates:
+        raise ValueError("zero-shot classification needs at least one prompt template")
+    c, t = len(classnames), len(templates)
+    prompts = [fill_template(tpl, name) for name in classnames for tpl in templates]  # class-major
+    emb = _matrix(encoder.encode_texts(prompts, batch_size=batch_size), "text embeddings")
+    per_prompt = l2_normalize(emb).reshape(c, t, -1)  # (c * t, d) -> (c, t, d)
+    return l2_normalize(per_prompt.mean(axis=1)).astype(np.float32)  # (c, d)
+
+
+def zero_shot_metrics(image_emb: np.ndarray, classifier: np.ndarray, labels: Sequence[int]) -> dict[str, float]:
+    """Classify images by cosine similarity to the class vectors.
+
+    Args:
+        image_emb: (n, d) image embeddings. classifier: (c, d) from :func:`zero_shot_classifier`.
+        labels: (n,) true class indices in ``[0, c)``.
+    Returns:
+        ``acc1``, ``acc5`` (top-``min(5, c)`` accuracy) and ``mean_per_class_recall``.
+    """
+    x = _matrix(image_emb, "image_emb")
+    w = _matrix(classifier, "classifier")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"image_emb has {x.shape[1]} dims but the classifier {w.shape[1]}; use one encoder for both")
+    if len(x) == 0:
+        raise ValueError("no images to classify")
+    y = _int_labels(labels, len(x), "labels", num_classes=len(w))
+    logits = l2_normalize(x) @ l2_normalize(w).T  # (n, c)
+    rank = _rank_of(logits, y)
+    pred = logits.argmax(axis=1)
+    return {
+        "acc1": float(np.mean(rank < 1)),
+        "acc5": float(np.mean(rank < min(5, len(w)))),
+        "mean_per_class_recall": mean_per_class_recall(y, pred),
+    }
+
+
+# --- kNN classification ------------------------------------------------------------------------
+
+
+def _label_space(train_y: Any, test_y: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels of any kind -> (classes, train indices, test indices) over their union."""
+    a, b = np.asarray(train_y), np.asarray(test_y)
+    if a.ndim != 1 or b.ndim != 1:
+        raise ValueError(f"labels must be 1-d; got shapes {a.shape} and {b.shape}")
+    classes, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+    return classes, inv[: len(a)].astype(np.int64), inv[len(a) :].astype(np.int64)
+
+
+def _check_pair(train_x: Any, train_y: Any, test_x: Any, test_y: Any) -> tuple[np.ndarray, np.ndarray]:
+    tr = _matrix(train_x, "train_x")
+    te = _matrix(test_x, "test_x")
+    if tr.shape[1] != te.shape[1]:
+        raise ValueError(f"train_x has {tr.shape[1]} dims but test_x {te.shape[1]}")
+    if len(tr) == 0 or len(te) == 0:
+        raise ValueError(f"need training and test rows; got {len(tr)} and {len(te)}")
+    if len(np.asarray(train_y)) != len(tr) or len(np.asarray(test_y)) != len(te):
+        raise ValueError(
+            f"one label per row: train {len(tr)} rows / {len(np.asarray(train_y))} labels, "
+            f"test {len(te)} rows / {len(np.asarray(test_y))} labels"
+        )
+    return tr, te
+
+
+def knn_predict(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    k: int = 20,
+    *,
+    weighting: str = "similarity",
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+) -> np.ndarray:
+    """Cosine kNN predictions.
+
+    Args:
+        train_x: (n, d). train_y: (n,) class indices. test_x: (m, d).
+        weighting: ``"similarity"``: each of the k neighbours votes ``exp(cos / temperature)`` (the
+            weighted kNN of DINO and later self-supervised benchmarks); ``"majority"``: one vote
+            each, ties broken by the larger summed similarity.
+    Returns:
+        (m,) predicted class indices (remaining ties: the lower index).
+    """
+    if weighting not in ("similarity", "majority"):
+        raise ValueError(f"weighting {weighting!r} is not 'similarity' or 'majority'")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    tr = l2_normalize(train_x)
+    te = l2_normalize(test_x)
+    y = np.asarray(train_y, dtype=np.int64)
+    c = int(num_classes if num_classes is not None else y.max() + 1)
+    k = min(k, len(tr))
+    preds = np.empty(len(te), dtype=np.int64)
+    for start in range(0, len(te), chunk_size):
+        sims = te[start : start + chunk_size] @ tr.T  # (b, n)
+        b = sims.shape[0]
+        nn = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # (b, k) the k most similar, unordered
+        nn_sims = np.take_along_axis(sims, nn, axis=1)  # (b, k)
+        nn_y = y[nn]  # (b, k)
+        votes = np.zeros((b, c), dtype=np.float64)
+        if weighting == "similarity":
+            # exp((s - 1) / T): the same ranking as exp(s / T) without overflow for small T.
+            np.add.at(votes, (np.repeat(np.arange(b), k), nn_y.ravel()), np.exp((nn_sims.ravel() - 1.0) / temperature))
+        else:
+            sim_sum = np.zeros((b, c), dtype=np.float64)
+            rows = np.repeat(np.arange(b), k)
+            np.add.at(votes, (rows, nn_y.ravel()), 1.0)
+            np.add.at(sim_sum, (rows, nn_y.ravel()), nn_sims.ravel())
+            votes += sim_sum / (2.0 * k + 2.0)  # |sim_sum| <= k: never outweighs one vote
+        preds[start : start + b] = votes.argmax(axis=1)
+    return preds
+
+
+def knn_classify(
+    train_x: np.ndarray,
+    train_y: Sequence[Any],
+    test_x: np.ndarray,
+    test_y: Sequence[Any],
+    k: int = 20,
+    *,
+    weighting: str = "similarity",
+    temperature: float = 0.07,
+) -> dict[str, float]:
+    """kNN classification on frozen embeddings (cosine; see :func:`knn_predict` for the vote).
+
+    Args:
+        train_x: (n, d), train_y: (n,) labels of any kind; test_x: (m, d), test_y: (m,).
+        k: neighbours (capped at n). weighting: ``"similarity"`` (default) or ``"majority"``.
+    Returns:
+        ``acc1`` and ``mean_per_class_recall`` on the test rows.
+    """
+    tr, te = _check_pair(train_x, train_y, test_x, test_y)
+    classes, ytr, yte = _label_space(train_y, test_y)
+    pred = knn_predict(tr, ytr, te, k, weighting=weighting, temperature=temperature, num_classes=len(classes))
+    return {"acc1": float(np.mean(pred == yte)), "mean_per_class_recall": mean_per_class_recall(yte, pred)}
+
+
+# --- linear probe ------------------------------------------------------------------------------
+
+
+@dataclass
+class LinearProbeModel:
+    """A fitted probe: ``predict`` standardises with the training statistics, then ``x @ weight + bias``.
+
+    Shapes: ``mean``/``std`` (d,), ``weight`` (d, c), ``bias`` (c,).
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray
+    weight_decay: float
+    val_acc1: float | None
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """(m, d) -> (m, c) class scores."""
+        return ((np.asarray(x, dtype=np.float32) - self.mean) / self.std) @ self.weight + self.bias
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """(m, d) -> (m,) class indices."""
+        return self.logits(x).argmax(axis=1)
+
+
+def _fit_logistic(
+    x: np.ndarray,
+    y: np.ndarray,
+    num_classes: int,
+    weight_decay: float,
+    max_iter: int,
+    init: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression by full-batch L-BFGS: mean cross-entropy + wd/2 * ||W||^2.
+
+    The problem is strictly convex for wd > 0; it starts from zeros (or ``init``), so the result
+    is deterministic. Args: x (n, d) standardised, y (n,) class indices. Returns weight (d, c), bias (c,).
+    """
+    import torch
+
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    yt = torch.from_numpy(y.astype(np.int64))
+    w0, b0 = init if init is not None else (np.zeros((x.shape[1], num_classes)), np.zeros(num_classes))
+    w = torch.tensor(w0, dtype=torch.float32, requires_grad=True)
+    b = torch.tensor(b0, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w, b], lr=1.0, max_iter=max_iter, history_size=10, tolerance_grad=1e-5, tolerance_change=1e-7,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xt @ w + b, yt) + 0.5 * weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    # Small problems run far faster on one thread (no thread start-up and spinning per tiny op).
+    previous = torch.get_num_threads()
+    small = x.shape[0] * x.shape[1] * num_classes < 5_000_000
+    try:
+        if small:
+            torch.set_num_threads(1)
+        opt.step(closure)
+    finally:
+        if small:
+            torch.set_num_threads(previous)
+    return w.detach().numpy().copy(), b.detach().numpy().copy()
+
+
+def fit_linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    num_classes: int,
+    *,
+    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    max_iter: int = 100,
+) -> LinearProbeModel:
+    """Fit a logistic-regression probe, choosing the weight decay on a validation split.
+
+    Features are standardised with the training mean and standard deviation. A stratified
+    ``val_fraction`` of the training rows (seeded) scores each weight decay by accuracy; the best
+    (ties: the larger decay) is refitted on all training rows. With no validation rows possible
+    (every class a single row) or a single decay given, no search is made.
+
+    Args:
+        train_x: (n, d). train_y: (n,) class indices in ``[0, num_classes)``.
+    """
+    x = _matrix(train_x, "train_x")
+    y = _int_labels(train_y, len(x), "train_y", num_classes=num_classes)
+    if not weight_decays:
+        raise ValueError("give at least one weight decay")
+    mean = x.mean(axis=0)
+    std = x.std(axis=0)
+    std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
+    z = (x - mean) / std
+    decays = sorted({float(v) for v in weight_decays})
+    best, val_acc = decays[len(decays) // 2], None
+    fit_idx, val_idx = stratified_split(y, val_fraction, seed) if len(decays) > 1 else (None, np.zeros(0))
+    if len(decays) == 1:
+        best = decays[0]
+    elif len(val_idx):
+        scores: dict[float, float] = {}
+        init = None
+        for wd in reversed(decays):  # strongest decay first, each fit warm-started from the previous one
+            init = _fit_logistic(z[fit_idx], y[fit_idx], num_classes, wd, max_iter, init)
+            w, b = init
+            scores[wd] = float(np.mean((z[val_idx] @ w + b).argmax(axis=1) == y[val_idx]))
+        val_acc = max(scores.values())
+        best = max(wd for wd, s in scores.items() if s == val_acc)
+    w, b = _fit_logistic(z, y, num_classes, best, max_iter)
+    return LinearProbeModel(mean=mean, std=std, weight=w, bias=b, weight_decay=best, val_acc1=val_acc)
+
+
+def linear_probe(
+    train_x: np.ndarray,
+    train_y: Sequence[Any],
+    test_x: np.ndarray,
+    test_y: Sequence[Any],
+    *,
+    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    max_iter: int = 100,
+) -> dict[str, float]:
+    """Linear probe on frozen embeddings (see :func:`fit_linear_probe`).
+
+    Args:
+        train_x: (n, d), train_y: (n,) labels of any kind; test_x: (m, d), test_y: (m,).
+    Returns:
+        ``acc1`` and ``mean_per_class_recall`` on the test rows.
+    """
+    tr, te = _check_pair(train_x, train_y, test_x, test_y)
+    classes, ytr, yte = _label_space(train_y, test_y)
+    model = fit_linear_probe(
+        tr, ytr, len(classes), weight_decays=weight_decays, val_fraction=val_fraction, seed=seed, max_iter=max_iter
+    )
+    pred = model.predict(te)
+    return {"acc1": float(np.mean(pred == yte)), "mean_per_class_recall": mean_per_class_recall(yte, pred)}
+
+
+# --- retrieval ---------------------------------------------------------------------------------
+
+
+def retrieval_metrics(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    text_to_image: Sequence[int],
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Image-text retrieval recall@k (cosine), CLIP_benchmark's definition and names.
+
+    ``image_retrieval_recall@k``: the fraction of texts whose image is among the k images most
+    similar to the text. ``text_retrieval_recall@k``: the fraction of images with at least one of
+    their texts among the k texts most similar to the image (images without any text are left out).
+
+    Args:
+        image_emb: (I, d). text_emb: (T, d). text_to_image: (T,) index of each text's image in [0, I).
+        ks: the cut-offs.
+    """
+    img = l2_normalize(_matrix(image_emb, "image_emb"))
+    txt = l2_normalize(_matrix(text_emb, "text_emb"))
+    if img.shape[1] != txt.shape[1]:
+        raise ValueError(f"image_emb has {img.shape[1]} dims but text_emb {txt.shape[1]}; use one encoder for both")
+    if len(img) == 0 or len(txt) == 0:
+        raise ValueError(f"need images and texts; got {len(img)} and {len(txt)}")
+    owner = _int_labels(text_to_image, len(txt), "text_to_image", num_classes=len(img))
+    if any(k < 1 for k in ks):
+        raise ValueError(f"every k must be >= 1, got {list(ks)}")
+
+    # text -> image: rank of each text's image among all images.
+    t2i_rank = np.concatenate(
+        [_rank_of(txt[s : s + chunk_size] @ img.T, owner[s : s + chunk_size]) for s in range(0, len(txt), chunk_size)]
+    )  # (T,)
+
+    # image -> text: rank of each image's best-scoring positive text (the first positive in sorted order).
+    has_text = np.zeros(len(img), dtype=bool)
+    has_text[owner] = True
+    queries = np.flatnonzero(has_text)
+    i2t_rank = []
+    for s in range(0, len(queries), chunk_size):
+        q = queries[s : s + chunk_size]
+        scores = img[q] @ txt.T  # (b, T)
+        positive = owner[None, :] == q[:, None]  # (b, T)
+        masked = np.where(positive, scores, -np.inf)
+        best = masked.argmax(axis=1)  # highest-scoring positive, lowest index on ties
+        i2t_rank.append(_rank_of(scores, best))
+    i2t = np.concatenate(i2t_rank)  # (I with texts,)
+
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"image_retrieval_recall@{k}"] = float(np.mean(t2i_rank < k))
+        out[f"text_retrieval_recall@{k}"] = float(np.mean(i2t < k))
+    return out
+
+
+# --- the runner --------------------------------------------------------------------------------
+
+
+def embed_images(encoder: Encoder, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
+    """Images (paths, PIL, bytes) -> (n, dim) float32 with ``encoder``; a bad image raises naming it."""
+    return _matrix(encoder.encode_images(list(images), batch_size=batch_size), "image embeddings")
+
+
+def _pick_test_split(splits: set[str]) -> str | None:
+    for name in ("test", "validation", "val", "valid"):
+        if name in splits:
+            return name
+    return None
+
+
+def _train_test(
+    data: LabelledData, train: LabelledData | None, test_fraction: float, seed: int
+) -> tuple[LabelledData, LabelledData, str]:
+    """The train and test sets for kNN / linear probe, and how they were obtained."""
+    from phiclip.datasets_io import align_label_spaces
+
+    if train is not None:
+        train, data = align_label_spaces(train, data)
+        return train, data, "given (separate train data)"
+    if data.splits is not None:
+        names = set(data.splits)
+        test_name = _pick_test_split(names)
+        if "train" in names and test_name:
+            return data.select_split("train"), data.select_split(test_name), f"given (train / {test_name})"
+    if data.labels is None:
+        raise ValueError(f"{data.source}: has no labels; kNN and linear probe need (image, label) data")
+    tr, te = stratified_split(data.labels, test_fraction, seed)
+    if len(te) == 0:
+        raise ValueError(
+            f"{data.source}: every class has a single image, so no test images can be held out; "
+            "add images or give separate train data"
+        )
+    return data.subset(tr), data.subset(te), f"stratified {1 - test_fraction:.0%}/{test_fraction:.0%}, seed {seed}"
+
+
+def _read_lines(value: Sequence[str] | str | None) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError(f"{value}: no such file (expected one entry per line)")
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        lines = [ln for ln in lines if ln and not ln.startswith("#")]
+        if not lines:
+            raise ValueError(f"{value}: no entries (one per line expected)")
+        return lines
+    return [str(v) for v in value]
+
+
+def evaluate(
+    model: str | Encoder,
+    task: str,
+    data: str | Path | LabelledData,
+    *,
+    split: str | None = None,
+    train_data: str | Path | LabelledData | None = None,
+    train_split: str | None = None,
+    templates: Sequence[str] | str | None = None,
+    classnames: Sequence[str] | str | None = None,
+    k: int = 20,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+    batch_size: int = 32,
+    device: str = "auto",
+    dtype: str = "auto",
+    image_column: str | None = None,
+    label_column: str | None = None,
+    caption_column: str | None = None,
+) -> dict[str, Any]:
+    """Run one evaluation task end to end: load the data, embed it, compute the metrics.
+
+    Args:
+        model: an encoder spec (``clip:...``, ``phi3v:...``) or a loaded :class:`Encoder`.
+        task: ``zeroshot`` | ``knn`` | ``linear-probe`` | ``retrieval``.
+        data: a folder per class, a CSV/Parquet file, ``hf:name`` (see :func:`phiclip.datasets_io.load_data`),
+            or a loaded :class:`LabelledData`.
+        split: the split to evaluate on (default: ``test``/``validation`` when the data has splits).
+        train_data / train_split: where kNN and linear-probe training rows come from; default: the
+            data's own ``train`` split if it has one, else a stratified split (``test_fraction``, ``seed``).
+        templates: prompt templates with ``{c}`` (zero-shot), a list or a file with one per line.
+        classnames: class names for the prompts (a list or a file), in label order; default: the
+            data's class names with ``_`` read as spaces.
+        k: neighbours for kNN.
+
+    Returns:
+        ``{"task", "model", "encoder", "data", "split", "metrics", "details", "seconds"}`` (JSON-ready).
+    """
+    from phiclip.datasets_io import LabelledData, load_data
+
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    t0 = time.perf_counter()
+    opts = dict(image_column=image_column, label_column=label_column, caption_column=caption_column)
+    ds = data if isinstance(data, LabelledData) else load_data(data, split=split, **opts)
+    train = None
+    if train_data is not None or train_split is not None:
+        if task not in ("knn", "linear-probe"):
+            raise ValueError(f"train_data/train_split only apply to knn and linear-probe, not {task}")
+        src = train_data if train_data is not None else data
+        train = src if isinstance(src, LabelledData) else load_data(src, split=train_split, **opts)
+    used_split = split
+    if task in ("zeroshot", "retrieval") and split is None and ds.splits is not None:
+        used_split = _pick_test_split(set(ds.splits))
+        if used_split is not None:
+            ds = ds.select_split(used_split)
+    prompt_templates = _read_lines(templates) or list(DEFAULT_TEMPLATES)
+    names_override = _read_lines(classnames)
+    t_load = time.perf_counter()
+
+    if isinstance(model, str):
+        from phiclip.encoders import load_encoder
+
+        encoder = load_encoder(model, device=device, dtype=dtype)
+    else:
+        encoder = model
+    t_model = time.perf_counter()
+
+    details: dict[str, Any] = {}
+    if task == "zeroshot":
+        if ds.labels is None:
+            raise ValueError(f"{ds.source}: has no labels; zero-shot classification needs (image, label) data")
+        names = names_override or (None if ds.classnames is None else [n.replace("_", " ") for n in ds.classnames])
+        if names is None:
+            raise ValueError(
+                f"{ds.source}: the labels are numbers without class names; pass the names (one per line, "
+                "in label order) with --classnames FILE"
+            )
+        if ds.classnames is not None and len(names) != len(ds.classnames):
+            raise ValueError(f"{len(names)} class names given but {ds.source} has {len(ds.classnames)} classes")
+        if len(names) <= int(ds.labels.max()):
+            raise ValueError(f"{len(names)} class names given but the labels go up to {int(ds.labels.max())}")
+        classifier = zero_shot_classifier(encoder, names, prompt_templates)
+        img = embed_images(encoder, ds.images, batch_size)
+        metrics = zero_shot_metrics(img, classifier, ds.labels)
+        details.update(num_classes=len(names), num_images=len(img), num_templates=len(prompt_templates))
+    elif task == "retrieval":
+        if "text" not in encoder.modalities:
+            raise ValueError(f"{encoder.name!r} embeds images only, so image-text retrieval cannot run")
+        texts, owner = ds.texts_and_owners()
+        img = embed_images(encoder, ds.images, batch_size)
+        txt = _matrix(encoder.encode_texts(texts), "text embeddings")
+        metrics = retrieval_metrics(img, txt, owner)
+        details.update(num_images=len(img), num_texts=len(texts))
+    else:
+        tr, te, how = _train_test(ds, train, test_fraction, seed)
+        if tr.labels is None or te.labels is None:
+            raise ValueError(f"{ds.source}: has no labels; {task} needs (image, label) data")
+        xtr = embed_images(encoder, tr.images, batch_size)
+        xte = embed_images(encoder, te.images, batch_size)
+        if task == "knn":
+            metrics = knn_classify(xtr, tr.labels, xte, te.labels, k=k)
+            details.update(k=k, weighting="similarity", temperature=0.07)
+        else:
+            classes, ytr, yte = _label_space(tr.labels, te.labels)
+            probe = fit_linear_probe(xtr, ytr, len(classes), seed=seed)
+            pred = probe.predict(xte)
+            metrics = {"acc1": float(np.mean(pred == yte)), "mean_per_class_recall": mean_per_class_recall(yte, pred)}
+            details.update(weight_decay=probe.weight_decay, val_acc1=probe.val_acc1)
+        details.update(split=how, num_train=len(xtr), num_test=len(xte), num_classes=int(len(np.unique(tr.labels))))
+    t_end = time.perf_counter()
+    describe = encoder.describe()
+    return {
+        "task": task,
+        "model": str(describe.get("spec") or getattr(encoder, "name", model)),
+        "encoder": describe,
+        "data": ds.source,
+        "split": used_split,
+        "metrics": {k_: round(float(v), 6) for k_, v in metrics.items()},
+        "details": details,
+        "seconds": {
+            "load_data": round(t_load - t0, 3),
+            "load_model": round(t_model - t_load, 3),
+            "embed_and_score": round(t_end - t_model, 3),
+        },
+    }
+
+
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "DEFAULT_WEIGHT_DECAYS",
+    "TASKS",
+    "LinearProbeModel",
+    "embed_images",
+    "evaluate",
+    "fill_template",
+    "fit_linear_probe",
+    "knn_classify",
+    "knn_predict",
+    "l2_normalize",
+    "linear_probe",
+    "mean_per_class_recall",
+    "retrieval_metrics",
+    "stratified_split",
+    "zero_shot_classifier",
+    "zero_shot_metrics",
+]

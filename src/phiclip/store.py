@@ -1,0 +1,271 @@
+"""Read an embedding output directory (the layout in :mod:`phiclip.schema`) back into arrays.
+
+Search, evaluation and compare all start here: :func:`open_embeddings` checks the manifest, reads
+every ``embeddings/*.parquet`` shard in name order and returns ids, sources and one float32 matrix.
+Problems (no manifest, an unfinished run, a shard of the wrong width, a row count that disagrees with
+the manifest) raise :class:`EmbeddingStoreError` naming the directory and what to do about it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from phiclip import schema
+
+
+class EmbeddingStoreError(ValueError):
+    """An embedding output directory is missing, unfinished or inconsistent."""
+
+
+@dataclass
+class EmbeddingSet:
+    """The contents of one embedding output directory.
+
+    ``embeddings`` is (n, dim) float32, row i belonging to ``ids[i]`` / ``sources[i]``; rows follow
+    the shard files in name order, then the row order inside each shard. ``texts`` holds the
+    ``text`` column of ``embed-text`` outputs (``None`` for images).
+    """
+
+    path: Path
+    manifest: dict[str, Any]
+    ids: list[str]
+    sources: list[str]
+    embeddings: np.ndarray
+    texts: list[str] | None = None
+    shard_files: list[Path] = field(default_factory=list)
+
+    @property
+    def dim(self) -> int:
+        """Width of the vectors."""
+        return int(self.embeddings.shape[1])
+
+    @property
+    def encoder_spec(self) -> str | None:
+        """The spec string of the encoder that wrote the vectors (``manifest["encoder"]["spec"]``)."""
+        return encoder_spec_of(self.manifest)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _readable_dir(path: str | Path) -> Path:
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise EmbeddingStoreError(f"{root}: no such directory; give the --output directory of `phiclip embed`")
+    if not root.is_dir():
+        raise EmbeddingStoreError(f"{root}: not a directory; give the --output directory of `phiclip embed`")
+    return root
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Read and check ``manifest.json`` of an embedding output directory.
+
+    Raises:
+        EmbeddingStoreError: when it is absent, not JSON, or lacks ``dim``/``encoder``.
+    """
+    root = _readable_dir(path)
+    mpath = root / schema.MANIFEST_FILE
+    if not mpath.is_file():
+        raise EmbeddingStoreError(
+            f"{root}: not an embedding output directory (no {schema.MANIFEST_FILE}); "
+            "create one with `phiclip embed ... --output DIR`"
+        )
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise EmbeddingStoreError(f"{mpath}: unreadable manifest ({e}); rerun `phiclip embed` to rewrite it") from None
+    if not isinstance(manifest, dict):
+        raise EmbeddingStoreError(f"{mpath}: the manifest is not a JSON object; rerun `phiclip embed` to rewrite it")
+    for key in ("dim", "encoder"):
+        if key not in manifest:
+            raise EmbeddingStoreError(f"{mpath}: the manifest has no {key!r}; rerun `phiclip embed` to rewrite it")
+    try:
+        manifest["dim"] = int(manifest["dim"])
+    except (TypeError, ValueError):
+        raise EmbeddingStoreError(f"{mpath}: manifest 'dim' is {manifest['dim']!r}, not an integer") from None
+    return manifest
+
+
+def encoder_spec_of(manifest: dict[str, Any]) -> str | None:
+    """The encoder spec recorded in a manifest, or ``None`` when it records none."""
+    enc = manifest.get("encoder")
+    if isinstance(enc, dict):
+        spec = enc.get("spec")
+        return str(spec) if spec else None
+    return None
+
+
+def shard_files(path: str | Path) -> list[Path]:
+    """The embedding shards of an output directory, in name order.
+
+    Hidden and underscore-prefixed files (temporary names of a writer in progress) are skipped.
+    """
+    edir = Path(path) / schema.EMBEDDINGS_DIR
+    if not edir.is_dir():
+        return []
+    return sorted(p for p in edir.glob("*.parquet") if p.is_file() and not p.name.startswith((".", "_")))
+
+
+def fingerprint(path: str | Path) -> str:
+    """A short hash of the manifest and of each shard's name, size and modification time.
+
+    It changes whenever ``phiclip embed`` rewrites or adds a shard, so an index built from older
+    vectors can be recognised as stale without reading the vectors.
+    """
+    root = Path(path)
+    h = hashlib.sha256()
+    files = [root / schema.MANIFEST_FILE, *shard_files(root)]
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _check_complete(root: Path, manifest: dict[str, Any], allow_incomplete: bool) -> None:
+    if manifest.get("complete") is False and not allow_incomplete:
+        raise EmbeddingStoreError(
+            f"{root}: the embedding run is not finished (manifest 'complete' is false); rerun the same "
+            "`phiclip embed` command to finish it (it resumes), or pass allow_incomplete=True to use what exists"
+        )
+
+
+def _check_fixed_list(table: Any, shard: Path, dim: int) -> None:
+    import pyarrow as pa
+
+    if schema.COL_EMBEDDING not in table.column_names:
+        raise EmbeddingStoreError(f"{shard}: no {schema.COL_EMBEDDING!r} column; it was not written by `phiclip embed`")
+    typ = table.schema.field(schema.COL_EMBEDDING).type
+    if not (pa.types.is_fixed_size_list(typ) or pa.types.is_list(typ) or pa.types.is_large_list(typ)):
+        raise EmbeddingStoreError(f"{shard}: column {schema.COL_EMBEDDING!r} has type {typ}, not a list of floats")
+    if pa.types.is_fixed_size_list(typ) and typ.list_size != dim:
+        raise EmbeddingStoreError(
+            f"{shard}: vectors have {typ.list_size} values but the manifest says dim={dim}; "
+            "the directory mixes two runs, embed again into an empty directory"
+        )
+
+
+def _embedding_matrix(column: Any, shard: Path, dim: int) -> np.ndarray:
+    """A (fixed size) list<float> column -> (rows, dim) float32, refusing nulls and ragged rows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if arr.null_count:
+        raise EmbeddingStoreError(f"{shard}: {arr.null_count} rows have no embedding; embed again into an empty directory")
+    if not pa.types.is_fixed_size_list(arr.type):
+        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+        if len(lengths) and (lengths.min() != dim or lengths.max() != dim):
+            raise EmbeddingStoreError(
+                f"{shard}: vectors of {sorted(set(lengths.tolist()))[:5]} values but the manifest says dim={dim}"
+            )
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    # (rows * dim,) -> (rows, dim)
+    return values.reshape(len(arr), dim).astype(np.float32, copy=False)
+
+
+def read_columns(path: str | Path, columns: list[str]) -> dict[str, list[Any]]:
+    """Read some scalar columns of every shard (e.g. ids and sources) without the vectors.
+
+    Columns absent from the shards come back as lists of ``None``.
+    """
+    import pyarrow.parquet as pq
+
+    out: dict[str, list[Any]] = {c: [] for c in columns}
+    for shard in shard_files(path):
+        names = pq.read_schema(shard).names
+        table = pq.read_table(shard, columns=[c for c in columns if c in names])
+        for c in columns:
+            out[c].extend(table.column(c).to_pylist() if c in names else [None] * table.num_rows)
+    return out
+
+
+def open_embeddings(path: str | Path, *, allow_incomplete: bool = False) -> EmbeddingSet:
+    """Load every vector of an embedding output directory.
+
+    Args:
+        path: the ``--output`` directory of ``phiclip embed`` / ``embed-text``.
+        allow_incomplete: read an unfinished run (``complete: false``) instead of refusing it.
+
+    Returns:
+        An :class:`EmbeddingSet` whose ``embeddings`` is (n, dim) float32 (float16 shards are widened).
+
+    Raises:
+        EmbeddingStoreError: no manifest, no shards, an unfinished run, wrong widths, or a row count
+            that differs from ``manifest["counts"]["embedded"]`` in a finished run.
+    """
+    import pyarrow.parquet as pq
+
+    root = _readable_dir(path)
+    manifest = read_manifest(root)
+    _check_complete(root, manifest, allow_incomplete)
+    dim = manifest["dim"]
+    shards = shard_files(root)
+    ids: list[str] = []
+    sources: list[str] = []
+    texts: list[str] = []
+    has_text = False
+    blocks: list[np.ndarray] = []
+    for shard in shards:
+        try:
+            table = pq.read_table(shard)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for corrupt files
+            raise EmbeddingStoreError(
+                f"{shard}: unreadable Parquet shard ({type(e).__name__}: {e}); delete it and rerun `phiclip embed` "
+                "(it rewrites missing shards)"
+            ) from None
+        if schema.COL_ID not in table.column_names:
+            raise EmbeddingStoreError(f"{shard}: no {schema.COL_ID!r} column; it was not written by `phiclip embed`")
+        _check_fixed_list(table, shard, dim)
+        shard_ids = [str(x) for x in table.column(schema.COL_ID).to_pylist()]
+        ids.extend(shard_ids)
+        if schema.COL_SOURCE in table.column_names:
+            sources.extend("" if s is None else str(s) for s in table.column(schema.COL_SOURCE).to_pylist())
+        else:
+            sources.extend([""] * len(shard_ids))
+        if schema.COL_TEXT in table.column_names:
+            has_text = True
+            texts.extend("" if t is None else str(t) for t in table.column(schema.COL_TEXT).to_pylist())
+        else:
+            texts.extend([""] * len(shard_ids))
+        blocks.append(_embedding_matrix(table.column(schema.COL_EMBEDDING), shard, dim))
+    if not shards or not ids:
+        raise EmbeddingStoreError(
+            f"{root}: no embeddings in {schema.EMBEDDINGS_DIR}/ (every input failed or nothing was embedded yet); "
+            f"see {schema.ERRORS_DIR}/ and rerun `phiclip embed`"
+        )
+    expected = (manifest.get("counts") or {}).get("embedded")
+    if manifest.get("complete") is not False and isinstance(expected, int) and expected != len(ids):
+        raise EmbeddingStoreError(
+            f"{root}: the manifest counts {expected} embedded inputs but the shards hold {len(ids)} rows; "
+            "a shard is missing or extra, rerun `phiclip embed` into an empty directory"
+        )
+    # One writable (n, dim) array owned by numpy (a single float32 shard would otherwise be a
+    # read-only view of Arrow memory).
+    matrix = np.concatenate(blocks, axis=0) if len(blocks) > 1 else np.array(blocks[0], dtype=np.float32)
+    return EmbeddingSet(
+        path=root,
+        manifest=manifest,
+        ids=ids,
+        sources=sources,
+        embeddings=np.ascontiguousarray(matrix, dtype=np.float32),
+        texts=texts if has_text else None,
+        shard_files=shards,
+    )
+
+
+__all__ = [
+    "EmbeddingSet",
+    "EmbeddingStoreError",
+    "encoder_spec_of",
+    "fingerprint",
+    "open_embeddings",
+    "read_columns",
+    "read_manifest",
+    "shard_files",
+]
