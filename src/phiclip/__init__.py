@@ -23,11 +23,11 @@ def __getattr__(name: str) -> Any:
 
         return embed
     if name == "search":
-        from phiclip.search import search
+        from phiclip.retrieval import search
 
         return search
     if name == "compare":
-        from phiclip.compare.runner import compare
+        from phiclip.comparison.runner import compare
 
         return compare
     raise AttributeError(f"module 'phiclip' has no attribute {name!r}")

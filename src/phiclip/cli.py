@@ -227,7 +227,7 @@ def index_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from phiclip.search import build_index
+    from phiclip.retrieval import build_index
 
     try:
         info = build_index(emb_dir, index_type=index_type.value, force=force)
@@ -267,8 +267,8 @@ def search_cmd(
     from rich.console import Console
     from rich.table import Table
 
+    from phiclip.retrieval import index_is_fresh, search
     from phiclip.schema import MANIFEST_FILE
-    from phiclip.search import index_is_fresh, search
 
     if (text is None) == (image is None):
         _fail_cli(ValueError("give exactly one query: --text 'a red car' or --image path.jpg"))
@@ -365,8 +365,8 @@ def eval_cmd(
 
 
 # === compare =================================================================================
-# Defaults come from phiclip.compare.runner (declared once there); importing it loads numpy only.
-from phiclip.compare import runner as _compare_runner  # noqa: E402
+# Defaults come from phiclip.comparison.runner (declared once there); importing it loads numpy only.
+from phiclip.comparison import runner as _compare_runner  # noqa: E402
 
 
 class _ComparePrecision(str, enum.Enum):
@@ -408,7 +408,7 @@ def compare_cmd(
 
     from rich.console import Console
 
-    from phiclip.compare.report import print_report
+    from phiclip.comparison.report import print_report
 
     err = Console(stderr=True)
     try:

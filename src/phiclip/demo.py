@@ -79,9 +79,9 @@ def run_demo(
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the demo; returns what it did (paths, models, counts, search results)."""
-    from phiclip.compare.runner import compare
+    from phiclip.comparison.runner import compare
     from phiclip.pipeline.runner import embed
-    from phiclip.search import build_index, search
+    from phiclip.retrieval import build_index, search
     from phiclip.testing import build_tiny_clip, build_tiny_phi3v, make_sample_images
 
     out = Path(output)

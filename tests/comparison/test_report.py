@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from phiclip.compare.report import format_number, render_html, terminal_tables
-from phiclip.compare.results import load_report
-from phiclip.compare.structure import knn_overlap, linear_cka
+from phiclip.comparison.report import format_number, render_html, terminal_tables
+from phiclip.comparison.results import load_report
+from phiclip.comparison.structure import knn_overlap, linear_cka
 
 from .conftest import CompareRun
 

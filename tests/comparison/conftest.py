@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from phiclip.compare import CompareReport, compare
+from phiclip.comparison import CompareReport, compare
 from phiclip.testing import build_tiny_clip, make_sample_images
 
 #: Small and fast: 64-pixel inputs, 16-pixel patches (16 patches), hidden 32, 2 layers.

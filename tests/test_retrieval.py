@@ -1,4 +1,4 @@
-"""FAISS index build / reopen / query (phiclip.search) on embedding directories written per schema.py."""
+"""FAISS index build / reopen / query (phiclip.retrieval) on embedding directories written per schema.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from _embdir import ColourEncoder, write_embedding_dir
 from PIL import Image
 
 from phiclip import schema
-from phiclip import search as S
+from phiclip import retrieval as S
 from phiclip.store import EmbeddingStoreError
 
 
@@ -340,12 +340,12 @@ def test_tiny_phi3v_is_image_only(tmp_path):
     assert hit.source == records[0]["path"]
 
 
-def test_phiclip_search_is_callable_however_it_was_imported(tmp_path):
+def test_phiclip_search_is_the_function_after_the_module_is_imported(tmp_path):
     import importlib
 
     import phiclip
 
-    importlib.import_module("phiclip.search")  # binds phiclip.search to the module
+    importlib.import_module("phiclip.retrieval")  # the module has its own name: no shadowing
     out, enc, _ = _colour_dir(tmp_path)
     assert phiclip.search(out, text="green", k=1, encoder=enc)[0].id == "green"
-    assert phiclip.search.search is S.search
+    assert phiclip.retrieval.search is S.search

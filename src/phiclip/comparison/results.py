@@ -95,7 +95,7 @@ class Quality:
 
 @dataclass
 class SimilarityStats:
-    """Pairwise cosine similarities of one space (see :func:`~phiclip.compare.structure.similarity_histogram`)."""
+    """Pairwise cosine similarities of one space (see :func:`~phiclip.comparison.structure.similarity_histogram`)."""
 
     edges: list[float]
     all: list[int]

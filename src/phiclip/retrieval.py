@@ -25,9 +25,7 @@ import json
 import logging
 import math
 import os
-import sys
 import time
-import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -640,15 +638,3 @@ __all__ = [
     "require_text_side",
     "search",
 ]
-
-
-class _CallableModule(types.ModuleType):
-    """``phiclip.search`` is both this module and the :func:`search` function: once the module is
-    imported, Python binds ``phiclip.search`` to it (shadowing the package's lazy function), so the
-    module forwards calls to :func:`search`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> list[SearchHit]:
-        return search(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from phiclip.cli import app
-from phiclip.compare import CompareError, compare
-from phiclip.compare.report import render_html
-from phiclip.compare.runner import choose_queries, short_names, spread_indices
+from phiclip.comparison import CompareError, compare
+from phiclip.comparison.report import render_html
+from phiclip.comparison.runner import choose_queries, short_names, spread_indices
 from phiclip.datasets_io import LabelledData
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from phiclip.compare.structure import (
+from phiclip.comparison.structure import (
     align_2d,
     knn_indices,
     knn_overlap,

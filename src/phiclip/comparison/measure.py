@@ -1,7 +1,7 @@
 """Load one encoder, embed the compared images and texts, and measure what that cost.
 
 :func:`measure_model` does the work in the calling process. :func:`measure_in_subprocess` runs
-it in a fresh Python process (``python -m phiclip.compare.measure JOBDIR``) so that each
+it in a fresh Python process (``python -m phiclip.comparison.measure JOBDIR``) so that each
 encoder's peak memory is its own: a process's resident-set high-water mark (``VmHWM``) only
 grows, and memory an earlier model freed can stay with the allocator and be reused unseen, so
 in one process the second model's peak would be blurred by the first. The subprocess costs one
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from phiclip.compare.results import Cost, TokenCount
+from phiclip.comparison.results import Cost, TokenCount
 
 _MB = float(2**20)
 
@@ -347,7 +347,7 @@ def measure_in_subprocess(job: MeasureJob, workdir: str | Path, *, timeout_s: fl
     env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "phiclip.compare.measure", str(work)],
+            [sys.executable, "-m", "phiclip.comparison.measure", str(work)],
             capture_output=True,
             text=True,
             env=env,
@@ -375,9 +375,9 @@ def measure_in_subprocess(job: MeasureJob, workdir: str | Path, *, timeout_s: fl
 
 
 def _main(argv: Sequence[str]) -> int:
-    """``python -m phiclip.compare.measure JOBDIR``: job.json in; result.json + result.npz or error.json out."""
+    """``python -m phiclip.comparison.measure JOBDIR``: job.json in; result.json + result.npz or error.json out."""
     if len(argv) != 1:
-        print("usage: python -m phiclip.compare.measure JOBDIR", file=sys.stderr)
+        print("usage: python -m phiclip.comparison.measure JOBDIR", file=sys.stderr)
         return 2
     work = Path(argv[0])
     job = MeasureJob(**json.loads((work / "job.json").read_text(encoding="utf-8")))

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from phiclip.compare.results import CompareReport
+from phiclip.comparison.results import CompareReport
 
 #: Colours of the models (A, B, ...) and of the labels in the projections.
 MODEL_COLOURS = ("#3465c8", "#e07a1f", "#2b9a6b", "#b24a98", "#6b5ccc", "#c23b3b")

@@ -2,17 +2,17 @@
 
 The flow: read the data (:func:`phiclip.datasets_io.load_data`), decode every image once to learn
 its size and set aside the unreadable ones (listed in the report, never silently lost), then for
-each encoder load it and embed the images (:mod:`phiclip.compare.measure`, by default in a fresh
+each encoder load it and embed the images (:mod:`phiclip.comparison.measure`, by default in a fresh
 subprocess per encoder so peak memory is that encoder's own), then compute on the vectors:
 
 - quality per encoder where labels or captions exist (:mod:`phiclip.evaluate`): kNN and linear
   probe on a stratified split of the compared images, zero-shot with prompt templates, and
   image-text retrieval recall@k, each metric either computed or skipped with a reason;
 - structure per encoder (similarity histograms, a 2-D PCA) and per pair (k-NN overlap, linear CKA)
-  (:mod:`phiclip.compare.structure`);
+  (:mod:`phiclip.comparison.structure`);
 - a few query images and their nearest neighbours in every space.
 
-The result is a :class:`~phiclip.compare.results.CompareReport`; with ``output`` set,
+The result is a :class:`~phiclip.comparison.results.CompareReport`; with ``output`` set,
 ``report.json``, ``report.html`` and the embeddings (``embeddings/<key>.npy``) are written there.
 """
 
@@ -29,9 +29,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from phiclip.compare import structure
-from phiclip.compare.measure import CompareError, Measured, MeasureJob, measure_in_subprocess, measure_model
-from phiclip.compare.results import (
+from phiclip.comparison import structure
+from phiclip.comparison.measure import (
+    CompareError,
+    Measured,
+    MeasureJob,
+    measure_in_subprocess,
+    measure_model,
+)
+from phiclip.comparison.results import (
     CompareReport,
     DataSummary,
     ImageRecord,
@@ -458,7 +464,7 @@ def write_outputs(
 ) -> dict[str, Path]:
     """Write ``report.json``, ``report.html`` (thumbnails of the grid images embedded) and
     ``embeddings/<key>.npy`` (row i = ``report.images[i]``) into ``output``."""
-    from phiclip.compare.report import write_report
+    from phiclip.comparison.report import write_report
 
     out = Path(output)
     if out.exists() and not out.is_dir():

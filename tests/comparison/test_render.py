@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from phiclip.compare.report import MODEL_COLOURS
+from phiclip.comparison.report import MODEL_COLOURS
 
 from .conftest import CompareRun
 

@@ -1,0 +1,22 @@
+"""Compare encoders on the same images: cost, quality and the structure of their spaces.
+
+``phiclip.compare(models, data, output)`` (the same as ``phiclip.comparison.compare``, and
+``phiclip compare`` on the command line) returns a :class:`CompareReport` and writes
+``report.json`` and a self-contained ``report.html``. The pieces:
+
+- :mod:`~phiclip.comparison.structure`: k-NN overlap, linear CKA, similarity histograms, 2-D PCA (pure numpy);
+- :mod:`~phiclip.comparison.measure`: load one encoder and measure its cost (optionally in a subprocess);
+- :mod:`~phiclip.comparison.runner`: the whole comparison;
+- :mod:`~phiclip.comparison.results`: the report as dataclasses;
+- :mod:`~phiclip.comparison.report`: the JSON, HTML and terminal renderers.
+
+Importing this package is light (numpy only); torch and transformers load when an encoder does.
+"""
+
+from __future__ import annotations
+
+from phiclip.comparison.measure import CompareError
+from phiclip.comparison.results import CompareReport, load_report
+from phiclip.comparison.runner import compare
+
+__all__ = ["CompareError", "CompareReport", "compare", "load_report"]
