@@ -5,7 +5,15 @@ Each command lives in the section of the capability it belongs to.
 
 from __future__ import annotations
 
+import enum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
 import typer
+
+# Light imports only (numpy, PIL): torch, transformers and faiss load inside the commands.
+from phiclip.comparison import runner as _compare_runner
+from phiclip.pipeline.runner import EmbedOptions as _EmbedOptions
 
 app = typer.Typer(
     name="phiclip",
@@ -30,12 +38,8 @@ def version() -> None:
 
 
 # === embed / embed-text (pipeline) ===========================================================
-# Defaults come from EmbedOptions (declared once there); this module only imports numpy/PIL for it.
-import enum  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Annotated, Any  # noqa: E402
+# Defaults come from EmbedOptions (declared once there).
 
-from phiclip.pipeline.runner import EmbedOptions as _EmbedOptions  # noqa: E402
 
 _EMBED_DEFAULTS = _EmbedOptions()
 
@@ -174,39 +178,35 @@ def embed_text_cmd(
 
 
 # === index / search / eval ===================================================================
-import enum as _enum  # noqa: E402
-from pathlib import Path as _Path  # noqa: E402
-from typing import Annotated as _Annotated  # noqa: E402
-from typing import NoReturn as _NoReturn  # noqa: E402
 
 
-class _IndexType(str, _enum.Enum):
+class _IndexType(str, enum.Enum):
     auto = "auto"
     flat = "flat"
     hnsw = "hnsw"
     ivf = "ivf"
 
 
-class _EvalTask(str, _enum.Enum):
+class _EvalTask(str, enum.Enum):
     zeroshot = "zeroshot"
     knn = "knn"
     linear_probe = "linear-probe"
     retrieval = "retrieval"
 
 
-class _QueryPrecision(str, _enum.Enum):
+class _QueryPrecision(str, enum.Enum):
     auto = "auto"
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
 
 
-_EmbDirArg = _Annotated[_Path, typer.Argument(help="An output folder of `phiclip embed` (holds manifest.json).")]
-_QueryDeviceOpt = _Annotated[str, typer.Option("--device", help="Where the query encoder runs: auto, cpu, cuda, cuda:1 ...")]
-_QueryPrecisionOpt = _Annotated[_QueryPrecision, typer.Option("--precision", help="Compute dtype (auto: bfloat16 on CUDA, float32 on CPU).")]
+_EmbDirArg = Annotated[Path, typer.Argument(help="An output folder of `phiclip embed` (holds manifest.json).")]
+_QueryDeviceOpt = Annotated[str, typer.Option("--device", help="Where the query encoder runs: auto, cpu, cuda, cuda:1 ...")]
+_QueryPrecisionOpt = Annotated[_QueryPrecision, typer.Option("--precision", help="Compute dtype (auto: bfloat16 on CUDA, float32 on CPU).")]
 
 
-def _fail_cli(e: BaseException) -> _NoReturn:
+def _fail_cli(e: BaseException) -> NoReturn:
     from rich.console import Console
 
     Console(stderr=True).print(f"[red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
@@ -216,10 +216,10 @@ def _fail_cli(e: BaseException) -> _NoReturn:
 @app.command("index")
 def index_cmd(
     emb_dir: _EmbDirArg,
-    index_type: _Annotated[_IndexType, typer.Option("--type", help=(
+    index_type: Annotated[_IndexType, typer.Option("--type", help=(
         "auto: exact (flat) up to 100k vectors, HNSW up to 1M, IVF beyond."))] = _IndexType.auto,
-    force: _Annotated[bool, typer.Option("--force", help="Rebuild even when the index is up to date.")] = False,
-    as_json: _Annotated[bool, typer.Option("--json", help="Print the index description as JSON.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even when the index is up to date.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the index description as JSON.")] = False,
 ) -> None:
     """Build the FAISS index of EMB_DIR under EMB_DIR/index/ and print its measured recall@10."""
     import json
@@ -254,12 +254,12 @@ def index_cmd(
 @app.command("search")
 def search_cmd(
     emb_dir: _EmbDirArg,
-    text: _Annotated[str | None, typer.Option("--text", "-t", help="A text query (needs a CLIP-like encoder).")] = None,
-    image: _Annotated[_Path | None, typer.Option("--image", "-i", help="An image file as the query.")] = None,
-    k: _Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results.")] = 10,
+    text: Annotated[str | None, typer.Option("--text", "-t", help="A text query (needs a CLIP-like encoder).")] = None,
+    image: Annotated[Path | None, typer.Option("--image", "-i", help="An image file as the query.")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results.")] = 10,
     device: _QueryDeviceOpt = "auto",
     precision: _QueryPrecisionOpt = _QueryPrecision.auto,
-    as_json: _Annotated[bool, typer.Option("--json", help="Print the hits as a JSON list.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the hits as a JSON list.")] = False,
 ) -> None:
     """Print the K stored items nearest (cosine) to a text or image query, embedded with the index's encoder."""
     import json
@@ -294,36 +294,36 @@ def search_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    model: _Annotated[str, typer.Option("--model", "-m", help="Encoder spec: clip:DIR_OR_HUB_ID, siglip:..., phi3v:...")],
-    task: _Annotated[_EvalTask, typer.Option("--task", help=(
+    model: Annotated[str, typer.Option("--model", "-m", help="Encoder spec: clip:DIR_OR_HUB_ID, siglip:..., phi3v:...")],
+    task: Annotated[_EvalTask, typer.Option("--task", help=(
         "zeroshot (CLIP-like), knn or linear-probe (any encoder), retrieval (image-text, CLIP-like)."))],
-    data: _Annotated[str, typer.Option("--data", "-d", help=(
+    data: Annotated[str, typer.Option("--data", "-d", help=(
         "A folder per class (optionally under train/ and test/), a CSV/Parquet table with image and "
         "label or caption columns, or hf:DATASET[?config=NAME] (hub id, local folder, save_to_disk folder)."))],
-    split: _Annotated[str | None, typer.Option("--split", help=(
+    split: Annotated[str | None, typer.Option("--split", help=(
         "Split to evaluate on (default: test/validation when the data has splits; hf: accepts test[:500]).")) ] = None,
-    train_split: _Annotated[str | None, typer.Option("--train-split", help=(
+    train_split: Annotated[str | None, typer.Option("--train-split", help=(
         "knn/linear-probe: the split to train on (default: the data's train split, else a seeded stratified split)."))]
     = None,
-    template: _Annotated[list[str] | None, typer.Option("--template", help=(
+    template: Annotated[list[str] | None, typer.Option("--template", help=(
         "Zero-shot prompt template with {c} for the class name; repeat for several (default: a generic set)."))]
     = None,
-    templates_file: _Annotated[_Path | None, typer.Option("--templates", help="A file of templates, one per line.")] = None,
-    classnames: _Annotated[_Path | None, typer.Option("--classnames", help=(
+    templates_file: Annotated[Path | None, typer.Option("--templates", help="A file of templates, one per line.")] = None,
+    classnames: Annotated[Path | None, typer.Option("--classnames", help=(
         "Zero-shot: a file of class names in label order, one per line (default: the data's names)."))] = None,
-    k: _Annotated[int, typer.Option("--k", min=1, help="Neighbours for knn.")] = 20,
-    test_fraction: _Annotated[float, typer.Option("--test-fraction", min=0.01, max=0.99, help=(
+    k: Annotated[int, typer.Option("--k", min=1, help="Neighbours for knn.")] = 20,
+    test_fraction: Annotated[float, typer.Option("--test-fraction", min=0.01, max=0.99, help=(
         "knn/linear-probe without given splits: the share held out for testing."))] = 0.3,
-    seed: _Annotated[int, typer.Option("--seed", help="Seed of the stratified split and of the probe's validation split.")] = 0,
-    batch_size: _Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 32,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the stratified split and of the probe's validation split.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 32,
     device: _QueryDeviceOpt = "auto",
     precision: _QueryPrecisionOpt = _QueryPrecision.auto,
-    image_column: _Annotated[str | None, typer.Option("--image-column", help="Table/dataset column of the images.")] = None,
-    label_column: _Annotated[str | None, typer.Option("--label-column", help="Table/dataset column of the labels.")] = None,
-    caption_column: _Annotated[str | None, typer.Option("--caption-column", help="Table/dataset column of the captions.")]
+    image_column: Annotated[str | None, typer.Option("--image-column", help="Table/dataset column of the images.")] = None,
+    label_column: Annotated[str | None, typer.Option("--label-column", help="Table/dataset column of the labels.")] = None,
+    caption_column: Annotated[str | None, typer.Option("--caption-column", help="Table/dataset column of the captions.")]
     = None,
-    output: _Annotated[_Path | None, typer.Option("--output", "-o", help="Write the result as JSON to this file.")] = None,
-    as_json: _Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the result as JSON to this file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")] = False,
 ) -> None:
     """Evaluate an encoder on labelled or captioned images (CLIP_benchmark's protocol) and print the metrics."""
     import json
@@ -366,7 +366,6 @@ def eval_cmd(
 
 # === compare =================================================================================
 # Defaults come from phiclip.comparison.runner (declared once there); importing it loads numpy only.
-from phiclip.comparison import runner as _compare_runner  # noqa: E402
 
 
 class _ComparePrecision(str, enum.Enum):
