@@ -141,17 +141,78 @@ def bench_clip(report: Report, repeats: int, tmp: Path, n_images: int) -> None:
                            "baseline: CLIPProcessor + get_image_features, batch 32"))
 
 
+def _write_jpegs(folder: Path, n: int, seed: int = 2) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(photo_like_images(n, seed=seed)):
+        p = folder / f"img_{i:04d}.jpg"
+        img.save(p, quality=90)
+        paths.append(p)
+    return paths
+
+
+def _plain_clip_loop_from_files(ckpt: Path, paths: list[Path], batch_size: int = 32) -> int:
+    """What users write: open files with PIL, CLIPProcessor, get_image_features, batch 32."""
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(ckpt).eval()
+    processor = CLIPProcessor.from_pretrained(ckpt)
+    n = 0
+    with torch.no_grad():
+        for i in range(0, len(paths), batch_size):
+            images = [Image.open(p).convert("RGB") for p in paths[i : i + batch_size]]
+            feats = model.get_image_features(**processor(images=images, return_tensors="pt"))
+            n += getattr(feats, "pooler_output", feats).shape[0]
+    return n
+
+
+def bench_embed(report: Report, tmp: Path, n_images: int) -> None:
+    """``phiclip embed`` from JPEG files on disk (decode, preprocess, model, Parquet write) next to
+    a plain transformers loop over the same files, for a tiny CLIP, a real-size ViT-B/32 and a tiny
+    Phi-3-vision."""
+    import time
+
+    from phiclip import embed
+    from phiclip.testing import build_tiny_clip, build_tiny_phi3v
+
+    paths = _write_jpegs(tmp / "jpegs", n_images)
+    models = {
+        "tiny CLIP (hidden 32, 2 layers, 224 px)": build_tiny_clip(tmp / "clip-tiny"),
+        "CLIP ViT-B/32 (random weights)": build_tiny_clip(tmp / "clip-b32-embed", image_size=224, patch_size=32, hidden_size=768,
+                                                           num_layers=12, num_heads=12, projection_dim=512),
+    }
+    for name, ckpt in models.items():
+        t0 = time.perf_counter()
+        _plain_clip_loop_from_files(ckpt, paths)
+        t_base = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = embed(f"clip:{ckpt}", tmp / "jpegs", tmp / f"out-{ckpt.name}", device="cpu", progress=False)
+        t_ours = time.perf_counter() - t0
+        assert res.embedded == n_images, res.to_dict()
+        report.rows.append(Row(f"phiclip embed vs plain loop, {name}, {n_images} JPEGs from disk (images/s, load included)",
+                               f"{n_images / t_base:.1f}", f"{n_images / t_ours:.1f}", t_base / t_ours,
+                               1.5 if "B/32" in name else None, "phiclip: workers decode+preprocess, Parquet written"))
+    ckpt = build_tiny_phi3v(tmp / "phi3v-embed")
+    t0 = time.perf_counter()
+    res = embed(f"phi3v:{ckpt}", tmp / "jpegs", tmp / "out-phi3v", device="cpu", progress=False)
+    t_ours = time.perf_counter() - t0
+    report.rows.append(Row(f"phiclip embed, tiny Phi-3-vision (hidden 32, 3 layers, num_crops 16), {n_images} JPEGs (images/s)",
+                           "-", f"{n_images / t_ours:.1f}", 1.0, None, f"{res.embedded} embedded, {res.failed} failed"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-loading", action="store_true", help="skip the full-size (8.3 GB) loading benchmark")
     ap.add_argument("--ckpt-dir", type=Path, help="reuse (or write) the full-size synthetic checkpoint here")
     ap.add_argument("--clip-images", type=int, default=64)
-    ap.add_argument("--only", choices=["preprocessing", "tokens", "loading", "clip"], action="append")
+    ap.add_argument("--embed-images", type=int, default=128)
+    ap.add_argument("--only", choices=["preprocessing", "tokens", "loading", "clip", "embed"], action="append")
     ap.add_argument("--log-dir", default=None, help="write results.md/results.json here")
     args = ap.parse_args()
     report = Report("CPU", env=environment())
-    parts = args.only or ["preprocessing", "tokens", "loading", "clip"]
+    parts = args.only or ["preprocessing", "tokens", "loading", "clip", "embed"]
     with tempfile.TemporaryDirectory(prefix="phiclip-bench-") as t:
         tmp = Path(t)
         if "preprocessing" in parts:
@@ -160,6 +221,8 @@ def main() -> None:
             bench_tokens(report, args.repeats, tmp)
         if "clip" in parts:
             bench_clip(report, args.repeats, tmp, args.clip_images)
+        if "embed" in parts:
+            bench_embed(report, tmp, args.embed_images)
         if "loading" in parts and not args.skip_loading:
             bench_loading(report, args.ckpt_dir, tmp)
     print(report.markdown())

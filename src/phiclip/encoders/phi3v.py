@@ -117,8 +117,10 @@ class Phi3VEncoder(Encoder):
             return EncodedBatch(embeddings=vecs.float().cpu().numpy())
         if with_tokens and self.pooling == "global":
             raise ValueError("token output needs every crop; use pooling=mean with tokens")
-        tokens = self.model.image_tokens(crops, sizes)
+        tokens = None
         if with_tokens:
+            # One tower pass for both: the mean over the non-separator tokens is the pooled vector.
+            tokens = self.model.image_tokens(crops, sizes)
             means = [t[~self.model.separator_mask(int(h), int(w)).to(t.device)].mean(dim=0) for t, (h, w) in zip(tokens, sizes.tolist())]
             vecs = torch.stack(means)
         else:
@@ -127,7 +129,7 @@ class Phi3VEncoder(Encoder):
             vecs = torch.nn.functional.normalize(vecs.float(), dim=-1)
         return EncodedBatch(
             embeddings=vecs.float().cpu().numpy(),
-            tokens=[t.float().cpu().numpy() for t in tokens] if with_tokens else None,
+            tokens=[t.float().cpu().numpy() for t in tokens] if tokens is not None else None,
         )
 
     def encode_tokens(self, images: Sequence[Any]) -> list[np.ndarray]:
