@@ -194,22 +194,28 @@ class Phi3VImageProcessor:
         top = int((target_h - new_h) / 2)
         return resized, top, target_h, transposed
 
-    def hd_canvas(self, image: Image.Image) -> torch.Tensor:
-        """One RGB image -> its normalised HD canvas ``(3, H, W)`` float32."""
+    def hd_canvas(self, image: Image.Image, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """One RGB image -> its normalised HD canvas ``(3, H, W)`` float32.
+
+        ``buffer``: an optional 1-D float32 tensor to build the canvas in (reused across images
+        to avoid allocating, and page-faulting in, tens of MB per image); used when large enough.
+        """
         resized, top, target_h, transposed = self._resize(image)
         new_h, new_w = resized.shape[:2]
         with warnings.catch_warnings():  # PIL's buffer is read-only; it is only ever read from here
             warnings.simplefilter("ignore", UserWarning)
             src = torch.from_numpy(resized)  # (new_h, new_w, 3) uint8
+        numel = 3 * new_w * target_h
+        storage = buffer[:numel] if buffer is not None and buffer.numel() >= numel else torch.empty(numel)
         if transposed:
             # Portrait: the canvas is the transposed landscape canvas; write it transposed directly.
-            canvas = torch.empty(3, new_w, target_h)  # (3, H, W)
+            canvas = storage.view(3, new_w, target_h)  # (3, H, W)
             region = canvas[:, :, top : top + new_h]
             src_chw = src.permute(2, 1, 0)  # (3, new_w, new_h)
             canvas[:, :, :top] = self._white
             canvas[:, :, top + new_h :] = self._white
         else:
-            canvas = torch.empty(3, target_h, new_w)  # (3, H, W)
+            canvas = storage.view(3, target_h, new_w)  # (3, H, W)
             region = canvas[:, top : top + new_h, :]
             src_chw = src.permute(2, 0, 1)  # (3, new_h, new_w)
             canvas[:, :top, :] = self._white
@@ -260,26 +266,40 @@ class Phi3VImageProcessor:
         if not batch:
             raise ValueError("no images given; pass a list with at least one image")
 
-        def canvas_of(image: ImageInput) -> torch.Tensor:
-            return self.hd_canvas(load_image(image, max_pixels=self.max_pixels))
+        results: list[tuple[torch.Tensor, tuple[int, int]] | None] = [None] * len(batch)
+        out: torch.Tensor | None = None
 
+        def work(indices: list[int]) -> None:
+            # One thread: its images in turn, one reused canvas buffer (sized for the largest).
+            buffer = torch.empty(0)
+            for i in indices:
+                image = load_image(batch[i], max_pixels=self.max_pixels)
+                h_c, w_c = hd_size(image.size[0], image.size[1], self.num_crops)
+                if buffer.numel() < 3 * h_c * w_c:
+                    buffer = torch.empty(3 * h_c * w_c)
+                canvas = self.hd_canvas(image, buffer)
+                size = (int(canvas.shape[1]), int(canvas.shape[2]))
+                if padding:
+                    target = out[i, : num_crops_for_hd_size(*size)]  # type: ignore[index]
+                    self.crops_from_canvas(canvas, target)
+                    out[i, target.shape[0] :].zero_()  # type: ignore[index]  # blank crops, as released
+                    results[i] = (target, size)
+                else:
+                    results[i] = (self.crops_from_canvas(canvas), size)
+
+        if padding:
+            out = torch.empty(len(batch), self.num_crops + 1, 3, CROP_SIZE, CROP_SIZE)
         threads = min(len(batch), num_threads or os.cpu_count() or 1)
         if threads > 1:
             with ThreadPoolExecutor(threads) as pool:
-                canvases = list(pool.map(canvas_of, batch))
+                list(pool.map(work, [list(range(t, len(batch), threads)) for t in range(threads)]))
         else:
-            canvases = [canvas_of(im) for im in batch]
-        sizes = [(int(c.shape[1]), int(c.shape[2])) for c in canvases]
+            work(list(range(len(batch))))
+        sizes = [r[1] for r in results]  # type: ignore[index]
         image_sizes = torch.tensor(sizes, dtype=torch.int64)
         tokens = [num_tokens_for_hd_size(h, w) for h, w in sizes]
         if not padding:
-            crops = [self.crops_from_canvas(c) for c in canvases]
-            return Phi3VImageInputs(pixel_values=crops, image_sizes=image_sizes, num_img_tokens=tokens)
-        out = torch.empty(len(batch), self.num_crops + 1, 3, CROP_SIZE, CROP_SIZE)
-        for i, (canvas, (h, w)) in enumerate(zip(canvases, sizes)):
-            n_real = num_crops_for_hd_size(h, w)
-            self.crops_from_canvas(canvas, out[i, :n_real])
-            out[i, n_real:].zero_()  # blank crops, as the released processor pads
+            return Phi3VImageInputs(pixel_values=[r[0] for r in results], image_sizes=image_sizes, num_img_tokens=tokens)  # type: ignore[index]
         return Phi3VImageInputs(pixel_values=out, image_sizes=image_sizes, num_img_tokens=tokens)
 
 
