@@ -127,3 +127,62 @@ def environment() -> dict[str, Any]:
 
 def max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- GPU benchmark helpers (bench/gpu.py) ----------------------------------------------------------
+def photo_like_image(width: int, height: int, seed: int) -> Image.Image:
+    """One smooth random image of ``width x height`` (the same recipe as :func:`photo_like_images`)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(2, height // 64), max(2, width // 64), 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+
+
+def write_photo_jpegs(out_dir: str | Path, n: int, size: tuple[int, int] = (1920, 1080), seed: int = 0,
+                      quality: int = 90, threads: int | None = None) -> list[Path]:
+    """Write ``n`` photo-like JPEGs of ``size`` to ``out_dir`` (in parallel threads); returns their paths."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(i: int) -> Path:
+        path = out / f"img_{i:05d}.jpg"
+        photo_like_image(size[0], size[1], seed + i).save(path, format="JPEG", quality=quality)
+        return path
+
+    with ThreadPoolExecutor(threads or min(16, os.cpu_count() or 1)) as pool:
+        return list(pool.map(write, range(n)))
+
+
+def time_device(fn: Callable[[], Any], repeats: int = 5, warmup: int = 2, cuda: bool = False,
+                deadline: float | None = None) -> tuple[float, list[float]]:
+    """Median wall time of ``fn`` (seconds) and all timed runs, with ``torch.cuda.synchronize()``
+    before and after each run when ``cuda``. Stops repeating early (keeping at least one timed run)
+    once ``time.monotonic()`` passes ``deadline``."""
+    import torch
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        fn()
+        sync()
+    times: list[float] = []
+    for _ in range(max(1, repeats)):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+        if deadline is not None and time.monotonic() > deadline:
+            break
+    return statistics.median(times), times
+
+
+def vit_flops_per_crop(num_layers: int, hidden: int = 1024, intermediate: int = 4096, tokens: int = 577,
+                       patch_pixels: int = 3 * 14 * 14) -> float:
+    """Floating-point operations of one 336-px crop through ``num_layers`` CLIP layers (matrix
+    products and attention; the patch embedding included, element-wise work not)."""
+    per_layer = 2 * tokens * (4 * hidden * hidden + 2 * hidden * intermediate) + 4 * tokens * tokens * hidden
+    return num_layers * per_layer + 2 * (tokens - 1) * patch_pixels * hidden

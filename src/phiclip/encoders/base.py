@@ -123,6 +123,10 @@ class Encoder(abc.ABC):
         """Relative cost of an item for batching (Phi-3-vision: its crop count). Default 1."""
         return 1
 
+    def typical_item_cost(self) -> int:
+        """What an item usually costs, before any is preprocessed (to size the work per worker)."""
+        return 1
+
     # --- convenience --------------------------------------------------------------------------
     def encode_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
         """Images (PIL, arrays, paths or bytes) -> (n, dim) float32 embeddings."""

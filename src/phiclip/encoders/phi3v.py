@@ -102,6 +102,10 @@ class Phi3VEncoder(Encoder):
         """Tower passes this image costs: its crop count."""
         return int(item["crops"].shape[0])
 
+    def typical_item_cost(self) -> int:
+        """Photos at num_crops N use most of their N + 1 crops; the global pooling runs one."""
+        return 1 if self.pooling == "global" else self.processor.num_crops + 1
+
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return {
             "crops": [it["crops"] for it in items],

@@ -673,7 +673,10 @@ def _embed_image_shards(job: _Job, encoder: Any, pending: list[int], writer: Sha
     from torch.utils.data import DataLoader
 
     opts, plan, records = job.opts, job.plan, job.records
-    chunk_len = max(1, opts.batch_size)
+    # A chunk holds about one batch of records: the batch budget counts cost units (crops for
+    # Phi-3-vision), so divide by what a typical record costs, or a few chunks would hold every
+    # record and leave workers idle.
+    chunk_len = max(1, opts.batch_size // max(1, encoder.typical_item_cost()))
     chunks = [_Chunk(s, a, min(a + chunk_len, plan[s].stop)) for s in pending for a in range(plan[s].start, plan[s].stop, chunk_len)]
     work = _ImageWork(records, job.listing.reader, encoder.preprocess, encoder.collate, encoder.item_cost,
                       opts.max_pixels, opts.batch_size, keep_alpha=getattr(encoder, "keeps_alpha", False))
