@@ -10,8 +10,8 @@ import pytest
 from _embdir import ColourEncoder, write_embedding_dir
 from PIL import Image
 
-from phiclip import schema
 from phiclip import retrieval as S
+from phiclip import schema
 from phiclip.store import EmbeddingStoreError
 
 
