@@ -52,7 +52,10 @@ def peak_rss_of(code: str, env: dict[str, str] | None = None) -> dict[str, Any]:
         "import json, resource, time\n"
         "t0 = time.perf_counter()\n"
         f"{code}\n"
-        "print(json.dumps({'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+        # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork+exec, so a child would report its
+        # parent's peak; the high-water mark of the child's own address space starts afresh.
+        "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+        "print(json.dumps({'peak_rss_mib': hwm / 1024, "
         "'seconds': time.perf_counter() - t0, **globals().get('RESULT', {})}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, env={**os.environ, **(env or {})})

@@ -88,6 +88,23 @@ def bench_tokens(report: Report, repeats: int, tmp: Path) -> None:
                            f"max abs err {bf_err:.3f}, cosine {cos:.4f}"))
 
 
+def bench_gemm(report: Report) -> None:
+    """Why the bfloat16 option cannot be fast here: one of the tower's matrix products in each dtype."""
+    a = torch.randn(9232, 1024)  # 16 crops x 577 tokens, width 1024
+    w = torch.randn(4096, 1024)  # the MLP's first layer of ViT-L
+    rates = {}
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        x, y = a.to(dt), w.to(dt)
+        t = time_it(lambda x=x, y=y: torch.nn.functional.linear(x, y), repeats=5)
+        rates[dt] = 2 * a.shape[0] * a.shape[1] * w.shape[0] / t / 1e9
+    f32 = rates[torch.float32]
+    report.rows.append(Row("Matrix product 9232x1024 @ 1024x4096 (GFLOP/s): float32 vs bfloat16", f"{f32:.0f}",
+                           f"{rates[torch.bfloat16]:.0f}", rates[torch.bfloat16] / f32, None,
+                           "oneDNN brg_matmul:avx512_core_bf16; no AMX on this CPU"))
+    report.rows.append(Row("  same, float32 vs float16 (AVX512-FP16)", f"{f32:.0f}", f"{rates[torch.float16]:.0f}",
+                           rates[torch.float16] / f32, None, "shown for reference; phiclip does not use float16 on CPU"))
+
+
 def bench_loading(report: Report, ckpt_dir: Path | None, tmp: Path) -> None:
     from synthetic import build_full_size_phi3v, parameter_counts
 
@@ -208,17 +225,19 @@ def main() -> None:
     ap.add_argument("--ckpt-dir", type=Path, help="reuse (or write) the full-size synthetic checkpoint here")
     ap.add_argument("--clip-images", type=int, default=64)
     ap.add_argument("--embed-images", type=int, default=128)
-    ap.add_argument("--only", choices=["preprocessing", "tokens", "loading", "clip", "embed"], action="append")
+    ap.add_argument("--only", choices=["preprocessing", "tokens", "gemm", "loading", "clip", "embed"], action="append")
     ap.add_argument("--log-dir", default=None, help="write results.md/results.json here")
     args = ap.parse_args()
     report = Report("CPU", env=environment())
-    parts = args.only or ["preprocessing", "tokens", "loading", "clip", "embed"]
+    parts = args.only or ["preprocessing", "tokens", "gemm", "loading", "clip", "embed"]
     with tempfile.TemporaryDirectory(prefix="phiclip-bench-") as t:
         tmp = Path(t)
         if "preprocessing" in parts:
             bench_preprocessing(report, args.repeats)
         if "tokens" in parts:
             bench_tokens(report, args.repeats, tmp)
+        if "gemm" in parts:
+            bench_gemm(report)
         if "clip" in parts:
             bench_clip(report, args.repeats, tmp, args.clip_images)
         if "embed" in parts:

@@ -1,6 +1,6 @@
 """The Phi-3-vision encoder: pooled vectors (and, when asked, the full image-token sequences).
 
-Spec: ``phi3v:<hub id or directory>[?num_crops=16&pooling=mean&normalize=true&max_crops=32]``.
+Spec: ``phi3v:<hub id or directory>[?num_crops=16&pooling=mean&normalize=true&max_crops=4]``.
 ``num_crops`` defaults to the checkpoint's ``preprocessor_config.json``; ``pooling`` is ``mean``
 (mean of the projected image tokens, separators excluded; ``hidden_size``-wide) or ``global``
 (mean of the tower's global-view patch features; 1024-wide, and only the global view is run).
@@ -78,7 +78,7 @@ class Phi3VEncoder(Encoder):
             raise ValueError(f"encoder spec {spec}: unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
         dev, dt = resolve_device_dtype(device, dtype)
         num_crops = _parse_int(spec, "num_crops")
-        max_crops = _parse_int(spec, "max_crops") or 32
+        max_crops = _parse_int(spec, "max_crops")  # None: the model's default for the device
         processor = Phi3VImageProcessor.from_pretrained(spec.location, **({"num_crops": num_crops} if num_crops is not None else {}))
         model = Phi3VImageEmbedding.from_pretrained(spec.location, torch_dtype=dt, device=dev, max_crops_per_batch=max_crops)
         return cls(

@@ -52,7 +52,8 @@ class _QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
             return x * torch.sigmoid(1.702 * x)
-        return x.mul_(torch.sigmoid(1.702 * x))
+        gate = x * 1.702
+        return x.mul_(gate.sigmoid_())
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -185,14 +186,15 @@ class Phi3VImageEmbedding(nn.Module):
         config: a :class:`Phi3VVisionConfig`, a ``config.json`` dict, or a config object with
             ``img_processor``, ``embd_layer``, ``hidden_size`` and ``vocab_size``.
         wte: the text embedding (``model.embed_tokens``), needed only by :meth:`forward`.
-        max_crops_per_batch: crops per tower call (bounds memory; all crops of all images are
-            batched together and cut into chunks of this size).
+        max_crops_per_batch: crops per tower call (all crops of all images are batched together
+            and cut into chunks of this size). ``None``: 4 on the CPU, where small chunks keep the
+            activations in cache (measured ~1.4x faster than 32), and 64 on GPUs.
         **embd_layer: overrides of ``config.embd_layer`` (``hd_transform_order``,
             ``projection_cls``, ``use_hd_transform``, ``with_learnable_separator``), as the
             released sample passes them.
     """
 
-    def __init__(self, config: Any, wte: nn.Embedding | None = None, *, max_crops_per_batch: int = 32, **embd_layer: Any) -> None:
+    def __init__(self, config: Any, wte: nn.Embedding | None = None, *, max_crops_per_batch: int | None = None, **embd_layer: Any) -> None:
         super().__init__()
         self.config = cfg = _coerce_config(config)
         layer_cfg = {**cfg.embd_layer, **embd_layer}
@@ -203,9 +205,9 @@ class Phi3VImageEmbedding(nn.Module):
         self.hd_transform_order = layer_cfg.get("hd_transform_order", "glb_sub")  # absent -> glb_sub (released code)
         projection_cls = layer_cfg.get("projection_cls", "linear")  # absent -> linear (released code)
         self.type_feature = cfg.type_feature
-        if int(max_crops_per_batch) < 1:
+        if max_crops_per_batch is not None and int(max_crops_per_batch) < 1:
             raise ValueError(f"max_crops_per_batch must be >= 1, got {max_crops_per_batch}")
-        self.max_crops_per_batch = int(max_crops_per_batch)
+        self.max_crops_per_batch = None if max_crops_per_batch is None else int(max_crops_per_batch)
         if self.use_hd_transform != self.with_learnable_separator:
             raise ValueError(
                 "use_hd_transform and with_learnable_separator must be equal (the HD layout needs the separators); "
@@ -393,9 +395,10 @@ class Phi3VImageEmbedding(nn.Module):
         """``(C, 3, 336, 336)`` -> the hidden state at ``layer_idx``: ``(C, 576, D)`` for ``patch``
         (CLS dropped) or ``(C, 577, D)`` for ``cls_patch``. Runs in chunks of ``max_crops_per_batch``."""
         param = self.img_processor.vision_model.embeddings.patch_embedding.weight
+        step = self.max_crops_per_batch or (4 if param.device.type == "cpu" else 64)
         outs = []
-        for start in range(0, crops.shape[0], max(1, self.max_crops_per_batch)):
-            chunk = crops[start : start + self.max_crops_per_batch].to(device=param.device, dtype=param.dtype, non_blocking=True)
+        for start in range(0, crops.shape[0], step):
+            chunk = crops[start : start + step].to(device=param.device, dtype=param.dtype, non_blocking=True)
             hidden = self.img_processor(chunk)  # (c, 1 + g*g, D)
             outs.append(hidden[:, 1:] if self.type_feature == "patch" else hidden)
         return torch.cat(outs, dim=0)
