@@ -269,7 +269,13 @@ def test_clip_dims_and_batch_steps(clip_encoder: CLIPEncoder, clip_dir: Path) ->
 
 
 def test_clip_max_batch_splits_model_calls(clip_dir: Path, clip_encoder: CLIPEncoder, monkeypatch) -> None:
-    enc = load_encoder(f"clip:{clip_dir}?max_batch=2", device="cpu")
+    fast = load_encoder(f"clip:{clip_dir}?max_batch=2", device="cpu")
+    fast_sizes: list[int] = []
+    fast.image_features.register_forward_hook(lambda m, args, out: fast_sizes.append(args[0].shape[0]))
+    images = [_random_image(80, 60, seed=i) for i in range(5)]
+    fast.encode_batch(fast.collate([fast.preprocess(im) for im in images]))
+    assert fast_sizes == [2, 2, 1]
+    enc = load_encoder(f"clip:{clip_dir}?max_batch=2&fast=false", device="cpu")
     assert enc.max_batch == 2
     sizes: list[int] = []
     original = enc.model.get_image_features
@@ -407,7 +413,7 @@ def test_encode_batch_errors(clip_encoder: CLIPEncoder) -> None:
 
 @pytest.mark.parametrize(
     "options,message",
-    [("?colour=red", "unknown option"), ("?normalize=maybe", "write true or false"),
+    [("?colour=red", "unknown option"), ("?normalize=maybe", "must be true or false"),
      ("?max_batch=0", "integer >= 1"), ("?max_batch=many", "integer >= 1")],
 )
 def test_bad_options(clip_dir: Path, options: str, message: str) -> None:
@@ -581,3 +587,35 @@ def test_transparent_files_match_the_processor_on_the_raw_image(tmp_path):
     ref = torch.nn.functional.normalize(ref, dim=-1).numpy()
     np.testing.assert_allclose(enc.encode_images([path]), ref, atol=1e-5)
     assert load_image(path, keep_alpha=True).mode == "RGBA" and load_image(path).mode == "RGB"
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_fast_image_path_equals_get_image_features(tmp_path, act):
+    """phiclip's CLIP image path (fused q/k/v, last layer for the CLS query only) against the
+    straightforward ``get_image_features`` on the same weights, and the ``fast=false`` switch."""
+    from phiclip.encoders.clip_tower import CLIPImageFeatures
+    from phiclip.testing import build_tiny_clip
+
+    ckpt = build_tiny_clip(tmp_path / "clip", image_size=64, patch_size=16, num_layers=3, vision_overrides={"hidden_act": act})
+    fast = load_encoder(f"clip:{ckpt}")
+    plain = load_encoder(f"clip:{ckpt}?fast=false")
+    assert isinstance(fast.image_features, CLIPImageFeatures) and plain.image_features is None
+    assert fast.describe()["image_path"].startswith("phiclip") and plain.describe()["image_path"].startswith("transformers")
+    # Shared weights, not copies.
+    assert fast.image_features.visual_projection.weight.data_ptr() == fast.model.visual_projection.weight.data_ptr()
+    rng = np.random.default_rng(7)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in [(80, 60), (50, 90), (64, 64)]]
+    np.testing.assert_allclose(fast.encode_images(images), plain.encode_images(images), atol=1e-5)
+    with torch.inference_mode():
+        pixels = torch.randn(5, 3, 64, 64)
+        ref = fast.model.get_image_features(pixel_values=pixels)
+        ref = getattr(ref, "pooler_output", ref)
+        np.testing.assert_allclose(fast.image_features(pixels).numpy(), ref.numpy(), atol=1e-5)
+
+
+def test_fast_option_must_be_boolean(tmp_path):
+    from phiclip.testing import build_tiny_clip
+
+    ckpt = build_tiny_clip(tmp_path / "clip", image_size=64, patch_size=16)
+    with pytest.raises(ValueError, match="true or false"):
+        load_encoder(f"clip:{ckpt}?fast=maybe")

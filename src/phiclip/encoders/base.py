@@ -78,6 +78,36 @@ def parse_spec(spec: str) -> EncoderSpec:
     return EncoderSpec(kind=kind, location=location, options=options)
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def option_bool(spec: EncoderSpec, key: str, default: bool) -> bool:
+    """A ``true``/``false`` spec option (also 1/0, yes/no, on/off); a clear error otherwise."""
+    raw = spec.options.get(key)
+    if raw is None:
+        return default
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    raise ValueError(f"encoder spec {str(spec)!r}: option {key}={raw!r} must be true or false")
+
+
+def option_int(spec: EncoderSpec, key: str, default: int | None, minimum: int = 1) -> int | None:
+    """An integer spec option of at least ``minimum``; a clear error otherwise."""
+    raw = spec.options.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError(f"encoder spec {str(spec)!r}: option {key}={raw!r} must be an integer >= {minimum}") from None
+    if value < minimum:
+        raise ValueError(f"encoder spec {str(spec)!r}: option {key}={raw!r} must be an integer >= {minimum}")
+    return value
+
+
 @dataclass
 class EncodedBatch:
     """What ``encode_batch`` returns: one row per item, in order.

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from phiclip.encoders.base import EncodedBatch, Encoder, EncoderSpec
+from phiclip.encoders.base import EncodedBatch, Encoder, EncoderSpec, option_bool, option_int
 
 if TYPE_CHECKING:
     import torch
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 KNOWN_OPTIONS: dict[str, str] = {
     "normalize": "true|false: L2-normalise the vectors (default true)",
     "max_batch": "integer >= 1: most inputs per model call (default 256)",
+    "fast": "true|false: phiclip's CLIP image tower (default true; false: transformers' get_image_features)",
 }
 DEFAULT_MAX_BATCH = 256
 
@@ -330,31 +331,16 @@ def _jsonable(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-def parse_options(spec: EncoderSpec) -> tuple[bool, int]:
-    """The spec's options -> (normalize, max_batch); unknown or malformed options are refused."""
+def parse_options(spec: EncoderSpec) -> tuple[bool, int, bool]:
+    """The spec's options -> (normalize, max_batch, fast); unknown or malformed options are refused."""
     unknown = sorted(set(spec.options) - set(KNOWN_OPTIONS))
     if unknown:
         known = "; ".join(f"{k}={v}" for k, v in KNOWN_OPTIONS.items())
         raise ValueError(f"encoder spec {str(spec)!r}: unknown option(s) {', '.join(unknown)}; known options: {known}")
-    normalize = True
-    if "normalize" in spec.options:
-        raw = spec.options["normalize"].strip().lower()
-        if raw in ("true", "1", "yes", "on"):
-            normalize = True
-        elif raw in ("false", "0", "no", "off"):
-            normalize = False
-        else:
-            raise ValueError(f"encoder spec {str(spec)!r}: normalize={spec.options['normalize']!r}; write true or false")
-    max_batch = DEFAULT_MAX_BATCH
-    if "max_batch" in spec.options:
-        raw = spec.options["max_batch"].strip()
-        try:
-            max_batch = int(raw)
-        except ValueError:
-            max_batch = 0
-        if max_batch < 1:
-            raise ValueError(f"encoder spec {str(spec)!r}: max_batch={raw!r}; write an integer >= 1")
-    return normalize, max_batch
+    normalize = option_bool(spec, "normalize", True)
+    max_batch = option_int(spec, "max_batch", DEFAULT_MAX_BATCH)
+    fast = option_bool(spec, "fast", True)
+    return normalize, int(max_batch), fast  # type: ignore[arg-type]
 
 
 def _looks_local(location: str) -> bool:
@@ -465,6 +451,7 @@ class _ContrastiveEncoder(Encoder):
         normalize: bool = True,
         max_batch: int = DEFAULT_MAX_BATCH,
         text_unavailable: str | None = None,
+        fast: bool = True,
     ) -> None:
         self.spec = spec
         self.name = str(spec)
@@ -479,6 +466,8 @@ class _ContrastiveEncoder(Encoder):
         self.dim = self._image_dim(model.config)
         self.modalities = frozenset({"image", "text"} if tokenizer is not None else {"image"})
         self.text_max_length = self._text_max_length()
+        # phiclip's faster image path where it reproduces the model exactly (CLIP), else transformers'.
+        self.image_features = self._fast_image_features() if fast else None
 
     # --- loading ------------------------------------------------------------------------------
     @classmethod
@@ -503,7 +492,7 @@ class _ContrastiveEncoder(Encoder):
 
         if spec.kind != cls.kind:
             raise ValueError(f"encoder spec {str(spec)!r} is not a {cls.kind}: spec")
-        normalize, max_batch = parse_options(spec)
+        normalize, max_batch, fast_image_path = parse_options(spec)
         dev, dt = resolve_device_dtype(device, dtype)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"encoder spec {str(spec)!r}: device {device!r} asks for CUDA, which this machine "
@@ -571,6 +560,7 @@ class _ContrastiveEncoder(Encoder):
             normalize=normalize,
             max_batch=max_batch,
             text_unavailable=text_unavailable,
+            fast=fast_image_path,
         )
 
     @classmethod
@@ -582,6 +572,10 @@ class _ContrastiveEncoder(Encoder):
     @staticmethod
     def _image_dim(config: Any) -> int:
         raise NotImplementedError
+
+    def _fast_image_features(self) -> Any:
+        """A faster module equal to ``get_image_features``, or ``None`` (the default: none)."""
+        return None
 
     @classmethod
     def _check_config(cls, spec: EncoderSpec, config: Any) -> None:
@@ -648,7 +642,10 @@ class _ContrastiveEncoder(Encoder):
         with torch.inference_mode(), self._autocast():
             for start in range(0, batch.shape[0], step):
                 pixels = batch[start : start + step].to(self.device, non_blocking=True)
-                out.append(self._finish(_pooled(self.model.get_image_features(pixel_values=pixels))))
+                if self.image_features is not None:
+                    out.append(self._finish(self.image_features(pixels)))
+                else:
+                    out.append(self._finish(_pooled(self.model.get_image_features(pixel_values=pixels))))
         return EncodedBatch(embeddings=np.concatenate(out, axis=0))
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
@@ -702,6 +699,7 @@ class _ContrastiveEncoder(Encoder):
             "weights_dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
             "device": str(self.device),
             "max_batch": self.max_batch,
+            "image_path": "phiclip CLIPImageFeatures" if self.image_features is not None else "transformers get_image_features",
             "modalities": sorted(self.modalities),
             "image_size": int(self.model.config.vision_config.image_size),
             "patch_size": int(self.model.config.vision_config.patch_size),
@@ -737,6 +735,11 @@ class CLIPEncoder(_ContrastiveEncoder):
     def _image_parameters(self) -> int:
         modules = (self.model.vision_model, self.model.visual_projection)
         return int(sum(p.numel() for m in modules for p in m.parameters()))
+
+    def _fast_image_features(self) -> Any:
+        from phiclip.encoders.clip_tower import CLIPImageFeatures
+
+        return CLIPImageFeatures.from_clip_model(self.model)
 
 
 class SigLIPEncoder(_ContrastiveEncoder):

@@ -14,34 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from phiclip.encoders.base import EncodedBatch, Encoder, EncoderSpec
+from phiclip.encoders.base import EncodedBatch, Encoder, EncoderSpec, option_bool, option_int
 
 _OPTIONS = {"num_crops", "pooling", "normalize", "max_crops"}
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _parse_bool(spec: EncoderSpec, key: str, default: bool) -> bool:
-    value = spec.options.get(key)
-    if value is None:
-        return default
-    if value.lower() in _TRUE:
-        return True
-    if value.lower() in _FALSE:
-        return False
-    raise ValueError(f"encoder spec {spec}: option {key}={value!r} must be true or false")
-
-
-def _parse_int(spec: EncoderSpec, key: str) -> int | None:
-    value = spec.options.get(key)
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"encoder spec {spec}: option {key}={value!r} must be an integer") from None
-
-
 class Phi3VEncoder(Encoder):
     """Phi-3-vision image embeddings through :class:`~phiclip.phi3v.Phi3VImageEmbedding`."""
 
@@ -77,8 +52,8 @@ class Phi3VEncoder(Encoder):
         if unknown:
             raise ValueError(f"encoder spec {spec}: unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
         dev, dt = resolve_device_dtype(device, dtype)
-        num_crops = _parse_int(spec, "num_crops")
-        max_crops = _parse_int(spec, "max_crops")  # None: the model's default for the device
+        num_crops = option_int(spec, "num_crops", None)
+        max_crops = option_int(spec, "max_crops", None)  # None: the model's default for the device
         processor = Phi3VImageProcessor.from_pretrained(spec.location, **({"num_crops": num_crops} if num_crops is not None else {}))
         model = Phi3VImageEmbedding.from_pretrained(spec.location, torch_dtype=dt, device=dev, max_crops_per_batch=max_crops)
         return cls(
@@ -86,7 +61,7 @@ class Phi3VEncoder(Encoder):
             processor,
             name=str(spec),
             pooling=spec.options.get("pooling", "mean"),
-            normalize=_parse_bool(spec, "normalize", True),
+            normalize=option_bool(spec, "normalize", True),
         )
 
     # --- pipeline steps -----------------------------------------------------------------------
