@@ -400,10 +400,10 @@ svg.chart .frame { fill: #fbfbfd; stroke: var(--line); }
 .legend { display:flex; flex-wrap: wrap; gap: 4px 14px; font-size: 13px; margin: 6px 0 0; }
 .legend span.sw { display:inline-block; width: 11px; height: 11px; border-radius: 50%; margin-right: 5px; vertical-align: -1px; }
 #neighbour-grid td { padding: 8px 8px; }
-.strip { display: flex; flex-wrap: wrap; gap: 6px; }
+.strip { display: flex; flex-wrap: nowrap; gap: 6px; }  /* one row of neighbours per model */
 #neighbour-grid { width: 100%; }
-.thumb { margin: 0; text-align: center; font-size: 11px; color: var(--muted); width: 84px; }
-.thumb img { width: 80px; height: 80px; object-fit: contain; background: #f0f1f4; border-radius: 4px; border: 3px solid transparent; display:block; }
+.thumb { margin: 0; text-align: center; font-size: 11px; color: var(--muted); width: 72px; }
+.thumb img { width: 68px; height: 68px; object-fit: contain; background: #f0f1f4; border-radius: 4px; border: 3px solid transparent; display:block; }
 .thumb.query img { border-color: #1f2430; }
 #neighbour-grid.many .thumb { width: 62px; } #neighbour-grid.many .thumb img { width: 58px; height: 58px; }
 .thumb.same img { border-color: #2b9a6b; } .thumb.other img { border-color: #d0d4dc; }
