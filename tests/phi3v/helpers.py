@@ -6,17 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
-# A tower that keeps the released geometry (336 px, patch 14: a 24x24 grid) at a tiny width.
-TINY_TOWER = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 2,
-    "image_size": 336,
-    "patch_size": 14,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-}
+from phiclip.testing import TINY_PHI3V_VISION
+
+# A tower that keeps the released geometry (336 px, patch 14: a 24x24 grid) at a tiny width: the one
+# phiclip.testing builds by default.
+TINY_TOWER = dict(TINY_PHI3V_VISION)
 
 
 def copy_ckpt(src: Path, dst: Path) -> Path:
