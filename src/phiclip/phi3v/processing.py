@@ -301,14 +301,3 @@ class Phi3VImageProcessor:
         if not padding:
             return Phi3VImageInputs(pixel_values=[r[0] for r in results], image_sizes=image_sizes, num_img_tokens=tokens)  # type: ignore[index]
         return Phi3VImageInputs(pixel_values=out, image_sizes=image_sizes, num_img_tokens=tokens)
-
-
-def pad_crops(crops: Sequence[torch.Tensor], max_crops: int) -> torch.Tensor:
-    """Stack per-image crop tensors into ``(n, max_crops, 3, 336, 336)``, zero-padded."""
-    n = len(crops)
-    out = torch.zeros((n, max_crops, *crops[0].shape[1:]), dtype=crops[0].dtype)
-    for i, c in enumerate(crops):
-        if c.shape[0] > max_crops:
-            raise ValueError(f"image {i} has {c.shape[0]} crops, more than max_crops={max_crops}")
-        out[i, : c.shape[0]] = c
-    return out
