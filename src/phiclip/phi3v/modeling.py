@@ -388,6 +388,13 @@ class Phi3VImageEmbedding(nn.Module):
             for i, (t, (h, w)) in enumerate(zip(per_image, grids)):
                 if t.ndim != 4 or tuple(t.shape[1:]) != (3, s, s) or t.shape[0] != 1 + h * w:
                     raise ValueError(f"pixel_values[{i}] must have shape ({1 + h * w}, 3, {s}, {s}) for image_sizes {h * s}x{w * s}, got {tuple(t.shape)}")
+        param = self.img_processor.vision_model.embeddings.patch_embedding.weight
+        if param.device.type == "cuda" and all(t.device.type == "cpu" for t in per_image):
+            # Gather straight into page-locked memory: the tower's per-chunk host-to-device copies
+            # (non_blocking) then overlap with the previous chunk's compute. Same single copy as cat.
+            total = sum(t.shape[0] for t in per_image)
+            out = torch.empty((total, *per_image[0].shape[1:]), dtype=per_image[0].dtype, pin_memory=True)
+            return torch.cat(per_image, dim=0, out=out)
         return torch.cat(per_image, dim=0)
 
     # --- the tower --------------------------------------------------------------------------
