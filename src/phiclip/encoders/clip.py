@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from phiclip.encoders.base import EncodedBatch, Encoder, EncoderSpec, option_bool, option_int
+from phiclip.images import has_alpha
 
 if TYPE_CHECKING:
     import torch
@@ -66,7 +67,7 @@ def processor_rgb(image: Image.Image) -> Image.Image:
     """
     if image.mode == "RGB":
         return image
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
+    if has_alpha(image):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
