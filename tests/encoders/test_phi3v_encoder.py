@@ -23,15 +23,19 @@ def images():
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in [(640, 480), (90, 300), (40, 40)]]
 
 
+def _model_pooled(ckpt, images, pooling):
+    """The straightforward path: the processor's padded batch through the model's ``pooled``."""
+    model = Phi3VImageEmbedding.from_pretrained(ckpt)
+    inputs = Phi3VImageProcessor.from_pretrained(ckpt)(images)
+    return model.pooled(inputs.pixel_values, inputs.image_sizes, pooling=pooling, normalize=True).detach().numpy()
+
+
 def test_mean_pooling_matches_model_and_is_normalised(ckpt, images):
     enc = load_encoder(f"phi3v:{ckpt}")
     vecs = enc.encode_images(images)
     assert vecs.shape == (3, 64) and vecs.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
-    model = Phi3VImageEmbedding.from_pretrained(ckpt)
-    inputs = Phi3VImageProcessor.from_pretrained(ckpt)(images)
-    ref = model.pooled(inputs.pixel_values, inputs.image_sizes, pooling="mean", normalize=True)
-    np.testing.assert_allclose(vecs, ref.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(vecs, _model_pooled(ckpt, images, "mean"), atol=1e-5)
 
 
 def test_tokens_output_agrees_with_pooled_and_counts(ckpt, images):
@@ -59,10 +63,7 @@ def test_global_pooling_runs_only_global_view(ckpt, images):
     finally:
         hook.remove()
     assert sum(seen) == len(images)
-    model = Phi3VImageEmbedding.from_pretrained(ckpt)
-    inputs = Phi3VImageProcessor.from_pretrained(ckpt)(images)
-    ref = model.pooled(inputs.pixel_values, inputs.image_sizes, pooling="global", normalize=True)
-    np.testing.assert_allclose(vecs, ref.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(vecs, _model_pooled(ckpt, images, "global"), atol=1e-5)
 
 
 def test_item_cost_is_crop_count(ckpt, images):
