@@ -136,12 +136,15 @@ class ReleasedImageEmbedding(torch.nn.Module):
 
 
 # --- CLIP, as users run it -------------------------------------------------------------------
-def clip_users_loop(model_dir: str | Path, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
-    """``CLIPProcessor`` + ``CLIPModel.get_image_features``, batch 32, L2-normalised."""
+def load_clip_users(model_dir: str | Path) -> tuple[Any, Any]:
+    """``CLIPModel.from_pretrained`` + ``CLIPProcessor.from_pretrained``, as users load them."""
     from transformers import CLIPModel, CLIPProcessor
 
-    model = CLIPModel.from_pretrained(model_dir).eval()
-    processor = CLIPProcessor.from_pretrained(model_dir)
+    return CLIPModel.from_pretrained(model_dir).eval(), CLIPProcessor.from_pretrained(model_dir)
+
+
+def clip_users_embed(model: Any, processor: Any, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+    """``CLIPProcessor`` + ``CLIPModel.get_image_features``, batch 32, L2-normalised (model loaded)."""
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
@@ -150,6 +153,12 @@ def clip_users_loop(model_dir: str | Path, images: Sequence[Image.Image], batch_
             feats = getattr(feats, "pooler_output", feats)
             out.append(F.normalize(feats, dim=-1).numpy())
     return np.concatenate(out)
+
+
+def clip_users_loop(model_dir: str | Path, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+    """Load, then :func:`clip_users_embed`."""
+    model, processor = load_clip_users(model_dir)
+    return clip_users_embed(model, processor, images, batch_size)
 
 
 # --- loading, the whole state dict -----------------------------------------------------------

@@ -46,6 +46,22 @@ def time_it(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Median wall time (seconds) of each function, the functions run in turn (a, b, c, a, b, c, ...)
+    so that a slow spell of a shared machine hits every one of them alike, not just the one that
+    happened to run then. ``warmup`` untimed rounds first."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def peak_rss_of(code: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``code`` in a fresh Python process; return its printed JSON plus its peak RSS (MiB)."""
     wrapper = (

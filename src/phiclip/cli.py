@@ -61,7 +61,8 @@ _OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output folder 
 _BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1,
                                         help="Batch budget: images (CLIP/SigLIP) or crops (Phi-3-vision).")]
 _WorkersOpt = Annotated[int | None, typer.Option("--num-workers", "-j", min=0,
-                                                 help="Decode/preprocess processes; 0 = in-process (default: min(4, CPUs)).")]
+                                                 help="Decode/preprocess processes; 0 = in-process threads between model calls "
+                                                      "(default: min(4, CPUs) with a GPU, 0 on the CPU).")]
 _ShardOpt = Annotated[int, typer.Option("--shard-size", min=1, help="Inputs per output shard (the unit of resume).")]
 _DtypeOpt = Annotated[_VectorDtype, typer.Option("--dtype", help="dtype of the stored vectors.")]
 _DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]

@@ -127,7 +127,9 @@ def _open_encoded(fp: Any, source: str, max_pixels: int | None) -> Image.Image:
     except Exception as e:  # noqa: BLE001 - decoder plugins raise many kinds of errors
         raise ImageDecodeError(source, f"could not decode the image ({type(e).__name__}: {e})") from None
     try:
-        img = ImageOps.exif_transpose(img)
+        # In place: this image was just opened here, and the default (a new image) copies every
+        # pixel even when there is nothing to rotate.
+        ImageOps.exif_transpose(img, in_place=True)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
         pass
     return img

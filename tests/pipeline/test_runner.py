@@ -390,8 +390,12 @@ def test_embed_text_refuses_image_only_models(tmp_path: Path) -> None:
 # --- options and the public entry point -----------------------------------------------------------------
 def test_options_defaults_and_validation() -> None:
     o = make_options()
-    assert o == EmbedOptions() and o.workers == min(4, os.cpu_count() or 1)
-    assert make_options(num_workers=0).workers == 0
+    assert o == EmbedOptions()
+    # Worker processes beside a GPU; on the CPU the model uses every core, so inputs are prepared in-process.
+    assert o.workers("cuda") == o.workers("cuda:1") == min(4, os.cpu_count() or 1)
+    assert o.workers("cpu") == 0
+    assert make_options(num_workers=0).workers("cuda") == 0
+    assert make_options(num_workers=3).workers("cpu") == 3
     with pytest.raises(TypeError, match="unknown setting.*'batchsize'"):
         make_options(batchsize=3)
     for bad in ({"batch_size": 0}, {"dtype": "int8"}, {"shard_size": 0}, {"max_pixels": 0}, {"num_workers": -1}):

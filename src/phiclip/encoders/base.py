@@ -4,16 +4,18 @@ An :class:`Encoder` carries everything that decides its vectors: the model, the 
 applies, the device and dtype. ``describe()`` returns all of it as a dict, which a bulk run writes
 into its manifest so the vectors can always be traced to what produced them.
 
-The bulk pipeline splits the work in three steps so that decoding and preprocessing run in worker
-processes while the model runs: ``preprocess(image) -> item`` (CPU, picklable),
-``collate(items) -> batch`` and ``encode_batch(batch) -> EncodedBatch``. ``encode_images`` is the
-same three steps in one call, for Python users.
+The bulk pipeline splits the work in three steps so that decoding and preprocessing can run in
+worker processes (beside a GPU) or on threads (on the CPU): ``preprocess(image) -> item`` (CPU,
+picklable, thread-safe), ``collate(items) -> batch`` and ``encode_batch(batch) -> EncodedBatch``.
+``encode_images`` is the same three steps in one call, for Python users.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,10 +162,21 @@ class Encoder(abc.ABC):
     # --- convenience --------------------------------------------------------------------------
     def encode_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
         """Images (PIL, arrays, paths or bytes) -> (n, dim) float32 embeddings."""
+        import torch
+
+        def prepare(image: ImageInput) -> Any:
+            return self.preprocess(load_image(image, keep_alpha=self.keeps_alpha))
+
+        # Decoding and preprocessing run on as many threads as the model uses (PIL releases the
+        # GIL), between model calls: on a CPU the model's matrix products already use every core.
+        threads = min(max(1, torch.get_num_threads()), batch_size, len(images))
         out = []
-        for start in range(0, len(images), batch_size):
-            chunk = [self.preprocess(load_image(im, keep_alpha=self.keeps_alpha)) for im in images[start : start + batch_size]]
-            out.append(self.encode_batch(self.collate(chunk)).embeddings)
+        with contextlib.ExitStack() as stack:
+            pool = stack.enter_context(ThreadPoolExecutor(threads, thread_name_prefix="phiclip-prep")) if threads > 1 else None
+            for start in range(0, len(images), batch_size):
+                part = images[start : start + batch_size]
+                chunk = list(pool.map(prepare, part)) if pool is not None else [prepare(im) for im in part]
+                out.append(self.encode_batch(self.collate(chunk)).embeddings)
         if not out:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.concatenate(out, axis=0).astype(np.float32, copy=False)

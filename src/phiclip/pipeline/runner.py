@@ -6,16 +6,23 @@ The flow of :func:`embed`:
 2. **check the output**: a new folder gets a manifest first; an existing one must hold the same run
    (model, settings, inputs), otherwise it is refused with a message naming what differs. A lock
    file keeps two runs from writing to one folder.
-3. **read + decode + preprocess** in ``num_workers`` processes (a torch ``DataLoader`` over chunks of
-   the pending shards): :func:`phiclip.images.try_load_image` then ``encoder.preprocess``, then the
-   worker groups the good items into batches whose summed ``encoder.item_cost`` stays within
-   ``batch_size`` and collates them. Failures come back as error records, never as exceptions.
-4. **encode** in the main process (under ``torch.inference_mode``, bf16 autocast on CUDA), while
-   the workers prepare the next chunks.
+3. **read + decode + preprocess** chunks of the pending shards: :func:`phiclip.images.try_load_image`
+   then ``encoder.preprocess``, then the good items are grouped into batches whose summed
+   ``encoder.item_cost`` stays within ``batch_size`` and collated. Failures come back as error
+   records, never as exceptions. Where this runs depends on the device (see *Who prepares the
+   inputs* below).
+4. **encode** in the main process (under ``torch.inference_mode``, bf16 autocast on CUDA).
 5. **write** (:mod:`.writer`): when every record of a shard is accounted for, the shard's
    embeddings and errors are committed atomically. A shard is the unit of resume: a rerun redoes
    exactly the shards whose embeddings file is missing, so after any crash (even SIGKILL) and a
    rerun every input is exactly once in embeddings + errors.
+
+Who prepares the inputs: with a GPU the model leaves the CPU free, so ``num_workers`` processes (a
+torch ``DataLoader``; default ``min(4, CPUs)``) decode and preprocess while the model runs. On the
+CPU the model's matrix products already use every core, and worker processes competing with them
+slow both down (a preempted thread stalls the whole parallel matrix product), so the default there
+is ``num_workers=0``: each chunk is decoded and preprocessed on a pool of as many threads as torch
+uses (PIL releases the GIL), then the model runs; the two take turns at the whole machine.
 
 Workers and the encoder: on Linux the workers are started with ``fork``, so they share the loaded
 encoder (model included) without pickling it; they call only its CPU-side ``preprocess``,
@@ -36,6 +43,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,9 +67,19 @@ VOLATILE_ENCODER_KEYS = frozenset({"device"})
 LOCK_FILE = ".phiclip.lock"
 
 
-def default_num_workers() -> int:
-    """``min(4, number of CPUs)``."""
+def default_num_workers(device: str = "cuda") -> int:
+    """Worker processes for an encoder on ``device``: ``min(4, CPUs)`` beside a GPU, 0 on the CPU
+    (there the inputs are prepared on a thread pool between model calls; see the module docstring)."""
+    if not str(device).startswith("cuda"):
+        return 0
     return min(4, os.cpu_count() or 1)
+
+
+def default_prep_threads() -> int:
+    """Threads that decode and preprocess in the main process: as many as torch uses for the model."""
+    import torch
+
+    return max(1, torch.get_num_threads())
 
 
 @dataclass
@@ -71,7 +89,8 @@ class EmbedOptions:
 
     #: Cost budget of one batch: images for CLIP/SigLIP, crops for Phi-3-vision (``Encoder.item_cost``).
     batch_size: int = 64
-    #: Decode/preprocess processes; ``None``: ``min(4, CPUs)``; ``0``: all in the main process.
+    #: Decode/preprocess processes; ``None``: ``min(4, CPUs)`` with a GPU, 0 on the CPU; ``0``: in the
+    #: main process, on a thread pool between model calls.
     num_workers: int | None = None
     #: Inputs per output shard (the unit of resume).
     shard_size: int = 4096
@@ -106,10 +125,9 @@ class EmbedOptions:
             raise ValueError(f"max_pixels must be positive (or None for no limit), got {self.max_pixels}")
         return self
 
-    @property
-    def workers(self) -> int:
-        """The resolved number of worker processes."""
-        return default_num_workers() if self.num_workers is None else self.num_workers
+    def workers(self, device: str) -> int:
+        """The resolved number of worker processes for an encoder on ``device``."""
+        return default_num_workers(device) if self.num_workers is None else self.num_workers
 
 
 def make_options(options: EmbedOptions | None = None, **settings: Any) -> EmbedOptions:
@@ -319,10 +337,23 @@ class _ImageWork:
     budget: int
     keep_alpha: bool = False
 
-    def _prepare(self, rec: Record, payload: Any) -> tuple[Any, tuple[int, int], int] | tuple[str, str]:
-        """One record -> (item, (width, height), cost), or (stage, reason) when it fails."""
+    @contextlib.contextmanager
+    def pixel_limit(self) -> Iterator[None]:
+        """PIL refuses images over 2x its own limit before ours is checked: align PIL's limit with
+        ``max_pixels`` while this run decodes (set once per process, not per image, so that the
+        decoding threads do not race on it)."""
         from PIL import Image
 
+        old_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None if self.max_pixels is None else max(self.max_pixels, old_limit or 0)
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = old_limit
+
+    def _prepare(self, rec: Record, payload: Any) -> tuple[Any, tuple[int, int], int] | tuple[str, str]:
+        """One record -> (item, (width, height), cost), or (stage, reason) when it fails. Safe to
+        call from several threads at once."""
         from phiclip.images import try_load_image
 
         if rec.error is not None:
@@ -331,15 +362,10 @@ class _ImageWork:
             return "read", "no image in this row (null)"
         if (why := _read_error(payload)) is not None:
             return "read", why
-        old_limit = Image.MAX_IMAGE_PIXELS
-        # PIL refuses images over 2x its own limit before ours is checked; align it with max_pixels.
-        Image.MAX_IMAGE_PIXELS = None if self.max_pixels is None else max(self.max_pixels, old_limit or 0)
         try:
             img, err = try_load_image(payload, max_pixels=self.max_pixels, keep_alpha=self.keep_alpha)
         except Exception as e:  # noqa: BLE001 - decoder plugins raise many kinds
             return "decode", f"could not decode ({type(e).__name__}: {e})"
-        finally:
-            Image.MAX_IMAGE_PIXELS = old_limit
         if err is not None:
             return err.stage, err.reason
         try:
@@ -349,9 +375,11 @@ class _ImageWork:
             return "preprocess", f"{type(e).__name__}: {e}"
         return item, img.size, cost
 
-    def run(self, chunk: _Chunk) -> Iterator[_ChunkOut]:
+    def run(self, chunk: _Chunk, pool: Executor | None = None) -> Iterator[_ChunkOut]:
         """Process a chunk, yielding a piece each time a batch is full (and one at the end), so the
-        memory in flight is bounded by the batch budget, not by the chunk."""
+        memory in flight is bounded by the batch budget, not by the chunk. With a thread ``pool``
+        the chunk's records are all prepared in parallel first (a chunk is about one batch), so
+        that the model, which runs when a piece is yielded, does not compete with them for cores."""
         t0 = time.perf_counter()
         recs = self.records[chunk.start : chunk.stop]
         try:
@@ -361,12 +389,15 @@ class _ImageWork:
             errors = [(chunk.start + i, "read", reason) for i in range(len(recs))]
             yield _ChunkOut(chunk.shard, len(recs), [], errors, time.perf_counter() - t0)
             return
+        if pool is not None:
+            prepared: Iterator[Any] = iter(list(pool.map(self._prepare, recs, payloads)))
+        else:
+            prepared = (self._prepare(rec, payload) for rec, payload in zip(recs, payloads))
         packer = _CostPacker(self.budget)
         errors: list[tuple[int, str, str]] = []
         count = 0  # records whose outcome is in the current piece
-        for i, (rec, payload) in enumerate(zip(recs, payloads)):
+        for i, got in enumerate(prepared):
             pos = chunk.start + i
-            got = self._prepare(rec, payload)
             if len(got) == 2:
                 errors.append((pos, got[0], got[1]))
                 count += 1
@@ -435,10 +466,23 @@ def _chunk_dataset(work: _ImageWork, chunks: list[_Chunk]) -> Any:
         def __iter__(self) -> Iterator[_ChunkOut]:
             info = get_worker_info()
             wid, n = (0, 1) if info is None else (info.id, info.num_workers)
-            for k in range(wid, len(chunks), n):
-                yield from work.run(chunks[k])
+            with work.pixel_limit():
+                for k in range(wid, len(chunks), n):
+                    yield from work.run(chunks[k])
 
     return ChunkDataset()
+
+
+def _in_process_pieces(work: _ImageWork, chunks: list[_Chunk], threads: int) -> Iterator[_ChunkOut]:
+    """The chunks prepared in this process, each on a pool of ``threads`` threads, in order."""
+    if threads <= 1:
+        with work.pixel_limit():
+            for chunk in chunks:
+                yield from work.run(chunk)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="phiclip-prep") as pool, work.pixel_limit():
+        for chunk in chunks:
+            yield from work.run(chunk, pool)
 
 
 def _mp_context(num_workers: int) -> Any:
@@ -680,9 +724,12 @@ def _embed_image_shards(job: _Job, encoder: Any, pending: list[int], writer: Sha
     chunks = [_Chunk(s, a, min(a + chunk_len, plan[s].stop)) for s in pending for a in range(plan[s].start, plan[s].stop, chunk_len)]
     work = _ImageWork(records, job.listing.reader, encoder.preprocess, encoder.collate, encoder.item_cost,
                       opts.max_pixels, opts.batch_size, keep_alpha=getattr(encoder, "keeps_alpha", False))
-    nw = min(opts.workers, len(chunks))
-    loader = DataLoader(_chunk_dataset(work, chunks), batch_size=None, num_workers=nw, collate_fn=_identity,
-                        multiprocessing_context=_mp_context(nw), prefetch_factor=4 if nw else None)
+    nw = min(opts.workers(str(encoder.describe().get("device", "cpu"))), len(chunks))
+    if nw:
+        loader = DataLoader(_chunk_dataset(work, chunks), batch_size=None, num_workers=nw, collate_fn=_identity,
+                            multiprocessing_context=_mp_context(nw), prefetch_factor=4)
+    else:
+        loader = _in_process_pieces(work, chunks, default_prep_threads())
     amp = _autocast(encoder, job.identity["settings"]["precision"])
     buffers: dict[int, _ShardBuffer] = {}
     failed = processed = 0
