@@ -105,6 +105,39 @@ def bench_gemm(report: Report) -> None:
                            rates[torch.float16] / f32, None, "shown for reference; phiclip does not use float16 on CPU"))
 
 
+def isa_peak(tmp: Path) -> dict[str, float] | None:
+    """Per-core GFLOP/s of float32 FMA and AVX512-BF16 dot products, from
+    ``native/isa_peak.c`` (built here with the system C compiler); None when it cannot be built or
+    run (no compiler, or a CPU without these instructions)."""
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    src = Path(__file__).resolve().parent / "native" / "isa_peak.c"
+    if cc is None:
+        return None
+    exe = tmp / "isa_peak"
+    flags = ["-O2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+    try:
+        subprocess.run([cc, *flags, str(src), "-o", str(exe)], check=True, capture_output=True, timeout=120)
+        out = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if line.strip()}
+
+
+def bench_isa(report: Report, tmp: Path) -> None:
+    """What one core can do at best in each format: the ceiling of any bfloat16 path on this CPU."""
+    peak = isa_peak(tmp)
+    if peak is None:
+        report.checks.append("instruction peak: not measured (no C compiler, or no AVX512-BF16 on this CPU)")
+        return
+    f32 = peak["fp32_fma"]
+    report.rows.append(Row("Instruction peak per core (GFLOP/s): float32 FMA vs AVX512-BF16 dot product (vdpbf16ps)",
+                           f"{f32:.0f}", f"{peak['bf16_dot']:.0f}", peak["bf16_dot"] / f32, None,
+                           "bench/native/isa_peak.c, 12 independent accumulators in registers"))
+
+
 def bench_loading(report: Report, ckpt_dir: Path | None, tmp: Path) -> None:
     from synthetic import build_full_size_phi3v, parameter_counts
 
@@ -254,6 +287,7 @@ def main() -> None:
             bench_tokens(report, args.repeats, tmp)
         if "gemm" in parts:
             bench_gemm(report)
+            bench_isa(report, tmp)
         if "clip" in parts:
             bench_clip(report, args.repeats, tmp, args.clip_images)
         if "embed" in parts:
