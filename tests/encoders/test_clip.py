@@ -619,3 +619,26 @@ def test_fast_option_must_be_boolean(tmp_path):
     ckpt = build_tiny_clip(tmp_path / "clip", image_size=64, patch_size=16)
     with pytest.raises(ValueError, match="true or false"):
         load_encoder(f"clip:{ckpt}?fast=maybe")
+
+
+# --- encode_images prepares a batch on threads ----------------------------------------------------
+def test_encode_images_on_threads_equals_one_thread(clip_encoder: CLIPEncoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    images = [_random_image(40 + 7 * i, 30 + 5 * i, seed=i) for i in range(7)]
+    seen: set[str] = set()
+    real = clip_encoder.preprocess
+
+    def spy(image: Image.Image) -> torch.Tensor:
+        seen.add(threading.current_thread().name)
+        return real(image)
+
+    monkeypatch.setattr(clip_encoder, "preprocess", spy)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # the pool size follows torch's threads
+    threaded = clip_encoder.encode_images(images, batch_size=4)
+    assert seen and all(name.startswith("phiclip-prep") for name in seen)
+    seen.clear()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    serial = clip_encoder.encode_images(images, batch_size=4)
+    assert seen == {threading.current_thread().name}
+    np.testing.assert_array_equal(threaded, serial)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -543,3 +544,62 @@ def test_a_model_that_cannot_load_leaves_no_output_folder(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="no such directory"):
         embed(f"clip:{tmp_path / 'no_model'}", tmp_path / "in", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# --- who prepares the inputs: threads, one thread, worker processes ---------------------------------------
+class _ThreadSpy(MeanColourEncoder):
+    """Records the names of the threads that preprocess (in-process runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[str] = set()
+
+    def preprocess(self, image: Any) -> dict[str, Any]:
+        import threading
+
+        self.threads.add(threading.current_thread().name)
+        return super().preprocess(image)
+
+
+def _rows(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    emb = _read(out, schema.EMBEDDINGS_DIR).sort_values(schema.COL_ID, ignore_index=True)
+    err = _read(out, schema.ERRORS_DIR).sort_values(schema.COL_ID, ignore_index=True)
+    return emb, err
+
+
+def test_thread_pool_one_thread_and_worker_processes_write_the_same(tmp_path: Path, mixed_folder,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    from phiclip.pipeline import runner
+
+    root, expected = mixed_folder
+    settings = dict(max_pixels=BOMB_LIMIT, shard_size=4, batch_size=3, dtype="float32", progress=False)
+    limit_before = Image.MAX_IMAGE_PIXELS
+    monkeypatch.setattr(runner, "default_prep_threads", lambda: 3)
+    pooled = _ThreadSpy()
+    embed(pooled, root, tmp_path / "pool", num_workers=0, **settings)
+    assert pooled.threads and all(t.startswith("phiclip-prep") for t in pooled.threads)
+    monkeypatch.setattr(runner, "default_prep_threads", lambda: 1)
+    serial = _ThreadSpy()
+    embed(serial, root, tmp_path / "serial", num_workers=0, **settings)
+    assert serial.threads == {"MainThread"}
+    embed(MeanColourEncoder(), root, tmp_path / "workers", num_workers=2, **settings)
+    assert Image.MAX_IMAGE_PIXELS == limit_before  # the run's pixel limit does not outlive it
+    check_outcomes(tmp_path / "pool", expected)
+    ref_emb, ref_err = _rows(tmp_path / "serial")
+    for other in ("pool", "workers"):
+        emb, err = _rows(tmp_path / other)
+        pd.testing.assert_frame_equal(emb, ref_emb)
+        pd.testing.assert_frame_equal(err, ref_err)
+
+
+def test_cpu_encoder_defaults_to_in_process_threads(tmp_path: Path, mixed_folder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no --num-workers, an encoder on the CPU gets no worker processes (the model uses every core)."""
+    from phiclip.pipeline import runner
+
+    root, _ = mixed_folder
+    monkeypatch.setattr(runner, "default_prep_threads", lambda: 2)
+    spy = _ThreadSpy()  # describe() says device cpu
+    embed(spy, root, tmp_path / "out", max_pixels=BOMB_LIMIT, progress=False)
+    assert spy.threads and all(t.startswith("phiclip-prep") for t in spy.threads)
