@@ -121,3 +121,31 @@ def test_load_encoder_unreachable_hub_id(monkeypatch) -> None:
     msg = str(info.value)
     assert spec in msg and "give a local directory" in msg and "hub id" in msg and "network" in msg
     assert "is not a local directory" in msg
+
+
+# --- 16-bit compute on a CPU without AMX is slower than float32: say so ----------------------------------
+def test_bfloat16_on_a_cpu_without_amx_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from phiclip.encoders import slow_cpu_dtype_reason, warn_if_slow_cpu_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert "half the float32 rate" in (slow_cpu_dtype_reason(cpu, torch.bfloat16) or "")
+    assert "float16" in (slow_cpu_dtype_reason(cpu, torch.float16) or "")
+    assert slow_cpu_dtype_reason(cpu, torch.float32) is None
+    assert slow_cpu_dtype_reason(torch.device("cuda"), torch.bfloat16) is None
+    with pytest.warns(UserWarning, match="no AMX"):
+        warn_if_slow_cpu_dtype(cpu, torch.bfloat16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert slow_cpu_dtype_reason(cpu, torch.bfloat16) is None
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert slow_cpu_dtype_reason(cpu, torch.bfloat16) is None  # unknown hardware: no claim
+
+
+def test_load_encoder_warns_before_loading(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    with pytest.warns(UserWarning, match="no AMX"), pytest.raises(ValueError):
+        load_encoder(f"clip:{tmp_path / 'missing'}", device="cpu", dtype="bfloat16")

@@ -516,6 +516,7 @@ def test_siglip_without_pooling_head_is_refused(siglip_dir: Path, tmp_path: Path
 # --- devices and precision -------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:.*no AMX")
 def test_bfloat16_runs_under_autocast_close_to_float32(clip_dir: Path, clip_encoder: CLIPEncoder) -> None:
     enc = load_encoder(f"clip:{clip_dir}", device="cpu", dtype="bfloat16")
     d = enc.describe()

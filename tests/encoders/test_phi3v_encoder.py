@@ -103,6 +103,7 @@ def test_text_is_refused_clearly(ckpt):
         enc.encode_texts(["a red circle"])
 
 
+@pytest.mark.filterwarnings("ignore:.*no AMX")
 def test_bfloat16_option_close_to_float32(ckpt, images):
     f32 = load_encoder(f"phi3v:{ckpt}", dtype="float32").encode_images(images)
     bf16 = load_encoder(f"phi3v:{ckpt}", dtype="bfloat16")

@@ -44,7 +44,38 @@ def load_encoder(spec: str | EncoderSpec, *, device: str = "auto", dtype: str = 
         dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16``, ``float16``.
     """
     parsed = spec if isinstance(spec, EncoderSpec) else parse_spec(spec)
+    warn_if_slow_cpu_dtype(*resolve_device_dtype(device, dtype))
     return BUILDERS[parsed.kind](parsed, device=device, dtype=dtype)
+
+
+def slow_cpu_dtype_reason(device: Any, dtype: Any) -> str | None:
+    """Why ``dtype`` would be slower than float32 on this CPU, or None. Without AMX tiles, a CPU's
+    16-bit matrix products run no faster than float32 ones (bench/native/isa_peak.c measures the
+    AVX512-BF16 dot product at half the float32 FMA rate on this project's machine) and pay for
+    conversions on top."""
+    import torch
+
+    if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        has_amx = bool(probe()) if probe is not None else True  # unknown: do not claim anything
+    except Exception:  # noqa: BLE001 - a private probe; its absence must not break loading
+        has_amx = True
+    if has_amx:
+        return None
+    name = str(dtype).replace("torch.", "")
+    return (f"{name} on this CPU (no AMX tiles) runs matrix products at about half the float32 rate; "
+            "float32 (dtype auto on the CPU) is faster here and exact")
+
+
+def warn_if_slow_cpu_dtype(device: Any, dtype: Any) -> None:
+    """A ``UserWarning`` with :func:`slow_cpu_dtype_reason`, when there is one."""
+    import warnings
+
+    reason = slow_cpu_dtype_reason(device, dtype)
+    if reason is not None:
+        warnings.warn(reason, UserWarning, stacklevel=3)
 
 
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
@@ -65,4 +96,5 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[Any
     return dev, dt
 
 
-__all__ = ["BUILDERS", "EncodedBatch", "Encoder", "EncoderSpec", "load_encoder", "parse_spec", "resolve_device_dtype"]
+__all__ = ["BUILDERS", "EncodedBatch", "Encoder", "EncoderSpec", "load_encoder", "parse_spec", "resolve_device_dtype",
+           "slow_cpu_dtype_reason", "warn_if_slow_cpu_dtype"]

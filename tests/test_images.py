@@ -1,0 +1,153 @@
+"""phiclip.images: every input kind becomes an RGB image; every failure names the input and the fix."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from phiclip.images import (
+    ImageDecodeError,
+    describe_source,
+    has_alpha,
+    load_image,
+    to_rgb,
+    try_load_image,
+)
+
+
+def _encoded(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _gradient(width: int = 48, height: int = 32) -> Image.Image:
+    x = np.linspace(0, 255, width, dtype=np.uint8)[None, :, None]
+    y = np.linspace(0, 255, height, dtype=np.uint8)[:, None, None]
+    return Image.fromarray(np.concatenate([np.broadcast_to(x, (height, width, 1)), np.broadcast_to(y, (height, width, 1)),
+                                           np.full((height, width, 1), 77, np.uint8)], axis=2))
+
+
+# --- every input kind -----------------------------------------------------------------------------------
+def test_every_input_kind_gives_the_same_rgb_pixels(tmp_path: Path) -> None:
+    img = _gradient()
+    path = tmp_path / "g.png"
+    img.save(path)
+    data = path.read_bytes()
+    arr = np.asarray(img)
+    for given in (img, arr, str(path), path, data, bytearray(data), memoryview(data)):
+        out = load_image(given)
+        assert out.mode == "RGB" and out.size == (48, 32), type(given)
+        assert np.array_equal(np.asarray(out), arr), type(given)
+
+
+def test_arrays_grey_and_rgba_become_rgb() -> None:
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert np.array_equal(np.asarray(load_image(grey))[:, :, 1], grey)
+    rgba = np.zeros((3, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    assert np.asarray(load_image(rgba)).shape == (3, 4, 3)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F", "1"])
+def test_every_mode_becomes_rgb(mode: str) -> None:
+    img = _gradient().convert(mode) if mode not in ("I;16", "I", "F") else Image.fromarray(
+        (np.asarray(_gradient().convert("L")).astype(np.uint16) * 257).astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]))
+    out = load_image(img)
+    assert out.mode == "RGB" and out.size == img.size
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped() -> None:
+    # PIL's convert would clip every value over 255 to white; phiclip keeps the gradient.
+    arr = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    out = np.asarray(load_image(Image.fromarray(arr)))
+    assert out[..., 0].min() == 0 and out[..., 0].max() == 255 and len(np.unique(out)) > 32
+
+
+def test_transparency_kept_only_when_asked() -> None:
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    assert has_alpha(rgba) and not has_alpha(rgba.convert("RGB"))
+    assert to_rgb(rgba).mode == "RGB"
+    assert load_image(rgba, keep_alpha=True).mode == "RGBA"
+    pal = Image.new("P", (4, 4), 0)
+    pal.info["transparency"] = 0
+    assert has_alpha(pal) and load_image(pal, keep_alpha=True).mode == "RGBA" and load_image(pal).mode == "RGB"
+
+
+def test_exif_orientation_is_applied_and_cleared() -> None:
+    stored = _gradient(60, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    out = load_image(_encoded(stored, "JPEG", exif=exif.tobytes(), quality=95))
+    assert out.size == (40, 60)
+    assert out.getexif().get(0x0112, 1) == 1  # the tag is gone: a second transpose would be wrong
+    # No orientation tag: the decoded image itself comes back, same pixels as a plain decode.
+    plain = load_image(_encoded(stored, "JPEG", quality=95))
+    assert plain.size == (60, 40)
+    assert np.array_equal(np.asarray(plain), np.asarray(Image.open(io.BytesIO(_encoded(stored, "JPEG", quality=95))).convert("RGB")))
+
+
+def test_animated_images_give_their_first_frame() -> None:
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    assert load_image(buf.getvalue()).getpixel((0, 0)) == (255, 0, 0)
+
+
+# --- failures name the input and what to do -----------------------------------------------------------
+def _write(name: str, data: bytes):
+    def make(folder: Path) -> Path:
+        (folder / name).write_bytes(data)
+        return folder / name
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "make,stage,words",
+    [
+        (lambda p: p / "missing.jpg", "decode", "no such file"),
+        (_write("empty.jpg", b""), "read", "0 bytes"),
+        (_write("notes.jpg", b"hello, not an image"), "decode", "not a readable image"),
+        (lambda p: p, "read", "directory"),
+        (_write("cut.jpg", _encoded(_gradient(200, 200), "JPEG")[:300]), "decode", "truncated"),
+    ],
+    ids=["missing", "empty", "text_as_jpg", "directory", "truncated"],
+)
+def test_bad_files_are_named(tmp_path: Path, make, stage: str, words: str) -> None:
+    path = make(tmp_path)
+    with pytest.raises(ImageDecodeError) as info:
+        load_image(path)
+    err = info.value
+    assert str(path) in str(err) and words in err.reason and err.stage == stage
+    img, got = try_load_image(path)
+    assert img is None and got is not None and got.reason == err.reason
+
+
+def test_pixel_limit_refuses_bombs_with_the_fix() -> None:
+    data = _encoded(Image.new("RGB", (200, 100)))
+    with pytest.raises(ImageDecodeError, match="max_pixels"):
+        load_image(data, max_pixels=10_000)
+    assert load_image(data, max_pixels=None).size == (200, 100)
+
+
+@pytest.mark.parametrize(
+    "bad,words",
+    [
+        (np.zeros((4, 4, 3), np.float32), "uint8"),
+        (np.zeros((3, 4, 4, 3), np.uint8), "HxWx3"),
+        (np.zeros((0, 4, 3), np.uint8), "HxWx3"),
+        (b"", "empty"),
+        (12345, "unsupported input type"),
+        (Image.new("RGB", (0, 0)), "no pixels"),
+    ],
+    ids=["float_array", "4d_array", "empty_array", "empty_bytes", "int", "empty_image"],
+)
+def test_bad_values_are_named(bad, words: str) -> None:
+    with pytest.raises(ImageDecodeError, match=words) as info:
+        load_image(bad)
+    assert str(info.value).startswith(describe_source(bad))
