@@ -47,17 +47,20 @@ def time_it(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 3, warmup: int = 1) -> dict[str, float]:
-    """Median wall time (seconds) of each function, the functions run in turn (a, b, c, a, b, c, ...)
-    so that a slow spell of a shared machine hits every one of them alike, not just the one that
-    happened to run then. ``warmup`` untimed rounds first."""
+    """Median wall time (seconds) of each function, the functions run in turn so that a slow spell
+    of a shared machine hits every one of them alike. The order rotates every round (a b c, b c a,
+    c a b, ...): what runs right after a memory-hungry baseline pays for the memory the allocator
+    just gave back to the system (measured here: about 10 %), so no function may always sit there.
+    ``warmup`` untimed rounds first."""
+    names = list(fns)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
             t = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) for name, ts in times.items()}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -269,32 +270,34 @@ class Phi3VImageProcessor:
         results: list[tuple[torch.Tensor, tuple[int, int]] | None] = [None] * len(batch)
         out: torch.Tensor | None = None
 
-        def work(indices: list[int]) -> None:
-            # One thread: its images in turn, one reused canvas buffer (sized for the largest).
-            buffer = torch.empty(0)
-            for i in indices:
-                image = load_image(batch[i], max_pixels=self.max_pixels)
-                h_c, w_c = hd_size(image.size[0], image.size[1], self.num_crops)
-                if buffer.numel() < 3 * h_c * w_c:
-                    buffer = torch.empty(3 * h_c * w_c)
-                canvas = self.hd_canvas(image, buffer)
-                size = (int(canvas.shape[1]), int(canvas.shape[2]))
-                if padding:
-                    target = out[i, : num_crops_for_hd_size(*size)]  # type: ignore[index]
-                    self.crops_from_canvas(canvas, target)
-                    out[i, target.shape[0] :].zero_()  # type: ignore[index]  # blank crops, as released
-                    results[i] = (target, size)
-                else:
-                    results[i] = (self.crops_from_canvas(canvas), size)
+        local = threading.local()  # one reused canvas buffer per thread, sized for its largest image
+
+        def work(i: int) -> None:
+            image = load_image(batch[i], max_pixels=self.max_pixels)
+            h_c, w_c = hd_size(image.size[0], image.size[1], self.num_crops)
+            buffer = getattr(local, "buffer", None)
+            if buffer is None or buffer.numel() < 3 * h_c * w_c:
+                buffer = local.buffer = torch.empty(3 * h_c * w_c)
+            canvas = self.hd_canvas(image, buffer)
+            size = (int(canvas.shape[1]), int(canvas.shape[2]))
+            if padding:
+                target = out[i, : num_crops_for_hd_size(*size)]  # type: ignore[index]
+                self.crops_from_canvas(canvas, target)
+                out[i, target.shape[0] :].zero_()  # type: ignore[index]  # blank crops, as released
+                results[i] = (target, size)
+            else:
+                results[i] = (self.crops_from_canvas(canvas), size)
 
         if padding:
             out = torch.empty(len(batch), self.num_crops + 1, 3, CROP_SIZE, CROP_SIZE)
         threads = min(len(batch), num_threads or os.cpu_count() or 1)
         if threads > 1:
+            # Each thread takes the next image when it is free: sizes (and costs) vary a lot.
             with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(work, [list(range(t, len(batch), threads)) for t in range(threads)]))
+                list(pool.map(work, range(len(batch))))
         else:
-            work(list(range(len(batch))))
+            for i in range(len(batch)):
+                work(i)
         sizes = [r[1] for r in results]  # type: ignore[index]
         image_sizes = torch.tensor(sizes, dtype=torch.int64)
         tokens = [num_tokens_for_hd_size(h, w) for h, w in sizes]
