@@ -82,8 +82,12 @@ def test_exif_orientation_is_applied_and_cleared() -> None:
     stored = _gradient(60, 40)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    out = load_image(_encoded(stored, "JPEG", exif=exif.tobytes(), quality=95))
+    data = _encoded(stored, "JPEG", exif=exif.tobytes(), quality=95)
+    out = load_image(data)
     assert out.size == (40, 60)
+    # The right way round: the pixels are the decoded image turned as PIL turns it for orientation 6.
+    decoded = Image.open(io.BytesIO(data))
+    assert np.array_equal(np.asarray(out), np.asarray(decoded.transpose(Image.Transpose.ROTATE_270).convert("RGB")))
     assert out.getexif().get(0x0112, 1) == 1  # the tag is gone: a second transpose would be wrong
     # No orientation tag: the decoded image itself comes back, same pixels as a plain decode.
     plain = load_image(_encoded(stored, "JPEG", quality=95))
@@ -151,3 +155,24 @@ def test_bad_values_are_named(bad, words: str) -> None:
     with pytest.raises(ImageDecodeError, match=words) as info:
         load_image(bad)
     assert str(info.value).startswith(describe_source(bad))
+
+
+def test_a_callers_image_is_never_changed() -> None:
+    img = _gradient(60, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.info["exif"] = exif.tobytes()
+    before = np.asarray(img).copy()
+    out = load_image(img)
+    assert img.size == (60, 40) and np.array_equal(np.asarray(img), before)
+    assert out.size == (60, 40)  # a PIL image is taken as it is: orientation applies to encoded files
+
+
+def test_max_pixels_above_pils_own_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL alone refuses over 2000 pixels
+    data = _encoded(Image.new("RGB", (100, 100)))
+    assert load_image(data, max_pixels=None).size == (100, 100)
+    assert load_image(data, max_pixels=20_000).size == (100, 100)
+    with pytest.raises(ImageDecodeError, match="pixel limit"):
+        load_image(data, max_pixels=1000)
+    assert Image.MAX_IMAGE_PIXELS == 1000

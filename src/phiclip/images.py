@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -96,11 +97,27 @@ def to_rgb(img: Image.Image, *, keep_alpha: bool = False) -> Image.Image:
     return img.convert("RGB")
 
 
+#: Serialises ``Image.open`` in :func:`_open_encoded`: around it the warning filters and PIL's
+#: process-wide pixel limit are changed, and neither may be changed by two threads at once (bulk runs
+#: decode on threads). ``Image.open`` only reads the header; decoding happens outside the lock.
+_OPEN_LOCK = threading.Lock()
+
+
 def _open_encoded(fp: Any, source: str, max_pixels: int | None) -> Image.Image:
     try:
-        with warnings.catch_warnings():
+        with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+            # PIL refuses images over twice its own limit before ``max_pixels`` is checked below:
+            # lift its limit for this call when ``max_pixels`` allows more (the check below applies).
+            pil_limit = Image.MAX_IMAGE_PIXELS
+            lift = pil_limit is not None and (max_pixels is None or max_pixels > pil_limit)
+            if lift:
+                Image.MAX_IMAGE_PIXELS = None
+            try:
+                img = Image.open(fp)
+            finally:
+                if lift:
+                    Image.MAX_IMAGE_PIXELS = pil_limit
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(source, f"over the pixel limit ({e}); raise max_pixels to accept it") from None
     except UnidentifiedImageError:

@@ -583,7 +583,9 @@ def test_thread_pool_one_thread_and_worker_processes_write_the_same(tmp_path: Pa
     monkeypatch.setattr(runner, "default_prep_threads", lambda: 1)
     serial = _ThreadSpy()
     embed(serial, root, tmp_path / "serial", num_workers=0, **settings)
-    assert serial.threads == {"MainThread"}
+    import threading
+
+    assert serial.threads == {threading.current_thread().name}
     embed(MeanColourEncoder(), root, tmp_path / "workers", num_workers=2, **settings)
     assert Image.MAX_IMAGE_PIXELS == limit_before  # the run's pixel limit does not outlive it
     check_outcomes(tmp_path / "pool", expected)
@@ -603,3 +605,33 @@ def test_cpu_encoder_defaults_to_in_process_threads(tmp_path: Path, mixed_folder
     spy = _ThreadSpy()  # describe() says device cpu
     embed(spy, root, tmp_path / "out", max_pixels=BOMB_LIMIT, progress=False)
     assert spy.threads and all(t.startswith("phiclip-prep") for t in spy.threads)
+
+
+@pytest.mark.parametrize("mode", ["pool", "one_thread", "workers"])
+def test_max_pixels_beyond_pils_own_limit_and_pils_limit_left_alone(tmp_path: Path, mode: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``max_pixels`` decides, not PIL's process-wide limit, which is never left changed: not after a
+    run, not after a run whose model failed, and no preparing thread outlives a run."""
+    import threading
+
+    from PIL import Image
+
+    from phiclip.pipeline import runner
+
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (100, 100), (200, 10, 10)).save(tmp_path / "in" / "big.png")
+    Image.new("RGB", (20, 20), (10, 200, 10)).save(tmp_path / "in" / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL alone would refuse the 100x100 image
+    monkeypatch.setattr(runner, "default_prep_threads", lambda: 1 if mode == "one_thread" else 3)
+    workers = 2 if mode == "workers" else 0
+    common = dict(num_workers=workers, progress=False, shard_size=1)
+    res = embed(MeanColourEncoder(), tmp_path / "in", tmp_path / "none", max_pixels=None, **common)
+    assert (res.embedded, res.failed) == (2, 0)
+    res = embed(MeanColourEncoder(), tmp_path / "in", tmp_path / "limited", max_pixels=5000, **common)
+    assert (res.embedded, res.failed) == (1, 1)
+    assert "over the pixel limit of 5000" in _read(tmp_path / "limited", schema.ERRORS_DIR)[schema.COL_REASON].iloc[0]
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(RuntimeError, match="simulated device failure"):
+        embed(MeanColourEncoder(fail_on=1), tmp_path / "in", tmp_path / "failed", max_pixels=None, **common)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    assert not [t for t in threading.enumerate() if t.name.startswith("phiclip-prep")]

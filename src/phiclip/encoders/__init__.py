@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,8 @@ def slow_cpu_dtype_reason(device: Any, dtype: Any) -> str | None:
 
     if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return None
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return None  # AMX is an x86 feature; other CPUs (e.g. Arm with BF16 instructions) differ
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     try:
         has_amx = bool(probe()) if probe is not None else True  # unknown: do not claim anything

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import threading
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -203,26 +202,26 @@ class Phi3VImageProcessor:
         """
         resized, top, target_h, transposed = self._resize(image)
         new_h, new_w = resized.shape[:2]
-        with warnings.catch_warnings():  # PIL's buffer is read-only; it is only ever read from here
-            warnings.simplefilter("ignore", UserWarning)
-            src = torch.from_numpy(resized)  # (new_h, new_w, 3) uint8
         numel = 3 * new_w * target_h
         storage = buffer[:numel] if buffer is not None and buffer.numel() >= numel else torch.empty(numel)
         if transposed:
             # Portrait: the canvas is the transposed landscape canvas; write it transposed directly.
             canvas = storage.view(3, new_w, target_h)  # (3, H, W)
             region = canvas[:, :, top : top + new_h]
-            src_chw = src.permute(2, 1, 0)  # (3, new_w, new_h)
+            src_chw = resized.transpose(2, 1, 0)  # (3, new_w, new_h)
             canvas[:, :, :top] = self._white
             canvas[:, :, top + new_h :] = self._white
         else:
             canvas = storage.view(3, target_h, new_w)  # (3, H, W)
             region = canvas[:, top : top + new_h, :]
-            src_chw = src.permute(2, 0, 1)  # (3, new_h, new_w)
+            src_chw = resized.transpose(2, 0, 1)  # (3, new_h, new_w)
             canvas[:, :top, :] = self._white
             canvas[:, top + new_h :, :] = self._white
-        # uint8 -> float32 in [0, 1] -> normalised, in place (ToTensor then Normalize, same float ops).
-        region.copy_(src_chw).div_(255.0).sub_(self._mean).div_(self._std)
+        # uint8 -> float32 (numpy reads PIL's read-only buffer directly, one thread per image: images
+        # are prepared on parallel threads), then in [0, 1] and normalised in place: ToTensor then
+        # Normalize, the same float ops.
+        np.copyto(region.numpy(), src_chw, casting="unsafe")
+        region.div_(255.0).sub_(self._mean).div_(self._std)
         return canvas
 
     def crops_from_canvas(self, canvas: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

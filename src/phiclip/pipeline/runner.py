@@ -68,9 +68,10 @@ LOCK_FILE = ".phiclip.lock"
 
 
 def default_num_workers(device: str = "cuda") -> int:
-    """Worker processes for an encoder on ``device``: ``min(4, CPUs)`` beside a GPU, 0 on the CPU
-    (there the inputs are prepared on a thread pool between model calls; see the module docstring)."""
-    if not str(device).startswith("cuda"):
+    """Worker processes for an encoder on ``device``: ``min(4, CPUs)`` beside an accelerator (CUDA,
+    MPS...), 0 on the CPU (there the inputs are prepared on a thread pool between model calls; see
+    the module docstring)."""
+    if str(device).split(":")[0] == "cpu":
         return 0
     return min(4, os.cpu_count() or 1)
 
@@ -337,20 +338,6 @@ class _ImageWork:
     budget: int
     keep_alpha: bool = False
 
-    @contextlib.contextmanager
-    def pixel_limit(self) -> Iterator[None]:
-        """PIL refuses images over 2x its own limit before ours is checked: align PIL's limit with
-        ``max_pixels`` while this run decodes (set once per process, not per image, so that the
-        decoding threads do not race on it)."""
-        from PIL import Image
-
-        old_limit = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None if self.max_pixels is None else max(self.max_pixels, old_limit or 0)
-        try:
-            yield
-        finally:
-            Image.MAX_IMAGE_PIXELS = old_limit
-
     def _prepare(self, rec: Record, payload: Any) -> tuple[Any, tuple[int, int], int] | tuple[str, str]:
         """One record -> (item, (width, height), cost), or (stage, reason) when it fails. Safe to
         call from several threads at once."""
@@ -466,9 +453,8 @@ def _chunk_dataset(work: _ImageWork, chunks: list[_Chunk]) -> Any:
         def __iter__(self) -> Iterator[_ChunkOut]:
             info = get_worker_info()
             wid, n = (0, 1) if info is None else (info.id, info.num_workers)
-            with work.pixel_limit():
-                for k in range(wid, len(chunks), n):
-                    yield from work.run(chunks[k])
+            for k in range(wid, len(chunks), n):
+                yield from work.run(chunks[k])
 
     return ChunkDataset()
 
@@ -476,11 +462,10 @@ def _chunk_dataset(work: _ImageWork, chunks: list[_Chunk]) -> Any:
 def _in_process_pieces(work: _ImageWork, chunks: list[_Chunk], threads: int) -> Iterator[_ChunkOut]:
     """The chunks prepared in this process, each on a pool of ``threads`` threads, in order."""
     if threads <= 1:
-        with work.pixel_limit():
-            for chunk in chunks:
-                yield from work.run(chunk)
+        for chunk in chunks:
+            yield from work.run(chunk)
         return
-    with ThreadPoolExecutor(threads, thread_name_prefix="phiclip-prep") as pool, work.pixel_limit():
+    with ThreadPoolExecutor(threads, thread_name_prefix="phiclip-prep") as pool:
         for chunk in chunks:
             yield from work.run(chunk, pool)
 
@@ -736,31 +721,37 @@ def _embed_image_shards(job: _Job, encoder: Any, pending: list[int], writer: Sha
     for key in ("read_decode_preprocess", "wait", "encode", "write"):
         job.timings.setdefault(key, 0.0)
     pieces = iter(loader)
-    while True:
-        t0 = time.perf_counter()
-        out: _ChunkOut | None = next(pieces, None)
-        if out is None:
-            break
-        t0 = job.tick("wait", t0)
-        job.timings["read_decode_preprocess"] += out.seconds
-        buf = buffers.setdefault(out.shard, _ShardBuffer(len(plan[out.shard])))
-        for positions, sizes, batch in out.batches:
-            where = f"a batch of {len(positions)} inputs starting with {records[positions[0]].source}"
-            enc = _encode_images(encoder, batch, opts.tokens, amp, where)
-            if opts.tokens and enc.tokens is None:
-                raise ValueError(f"{encoder.name} does not return token sequences; drop --tokens (it is for Phi-3-vision)")
-            failed += _accept(buf, positions, sizes, enc.embeddings, enc.tokens if opts.tokens else None)
-        t0 = job.tick("encode", t0)
-        buf.errors.extend(out.errors)
-        failed += len(out.errors)
-        buf.seen += out.count
-        processed += out.count
-        bar.update(out.count)
-        bar.set_postfix(failed=failed, refresh=False)
-        if buf.seen == buf.size:
-            writer.write_shard(out.shard, buf.result(records, "image", opts.tokens))
-            del buffers[out.shard]
-            job.tick("write", t0)
+    try:
+        while True:
+            t0 = time.perf_counter()
+            out: _ChunkOut | None = next(pieces, None)
+            if out is None:
+                break
+            t0 = job.tick("wait", t0)
+            job.timings["read_decode_preprocess"] += out.seconds
+            buf = buffers.setdefault(out.shard, _ShardBuffer(len(plan[out.shard])))
+            for positions, sizes, batch in out.batches:
+                where = f"a batch of {len(positions)} inputs starting with {records[positions[0]].source}"
+                enc = _encode_images(encoder, batch, opts.tokens, amp, where)
+                if opts.tokens and enc.tokens is None:
+                    raise ValueError(f"{encoder.name} does not return token sequences; drop --tokens (it is for Phi-3-vision)")
+                failed += _accept(buf, positions, sizes, enc.embeddings, enc.tokens if opts.tokens else None)
+            t0 = job.tick("encode", t0)
+            buf.errors.extend(out.errors)
+            failed += len(out.errors)
+            buf.seen += out.count
+            processed += out.count
+            bar.update(out.count)
+            bar.set_postfix(failed=failed, refresh=False)
+            if buf.seen == buf.size:
+                writer.write_shard(out.shard, buf.result(records, "image", opts.tokens))
+                del buffers[out.shard]
+                job.tick("write", t0)
+    finally:
+        # Stop the preparing threads now (in-process runs), also when the model or the writer failed.
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
     if buffers:  # every chunk came back, so every shard must have been written
         raise RuntimeError(f"internal error: shards {sorted(buffers)} did not receive all their records")
     return processed
