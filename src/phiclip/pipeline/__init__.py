@@ -1,4 +1,5 @@
-"""Bulk embedding: inputs -> records -> workers -> encoder -> atomic Parquet shards.
+"""Bulk embedding: inputs -> records -> decode + preprocess (threads on the CPU, worker processes beside a
+GPU) -> encoder -> atomic Parquet shards.
 
 :mod:`.sources` lists inputs, :mod:`.writer` writes shards and the manifest, :mod:`.runner` ties
 them together (:func:`embed`, :func:`embed_text`). Importing this package is cheap; torch is
