@@ -23,6 +23,16 @@ import numpy as np
 
 from phiclip.images import ImageInput, load_image
 
+
+def default_prep_threads() -> int:
+    """Threads that decode and preprocess inputs in the model's process: as many as torch uses for
+    the model. The two take turns at the cores: on a CPU the model's matrix products already use
+    every one of them, so preparing the next batch meanwhile would only slow both down."""
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
 #: Spec kinds and what they mean (the prefix of ``kind:location``).
 SPEC_KINDS = ("clip", "siglip", "phi3v")
 
@@ -162,14 +172,11 @@ class Encoder(abc.ABC):
     # --- convenience --------------------------------------------------------------------------
     def encode_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
         """Images (PIL, arrays, paths or bytes) -> (n, dim) float32 embeddings."""
-        import torch
-
         def prepare(image: ImageInput) -> Any:
             return self.preprocess(load_image(image, keep_alpha=self.keeps_alpha))
 
-        # Decoding and preprocessing run on as many threads as the model uses (PIL releases the
-        # GIL), between model calls: on a CPU the model's matrix products already use every core.
-        threads = min(max(1, torch.get_num_threads()), batch_size, len(images))
+        # Decoding and preprocessing run on a thread pool between model calls (PIL releases the GIL).
+        threads = min(default_prep_threads(), batch_size, len(images))
         out = []
         with contextlib.ExitStack() as stack:
             pool = stack.enter_context(ThreadPoolExecutor(threads, thread_name_prefix="phiclip-prep")) if threads > 1 else None

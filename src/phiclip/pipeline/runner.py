@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from phiclip import schema
+from phiclip.encoders.base import default_prep_threads
 from phiclip.images import DEFAULT_MAX_PIXELS
 from phiclip.pipeline.sources import InputError, InputListing, Record, list_inputs, list_texts, plan_shards
 from phiclip.pipeline.writer import (
@@ -74,13 +75,6 @@ def default_num_workers(device: str = "cuda") -> int:
     if str(device).split(":")[0] == "cpu":
         return 0
     return min(4, os.cpu_count() or 1)
-
-
-def default_prep_threads() -> int:
-    """Threads that decode and preprocess in the main process: as many as torch uses for the model."""
-    import torch
-
-    return max(1, torch.get_num_threads())
 
 
 @dataclass
