@@ -6,17 +6,28 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= demo-output
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean torch
 
 $(BIN)/phiclip: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU build of torch first, so that no CUDA build is pulled in by the range below.
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
+	# torch first, so that the range in pyproject.toml installs nothing more: the CUDA build where an
+	# NVIDIA driver is present, else the CPU build from PyTorch's CPU index (about 200 MB instead of
+	# several GB). Where that index cannot be reached, pip's own configuration decides (TORCH_INDEX overrides).
+	$(BIN)/python -c "import torch" 2>/dev/null || $(MAKE) --no-print-directory torch
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(BIN)/phiclip
 
 venv: $(BIN)/phiclip
+
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+torch:
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/pip install -q "torch==2.13.0"; \
+	else \
+	  $(BIN)/pip install -q "torch==2.13.0" --index-url $(TORCH_INDEX) --timeout 15 --retries 1 \
+	    || $(BIN)/pip install -q "torch==2.13.0"; \
+	fi
 
 demo: venv
 	$(BIN)/phiclip demo --output $(DEMO_OUT)

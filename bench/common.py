@@ -128,19 +128,23 @@ class Report:
                                                      "checks": self.checks, "env": self.env}, indent=2))
 
 
+def cpu_description() -> str:
+    """The CPU model and the instruction sets that decide 16-bit and int8 speed (AMX, AVX512-BF16,
+    VNNI...), as every benchmark table records them."""
+    from phiclip.precision import cpu_isa_flags, cpu_name
+
+    return f"{cpu_name()}; ISA: {' '.join(cpu_isa_flags()) or 'none of note'}"
+
+
 def environment() -> dict[str, Any]:
     import torch
     import transformers
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    env = {"cpu": cpu, "cores": os.cpu_count(), "torch threads": torch.get_num_threads(), "torch": torch.__version__,
+    from phiclip.precision import cpu_isa_flags, cpu_name
+
+    cpu = cpu_name() or platform.processor() or ""
+    env = {"cpu": cpu, "isa": " ".join(cpu_isa_flags()), "cores": os.cpu_count(), "torch threads": torch.get_num_threads(),
+           "torch": torch.__version__,
            "transformers": transformers.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)

@@ -22,7 +22,7 @@ def runner():
 @pytest.fixture
 def colour_builder(monkeypatch):
     """Make `clip:...` specs load the test-only ColourEncoder (through the real load_encoder)."""
-    monkeypatch.setitem(encoders.BUILDERS, "clip", lambda spec, **kw: ColourEncoder(str(spec)))
+    monkeypatch.setitem(encoders.KINDS, "clip", encoders.KINDS["clip"].with_builder(lambda spec, *_: ColourEncoder(str(spec))))
 
 
 def _colour_out(tmp_path):
@@ -75,7 +75,7 @@ def test_search_errors(runner, tmp_path, colour_builder, monkeypatch):
     assert res.exit_code == 1 and "give exactly one query" in res.output
     res = runner.invoke(app, ["search", str(out), "--image", str(tmp_path / "nope.jpg")])
     assert res.exit_code == 1 and "nope.jpg: no such file" in res.output
-    monkeypatch.setitem(encoders.BUILDERS, "clip", lambda spec, **kw: ColourEncoder(str(spec), text=False))
+    monkeypatch.setitem(encoders.KINDS, "clip", encoders.KINDS["clip"].with_builder(lambda spec, *_: ColourEncoder(str(spec), text=False)))
     res = runner.invoke(app, ["search", str(out), "--text", "red"])
     assert res.exit_code == 1 and "embeds images only" in res.output and "Traceback" not in res.output
 
@@ -138,3 +138,27 @@ def test_embed_index_search_eval_with_tiny_clip(runner, tmp_path):
         assert res.exit_code == 0, res.output
         metrics = json.loads(res.stdout)["metrics"]
         assert metrics and all(0.0 <= v <= 1.0 for v in metrics.values())
+
+
+def test_allow_incomplete_for_index_and_search(runner, tmp_path, colour_builder):
+    out = write_embedding_dir(tmp_path / "out", np.eye(3, dtype=np.float32), ids=["red", "green", "blue"],
+                              complete=False)
+    for command in (["index", str(out)], ["search", str(out), "--text", "red"]):
+        res = runner.invoke(app, command)
+        assert res.exit_code == 1 and "not finished" in res.output and "--allow-incomplete" in res.output
+    res = runner.invoke(app, ["index", str(out), "--allow-incomplete", "--json"])
+    assert res.exit_code == 0, res.output
+    built = json.loads(res.stdout)
+    assert built["n"] == 3
+    res = runner.invoke(app, ["search", str(out), "--text", "green", "-k", "1", "--allow-incomplete", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)[0]["id"] == "green"
+    # the index of an unfinished run is not used without the flag either
+    res = runner.invoke(app, ["search", str(out), "--text", "green"])
+    assert res.exit_code == 1 and "not finished" in res.output
+    # once the run is finished (the manifest rewritten), the index is rebuilt from the shards
+    manifest = json.loads((out / schema.MANIFEST_FILE).read_text())
+    (out / schema.MANIFEST_FILE).write_text(json.dumps({**manifest, "complete": True}))
+    res = runner.invoke(app, ["search", str(out), "--text", "blue", "-k", "1", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)[0]["id"] == "blue"
+    assert json.loads((out / schema.INDEX_DIR / "meta.json").read_text())["fingerprint"] != built["fingerprint"]

@@ -68,6 +68,44 @@ def test_sixteen_bit_images_are_scaled_not_clipped() -> None:
     assert out[..., 0].min() == 0 and out[..., 0].max() == 255 and len(np.unique(out)) > 32
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+@pytest.mark.parametrize(("top", "shift"), [(255, 0), (256, 1), (4095, 4), (65535, 8)])
+def test_high_bit_depth_is_mapped_by_the_bits_it_uses(tmp_path: Path, mode: str, top: int, shift: int) -> None:
+    # An 8-bit picture in a 16-bit container (top 255) stays as it is instead of turning nearly
+    # black; 12-bit data (top 4095) is shifted by 4, full 16-bit data by 8.
+    arr = (np.linspace(0, 1, 48 * 32).reshape(32, 48) * top).round().astype(np.uint16)
+    img = Image.fromarray(arr) if mode == "I;16" else Image.fromarray(arr.astype(np.int32))
+    assert img.mode == mode
+    want = (arr.astype(np.uint32) >> shift).astype(np.uint8)
+    out = np.asarray(load_image(img))
+    assert np.array_equal(out[..., 0], want) and np.array_equal(out[..., 2], want)
+    path = tmp_path / ("deep.png" if mode == "I;16" else "deep.tif")  # and the same from a file
+    img.save(path)
+    assert np.array_equal(np.asarray(load_image(path))[..., 1], want)
+
+
+def test_a_header_longer_than_the_limit_is_refused_without_reading_on(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import struct
+    import zlib
+
+    from phiclip import images
+
+    monkeypatch.setattr(images, "HEADER_READ_LIMIT", 4096)
+    png = _encoded(Image.new("RGB", (5, 4), (9, 8, 7)))
+    chunk = b"zzZz" + b"\0" * 20_000  # a private chunk before the pixels
+    hostile = png[:33] + struct.pack(">I", 20_000) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[33:]
+    (tmp_path / "h.png").write_bytes(hostile)
+    assert Image.open(tmp_path / "h.png").size == (5, 4)  # a valid PNG for PIL
+    _, err = try_load_image(tmp_path / "h.png")
+    assert err is not None and "header runs past the first" in err.reason
+    # Pixel data is bounded by the image's raw size, not by the header limit.
+    (tmp_path / "big.png").write_bytes(_encoded(Image.fromarray(
+        np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8))))
+    assert (tmp_path / "big.png").stat().st_size > 4096
+    assert load_image(tmp_path / "big.png").size == (300, 200)
+
+
 def test_transparency_kept_only_when_asked() -> None:
     rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
     assert has_alpha(rgba) and not has_alpha(rgba.convert("RGB"))

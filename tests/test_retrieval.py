@@ -226,13 +226,13 @@ def test_search_loads_the_manifest_encoder(tmp_path, monkeypatch):
     out, _, _ = _colour_dir(tmp_path)
     seen = []
 
-    def build(spec, **kw):
-        seen.append((str(spec), kw))
+    def build(spec, options, placement):
+        seen.append((str(spec), str(placement.device), placement.requested))
         return ColourEncoder(str(spec))
 
-    monkeypatch.setitem(encoders.BUILDERS, "clip", build)
+    monkeypatch.setitem(encoders.KINDS, "clip", encoders.KINDS["clip"].with_builder(build))
     assert S.search(out, text="blue", k=1, device="cpu")[0].id == "blue"
-    assert seen == [("clip:/models/tiny", {"device": "cpu", "dtype": "auto"})]
+    assert seen == [("clip:/models/tiny", "cpu", "auto")]
 
 
 def test_search_refuses_another_encoder(tmp_path):

@@ -12,7 +12,14 @@ import pytest
 from _embdir import write_embedding_dir
 
 from phiclip import schema
-from phiclip.store import EmbeddingStoreError, fingerprint, open_embeddings, read_columns, read_manifest
+from phiclip.store import (
+    EmbeddingStoreError,
+    fingerprint,
+    open_embeddings,
+    read_columns,
+    read_manifest,
+    weights_fingerprint_of,
+)
 
 
 def test_reads_all_shards_in_order(tmp_path):
@@ -70,7 +77,7 @@ def test_bad_manifest(tmp_path):
 
 def test_incomplete_run_is_refused_unless_allowed(tmp_path):
     write_embedding_dir(tmp_path, np.eye(3, dtype=np.float32), complete=False)
-    with pytest.raises(EmbeddingStoreError, match="not finished.*rerun the same"):
+    with pytest.raises(EmbeddingStoreError, match="not finished.*rerun the same.*pass --allow-incomplete"):
         open_embeddings(tmp_path)
     assert len(open_embeddings(tmp_path, allow_incomplete=True)) == 3
 
@@ -134,3 +141,24 @@ def test_embeddings_are_writable_numpy_memory(tmp_path):
     emb = open_embeddings(tmp_path)
     emb.embeddings[0, 0] = 5.0  # a single float32 shard must not be a read-only Arrow view
     assert emb.embeddings[0, 0] == 5.0
+
+
+def test_manifest_fields_of_the_wrong_type_are_named(tmp_path):
+    write_embedding_dir(tmp_path, np.eye(3, dtype=np.float32))
+    mpath = tmp_path / schema.MANIFEST_FILE
+    good = json.loads(mpath.read_text())
+    for change, message in (({"counts": ["x"]}, "'counts' is \\['x'\\], not a JSON object"),
+                            ({"counts": {"embedded": 2.5}}, "'counts.embedded' is 2.5, not a count"),
+                            ({"dim": "3.5"}, "'dim' is '3.5', not a positive integer"),
+                            ({"complete": 1}, "'complete' is 1, not true or false")):
+        mpath.write_text(json.dumps({**good, **change}))
+        with pytest.raises(EmbeddingStoreError, match=f"manifest.json: manifest {message}"):
+            open_embeddings(tmp_path)
+    mpath.write_text(json.dumps({**good, "dim": "3", "counts": {"embedded": 3, "by_stage": {"decode": 1}}}))
+    assert read_manifest(tmp_path)["dim"] == 3 and len(open_embeddings(tmp_path)) == 3
+
+
+def test_weights_fingerprint_of():
+    assert weights_fingerprint_of({"encoder": {"weights_fingerprint": "sha256:ab"}}) == "sha256:ab"
+    assert weights_fingerprint_of({"encoder": {"spec": "clip:/m"}}) is None
+    assert weights_fingerprint_of({"encoder": None}) is None

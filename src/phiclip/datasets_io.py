@@ -97,6 +97,42 @@ class LabelledData:
 
 # --- helpers -----------------------------------------------------------------------------------
 
+#: The largest block pyarrow's CSV reader accepts (an int32): no cell can be longer.
+_MAX_CSV_BLOCK = 2**31 - 1
+
+
+def read_csv_table(path: str | os.PathLike, *, delimiter: str = ",", columns: Sequence[str] | None = None) -> Any:
+    """Read a CSV/TSV file with pyarrow, whatever the length of its cells.
+
+    pyarrow parses in blocks (1 MiB by default) and refuses a cell longer than a block ("straddling
+    object straddles two block boundaries"); the file is then read again in one block as large as
+    the file (at most 2 GiB, the largest pyarrow takes), so a 50 MB caption reads fine. Only a cell
+    that still does not fit is refused, with a ``ValueError`` naming the file and the fix.
+
+    Args:
+        path: the file. delimiter: ``","`` or ``"\\t"``. columns: read only these (``None``: all).
+    """
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    parse = pacsv.ParseOptions(delimiter=delimiter)
+    convert = pacsv.ConvertOptions(include_columns=list(columns) if columns else None)
+    try:
+        return pacsv.read_csv(path, parse_options=parse, convert_options=convert)
+    except pa.ArrowInvalid as e:
+        if "straddl" not in str(e):
+            raise
+    read = pacsv.ReadOptions(block_size=min(max(os.path.getsize(path) + 1, 1 << 20), _MAX_CSV_BLOCK))
+    try:
+        return pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+    except pa.ArrowInvalid as e:
+        if "straddl" not in str(e):
+            raise
+        raise ValueError(
+            f"{path}: a cell is longer than pyarrow's CSV reader can take (2 GiB); convert the table to Parquet "
+            "(or split the long cells) and use that"
+        ) from None
+
 
 def _image_extensions() -> set[str]:
     from PIL import Image
@@ -121,7 +157,9 @@ def _labels_from_values(values: Sequence[Any], source: str) -> tuple[np.ndarray,
 def _check_files_exist(paths: Sequence[str], source: str) -> None:
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        from phiclip.schema import path_to_source  # names that are not UTF-8 stay printable
+
+        shown = ", ".join(path_to_source(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise DataError(
             f"{source}: {len(missing)} image file(s) do not exist: {shown}; image paths are read relative "
             "to the table's folder, fix them or remove those rows"
@@ -356,10 +394,7 @@ def load_table(
             table = pq.read_table(file)
             records = {name: table.column(name).to_pylist() for name in table.column_names}
         elif suffix in (".csv", ".tsv"):
-            import pyarrow.csv as pacsv
-
-            opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
-            table = pacsv.read_csv(file, parse_options=opts)
+            table = read_csv_table(file, delimiter="\t" if suffix == ".tsv" else ",")
             records = {name: table.column(name).to_pylist() for name in table.column_names}
         else:
             raise DataError(f"{source}: not a .csv, .tsv or .parquet file")
@@ -551,4 +586,5 @@ __all__ = [
     "load_folder",
     "load_hf",
     "load_table",
+    "read_csv_table",
 ]

@@ -11,16 +11,24 @@ At build time the recall@10 of the index against exact search is measured on a s
 indexed vectors used as queries (each query's own row left out of both lists); when an approximate
 index falls short of ``target_recall`` its search breadth (``efSearch`` / ``nprobe``) is doubled
 until it reaches it or a limit. The index and a small ``meta.json`` (type, parameters, n, dim,
-recall, the encoder spec of the manifest, a fingerprint of the shards) are saved under
-``OUT/index/``; :func:`open_index` reopens them without rebuilding and rebuilds only when the
-embeddings changed since (the fingerprint differs).
+recall, the encoder spec of the manifest, a fingerprint of the shards, the sha256 of ``index.faiss``)
+are saved under ``OUT/index/``; :func:`open_index` reopens them without rebuilding and rebuilds when
+the index is missing, when the embeddings changed since (the fingerprint differs), and, with a
+warning, when the index is damaged or does not match its ``meta.json`` (another sha256, type, width or
+size; a ``meta.json`` that is not valid, or from a phiclip that recorded no checksum). FAISS never
+reads an ``index.faiss`` whose checksum does not match.
+
+Stored vectors that are not finite (NaN or infinity: an encoder that overflowed) are refused at build
+time with an error naming their shards, rather than indexed: FAISS would rank them arbitrarily.
 
 A query must be embedded by the encoder that wrote the vectors: :func:`search` loads it from the
-manifest's ``encoder["spec"]`` when none is given, and refuses one whose spec differs.
+manifest's ``encoder["spec"]`` when none is given, refuses one whose spec differs, and warns when the
+spec is the same but the weights differ (``weights_fingerprint`` of the manifest and of the encoder).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -35,11 +43,13 @@ import numpy as np
 from phiclip import schema
 from phiclip.store import (
     EmbeddingStoreError,
+    check_complete,
     encoder_spec_of,
     fingerprint,
     open_embeddings,
     read_manifest,
     shard_files,
+    weights_fingerprint_of,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,7 +60,10 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 META_FILE = "meta.json"
-META_FORMAT = 1
+#: 2: ``index_sha256`` (the checksum of ``index.faiss``) added; format 1 files are rebuilt.
+META_FORMAT = 2
+#: Cosine scores beyond [-1, 1] by more than this mean the index holds other vectors than it should.
+SCORE_TOLERANCE = 1e-3
 
 #: Sets up to this size get an exact ``IndexFlatIP``.
 EXACT_MAX_ROWS = 100_000
@@ -111,6 +124,7 @@ class IndexInfo:
     build_seconds: float
     requested_type: str = "auto"
     metric: str = "cosine"
+    index_sha256: str = ""
     path: str = ""
     built_now: bool = False
 
@@ -127,12 +141,51 @@ class IndexInfo:
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], path: Path) -> IndexInfo:
-        """Read back what :meth:`to_meta` wrote."""
+        """Read back what :meth:`to_meta` wrote, checking every field's type.
+
+        Raises:
+            ValueError: a field is missing or has the wrong type or value (the message names it).
+        """
         keys = {f for f in cls.__dataclass_fields__ if f not in ("path", "built_now")}
         missing = keys - set(meta) - {"requested_type", "metric"}
         if missing:
-            raise KeyError(", ".join(sorted(missing)))
+            raise ValueError(f"no {', '.join(repr(k) for k in sorted(missing))}")
+        _check_meta_fields(meta)
         return cls(**{k: meta[k] for k in keys if k in meta}, path=str(path))
+
+
+def _is_int(v: Any, minimum: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_meta_fields(meta: dict[str, Any]) -> None:
+    """Raise ValueError naming the first field of a ``meta.json`` dict that is not what
+    :meth:`IndexInfo.to_meta` writes."""
+    typ, params = meta["type"], meta["params"]
+    need = {"flat": (), "hnsw": ("ef_search",), "ivf": ("nprobe",)}
+    checks: list[tuple[str, bool, str]] = [
+        ("type", typ in need, "flat, hnsw or ivf"),
+        ("params", isinstance(params, dict) and all(_is_int(v, 1) for v in params.values())
+         and all(k in params for k in need.get(typ, ())), "the parameters of its type (positive integers)"),
+        ("n", _is_int(meta["n"], 1), "a positive integer"),
+        ("dim", _is_int(meta["dim"], 1), "a positive integer"),
+        ("recall_at_10", meta["recall_at_10"] is None or _is_number(meta["recall_at_10"]), "a number or null"),
+        ("recall_queries", _is_int(meta["recall_queries"]), "a count"),
+        ("encoder_spec", meta["encoder_spec"] is None or isinstance(meta["encoder_spec"], str), "a string or null"),
+        ("fingerprint", isinstance(meta["fingerprint"], str), "a string"),
+        ("build_seconds", _is_number(meta["build_seconds"]), "a number"),
+        ("requested_type", meta.get("requested_type", "auto") in INDEX_TYPES, ", ".join(INDEX_TYPES)),
+        ("metric", meta.get("metric", "cosine") == "cosine", "cosine"),
+        ("index_sha256", isinstance(meta["index_sha256"], str) and len(meta["index_sha256"]) == 64, "a sha256 (64 hex digits)"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            value = repr(meta.get(key))
+            raise ValueError(f"{key!r} is {value[:60]}{'...' if len(value) > 60 else ''}, not {expected}")
 
 
 # --- planning --------------------------------------------------------------------------------
@@ -301,19 +354,129 @@ def _write_atomic(path: Path, write: Any) -> None:
             tmp.unlink()
 
 
-def _read_meta(emb_dir: Path) -> IndexInfo | None:
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_meta(emb_dir: Path) -> tuple[IndexInfo | None, str | None]:
+    """``(info, None)`` for a valid ``meta.json`` beside an ``index.faiss``; ``(None, None)`` when
+    there is no index (nothing to warn about); ``(None, why)`` when ``meta.json`` cannot be trusted."""
     idir = _index_dir(emb_dir)
     mpath = idir / META_FILE
     if not mpath.is_file() or not (idir / INDEX_FILE).is_file():
-        return None
+        return None, None  # never built, or a build interrupted before it wrote meta.json
     try:
         meta = json.loads(mpath.read_text(encoding="utf-8"))
-        if meta.get("format") != META_FORMAT:
-            return None
-        return IndexInfo.from_meta(meta, idir)
-    except (OSError, ValueError, KeyError, TypeError):
-        log.warning("%s is unreadable; the index will be rebuilt", mpath)
-        return None
+    except (OSError, ValueError) as e:  # ValueError: JSON and UTF-8 errors
+        return None, f"{mpath} is not readable JSON ({e})"
+    if not isinstance(meta, dict):
+        return None, f"{mpath} is not a JSON object"
+    fmt = meta.get("format")
+    if fmt == 1:
+        return None, f"{mpath} was written by an older phiclip and records no checksum of {INDEX_FILE}"
+    if fmt != META_FORMAT:
+        return None, f"{mpath} has format {fmt!r:.20}, not {META_FORMAT}"
+    try:
+        return IndexInfo.from_meta(meta, idir), None
+    except ValueError as e:
+        return None, f"{mpath}: {e}"
+
+
+def _check_stored(root: Path, info: IndexInfo, manifest: dict[str, Any]) -> tuple[str | None, bool]:
+    """Whether the saved index can be used as it is, without reading it into FAISS.
+
+    Returns ``(None, False)`` when it can; ``(why, False)`` when it is stale (the embeddings changed);
+    ``(why, True)`` when it is damaged or does not match its ``meta.json`` (checked: the embeddings'
+    fingerprint, the width in the manifest, the sha256 of ``index.faiss``).
+    """
+    try:
+        if info.fingerprint != fingerprint(root):
+            return "the embeddings changed since the index was built", False
+    except OSError as e:
+        return f"{root}: cannot read the embeddings ({e.strerror or e})", True
+    mpath = Path(info.path) / META_FILE
+    if info.dim != manifest["dim"]:
+        return f"{mpath} says the vectors are {info.dim}-d but the manifest says {manifest['dim']}-d", True
+    ipath = Path(info.path) / INDEX_FILE
+    try:
+        sha = _file_sha256(ipath)
+    except OSError as e:
+        return f"{ipath}: unreadable ({e.strerror or e})", True
+    if sha != info.index_sha256:
+        return f"{ipath} does not match the sha256 recorded in {mpath} (damaged or replaced)", True
+    return None, False
+
+
+def _actual_type(index: Any) -> str:
+    """flat / hnsw / ivf, or the FAISS class name of anything else."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexFlat):
+        return "flat"
+    if isinstance(index, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(index, faiss.IndexIVF):
+        return "ivf"
+    return type(index).__name__
+
+
+def _read_checked(info: IndexInfo) -> tuple[Any, str | None]:
+    """Read ``index.faiss`` (its checksum already verified) and check it is what ``meta.json`` says:
+    ``(index, None)``, or ``(None, why)``. Sets the search breadth recorded at build time."""
+    import faiss
+
+    ipath, mpath = Path(info.path) / INDEX_FILE, Path(info.path) / META_FILE
+    try:
+        index = faiss.read_index(str(ipath))
+    except (RuntimeError, MemoryError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return None, f"{ipath}: unreadable index ({first})"
+    actual = _actual_type(index)
+    problem = None
+    if actual != info.type:
+        problem = f"{mpath} says the index is {info.type} but {ipath} holds a {actual} index"
+    elif index.d != info.dim:
+        problem = f"{ipath} holds {index.d}-d vectors but {mpath} says {info.dim}-d"
+    elif index.ntotal != info.n:
+        problem = f"{ipath} holds {index.ntotal} vectors but {mpath} says {info.n}"
+    elif index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        problem = f"{ipath} does not compare vectors by inner product"
+    if problem:
+        return None, problem
+    if info.type in ("hnsw", "ivf"):
+        _set_breadth(index, info.type, info.params["ef_search" if info.type == "hnsw" else "nprobe"])
+    return index, None
+
+
+def _check_finite(x: np.ndarray, shards: list[Path], root: Path, chunk: int = 65536) -> None:
+    """Refuse stored vectors that are NaN or infinite, naming their shards."""
+    bad = np.zeros(len(x), dtype=bool)
+    for start in range(0, len(x), chunk):
+        bad[start : start + chunk] = ~np.isfinite(x[start : start + chunk]).all(axis=1)
+    if not bad.any():
+        return
+    import pyarrow.parquet as pq
+
+    where, start = [], 0
+    for shard in shards:
+        rows = pq.ParquetFile(shard).metadata.num_rows
+        nbad = int(bad[start : start + rows].sum())
+        if nbad:
+            where.append(f"{shard.name} ({nbad} of {rows} rows)")
+        start += rows
+    listed = ", ".join(where[:5]) + (f" and {len(where) - 5} more shards" if len(where) > 5 else "")
+    raise SearchError(
+        f"{root}: {int(bad.sum())} of {len(x)} stored vectors are not finite (NaN or infinity), in {listed}; "
+        "the encoder produced invalid vectors for those inputs, so nothing is indexed: delete those shards from "
+        f"{schema.EMBEDDINGS_DIR}/ and rerun the same `phiclip embed` command (it embeds missing shards again); "
+        "if they come out NaN again, the model or its weights are broken (try --precision float32)"
+    )
 
 
 def build_index(
@@ -323,11 +486,13 @@ def build_index(
     force: bool = False,
     target_recall: float = TARGET_RECALL,
     seed: int = 0,
+    allow_incomplete: bool = False,
 ) -> IndexInfo:
     """Build (or reuse) the FAISS index of an embedding output directory and save it under ``index/``.
 
-    An index already there is reused when the embeddings have not changed since it was built and it
-    was built with the same ``index_type`` request; ``force=True`` always rebuilds.
+    An index already there is reused when the embeddings have not changed since it was built, it
+    was built with the same ``index_type`` request, and it is intact (its sha256, type, width and size
+    are those in ``meta.json``); a damaged one is rebuilt with a warning. ``force=True`` always rebuilds.
 
     Args:
         emb_dir: the ``--output`` directory of ``phiclip embed``.
@@ -336,9 +501,15 @@ def build_index(
         target_recall: approximate indexes widen their search until their measured recall@10
             reaches this (or a limit); the value reached is recorded either way.
         seed: seed of the IVF training sample and of the recall queries.
+        allow_incomplete: index the shards of an unfinished run (``complete: false``) instead of
+            refusing it; the index goes stale (rebuilt on the next use) when the run writes more.
 
     Returns:
         The :class:`IndexInfo` written to ``index/meta.json`` (``built_now`` says whether it was built).
+
+    Raises:
+        SearchError: the stored vectors are not finite, or the index cannot be written.
+        EmbeddingStoreError: ``emb_dir`` is not a (finished) embedding output directory.
     """
     import faiss
 
@@ -346,13 +517,24 @@ def build_index(
     if index_type not in INDEX_TYPES:
         raise ValueError(f"index type {index_type!r} is not one of {', '.join(INDEX_TYPES)}")
     manifest = read_manifest(root)
+    check_complete(root, manifest, allow_incomplete)
     if not force:
-        info = _read_meta(root)
-        if info is not None and info.fingerprint == fingerprint(root) and info.requested_type == index_type:
-            return info
+        info, why = _load_meta(root)
+        if info is not None and info.requested_type == index_type:
+            why, damaged = _check_stored(root, info, manifest)
+            if why is None:
+                _, why = _read_checked(info)
+                if why is None:
+                    return info
+            elif not damaged:
+                why = None  # stale: rebuilt without a warning
+        if why is not None:
+            log.warning("%s; rebuilding the index", why)
     fp = fingerprint(root)  # before reading: a change during the build makes the index stale, not wrong
-    emb = open_embeddings(root)
+    emb = open_embeddings(root, allow_incomplete=allow_incomplete)
+    shards = emb.shard_files
     t0 = time.perf_counter()
+    _check_finite(emb.embeddings, shards, root)
     x = normalize_rows(emb.embeddings, inplace=True)  # (n, d) unit rows: inner product = cosine
     del emb
     plan = choose_index(len(x), index_type)
@@ -368,6 +550,7 @@ def build_index(
             _set_breadth(index, plan.type, params[key])
             recall = probe.recall(index, x)
     seconds = time.perf_counter() - t0
+    idir = _index_dir(root)
     info = IndexInfo(
         type=plan.type,
         params=params,
@@ -379,14 +562,18 @@ def build_index(
         fingerprint=fp,
         build_seconds=round(seconds, 3),
         requested_type=index_type,
-        path=str(_index_dir(root)),
+        path=str(idir),
         built_now=True,
     )
-    idir = _index_dir(root)
+
+    def write_index(path: Path) -> None:
+        faiss.write_index(index, str(path))
+        info.index_sha256 = _file_sha256(path)
+
     try:
         idir.mkdir(exist_ok=True)
         (idir / META_FILE).unlink(missing_ok=True)  # no meta while the index file is being replaced
-        _write_atomic(idir / INDEX_FILE, lambda p: faiss.write_index(index, str(p)))
+        _write_atomic(idir / INDEX_FILE, write_index)
         _write_atomic(
             idir / META_FILE, lambda p: p.write_text(json.dumps(info.to_meta(), indent=2) + "\n", encoding="utf-8")
         )
@@ -423,16 +610,31 @@ class SearchIndex:
         return len(self.ids)
 
     def query(self, vectors: np.ndarray, k: int = 10) -> list[list[SearchHit]]:
-        """(q, dim) query vectors -> for each query up to ``k`` hits, best first (cosine scores)."""
+        """(q, dim) query vectors -> for each query up to ``k`` hits, best first (cosine scores).
+
+        Raises:
+            SearchError: a query of another width or not finite, ``k < 1``, or scores that are not
+                cosines (the index holds other vectors than it should: rebuild it).
+        """
         q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
-        if q.shape[1] != self.info.dim:
-            raise SearchError(f"query vectors have {q.shape[1]} values but the index holds {self.info.dim}-d vectors")
+        dim = int(self.index.d)
+        if q.ndim != 2 or q.shape[1] != dim:
+            raise SearchError(f"query vectors have {q.shape[-1]} values but the index holds {dim}-d vectors")
+        if not np.isfinite(q).all():
+            raise SearchError("the query embedding is not finite (NaN or infinity); the encoder failed on this query")
         if k < 1:
             raise SearchError(f"k must be at least 1, got {k}")
         scores, rows = self.index.search(normalize_rows(q), min(k, len(self.ids)))
+        found_scores = scores[rows >= 0]  # -1: no result
+        if found_scores.size and not (np.abs(found_scores) <= 1 + SCORE_TOLERANCE).all():
+            worst = found_scores[~(np.abs(found_scores) <= 1 + SCORE_TOLERANCE)][0]
+            raise SearchError(
+                f"{self.info.path}: the index returned a cosine of {worst:.4g}, so it holds other vectors than the "
+                f"embeddings; rebuild it with `phiclip index --force {Path(self.info.path).parent}`"
+            )
         out = []
         for srow, irow in zip(scores, rows, strict=True):
-            found = [(float(s), int(i)) for s, i in zip(srow, irow, strict=True) if i >= 0]  # -1: no result
+            found = [(float(s), int(i)) for s, i in zip(srow, irow, strict=True) if i >= 0]
             out.append([SearchHit(r + 1, *self._row(i), score=s) for r, (s, i) in enumerate(found)])
         return out
 
@@ -457,47 +659,67 @@ def _row_labels(root: Path) -> tuple[Any, Any]:
 
 
 def index_is_fresh(emb_dir: str | Path) -> bool:
-    """Whether ``emb_dir/index/`` holds an index built from the current embeddings (no build needed)."""
+    """Whether ``emb_dir/index/`` holds an index built from the current embeddings (no build needed).
+
+    A quick look (``meta.json`` and the shards' fingerprint); :func:`open_index` also verifies the
+    checksum of ``index.faiss`` and rebuilds a damaged one.
+    """
     root = Path(emb_dir)
-    info = _read_meta(root)
+    info, _ = _load_meta(root)
     try:
         return info is not None and info.fingerprint == fingerprint(root)
     except OSError:
         return False
 
 
-def open_index(emb_dir: str | Path, *, rebuild_stale: bool = True, index_type: str | None = None) -> SearchIndex:
-    """Open the saved index of an embedding output directory, building it first when it is absent
-    or was built from other embeddings (and ``rebuild_stale``).
+def open_index(
+    emb_dir: str | Path,
+    *,
+    rebuild_stale: bool = True,
+    index_type: str | None = None,
+    allow_incomplete: bool = False,
+) -> SearchIndex:
+    """Open the saved index of an embedding output directory, building it first when it is absent,
+    was built from other embeddings, or is damaged (and ``rebuild_stale``).
+
+    ``index.faiss`` is only handed to FAISS when its sha256 is the one in ``meta.json``; then its
+    type, width and size must be those ``meta.json`` records. A damaged index is rebuilt with a
+    warning (logged), as a missing one is.
 
     Args:
         emb_dir: the ``--output`` directory of ``phiclip embed``.
-        rebuild_stale: rebuild a missing or stale index; ``False`` raises :class:`SearchError` instead.
+        rebuild_stale: rebuild a missing, stale or damaged index; ``False`` raises :class:`SearchError` instead.
         index_type: the type to (re)build with; default: what the old index was asked for, else ``auto``.
+        allow_incomplete: open the index of an unfinished run (``complete: false``) instead of refusing it.
     """
-    import faiss
-
     root = Path(emb_dir)
     manifest = read_manifest(root)
-    info = _read_meta(root)
-    fresh = info is not None and info.fingerprint == fingerprint(root)
-    if not fresh:
+    check_complete(root, manifest, allow_incomplete)
+    info, why = _load_meta(root)
+    damaged = why is not None
+    index = None
+    if info is not None:
+        why, damaged = _check_stored(root, info, manifest)
+        if why is None:
+            index, why = _read_checked(info)
+            damaged = why is not None
+    if index is None:
         if not rebuild_stale:
-            what = "no index" if info is None else "the index is older than the embeddings"
-            raise SearchError(f"{root}: {what}; run `phiclip index {root}`")
-        log.info("%s: %s; building it", root, "no index yet" if info is None else "embeddings changed")
-        info = build_index(root, index_type=index_type or (info.requested_type if info else "auto"), force=True)
+            if why is None:
+                raise SearchError(f"{root}: no index; run `phiclip index {root}`")
+            if not damaged:
+                raise SearchError(f"{root}: the index is older than the embeddings; run `phiclip index {root}`")
+            raise SearchError(f"{why}; run `phiclip index --force {root}`")
+        if damaged:
+            log.warning("%s; rebuilding the index", why)
+        else:
+            log.info("%s: %s; building it", root, why or "no index yet")
+        requested = index_type or (info.requested_type if info else "auto")
+        info = build_index(root, index_type=requested, force=True, allow_incomplete=allow_incomplete)
+        index, why = _read_checked(info)
+        if index is None:
+            raise SearchError(f"{why}; the index was just rebuilt and is still unreadable: check the disk")
     assert info is not None
-    idir = _index_dir(root)
-    try:
-        index = faiss.read_index(str(idir / INDEX_FILE))
-    except RuntimeError as e:
-        if not rebuild_stale:
-            raise SearchError(f"{idir / INDEX_FILE}: unreadable index ({e}); run `phiclip index --force {root}`") from None
-        info = build_index(root, index_type=info.requested_type, force=True)
-        index = faiss.read_index(str(idir / INDEX_FILE))
-    if info.type in ("hnsw", "ivf"):
-        _set_breadth(index, info.type, info.params["ef_search" if info.type == "hnsw" else "nprobe"])
     ids, sources = _row_labels(root)
     if len(ids) != index.ntotal:
         raise SearchError(
@@ -527,13 +749,16 @@ def _same_spec(a: str, b: str) -> bool:
 
 
 def check_encoder(encoder: Encoder, manifest: dict[str, Any], where: str | Path = "") -> None:
-    """Refuse an encoder other than the one that wrote the vectors (spec or width differ).
+    """Refuse an encoder other than the one that wrote the vectors (spec or width differ), and warn
+    (log) when the spec is the same but the weights are not: ``describe()["weights_fingerprint"]``
+    differs from the manifest's ``encoder["weights_fingerprint"]`` (no warning when either lacks it).
 
     Raises:
         SearchError: naming both specs.
     """
+    described = encoder.describe()
     expected = encoder_spec_of(manifest)
-    got = str(encoder.describe().get("spec") or getattr(encoder, "name", ""))
+    got = str(described.get("spec") or getattr(encoder, "name", ""))
     prefix = f"{where}: " if where else ""
     if expected and not _same_spec(got, expected):
         raise SearchError(
@@ -542,6 +767,15 @@ def check_encoder(encoder: Encoder, manifest: dict[str, Any], where: str | Path 
         )
     if int(encoder.dim) != int(manifest["dim"]):
         raise SearchError(f"{prefix}the query encoder makes {encoder.dim}-d vectors but the index holds {manifest['dim']}-d ones")
+    recorded = weights_fingerprint_of(manifest)
+    current = described.get("weights_fingerprint")
+    if recorded and current and str(current) != recorded:
+        log.warning(
+            "%sthe vectors were made with weights %s but the query encoder %r loads weights %s: the checkpoint "
+            "changed since `phiclip embed`, so scores may mean nothing; restore those weights, or embed again "
+            "into a new directory",
+            prefix, recorded, got, current,
+        )
 
 
 def require_text_side(encoder: Encoder, where: str | Path = "") -> None:
@@ -577,6 +811,7 @@ def search(
     *,
     device: str = "auto",
     dtype: str = "auto",
+    allow_incomplete: bool = False,
 ) -> list[SearchHit]:
     """Find the ``k`` stored vectors nearest (by cosine) to one text or image query.
 
@@ -589,6 +824,7 @@ def search(
         image: an image query: a path, PIL image, array or bytes.
         k: number of results.
         encoder: an already loaded encoder; it must be the one in the manifest.
+        allow_incomplete: search the shards of an unfinished run (``complete: false``) instead of refusing it.
 
     Returns:
         Up to ``k`` :class:`SearchHit`, best first.
@@ -601,6 +837,7 @@ def search(
     if (text is None) == (image is None):
         raise SearchError("give exactly one query: text or image")
     manifest = read_manifest(root)
+    check_complete(root, manifest, allow_incomplete)  # before loading a model
     if encoder is None:
         spec = encoder_spec_of(manifest)
         if not spec:
@@ -611,7 +848,7 @@ def search(
     check_encoder(encoder, manifest, root)
     if text is not None:
         require_text_side(encoder, root)  # before a possibly long index build
-    index = open_index(root)
+    index = open_index(root, allow_incomplete=allow_incomplete)
     return index.query(embed_query(encoder, text=text, image=image, where=root), k)[0]
 
 

@@ -67,7 +67,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     """Read and check ``manifest.json`` of an embedding output directory.
 
     Raises:
-        EmbeddingStoreError: when it is absent, not JSON, or lacks ``dim``/``encoder``.
+        EmbeddingStoreError: when it is absent, not JSON, lacks ``dim``/``encoder``, or a field that
+            readers use has the wrong type (``dim`` not a positive integer, ``counts`` or ``encoder``
+            not an object, ``counts.embedded`` not a count, ``complete`` not a boolean).
     """
     root = _readable_dir(path)
     mpath = root / schema.MANIFEST_FILE
@@ -85,11 +87,43 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     for key in ("dim", "encoder"):
         if key not in manifest:
             raise EmbeddingStoreError(f"{mpath}: the manifest has no {key!r}; rerun `phiclip embed` to rewrite it")
+    dim = manifest["dim"]
     try:
-        manifest["dim"] = int(manifest["dim"])
-    except (TypeError, ValueError):
-        raise EmbeddingStoreError(f"{mpath}: manifest 'dim' is {manifest['dim']!r}, not an integer") from None
+        if isinstance(dim, bool) or not isinstance(dim, (int, float, str)) or int(dim) != float(dim) or int(dim) < 1:
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise EmbeddingStoreError(
+            f"{mpath}: manifest 'dim' is {_short(dim)}, not a positive integer; rerun `phiclip embed` to rewrite it"
+        ) from None
+    manifest["dim"] = int(dim)
+    _check_manifest_types(manifest, mpath)
     return manifest
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to about ``limit`` characters (for messages about damaged files)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_manifest_types(manifest: dict[str, Any], mpath: Path) -> None:
+    """Refuse a manifest whose fields that readers use have the wrong JSON type."""
+    fix = "the manifest is damaged; restore it, or embed again into an empty directory"
+    counts = manifest.get("counts")
+    if counts is not None:
+        if not isinstance(counts, dict):
+            raise EmbeddingStoreError(f"{mpath}: manifest 'counts' is {_short(counts)}, not a JSON object; {fix}")
+        embedded = counts.get("embedded")
+        if embedded is not None and (isinstance(embedded, bool) or not isinstance(embedded, int) or embedded < 0):
+            raise EmbeddingStoreError(
+                f"{mpath}: manifest 'counts.embedded' is {_short(embedded)}, not a count (a non-negative integer); {fix}"
+            )
+    complete = manifest.get("complete")
+    if complete is not None and not isinstance(complete, bool):
+        raise EmbeddingStoreError(f"{mpath}: manifest 'complete' is {_short(complete)}, not true or false; {fix}")
+    encoder = manifest.get("encoder")
+    if encoder is not None and not isinstance(encoder, dict):
+        raise EmbeddingStoreError(f"{mpath}: manifest 'encoder' is {_short(encoder)}, not a JSON object; {fix}")
 
 
 def encoder_spec_of(manifest: dict[str, Any]) -> str | None:
@@ -98,6 +132,16 @@ def encoder_spec_of(manifest: dict[str, Any]) -> str | None:
     if isinstance(enc, dict):
         spec = enc.get("spec")
         return str(spec) if spec else None
+    return None
+
+
+def weights_fingerprint_of(manifest: dict[str, Any]) -> str | None:
+    """The fingerprint of the encoder's weights recorded in a manifest
+    (``manifest["encoder"]["weights_fingerprint"]``), or ``None`` when it records none."""
+    enc = manifest.get("encoder")
+    if isinstance(enc, dict):
+        fp = enc.get("weights_fingerprint")
+        return str(fp) if fp else None
     return None
 
 
@@ -127,11 +171,17 @@ def fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_complete(root: Path, manifest: dict[str, Any], allow_incomplete: bool) -> None:
+def check_complete(root: str | Path, manifest: dict[str, Any], allow_incomplete: bool = False) -> None:
+    """Refuse an unfinished run (manifest ``complete: false``) unless ``allow_incomplete``.
+
+    Raises:
+        EmbeddingStoreError: naming the directory, how to finish the run and how to use it anyway.
+    """
     if manifest.get("complete") is False and not allow_incomplete:
         raise EmbeddingStoreError(
             f"{root}: the embedding run is not finished (manifest 'complete' is false); rerun the same "
-            "`phiclip embed` command to finish it (it resumes), or pass allow_incomplete=True to use what exists"
+            "`phiclip embed` command to finish it (it resumes), or pass --allow-incomplete "
+            "(allow_incomplete=True in Python) to use what exists"
         )
 
 
@@ -203,7 +253,7 @@ def open_embeddings(path: str | Path, *, allow_incomplete: bool = False) -> Embe
 
     root = _readable_dir(path)
     manifest = read_manifest(root)
-    _check_complete(root, manifest, allow_incomplete)
+    check_complete(root, manifest, allow_incomplete)
     dim = manifest["dim"]
     shards = shard_files(root)
     ids: list[str] = []
@@ -239,7 +289,7 @@ def open_embeddings(path: str | Path, *, allow_incomplete: bool = False) -> Embe
             f"{root}: no embeddings in {schema.EMBEDDINGS_DIR}/ (every input failed or nothing was embedded yet); "
             f"see {schema.ERRORS_DIR}/ and rerun `phiclip embed`"
         )
-    expected = (manifest.get("counts") or {}).get("embedded")
+    expected = (manifest.get("counts") or {}).get("embedded")  # read_manifest checked its type
     if manifest.get("complete") is not False and isinstance(expected, int) and expected != len(ids):
         raise EmbeddingStoreError(
             f"{root}: the manifest counts {expected} embedded inputs but the shards hold {len(ids)} rows; "
@@ -262,10 +312,12 @@ def open_embeddings(path: str | Path, *, allow_incomplete: bool = False) -> Embe
 __all__ = [
     "EmbeddingSet",
     "EmbeddingStoreError",
+    "check_complete",
     "encoder_spec_of",
     "fingerprint",
     "open_embeddings",
     "read_columns",
     "read_manifest",
     "shard_files",
+    "weights_fingerprint_of",
 ]

@@ -454,3 +454,185 @@ def build_tiny_siglip(
     if with_tokenizer:
         tokenizer.save_pretrained(out)
     return out
+
+
+# ==============================================================================================
+# Captioned images a tiny CLIP can learn (fine-tuning tests and demos)
+# ==============================================================================================
+#: Where the shape of a captioned image sits ("a red circle on the left").
+CAPTION_SIDES = ("left", "right")
+
+
+def make_side_image(colour: str, shape: str, side: str, size: tuple[int, int] = (96, 64), seed: int = 0) -> Image.Image:
+    """A coloured shape in the left or right half of a light, noisy background (deterministic per seed)."""
+    if side not in CAPTION_SIDES:
+        raise ValueError(f"unknown side {side!r}; one of {CAPTION_SIDES}")
+    w, h = size
+    half = make_shape_image(colour, shape, size=(w // 2, h), seed=seed)
+    rng = np.random.default_rng(seed + 10_000)
+    bg = rng.integers(215, 250, size=3)
+    arr = np.clip(bg[None, None, :] + rng.normal(0, 6, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    canvas = Image.fromarray(arr, "RGB")
+    canvas.paste(half, (0 if side == "left" else w - w // 2, 0))
+    return canvas
+
+
+def make_caption_images(
+    out_dir: str | Path,
+    *,
+    train_per_combo: int = 3,
+    eval_per_combo: int = 1,
+    size: tuple[int, int] = (96, 64),
+    seed: int = 0,
+) -> Path:
+    """Write captioned images (``a red circle on the left``: every colour x shape x side) and a
+    ``captions.csv`` (``image, caption, split``) beside them; returns the CSV's path.
+
+    Each combination gets ``train_per_combo`` renderings in split ``train`` and ``eval_per_combo``
+    in split ``val`` (other seeds: other sizes, positions and noise), so every held-out caption
+    names exactly one held-out image when ``eval_per_combo`` is 1.
+    """
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    i = seed * 100_000
+    for colour in SAMPLE_COLOURS:
+        for shape in SAMPLE_SHAPES:
+            for side in CAPTION_SIDES:
+                for k in range(train_per_combo + eval_per_combo):
+                    split = "train" if k < train_per_combo else "val"
+                    name = f"images/{colour}_{shape}_{side}_{k}.png"
+                    make_side_image(colour, shape, side, size=size, seed=i).save(out / name)
+                    rows.append(f"{name},a {colour} {shape} on the {side},{split}")
+                    i += 1
+    csv = out / "captions.csv"
+    csv.write_text("image,caption,split\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return csv
+
+
+# ==============================================================================================
+# Phi-3-vision with its language model, and a tokenizer, for the phi3v-lm encoder
+# ==============================================================================================
+#: Phi-3's chat tokens, kept (as special tokens) by the tiny tokenizer.
+PHI3_CHAT_TOKENS = ("<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>")
+
+
+def build_tiny_phi3_tokenizer() -> Any:
+    """A tiny Llama-style tokenizer with Phi-3's special tokens: ``<unk>`` 0, ``<s>`` 1 (added at
+    the start of every call, as the released Phi-3-vision tokenizer's ``add_bos_token``), ``</s>``
+    2, one token per printable ASCII character, ``▁`` as the word marker (prepended to the text of
+    each call, as SentencePiece does) and the chat tokens of :data:`PHI3_CHAT_TOKENS`. Built with
+    ``tokenizers`` alone; ``save_pretrained`` writes a ``tokenizer.json`` that loads offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in ["▁", "\n"] + [chr(c) for c in range(33, 127)]:
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>", *PHI3_CHAT_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>", unk_token="<unk>", pad_token="<|endoftext|>",
+        model_max_length=131072,
+    )
+
+
+def build_tiny_phi3v_lm(
+    out_dir: str | Path,
+    *,
+    num_crops: int = 4,
+    hidden_size: int = 32,
+    num_lm_layers: int = 2,
+    num_heads: int = 4,
+    vocab_size: int = 128,
+    embed_key: str = "model.embed_tokens.weight",
+    seed: int = 0,
+) -> Path:
+    """Save a random-weight Phi-3-vision checkpoint WITH its language model, in the released layout,
+    and a tokenizer (:func:`build_tiny_phi3_tokenizer`).
+
+    ``config.json`` carries the Phi-3 language-model fields as the released one does (``su`` rope
+    scaling, 131072 positions of which 4096 original, ...). Shards: the first holds the text
+    embedding, LM layer 0 and the image path; the second the other LM layers and ``model.norm``;
+    the third only ``lm_head.weight`` (an encoder never needs it: tests can delete the file).
+    ``embed_key="model.vision_embed_tokens.wte.weight"`` stores the text embedding under the name
+    fine-tuned checkpoints use instead. Weights are scaled by 1/sqrt(fan_in).
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = build_tiny_phi3v(out_dir, hidden_size=hidden_size, vocab_size=vocab_size, num_lm_layers=num_lm_layers,
+                           num_crops=num_crops, seed=seed)
+    index = json.loads((out / "model.safetensors.index.json").read_text(encoding="utf-8"))
+    vision: dict[str, Any] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(str(out / shard), framework="pt") as f:
+            vision.update({k: f.get_tensor(k) for k in f.keys() if k.startswith("model.vision_embed_tokens.")})
+        (out / shard).unlink()
+    tokenizer = build_tiny_phi3_tokenizer()
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tiny tokenizer ({len(tokenizer)} tokens)")
+    tokenizer.save_pretrained(out)
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    head_dim = hidden_size // num_heads
+    inter = hidden_size * 8 // 3
+
+    def w(rows: int, cols: int) -> Any:
+        return torch.randn(rows, cols, generator=gen) / cols**0.5
+
+    def layer(i: int) -> dict[str, Any]:
+        p = f"model.layers.{i}."
+        return {
+            p + "self_attn.qkv_proj.weight": w(3 * hidden_size, hidden_size),
+            p + "self_attn.o_proj.weight": w(hidden_size, hidden_size),
+            p + "mlp.gate_up_proj.weight": w(2 * inter, hidden_size),
+            p + "mlp.down_proj.weight": w(hidden_size, inter),
+            p + "input_layernorm.weight": 1 + 0.1 * torch.randn(hidden_size, generator=gen),
+            p + "post_attention_layernorm.weight": 1 + 0.1 * torch.randn(hidden_size, generator=gen),
+        }
+
+    first = {embed_key: torch.randn(vocab_size, hidden_size, generator=gen), **layer(0), **vision}
+    second: dict[str, Any] = {"model.norm.weight": 1 + 0.1 * torch.randn(hidden_size, generator=gen)}
+    for i in range(1, num_lm_layers):
+        second.update(layer(i))
+    head = {"lm_head.weight": torch.randn(vocab_size, hidden_size, generator=gen)}
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, tensors in enumerate((first, second, head), start=1):
+        name = f"model-{i:05d}-of-00003.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / name), metadata={"format": "pt"})
+        for k, v in tensors.items():
+            weight_map[k] = name
+            total += v.numel() * v.element_size()
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8"
+    )
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    half = head_dim // 2
+    config.update({
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_heads,
+        "intermediate_size": inter,
+        "hidden_act": "silu",
+        "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"type": "su", "short_factor": [1.0 + 0.1 * j for j in range(half)],
+                         "long_factor": [2.0 + 0.5 * j for j in range(half)]},
+        "sliding_window": 131072,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+        "attention_dropout": 0.0,
+        "resid_pdrop": 0.0,
+        "use_cache": True,
+    })
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return out

@@ -301,7 +301,7 @@ def test_clip_images_do_not_run_the_text_tower(clip_encoder: CLIPEncoder, monkey
 
 def test_clip_normalize_false_gives_raw_features(clip_dir: Path, clip_reference) -> None:
     enc = load_encoder(f"clip:{clip_dir}?normalize=false", device="cpu")
-    assert enc.normalize is False and enc.describe()["normalize"] is False
+    assert enc.normalize is False and enc.describe()["normalized"] is False and enc.describe()["options"]["normalize"] is False
     images = [_random_image(120, 90, seed=1), _random_image(90, 120, seed=2)]
     got = enc.encode_images(images)
     np.testing.assert_allclose(got, _ref_images(clip_reference, images, normalize=False), atol=1e-5, rtol=1e-5)
@@ -384,8 +384,8 @@ def test_clip_describe(clip_encoder: CLIPEncoder, clip_dir: Path) -> None:
     d = clip_encoder.describe()
     json.dumps(d)  # goes into manifest.json
     assert d["spec"] == f"clip:{clip_dir}" == clip_encoder.name
-    assert d["kind"] == "clip" and d["model_class"] == "CLIPModel"
-    assert d["dim"] == 16 and d["normalize"] is True
+    assert d["kind"] == "clip" and d["details"]["model_class"] == "CLIPModel"
+    assert d["dim"] == 16 and d["normalized"] is True and d["modalities"] == ["image", "text"]
     assert d["dtype"] == "float32" and d["device"] == "cpu"
     pre = d["preprocessing"]
     assert pre["resize"] == {"shortest_edge": 224}
@@ -396,9 +396,10 @@ def test_clip_describe(clip_encoder: CLIPEncoder, clip_dir: Path) -> None:
     assert pre["rescale_factor"] == pytest.approx(1 / 255)
     total = sum(p.numel() for p in clip_encoder.model.parameters())
     vision = sum(p.numel() for p in clip_encoder.model.vision_model.parameters())
-    assert d["num_parameters"] == total
-    assert d["num_image_parameters"] == vision + clip_encoder.model.visual_projection.weight.numel()
-    assert d["text"]["max_length"] == 77 and d["text"]["truncation"] is True
+    assert d["details"]["total_parameters"] == total
+    assert d["parameters"] == vision + clip_encoder.model.visual_projection.weight.numel()
+    assert d["details"]["text"]["max_length"] == 77 and d["details"]["text"]["truncation"] is True
+    assert d["options"] == {"normalize": True, "max_batch": 256, "fast": True}
 
 
 def test_encode_batch_errors(clip_encoder: CLIPEncoder) -> None:
@@ -478,12 +479,12 @@ def test_siglip_texts_equal_transformers(siglip_encoder: SigLIPEncoder, siglip_r
 def test_siglip_describe(siglip_encoder: SigLIPEncoder) -> None:
     d = siglip_encoder.describe()
     json.dumps(d)
-    assert d["kind"] == "siglip" and d["model_class"] == "SiglipModel" and d["dim"] == 32
+    assert d["kind"] == "siglip" and d["details"]["model_class"] == "SiglipModel" and d["dim"] == 32
     pre = d["preprocessing"]
     assert pre["resize"] == {"height": 224, "width": 224} and pre["crop"] is None
     assert pre["mean"] == [0.5, 0.5, 0.5] and pre["std"] == [0.5, 0.5, 0.5] and pre["resample"] == "bicubic"
-    assert d["text"]["padding"] == "max_length" and d["text"]["max_length"] == 64
-    assert d["num_image_parameters"] == sum(p.numel() for p in siglip_encoder.model.vision_model.parameters())
+    assert d["details"]["text"]["padding"] == "max_length" and d["details"]["text"]["max_length"] == 64
+    assert d["parameters"] == sum(p.numel() for p in siglip_encoder.model.vision_model.parameters())
 
 
 def test_siglip_without_tokenizer_embeds_images_only(tmp_path: Path, siglip_reference) -> None:
@@ -494,7 +495,7 @@ def test_siglip_without_tokenizer_embeds_images_only(tmp_path: Path, siglip_refe
     assert any("embeds images only" in str(w.message) for w in caught)
     assert enc.modalities == frozenset({"image"})
     d = enc.describe()
-    assert d["text"] is None and d["text_unavailable"]
+    assert d["details"]["text"] is None and d["details"]["text_unavailable"] and d["modalities"] == ["image"]
     with pytest.raises(ValueError, match="cannot embed text") as info:
         enc.encode_texts(["a red circle"])
     assert "sentencepiece" in str(info.value)
@@ -516,11 +517,11 @@ def test_siglip_without_pooling_head_is_refused(siglip_dir: Path, tmp_path: Path
 # --- devices and precision -------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:.*no AMX")
+@pytest.mark.filterwarnings("ignore:.*measured at")
 def test_bfloat16_runs_under_autocast_close_to_float32(clip_dir: Path, clip_encoder: CLIPEncoder) -> None:
     enc = load_encoder(f"clip:{clip_dir}", device="cpu", dtype="bfloat16")
     d = enc.describe()
-    assert d["dtype"] == "bfloat16" and d["weights_dtype"] == "float32"
+    assert d["dtype"] == "bfloat16" and d["details"]["weights_dtype"] == "float32"
     images = [_random_image(100, 80, seed=i) for i in range(3)]
     low, full = enc.encode_images(images), clip_encoder.encode_images(images)
     assert low.dtype == np.float32
@@ -594,14 +595,15 @@ def test_transparent_files_match_the_processor_on_the_raw_image(tmp_path):
 def test_fast_image_path_equals_get_image_features(tmp_path, act):
     """phiclip's CLIP image path (fused q/k/v, last layer for the CLS query only) against the
     straightforward ``get_image_features`` on the same weights, and the ``fast=false`` switch."""
-    from phiclip.encoders.clip_tower import CLIPImageFeatures
+    from phiclip.models.clip_vision import CLIPImageFeatures
     from phiclip.testing import build_tiny_clip
 
     ckpt = build_tiny_clip(tmp_path / "clip", image_size=64, patch_size=16, num_layers=3, vision_overrides={"hidden_act": act})
     fast = load_encoder(f"clip:{ckpt}")
     plain = load_encoder(f"clip:{ckpt}?fast=false")
     assert isinstance(fast.image_features, CLIPImageFeatures) and plain.image_features is None
-    assert fast.describe()["image_path"].startswith("phiclip") and plain.describe()["image_path"].startswith("transformers")
+    assert fast.describe()["details"]["image_path"].startswith("phiclip")
+    assert plain.describe()["details"]["image_path"].startswith("transformers")
     # Shared weights, not copies.
     assert fast.image_features.visual_projection.weight.data_ptr() == fast.model.visual_projection.weight.data_ptr()
     rng = np.random.default_rng(7)

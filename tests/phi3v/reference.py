@@ -1,5 +1,5 @@
 """Straightforward reference implementations of the Phi-3-vision image path, written from
-``shared/docs/phi3v-image-path.md`` only (no phiclip code), for the parity tests.
+``docs/phi3v-image-path.md`` only (no phiclip code), for the parity tests.
 
 They favour obviousness over speed: PIL for every image operation, per-image Python loops for
 the 2x2 merge, the separators and the order, and transformers' own ``CLIPVisionModel`` for the
@@ -24,7 +24,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VISION_PREFIX = "model.vision_embed_tokens."
 
-# The spec's test-vector table: (width, height, num_crops, [H, W], tokens).
+# Rows of the docs' token table ("Tokens per image"): (width, height, num_crops, [H, W], tokens).
 SPEC_TABLE = [
     (336, 336, 16, (1344, 1344), 2509),
     (100, 100, 16, (1344, 1344), 2509),
@@ -37,13 +37,13 @@ SPEC_TABLE = [
     (8000, 50, 16, (336, 5376), 2473),
     (336, 336, 4, (672, 672), 757),
 ]
-# The table's last row, "any | 1 | [336, 336] | 313", checked on these sizes.
+# The table's last row, "any size | 1 | [336, 336] | 313", checked on these sizes.
 SPEC_ANY_SIZE_N1 = [(336, 336), (1, 1), (100, 100), (640, 480), (480, 640), (1920, 1080), (50, 8000), (8000, 50), (3, 2)]
 SPEC_N1_SIZES, SPEC_N1_TOKENS = (336, 336), 313
 
 
 # ---------------------------------------------------------------------------------------------
-# Size arithmetic (spec: "Preprocessing" steps 2-4, "Tokens per image")
+# Size arithmetic (docs: "The HD transform" steps 1-4, "Tokens per image")
 # ---------------------------------------------------------------------------------------------
 def ref_scale(ratio: float, num_crops: int) -> int:
     """The largest integer ``scale`` with ``scale * ceil(scale / ratio) <= N``."""
@@ -59,7 +59,7 @@ def ref_hd_size(width: int, height: int, num_crops: int) -> tuple[int, int]:
     w, h = (height, width) if transposed else (width, height)
     ratio = w / h
     new_w = ref_scale(ratio, num_crops) * CROP
-    new_h = max(1, int(new_w / ratio))  # phiclip keeps very thin images 1 px tall (spec, last section)
+    new_h = max(1, int(new_w / ratio))  # phiclip keeps very thin images 1 px tall (docs: "Very thin images")
     tar = math.ceil(new_h / CROP) * CROP
     return (new_w, tar) if transposed else (tar, new_w)
 
@@ -70,7 +70,7 @@ def ref_num_tokens(hd_h: int, hd_w: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The pixel path (spec: "Preprocessing")
+# The pixel path (docs: "The HD transform")
 # ---------------------------------------------------------------------------------------------
 def ref_preprocess(
     image: Image.Image, num_crops: int, mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD
@@ -123,7 +123,7 @@ def ref_separator_mask(hd_h: int, hd_w: int, order: str) -> list[bool]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The model side (spec: "Image tokens"), with transformers' CLIPVisionModel as the tower
+# The model side (docs: "Image tokens"), with transformers' CLIPVisionModel as the tower
 # ---------------------------------------------------------------------------------------------
 def read_vision_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     """Every ``model.vision_embed_tokens.*`` tensor of a sharded checkpoint (prefix removed)."""

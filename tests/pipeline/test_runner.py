@@ -29,7 +29,8 @@ from ._helpers import BOMB_LIMIT, Expected, MeanColourEncoder
 
 
 def _read(out: Path, folder: str) -> pd.DataFrame:
-    files = sorted((out / folder).glob("*.parquet"))
+    """The rows of every shard of ``folder`` (not ``errors/skipped.parquet``)."""
+    files = sorted((out / folder).glob("part-*.parquet"))
     if not files:
         return pd.DataFrame(columns=[schema.COL_ID, schema.COL_SOURCE, schema.COL_STAGE, schema.COL_REASON])
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
@@ -68,7 +69,12 @@ def test_mixed_folder_every_input_accounted_for(tmp_path: Path, mixed_folder, nu
     n_ok = sum(e.outcome == "embedded" for e in expected.values())
     assert (res.status, res.inputs, res.embedded, res.failed, res.skipped) == ("completed", len(expected), n_ok,
                                                                                len(expected) - n_ok, 0)
-    assert res.ignored == 2  # notes.txt and .hidden.jpg
+    assert res.ignored == 2  # notes.txt and .hidden.jpg, named in errors/skipped.parquet with stage "skip"
+    skipped = pd.read_parquet(tmp_path / "out" / schema.ERRORS_DIR / schema.SKIPPED_FILE)
+    assert sorted(skipped[schema.COL_SOURCE]) == [str(root / ".hidden.jpg"), str(root / "notes.txt")]
+    assert set(skipped[schema.COL_STAGE]) == {"skip"} and "hidden" in skipped[schema.COL_REASON].iloc[0]
+    assert "'.txt' is not one of" in skipped[schema.COL_REASON].iloc[1]
+    assert list(skipped[schema.COL_ID]) == [record_id(p) for p in skipped[schema.COL_SOURCE]]
     assert res.processed == len(expected)
     m = read_manifest(tmp_path / "out")
     assert m["complete"] is True and m["counts"]["embedded"] == n_ok and m["counts"]["failed"] == len(expected) - n_ok
@@ -420,15 +426,16 @@ def test_output_is_readable_by_pyarrow_pandas_and_datasets(tmp_path: Path, mixed
     table = pads.dataset(str(out / schema.EMBEDDINGS_DIR), format="parquet").to_table()
     assert table.num_rows == res.embedded
     assert pa.types.is_fixed_size_list(table.schema.field(schema.COL_EMBEDDING).type)
-    df = pd.read_parquet(out / schema.ERRORS_DIR)
-    assert len(df) == res.failed and set(df.columns) == {"id", "source", "stage", "reason"}
+    df = pd.read_parquet(out / schema.ERRORS_DIR)  # failed inputs, and the skipped files (stage "skip")
+    assert set(df.columns) == {"id", "source", "stage", "reason"}
+    assert (df.stage != "skip").sum() == res.failed and (df.stage == "skip").sum() == res.ignored
     datasets = pytest.importorskip("datasets")
     ds = datasets.load_dataset("parquet", data_files=str(out / schema.EMBEDDINGS_DIR / "*.parquet"), split="train",
                                cache_dir=str(tmp_path / "hf_cache"))
     assert len(ds) == res.embedded and len(ds[0]["embedding"]) == 4
     errs = datasets.load_dataset("parquet", data_files=str(out / schema.ERRORS_DIR / "*.parquet"), split="train",
                                  cache_dir=str(tmp_path / "hf_cache"))
-    assert len(errs) == res.failed
+    assert len(errs) == res.failed + res.ignored
     # The project's own reader agrees.
     from phiclip.store import open_embeddings
 
@@ -635,3 +642,23 @@ def test_max_pixels_beyond_pils_own_limit_and_pils_limit_left_alone(tmp_path: Pa
         embed(MeanColourEncoder(fail_on=1), tmp_path / "in", tmp_path / "failed", max_pixels=None, **common)
     assert Image.MAX_IMAGE_PIXELS == 1000
     assert not [t for t in threading.enumerate() if t.name.startswith("phiclip-prep")]
+
+
+def test_max_pixels_bounds_the_phi3v_canvas_in_a_run(tmp_path: Path) -> None:
+    """--max-pixels reaches the encoder's preprocessing: an image that decodes within the limit but whose
+    HD canvas at num_crops=16 would not fails alone at the preprocess stage, naming the limit."""
+    from phiclip.testing import build_tiny_phi3v
+
+    ckpt = build_tiny_phi3v(tmp_path / "phi3v")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(imgs / "small.png")  # 3072 px; canvas 1344x1008 at 16 crops
+    out = tmp_path / "out"
+    res = embed(f"phi3v:{ckpt}?num_crops=16", imgs, out, max_pixels=1_000_000, progress=False, device="cpu")
+    assert (res.embedded, res.failed) == (0, 1)
+    errors = pd.read_parquet(out / "errors")
+    errors = errors[errors["stage"] != "skip"]
+    assert list(errors["stage"]) == ["preprocess"]
+    assert "1000000" in errors["reason"].iloc[0]
+    res = embed(f"phi3v:{ckpt}?num_crops=16", imgs, tmp_path / "out2", max_pixels=None, progress=False, device="cpu")
+    assert (res.embedded, res.failed) == (1, 0)

@@ -24,6 +24,7 @@ from phiclip.pipeline.sources import (
     plan_shards,
     record_id,
 )
+from phiclip.schema import path_to_source, source_to_path
 
 
 def _png(path: Path, colour: tuple[int, int, int] = (255, 0, 0), size: tuple[int, int] = (8, 6)) -> Path:
@@ -69,6 +70,30 @@ def test_record_id_is_a_stable_hash_of_the_source() -> None:
     import hashlib
 
     assert record_id("x") == hashlib.blake2b(b"x", digest_size=16).hexdigest() == "442a44457137672b3218c1007dc8f76a"
+
+
+def test_record_id_of_a_path_is_the_hash_of_its_bytes() -> None:
+    raw = b"/data/caf\xe9.jpg"  # Latin-1: not UTF-8
+    assert record_id(raw) == record_id(os.fsdecode(raw))  # bytes, or the surrogateescape text Python lists
+    assert record_id("/data/café.jpg") == record_id("/data/café.jpg".encode())  # UTF-8 ids are unchanged
+
+
+def test_source_text_of_any_path_gives_its_bytes_back() -> None:
+    import random
+
+    rng = random.Random(0)
+    names = [b"/plain/a.png", "/utf8/été.png".encode(), b"/lat1/caf\xe9.png", b"/a\\b\\xe9", b"/\\\\",
+             b"/\xff\xfe\xfd", b"/x\\x41"]
+    names += [b"/" + bytes(rng.choice([c for c in range(1, 256) if c != 0x2F]) for _ in range(12)) for _ in range(300)]
+    for raw in names:
+        text = path_to_source(raw)
+        text.encode("utf-8")  # storable as a Parquet string
+        assert source_to_path(text) == raw, raw
+        assert path_to_source(os.fsdecode(raw)) == text
+    assert path_to_source("/utf8/été.png") == "/utf8/été.png" and path_to_source(b"/a\xe9") == "/a\\xe9"
+    assert len({path_to_source(n) for n in names}) == len(set(names))  # distinct names, distinct texts
+    with pytest.raises(ValueError, match="backslash"):
+        source_to_path("/x/a\\qb")
 
 
 def test_folder_listing_is_recursive_sorted_and_skips_non_images(tmp_path: Path) -> None:
@@ -152,7 +177,7 @@ def test_path_list_keeps_order_resolves_relative_and_counts_duplicates(tmp_path:
 def test_path_list_refuses_binary_file(tmp_path: Path) -> None:
     p = tmp_path / "x.bin"
     p.write_bytes(b"\xff\xfe\x00\x81" * 10)
-    with pytest.raises(InputError, match="not a UTF-8 text file"):
+    with pytest.raises(InputError, match="not a text file of paths.*NUL bytes"):
         list_path_file(p)
 
 

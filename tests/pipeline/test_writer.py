@@ -145,3 +145,39 @@ def test_prepare_removes_leftovers_of_an_unfinished_shard_only(tmp_path: Path) -
     assert not tmp.exists()
     # Readers that glob *.parquet never see temporary names.
     assert all(p.suffix == ".parquet" for p in w.dirs[schema.EMBEDDINGS_DIR].glob("*.parquet"))
+
+
+def test_text_that_is_not_utf8_never_fails_a_shard(tmp_path: Path) -> None:
+    # A reason quoting a surrogateescape'd name (e.g. a link target) is written escaped, not refused.
+    w = ShardWriter(tmp_path, kind="image", dim=3, dtype="float32")
+    w.prepare([0])
+    res = _result(1)
+    res.errors = [("bad", "/x/caf\\xe9.png", "read", "a broken symbolic link (its target /x/caf\udce9 is gone)")]
+    w.write_shard(0, res)
+    reason = pq.read_table(w.path(schema.ERRORS_DIR, 0)).column(schema.COL_REASON)[0].as_py()
+    assert reason == "a broken symbolic link (its target /x/caf\\udce9 is gone)"
+
+
+def test_a_failed_write_names_the_folder_and_the_rerun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", full)
+    w = ShardWriter(tmp_path, kind="image", dim=3, dtype="float32")
+    w.prepare([0])
+    with pytest.raises(OutputError, match=r"cannot write embeddings/part-00000.parquet \(the disk .* is full\).*rerun"):
+        w.write_shard(0, _result(2))
+    assert not list(tmp_path.rglob("*.tmp"))
+    monkeypatch.setattr("phiclip.pipeline.writer.atomic_write", lambda *a, **k: full())
+    with pytest.raises(OutputError, match=f"{tmp_path}: cannot write manifest.json"):
+        write_manifest(tmp_path, {"dim": 3})
+
+
+@pytest.mark.parametrize(("key", "value"), [("counts", "7"), ("counts", {"embedded": -1}), ("dim", True),
+                                            ("kind", "video"), ("normalized", 1), ("timings", [])])
+def test_manifest_fields_of_the_wrong_type_are_named(tmp_path: Path, key: str, value: object) -> None:
+    (tmp_path / schema.MANIFEST_FILE).write_text(json.dumps({"dim": 3, key: value}))
+    with pytest.raises(OutputError, match=f"manifest.json: field '{key}' is .* but must be"):
+        read_manifest(tmp_path)

@@ -773,8 +773,11 @@ def write_report(report: CompareReport, output: str | Path, thumbnails: dict[int
 
 
 def terminal_tables(report: CompareReport | dict[str, Any]) -> list[Any]:
-    """``rich`` tables: cost, quality and structure (models as columns)."""
+    """``rich`` tables: cost, quality and structure (models as columns; model names, which come from
+    the user's specs, escaped: never read as console markup)."""
     from rich.table import Table
+
+    from phiclip.console import safe_text
 
     r = report.to_dict() if isinstance(report, CompareReport) else report
     models = r["models"]
@@ -783,7 +786,7 @@ def terminal_tables(report: CompareReport | dict[str, Any]) -> list[Any]:
         t = Table(title=title, title_justify="left", header_style="bold")
         t.add_column("")
         for m in models:
-            t.add_column(f"{m['key']} {m['name']}", justify="right")
+            t.add_column(safe_text(f"{m['key']} {m['name']}"), justify="right")
         return t
 
     cost = table("Cost")
@@ -806,7 +809,7 @@ def terminal_tables(report: CompareReport | dict[str, Any]) -> list[Any]:
             s.add_column(col, justify="right" if col != "Pair" else "left")
         for p in r["pairs"]:
             s.add_row(
-                f"{models[p['a']]['key']} vs {models[p['b']]['key']} (k={p['k']})",
+                safe_text(f"{models[p['a']]['key']} vs {models[p['b']]['key']} (k={p['k']})"),
                 format_number(p["linear_cka"], kind="fraction"),
                 format_number(p["knn_overlap_mean"], kind="fraction"),
                 format_number(p["knn_overlap_chance"], kind="fraction"),
@@ -819,11 +822,13 @@ def print_report(report: CompareReport | dict[str, Any], console: Any = None) ->
     """Print the summary sentence and the tables to the terminal."""
     from rich.console import Console
 
+    from phiclip.console import safe_text
+
     con = console or Console()
     r = report.to_dict() if isinstance(report, CompareReport) else report
     for t in terminal_tables(r):
         con.print(t)
-    con.print(summary_sentence(r))
+    con.print(safe_text(summary_sentence(r)))
 
 
 __all__ = [

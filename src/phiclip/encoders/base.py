@@ -1,8 +1,11 @@
-"""One interface for every embedding method, and the spec strings that name them.
+"""One interface for every embedding method (:class:`Encoder`), and its typed description.
 
 An :class:`Encoder` carries everything that decides its vectors: the model, the preprocessing it
-applies, the device and dtype. ``describe()`` returns all of it as a dict, which a bulk run writes
-into its manifest so the vectors can always be traced to what produced them.
+applies, the device and compute precision (``device``, ``dtype``: decided once, by
+:func:`phiclip.encoders.device.resolve_placement`). :meth:`Encoder.description` returns all of it as
+an :class:`EncoderDescription` (the same fields for every encoder); ``describe()`` is its
+``to_dict()``, which a bulk run writes into its manifest so the vectors can always be traced to
+what produced them.
 
 The bulk pipeline splits the work in three steps so that decoding and preprocessing can run in
 worker processes (beside a GPU) or on threads (on the CPU): ``preprocess(image) -> item`` (CPU,
@@ -21,103 +24,79 @@ from typing import Any
 
 import numpy as np
 
-from phiclip.images import ImageInput, load_image
+from phiclip.encoders.registry import SPEC_KINDS, parse_spec
+from phiclip.encoders.spec import EncoderSpec, option_bool, option_int
+from phiclip.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 
 
 def default_prep_threads() -> int:
     """Threads that decode and preprocess inputs in the model's process: as many as torch uses for
     the model. The two take turns at the cores: on a CPU the model's matrix products already use
     every one of them, so preparing the next batch meanwhile would only slow both down."""
-    import torch
+    import torch  # delayed on purpose: the command line imports this module
 
     return max(1, torch.get_num_threads())
 
 
-#: Spec kinds and what they mean (the prefix of ``kind:location``).
-SPEC_KINDS = ("clip", "siglip", "phi3v")
+def dtype_name(dtype: Any) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (strings pass through)."""
+    return str(dtype).replace("torch.", "")
+
+
+def count_parameters(*modules: Any) -> int:
+    """Parameters of torch modules, each counted once (shared tensors too)."""
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
 
 
 @dataclass(frozen=True)
-class EncoderSpec:
-    """A parsed encoder spec such as ``phi3v:microsoft/Phi-3-vision-128k-instruct?num_crops=4``.
+class EncoderDescription:
+    """What decides an encoder's vectors, with the same fields for every encoder.
 
-    ``location`` is a Hugging Face hub id or a local directory; ``options`` are ``key=value`` pairs
-    after ``?`` (separated by ``&`` or ``,``), kept as strings for the builder to interpret.
+    ``dtype`` is the compute precision (``float32``, ``bfloat16``, ``float16``, ``int8``);
+    ``parameters`` counts those that turn an image into its vector; ``options`` are the spec's
+    options as parsed (defaults filled in); ``precision`` says what was asked for and why this
+    precision runs (:func:`phiclip.precision.describe_precision`); ``details`` holds what only this
+    kind has (model class, text settings...). :meth:`to_dict` is what ``describe()`` returns.
     """
 
+    spec: str
     kind: str
-    location: str
-    options: dict[str, str] = field(default_factory=dict)
+    dim: int
+    modalities: tuple[str, ...]
+    normalized: bool
+    dtype: str
+    device: str
+    parameters: int | None
+    weights_fingerprint: str | None
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    precision: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
 
-    def __str__(self) -> str:
-        opts = "&".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return f"{self.kind}:{self.location}" + (f"?{opts}" if opts else "")
-
-
-def parse_spec(spec: str) -> EncoderSpec:
-    """Parse ``kind:location[?key=value&key=value]``.
-
-    >>> parse_spec("clip:openai/clip-vit-base-patch32")
-    EncoderSpec(kind='clip', location='openai/clip-vit-base-patch32', options={})
-    >>> parse_spec("phi3v:/models/phi3v?num_crops=4&pooling=global").options
-    {'num_crops': '4', 'pooling': 'global'}
-
-    Raises:
-        ValueError: for an unknown kind, an empty location or a malformed option.
-    """
-    if not isinstance(spec, str) or ":" not in spec:
-        raise ValueError(
-            f"encoder spec {spec!r} has no kind; write one of "
-            + ", ".join(f"'{k}:<hub id or directory>'" for k in SPEC_KINDS)
-        )
-    kind, rest = spec.split(":", 1)
-    kind = kind.strip().lower()
-    if kind not in SPEC_KINDS:
-        raise ValueError(f"encoder spec {spec!r}: unknown kind {kind!r}; known kinds: {', '.join(SPEC_KINDS)}")
-    location, _, query = rest.partition("?")
-    location = location.strip()
-    if not location:
-        raise ValueError(f"encoder spec {spec!r} names no model; add a hub id or a local directory after '{kind}:'")
-    options: dict[str, str] = {}
-    if query:
-        for part in query.replace(",", "&").split("&"):
-            if not part:
-                continue
-            key, eq, value = part.partition("=")
-            if not eq or not key.strip():
-                raise ValueError(f"encoder spec {spec!r}: option {part!r} is not key=value")
-            options[key.strip()] = value.strip()
-    return EncoderSpec(kind=kind, location=location, options=options)
-
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
-
-def option_bool(spec: EncoderSpec, key: str, default: bool) -> bool:
-    """A ``true``/``false`` spec option (also 1/0, yes/no, on/off); a clear error otherwise."""
-    raw = spec.options.get(key)
-    if raw is None:
-        return default
-    if raw.strip().lower() in _TRUE:
-        return True
-    if raw.strip().lower() in _FALSE:
-        return False
-    raise ValueError(f"encoder spec {str(spec)!r}: option {key}={raw!r} must be true or false")
-
-
-def option_int(spec: EncoderSpec, key: str, default: int | None, minimum: int = 1) -> int | None:
-    """An integer spec option of at least ``minimum``; a clear error otherwise."""
-    raw = spec.options.get(key)
-    if raw is None:
-        return default
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ValueError(f"encoder spec {str(spec)!r}: option {key}={raw!r} must be an integer >= {minimum}") from None
-    if value < minimum:
-        raise ValueError(f"encoder spec {str(spec)!r}: option {key}={raw!r} must be an integer >= {minimum}")
-    return value
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (the manifest's ``encoder`` entry)."""
+        return {
+            "spec": self.spec,
+            "kind": self.kind,
+            "dim": int(self.dim),
+            "modalities": sorted(self.modalities),
+            "normalized": bool(self.normalized),
+            "dtype": self.dtype,
+            "device": self.device,
+            "parameters": self.parameters,
+            "weights_fingerprint": self.weights_fingerprint,
+            "preprocessing": dict(self.preprocessing),
+            "options": dict(self.options),
+            "precision": dict(self.precision),
+            "details": dict(self.details),
+        }
 
 
 @dataclass
@@ -147,6 +126,20 @@ class Encoder(abc.ABC):
     #: Whether ``preprocess`` wants transparent images as RGBA (it flattens them itself, as its
     #: checkpoint's processor does); otherwise images arrive as RGB with alpha dropped.
     keeps_alpha: bool = False
+    #: The pixel budget ``preprocess`` keeps to (``--max-pixels``); set it with :meth:`set_max_pixels`.
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    #: Where the model runs (a ``torch.device``) and its compute precision (a ``torch.dtype``),
+    #: from :func:`~phiclip.encoders.device.resolve_placement`.
+    device: Any
+    dtype: Any
+
+    def set_max_pixels(self, max_pixels: int | None) -> None:
+        """The pixel budget (``--max-pixels``; ``None``: no limit) for what ``preprocess`` builds from
+        an image: Phi-3-vision refuses an image whose HD canvas would exceed it, before allocating it.
+        The bulk runner calls this with the run's ``max_pixels``, which also bounds decoding."""
+        if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
+            raise ValueError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
+        self.max_pixels = max_pixels
 
     # --- the three steps of the bulk pipeline -------------------------------------------------
     @abc.abstractmethod
@@ -195,9 +188,33 @@ class Encoder(abc.ABC):
             "use a CLIP or SigLIP model for text"
         )
 
-    @abc.abstractmethod
+    def description(self) -> EncoderDescription:
+        """Everything that decides the vectors (see :class:`EncoderDescription`)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither description() nor describe()")
+
     def describe(self) -> dict[str, Any]:
-        """Everything that decides the vectors (spec, dim, preprocessing, dtype, device, ...)."""
+        """:meth:`description` as a dict (what a run's manifest records).
+
+        Encoders built from a checkpoint include ``"weights_fingerprint"``: ``"sha256:<hex>"`` over
+        the name, dtype, shape and bytes of every tensor loaded
+        (:class:`phiclip.models.checkpoint.WeightsHasher`), so outputs can be tied to the weights
+        themselves, not only to the path or hub id they came from."""
+        return self.description().to_dict()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, dim={self.dim})"
+
+
+__all__ = [
+    "SPEC_KINDS",
+    "EncodedBatch",
+    "Encoder",
+    "EncoderDescription",
+    "EncoderSpec",
+    "count_parameters",
+    "default_prep_threads",
+    "dtype_name",
+    "option_bool",
+    "option_int",
+    "parse_spec",
+]

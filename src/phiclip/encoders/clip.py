@@ -13,10 +13,15 @@ about 1.5x faster (the PIL resize it shares with the processor is most of what i
 picklable, for worker processes. Settings it does not cover (for example
 ``longest_edge`` or padding) make the encoder use the transformers processor itself.
 
-Spec options (``clip:DIR?normalize=false&max_batch=64``):
+Checkpoints are data, never code: before transformers reads a folder, phiclip checks its
+``config.json`` (a ``model_type`` it knows, no ``auto_map``, sizes of the right type and range) and
+its ``model.safetensors.index.json`` (plain shard names inside the folder), and every transformers
+call passes ``trust_remote_code=False``. A hub id is pinned to the commit whose ``config.json`` was
+checked. ``describe()["weights_fingerprint"]`` fingerprints every tensor of the safetensors files
+loaded.
 
-``normalize``  ``true`` (default) or ``false``: L2-normalise the vectors.
-``max_batch``  the most images (or texts) per model call (default 256); bigger batches are split.
+Spec options (``clip:DIR?normalize=false&max_batch=64``): :class:`~phiclip.encoders.options.ContrastiveOptions`.
+Where the checkpoint comes from (a folder or the hub) follows :mod:`phiclip.hub`'s one rule.
 """
 
 from __future__ import annotations
@@ -30,19 +35,32 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from phiclip.encoders.base import EncodedBatch, Encoder, EncoderSpec, option_bool, option_int
+from phiclip.encoders.base import EncodedBatch, Encoder, EncoderDescription, count_parameters, dtype_name
+from phiclip.encoders.device import Placement
+from phiclip.encoders.options import ContrastiveOptions
+from phiclip.encoders.spec import EncoderSpec
+from phiclip.hub import (
+    CheckpointError,
+    Location,
+    hub_kwargs_for_transformers,
+    resolve_file,
+    resolve_location,
+    snapshot_commit,
+)
 from phiclip.images import has_alpha
+from phiclip.models.checkpoint import (
+    INDEX_FILE,
+    check_field,
+    fingerprint_files,
+    fingerprint_module,
+    load_json_file,
+    read_index,
+    weight_files,
+)
+from phiclip.models.ops import l2_normalize
 
 if TYPE_CHECKING:
     import torch
-
-#: Spec options and their meaning; anything else is refused.
-KNOWN_OPTIONS: dict[str, str] = {
-    "normalize": "true|false: L2-normalise the vectors (default true)",
-    "max_batch": "integer >= 1: most inputs per model call (default 256)",
-    "fast": "true|false: phiclip's CLIP image tower (default true; false: transformers' get_image_features)",
-}
-DEFAULT_MAX_BATCH = 256
 
 #: A shortest-edge resize that would make more pixels than this is refused (an image of extreme
 #: aspect ratio, e.g. 1 x 2000, becomes 224 x 448000 before the crop).
@@ -328,58 +346,124 @@ def _jsonable(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------
-# Spec options and loading
+# Checking a checkpoint before transformers reads it
 # --------------------------------------------------------------------------------------------------
 
 
-def parse_options(spec: EncoderSpec) -> tuple[bool, int, bool]:
-    """The spec's options -> (normalize, max_batch, fast); unknown or malformed options are refused."""
-    unknown = sorted(set(spec.options) - set(KNOWN_OPTIONS))
-    if unknown:
-        known = "; ".join(f"{k}={v}" for k, v in KNOWN_OPTIONS.items())
-        raise ValueError(f"encoder spec {str(spec)!r}: unknown option(s) {', '.join(unknown)}; known options: {known}")
-    normalize = option_bool(spec, "normalize", True)
-    max_batch = option_int(spec, "max_batch", DEFAULT_MAX_BATCH)
-    fast = option_bool(spec, "fast", True)
-    return normalize, int(max_batch), fast  # type: ignore[arg-type]
-
-
-def _looks_local(location: str) -> bool:
-    """Whether a location can only be a path (a hub id is ``name`` or ``org/name``)."""
-    return (
-        location.startswith(("/", "./", "../", "~", "\\"))
-        or location in (".", "..")
-        or (len(location) > 1 and location[1] == ":")  # C:\...
-        or location.count("/") > 1
-    )
+def _location(spec: EncoderSpec) -> Location:
+    """The spec's location by the one local-or-hub rule (:func:`phiclip.hub.resolve_location`); a
+    local directory must hold a ``config.json``."""
+    try:
+        loc = resolve_location(spec.location)
+    except CheckpointError as e:
+        raise CheckpointError(f"encoder spec {str(spec)!r}: {e}") from None
+    if loc.path is not None and not (loc.path / "config.json").is_file():
+        raise CheckpointError(
+            f"encoder spec {str(spec)!r}: directory {str(loc.path)!r} has no config.json; give a directory "
+            "saved with save_pretrained (config.json, model.safetensors, processor files) or a hub id"
+        )
+    return loc
 
 
 def check_location(spec: EncoderSpec) -> str:
     """A local directory (checked to hold a ``config.json``) or a hub id, as ``from_pretrained`` takes it.
 
     Raises:
-        ValueError: for a path that does not exist, a file, or a directory without ``config.json``.
+        CheckpointError: for a path that does not exist, a file, or a directory without ``config.json``.
     """
-    location = spec.location
-    path = Path(location).expanduser()
-    if path.exists() or _looks_local(location):
-        if not path.exists():
-            raise ValueError(
-                f"encoder spec {str(spec)!r}: no such directory {str(path)!r}; give a local directory "
-                "saved with save_pretrained or a hub id such as openai/clip-vit-base-patch32"
-            )
-        if not path.is_dir():
-            raise ValueError(
-                f"encoder spec {str(spec)!r}: {str(path)!r} is a file; give the checkpoint's directory "
-                "(config.json, model.safetensors, processor and tokenizer files) or a hub id"
-            )
-        if not (path / "config.json").is_file():
-            raise ValueError(
-                f"encoder spec {str(spec)!r}: directory {str(path)!r} has no config.json; give a directory "
-                "saved with save_pretrained (config.json, model.safetensors, processor files) or a hub id"
-            )
-        return str(path)
-    return location
+    return str(_location(spec))
+
+
+#: ``model_type`` values phiclip loads, and the spec kind that loads each. Anything else (or no
+#: model_type) is refused before transformers reads the folder: an unknown type is how a checkpoint
+#: asks transformers to import its own code.
+KNOWN_MODEL_TYPES: dict[str, str] = {"clip": "clip:", "siglip": "siglip:", "phi3_v": "phi3v:"}
+
+# Integer sizes checked in config.json (top level, vision_config and text_config) before transformers
+# builds anything from them.
+_POSITIVE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "patch_size", "image_size", "max_position_embeddings", "vocab_size", "num_channels")
+
+
+@dataclass(frozen=True)
+class CheckedCheckpoint:
+    """What :func:`check_checkpoint` found: the ``config.json`` it read and, for a hub id, the
+    commit it came from (every later file is loaded from that commit)."""
+
+    config_path: Path
+    config: dict[str, Any]
+    revision: str | None
+
+    @property
+    def hub_kwargs(self) -> dict[str, Any]:
+        """``{"revision": commit}`` for a hub id, ``{}`` for a local directory."""
+        return {"revision": self.revision} if self.revision else {}
+
+
+def wrong_type_message(spec: EncoderSpec, kind: str, expected: str, found: str) -> str:
+    """The error for a checkpoint of another known model type, with the spec that loads it."""
+    suggestion = KNOWN_MODEL_TYPES.get(found)
+    hint = f"; use '{suggestion}{spec.location}'" if suggestion else f"; the '{kind}:' kind loads {expected} models"
+    return f"encoder spec {str(spec)!r}: the checkpoint is a {found!r} model, not {expected!r}{hint}"
+
+
+def check_checkpoint(spec: EncoderSpec, location: str | Location, expected_model_type: str | None = None) -> CheckedCheckpoint:
+    """Check a transformers checkpoint as data before transformers reads it.
+
+    ``config.json`` must be a JSON object with a ``model_type`` phiclip knows
+    (:data:`KNOWN_MODEL_TYPES`; ``expected_model_type`` when given, else a ``ValueError`` naming the
+    spec that loads it) and no ``auto_map``; its sizes (top level, ``vision_config``,
+    ``text_config``) positive integers, heads dividing widths; ``model.safetensors.index.json``,
+    when present, must name plain shard files inside the checkpoint.
+
+    Raises:
+        CheckpointError: naming the file and the field or entry.
+    """
+    loc = location if isinstance(location, Location) else resolve_location(location)
+    try:
+        config_path = resolve_file(loc, "config.json")
+    except CheckpointError as e:
+        if loc.is_local:
+            raise
+        raise _load_error(spec, "config", e) from None
+    assert config_path is not None
+    revision = None if loc.is_local else snapshot_commit(config_path)
+    data = load_json_file(config_path, "the checkpoint's config is damaged")
+    check_field(data, "(the whole file)", config_path, kind="dict")
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str) or model_type not in KNOWN_MODEL_TYPES:
+        raise CheckpointError(
+            f"{config_path}: model_type {model_type!r} is not one phiclip loads ({', '.join(KNOWN_MODEL_TYPES)}); "
+            "phiclip never runs code from a checkpoint, so custom model types are refused"
+        )
+    if expected_model_type is not None and model_type != expected_model_type:
+        raise ValueError(wrong_type_message(spec, spec.kind, expected_model_type, model_type))
+    if "auto_map" in data:
+        raise CheckpointError(
+            f"{config_path}: auto_map {data['auto_map']!r:.200} names code in the checkpoint for transformers to import; "
+            "phiclip never runs code from a checkpoint, so this checkpoint is refused "
+            "(remove auto_map if the model is a standard one)"
+        )
+    for prefix, part in (("", data), ("vision_config.", data.get("vision_config")), ("text_config.", data.get("text_config"))):
+        if part is None:
+            continue
+        check_field(part, prefix.rstrip(".") or "(the whole file)", config_path, kind="dict")
+        for key in _POSITIVE_FIELDS:
+            if key in part and part[key] is not None:
+                check_field(part[key], prefix + key, config_path, minimum=1)
+        if isinstance(part.get("hidden_size"), int) and isinstance(part.get("num_attention_heads"), int):
+            if part["hidden_size"] % part["num_attention_heads"]:
+                raise CheckpointError(
+                    f"{config_path}: {prefix}hidden_size {part['hidden_size']} is not divisible by "
+                    f"{prefix}num_attention_heads {part['num_attention_heads']}"
+                )
+    if "projection_dim" in data and data["projection_dim"] is not None:
+        check_field(data["projection_dim"], "projection_dim", config_path, minimum=1)
+    hub = {"revision": revision} if revision else {}
+    index = resolve_file(loc, INDEX_FILE, required=False, **hub)
+    if index is not None:
+        read_index(index)  # shard names: plain files inside the checkpoint, or a CheckpointError naming the entry
+    return CheckedCheckpoint(config_path=config_path, config=data, revision=revision)
 
 
 def _load_error(spec: EncoderSpec, what: str, error: BaseException) -> ValueError:
@@ -447,61 +531,66 @@ class _ContrastiveEncoder(Encoder):
         preprocessor: ImagePreprocessor | ProcessorPreprocessor,
         tokenizer: Any | None,
         *,
-        device: Any,
-        dtype: Any,
-        normalize: bool = True,
-        max_batch: int = DEFAULT_MAX_BATCH,
+        placement: Placement,
+        options: ContrastiveOptions | None = None,
         text_unavailable: str | None = None,
-        fast: bool = True,
+        weights_fingerprint: str | None = None,
     ) -> None:
+        options = options or ContrastiveOptions()
         self.spec = spec
         self.name = str(spec)
         self.model = model
         self.preprocessor = preprocessor
         self.tokenizer = tokenizer
-        self.device = device
-        self.dtype = dtype
-        self.normalize = normalize
-        self.max_batch = max_batch
+        self.options = options
+        self.device = placement.device
+        self.dtype = placement.dtype
+        self.normalize = options.normalize
+        self.max_batch = options.max_batch
         self.text_unavailable = text_unavailable
         self.dim = self._image_dim(model.config)
         self.modalities = frozenset({"image", "text"} if tokenizer is not None else {"image"})
         self.text_max_length = self._text_max_length()
         # phiclip's faster image path where it reproduces the model exactly (CLIP), else transformers'.
-        self.image_features = self._fast_image_features() if fast else None
+        self.image_features = self._fast_image_features() if options.fast else None
+        # What runs and why (phiclip.precision); int8 quantises the image side (phiclip.quantize).
+        self.precision = placement.record()
+        if placement.precision == "int8":
+            from phiclip.quantize import quantize_contrastive_encoder_  # delayed on purpose: imports torch
+
+            self.precision["int8"] = quantize_contrastive_encoder_(self)
+        elif self.image_features is not None and self.device.type == "cpu" and placement.precision in ("bfloat16", "float16"):
+            # 16-bit weights once: autocast would convert every float32 weight again on every call.
+            from phiclip.quantize import float_copy
+
+            self.image_features = float_copy(self.image_features, placement.dtype)
+        self.weights_fingerprint: str = weights_fingerprint or fingerprint_module(model)
 
     # --- loading ------------------------------------------------------------------------------
     @classmethod
-    def from_spec(cls, spec: EncoderSpec, device: str = "auto", dtype: str = "auto") -> _ContrastiveEncoder:
-        """Load the checkpoint a spec names (``kind:hub-id-or-directory[?options]``).
-
-        Args:
-            spec: the parsed spec; options ``normalize`` and ``max_batch``.
-            device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
-            dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16``, ``float16``.
-                The weights stay float32; lower precisions run under autocast.
+    def build(cls, spec: EncoderSpec, options: ContrastiveOptions, placement: Placement) -> _ContrastiveEncoder:
+        """Load the checkpoint a spec names (``kind:hub-id-or-directory[?options]``): the builder of
+        the registry (:func:`phiclip.encoders.load_encoder`). The weights stay float32; 16-bit
+        precisions run under autocast; int8 quantises the image side (:mod:`phiclip.quantize`).
 
         Raises:
-            ValueError: bad options, a missing or incomplete directory, an unreachable hub id, or a
-                checkpoint of another model type.
+            ValueError: a missing or incomplete directory, an unreachable hub id, or a checkpoint of
+                another model type.
         """
         import torch
         import transformers
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-        from phiclip.encoders import resolve_device_dtype
-
         if spec.kind != cls.kind:
             raise ValueError(f"encoder spec {str(spec)!r} is not a {cls.kind}: spec")
-        normalize, max_batch, fast_image_path = parse_options(spec)
-        dev, dt = resolve_device_dtype(device, dtype)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"encoder spec {str(spec)!r}: device {device!r} asks for CUDA, which this machine "
-                             "does not have (or torch was built without it); use device='cpu' or 'auto'")
-        location = check_location(spec)
+        loc = _location(spec)
+        checked = check_checkpoint(spec, loc, cls.model_type)  # before transformers reads anything
+        location = str(loc)
+        # A hub id: the commit whose config.json was checked, and only the cache while the hub is unreachable.
+        no_code = {"trust_remote_code": False, **hub_kwargs_for_transformers(loc, checked.revision)}
 
         try:
-            config = AutoConfig.from_pretrained(location)
+            config = AutoConfig.from_pretrained(location, **no_code)
         except (OSError, ValueError) as e:
             raise _load_error(spec, "config", e) from None
         if config.model_type != cls.model_type:
@@ -509,7 +598,7 @@ class _ContrastiveEncoder(Encoder):
         cls._check_config(spec, config)
 
         try:
-            image_processor = AutoImageProcessor.from_pretrained(location, **_pil_backend_kwarg())
+            image_processor = AutoImageProcessor.from_pretrained(location, **no_code, **_pil_backend_kwarg())
         except (OSError, ValueError) as e:
             raise _load_error(spec, "image processor (preprocessor_config.json / processor_config.json)", e) from None
         fast = ImagePreprocessor.from_image_processor(image_processor)
@@ -527,7 +616,7 @@ class _ContrastiveEncoder(Encoder):
         tokenizer = None
         text_unavailable = None
         try:
-            tokenizer = AutoTokenizer.from_pretrained(location)
+            tokenizer = AutoTokenizer.from_pretrained(location, **no_code)
         except Exception as e:  # noqa: BLE001 - any failure leaves an image-only encoder, said loudly
             text_unavailable = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
             if cls.kind == "siglip":
@@ -539,7 +628,7 @@ class _ContrastiveEncoder(Encoder):
 
         model_class = getattr(transformers, cls.model_class_name)
         try:
-            model = model_class.from_pretrained(location, use_safetensors=True, **_dtype_kwarg(torch.float32))
+            model = model_class.from_pretrained(location, use_safetensors=True, **no_code, **_dtype_kwarg(torch.float32))
         except OSError as e:
             if "safetensors" in str(e).lower() or ".bin" in str(e):
                 raise ValueError(
@@ -550,25 +639,15 @@ class _ContrastiveEncoder(Encoder):
             raise _load_error(spec, "model weights", e) from None
         except Exception as e:  # noqa: BLE001 - corrupt files surface as many error types
             raise _load_error(spec, "model weights", e) from None
-        model = model.to(dev).eval()
-        return cls(
-            spec,
-            model,
-            preprocessor,
-            tokenizer,
-            device=dev,
-            dtype=dt,
-            normalize=normalize,
-            max_batch=max_batch,
-            text_unavailable=text_unavailable,
-            fast=fast_image_path,
-        )
+        # Every tensor of the files just loaded (streamed, page-cache warm): text and image towers.
+        fingerprint = fingerprint_files(weight_files(loc, checked.revision))
+        model = model.to(placement.device).eval()
+        return cls(spec, model, preprocessor, tokenizer, placement=placement, options=options,
+                   text_unavailable=text_unavailable, weights_fingerprint=fingerprint)
 
     @classmethod
     def _wrong_type_message(cls, spec: EncoderSpec, model_type: str) -> str:
-        suggestion = {"clip": "clip:", "siglip": "siglip:", "phi3_v": "phi3v:"}.get(model_type)
-        hint = f"; use '{suggestion}{spec.location}'" if suggestion else f"; the '{cls.kind}:' kind loads {cls.model_type} models"
-        return f"encoder spec {str(spec)!r}: the checkpoint is a {model_type!r} model, not {cls.model_type!r}{hint}"
+        return wrong_type_message(spec, cls.kind, cls.model_type, model_type)
 
     @staticmethod
     def _image_dim(config: Any) -> int:
@@ -613,16 +692,14 @@ class _ContrastiveEncoder(Encoder):
 
         import torch
 
-        if self.dtype == torch.float32:
+        if self.dtype in (torch.float32, torch.int8):  # int8: its image path sets its own dtypes; text in float32
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def _finish(self, features: torch.Tensor) -> np.ndarray:
-        import torch
-
         features = features.float()
         if self.normalize:
-            features = torch.nn.functional.normalize(features, dim=-1)
+            features = l2_normalize(features)
         return features.cpu().numpy()
 
 
@@ -681,43 +758,48 @@ class _ContrastiveEncoder(Encoder):
         return np.concatenate(out, axis=0)
 
     # --- description --------------------------------------------------------------------------
-    def _image_parameters(self) -> int:
+    def _image_modules(self) -> tuple[Any, ...]:
+        """The modules that turn pixels into the image vector."""
         raise NotImplementedError
 
-    def describe(self) -> dict[str, Any]:
-        """Spec, kind, model class, dim, normalisation, dtype, device, preprocessing, text settings
-        and parameter counts (all JSON-able)."""
+    def description(self) -> EncoderDescription:
+        """The common fields, and in ``details``: model class and type, stored weights dtype, image
+        path, sizes, text settings, the whole model's parameter count and transformers' version."""
         import transformers
 
-        return {
-            "spec": self.name,
-            "kind": self.kind,
-            "model_class": type(self.model).__name__,
-            "model_type": self.model.config.model_type,
-            "dim": self.dim,
-            "normalize": self.normalize,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "weights_dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
-            "device": str(self.device),
-            "max_batch": self.max_batch,
-            "image_path": "phiclip CLIPImageFeatures" if self.image_features is not None else "transformers get_image_features",
-            "modalities": sorted(self.modalities),
-            "image_size": int(self.model.config.vision_config.image_size),
-            "patch_size": int(self.model.config.vision_config.patch_size),
-            "preprocessing": self.preprocessor.describe(),
-            "text": None
-            if self.tokenizer is None
-            else {
-                "tokenizer_class": type(self.tokenizer).__name__,
-                "padding": self.text_padding,
-                "max_length": self.text_max_length,
-                "truncation": True,
+        return EncoderDescription(
+            spec=self.name,
+            kind=self.kind,
+            dim=self.dim,
+            modalities=tuple(sorted(self.modalities)),
+            normalized=self.normalize,
+            dtype=dtype_name(self.dtype),
+            device=str(self.device),
+            parameters=count_parameters(*self._image_modules()),
+            weights_fingerprint=self.weights_fingerprint,
+            preprocessing=self.preprocessor.describe(),
+            options=self.options.to_dict(),
+            precision=self.precision,
+            details={
+                "model_class": type(self.model).__name__,
+                "model_type": self.model.config.model_type,
+                "weights_dtype": dtype_name(next(self.model.parameters()).dtype),
+                "image_path": "phiclip CLIPImageFeatures" if self.image_features is not None else "transformers get_image_features",
+                "image_size": int(self.model.config.vision_config.image_size),
+                "patch_size": int(self.model.config.vision_config.patch_size),
+                "text": None
+                if self.tokenizer is None
+                else {
+                    "tokenizer_class": type(self.tokenizer).__name__,
+                    "padding": self.text_padding,
+                    "max_length": self.text_max_length,
+                    "truncation": True,
+                },
+                "text_unavailable": self.text_unavailable,
+                "total_parameters": count_parameters(self.model),
+                "transformers_version": transformers.__version__,
             },
-            "text_unavailable": self.text_unavailable,
-            "num_parameters": int(sum(p.numel() for p in self.model.parameters())),
-            "num_image_parameters": self._image_parameters(),
-            "transformers_version": transformers.__version__,
-        }
+        )
 
 
 class CLIPEncoder(_ContrastiveEncoder):
@@ -733,12 +815,11 @@ class CLIPEncoder(_ContrastiveEncoder):
     def _image_dim(config: Any) -> int:
         return int(config.projection_dim)
 
-    def _image_parameters(self) -> int:
-        modules = (self.model.vision_model, self.model.visual_projection)
-        return int(sum(p.numel() for m in modules for p in m.parameters()))
+    def _image_modules(self) -> tuple[Any, ...]:
+        return (self.model.vision_model, self.model.visual_projection)
 
     def _fast_image_features(self) -> Any:
-        from phiclip.encoders.clip_tower import CLIPImageFeatures
+        from phiclip.models.clip_vision import CLIPImageFeatures  # delayed on purpose: imports torch
 
         return CLIPImageFeatures.from_clip_model(self.model)
 
@@ -764,17 +845,20 @@ class SigLIPEncoder(_ContrastiveEncoder):
                 "so it gives no image vector; use a SigLIP checkpoint with its head"
             )
 
-    def _image_parameters(self) -> int:
-        return int(sum(p.numel() for p in self.model.vision_model.parameters()))
+    def _image_modules(self) -> tuple[Any, ...]:
+        return (self.model.vision_model,)
 
 
 __all__: list[str] = [
+    "KNOWN_MODEL_TYPES",
     "CLIPEncoder",
+    "CheckedCheckpoint",
     "ImagePreprocessor",
-    "KNOWN_OPTIONS",
     "ProcessorPreprocessor",
     "SigLIPEncoder",
-    "parse_options",
+    "check_checkpoint",
+    "check_location",
     "processor_rgb",
     "shortest_edge_size",
+    "wrong_type_message",
 ]

@@ -1,9 +1,11 @@
 """The Phi-3-vision encoder: pooled vectors (and, when asked, the full image-token sequences).
 
-Spec: ``phi3v:<hub id or directory>[?num_crops=16&pooling=mean&normalize=true&max_crops=4]``.
-``num_crops`` defaults to the checkpoint's ``preprocessor_config.json``; ``pooling`` is ``mean``
-(mean of the projected image tokens, separators excluded; ``hidden_size``-wide) or ``global``
-(mean of the tower's global-view patch features; 1024-wide, and only the global view is run).
+Spec: ``phi3v:<hub id or directory>[?num_crops=16&pooling=mean&normalize=true&max_crops=4]``
+(:class:`~phiclip.encoders.options.Phi3VOptions`). ``num_crops`` (an integer from 1 to 64; the
+released models use 16 and 4) defaults to the checkpoint's ``preprocessor_config.json``;
+``pooling`` is ``mean`` (mean of the projected image tokens, separators excluded;
+``hidden_size``-wide) or ``global`` (mean of the tower's global-view patch features; 1024-wide, and
+only the global view is run).
 """
 
 from __future__ import annotations
@@ -14,12 +16,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from phiclip.encoders.base import EncodedBatch, Encoder, EncoderSpec, option_bool, option_int
+from phiclip import quantize
+from phiclip.encoders.base import EncodedBatch, Encoder, EncoderDescription, dtype_name
+from phiclip.encoders.device import Placement
+from phiclip.encoders.options import Phi3VOptions
+from phiclip.encoders.spec import EncoderSpec
+from phiclip.images import load_image
+from phiclip.models.checkpoint import fingerprint_module
+from phiclip.models.ops import l2_normalize
+from phiclip.phi3v.modeling import Phi3VImageEmbedding, count_parameters
+from phiclip.phi3v.processing import Phi3VImageProcessor, num_image_tokens
 
-_OPTIONS = {"num_crops", "pooling", "normalize", "max_crops"}
+
 class Phi3VEncoder(Encoder):
     """Phi-3-vision image embeddings through :class:`~phiclip.phi3v.Phi3VImageEmbedding`."""
 
+    kind = "phi3v"
     modalities = frozenset({"image"})
 
     def __init__(
@@ -28,41 +40,48 @@ class Phi3VEncoder(Encoder):
         processor: Any,
         *,
         name: str,
-        pooling: str = "mean",
-        normalize: bool = True,
+        options: Phi3VOptions | None = None,
+        precision: dict[str, Any] | None = None,
     ) -> None:
-        if pooling not in ("mean", "global"):
-            raise ValueError(f"pooling must be 'mean' or 'global', got {pooling!r}")
+        options = options or Phi3VOptions()
+        if options.pooling not in ("mean", "global"):
+            raise ValueError(f"pooling must be 'mean' or 'global', got {options.pooling!r}")
         self.model = model
         self.processor = processor
         self.name = name
-        self.pooling = pooling
-        self.normalize = normalize
-        self.dim = model.hidden_size if pooling == "mean" else model.image_dim_out
+        self.options = options
+        self.pooling = options.pooling
+        self.normalize = options.normalize
+        self.dim = model.hidden_size if self.pooling == "mean" else model.image_dim_out
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        # What runs and why (phiclip.precision); int8: the tower was quantised (phiclip.quantize).
+        self.precision = dict(precision or {"requested": dtype_name(self.dtype), "dtype": dtype_name(self.dtype)})
+        if self.precision["dtype"] == "int8":
+            self.dtype = torch.int8
+        self.max_pixels = getattr(processor, "max_pixels", self.max_pixels)
+        # A model built in memory (not loaded from a checkpoint) has no fingerprint yet.
+        self.weights_fingerprint: str = getattr(model, "weights_fingerprint", None) or fingerprint_module(model)
+
+    def set_max_pixels(self, max_pixels: int | None) -> None:
+        """The pixel budget of an image's HD canvas."""
+        super().set_max_pixels(max_pixels)
+        self.processor.max_pixels = max_pixels
 
     @classmethod
-    def from_spec(cls, spec: EncoderSpec, *, device: str = "auto", dtype: str = "auto") -> Phi3VEncoder:
-        """Build from a parsed spec (see the module docstring for the options)."""
-        from phiclip.encoders import resolve_device_dtype
-        from phiclip.phi3v import Phi3VImageEmbedding, Phi3VImageProcessor
-
-        unknown = set(spec.options) - _OPTIONS
-        if unknown:
-            raise ValueError(f"encoder spec {spec}: unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-        dev, dt = resolve_device_dtype(device, dtype)
-        num_crops = option_int(spec, "num_crops", None)
-        max_crops = option_int(spec, "max_crops", None)  # None: the model's default for the device
-        processor = Phi3VImageProcessor.from_pretrained(spec.location, **({"num_crops": num_crops} if num_crops is not None else {}))
-        model = Phi3VImageEmbedding.from_pretrained(spec.location, torch_dtype=dt, device=dev, max_crops_per_batch=max_crops)
-        return cls(
-            model,
-            processor,
-            name=str(spec),
-            pooling=spec.options.get("pooling", "mean"),
-            normalize=option_bool(spec, "normalize", True),
-        )
+    def build(cls, spec: EncoderSpec, options: Phi3VOptions, placement: Placement) -> Phi3VEncoder:
+        """Load the checkpoint a spec names: the builder of the registry (:func:`phiclip.encoders.load_encoder`)."""
+        overrides = {"num_crops": options.num_crops} if options.num_crops is not None else {}
+        processor = Phi3VImageProcessor.from_pretrained(spec.location, **overrides)
+        int8 = placement.precision == "int8"
+        # int8: loaded in float32, then the tower's products quantised from those weights.
+        model = Phi3VImageEmbedding.from_pretrained(spec.location, torch_dtype=torch.float32 if int8 else placement.dtype,
+                                                    device=placement.device, max_crops_per_batch=options.max_crops)
+        precision = placement.record()
+        if int8:
+            plan = quantize.int8_plan()
+            precision["int8"] = quantize.int8_description(plan, quantize.quantize_phi3v_(model, plan))
+        return cls(model, processor, name=str(spec), options=options, precision=precision)
 
     # --- pipeline steps -----------------------------------------------------------------------
     def preprocess(self, image: Any) -> dict[str, Any]:
@@ -100,12 +119,11 @@ class Phi3VEncoder(Encoder):
         if with_tokens:
             # One tower pass for both: the mean over the non-separator tokens is the pooled vector.
             tokens = self.model.image_tokens(crops, sizes)
-            means = [t[~self.model.separator_mask(int(h), int(w)).to(t.device)].mean(dim=0) for t, (h, w) in zip(tokens, sizes.tolist())]
-            vecs = torch.stack(means)
+            vecs = self.model.pooled_from_tokens(tokens, sizes)
         else:
             vecs = self.model.pooled(crops, sizes, pooling="mean")
         if self.normalize:
-            vecs = torch.nn.functional.normalize(vecs.float(), dim=-1)
+            vecs = l2_normalize(vecs.float())
         return EncodedBatch(
             embeddings=vecs.float().cpu().numpy(),
             tokens=[t.float().cpu().numpy() for t in tokens] if tokens is not None else None,
@@ -113,34 +131,35 @@ class Phi3VEncoder(Encoder):
 
     def encode_tokens(self, images: Sequence[Any]) -> list[np.ndarray]:
         """Images -> per image its ``(T_i, hidden_size)`` token sequence (float32)."""
-        from phiclip.images import load_image
-
         if self.pooling == "global":
             raise ValueError("token output needs every crop; load the encoder with pooling=mean")
-        batch = self.collate([self.preprocess(load_image(im)) for im in images])
+        batch = self.collate([self.preprocess(load_image(im, max_pixels=self.max_pixels)) for im in images])
         return self.encode_batch(batch, with_tokens=True).tokens or []
 
-    def describe(self) -> dict[str, Any]:
-        from phiclip.phi3v.modeling import count_parameters
-
-        return {
-            "spec": self.name,
-            "kind": "phi3v",
-            "model_class": type(self.model).__name__,
-            "dim": self.dim,
-            "pooling": self.pooling,
-            "normalize": self.normalize,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "device": str(self.device),
-            "parameters": count_parameters(self.model),
-            "hidden_size": self.model.hidden_size,
-            "layer_idx": self.model.layer_idx,
-            "hd_transform_order": self.model.hd_transform_order,
-            "preprocessing": self.processor.to_dict(),
-        }
+    def description(self) -> EncoderDescription:
+        """The common fields, and in ``details``: model class, LM width, the tower layer read and the
+        HD transform's order."""
+        return EncoderDescription(
+            spec=self.name,
+            kind=self.kind,
+            dim=self.dim,
+            modalities=tuple(sorted(self.modalities)),
+            normalized=self.normalize,
+            dtype=dtype_name(self.dtype),
+            device=str(self.device),
+            parameters=count_parameters(self.model),
+            weights_fingerprint=self.weights_fingerprint,
+            preprocessing=self.processor.to_dict(),
+            options=self.options.to_dict(),
+            precision=self.precision,
+            details={
+                "model_class": type(self.model).__name__,
+                "hidden_size": self.model.hidden_size,
+                "layer_idx": self.model.layer_idx,
+                "hd_transform_order": self.model.hd_transform_order,
+            },
+        )
 
     def tokens_per_image(self, width: int, height: int) -> int:
         """Image tokens for an image of this size at this encoder's num_crops."""
-        from phiclip.phi3v.processing import num_image_tokens
-
         return num_image_tokens(width, height, self.processor.num_crops)

@@ -6,10 +6,13 @@ implicit default of the released code is commented where it applies.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from phiclip.hub import CheckpointError
+from phiclip.models.checkpoint import check_field, load_json_file
+from phiclip.models.clip_config import CLIPVisionConfig
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -31,6 +34,26 @@ CLIP_VIT_L14_336: dict[str, Any] = {
 #: Crop size of the HD transform (fixed by the released processor).
 CROP_SIZE = 336
 
+#: Tokens per crop side after the 2x2 merge of the released tower's 24x24 patch grid (336 / 14 / 2).
+MERGED_GRID = 12
+
+
+def num_tokens_for_crop_grid(rows: int, cols: int, merged_grid: int = MERGED_GRID) -> int:
+    """Image tokens of an image cut into ``rows x cols`` crops, ``m = merged_grid`` tokens per crop
+    side: ``rows*cols + 1`` crops of ``m*m`` tokens (the sub-images and the global view), ``rows*m + m``
+    row-end separators (``sub_GN``) and one ``glb_GN``: ``(h*w + 1) * 144 + 1 + (h + 1) * 12`` as released."""
+    return (rows * cols + 1) * merged_grid**2 + 1 + (rows + 1) * merged_grid
+
+#: The most crops an image may be cut into. The released models use 16 (Phi-3-vision) and 4
+#: (Phi-3.5-vision); 64 leaves room for experiments while bounding an image's HD canvas to
+#: 64 * 336 * 336 = 7.2 M pixels (87 MB as float32) and its tower work to 65 crops.
+MAX_NUM_CROPS = 64
+
+def check_num_crops(value: Any, source: str | Path, *, error: type[ValueError] = CheckpointError) -> int:
+    """``num_crops``: an integer from 1 to :data:`MAX_NUM_CROPS` (``"4"``, 4.7, 0, 1e9 are refused)."""
+    return int(check_field(value, "num_crops", source, minimum=1, maximum=MAX_NUM_CROPS, error=error,
+                           hint="the released checkpoints use 16 (Phi-3-vision) or 4 (Phi-3.5-vision)"))
+
 
 @dataclass
 class Phi3VImageProcessorConfig:
@@ -41,12 +64,26 @@ class Phi3VImageProcessorConfig:
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Phi3VImageProcessorConfig:
+    def from_dict(cls, d: dict[str, Any], source: str | Path = "preprocessor_config.json") -> Phi3VImageProcessorConfig:
+        """Read and check the settings (``source`` names the file in error messages)."""
+        check_field(d, "(the whole file)", source, kind="dict")
+        stats = {}
+        for key, default in (("image_mean", OPENAI_CLIP_MEAN), ("image_std", OPENAI_CLIP_STD)):
+            value = d.get(key, default)
+            if not isinstance(value, (list, tuple)) or len(value) != 3:
+                raise CheckpointError(f"{source}: {key} {value!r} must be a list of 3 numbers (one per RGB channel)")
+            stats[key] = tuple(float(check_field(v, f"{key}[{i}]", source, kind="number")) for i, v in enumerate(value))
+        if any(s == 0 for s in stats["image_std"]):
+            raise CheckpointError(f"{source}: image_std {list(stats['image_std'])} must not contain 0")
         return cls(
-            num_crops=int(d.get("num_crops", 16)),
-            image_mean=tuple(d.get("image_mean", OPENAI_CLIP_MEAN)),  # type: ignore[arg-type]
-            image_std=tuple(d.get("image_std", OPENAI_CLIP_STD)),  # type: ignore[arg-type]
+            num_crops=check_num_crops(d.get("num_crops", 16), source),  # absent -> 16 (released processor)
+            image_mean=stats["image_mean"],  # type: ignore[arg-type]
+            image_std=stats["image_std"],  # type: ignore[arg-type]
         )
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> Phi3VImageProcessorConfig:
+        return cls.from_dict(load_json_file(path), source=path)
 
 
 @dataclass
@@ -91,36 +128,62 @@ class Phi3VVisionConfig:
 
     @property
     def image_dim_out(self) -> int:
-        return int(self.img_processor.get("image_dim_out", self.vision_config["hidden_size"]))
+        return int(self.img_processor.get("image_dim_out", self.vision_config.hidden_size))
 
     @property
-    def vision_config(self) -> dict[str, Any]:
+    def vision_config(self) -> CLIPVisionConfig:
         """The CLIP tower's config: ViT-L/14-336 unless ``img_processor.vision_config`` (phiclip's
         extension, used for tiny test towers) overrides some or all of it."""
-        cfg = dict(CLIP_VIT_L14_336)
-        cfg.update(self.img_processor.get("vision_config") or {})
-        return cfg
+        return self._vision_config()
+
+    def _vision_config(self, source: str | Path = "config.json") -> CLIPVisionConfig:
+        return CLIPVisionConfig.from_dict({**CLIP_VIT_L14_336, **(self.img_processor.get("vision_config") or {})},
+                                          source, prefix="img_processor.vision_config.")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Phi3VVisionConfig:
+    def from_dict(cls, d: dict[str, Any], source: str | Path = "config.json") -> Phi3VVisionConfig:
+        """Read and check every field the image path uses, for type and range; ``source`` names the
+        file in error messages (:class:`~phiclip.phi3v.weights.CheckpointError`)."""
+        check_field(d, "(the whole file)", source, kind="dict")
         missing = [k for k in ("img_processor", "embd_layer") if k not in d]
         if missing:
-            raise ValueError(
-                f"config.json has no {', '.join(missing)}: this is not a Phi-3-vision checkpoint "
+            raise CheckpointError(
+                f"{source} has no {', '.join(missing)}: this is not a Phi-3-vision checkpoint "
                 "(expected keys img_processor and embd_layer, as in microsoft/Phi-3-vision-128k-instruct)"
             )
-        return cls(
-            hidden_size=int(d.get("hidden_size", d.get("n_embd", 3072))),
-            vocab_size=int(d.get("vocab_size", 32064)),
-            embd_pdrop=float(d.get("embd_pdrop", d.get("embed_pdrop", 0.0)) or 0.0),
-            img_processor=dict(d["img_processor"]),
-            embd_layer=dict(d["embd_layer"]),
+        img = check_field(d["img_processor"], "img_processor", source, kind="dict")
+        layer = check_field(d["embd_layer"], "embd_layer", source, kind="dict",
+                            hint='e.g. {"embedding_cls": "image", "use_hd_transform": true, ...} as released')
+        hidden_key = "hidden_size" if "hidden_size" in d else "n_embd"
+        pdrop = d.get("embd_pdrop", d.get("embed_pdrop", 0.0))
+        config = cls(
+            hidden_size=check_field(d.get(hidden_key, 3072), hidden_key, source, minimum=1),
+            vocab_size=check_field(d.get("vocab_size", 32064), "vocab_size", source, minimum=1),
+            embd_pdrop=float(check_field(0.0 if pdrop is None else pdrop, "embd_pdrop", source, kind="number", minimum=0, maximum=1)),
+            img_processor=dict(img),
+            embd_layer=dict(layer),
         )
+        for key in ("use_hd_transform", "with_learnable_separator"):
+            if key in layer:
+                check_field(layer[key], f"embd_layer.{key}", source, kind="bool")
+        for key in ("hd_transform_order", "projection_cls"):
+            if key in layer:
+                check_field(layer[key], f"embd_layer.{key}", source, kind="str")
+        if img.get("vision_config") is not None:
+            check_field(img["vision_config"], "img_processor.vision_config", source, kind="dict")
+        if "type_feature" in img:
+            check_field(img["type_feature"], "img_processor.type_feature", source, kind="str")
+        n = config._vision_config(source).num_hidden_layers  # checks the tower's fields
+        # hidden_states has n + 1 entries, so layer_idx runs from -(n + 1) to n.
+        check_field(img.get("layer_idx", -2), "img_processor.layer_idx", source, minimum=-(n + 1), maximum=n,
+                    hint=f"the tower has {n} layers")
+        if "image_dim_out" in img:
+            check_field(img["image_dim_out"], "img_processor.image_dim_out", source, minimum=1)
+        return config
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> Phi3VVisionConfig:
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        return cls.from_dict(load_json_file(path), source=path)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -130,3 +193,24 @@ class Phi3VVisionConfig:
             "img_processor": dict(self.img_processor),
             "embd_layer": dict(self.embd_layer),
         }
+
+
+#: ``model_type`` of the released Phi-3-vision and Phi-3.5-vision checkpoints.
+PHI3V_MODEL_TYPE = "phi3_v"
+
+
+def read_phi3v_config(path: str | Path) -> Phi3VVisionConfig:
+    """Read a Phi-3-vision ``config.json``: ``model_type`` must be ``phi3_v`` and every field the
+    image path uses is checked. An ``auto_map`` (the released checkpoints name their remote code
+    there) is ignored: phiclip reads the file as data and never imports code from a checkpoint."""
+    data = load_json_file(path, "download the checkpoint again")
+    check_field(data, "(the whole file)", path, kind="dict")
+    model_type = data.get("model_type")
+    if model_type != PHI3V_MODEL_TYPE:
+        hint = {"clip": "clip:", "siglip": "siglip:"}.get(model_type) if isinstance(model_type, str) else None
+        raise CheckpointError(
+            f"{path}: model_type {model_type!r} is not {PHI3V_MODEL_TYPE!r}: this is not a Phi-3-vision checkpoint "
+            "(expected model_type phi3_v with img_processor and embd_layer, as in microsoft/Phi-3-vision-128k-instruct)"
+            + (f"; load it with '{hint}'" if hint else "")
+        )
+    return Phi3VVisionConfig.from_dict(data, source=path)

@@ -1,10 +1,10 @@
 """Phi-3-vision's image embedding, vision-only: CLIP tower (truncated), 2x2 merge, separators,
 projection, and the merge into a text sequence.
 
-Reads bottom-up like a transformers modeling file: the CLIP tower's blocks first (attribute names
-are the checkpoint's, ``pre_layrnorm`` included), the public ``Phi3VImageEmbedding`` last. Shapes
-use ``C`` for crops, ``L`` for tokens, ``D`` for the tower width (1024) and ``H`` for the LM width
-(3072).
+The CLIP tower is :mod:`phiclip.models.clip_vision` (shared with the CLIP encoder's fast path),
+held under the checkpoint's names (``img_processor.vision_model.*``); which tensors are read and the
+strict load are :mod:`phiclip.phi3v.weights`. Attribute names are the checkpoint's. Shapes use ``C``
+for crops, ``L`` for tokens, ``D`` for the tower width (1024) and ``H`` for the LM width (3072).
 """
 
 from __future__ import annotations
@@ -14,144 +14,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from phiclip.phi3v.config import CROP_SIZE, Phi3VVisionConfig
-from phiclip.phi3v.weights import (
-    TEXT_EMBED_KEY,
-    VISION_PREFIX,
-    CheckpointError,
-    checkpoint_to_module_name,
-    is_unused_tower_key,
-    load_tensors,
-    read_weight_map,
-    resolve_file,
-)
+from phiclip.hub import CheckpointError, resolve_file
+from phiclip.models.clip_config import CLIPVisionConfig
+from phiclip.models.clip_vision import CLIPVisionTransformer
+from phiclip.models.ops import l2_normalize, mean_pool
+from phiclip.phi3v.config import CROP_SIZE, Phi3VVisionConfig, num_tokens_for_crop_grid, read_phi3v_config
+from phiclip.phi3v.weights import drop_unused_tower_keys, load_image_path
 
 MAX_INPUT_ID = int(1e9)  # ids in (-1e9, 0) mark image tokens, as in the released model
 
 
 # ==============================================================================================
-# The CLIP vision tower (HF CLIPVisionModel's names), run only up to the layer that is used
+# The CLIP vision tower (phiclip.models.clip_vision), under the checkpoint's names
 # ==============================================================================================
-def _activation(name: str) -> nn.Module:
-    if name == "quick_gelu":
-        return _QuickGELU()
-    if name in ("gelu", "gelu_python"):
-        return nn.GELU()
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return nn.GELU(approximate="tanh")
-    raise ValueError(f"hidden_act {name!r} is not supported (quick_gelu, gelu, gelu_new)")
-
-
-class _QuickGELU(nn.Module):
-    """``x * sigmoid(1.702 x)``; in place when no gradient is needed (saves a pass over the MLP's
-    widest activation)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and torch.is_grad_enabled():
-            return x * torch.sigmoid(1.702 * x)
-        gate = x * 1.702
-        return x.mul_(gate.sigmoid_())
-
-
-class CLIPVisionEmbeddings(nn.Module):
-    def __init__(self, hidden_size: int, image_size: int, patch_size: int, num_channels: int = 3) -> None:
-        super().__init__()
-        self.patch_size = patch_size
-        self.num_patches = (image_size // patch_size) ** 2
-        self.class_embedding = nn.Parameter(torch.empty(hidden_size))
-        self.patch_embedding = nn.Conv2d(num_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=False)
-        self.position_embedding = nn.Embedding(self.num_patches + 1, hidden_size)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        c = pixel_values.shape[0]
-        dtype = self.patch_embedding.weight.dtype
-        patches = self.patch_embedding(pixel_values.to(dtype))  # (C, D, g, g)
-        patches = patches.flatten(2).transpose(1, 2)  # (C, g*g, D)
-        cls = self.class_embedding.to(dtype).expand(c, 1, -1)  # (C, 1, D)
-        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight[None]  # (C, 1 + g*g, D)
-
-
-class CLIPAttention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int) -> None:
-        super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = hidden_size // num_heads
-        self.q_proj = nn.Linear(hidden_size, hidden_size)
-        self.k_proj = nn.Linear(hidden_size, hidden_size)
-        self.v_proj = nn.Linear(hidden_size, hidden_size)
-        self.out_proj = nn.Linear(hidden_size, hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c, n, d = x.shape
-        # One matrix product for q, k and v (the weights stay separate, under their checkpoint names).
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (3D, D)
-        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])  # (3D,)
-        # (C, L, 3D) -> (C, L, 3, heads, head_dim) -> (3, C, heads, L, head_dim)
-        qkv = F.linear(x, weight, bias).view(c, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (C, heads, L, head_dim), scale 1/sqrt(head_dim)
-        return self.out_proj(out.transpose(1, 2).reshape(c, n, d))
-
-
-class CLIPMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(hidden_size, intermediate_size)
-        self.activation_fn = _activation(hidden_act)
-        self.fc2 = nn.Linear(intermediate_size, hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation_fn(self.fc1(x)))
-
-
-class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: dict[str, Any]) -> None:
-        super().__init__()
-        d, eps = cfg["hidden_size"], cfg["layer_norm_eps"]
-        self.layer_norm1 = nn.LayerNorm(d, eps=eps)
-        self.self_attn = CLIPAttention(d, cfg["num_attention_heads"])
-        self.layer_norm2 = nn.LayerNorm(d, eps=eps)
-        self.mlp = CLIPMLP(d, cfg["intermediate_size"], cfg["hidden_act"])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class CLIPEncoder(nn.Module):
-    def __init__(self, cfg: dict[str, Any], num_layers: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([CLIPEncoderLayer(cfg) for _ in range(num_layers)])
-
-
-class CLIPVisionTransformer(nn.Module):
-    """``embeddings -> pre_layrnorm -> encoder.layers[:num_layers]``. ``post_layernorm`` and later
-    layers are not built: the image path reads a hidden state before them."""
-
-    def __init__(self, cfg: dict[str, Any], num_layers: int) -> None:
-        super().__init__()
-        self.embeddings = CLIPVisionEmbeddings(cfg["hidden_size"], cfg["image_size"], cfg["patch_size"], cfg.get("num_channels", 3))
-        self.pre_layrnorm = nn.LayerNorm(cfg["hidden_size"], eps=cfg["layer_norm_eps"])
-        self.encoder = CLIPEncoder(cfg, num_layers)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(C, 3, S, S)`` -> hidden state after the last built layer ``(C, 1 + g*g, D)``."""
-        x = self.pre_layrnorm(self.embeddings(pixel_values))
-        for layer in self.encoder.layers:
-            x = layer(x)
-        return x
-
-
 class Phi3VCLIPVisionTower(nn.Module):
-    """Holds ``vision_model`` so that state-dict names read ``img_processor.vision_model.*``."""
+    """Holds ``vision_model`` so that state-dict names read ``img_processor.vision_model.*``; only the
+    layers up to ``layer_idx`` are built (``post_layernorm`` and later layers are never read)."""
 
-    def __init__(self, cfg: dict[str, Any], num_layers: int) -> None:
+    def __init__(self, config: CLIPVisionConfig, num_layers: int) -> None:
         super().__init__()
-        self.vision_model = CLIPVisionTransformer(cfg, num_layers)
+        self.vision_model = CLIPVisionTransformer(config, num_layers)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision_model(pixel_values)
@@ -221,11 +105,11 @@ class Phi3VImageEmbedding(nn.Module):
             raise ValueError("type_feature 'cls_patch' cannot be used with the HD transform (the 2x2 merge needs the patch grid only)")
 
         vcfg = cfg.vision_config
-        self.image_size, self.patch_size = int(vcfg["image_size"]), int(vcfg["patch_size"])
-        self.grid = self.image_size // self.patch_size  # 24
+        self.image_size, self.patch_size = vcfg.image_size, vcfg.patch_size
+        self.grid = vcfg.grid  # 24
         if self.use_hd_transform and (self.image_size != CROP_SIZE or self.grid % 2):
             raise ValueError(f"the HD transform needs 336-px crops and an even patch grid; got {self.image_size} px / patch {self.patch_size}")
-        n_layers = int(vcfg["num_hidden_layers"])
+        n_layers = vcfg.num_hidden_layers
         layer_idx = cfg.layer_idx
         # hidden_states has n_layers + 1 entries (index 0: embeddings after pre_layrnorm).
         self.num_layers_run = layer_idx if layer_idx >= 0 else n_layers + 1 + layer_idx
@@ -233,8 +117,8 @@ class Phi3VImageEmbedding(nn.Module):
             raise ValueError(f"img_processor.layer_idx {layer_idx} is out of range for a {n_layers}-layer tower")
         self.layer_idx = layer_idx
         self.image_dim_out = cfg.image_dim_out
-        if self.image_dim_out != int(vcfg["hidden_size"]):
-            raise ValueError(f"image_dim_out {self.image_dim_out} differs from the tower's hidden_size {vcfg['hidden_size']}")
+        if self.image_dim_out != vcfg.hidden_size:
+            raise ValueError(f"image_dim_out {self.image_dim_out} differs from the tower's hidden_size {vcfg.hidden_size}")
 
         self.img_processor = Phi3VCLIPVisionTower(vcfg, self.num_layers_run)
         dim = self.image_dim_out * 4 if self.use_hd_transform else self.image_dim_out  # 4096: 2x2 merged
@@ -255,9 +139,7 @@ class Phi3VImageEmbedding(nn.Module):
 
     # --- loading -----------------------------------------------------------------------------
     def _drop_unused_tower_keys(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        for key in list(state_dict):
-            if key.startswith(prefix) and is_unused_tower_key(checkpoint_to_module_name(key[len(prefix):]), self.num_layers_run):
-                del state_dict[key]
+        drop_unused_tower_keys(state_dict, self.num_layers_run, prefix)
 
     @classmethod
     def from_pretrained(
@@ -276,47 +158,30 @@ class Phi3VImageEmbedding(nn.Module):
 
         Only ``config.json``, the index and the shards holding ``model.vision_embed_tokens.*`` are
         read (downloaded, for a hub id); ``model.embed_tokens.weight`` too when
-        ``load_text_embeddings`` (needed by :meth:`forward`). ``torch_dtype="auto"`` keeps the
-        stored dtype. Extra keyword arguments go to the constructor.
+        ``load_text_embeddings`` (needed by :meth:`forward`; checkpoints that store it as
+        ``model.vision_embed_tokens.wte.weight`` only are read from there). ``torch_dtype="auto"``
+        keeps the stored dtype. Extra keyword arguments go to the constructor. The model's
+        ``weights_fingerprint`` is the :class:`~phiclip.models.checkpoint.WeightsHasher` fingerprint
+        of the tensors read (:func:`phiclip.phi3v.weights.load_image_path`).
         """
         hub = {"revision": revision, "cache_dir": cache_dir, "token": token}
         config_path = resolve_file(path_or_hub_id, "config.json", **hub)
-        config = Phi3VVisionConfig.from_json_file(config_path)  # type: ignore[arg-type]
+        config = read_phi3v_config(config_path)  # type: ignore[arg-type]
+        # A config naming a student tower builds that class. The import stays here: student.py
+        # subclasses this class, so it imports this module.
+        from phiclip.phi3v.student import student_class_for
+
+        cls = student_class_for(config) or cls
         dtype = _resolve_dtype(torch_dtype)
-        with torch.device("meta"):
-            model = cls(config, **kwargs)
-        weight_map, _ = read_weight_map(path_or_hub_id, **hub)
-        expected = set(model.state_dict().keys()) - {k for k in model.state_dict() if k.startswith("wte.")}
-        wanted: dict[str, str] = {}  # checkpoint name -> module name
-        for name in weight_map:
-            if not name.startswith(VISION_PREFIX):
-                continue
-            key = checkpoint_to_module_name(name)
-            if is_unused_tower_key(key, model.num_layers_run):
-                continue  # never read: after layer_idx, or post_layernorm
-            wanted[name] = key
-        if load_text_embeddings:
-            if TEXT_EMBED_KEY not in weight_map:
-                raise CheckpointError(f"{path_or_hub_id} has no {TEXT_EMBED_KEY}, needed to merge image tokens into text")
-            wanted[TEXT_EMBED_KEY] = "wte.weight"
-        missing = sorted(expected - set(wanted.values()))
-        unexpected = sorted(set(wanted.values()) - expected - {"wte.weight"})
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{path_or_hub_id}: the image-path tensors do not match config.json; "
-                f"missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected: {unexpected[:8]}"
-            )
-        tensors = load_tensors(path_or_hub_id, weight_map, wanted, dtype=dtype, device=device, **hub)
-        state = {wanted[k]: v for k, v in tensors.items()}
-        if load_text_embeddings:
-            w = state.pop("wte.weight")
-            model.wte = nn.Embedding(w.shape[0], w.shape[1], device="meta")
-            model.wte.load_state_dict({"weight": w}, assign=True)
-        model.load_state_dict({k: v for k, v in state.items()}, strict=not load_text_embeddings, assign=True)
-        if load_text_embeddings:
-            leftover = expected - set(state)
-            if leftover:
-                raise CheckpointError(f"missing tensors after load: {sorted(leftover)[:8]}")
+        try:
+            with torch.device("meta"):
+                model = cls(config, **kwargs)
+        except CheckpointError:
+            raise
+        except ValueError as e:  # a config value the image path cannot use
+            raise CheckpointError(f"{config_path}: {e}") from None
+        model.weights_fingerprint = load_image_path(model, path_or_hub_id, dtype=dtype, device=device,
+                                                    load_text_embeddings=load_text_embeddings, **hub)
         model.source = str(path_or_hub_id)
         return model.to(device).eval()
 
@@ -327,10 +192,9 @@ class Phi3VImageEmbedding(nn.Module):
         return self.grid // 2
 
     def num_tokens(self, hd_height: int, hd_width: int) -> int:
-        """Tokens for an HD canvas ``[H, W]``: ``(h*w + 1) * 144 + 1 + (h + 1) * 12`` for the released tower."""
-        h, w = hd_height // self.image_size, hd_width // self.image_size
-        m = self.merged_grid
-        return (h * w + 1) * m * m + 1 + (h + 1) * m
+        """Tokens for an HD canvas ``[H, W]`` with this tower's merged grid
+        (:func:`~phiclip.phi3v.config.num_tokens_for_crop_grid`)."""
+        return num_tokens_for_crop_grid(hd_height // self.image_size, hd_width // self.image_size, self.merged_grid)
 
     def separator_mask(self, hd_height: int, hd_width: int) -> torch.Tensor:
         """``(T,)`` bool: which of an image's tokens are learnt separators (``sub_GN`` row ends, ``glb_GN``)."""
@@ -400,14 +264,20 @@ class Phi3VImageEmbedding(nn.Module):
     # --- the tower --------------------------------------------------------------------------
     def crop_features(self, crops: torch.Tensor) -> torch.Tensor:
         """``(C, 3, 336, 336)`` -> the hidden state at ``layer_idx``: ``(C, 576, D)`` for ``patch``
-        (CLS dropped) or ``(C, 577, D)`` for ``cls_patch``. Runs in chunks of ``max_crops_per_batch``."""
+        (CLS dropped) or ``(C, 577, D)`` for ``cls_patch``. Runs in chunks of ``max_crops_per_batch``.
+        On the CPU each chunk runs on as many threads as cores are free (:mod:`phiclip.cpu_threads`)."""
+        from phiclip.cpu_threads import threads_for_free_cores
+
         param = self.img_processor.vision_model.embeddings.patch_embedding.weight
         step = self.max_crops_per_batch or (4 if param.device.type == "cpu" else 64)
         outs = []
-        for start in range(0, crops.shape[0], step):
-            chunk = crops[start : start + step].to(device=param.device, dtype=param.dtype, non_blocking=True)
-            hidden = self.img_processor(chunk)  # (c, 1 + g*g, D)
-            outs.append(hidden[:, 1:] if self.type_feature == "patch" else hidden)
+        with threads_for_free_cores() as adapt:
+            for start in range(0, crops.shape[0], step):
+                if param.device.type == "cpu":
+                    adapt()  # fewer threads while other processes hold cores: no thread waits on a time slice
+                chunk = crops[start : start + step].to(device=param.device, dtype=param.dtype, non_blocking=True)
+                hidden = self.img_processor(chunk)  # (c, 1 + g*g, D)
+                outs.append(hidden[:, 1:] if self.type_feature == "patch" else hidden)
         return torch.cat(outs, dim=0)
 
     def get_img_features(self, img_embeds: torch.Tensor) -> torch.Tensor:
@@ -506,14 +376,22 @@ class Phi3VImageEmbedding(nn.Module):
             out = feats.mean(dim=1)
         elif pooling == "mean":
             if not self.use_hd_transform:
-                out = torch.stack([t.mean(dim=0) for t in self._non_hd_tokens(pixel_values)])
+                out = mean_pool(self._non_hd_tokens(pixel_values))
             else:
                 grids = self._crop_grid(image_sizes, n)
                 merged = self._merge_2x2(self.crop_features(self._real_crops(pixel_values, grids)))
-                out = torch.stack([t.mean(dim=0) for t in self._project(self._hd_sequences(merged, grids, separators=False))])
+                out = mean_pool(self._project(self._hd_sequences(merged, grids, separators=False)))
         else:
             raise ValueError(f"pooling must be 'mean' or 'global', got {pooling!r}")
-        return F.normalize(out, dim=-1) if normalize else out
+        return l2_normalize(out) if normalize else out
+
+    def pooled_from_tokens(self, tokens: Sequence[torch.Tensor], image_sizes: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+        """:meth:`pooled` ``"mean"`` from :meth:`image_tokens`' output (one tower pass for both):
+        the mean of each image's tokens, separators left out. ``[(T_i, H)] -> (n, H)``."""
+        sizes = torch.as_tensor(image_sizes).tolist()
+        if not self.use_hd_transform:
+            return mean_pool(tokens)
+        return mean_pool([t[~self.separator_mask(int(h), int(w)).to(t.device)] for t, (h, w) in zip(tokens, sizes)])
 
     def forward(
         self,

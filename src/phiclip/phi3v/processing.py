@@ -1,13 +1,16 @@
 """The Phi-3-vision HD image transform: size arithmetic (pure functions) and the pixel path.
 
-Behaviour of the released processor (see ``shared/docs/phi3v-image-path.md``), per image with
+Behaviour of the released processor (see ``docs/phi3v-image-path.md``), per image with
 ``num_crops = N``: transpose portraits, pick the largest ``scale`` with
 ``scale * ceil(scale / ratio) <= N``, resize to ``scale * 336`` wide with PIL bilinear, pad the
 height with white to a multiple of 336 (centred), transpose back, normalise, then
 ``[global view (bicubic 336x336 of the normalised canvas), crop_1 .. crop_hw]``.
 
-phiclip differs on purpose in two places only: ``num_crops < 1`` is an error, and an image so
-thin that its resized height would be 0 is kept 1 pixel tall.
+phiclip differs on purpose in three places only: ``num_crops`` must be an integer from 1 to
+:data:`~phiclip.phi3v.config.MAX_NUM_CROPS` (64; the released models use 16 and 4), an image so
+thin that its resized height would be 0 is kept 1 pixel tall, and an image whose HD canvas would
+exceed the processor's ``max_pixels`` (the same budget as ``--max-pixels``) is refused before any
+pixel is resized or allocated (:class:`CanvasTooLargeError`, one failed image, not a failed run).
 """
 
 from __future__ import annotations
@@ -27,15 +30,35 @@ import torch.nn.functional as F
 from PIL import Image
 
 from phiclip.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
-from phiclip.phi3v.config import CROP_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Phi3VImageProcessorConfig
-
-# Tokens per crop side after the 2x2 merge of the 24x24 patch grid (336 / 14 / 2).
-MERGED_GRID = 12
+from phiclip.phi3v.config import (
+    CROP_SIZE,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    Phi3VImageProcessorConfig,
+    check_num_crops,
+    num_tokens_for_crop_grid,
+)
 
 
 def _check_num_crops(num_crops: int) -> None:
-    if not isinstance(num_crops, (int, np.integer)) or num_crops < 1:
-        raise ValueError(f"num_crops must be an integer >= 1, got {num_crops!r} (the released checkpoints use 16 or 4)")
+    check_num_crops(num_crops, "Phi3VImageProcessor", error=ValueError)
+
+
+class CanvasTooLargeError(ValueError):
+    """An image's HD canvas would hold more pixels than the processor's ``max_pixels`` allows."""
+
+
+def check_canvas(width: int, height: int, num_crops: int, max_pixels: int | None) -> tuple[int, int]:
+    """The HD canvas ``(H, W)`` of a ``width x height`` image, computed from the sizes alone;
+    :class:`CanvasTooLargeError` when it holds more than ``max_pixels`` pixels (``None``: no limit).
+    With ``num_crops <= MAX_NUM_CROPS`` a canvas never exceeds ``MAX_NUM_CROPS * 336 * 336`` pixels."""
+    h, w = hd_size(width, height, num_crops)
+    if max_pixels is not None and h * w > max_pixels:
+        raise CanvasTooLargeError(
+            f"image {width}x{height} at num_crops {num_crops} needs an HD canvas of {w}x{h} = {h * w} pixels, "
+            f"over the pixel limit of {max_pixels} (max_pixels / --max-pixels); lower num_crops or raise the limit"
+        )
+    return h, w
 
 
 def hd_scale(width: int, height: int, num_crops: int = 16) -> int:
@@ -75,8 +98,7 @@ def hd_size(width: int, height: int, num_crops: int = 16) -> tuple[int, int]:
 
 def num_tokens_for_hd_size(hd_height: int, hd_width: int) -> int:
     """Image tokens for an HD canvas of ``hd_height x hd_width``: ``(h*w + 1) * 144 + 1 + (h + 1) * 12``."""
-    h, w = hd_height // CROP_SIZE, hd_width // CROP_SIZE
-    return (h * w + 1) * MERGED_GRID**2 + 1 + (h + 1) * MERGED_GRID
+    return num_tokens_for_crop_grid(hd_height // CROP_SIZE, hd_width // CROP_SIZE)
 
 
 def num_image_tokens(width: int, height: int, num_crops: int = 16) -> int:
@@ -155,12 +177,13 @@ class Phi3VImageProcessor:
         from phiclip.phi3v.weights import resolve_file
 
         path = resolve_file(path_or_hub_id, "preprocessor_config.json", required=False)
-        cfg = Phi3VImageProcessorConfig()
-        if path is not None:
-            import json
+        # --- phiclip student towers (phiclip.phi3v.student): their processor cuts crops at the student's size ---
+        from phiclip.phi3v.student import StudentImageProcessor, is_student_processor_file
 
-            with open(path, encoding="utf-8") as f:
-                cfg = Phi3VImageProcessorConfig.from_dict(json.load(f))
+        if path is not None and is_student_processor_file(path):
+            return StudentImageProcessor.from_pretrained(path_or_hub_id, **kwargs)  # type: ignore[return-value]
+        # --- end of the student-tower hook ---
+        cfg = Phi3VImageProcessorConfig() if path is None else Phi3VImageProcessorConfig.from_json_file(path)
         args = {"num_crops": cfg.num_crops, "image_mean": cfg.image_mean, "image_std": cfg.image_std}
         args.update(kwargs)
         return cls(**args)
@@ -200,6 +223,7 @@ class Phi3VImageProcessor:
         ``buffer``: an optional 1-D float32 tensor to build the canvas in (reused across images
         to avoid allocating, and page-faulting in, tens of MB per image); used when large enough.
         """
+        check_canvas(image.size[0], image.size[1], self.num_crops, self.max_pixels)  # before any allocation
         resized, top, target_h, transposed = self._resize(image)
         new_h, new_w = resized.shape[:2]
         numel = 3 * new_w * target_h
@@ -273,7 +297,7 @@ class Phi3VImageProcessor:
 
         def work(i: int) -> None:
             image = load_image(batch[i], max_pixels=self.max_pixels)
-            h_c, w_c = hd_size(image.size[0], image.size[1], self.num_crops)
+            h_c, w_c = check_canvas(image.size[0], image.size[1], self.num_crops, self.max_pixels)
             buffer = getattr(local, "buffer", None)
             if buffer is None or buffer.numel() < 3 * h_c * w_c:
                 buffer = local.buffer = torch.empty(3 * h_c * w_c)

@@ -4,8 +4,12 @@ The flow of :func:`embed`:
 
 1. **list** (:mod:`.sources`): records with stable ids in a stable order, cut into shards.
 2. **check the output**: a new folder gets a manifest first; an existing one must hold the same run
-   (model, settings, inputs), otherwise it is refused with a message naming what differs. A lock
-   file keeps two runs from writing to one folder.
+   (model and its weights, settings, inputs), otherwise it is refused with a message naming what
+   differs (other weights: the old and new ``weights_fingerprint`` of ``Encoder.describe()``). A
+   lock file (``.phiclip.lock``, present only while a run holds it) keeps two runs from writing to
+   one folder. A folder that is neither empty nor a phiclip output is refused before anything is
+   written in it; a folder this run created is removed again if the run fails before its manifest.
+   The files of a folder or glob that are not inputs are named in ``errors/skipped.parquet``.
 3. **read + decode + preprocess** chunks of the pending shards: :func:`phiclip.images.try_load_image`
    then ``encoder.preprocess``, then the good items are grouped into batches whose summed
    ``encoder.item_cost`` stays within ``batch_size`` and collated. Failures come back as error
@@ -53,7 +57,15 @@ import numpy as np
 from phiclip import schema
 from phiclip.encoders.base import default_prep_threads
 from phiclip.images import DEFAULT_MAX_PIXELS
-from phiclip.pipeline.sources import InputError, InputListing, Record, list_inputs, list_texts, plan_shards
+from phiclip.pipeline.sources import (
+    InputError,
+    InputListing,
+    Record,
+    list_inputs,
+    list_texts,
+    plan_shards,
+    record_id,
+)
 from phiclip.pipeline.writer import (
     VECTOR_DTYPES,
     OutputError,
@@ -65,6 +77,8 @@ from phiclip.pipeline.writer import (
 
 #: Keys of ``Encoder.describe()`` that may change between runs without changing the vectors.
 VOLATILE_ENCODER_KEYS = frozenset({"device"})
+#: Key of ``Encoder.describe()`` (and so of ``manifest["encoder"]``) that identifies the weights.
+WEIGHTS_KEY = "weights_fingerprint"
 LOCK_FILE = ".phiclip.lock"
 
 
@@ -137,7 +151,8 @@ def make_options(options: EmbedOptions | None = None, **settings: Any) -> EmbedO
 @dataclass
 class EmbedResult:
     """What a run did. ``skipped``: inputs already done by an earlier run of the same command;
-    ``duplicates``: repeated inputs listed once; ``ignored``: entries that are not inputs."""
+    ``duplicates``: repeated inputs listed once; ``ignored``: entries that are not inputs (the files
+    among them are named in ``errors/skipped.parquet`` with the stage ``skip``)."""
 
     output: Path
     status: str  # "completed" | "already_complete"
@@ -166,26 +181,85 @@ class EmbedResult:
 
 
 # --- output folder checks --------------------------------------------------------------------------
-@contextlib.contextmanager
-def _output_lock(root: Path) -> Iterator[None]:
-    """An exclusive POSIX record lock on ``ROOT/.phiclip.lock`` (released by the kernel when the
-    process dies, and not inherited by forked workers)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no lock
-        yield
-        return
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+def _busy(root: Path) -> OutputError:
+    return OutputError(
+        f"{root}: another phiclip run is writing to this folder; wait for it to finish or choose another --output"
+    )
+
+
+def _acquire_lock(root: Path) -> int:
+    """Open and lock ``ROOT/.phiclip.lock``; returns its descriptor. The file must still be the one at
+    that path once locked: a run that finishes unlinks the file it holds, so one that locked the
+    unlinked file tries again on a new one."""
+    import fcntl
+
+    path = root / LOCK_FILE
+    for _attempt in range(20):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            raise OutputError(f"{root}: the folder disappeared while this run started; run the command again") from None
+        except OSError as e:
+            raise OutputError(
+                f"{root}: cannot create the lock file {LOCK_FILE} in it ({e.strerror or e}); choose a folder you can "
+                "write to for --output"
+            ) from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise OutputError(
-                f"{root}: another phiclip run is writing to this folder; wait for it to finish or choose another --output"
-            ) from None
-        yield
+            os.close(fd)
+            raise _busy(root) from None
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(os.fstat(fd), current):
+            return fd
+        os.close(fd)  # locked a file that the run before us unlinked as it finished: take the new one
+    raise _busy(root)
+
+
+def _release_lock(root: Path, fd: int) -> None:
+    """Unlink the lock file (while still holding it, and only if it is ours), then unlock."""
+    path = root / LOCK_FILE
+    try:
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                path.unlink()
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _output_lock(root: Path) -> Iterator[None]:
+    """An exclusive POSIX record lock on ``ROOT/.phiclip.lock`` (released by the kernel when the
+    process dies, and not inherited by forked workers). The file exists only while a run holds it:
+    it is unlinked, still locked, when the run ends, successful or not."""
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:  # pragma: no cover - Windows: no lock
+        yield
+        return
+    fd = _acquire_lock(root)
+    try:
+        yield
+    finally:
+        _release_lock(root, fd)
+
+
+def _make_output_folder(root: Path) -> bool:
+    """Create ``root`` (and its parents) if needed; returns True only if this call created it, so that
+    of two runs started at once on a new folder exactly one counts as its creator."""
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        root.mkdir()
+        return True
+    except FileExistsError:
+        if root.is_dir():
+            return False
+        raise OutputError(f"{root}: exists and is not a folder; give a folder for --output") from None
+    except OSError as e:
+        raise OutputError(f"{root}: cannot create the output folder ({e.strerror or e}); choose another --output") from None
 
 
 def _check_fresh_folder(root: Path) -> None:
@@ -224,6 +298,30 @@ def _refuse_if_different(root: Path, what: str, old: Any, new: Any) -> None:
 
 def _stable_description(describe: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in describe.items() if k not in VOLATILE_ENCODER_KEYS}
+
+
+def _refuse_if_weights_changed(root: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Refuse to add vectors from other weights to an output (see :data:`WEIGHTS_KEY`).
+
+    An output whose manifest records no fingerprint while the encoder now reports one is refused too:
+    nothing says its shards come from these weights (it was written by an older phiclip, or by an
+    encoder that did not report its weights), and mixing two models is silent and unrepairable,
+    while starting a new folder costs only time.
+    """
+    old_fp, new_fp = old.get(WEIGHTS_KEY), new.get(WEIGHTS_KEY)
+    if old_fp == new_fp:
+        return
+    if old_fp is None:
+        raise OutputError(
+            f"{root}: its manifest records no weights fingerprint (written by an older phiclip, or by an encoder "
+            "that does not report its weights), so it cannot be checked that the shards already written come from "
+            f"these weights (new {new_fp}); embed into a new --output folder, or delete this one to start over"
+        )
+    raise OutputError(
+        f"{root}: weights changed: old {old_fp} new {new_fp}; the shards already written come from the old weights "
+        "and this run would mix two models. Put the old weights back (or pin the same hub revision) to finish it, "
+        "or embed into a new --output folder"
+    )
 
 
 # --- shards in progress ------------------------------------------------------------------------------
@@ -308,7 +406,8 @@ def _read_error(payload: Any) -> str | None:
         st = os.stat(payload)
     except FileNotFoundError:
         if os.path.islink(payload):
-            return f"a broken symbolic link (its target {os.readlink(payload)} does not exist); fix or remove the link"
+            target = schema.path_to_source(os.readlink(payload))
+            return f"a broken symbolic link (its target {target} does not exist); fix or remove the link"
         return "no such file; check the path"
     except PermissionError as e:
         return f"cannot read ({e.strerror}); check its permissions"
@@ -478,9 +577,9 @@ def _mp_context(num_workers: int) -> Any:
 def _load(model: Any, opts: EmbedOptions) -> Any:
     from phiclip.encoders import Encoder, load_encoder
 
-    if isinstance(model, Encoder):
-        return model
-    return load_encoder(model, device=opts.device, dtype=opts.precision)
+    encoder = model if isinstance(model, Encoder) else load_encoder(model, device=opts.device, dtype=opts.precision)
+    encoder.set_max_pixels(opts.max_pixels)  # also bounds what preprocessing builds (Phi-3-vision's HD canvas)
+    return encoder
 
 
 def _is_spec(model: Any) -> bool:
@@ -549,6 +648,11 @@ def _prepare_output(root: Path, identity: dict[str, Any]) -> tuple[dict[str, Any
     if existing is None:
         _check_fresh_folder(root)
         return None, False
+    if "dim" not in existing:
+        raise OutputError(
+            f"{root / schema.MANIFEST_FILE}: field 'dim' is missing; the manifest was edited or damaged: restore it, "
+            "or embed again into a new --output folder"
+        )
     old_identity = {k: existing.get(k) for k in identity}
     _refuse_if_different(root, "model, settings or inputs", old_identity, identity)
     return existing, bool(existing.get("complete"))
@@ -599,30 +703,43 @@ def _run(model: Any, listing: InputListing, output: str | os.PathLike, opts: Emb
     input_desc = {**listing.description, "num_inputs": len(listing.records), "fingerprint": listing.fingerprint()}
     identity = {"kind": kind, "dtype": opts.dtype, "input": input_desc, "settings": settings}
     job = _Job(kind, listing, root, opts, plan, identity, {"list": list_seconds}, time.perf_counter() - list_seconds)
-    created = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
+    if root.is_dir() and read_manifest(root) is None:
+        _check_fresh_folder(root)  # a foreign folder is refused before a lock file is made in it
+    created = _make_output_folder(root)
+    locked = False
     try:
         with _output_lock(root):
-            return _run_locked(job, model)
+            locked = True
+            try:
+                return _run_locked(job, model)
+            except BaseException:
+                if created:
+                    _remove_empty_parts(root)
+                raise
     except BaseException:
-        if created:
-            _remove_if_untouched(root)
+        # Only the run that made the folder and held its lock may remove it, and only once its lock
+        # file is gone and the folder is empty (rmdir refuses otherwise, e.g. when a new run's lock
+        # file is already in it).
+        if created and locked and not (root / schema.MANIFEST_FILE).exists():
+            with contextlib.suppress(OSError):
+                root.rmdir()
         raise
 
 
-def _remove_if_untouched(root: Path) -> None:
-    """Remove an output folder this run created when it failed before writing its manifest."""
+def _remove_empty_parts(root: Path) -> None:
+    """Remove the empty subfolders of an output folder this run created, when it failed before
+    writing its manifest (called while holding the lock)."""
     if (root / schema.MANIFEST_FILE).exists():
         return
-    for name in (LOCK_FILE, schema.EMBEDDINGS_DIR, schema.ERRORS_DIR, schema.TOKENS_DIR):
-        p = root / name
+    for name in (schema.EMBEDDINGS_DIR, schema.ERRORS_DIR, schema.TOKENS_DIR):
         with contextlib.suppress(OSError):
-            if p.is_dir():
-                p.rmdir()  # only if empty
-            else:
-                p.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        root.rmdir()  # only if now empty
+            (root / name).rmdir()  # only if empty
+
+
+def _skipped_rows(listing: InputListing) -> list[tuple[str, str, str, str]]:
+    """``(id, source, "skip", reason)`` of each file the listing did not take as an input."""
+    return [(record_id(os.fsencode(path)), schema.path_to_source(path), schema.STAGE_SKIP, reason)
+            for path, reason in listing.skipped]
 
 
 def _run_locked(job: _Job, model: Any) -> EmbedResult:
@@ -646,6 +763,7 @@ def _run_locked(job: _Job, model: Any) -> EmbedResult:
     describe = dict(encoder.describe())
     describe.setdefault("spec", encoder.name)
     if existing is not None:
+        _refuse_if_weights_changed(job.root, existing.get("encoder") or {}, describe)
         _refuse_if_different(job.root, "model", _stable_description(existing.get("encoder") or {}),
                              _stable_description(describe))
     counts_base = {"inputs": len(job.records), "duplicates": job.listing.duplicates, "ignored": job.listing.ignored}
@@ -668,6 +786,7 @@ def _run_locked(job: _Job, model: Any) -> EmbedResult:
         write_manifest(job.root, {**existing, "complete": False})
     writer = ShardWriter(job.root, kind=job.kind, dim=encoder.dim, dtype=job.opts.dtype)
     writer.prepare(pending)
+    writer.write_skipped(_skipped_rows(job.listing))
 
     bar = _progress(len(job.records), skipped, "img" if job.kind == "image" else "text", job.opts.progress)
     t_loop = time.perf_counter()
@@ -807,9 +926,11 @@ def embed(model: Any, input: str | os.PathLike, output: str | os.PathLike, optio
     t0 = time.perf_counter()
     listing = list_inputs(input, column=opts.column, split=opts.split)
     if not listing.records:
+        shown = ", ".join(os.path.basename(schema.path_to_source(p)) for p, _ in listing.skipped[:3])
         raise InputError(
-            f"{input}: no images found ({listing.ignored} entries skipped: no image extension, hidden, or blank); "
-            "point --input at a folder or list of .jpg/.png/... files"
+            f"{schema.path_to_source(input)}: no images found ({listing.ignored} entries skipped: no image extension, "
+            f"hidden, or blank{'; e.g. ' + shown if shown else ''}); point --input at a folder or list of "
+            ".jpg/.png/... files"
         )
     return _run(model, listing, output, opts, "image", list_seconds=time.perf_counter() - t0)
 

@@ -11,10 +11,16 @@ An input is one of:
   ``Dataset.save_to_disk``), with a split and an image column,
 - a single image file.
 
-Every input becomes a :class:`Record`: ``id`` is a hash of ``source`` (the absolute path, or
-``table#row=N`` / ``hf:NAME/SPLIT#row=N`` for rows), so the same input always gets the same id.
-Files are listed in sorted order, rows in table order, and a repeated source is kept once. Relative
-paths inside a list or table are resolved against the folder of that list or table.
+Every input becomes a :class:`Record`: ``id`` is a hash of the bytes of the absolute path (or of
+the text ``table#row=N`` / ``hf:NAME/SPLIT#row=N`` for rows), so the same input always gets the same
+id; ``source`` is the path in the lossless text form of :func:`phiclip.schema.path_to_source` (the
+path itself unless it is not UTF-8 or has a backslash), so a file name that is not UTF-8 is embedded
+like any other. Files are listed in sorted order, rows in table order, and a repeated source is kept
+once. Relative paths inside a list or table are resolved against the folder of that list or table.
+
+Files of a folder or glob that are not taken as inputs (no image extension, hidden) are counted in
+``ignored`` and named in :attr:`InputListing.skipped`, which the runner writes to
+``errors/skipped.parquet`` (stage ``skip``).
 
 The records are cut into shards of ``shard_size`` consecutive records (:func:`plan_shards`); a
 shard is the unit of work and of resume. Reading the bytes of a record (:class:`PayloadReader`) is
@@ -23,6 +29,7 @@ separate from listing, so that worker processes can do it.
 
 from __future__ import annotations
 
+import codecs
 import glob as globlib
 import hashlib
 import os
@@ -30,6 +37,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from phiclip.schema import path_to_source
 
 #: File extensions taken as images when a folder or glob is listed (compared lower-case).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -48,9 +57,16 @@ class InputError(ValueError):
     """The input of a bulk run is missing, empty or not understood. The message names the fix."""
 
 
-def record_id(source: str) -> str:
-    """The stable id of an input: 32 hex digits of BLAKE2b over its source string."""
-    return hashlib.blake2b(source.encode("utf-8"), digest_size=16).hexdigest()
+def record_id(source: str | bytes) -> str:
+    """The stable id of an input: 32 hex digits of BLAKE2b over its source (bytes as given; text as
+    UTF-8, with the undecodable bytes of a ``surrogateescape``-decoded file name restored, so that a
+    path gives the same id as text and as ``os.fsencode`` bytes)."""
+    if isinstance(source, str):
+        try:
+            source = source.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
+            source = source.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(source, digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -79,7 +95,8 @@ class InputListing:
     """What a source lists: the records, how to read them, and a description for the manifest.
 
     ``duplicates``: repeated sources dropped; ``ignored``: entries that are not inputs (files
-    without an image extension, hidden files, blank lines).
+    without an image extension, hidden files, blank lines); ``skipped``: ``(path, reason)`` of each
+    file or folder among them (the blank lines and comments of a list are only counted).
     """
 
     description: dict[str, Any]
@@ -87,6 +104,7 @@ class InputListing:
     reader: PayloadReader = field(default_factory=PayloadReader)
     duplicates: int = 0
     ignored: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def fingerprint(self) -> str:
         """A hash of every id in order: two listings with the same fingerprint shard identically."""
@@ -121,12 +139,24 @@ def _dedupe(records: Iterable[Record]) -> tuple[list[Record], int]:
     return out, dup
 
 
-def _path_record(path: str) -> Record:
-    return Record(id=record_id(path), source=path, locator=path)
+def _path_record(path: str, error: str | None = None) -> Record:
+    """A file input: the id from the path's bytes, ``source`` its lossless text, ``locator`` the path
+    as Python's ``os`` functions take it (undecodable bytes kept by ``surrogateescape``)."""
+    return Record(id=record_id(os.fsencode(path)), source=path_to_source(path), locator=path, error=error)
 
 
 def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _skip_reason(name: str) -> str:
+    """Why a listed file is not taken as an input."""
+    if os.path.basename(name).startswith("."):
+        return "hidden file (its name starts with '.'); rename it to embed it"
+    ext = os.path.splitext(name)[1].lower()
+    shown = f"extension {path_to_source(ext)!r}" if ext else "no extension"
+    return (f"not taken as an image: {shown} is not one of {' '.join(sorted(IMAGE_EXTENSIONS))}; convert it to "
+            "PNG or JPEG to embed it")
 
 
 def _resolve_against(base_dir: Path, p: str) -> str:
@@ -145,13 +175,13 @@ def list_folder(root: str | os.PathLike) -> InputListing:
     record, so nothing under it vanishes silently."""
     top = os.path.normpath(os.path.abspath(os.fspath(root)))
     records: list[Record] = []
-    ignored = 0
     seen_dirs: set[str] = set()
+    skipped: list[tuple[str, str]] = []
 
     def on_error(err: OSError) -> None:
-        where = err.filename or top
+        where = os.fsdecode(err.filename or top)
         reason = f"cannot list this folder ({err.strerror or err}); check its permissions"
-        records.append(Record(id=record_id(str(where)), source=str(where), locator=str(where), error=reason))
+        records.append(_path_record(where, error=reason))
 
     for dirpath, dirnames, filenames in os.walk(top, onerror=on_error, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -160,16 +190,19 @@ def list_folder(root: str | os.PathLike) -> InputListing:
             continue
         seen_dirs.add(real)
         kept = sorted(d for d in dirnames if not d.startswith("."))
-        ignored += len(dirnames) - len(kept)
+        skipped += [(os.path.join(dirpath, d), "hidden folder (its name starts with '.'); nothing in it is read")
+                    for d in sorted(dirnames) if d.startswith(".")]
         dirnames[:] = kept
         for name in filenames:
             if name.startswith(".") or not _is_image_name(name):
-                ignored += 1
+                skipped.append((os.path.join(dirpath, name), _skip_reason(name)))
                 continue
             records.append(_path_record(os.path.join(dirpath, name)))
-    records.sort(key=lambda r: r.source)
+    records.sort(key=lambda r: r.locator)  # the path, so names that are not UTF-8 sort among the others
     records, dup = _dedupe(records)
-    return InputListing({"kind": "folder", "location": top}, records, duplicates=dup, ignored=ignored)
+    skipped.sort()
+    return InputListing({"kind": "folder", "location": path_to_source(top)}, records, duplicates=dup, ignored=len(skipped),
+                        skipped=skipped)
 
 
 def list_glob(pattern: str) -> InputListing:
@@ -177,29 +210,38 @@ def list_glob(pattern: str) -> InputListing:
     expanded = os.path.expanduser(pattern)
     base = os.path.abspath(expanded)
     records: list[Record] = []
-    ignored = 0
+    skipped: list[tuple[str, str]] = []
     for match in globlib.glob(base, recursive=True):
         if os.path.isdir(match):
             continue
         if not _is_image_name(match):
-            ignored += 1
+            skipped.append((os.path.normpath(match), _skip_reason(match)))
             continue
         records.append(_path_record(os.path.normpath(match)))
-    records.sort(key=lambda r: r.source)
+    records.sort(key=lambda r: r.locator)
     records, dup = _dedupe(records)
-    return InputListing({"kind": "glob", "location": base}, records, duplicates=dup, ignored=ignored)
+    skipped.sort()
+    return InputListing({"kind": "glob", "location": path_to_source(base)}, records, duplicates=dup, ignored=len(skipped),
+                        skipped=skipped)
 
 
 def list_path_file(path: str | os.PathLike) -> InputListing:
-    """A text file of image paths, one per line, in file order (blank and ``#`` lines skipped)."""
+    """A text file of image paths, one per line, in file order (blank and ``#`` lines skipped).
+
+    Lines are file names as bytes (POSIX paths need not be UTF-8): a line that is not UTF-8 names the
+    file with exactly those bytes. A file holding NUL bytes (binary, or UTF-16 text) is refused.
+    """
     p = Path(path).expanduser().absolute()
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
+    data = p.read_bytes()
+    if b"\x00" in data:
         raise InputError(
-            f"{p}: not a UTF-8 text file of paths; give a folder, a glob, a .txt list of paths, a Parquet/CSV "
+            f"{path_to_source(p)}: not a text file of paths (it holds NUL bytes, which no path has: binary or "
+            "UTF-16?); save it as UTF-8 text with one path per line, or give a folder, a glob, a Parquet/CSV "
             "table or hf:DATASET"
-        ) from None
+        )
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    lines = [os.fsdecode(line) for line in data.splitlines()]
     records: list[Record] = []
     ignored = 0
     for line in lines:
@@ -209,23 +251,22 @@ def list_path_file(path: str | os.PathLike) -> InputListing:
             continue
         records.append(_path_record(_resolve_against(p.parent, s)))
     records, dup = _dedupe(records)
-    return InputListing({"kind": "list", "location": str(p)}, records, duplicates=dup, ignored=ignored)
+    return InputListing({"kind": "list", "location": path_to_source(p)}, records, duplicates=dup, ignored=ignored)
 
 
 # --- tables ------------------------------------------------------------------------------------
 def _read_table_columns(path: Path, columns: Sequence[str] | None = None) -> Any:
-    import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
+
+    from phiclip.datasets_io import read_csv_table
 
     suffix = path.suffix.lower()
     try:
         if suffix in (".csv", ".tsv"):
-            opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
-            conv = pacsv.ConvertOptions(include_columns=list(columns) if columns else None)
-            return pacsv.read_csv(path, parse_options=opts, convert_options=conv)
+            return read_csv_table(path, delimiter="\t" if suffix == ".tsv" else ",", columns=columns)
         return pq.read_table(path, columns=list(columns) if columns else None)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for unreadable tables
-        raise InputError(f"{path}: cannot read this table ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path_to_source(path)}: cannot read this table ({type(e).__name__}: {e})") from None
 
 
 def _table_schema(path: Path) -> Any:
@@ -342,7 +383,7 @@ def list_table(path: str | os.PathLike, column: str | None = None) -> InputListi
     schema = _table_schema(p)
     accept = ("path",) if is_csv else ("path", "bytes", "struct")
     col, kind = _choose_column(p, schema, column, IMAGE_COLUMN_CANDIDATES, "image paths or bytes", accept)
-    desc = {"kind": "table", "location": str(p), "column": col, "column_kind": kind}
+    desc = {"kind": "table", "location": path_to_source(p), "column": col, "column_kind": kind}
     if kind == "path":
         values = _read_table_columns(p, [col]).column(col).to_pylist()
         records = []
@@ -357,7 +398,8 @@ def list_table(path: str | os.PathLike, column: str | None = None) -> InputListi
     import pyarrow.parquet as pq
 
     n = pq.ParquetFile(p).metadata.num_rows
-    records = [Record(id=record_id(f"{p}#row={i}"), source=f"{p}#row={i}", locator=i) for i in range(n)]
+    at = path_to_source(p)
+    records = [Record(id=record_id(f"{at}#row={i}"), source=f"{at}#row={i}", locator=i) for i in range(n)]
     return InputListing(desc, records, reader=ParquetBytesReader(str(p), col, str(p.parent)))
 
 
@@ -431,11 +473,12 @@ def list_hf(name: str, *, split: str = "train", column: str | None = None) -> In
     if isinstance(ds.features[col], datasets.Image):
         ds = ds.cast_column(col, datasets.Image(decode=False))
     key = os.path.abspath(os.path.expanduser(name)) if Path(name).expanduser().is_dir() else name
+    at = path_to_source(key)
     records = [
-        Record(id=record_id(f"hf:{key}/{split}#row={i}"), source=f"hf:{key}/{split}#row={i}", locator=i)
+        Record(id=record_id(f"hf:{at}/{split}#row={i}"), source=f"hf:{at}/{split}#row={i}", locator=i)
         for i in range(len(ds))
     ]
-    desc = {"kind": "hf", "location": key, "split": split, "column": col}
+    desc = {"kind": "hf", "location": at, "split": split, "column": col}
     return InputListing(desc, records, reader=HFDatasetReader(ds, col))
 
 
@@ -460,7 +503,7 @@ def list_inputs(input: str | os.PathLike, *, column: str | None = None, split: s
         if p.suffix.lower() in TABLE_SUFFIXES:
             return list_table(p, column)
         if _is_image_name(p.name):
-            return InputListing({"kind": "file", "location": str(p.absolute())}, [_path_record(str(p.absolute()))])
+            return InputListing({"kind": "file", "location": path_to_source(p.absolute())}, [_path_record(str(p.absolute()))])
         return list_path_file(p)
     if _has_glob(s):
         return list_glob(s)
@@ -490,15 +533,15 @@ def list_texts(input: str | os.PathLike, *, column: str | None = None, split: st
             schema = _table_schema(p)
             col, _ = _choose_column(p, schema, column, TEXT_COLUMN_CANDIDATES, "texts", ("path",))
             texts = _read_table_columns(p, [col]).column(col).to_pylist()
-            sources = [f"{p}#row={i}" for i in range(len(texts))]
-            desc = {"kind": "table", "location": str(p), "column": col}
+            sources = [f"{path_to_source(p)}#row={i}" for i in range(len(texts))]
+            desc = {"kind": "table", "location": path_to_source(p), "column": col}
         else:
             try:
                 texts = p.read_text(encoding="utf-8").splitlines()
             except UnicodeDecodeError:
                 raise InputError(f"{p}: not a UTF-8 text file; save it as UTF-8 (one text per line)") from None
-            sources = [f"{p}:{i + 1}" for i in range(len(texts))]
-            desc = {"kind": "text", "location": str(p)}
+            sources = [f"{path_to_source(p)}:{i + 1}" for i in range(len(texts))]
+            desc = {"kind": "text", "location": path_to_source(p)}
     records: list[Record] = []
     ignored = 0
     for text, source in zip(texts, sources):

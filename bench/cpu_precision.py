@@ -1,0 +1,370 @@
+"""CPU precision benchmark: phiclip at float32, bfloat16, float16, int8 and auto against transformers,
+ONNX Runtime and OpenVINO, on this CPU, with every ratio measured in the same run.
+
+    python bench/cpu_precision.py                       # everything
+    python bench/cpu_precision.py --only matmul clip    # parts
+    python bench/cpu_precision.py --log-dir bench-logs/cpu-precision
+
+Parts (each table is printed with the CPU model and its instruction sets):
+
+* ``matmul``: GFLOP/s of the tower's matrix products in float32, bfloat16, float16 and int8 (each
+  int8 kernel, activation quantisation included), what ``precision=auto`` and ``int8`` decide here.
+* ``clip``: CLIP ViT-B/32 (random weights), model only, 64 preprocessed images, batch 32:
+  transformers ``get_image_features`` (SDPA), phiclip at each precision, and, when installed
+  (``pip install phiclip[bench]``), ONNX Runtime float32 / int8 (dynamic quantisation, per channel)
+  and OpenVINO float32 / bfloat16 on the same weights (exported once to ONNX). Cosine and max abs
+  of every output against phiclip float32.
+* ``embed``: end to end from 128 JPEG files: ``phiclip embed`` at each precision (load included),
+  and the contenders behind the same decoding and preprocessing threads.
+* ``tower``: the Phi-3-vision image tokens of ``bench/cpu.py`` (tower 256 wide x 6 layers, 62 real
+  crops) at each precision against the released-code way.
+* ``knn``: kNN accuracy (k=5) of a tiny CLIP's vectors at each precision on labelled sample images
+  (random weights: how far the precision moves the neighbours, not a trained model's accuracy).
+
+Timings interleave the contenders in a rotating order (``common.time_interleaved``) and take the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import cpu_description, environment, photo_like_images, time_interleaved  # noqa: E402
+
+PRECISIONS = ("float32", "bfloat16", "float16", "int8")
+
+
+def _normed(x: Any) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def closeness(ref: Any, out: Any) -> str:
+    """``cos mean/min, max abs`` of L2-normalised rows."""
+    a, b = _normed(ref), _normed(out)
+    cos = (a * b).sum(1)
+    return f"cos {cos.mean():.5f} / {cos.min():.5f}, max abs {np.abs(a - b).max():.4f}"
+
+
+class Table:
+    def __init__(self, title: str, columns: list[str]) -> None:
+        self.title, self.columns, self.rows = title, columns, []
+
+    def add(self, *cells: Any) -> None:
+        self.rows.append([c if isinstance(c, str) else f"{c:.3g}" if isinstance(c, float) else str(c) for c in cells])
+
+    def markdown(self) -> str:
+        out = [f"### {self.title}", "", f"CPU: {cpu_description()}", "", "| " + " | ".join(self.columns) + " |",
+               "|" + "---|" * len(self.columns)]
+        out += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+def bench_matmul(tables: list[Table]) -> None:
+    from phiclip import precision as P
+    from phiclip import quantize as Q
+
+    rates = P.measure_matmul_rates()
+    kernels = Q.available_kernels()
+    int8 = Q.measure_kernel_rates(kernels) if kernels else {}
+    t = Table("Matrix products of the towers' shapes (GFLOP/s, best of 3 interleaved rounds)",
+              ["precision", "GFLOP/s", "vs float32"])
+    for k, v in rates.items():
+        t.add(k, f"{v:.0f}", f"{v / rates['float32']:.2f}x")
+    for k, v in int8.items():
+        t.add(f"int8 ({k} kernel, activation quantisation included)", f"{v:.0f}", f"{v / rates['float32']:.2f}x")
+    P.clear_memo()
+    Q.clear_memo()
+    auto = P.decide_cpu_precision("auto")
+    t.add("precision=auto decides", auto.dtype, auto.reason)
+    with_plan = Q.int8_plan() if kernels else None
+    if with_plan:
+        t.add("precision=int8 runs", with_plan["kernel"], with_plan["reason"])
+    tables.append(t)
+
+
+# --------------------------------------------------------------------------------------------------
+class _Contender:
+    """A model-only image-feature function of the same weights: pixel_values (n,3,224,224) -> (n, d)."""
+
+    def __init__(self, name: str, precision: str, fn: Callable[[torch.Tensor], np.ndarray]) -> None:
+        self.name, self.precision, self.fn = name, precision, fn
+
+
+def export_clip_onnx(hf_model: Any, path: Path) -> Path:
+    """The image side of a transformers CLIPModel (``get_image_features``) as ONNX, dynamic batch."""
+
+    class ImageSide(torch.nn.Module):
+        def __init__(self, m: Any) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            out = self.m.get_image_features(pixel_values=pixel_values)
+            return getattr(out, "pooler_output", out)
+
+    module = ImageSide(hf_model).eval()
+    x = torch.randn(2, 3, 224, 224)
+    try:
+        torch.onnx.export(module, (x,), str(path), input_names=["pixel_values"], output_names=["features"],
+                          dynamic_axes={"pixel_values": {0: "n"}, "features": {0: "n"}}, opset_version=17, dynamo=False)
+    except Exception:  # noqa: BLE001 - the TorchScript exporter may be gone; the dynamo one then
+        batch = torch.export.Dim("n", min=1, max=1024)
+        torch.onnx.export(module, (x,), str(path), input_names=["pixel_values"], output_names=["features"],
+                          dynamic_shapes={"pixel_values": {0: batch}}, dynamo=True, external_data=False)
+    return path
+
+
+def onnx_contenders(onnx_path: Path, threads: int, tmp: Path) -> list[_Contender]:
+    """ONNX Runtime float32 / int8 and OpenVINO float32 / bfloat16, where installed."""
+    out: list[_Contender] = []
+    try:
+        import onnxruntime as ort
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = threads
+        q_path = tmp / "clip-int8.onnx"
+        quantize_dynamic(str(onnx_path), str(q_path), weight_type=QuantType.QInt8, per_channel=True)
+        for name, p, prec in (("ONNX Runtime float32 (optimisations ALL)", onnx_path, "float32"),
+                              ("ONNX Runtime int8 dynamic quantisation (per channel)", q_path, "int8")):
+            sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+            out.append(_Contender(name, prec, lambda x, s=sess: s.run(None, {"pixel_values": x.numpy()})[0]))
+    except ImportError:
+        print("onnxruntime not installed: its rows are left out (pip install phiclip[bench])")
+    try:
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(onnx_path))
+        for prec, hint in (("float32", "f32"), ("bfloat16", "bf16")):
+            try:
+                compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads})
+            except RuntimeError as e:
+                print(f"OpenVINO {hint}: {e}")
+                continue
+            req = compiled.create_infer_request()
+            out.append(_Contender(f"OpenVINO {prec}", prec, lambda x, r=req: r.infer({0: x.numpy()})[0].copy()))
+    except ImportError:
+        print("openvino not installed: its rows are left out (pip install phiclip[bench])")
+    return out
+
+
+def _batched(fn: Callable[[torch.Tensor], Any], pixels: torch.Tensor, batch: int = 32) -> np.ndarray:
+    with torch.inference_mode():
+        return np.concatenate([np.asarray(fn(pixels[i:i + batch]), dtype=np.float32) for i in range(0, len(pixels), batch)])
+
+
+def bench_clip(tables: list[Table], tmp: Path, n_images: int, repeats: int) -> dict[str, Any]:
+    from baselines import load_clip_users
+
+    from phiclip import load_encoder
+    from phiclip.testing import build_tiny_clip
+
+    ckpt = build_tiny_clip(tmp / "clip-b32", image_size=224, patch_size=32, hidden_size=768, num_layers=12, num_heads=12,
+                           projection_dim=512)
+    encs = {p: load_encoder(f"clip:{ckpt}", device="cpu", dtype=p) for p in PRECISIONS}
+    images = photo_like_images(n_images, seed=1)
+    pixels = torch.stack([encs["float32"].preprocess(im) for im in images])
+    hf_model, _ = load_clip_users(ckpt)
+    fns: dict[str, Callable[[], Any]] = {}
+    outs: dict[str, np.ndarray] = {}
+
+    def hf(x: torch.Tensor) -> np.ndarray:
+        out = hf_model.get_image_features(pixel_values=x)
+        return getattr(out, "pooler_output", out).numpy()
+
+    contenders = [_Contender("transformers get_image_features (SDPA)", "float32", hf)]
+    for p, enc in encs.items():
+        contenders.append(_Contender(f"phiclip {p}", p, lambda x, e=enc: e.encode_batch(x).embeddings))
+    onnx_path = export_clip_onnx(hf_model, tmp / "clip.onnx")
+    contenders += onnx_contenders(onnx_path, torch.get_num_threads(), tmp)
+    for c in contenders:
+        outs[c.name] = _batched(c.fn, pixels)
+        fns[c.name] = lambda c=c: _batched(c.fn, pixels)
+    times = time_interleaved(fns, repeats)
+    ref = outs["phiclip float32"]
+    t_f32 = times["phiclip float32"]
+    t = Table(f"CLIP ViT-B/32 (random weights), model only, {n_images} images, batch 32",
+              ["contender", "precision", "s", "images/s", "vs phiclip float32", "phiclip vs best contender, same precision",
+               "vs phiclip float32 output"])
+    best_other = {p: min((times[c.name] for c in contenders if c.precision == p and not c.name.startswith(("phiclip", "transformers"))),
+                         default=None) for p in PRECISIONS}
+    for c in contenders:
+        s = times[c.name]
+        vs_best = ""
+        if c.name.startswith("phiclip") and best_other.get(c.precision):
+            vs_best = f"{best_other[c.precision] / s:.2f}x"
+        t.add(c.name, c.precision, f"{s:.2f}", f"{n_images / s:.1f}", f"{t_f32 / s:.2f}x", vs_best, closeness(ref, outs[c.name]))
+    tables.append(t)
+    return {"ckpt": ckpt, "onnx": onnx_path, "contenders": contenders}
+
+
+# --------------------------------------------------------------------------------------------------
+def bench_embed(tables: list[Table], tmp: Path, n_images: int, repeats: int, clip: dict[str, Any] | None) -> None:
+    import shutil
+
+    import transformers  # noqa: F401 - imported before timing
+
+    from phiclip import embed, load_encoder
+    from phiclip.images import load_image
+    from phiclip.testing import build_tiny_clip
+
+    folder = tmp / "jpegs"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(photo_like_images(n_images, seed=2)):
+        p = folder / f"img_{i:04d}.jpg"
+        img.save(p, quality=90)
+        paths.append(p)
+    ckpt = clip["ckpt"] if clip else build_tiny_clip(tmp / "clip-b32", image_size=224, patch_size=32, hidden_size=768,
+                                                     num_layers=12, num_heads=12, projection_dim=512)
+    fns: dict[str, Callable[[], Any]] = {}
+    for p in ("float32", "bfloat16", "int8", "auto"):
+        def ours(p: str = p) -> None:
+            out = tmp / f"out-{p}"
+            shutil.rmtree(out, ignore_errors=True)
+            res = embed(f"clip:{ckpt}", folder, out, device="cpu", precision=p, progress=False)
+            assert res.embedded == n_images, res.to_dict()
+        fns[f"phiclip embed {p}"] = ours
+    prep = load_encoder(f"clip:{ckpt}", device="cpu", dtype="float32").preprocess
+    threads = torch.get_num_threads()
+    for c in (clip or {}).get("contenders", []):
+        if c.name.startswith(("phiclip", "transformers")):
+            continue
+
+        def theirs(c: _Contender = c) -> None:  # the same decoding and preprocessing threads as phiclip's CPU path
+            with ThreadPoolExecutor(threads) as pool:
+                for i in range(0, len(paths), 32):
+                    batch = torch.stack(list(pool.map(lambda q: prep(load_image(q)), paths[i:i + 32])))
+                    c.fn(batch)
+        fns[c.name] = theirs
+    times = time_interleaved(fns, repeats, warmup=0)
+    t = Table(f"End to end from {n_images} JPEG files, CLIP ViT-B/32 (random weights), load included",
+              ["what", "s", "images/s", "vs phiclip float32"])
+    for name, s in times.items():
+        t.add(name, f"{s:.2f}", f"{n_images / s:.1f}", f"{times['phiclip embed float32'] / s:.2f}x")
+    tables.append(t)
+
+
+# --------------------------------------------------------------------------------------------------
+def bench_tower(tables: list[Table], tmp: Path, repeats: int) -> None:
+    from baselines import ReleasedImageEmbedding
+    from cpu import BENCH_TOWER, MIXED
+
+    from phiclip.phi3v import Phi3VImageEmbedding, Phi3VImageProcessor
+    from phiclip.quantize import int8_plan, quantize_phi3v_
+    from phiclip.testing import build_tiny_phi3v
+
+    ckpt = build_tiny_phi3v(tmp / "phi3v-bench", vision_config=BENCH_TOWER, hidden_size=768)
+    inputs = Phi3VImageProcessor(num_crops=16)(photo_like_images(len(MIXED), sizes=MIXED))
+    pv, sizes = inputs.pixel_values, inputs.image_sizes
+    models = {p: Phi3VImageEmbedding.from_pretrained(ckpt, torch_dtype=getattr(torch, p)).eval() for p in ("float32", "bfloat16", "float16")}
+    models["int8"] = Phi3VImageEmbedding.from_pretrained(ckpt).eval()
+    quantize_phi3v_(models["int8"], int8_plan())
+    baseline = ReleasedImageEmbedding.from_phiclip(models["float32"]).eval()
+    with torch.inference_mode():
+        ref = torch.cat(baseline.image_tokens(pv, sizes))
+        outs = {p: torch.cat(m.image_tokens(pv, sizes)).float() for p, m in models.items()}
+        fns = {"released way (float32)": lambda: baseline.image_tokens(pv, sizes)}
+        fns.update({f"phiclip {p}": (lambda m=m: m.image_tokens(pv, sizes)) for p, m in models.items()})
+        times = time_interleaved(fns, repeats)
+    t = Table(f"Phi-3-vision image tokens, {len(MIXED)} mixed images ({int(sum(inputs.num_crops_per_image))} real crops), "
+              "tower 256 wide x 6 layers", ["what", "s", "vs released way", "vs released-way output"])
+    base = times["released way (float32)"]
+    t.add("released way (float32)", f"{base:.2f}", "1.00x", "")
+    for p in models:
+        s = times[f"phiclip {p}"]
+        t.add(f"phiclip {p}", f"{s:.2f}", f"{base / s:.2f}x", closeness(ref, outs[p]))
+    tables.append(t)
+
+
+# --------------------------------------------------------------------------------------------------
+def bench_knn(tables: list[Table], tmp: Path) -> None:
+    from PIL import Image
+
+    from phiclip import load_encoder
+    from phiclip.evaluate import knn_classify, stratified_split
+    from phiclip.testing import build_tiny_clip, make_sample_images
+
+    recs = make_sample_images(tmp / "labelled", per_class=8)
+    images = [Image.open(r["path"]).convert("RGB") for r in recs]
+    labels = [r["label"] for r in recs]
+    tr, te = stratified_split(labels, 0.3, seed=0)
+    ckpt = build_tiny_clip(tmp / "clip-knn", hidden_size=64, num_layers=4, num_heads=4, projection_dim=32)
+    t = Table(f"kNN (k=5) on {len(images)} labelled sample images (4 colours), tiny CLIP (random weights)",
+              ["precision", "acc@1", "test predictions equal to float32's", "vs float32 vectors"])
+    ref_pred = None
+    ref = None
+    for p in PRECISIONS:
+        x = load_encoder(f"clip:{ckpt}", device="cpu", dtype=p).encode_images(images)
+        ref = x if ref is None else ref
+        m = knn_classify(x[tr], [labels[i] for i in tr], x[te], [labels[i] for i in te], k=5)
+        sims = _normed(x[te]) @ _normed(x[tr]).T
+        pred = [labels[tr[j]] for j in sims.argmax(1)]
+        ref_pred = pred if ref_pred is None else ref_pred
+        same = float(np.mean([a == b for a, b in zip(pred, ref_pred)]))
+        t.add(p, f"{m['acc1']:.3f}", f"{same:.3f} (nearest neighbour)", closeness(ref, x))
+    tables.append(t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=["matmul", "clip", "embed", "tower", "knn"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--clip-images", type=int, default=64)
+    ap.add_argument("--embed-images", type=int, default=128)
+    ap.add_argument("--log-dir", default=None, help="write results.md/results.json here")
+    args = ap.parse_args()
+    parts = args.only or ["matmul", "clip", "embed", "tower", "knn"]
+    tables: list[Table] = []
+
+    class Printing(list):  # each table is printed as soon as it is complete (a long run shows progress)
+        def append(self, t: Table) -> None:
+            print(t.markdown() + "\n", flush=True)
+            super().append(t)
+
+    tables = Printing()
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="phiclip-precision-") as t:
+        tmp = Path(t)
+        clip = None
+        if "matmul" in parts:
+            bench_matmul(tables)
+        if "clip" in parts or "embed" in parts:
+            clip = bench_clip(tables, tmp, args.clip_images, args.repeats) if "clip" in parts else None
+        if "embed" in parts:
+            bench_embed(tables, tmp, args.embed_images, args.repeats, clip)
+        if "tower" in parts:
+            bench_tower(tables, tmp, args.repeats)
+        if "knn" in parts:
+            bench_knn(tables, tmp)
+    env = environment()
+    text = "\n\n".join(tb.markdown() for tb in tables) + "\n\nEnvironment: " + ", ".join(f"{k} {v}" for k, v in env.items())
+    text += f"; load average at the end {Path('/proc/loadavg').read_text().split()[:3] if Path('/proc/loadavg').exists() else '?'}"
+    text += f"; {time.time() - t0:.0f} s in all"
+    print(text)
+    if args.log_dir:
+        d = Path(args.log_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "results.md").write_text(text + "\n")
+        (d / "results.json").write_text(json.dumps({"tables": [{"title": tb.title, "columns": tb.columns, "rows": tb.rows}
+                                                               for tb in tables], "env": env}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""The Phi-3-vision language-model encoder: images, texts and image + instruction inputs embedded
+by the whole model (image path + language model), pooled from its last hidden state.
+
+Spec: ``phi3v-lm:<hub id or directory>[?preset=e5v&num_crops=4&pooling=last&normalize=true&...]``.
+
+Options:
+
+- ``preset``: ``e5v``, ``vlm2vec`` or ``dse`` (:data:`PRESETS`): prompt templates, pooling,
+  ``num_crops`` and ``max_length`` as the method's authors use them. Default: ``vlm2vec`` for
+  ``TIGER-Lab/VLM2Vec-Full``, ``dse`` for ``Tevatron/dse-phi3-docmatix-v1``/``-v2``, else ``e5v``
+  (a one-word-summary prompt pair that needs no fine-tuning). Other options override its fields.
+- ``image_prompt`` (with ``<|image_1|>``), ``text_prompt`` (with ``{text}``), ``mixed_prompt``
+  (with both, for :meth:`Phi3VLMEncoder.encode_mixed`). In a spec, write a newline as ``\\n`` and
+  ``&``, ``,`` or ``%`` percent-encoded (``%26``, ``%2C``, ``%25``).
+- ``pooling``: ``last`` (the state at the last real token) or ``mean`` (over real tokens).
+- ``normalize`` (default true), ``num_crops`` (default: the preset's, else the checkpoint's),
+  ``max_length`` (text prompts are cut to this many tokens; prompts with images never are, as in
+  the released processor).
+- ``max_tokens``: padded prompt tokens per language-model call (default 16384 on GPUs, 4096 on
+  the CPU); ``max_crops``: crops per tower call; ``revision``: a hub revision.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from phiclip.encoders.base import (
+    EncodedBatch,
+    Encoder,
+    EncoderDescription,
+    EncoderSpec,
+    count_parameters,
+    dtype_name,
+    option_bool,
+    option_int,
+)
+from phiclip.images import ImageInput, load_image
+
+_OPTIONS = {"preset", "num_crops", "pooling", "normalize", "image_prompt", "text_prompt", "mixed_prompt",
+            "max_length", "max_tokens", "max_crops", "revision"}
+TEXT_SLOT = "{text}"
+IMAGE_SLOT = "<|image_1|>"
+
+
+@dataclass(frozen=True)
+class Phi3VLMPreset:
+    """How one embedding method prompts and pools Phi-3-vision (see the README for the sources)."""
+
+    name: str
+    image_prompt: str
+    text_prompt: str
+    mixed_prompt: str | None
+    pooling: str = "last"
+    num_crops: int | None = None
+    max_length: int | None = None
+    source: str = ""
+
+
+#: The presets. E5-V's one-word-summary prompts in Phi-3's chat format (E5-V: "<image>\nSummary above
+#: image in one word:", "<sent>\nSummary above sentence in one word:", last token); VLM2Vec-Full's
+#: instructions for image targets, caption queries and image + question queries (last token, L2,
+#: num_crops 4, max_len 256 in its evaluation commands); DSE's passage and query prompts (``eos``,
+#: i.e. last-token, pooling, L2, query_max_len 128).
+PRESETS: dict[str, Phi3VLMPreset] = {
+    "e5v": Phi3VLMPreset(
+        name="e5v",
+        image_prompt="<|user|>\n<|image_1|>\nSummary above image in one word:<|end|>\n<|assistant|>\n",
+        text_prompt="<|user|>\n{text}\nSummary above sentence in one word:<|end|>\n<|assistant|>\n",
+        mixed_prompt="<|user|>\n<|image_1|>\n{text}\nSummary above image in one word:<|end|>\n<|assistant|>\n",
+        source="E5-V (arXiv:2407.12580) prompts, as in vLLM's examples/offline_inference/vision_language_embedding.py, in Phi-3's chat format",
+    ),
+    "vlm2vec": Phi3VLMPreset(
+        name="vlm2vec",
+        image_prompt="<|image_1|> Represent the given image.",
+        text_prompt="Find me an everyday image that matches the given caption: {text}",
+        mixed_prompt="<|image_1|> Represent the given image with the following question: {text}",
+        num_crops=4,
+        max_length=256,
+        source="TIGER-AI-Lab/VLM2Vec README (v1: usage and eval.py commands); vLLM vision_language_embedding.py run_vlm2vec",
+    ),
+    "dse": Phi3VLMPreset(
+        name="dse",
+        image_prompt="<|image_1|>\nWhat is shown in this image?</s>",
+        text_prompt="query: {text}</s>",
+        mixed_prompt=None,
+        max_length=128,
+        source="texttron/tevatron examples/dse (collator.py prompts, dse.py eos pooling, README encode commands)",
+    ),
+}
+#: Hub ids whose own preset is the default (lower case).
+PRESET_FOR_HUB_ID = {
+    "tiger-lab/vlm2vec-full": "vlm2vec",
+    "tevatron/dse-phi3-docmatix-v1": "dse",
+    "tevatron/dse-phi3-docmatix-v2": "dse",
+}
+DEFAULT_PRESET = "e5v"
+
+
+def default_preset(location: str) -> str:
+    """The preset a location gets when the spec names none."""
+    return PRESET_FOR_HUB_ID.get(str(location).strip().lower(), DEFAULT_PRESET)
+
+
+def check_template(kind: str, template: str | None) -> None:
+    """A prompt template fits its use: ``image`` has ``<|image_1|>`` once and no ``{text}``;
+    ``text`` has ``{text}`` and no image placeholder; ``mixed`` has both (``None`` allowed:
+    mixed inputs are then refused). Raises ``ValueError`` naming the template."""
+    from phiclip.phi3v.language import image_tags
+
+    if template is None and kind == "mixed":
+        return
+    if not isinstance(template, str) or not template:
+        raise ValueError(f"the {kind} prompt must be a non-empty string, got {template!r}")
+    tags = image_tags(template)
+    want_image, want_text = kind in ("image", "mixed"), kind in ("text", "mixed")
+    if want_image and tags != [1]:
+        raise ValueError(f"the {kind} prompt {template!r} must contain {IMAGE_SLOT} exactly once (and no other image placeholder)")
+    if not want_image and tags:
+        raise ValueError(f"the {kind} prompt {template!r} must not contain an image placeholder")
+    if want_text and TEXT_SLOT not in template:
+        raise ValueError(f"the {kind} prompt {template!r} must contain {TEXT_SLOT} where the text goes")
+    if not want_text and TEXT_SLOT in template:
+        raise ValueError(f"the {kind} prompt {template!r} must not contain {TEXT_SLOT}")
+
+
+def _text_option(spec: EncoderSpec, key: str) -> str | None:
+    """A free-text spec option: percent-decoded, with ``\\n`` as a newline."""
+    raw = spec.options.get(key)
+    if raw is None:
+        return None
+    return urllib.parse.unquote(raw).replace("\\n", "\n")
+
+
+class Phi3VLMEncoder(Encoder):
+    """Phi-3-vision (image path + transformers' ``Phi3Model``) as an image and text embedding model.
+
+    Args:
+        model: a :class:`~phiclip.phi3v.language.Phi3VEmbeddingModel`.
+        processor: the :class:`~phiclip.phi3v.Phi3VImageProcessor` (its ``num_crops`` decides the crops).
+        tokenizer: the checkpoint's tokenizer.
+        preset: a name of :data:`PRESETS` or a :class:`Phi3VLMPreset`; the other arguments override it.
+        padding_side: where the prompts of a batch are padded (the vectors do not depend on it).
+    """
+
+    modalities = frozenset({"image", "text"})
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        tokenizer: Any,
+        *,
+        name: str,
+        preset: str | Phi3VLMPreset = DEFAULT_PRESET,
+        image_prompt: str | None = None,
+        text_prompt: str | None = None,
+        mixed_prompt: str | None = None,
+        pooling: str | None = None,
+        normalize: bool = True,
+        max_length: int | None = None,
+        max_tokens: int | None = None,
+        padding_side: str = "right",
+        precision: dict[str, Any] | None = None,
+    ) -> None:
+        from phiclip.phi3v.language import PADDING_SIDES, POOLINGS, PromptTokenizer
+
+        base = PRESETS[preset] if isinstance(preset, str) else preset
+        self.preset = base
+        self.image_prompt = image_prompt if image_prompt is not None else base.image_prompt
+        self.text_prompt = text_prompt if text_prompt is not None else base.text_prompt
+        self.mixed_prompt = mixed_prompt if mixed_prompt is not None else base.mixed_prompt
+        for kind, template in (("image", self.image_prompt), ("text", self.text_prompt), ("mixed", self.mixed_prompt)):
+            check_template(kind, template)
+        self.pooling = pooling or base.pooling
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if padding_side not in PADDING_SIDES:
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if not getattr(model.image_embedding, "use_hd_transform", False):
+            raise ValueError("the phi3v-lm encoder needs a Phi-3-vision checkpoint with the HD transform (as all released ones)")
+        self.model = model
+        self.processor = processor
+        self.tokenizer = tokenizer
+        self.name = name
+        self.normalize = bool(normalize)
+        self.max_length = max_length if max_length is not None else base.max_length
+        self.prompts = PromptTokenizer(tokenizer, self.max_length)
+        self.padding_side = padding_side
+        self.dim = int(model.hidden_size)
+        self.device, self.dtype = model.device, model.dtype
+        name_of = str(self.dtype).replace("torch.", "")
+        #: What runs and why (``phiclip.precision``), as the other encoders record it.
+        self.precision = dict(precision or {"requested": name_of, "dtype": name_of})
+        if max_tokens is not None and int(max_tokens) < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        self.max_tokens = int(max_tokens) if max_tokens is not None else (4096 if self.device.type == "cpu" else 16384)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(tokenizer, "eos_token_id", None)
+        self.pad_id = int(pad) if pad is not None else 0
+        self.max_pixels = getattr(processor, "max_pixels", self.max_pixels)
+        fingerprint = getattr(model, "weights_fingerprint", None)
+        if fingerprint is None:  # a model built in memory, not loaded from a checkpoint
+            from phiclip.phi3v.weights import fingerprint_module
+
+            fingerprint = fingerprint_module(model)
+        self.weights_fingerprint: str = fingerprint
+        # The image prompt is the same for every image: tokenise its text once (workers then only count).
+        self._image_chunks, self._image_tags = self.prompts.split(self.image_prompt, 1)
+
+    def set_max_pixels(self, max_pixels: int | None) -> None:
+        """The pixel budget of an image's HD canvas (and of decoding in the convenience methods)."""
+        super().set_max_pixels(max_pixels)
+        self.processor.max_pixels = max_pixels
+
+    @classmethod
+    def from_spec(cls, spec: EncoderSpec, *, device: str = "auto", dtype: str = "auto") -> Phi3VLMEncoder:
+        """Build from a parsed spec (see the module docstring for the options)."""
+        from phiclip.encoders import precision_record, resolve_device_dtype
+        from phiclip.phi3v.config import Phi3VImageProcessorConfig
+        from phiclip.phi3v.language import POOLINGS, Phi3VEmbeddingModel, load_tokenizer
+        from phiclip.phi3v.processing import Phi3VImageProcessor
+        from phiclip.phi3v.weights import resolve_file
+
+        unknown = set(spec.options) - _OPTIONS
+        if unknown:
+            raise ValueError(f"encoder spec {spec}: unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
+        preset_name = spec.options.get("preset") or default_preset(spec.location)
+        if preset_name not in PRESETS:
+            raise ValueError(f"encoder spec {spec}: preset {preset_name!r} is not one of {', '.join(PRESETS)}")
+        preset = PRESETS[preset_name]
+        pooling = spec.options.get("pooling") or preset.pooling
+        if pooling not in POOLINGS:
+            raise ValueError(f"encoder spec {spec}: pooling={pooling!r} must be one of {', '.join(POOLINGS)}")
+        prompts = {k: _text_option(spec, f"{k}_prompt") for k in ("image", "text", "mixed")}
+        for kind, template in prompts.items():
+            if template is not None:
+                try:
+                    check_template(kind, template)
+                except ValueError as e:
+                    raise ValueError(f"encoder spec {spec}: {e}") from None
+        num_crops = option_int(spec, "num_crops", preset.num_crops)
+        max_length = option_int(spec, "max_length", preset.max_length)
+        max_tokens = option_int(spec, "max_tokens", None)
+        max_crops = option_int(spec, "max_crops", None)
+        normalize = option_bool(spec, "normalize", True)
+        revision = spec.options.get("revision") or None
+        dev, dt = resolve_device_dtype(device, dtype)
+        if dt not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"encoder spec {spec}: precision {dtype!r} is not available for phi3v-lm; "
+                             "use float32 or bfloat16 (auto: bfloat16 on GPUs)")
+
+        proc_path = resolve_file(spec.location, "preprocessor_config.json", required=False, revision=revision)
+        proc_cfg = Phi3VImageProcessorConfig() if proc_path is None else Phi3VImageProcessorConfig.from_json_file(proc_path)
+        try:
+            processor = Phi3VImageProcessor(num_crops=num_crops or proc_cfg.num_crops, image_mean=proc_cfg.image_mean,
+                                            image_std=proc_cfg.image_std)
+        except ValueError as e:
+            raise ValueError(f"encoder spec {spec}: {e}") from None
+        tokenizer = load_tokenizer(spec.location, revision=revision)
+        model = Phi3VEmbeddingModel.from_pretrained(spec.location, torch_dtype=dt, device=dev,
+                                                    max_crops_per_batch=max_crops, revision=revision)
+        return cls(model, processor, tokenizer, name=str(spec), preset=preset, image_prompt=prompts["image"],
+                   text_prompt=prompts["text"], mixed_prompt=prompts["mixed"], pooling=pooling, normalize=normalize,
+                   max_length=max_length, max_tokens=max_tokens, precision=precision_record(dev, dtype))
+
+    # --- items: one prompt with its images ------------------------------------------------------
+    def _image_item(self, image: Any) -> tuple[torch.Tensor, tuple[int, int], int]:
+        crops, (h, w) = self.processor.preprocess_image(image)
+        return crops, (h, w), int(self.model.image_embedding.num_tokens(h, w))
+
+    def prompt_item(self, prompt: str, images: Sequence[Any] = ()) -> dict[str, Any]:
+        """One prompt with its (RGB PIL) images, ``<|image_k|>`` for ``images[k-1]`` -> an item
+        for :meth:`collate` (ids built exactly as the released processor builds them)."""
+        prepared = [self._image_item(im) for im in images]
+        ids = self.prompts(prompt, [t for _, _, t in prepared])
+        return {"input_ids": torch.tensor(ids, dtype=torch.long), "crops": [c for c, _, _ in prepared],
+                "image_sizes": [s for _, s, _ in prepared]}
+
+    def preprocess(self, image: Any) -> dict[str, Any]:
+        """RGB PIL image -> the image prompt with its crops: ``{"input_ids", "crops", "image_sizes"}``."""
+        crops, size, tokens = self._image_item(image)
+        ids = self.prompts.join(self._image_chunks, self._image_tags, [tokens])
+        return {"input_ids": torch.tensor(ids, dtype=torch.long), "crops": [crops], "image_sizes": [size]}
+
+    def item_cost(self, item: dict[str, Any]) -> int:
+        """Prompt tokens of the item (its image tokens included): what the language model runs on."""
+        return int(item["input_ids"].numel())
+
+    def item_crops(self, item: dict[str, Any]) -> int:
+        """Tower crops of the item's images (``item_cost`` counts prompt tokens instead)."""
+        return sum(int(c.shape[0]) for c in item["crops"])
+
+    def typical_item_cost(self) -> int:
+        """Prompt tokens of a 640x480 photo."""
+        from phiclip.phi3v.processing import num_image_tokens
+
+        return num_image_tokens(640, 480, self.processor.num_crops) + sum(len(c) for c in self._image_chunks)
+
+    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Items stay apart: :meth:`encode_batch` pads them in groups bounded by ``max_tokens``."""
+        return {"rows": list(items)}
+
+    def _groups(self, rows: Sequence[dict[str, Any]]) -> list[list[int]]:
+        """Row indices, shortest first, cut into groups whose padded size stays within ``max_tokens``
+        (a prompt longer than that forms its own group)."""
+        order = sorted(range(len(rows)), key=lambda i: rows[i]["input_ids"].numel())
+        groups: list[list[int]] = []
+        for i in order:
+            length = rows[i]["input_ids"].numel()
+            if groups and (len(groups[-1]) + 1) * length <= self.max_tokens:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
+
+    @torch.inference_mode()
+    def encode_batch(self, batch: dict[str, Any], *, with_tokens: bool = False) -> EncodedBatch:
+        from phiclip.phi3v.language import pad_prompts
+
+        if with_tokens:
+            raise ValueError(f"{self.name} makes one pooled vector per input, no token sequences; "
+                             "drop --tokens, or use a phi3v: spec for Phi-3-vision's image tokens")
+        rows = batch["rows"]
+        out = torch.empty((len(rows), self.dim), dtype=torch.float32)
+        for group in self._groups(rows):
+            part = [rows[i] for i in group]
+            ids, mask = pad_prompts([r["input_ids"] for r in part], pad_id=self.pad_id, side=self.padding_side)
+            crops = [c for r in part for c in r["crops"]]
+            sizes = torch.tensor([list(s) for r in part for s in r["image_sizes"]], dtype=torch.long).reshape(-1, 2)
+            vecs = self.model.embed(ids, mask, crops, sizes, [len(r["crops"]) for r in part],
+                                    pooling=self.pooling, normalize=self.normalize)
+            out[group] = vecs.float().cpu()
+        return EncodedBatch(embeddings=out.numpy())
+
+    # --- convenience ----------------------------------------------------------------------------
+    def _encode_items(self, items: Sequence[dict[str, Any]], batch_size: int) -> np.ndarray:
+        chunks = [self.encode_batch(self.collate(items[a : a + batch_size])).embeddings
+                  for a in range(0, len(items), max(1, batch_size))]
+        if not chunks:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(chunks, axis=0).astype(np.float32, copy=False)
+
+    def _load(self, image: ImageInput) -> Any:
+        return load_image(image, keep_alpha=self.keeps_alpha, max_pixels=self.max_pixels)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Texts -> (n, dim) float32, each in the text prompt (``{text}`` replaced)."""
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise ValueError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+        items = [self.prompt_item(self.text_prompt.replace(TEXT_SLOT, t)) for t in texts]
+        return self._encode_items(items, batch_size)
+
+    def encode_mixed(self, images: Sequence[ImageInput], texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Image + instruction pairs -> (n, dim) float32, each in the mixed prompt (an image query
+        with a question, VLM2Vec's image + text -> target tasks)."""
+        if self.mixed_prompt is None:
+            raise ValueError(f"{self.name}: the {self.preset.name} preset has no prompt for image + text inputs; "
+                             "give one with mixed_prompt=... (with <|image_1|> and {text})")
+        if len(images) != len(texts):
+            raise ValueError(f"encode_mixed needs one text per image, got {len(images)} images and {len(texts)} texts")
+        items = [self.prompt_item(self.mixed_prompt.replace(TEXT_SLOT, t), [self._load(im)]) for im, t in zip(images, texts)]
+        return self._encode_items(items, batch_size)
+
+    def encode_prompts(self, prompts: Sequence[str], images: Sequence[Sequence[ImageInput]] | None = None,
+                       batch_size: int = 32) -> np.ndarray:
+        """Raw prompts -> (n, dim) float32: ``images[i]`` are prompt ``i``'s images for its
+        ``<|image_1|>``, ``<|image_2|>``, ... placeholders (no template is applied)."""
+        images = images if images is not None else [()] * len(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists; give one (possibly empty) list per prompt")
+        items = [self.prompt_item(p, [self._load(im) for im in ims]) for p, ims in zip(prompts, images)]
+        return self._encode_items(items, batch_size)
+
+    def tokens_per_image(self, width: int, height: int) -> int:
+        """Image tokens an image of this size becomes in the prompt, at this encoder's num_crops."""
+        from phiclip.phi3v.processing import num_image_tokens
+
+        return num_image_tokens(width, height, self.processor.num_crops)
+
+    def description(self) -> EncoderDescription:
+        """Spec, dim, precision, weights fingerprint; ``options``: the prompts, pooling and lengths in
+        use (preset defaults filled in); ``details``: the model classes, attention, tokenizer."""
+        lm = self.model.language_model
+        return EncoderDescription(
+            spec=self.name,
+            kind="phi3v-lm",
+            dim=self.dim,
+            modalities=tuple(sorted(self.modalities)),
+            normalized=self.normalize,
+            dtype=dtype_name(self.dtype),
+            device=str(self.device),
+            parameters=count_parameters(self.model),  # image path + language model: both make every vector
+            weights_fingerprint=self.weights_fingerprint,
+            preprocessing=self.processor.to_dict(),
+            options={
+                "preset": self.preset.name,
+                "image_prompt": self.image_prompt,
+                "text_prompt": self.text_prompt,
+                "mixed_prompt": self.mixed_prompt,
+                "pooling": self.pooling,
+                "normalize": self.normalize,
+                "num_crops": self.processor.num_crops,
+                "max_length": self.max_length,
+            },
+            precision=self.precision,
+            details={
+                "model_class": f"{type(self.model.image_embedding).__name__} + transformers.{type(lm).__name__}",
+                "preset_source": self.preset.source,
+                "attn_implementation": getattr(lm.config, "_attn_implementation", None),
+                "language_model": {k: getattr(lm.config, k, None) for k in
+                                   ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")},
+                "tokenizer": {"class": type(self.tokenizer).__name__, "size": len(self.tokenizer),
+                              "bos_token": getattr(self.tokenizer, "bos_token", None)},
+            },
+        )
+
+
+__all__ = ["DEFAULT_PRESET", "PRESETS", "PRESET_FOR_HUB_ID", "Phi3VLMEncoder", "Phi3VLMPreset", "check_template",
+           "default_preset"]

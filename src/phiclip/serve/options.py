@@ -1,0 +1,92 @@
+"""Every setting of ``phiclip serve``, with its default (declared here only; the CLI fills this object).
+
+Light on purpose: importing it loads neither the web stack nor the models.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from phiclip.images import DEFAULT_MAX_PIXELS
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class ServeOptions:
+    """Settings of one server."""
+
+    #: Address to bind: loopback by default; any other address needs ``token``.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: When set, every route but ``/healthz`` needs ``Authorization: Bearer TOKEN`` (or the cookie the
+    #: page sets after ``/?token=TOKEN``).
+    token: str | None = None
+    #: Where the encoders run and in what precision (as for ``phiclip search``).
+    device: str = "auto"
+    precision: str = "auto"
+    #: Dynamic batching: the most items per encoder call, and how long the oldest waiting request
+    #: may wait for others to join its batch.
+    max_batch: int = 32
+    batch_wait_ms: float = 5.0
+    #: The most items waiting for an encoder; beyond it requests get 503 at once.
+    max_queue: int = 256
+    #: Seconds a request may wait for the encoder before it gets 503.
+    timeout_s: float = 30.0
+    #: The largest uploaded image (bytes) and the largest request body (bytes): 413 beyond.
+    max_upload_bytes: int = 16 * MIB
+    max_body_bytes: int = 48 * MIB
+    #: The most entries in one ``/v1/embeddings`` ``input`` list (413 beyond), the longest text
+    #: (characters, 413 beyond) and the most results of one search (400 beyond).
+    max_inputs: int = 64
+    max_text_chars: int = 2000
+    max_k: int = 200
+    #: Uploaded images with more pixels are refused (as ``phiclip embed`` does); ``None``: no limit.
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    #: Bytes of generated thumbnails kept in memory.
+    thumbnail_cache_bytes: int = 64 * MIB
+    #: Host names accepted in the ``Host`` header besides loopback ones (e.g. the name a reverse
+    #: proxy forwards). Without a token, only loopback names and these are accepted.
+    allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
+    #: Serve outputs of unfinished ``phiclip embed`` runs (``complete: false``) instead of refusing them.
+    allow_incomplete: bool = False
+    #: The path prefix the server is mounted under behind a reverse proxy (e.g. ``/phiclip``).
+    root_path: str = ""
+
+    def validate(self) -> ServeOptions:
+        """Check ranges and the host/token rule; returns self. Raises ``ValueError`` naming the setting."""
+        for name in ("max_batch", "max_queue", "max_upload_bytes", "max_body_bytes", "max_inputs", "max_text_chars",
+                     "max_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_wait_ms < 0 or self.timeout_s <= 0:
+            raise ValueError(f"batch_wait_ms must be >= 0 and timeout_s > 0 (got {self.batch_wait_ms}, {self.timeout_s})")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0-65535, got {self.port}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be positive (or None for no limit), got {self.max_pixels}")
+        if self.token is not None and not self.token.strip():
+            raise ValueError("the token is empty; give a long random string (e.g. `openssl rand -hex 32`)")
+        if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
+            raise ValueError(f"root_path {self.root_path!r} must start with '/' and not end with one (e.g. /phiclip)")
+        if not is_loopback(self.host) and not self.token:
+            raise ValueError(
+                f"binding to {self.host} would open the API to the network without authentication; pass "
+                "--token SECRET (clients send 'Authorization: Bearer SECRET'), or keep the default 127.0.0.1 "
+                "behind a reverse proxy"
+            )
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) only accepts connections from this machine."""
+    if host.strip().lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+__all__ = ["MIB", "ServeOptions", "is_loopback"]

@@ -1,0 +1,183 @@
+"""phiclip.precision: the measured CPU precision choice, its cache, and every precision's output
+within its stated bound of float32 on tiny models (CLIP, SigLIP, Phi-3-vision)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import phiclip.precision as P
+from phiclip import load_encoder
+from phiclip.schema import MANIFEST_FILE
+from phiclip.testing import build_tiny_clip, build_tiny_phi3v, build_tiny_siglip, make_sample_images
+
+
+@pytest.fixture()
+def measured_here(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """auto decides by measurement (the suite fixes it to float32) into an empty cache folder."""
+    monkeypatch.delenv(P.AUTO_ENV, raising=False)
+    monkeypatch.setenv(P.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    P.clear_memo()
+    yield tmp_path / "cache"
+    P.clear_memo()
+
+
+def _fake_rates(monkeypatch: pytest.MonkeyPatch, bf16: float, fp16: float = 1.0) -> None:
+    info = {"speedups": {"float32": 1.0, "bfloat16": bf16, "float16": fp16}, "cpu": "Test CPU", "rates": {}}
+    monkeypatch.setattr(P, "cpu_matmul_rates", lambda refresh=False: info)
+
+
+# --- where the cache lives -----------------------------------------------------------------------------
+def test_cache_dir_env_xdg_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(P.CACHE_DIR_ENV, str(tmp_path / "mine"))
+    assert P.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv(P.CACHE_DIR_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert P.cache_dir() == tmp_path / "xdg" / "phiclip"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert P.cache_dir() == tmp_path / "home" / ".cache" / "phiclip"
+
+
+def test_cpu_identity_names_model_flags_and_torch() -> None:
+    import torch
+
+    key = P.cpu_key()
+    assert P.cpu_name() in key and f"torch {torch.__version__}" in key
+    assert all(f in P.ISA_FLAGS for f in P.cpu_isa_flags())
+
+
+# --- the measurement and its cache ---------------------------------------------------------------------
+def test_measure_matmul_rates_small_shapes() -> None:
+    rates = P.measure_matmul_rates(shapes=((64, 32, 48),), rounds=1)
+    assert set(rates) == {"float32", "bfloat16", "float16"}
+    assert rates["float32"] > 0 and all(v >= 0 for v in rates.values())
+
+
+def test_measured_once_then_read_from_the_cache(measured_here: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_measure(*a, **k):
+        calls.append(1)
+        return {"float32": 100.0, "bfloat16": 250.0, "float16": 90.0}
+
+    monkeypatch.setattr(P, "measure_matmul_rates", fake_measure)
+    first = P.cpu_matmul_rates()
+    assert first["source"] == "measured" and first["speedups"]["bfloat16"] == 2.5 and calls == [1]
+    stored = json.loads((measured_here / P.CACHE_FILE).read_text())
+    assert P.cpu_key() in stored and stored[P.cpu_key()]["rates"]["bfloat16"] == 250.0
+    P.clear_memo()  # a new process: read from the file, not measured again
+    again = P.cpu_matmul_rates()
+    assert again["source"] == "cache" and again["speedups"] == first["speedups"] and calls == [1]
+    P.cpu_matmul_rates(refresh=True)
+    assert calls == [1, 1]
+
+
+def test_unwritable_cache_still_decides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(P.CACHE_DIR_ENV, str(blocker / "sub"))
+    monkeypatch.delenv(P.AUTO_ENV, raising=False)
+    monkeypatch.setattr(P, "measure_matmul_rates", lambda *a, **k: {"float32": 1.0, "bfloat16": 0.5, "float16": 1.0})
+    P.clear_memo()
+    try:
+        assert P.decide_cpu_precision("auto").dtype == "float32"
+    finally:
+        P.clear_memo()
+
+
+# --- the decision -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bf16, chosen", [(4.6, "bfloat16"), (2.2, "bfloat16"), (1.1, "float32"), (0.51, "float32")])
+def test_auto_takes_bfloat16_only_when_measured_faster(monkeypatch, measured_here, bf16, chosen) -> None:
+    _fake_rates(monkeypatch, bf16)
+    d = P.decide_cpu_precision("auto")
+    assert d.dtype == chosen and f"{bf16:.2f}x" in d.reason
+    assert P.ERROR_BOUNDS["bfloat16"].min_cosine >= P.AUTO_MIN_COSINE  # auto's bound holds for what it may pick
+    assert P.decide_cpu_precision("float32").dtype == "float32"  # float32 stays exact, never measured away
+
+
+def test_auto_never_picks_float16_or_int8(monkeypatch, measured_here) -> None:
+    _fake_rates(monkeypatch, bf16=0.5, fp16=3.0)
+    assert P.decide_cpu_precision("auto").dtype == "float32"
+
+
+def test_explicit_requests_are_kept_and_env_fixes_auto(monkeypatch, measured_here) -> None:
+    _fake_rates(monkeypatch, bf16=0.5)
+    assert P.decide_cpu_precision("bfloat16").dtype == "bfloat16"
+    assert P.decide_cpu_precision("int8").dtype == "int8"
+    monkeypatch.setenv(P.AUTO_ENV, "bfloat16")
+    assert P.decide_cpu_precision("auto").dtype == "bfloat16"
+    monkeypatch.setenv(P.AUTO_ENV, "int4")
+    with pytest.raises(ValueError, match="PHICLIP_CPU_PRECISION"):
+        P.decide_cpu_precision("auto")
+    with pytest.raises(ValueError, match="not one of"):
+        P.decide_cpu_precision("float8")
+
+
+def test_resolve_device_dtype_follows_the_measurement(monkeypatch, measured_here) -> None:
+    import torch
+
+    from phiclip.encoders import resolve_device_dtype
+
+    _fake_rates(monkeypatch, bf16=3.0)
+    assert resolve_device_dtype("cpu", "auto") == (torch.device("cpu"), torch.bfloat16)
+    _fake_rates(monkeypatch, bf16=0.5)
+    assert resolve_device_dtype("cpu", "auto") == (torch.device("cpu"), torch.float32)
+    assert resolve_device_dtype("cpu", "int8")[1] == torch.int8
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_device_dtype("cuda", "int8")
+
+
+def test_error_bound_check_fails_outside() -> None:
+    ref = np.eye(3, 8)
+    assert P.ERROR_BOUNDS["float32"].check(ref, ref)["min_cosine"] == pytest.approx(1.0)
+    off = ref.copy()
+    off[0, 1] = 0.5  # cosine 0.894
+    with pytest.raises(AssertionError, match="outside the bound"):
+        P.ERROR_BOUNDS["bfloat16"].check(ref, off)
+
+
+# --- every precision within its bound of float32, on tiny models ----------------------------------------
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Image.Image]:
+    recs = make_sample_images(tmp_path_factory.mktemp("imgs"), per_class=1)
+    return [Image.open(r["path"]).convert("RGB") for r in recs[:8]]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpts")
+    return {"clip": build_tiny_clip(root / "clip"), "siglip": build_tiny_siglip(root / "siglip"),
+            "phi3v": build_tiny_phi3v(root / "phi3v")}
+
+
+@pytest.mark.filterwarnings("ignore:.*measured at")
+@pytest.mark.parametrize("kind", ["clip", "siglip", "phi3v"])
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_16_bit_within_its_bound(kind, precision, checkpoints, images) -> None:
+    spec = f"{kind}:{checkpoints[kind]}" + ("?num_crops=1" if kind == "phi3v" else "")
+    ref = load_encoder(spec, device="cpu", dtype="float32").encode_images(images)
+    enc = load_encoder(spec, device="cpu", dtype=precision)
+    P.ERROR_BOUNDS[precision].check(ref, enc.encode_images(images))
+    assert enc.describe()["precision"]["dtype"] == precision
+    assert enc.describe()["dtype"] == precision
+
+
+def test_auto_records_its_decision_in_describe_and_manifest(monkeypatch, measured_here, checkpoints, tmp_path) -> None:
+    from phiclip import embed
+
+    _fake_rates(monkeypatch, bf16=3.0)
+    enc = load_encoder(f"clip:{checkpoints['clip']}", device="cpu")
+    rec = enc.describe()["precision"]
+    assert rec["requested"] == "auto" and rec["dtype"] == "bfloat16" and "3.00x" in rec["reason"]
+    assert enc.describe()["dtype"] == "bfloat16"
+    folder = tmp_path / "in"
+    make_sample_images(folder, per_class=1)
+    embed(f"clip:{checkpoints['clip']}", folder, tmp_path / "out", device="cpu", progress=False)
+    manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
+    assert manifest["encoder"]["precision"]["dtype"] == "bfloat16"
+    assert manifest["settings"]["precision"] == "bfloat16"
