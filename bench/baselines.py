@@ -97,7 +97,7 @@ class ReleasedImageEmbedding(torch.nn.Module):
 
         vcfg = model.config.vision_config
         keys = CLIPVisionConfig().to_dict()
-        cfg = CLIPVisionConfig(**{k: v for k, v in vcfg.items() if k in keys})
+        cfg = CLIPVisionConfig(**{k: v for k, v in vcfg.to_dict().items() if k in keys})
         cfg._attn_implementation = "sdpa"
         tower = CLIPVisionModel(cfg).to(next(model.parameters()).dtype)
         ours = {k[len("img_processor.vision_model."):]: v for k, v in model.state_dict().items() if k.startswith("img_processor.")}

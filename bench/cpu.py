@@ -20,7 +20,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import ReleasedImageEmbedding, clip_users_embed, load_clip_users, released_preprocess  # noqa: E402
-from common import Report, Row, environment, peak_rss_of, photo_like_images, time_interleaved, time_it  # noqa: E402
+from common import (  # noqa: E402
+    Report,
+    Row,
+    cpu_description,
+    environment,
+    peak_rss_of,
+    photo_like_images,
+    time_interleaved,
+    time_it,
+)
 
 # A scaled-down tower (ViT-L/14-336 geometry, narrower and shallower) so that a run takes about a minute.
 BENCH_TOWER = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 6, "num_attention_heads": 4,
@@ -100,7 +109,7 @@ def bench_gemm(report: Report) -> None:
     f32 = rates[torch.float32]
     report.rows.append(Row("Matrix product 9232x1024 @ 1024x4096 (GFLOP/s): float32 vs bfloat16", f"{f32:.0f}",
                            f"{rates[torch.bfloat16]:.0f}", rates[torch.bfloat16] / f32, None,
-                           "oneDNN brg_matmul:avx512_core_bf16; no AMX on this CPU"))
+                           f"CPU: {cpu_description()}"))
     report.rows.append(Row("  same, float32 vs float16 (AVX512-FP16)", f"{f32:.0f}", f"{rates[torch.float16]:.0f}",
                            rates[torch.float16] / f32, None, "shown for reference; phiclip does not use float16 on CPU"))
 

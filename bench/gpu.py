@@ -411,7 +411,7 @@ def hf_truncated_tower(model: Any, device: torch.device, dtype: torch.dtype) -> 
     """HF ``CLIPVisionModel`` (SDPA) with only the layers phiclip runs (23 of 24), same weights."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    vcfg = dict(model.config.vision_config)
+    vcfg = model.config.vision_config.to_dict()
     vcfg["num_hidden_layers"] = model.num_layers_run
     keys = CLIPVisionConfig().to_dict()
     cfg = CLIPVisionConfig(**{k: v for k, v in vcfg.items() if k in keys})
@@ -500,7 +500,7 @@ def cuda_graph_tower(tower: torch.nn.Module, batch: int, device: torch.device, d
 def tower_desc(model: Any) -> str:
     """E.g. ``ViT 1024-wide, 23 of 24 layers run``."""
     vc = model.config.vision_config
-    return f"tower {vc['hidden_size']}-wide, {model.num_layers_run} of {vc['num_hidden_layers']} layers run"
+    return f"tower {vc.hidden_size}-wide, {model.num_layers_run} of {vc.num_hidden_layers} layers run"
 
 
 def variant_name(scope: str, mode: str) -> str:

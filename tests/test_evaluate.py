@@ -353,3 +353,55 @@ def test_evaluate_accepts_paths_and_loaded_data(tmp_path):
     single = _solid_folder(tmp_path / "one", per_class=1)
     with pytest.raises(ValueError, match="every class has a single image"):
         E.evaluate(ColourEncoder(), "knn", single)
+
+
+# --- what eval leaves out --------------------------------------------------------------------
+
+
+def test_a_bomb_and_an_empty_file_are_left_out_and_named(tmp_path):
+    from _bad_images import add_bomb_and_empty
+
+    data = _solid_folder(tmp_path / "d", per_class=4)
+    bomb, empty = add_bomb_and_empty(data / "red")
+    for task in ("zeroshot", "knn"):
+        r = E.evaluate(ColourEncoder(), task, str(data), k=3)
+        assert r["metrics"]["acc1"] == 1.0
+        left = {item["source"]: item for item in r["left_out"]["items"]}
+        assert r["left_out"]["count"] == 2 and set(left) == {str(bomb), str(empty)}
+        assert "pixel limit" in left[str(bomb)]["reason"] and left[str(bomb)]["stage"] == "decode"
+        assert "0 bytes" in left[str(empty)]["reason"] and left[str(empty)]["stage"] == "read"
+    zs = E.evaluate(ColourEncoder(), "zeroshot", str(data))
+    assert zs["details"]["num_images"] == 12  # the 14 files less the two left out
+    # --max-pixels leaves out what is larger (here every 8x8 image): named, never fatal until none is left.
+    with pytest.raises(ValueError, match="no image could be embedded.*pixel limit"):
+        E.evaluate(ColourEncoder(), "zeroshot", str(data), max_pixels=10)
+
+
+def test_cli_eval_lists_what_it_left_out(tmp_path):
+    import json
+
+    from _bad_images import add_bomb_and_empty
+    from typer.testing import CliRunner
+
+    from phiclip.cli import app
+    from phiclip.testing import build_tiny_clip
+
+    clip = build_tiny_clip(tmp_path / "clip", image_size=32, patch_size=16)
+    data = _solid_folder(tmp_path / "d", per_class=3)
+    bomb, empty = add_bomb_and_empty(data / "green")
+    args = ["eval", "--model", f"clip:{clip}", "--task", "knn", "--data", str(data), "--k", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "Left out (all 2" in result.output and "bomb.png" in result.output and "empty.png" in result.output
+    as_json = CliRunner().invoke(app, [*args, "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    left = json.loads(as_json.stdout)["left_out"]
+    assert left["count"] == 2 and {i["source"] for i in left["items"]} == {str(bomb), str(empty)}
+    out = CliRunner().invoke(app, [*args, "--max-pixels", "40"])  # 8x8 = 64 pixels: every image left out
+    assert out.exit_code == 1 and "no image could be embedded" in out.output and "Traceback" not in out.output
+
+
+def test_prompt_names_are_words():
+    assert E.prompt_name("blue_circle") == "blue circle"
+    assert E.prompt_name("dark-blue__circle ") == "dark blue circle"
+    assert E.prompt_name("_") == "_"

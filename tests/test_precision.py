@@ -121,7 +121,7 @@ def test_explicit_requests_are_kept_and_env_fixes_auto(monkeypatch, measured_her
 def test_resolve_device_dtype_follows_the_measurement(monkeypatch, measured_here) -> None:
     import torch
 
-    from phiclip.encoders import resolve_device_dtype
+    from phiclip.encoders.device import resolve_device_dtype
 
     _fake_rates(monkeypatch, bf16=3.0)
     assert resolve_device_dtype("cpu", "auto") == (torch.device("cpu"), torch.bfloat16)

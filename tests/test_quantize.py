@@ -93,7 +93,7 @@ def test_bfloat16_in_bfloat16_out(kernel) -> None:
 
 
 def test_fused_qkv_attention_matches_float() -> None:
-    from phiclip.phi3v.modeling import CLIPAttention
+    from phiclip.models.clip_vision import CLIPAttention
 
     torch.manual_seed(0)
     attn = CLIPAttention(32, 4).eval()

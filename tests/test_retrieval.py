@@ -80,15 +80,17 @@ class _RandomIndex:
         return np.zeros(ids.shape, np.float32), ids
 
 
-def test_measure_recall_sees_a_bad_index():
+def test_recall_probe_sees_a_bad_index():
     import faiss
 
     x = S.normalize_rows(_clusters(2000, 16))
-    recall, nq = S.measure_recall(_RandomIndex(2000), x, queries=200)
-    assert nq == 200 and recall < 0.05
+    probe = S.RecallProbe.sample(x, queries=200)
+    assert probe is not None and len(probe.qidx) == 200
+    assert probe.recall(_RandomIndex(2000), x) < 0.05
     exact = faiss.IndexFlatIP(16)
     exact.add(x)
-    assert S.measure_recall(exact, x, queries=200)[0] == 1.0
+    assert probe.recall(exact, x) == 1.0
+    assert S.RecallProbe.sample(x[:1]) is None  # fewer than two rows: nothing to measure
 
 
 def test_flat_index_build_meta_and_query(tmp_path):

@@ -16,7 +16,6 @@ from phiclip.store import (
     EmbeddingStoreError,
     fingerprint,
     open_embeddings,
-    read_columns,
     read_manifest,
     weights_fingerprint_of,
 )
@@ -124,11 +123,11 @@ def test_corrupt_shard(tmp_path):
         open_embeddings(tmp_path)
 
 
-def test_read_columns_and_fingerprint(tmp_path):
+def test_ids_sources_and_fingerprint(tmp_path):
     write_embedding_dir(tmp_path, np.eye(3, dtype=np.float32), shard_rows=2)
-    cols = read_columns(tmp_path, ["id", "source", "absent"])
-    assert cols["id"] == ["id00000", "id00001", "id00002"]
-    assert cols["absent"] == [None, None, None]
+    got = open_embeddings(tmp_path)
+    assert got.ids == ["id00000", "id00001", "id00002"] and len(got.shard_files) == 2
+    assert got.sources == ["/data/img00000.jpg", "/data/img00001.jpg", "/data/img00002.jpg"]
     before = fingerprint(tmp_path)
     assert fingerprint(tmp_path) == before
     time.sleep(0.01)

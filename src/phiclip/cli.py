@@ -11,17 +11,42 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 # Light imports only (numpy, PIL): torch, transformers and faiss load inside the commands.
 from phiclip.comparison import runner as _compare_runner
 from phiclip.pipeline.runner import EmbedOptions as _EmbedOptions
 
+_UNQUOTED_GLOB_HINT = (
+    "\nIf you passed a glob such as imgs/*.jpg without quotes, the shell expanded it into many arguments: "
+    "quote it (-i 'imgs/**/*.jpg') so that phiclip expands it itself."
+)
+
+
+class _PhiclipGroup(TyperGroup):
+    """The root command group: usage errors that come from a shell-expanded glob say how to quote it."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            # click's UsageError (typer may carry its own copy of click, so matched by name)
+            usage = any(c.__name__ == "UsageError" for c in type(e).__mro__)
+            if usage and "unexpected extra argument" in str(getattr(e, "message", "")).lower():
+                e.message += _UNQUOTED_GLOB_HINT  # type: ignore[attr-defined]
+            raise
+
+
 app = typer.Typer(
     name="phiclip",
+    cls=_PhiclipGroup,
     help="Image embeddings with CLIP and Phi-3-vision's image encoder, side by side.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help: option names, then the help text wrapped to the terminal (rich's three-column
+    # panels leave a 20-character column for the text in an 80-column terminal).
+    rich_markup_mode=None,
 )
 
 
@@ -50,8 +75,19 @@ def _log_to_console() -> None:
         logger.addHandler(_ConsoleLogHandler(level=logging.WARNING))
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from phiclip import __version__
+
+        typer.echo(f"phiclip {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print phiclip's version and exit.")] = False,
+) -> None:
     """Image embeddings with CLIP and Phi-3-vision's image encoder, side by side."""
     _log_to_console()
 
@@ -91,6 +127,7 @@ _BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1,
 _WorkersOpt = Annotated[int | None, typer.Option("--num-workers", "-j", min=0,
                                                  help="Decode/preprocess processes; 0 = in-process threads between model calls "
                                                       "(default: min(4, CPUs) with a GPU, 0 on the CPU).")]
+_TextBatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Texts per model call.")]
 _ShardOpt = Annotated[int, typer.Option("--shard-size", min=1, help="Inputs per output shard (the unit of resume).")]
 _DtypeOpt = Annotated[_VectorDtype, typer.Option("--dtype", help="dtype of the stored vectors.")]
 _DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
@@ -143,24 +180,44 @@ def _print_embed_summary(result: Any) -> None:
         out.print(safe_text(f"Nothing to do: {result.output} is already complete "
                             f"({result.embedded} embedded, {result.failed} failed of {result.inputs} inputs)."),
                   highlight=False, soft_wrap=True)
+        _print_disappeared(result, out)
         return
     table = Table(title=safe_text(f"phiclip embed -> {result.output}"), show_header=False, title_justify="left")
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("inputs", str(result.inputs))
-    table.add_row("embedded", str(result.embedded))
-    table.add_row("failed", f"{result.failed}" + (" (see errors/)" if result.failed else ""))
-    table.add_row("skipped (done before)", str(result.skipped))
+    table.add_row("embedded (in the output)", str(result.embedded))
+    table.add_row("failed (in the output)", f"{result.failed}" + (" (see errors/)" if result.failed else ""))
+    table.add_row("done by this run", str(result.processed))
+    if result.skipped:
+        table.add_row("done by an earlier run (kept)", str(result.skipped))
     if result.duplicates:
         table.add_row("duplicates (listed once)", str(result.duplicates))
     if result.ignored:
-        table.add_row("ignored (not inputs)", str(result.ignored))
+        table.add_row("ignored (not inputs)", f"{result.ignored} (listed in errors/, stage skip)")
+    # Both on the whole command's wall time, so that time x rate = what this run did.
+    rate = result.processed / result.seconds if result.seconds > 0 else 0.0
     table.add_row("time", f"{result.seconds:.1f} s")
-    table.add_row("per second", f"{result.items_per_second:.1f}")
+    table.add_row("per second", f"{rate:.1f}")
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if k != "loop")
     table.add_row("stages", stages)
     out.print(table)
+    _print_disappeared(result, out)
     _print_left_out(Path(result.output), out)
+
+
+def _print_disappeared(result: Any, out: Any) -> None:
+    """Name the inputs in the output that are no longer listed (`embed --update`), and the pruned count."""
+    from phiclip.console import safe_text
+
+    if getattr(result, "pruned", 0):
+        out.print(safe_text(f"Removed the rows of {result.pruned} inputs that are no longer in the input (--prune)."),
+                  highlight=False, soft_wrap=True)
+    gone = list(getattr(result, "disappeared_sources", []))
+    if gone:
+        shown = "; ".join(gone[:_LEFT_OUT_SHOWN]) + (f"; and {len(gone) - _LEFT_OUT_SHOWN} more" if len(gone) > _LEFT_OUT_SHOWN else "")
+        out.print(safe_text(f"{len(gone)} inputs in the output are no longer in the input (kept; --update --prune "
+                            f"removes them): {shown}"), highlight=False, soft_wrap=True)
 
 
 #: How many rows of errors/ the end summary of `phiclip embed` lists.
@@ -205,6 +262,27 @@ def _print_left_out(output: Path, out: Any) -> None:
     out.print(t)
 
 
+class _Engine(str, enum.Enum):
+    local = "local"
+    ray = "ray"
+
+
+_UpdateOpt = Annotated[bool, typer.Option("--update", help=(
+    "Embed only the inputs that are not in OUTPUT yet (a folder that grew) into new shards; inputs that "
+    "disappeared are reported and kept."))]
+_PruneOpt = Annotated[bool, typer.Option("--prune", help="With --update: also remove the rows of inputs that disappeared.")]
+_FlushOpt = Annotated[float, typer.Option("--flush-seconds", min=0, help=(
+    "Write partial work at least this often, so a crash loses at most about this much; 0 = whole shards only."))]
+_EngineOpt = Annotated[_Engine, typer.Option("--engine", help=(
+    "local: this machine; ray: Ray Data on a local Ray instance (every GPU) or a cluster (--ray-address)."))]
+_RayAddressOpt = Annotated[str | None, typer.Option("--ray-address", help=(
+    "--engine ray: the cluster to join (auto, ray://HOST:10001); default: a running local instance, or a new one."))]
+_GpusPerActorOpt = Annotated[float | None, typer.Option("--gpus-per-actor", min=0, help=(
+    "--engine ray: GPUs per encoding actor (0.5: two actors share a GPU); default 1 with GPUs, else 0."))]
+_ActorsOpt = Annotated[int | None, typer.Option("--num-actors", min=1, help=(
+    "--engine ray: encoding actors (default: one per GPU, or one without GPUs)."))]
+
+
 @app.command("embed")
 def embed_cmd(
     model: _ModelOpt,
@@ -223,6 +301,13 @@ def embed_cmd(
     = _EMBED_DEFAULTS.max_pixels or 0,
     tokens: Annotated[bool, typer.Option("--tokens", help="Phi-3-vision: also write full token sequences to tokens/.")]
     = _EMBED_DEFAULTS.tokens,
+    update: _UpdateOpt = _EMBED_DEFAULTS.update,
+    prune: _PruneOpt = _EMBED_DEFAULTS.prune,
+    flush_seconds: _FlushOpt = _EMBED_DEFAULTS.flush_seconds or 0,
+    engine: _EngineOpt = _Engine(_EMBED_DEFAULTS.engine),
+    ray_address: _RayAddressOpt = _EMBED_DEFAULTS.ray_address,
+    gpus_per_actor: _GpusPerActorOpt = _EMBED_DEFAULTS.gpus_per_actor,
+    num_actors: _ActorsOpt = _EMBED_DEFAULTS.num_actors,
     column: _ColumnOpt = _EMBED_DEFAULTS.column,
     split: _SplitOpt = _EMBED_DEFAULTS.split,
     progress: _ProgressOpt = _EMBED_DEFAULTS.progress,
@@ -231,7 +316,9 @@ def embed_cmd(
     """Embed every image of INPUT into Parquet shards in OUTPUT (resumable; bad inputs go to errors/)."""
     settings = _embed_settings(batch_size=batch_size, num_workers=num_workers, shard_size=shard_size, dtype=dtype,
                                device=device, precision=precision, max_pixels=max_pixels or None, tokens=tokens,
-                               column=column, split=split, progress=progress)
+                               column=column, split=split, progress=progress, update=update, prune=prune,
+                               flush_seconds=flush_seconds or None, engine=engine, ray_address=ray_address,
+                               gpus_per_actor=gpus_per_actor, num_actors=num_actors)
     _run_embed("embed", model, input, output, settings, as_json)
 
 
@@ -241,7 +328,7 @@ def embed_text_cmd(
     input: Annotated[str, typer.Option("--input", "-i", help=(
         "A .txt file (one text per line), a Parquet/CSV table with a text column, or hf:DATASET."))],
     output: _OutputOpt,
-    batch_size: _BatchOpt = _EMBED_DEFAULTS.batch_size,
+    batch_size: _TextBatchOpt = _EMBED_DEFAULTS.batch_size,
     shard_size: _ShardOpt = _EMBED_DEFAULTS.shard_size,
     dtype: _DtypeOpt = _VectorDtype(_EMBED_DEFAULTS.dtype),
     device: _DeviceOpt = _EMBED_DEFAULTS.device,
@@ -394,6 +481,14 @@ def search_cmd(
     Console().print(table)
 
 
+_EvalMaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=0, help=(
+    "Leave out (and list) images with more pixels (decompression bombs); 0 = no limit."))]
+_ImageColumnOpt = Annotated[str | None, typer.Option("--image-column", "--column", help=(
+    "Table/dataset column of the images (default: guessed from names and types)."))]
+_LabelColumnOpt = Annotated[str | None, typer.Option("--label-column", help="Table/dataset column of the labels.")]
+_CaptionColumnOpt = Annotated[str | None, typer.Option("--caption-column", help="Table/dataset column of the captions.")]
+
+
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="Encoder spec: clip:DIR_OR_HUB_ID, siglip:..., phi3v:...")],
@@ -401,9 +496,11 @@ def eval_cmd(
         "zeroshot (CLIP-like), knn or linear-probe (any encoder), retrieval (image-text, CLIP-like)."))],
     data: Annotated[str, typer.Option("--data", "-d", help=(
         "A folder per class (optionally under train/ and test/), a CSV/Parquet table with image and "
-        "label or caption columns, or hf:DATASET[?config=NAME] (hub id, local folder, save_to_disk folder)."))],
+        "label or caption columns, or hf:DATASET[?config=CFG&split=SPLIT] (hub id, local folder, save_to_disk "
+        "folder)."))],
     split: Annotated[str | None, typer.Option("--split", help=(
-        "Split to evaluate on (default: test/validation when the data has splits; hf: accepts test[:500]).")) ] = None,
+        "Split to evaluate on, overriding hf:...?split= (default: test/validation when the data has splits; "
+        "hf: accepts test[:500]).")) ] = None,
     train_split: Annotated[str | None, typer.Option("--train-split", help=(
         "knn/linear-probe: the split to train on (default: the data's train split, else a seeded stratified split)."))]
     = None,
@@ -418,12 +515,12 @@ def eval_cmd(
         "knn/linear-probe without given splits: the share held out for testing."))] = 0.3,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the stratified split and of the probe's validation split.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 32,
+    max_pixels: _EvalMaxPixelsOpt = _compare_runner.DEFAULT_MAX_PIXELS,
     device: _QueryDeviceOpt = "auto",
     precision: _QueryPrecisionOpt = _QueryPrecision.auto,
-    image_column: Annotated[str | None, typer.Option("--image-column", help="Table/dataset column of the images.")] = None,
-    label_column: Annotated[str | None, typer.Option("--label-column", help="Table/dataset column of the labels.")] = None,
-    caption_column: Annotated[str | None, typer.Option("--caption-column", help="Table/dataset column of the captions.")]
-    = None,
+    image_column: _ImageColumnOpt = None,
+    label_column: _LabelColumnOpt = None,
+    caption_column: _CaptionColumnOpt = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the result as JSON to this file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")] = False,
 ) -> None:
@@ -443,8 +540,8 @@ def eval_cmd(
             model, task.value, data, split=split, train_split=train_split,
             templates=template or (str(templates_file) if templates_file else None),
             classnames=str(classnames) if classnames else None, k=k, test_fraction=test_fraction, seed=seed,
-            batch_size=batch_size, device=device, dtype=precision.value, image_column=image_column,
-            label_column=label_column, caption_column=caption_column,
+            batch_size=batch_size, max_pixels=max_pixels or None, device=device, dtype=precision.value,
+            image_column=image_column, label_column=label_column, caption_column=caption_column,
         )
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
@@ -464,8 +561,27 @@ def eval_cmd(
         table.add_row(safe_text(name, "dim"), safe_text(value, "dim"))
     out = Console()
     out.print(table)
+    _print_left_out_items(result["left_out"]["items"], out)
     if output is not None:
         out.print(safe_text(f"Written: {output}"), highlight=False, soft_wrap=True)
+
+
+def _print_left_out_items(items: list[dict[str, str]], out: Any) -> None:
+    """Name the images a command left out (source, stage, reason), file names escaped."""
+    from rich.table import Table
+
+    from phiclip.console import safe_text
+
+    if not items:
+        return
+    shown = f"the first {_LEFT_OUT_SHOWN} of {len(items)}" if len(items) > _LEFT_OUT_SHOWN else f"all {len(items)}"
+    t = Table(title=f"Left out ({shown}; every one is in the JSON result)", title_justify="left")
+    t.add_column("source", overflow="fold")
+    t.add_column("stage")
+    t.add_column("reason", overflow="fold")
+    for item in items[:_LEFT_OUT_SHOWN]:
+        t.add_row(safe_text(item["source"]), safe_text(item["stage"]), safe_text(item["reason"]))
+    out.print(t)
 
 
 # === compare =================================================================================
@@ -486,7 +602,7 @@ def compare_cmd(
         "the first is A, the second B."))],
     data: Annotated[str, typer.Option("--data", "-d", help=(
         "Images to compare on: a folder per class, a CSV/Parquet table (image, label and/or caption "
-        "columns; captions enable retrieval), or hf:DATASET."))],
+        "columns; captions enable retrieval), hf:DATASET[?config=CFG&split=SPLIT], or a quoted glob."))],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for report.html, report.json and embeddings/.")],
     k: Annotated[int, typer.Option("--k", min=1, help="Neighbours for the k-NN overlap and the kNN classifier.")]
     = _compare_runner.DEFAULT_K,
@@ -497,6 +613,15 @@ def compare_cmd(
     = _compare_runner.DEFAULT_BATCH_SIZE,
     max_images: Annotated[int | None, typer.Option("--max-images", min=2, help=(
         "Compare at most this many images, spread evenly over the data."))] = None,
+    passes: Annotated[int, typer.Option("--passes", min=1, help=(
+        "Timed passes over the images: speed is the median pass, shown with the slowest and fastest."))]
+    = _compare_runner.DEFAULT_PASSES,
+    max_pixels: _EvalMaxPixelsOpt = _compare_runner.DEFAULT_MAX_PIXELS,
+    split: Annotated[str | None, typer.Option("--split", help=(
+        "One split of the data (a split folder, a split column's value, or an hf: split).")) ] = None,
+    image_column: _ImageColumnOpt = None,
+    label_column: _LabelColumnOpt = None,
+    caption_column: _CaptionColumnOpt = None,
     template: Annotated[list[str] | None, typer.Option("--template", help=(
         "Zero-shot prompt template with {c} for the class name; repeat for several (default: a generic set)."))]
     = None,
@@ -516,17 +641,14 @@ def compare_cmd(
 
     err = Console(stderr=True)
     try:
+        options = _compare_runner.CompareOptions(
+            k=k, device=device, dtype=precision.value, batch_size=batch_size, passes=passes,
+            max_pixels=max_pixels or None, max_images=max_images, templates=tuple(template or ()) or None,
+            isolate=not in_process, split=split, image_column=image_column, label_column=label_column,
+            caption_column=caption_column,
+        )
         report = _compare_runner.compare(
-            model,
-            data,
-            output,
-            k=k,
-            device=device,
-            dtype=precision.value,
-            batch_size=batch_size,
-            max_images=max_images,
-            templates=template or None,
-            isolate=not in_process,
+            model, data, output, options,
             progress=None if as_json else (lambda msg: err.print(safe_text(msg, "dim"), highlight=False)),
         )
     except KeyboardInterrupt:

@@ -15,22 +15,27 @@ constructed embeddings whose answers are known:
   images; ``text_retrieval_recall@k``: an image query retrieves texts).
 
 Ranking ties are broken by index (a stable sort, as ``argmax`` does), never in the candidate's favour
-beyond that. :func:`evaluate` runs a whole task: load the data (:mod:`phiclip.datasets_io`), embed
-it with an encoder, compute the metrics.
+beyond that. :func:`evaluate` runs a whole task in steps (:class:`EvalOptions`, then
+:func:`load_eval_data`, the encoder, one ``run_<task>`` function): the data comes from the one input
+layer (:func:`phiclip.inputs.load_data`) and the images are embedded by the bulk pipeline's step
+(:func:`embed_data`), so an image that cannot be read is left out and listed, never fatal.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from phiclip.images import DEFAULT_MAX_PIXELS
+from phiclip.inputs import LabelledData, align_label_spaces, load_data
+from phiclip.models.ops import l2_normalize
+
 if TYPE_CHECKING:  # pragma: no cover
-    from phiclip.datasets_io import LabelledData
     from phiclip.encoders.base import Encoder
 
 #: A small set of generic prompt templates (``{c}`` is replaced by the class name).
@@ -62,13 +67,6 @@ def _matrix(x: Any, name: str) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} holds NaN or infinite values; check the encoder's output")
     return arr
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """(n, d) -> (n, d) float32 with unit rows (all-zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
 
 
 def _int_labels(labels: Any, n: int, name: str, num_classes: int | None = None) -> np.ndarray:
@@ -511,12 +509,63 @@ def retrieval_metrics(
     return out
 
 
-# --- the runner --------------------------------------------------------------------------------
+# --- the runner: options, then one function per step and per task ------------------------------
 
 
-def embed_images(encoder: Encoder, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
-    """Images (paths, PIL, bytes) -> (n, dim) float32 with ``encoder``; a bad image raises naming it."""
-    return _matrix(encoder.encode_images(list(images), batch_size=batch_size), "image embeddings")
+@dataclass
+class EvalOptions:
+    """How :func:`evaluate` runs a task (every field has the command line's default).
+
+    ``split``: the split to evaluate on (default: ``test``/``validation`` when the data has splits).
+    ``train_data`` / ``train_split``: where kNN and linear-probe training rows come from (default: the
+    data's own ``train`` split, else a stratified split by ``test_fraction`` and ``seed``).
+    ``templates``: zero-shot prompt templates with ``{c}`` (a list, or a file with one per line).
+    ``classnames``: names for the prompts in label order (a list or a file; default: the data's
+    class names with ``_`` read as spaces). ``dtype`` is the compute precision of the encoder.
+    ``max_pixels``: images with more pixels are left out (decompression bombs); ``None``: no limit. It is
+    also the encoder's preprocessing budget (:meth:`~phiclip.encoders.base.Encoder.set_max_pixels`).
+    """
+
+    split: str | None = None
+    train_data: str | Path | LabelledData | None = None
+    train_split: str | None = None
+    templates: Sequence[str] | str | None = None
+    classnames: Sequence[str] | str | None = None
+    k: int = 20
+    test_fraction: float = 0.3
+    seed: int = 0
+    batch_size: int = 32
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    device: str = "auto"
+    dtype: str = "auto"
+    image_column: str | None = None
+    label_column: str | None = None
+    caption_column: str | None = None
+
+
+@dataclass
+class EmbeddedImages:
+    """What :func:`embed_data` gives: ``vectors`` (m, d) for the images that embedded, their
+    positions ``kept`` (m,) in the data, and ``left_out`` (``{"source", "stage", "reason"}``)."""
+
+    vectors: np.ndarray
+    kept: np.ndarray
+    left_out: list[dict[str, str]]
+
+
+def embed_data(encoder: Encoder, data: LabelledData, *, batch_size: int = 32,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> EmbeddedImages:
+    """Embed every image of ``data`` through the bulk pipeline's per-shard step
+    (:func:`phiclip.pipeline.step.embed_payloads`): an image that cannot be read, decoded or
+    preprocessed is left out and named, never fatal."""
+    from phiclip.pipeline.step import embed_payloads
+
+    result = embed_payloads(encoder, list(data.images), batch_size=batch_size, max_pixels=max_pixels)
+    order = np.argsort(np.asarray(result.positions, dtype=np.int64), kind="stable")
+    kept = np.asarray(result.positions, dtype=np.int64)[order]
+    left = [{"source": data.name_of(int(i)), "stage": stage, "reason": reason} for i, stage, reason in sorted(result.errors)]
+    vectors = _matrix(result.embeddings[order], "image embeddings") if len(kept) else np.zeros((0, encoder.dim), np.float32)
+    return EmbeddedImages(vectors=vectors, kept=kept, left_out=left)
 
 
 def _pick_test_split(splits: set[str]) -> str | None:
@@ -524,31 +573,6 @@ def _pick_test_split(splits: set[str]) -> str | None:
         if name in splits:
             return name
     return None
-
-
-def _train_test(
-    data: LabelledData, train: LabelledData | None, test_fraction: float, seed: int
-) -> tuple[LabelledData, LabelledData, str]:
-    """The train and test sets for kNN / linear probe, and how they were obtained."""
-    from phiclip.datasets_io import align_label_spaces
-
-    if train is not None:
-        train, data = align_label_spaces(train, data)
-        return train, data, "given (separate train data)"
-    if data.splits is not None:
-        names = set(data.splits)
-        test_name = _pick_test_split(names)
-        if "train" in names and test_name:
-            return data.select_split("train"), data.select_split(test_name), f"given (train / {test_name})"
-    if data.labels is None:
-        raise ValueError(f"{data.source}: has no labels; kNN and linear probe need (image, label) data")
-    tr, te = stratified_split(data.labels, test_fraction, seed)
-    if len(te) == 0:
-        raise ValueError(
-            f"{data.source}: every class has a single image, so no test images can be held out; "
-            "add images or give separate train data"
-        )
-    return data.subset(tr), data.subset(te), f"stratified {1 - test_fraction:.0%}/{test_fraction:.0%}, seed {seed}"
 
 
 def _read_lines(value: Sequence[str] | str | None) -> list[str] | None:
@@ -566,126 +590,204 @@ def _read_lines(value: Sequence[str] | str | None) -> list[str] | None:
     return [str(v) for v in value]
 
 
+def prompt_name(classname: str) -> str:
+    """A class or folder name as words for a prompt: ``blue_circle`` -> ``blue circle``
+    (underscores and hyphens read as spaces, runs of spaces collapsed)."""
+    return " ".join(classname.replace("_", " ").replace("-", " ").split()) or classname
+
+
+@dataclass
+class _Run:
+    """One evaluation in progress: its options, the data, the encoder, and the images left out."""
+
+    task: str
+    opts: EvalOptions
+    data: LabelledData
+    train: LabelledData | None
+    split: str | None
+    encoder: Any = None
+    left_out: list[dict[str, str]] = field(default_factory=list)
+
+    def embed(self, ds: LabelledData) -> tuple[np.ndarray, LabelledData]:
+        """Embed ``ds``; returns the vectors and the rows of ``ds`` they belong to."""
+        got = embed_data(self.encoder, ds, batch_size=self.opts.batch_size, max_pixels=self.opts.max_pixels)
+        self.left_out += got.left_out
+        if not len(got.kept):
+            first = got.left_out[0] if got.left_out else {"source": ds.source, "reason": "no images"}
+            raise ValueError(f"{ds.source}: no image could be embedded ({len(got.left_out)} left out; the first: "
+                             f"{first['source']}: {first['reason']})")
+        return got.vectors, ds.subset(got.kept)
+
+
+def load_eval_data(task: str, data: str | Path | LabelledData, opts: EvalOptions) -> _Run:
+    """Step 1: read the data (and the training data), and pick the split to evaluate on."""
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    cols = dict(image_column=opts.image_column, label_column=opts.label_column, caption_column=opts.caption_column)
+    ds = data if isinstance(data, LabelledData) else load_data(data, split=opts.split, **cols)
+    train = None
+    if opts.train_data is not None or opts.train_split is not None:
+        if task not in ("knn", "linear-probe"):
+            raise ValueError(f"train_data/train_split only apply to knn and linear-probe, not {task}")
+        src = opts.train_data if opts.train_data is not None else data
+        train = src if isinstance(src, LabelledData) else load_data(src, split=opts.train_split, **cols)
+    used_split = opts.split
+    if task in ("zeroshot", "retrieval") and opts.split is None and ds.splits is not None:
+        used_split = _pick_test_split(set(ds.splits))
+        if used_split is not None:
+            ds = ds.select_split(used_split)
+    run = _Run(task=task, opts=opts, data=ds, train=train, split=used_split)
+    run.left_out += ds.left_out + ([] if train is None else train.left_out)
+    return run
+
+
+def _train_test(run: _Run) -> tuple[LabelledData, LabelledData, str]:
+    """The train and test sets for kNN / linear probe, and how they were obtained."""
+    data, train, opts = run.data, run.train, run.opts
+    if train is not None:
+        train, data = align_label_spaces(train, data)
+        return train, data, "given (separate train data)"
+    if data.splits is not None:
+        names = set(data.splits)
+        test_name = _pick_test_split(names)
+        if "train" in names and test_name:
+            return data.select_split("train"), data.select_split(test_name), f"given (train / {test_name})"
+    if data.labels is None:
+        raise ValueError(f"{data.source}: has no labels; kNN and linear probe need (image, label) data")
+    tr, te = stratified_split(data.labels, opts.test_fraction, opts.seed)
+    if len(te) == 0:
+        raise ValueError(
+            f"{data.source}: every class has a single image, so no test images can be held out; "
+            "add images or give separate train data"
+        )
+    how = f"stratified {1 - opts.test_fraction:.0%}/{opts.test_fraction:.0%}, seed {opts.seed}"
+    return data.subset(tr), data.subset(te), how
+
+
+def run_zeroshot(run: _Run) -> tuple[dict[str, float], dict[str, Any]]:
+    """Zero-shot classification: class prompts against every image."""
+    ds = run.data
+    if ds.labels is None:
+        raise ValueError(f"{ds.source}: has no labels; zero-shot classification needs (image, label) data")
+    names = _read_lines(run.opts.classnames) or (None if ds.classnames is None else [prompt_name(n) for n in ds.classnames])
+    if names is None:
+        raise ValueError(
+            f"{ds.source}: the labels are numbers without class names; pass the names (one per line, "
+            "in label order) with --classnames FILE"
+        )
+    if ds.classnames is not None and len(names) != len(ds.classnames):
+        raise ValueError(f"{len(names)} class names given but {ds.source} has {len(ds.classnames)} classes")
+    if len(names) <= int(ds.labels.max()):
+        raise ValueError(f"{len(names)} class names given but the labels go up to {int(ds.labels.max())}")
+    templates = _read_lines(run.opts.templates) or list(DEFAULT_TEMPLATES)
+    classifier = zero_shot_classifier(run.encoder, names, templates)
+    img, kept = run.embed(ds)
+    assert kept.labels is not None
+    metrics = zero_shot_metrics(img, classifier, kept.labels)
+    return metrics, {"num_classes": len(names), "num_images": len(img), "num_templates": len(templates)}
+
+
+def run_retrieval(run: _Run) -> tuple[dict[str, float], dict[str, Any]]:
+    """Image-text retrieval over the captions of the images."""
+    if "text" not in run.encoder.modalities:
+        raise ValueError(f"{run.encoder.name!r} embeds images only, so image-text retrieval cannot run")
+    run.data.texts_and_owners()  # no captions: refused before any image is embedded
+    img, kept = run.embed(run.data)
+    texts, owner = kept.texts_and_owners()
+    txt = _matrix(run.encoder.encode_texts(texts), "text embeddings")
+    return retrieval_metrics(img, txt, owner), {"num_images": len(img), "num_texts": len(texts)}
+
+
+def _classify_frozen(run: _Run, fit: Callable[..., tuple[dict[str, float], dict[str, Any]]]) -> tuple[dict[str, float], dict[str, Any]]:
+    tr, te, how = _train_test(run)
+    if tr.labels is None or te.labels is None:
+        raise ValueError(f"{run.data.source}: has no labels; {run.task} needs (image, label) data")
+    xtr, tr = run.embed(tr)
+    xte, te = run.embed(te)
+    assert tr.labels is not None and te.labels is not None
+    metrics, details = fit(xtr, tr.labels, xte, te.labels)
+    details.update(split=how, num_train=len(xtr), num_test=len(xte), num_classes=int(len(np.unique(tr.labels))))
+    return metrics, details
+
+
+def run_knn(run: _Run) -> tuple[dict[str, float], dict[str, Any]]:
+    """kNN on frozen embeddings (similarity-weighted vote)."""
+    k = run.opts.k
+
+    def fit(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray) -> tuple[dict[str, float], dict[str, Any]]:
+        return knn_classify(xtr, ytr, xte, yte, k=k), {"k": k, "weighting": "similarity", "temperature": 0.07}
+
+    return _classify_frozen(run, fit)
+
+
+def run_linear_probe(run: _Run) -> tuple[dict[str, float], dict[str, Any]]:
+    """A logistic-regression probe on frozen embeddings (weight decay chosen on validation)."""
+    seed = run.opts.seed
+
+    def fit(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray) -> tuple[dict[str, float], dict[str, Any]]:
+        classes, itr, ite = _label_space(ytr, yte)
+        probe = fit_linear_probe(xtr, itr, len(classes), seed=seed)
+        pred = probe.predict(xte)
+        metrics = {"acc1": float(np.mean(pred == ite)), "mean_per_class_recall": mean_per_class_recall(ite, pred)}
+        return metrics, {"weight_decay": probe.weight_decay, "val_acc1": probe.val_acc1}
+
+    return _classify_frozen(run, fit)
+
+
+#: The function of each task.
+TASK_RUNNERS: dict[str, Callable[[_Run], tuple[dict[str, float], dict[str, Any]]]] = {
+    "zeroshot": run_zeroshot,
+    "knn": run_knn,
+    "linear-probe": run_linear_probe,
+    "retrieval": run_retrieval,
+}
+
+
 def evaluate(
     model: str | Encoder,
     task: str,
     data: str | Path | LabelledData,
-    *,
-    split: str | None = None,
-    train_data: str | Path | LabelledData | None = None,
-    train_split: str | None = None,
-    templates: Sequence[str] | str | None = None,
-    classnames: Sequence[str] | str | None = None,
-    k: int = 20,
-    test_fraction: float = 0.3,
-    seed: int = 0,
-    batch_size: int = 32,
-    device: str = "auto",
-    dtype: str = "auto",
-    image_column: str | None = None,
-    label_column: str | None = None,
-    caption_column: str | None = None,
+    options: EvalOptions | None = None,
+    **settings: Any,
 ) -> dict[str, Any]:
-    """Run one evaluation task end to end: load the data, embed it, compute the metrics.
+    """Run one evaluation task end to end: read the data, load the encoder, embed (images that cannot
+    be embedded are left out and listed), compute the metrics.
 
     Args:
         model: an encoder spec (``clip:...``, ``phi3v:...``) or a loaded :class:`Encoder`.
         task: ``zeroshot`` | ``knn`` | ``linear-probe`` | ``retrieval``.
-        data: a folder per class, a CSV/Parquet file, ``hf:name`` (see :func:`phiclip.datasets_io.load_data`),
+        data: a folder per class, a CSV/Parquet file, ``hf:NAME`` (see :func:`phiclip.inputs.load_data`),
             or a loaded :class:`LabelledData`.
-        split: the split to evaluate on (default: ``test``/``validation`` when the data has splits).
-        train_data / train_split: where kNN and linear-probe training rows come from; default: the
-            data's own ``train`` split if it has one, else a stratified split (``test_fraction``, ``seed``).
-        templates: prompt templates with ``{c}`` (zero-shot), a list or a file with one per line.
-        classnames: class names for the prompts (a list or a file), in label order; default: the
-            data's class names with ``_`` read as spaces.
-        k: neighbours for kNN.
+        options: an :class:`EvalOptions`; ``settings`` (its field names) override its fields.
 
     Returns:
-        ``{"task", "model", "encoder", "data", "split", "metrics", "details", "seconds"}`` (JSON-ready).
+        ``{"task", "model", "encoder", "data", "split", "metrics", "details", "left_out", "seconds"}``
+        (JSON-ready); ``left_out`` is ``{"count", "items": [{"source", "stage", "reason"}]}``.
     """
-    from phiclip.datasets_io import LabelledData, load_data
-
-    if task not in TASKS:
-        raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    opts = replace(options or EvalOptions(), **settings)
     t0 = time.perf_counter()
-    opts = dict(image_column=image_column, label_column=label_column, caption_column=caption_column)
-    ds = data if isinstance(data, LabelledData) else load_data(data, split=split, **opts)
-    train = None
-    if train_data is not None or train_split is not None:
-        if task not in ("knn", "linear-probe"):
-            raise ValueError(f"train_data/train_split only apply to knn and linear-probe, not {task}")
-        src = train_data if train_data is not None else data
-        train = src if isinstance(src, LabelledData) else load_data(src, split=train_split, **opts)
-    used_split = split
-    if task in ("zeroshot", "retrieval") and split is None and ds.splits is not None:
-        used_split = _pick_test_split(set(ds.splits))
-        if used_split is not None:
-            ds = ds.select_split(used_split)
-    prompt_templates = _read_lines(templates) or list(DEFAULT_TEMPLATES)
-    names_override = _read_lines(classnames)
+    run = load_eval_data(task, data, opts)
     t_load = time.perf_counter()
-
     if isinstance(model, str):
         from phiclip.encoders import load_encoder
 
-        encoder = load_encoder(model, device=device, dtype=dtype)
+        run.encoder = load_encoder(model, device=opts.device, dtype=opts.dtype)
     else:
-        encoder = model
+        run.encoder = model
+    run.encoder.set_max_pixels(opts.max_pixels)  # also bounds what preprocessing builds (Phi-3-vision's HD canvas)
     t_model = time.perf_counter()
-
-    details: dict[str, Any] = {}
-    if task == "zeroshot":
-        if ds.labels is None:
-            raise ValueError(f"{ds.source}: has no labels; zero-shot classification needs (image, label) data")
-        names = names_override or (None if ds.classnames is None else [n.replace("_", " ") for n in ds.classnames])
-        if names is None:
-            raise ValueError(
-                f"{ds.source}: the labels are numbers without class names; pass the names (one per line, "
-                "in label order) with --classnames FILE"
-            )
-        if ds.classnames is not None and len(names) != len(ds.classnames):
-            raise ValueError(f"{len(names)} class names given but {ds.source} has {len(ds.classnames)} classes")
-        if len(names) <= int(ds.labels.max()):
-            raise ValueError(f"{len(names)} class names given but the labels go up to {int(ds.labels.max())}")
-        classifier = zero_shot_classifier(encoder, names, prompt_templates)
-        img = embed_images(encoder, ds.images, batch_size)
-        metrics = zero_shot_metrics(img, classifier, ds.labels)
-        details.update(num_classes=len(names), num_images=len(img), num_templates=len(prompt_templates))
-    elif task == "retrieval":
-        if "text" not in encoder.modalities:
-            raise ValueError(f"{encoder.name!r} embeds images only, so image-text retrieval cannot run")
-        texts, owner = ds.texts_and_owners()
-        img = embed_images(encoder, ds.images, batch_size)
-        txt = _matrix(encoder.encode_texts(texts), "text embeddings")
-        metrics = retrieval_metrics(img, txt, owner)
-        details.update(num_images=len(img), num_texts=len(texts))
-    else:
-        tr, te, how = _train_test(ds, train, test_fraction, seed)
-        if tr.labels is None or te.labels is None:
-            raise ValueError(f"{ds.source}: has no labels; {task} needs (image, label) data")
-        xtr = embed_images(encoder, tr.images, batch_size)
-        xte = embed_images(encoder, te.images, batch_size)
-        if task == "knn":
-            metrics = knn_classify(xtr, tr.labels, xte, te.labels, k=k)
-            details.update(k=k, weighting="similarity", temperature=0.07)
-        else:
-            classes, ytr, yte = _label_space(tr.labels, te.labels)
-            probe = fit_linear_probe(xtr, ytr, len(classes), seed=seed)
-            pred = probe.predict(xte)
-            metrics = {"acc1": float(np.mean(pred == yte)), "mean_per_class_recall": mean_per_class_recall(yte, pred)}
-            details.update(weight_decay=probe.weight_decay, val_acc1=probe.val_acc1)
-        details.update(split=how, num_train=len(xtr), num_test=len(xte), num_classes=int(len(np.unique(tr.labels))))
+    metrics, details = TASK_RUNNERS[task](run)
     t_end = time.perf_counter()
-    describe = encoder.describe()
+    describe = run.encoder.describe()
     return {
         "task": task,
-        "model": str(describe.get("spec") or getattr(encoder, "name", model)),
+        "model": str(describe.get("spec") or getattr(run.encoder, "name", model)),
         "encoder": describe,
-        "data": ds.source,
-        "split": used_split,
+        "data": run.data.source,
+        "split": run.split,
         "metrics": {k_: round(float(v), 6) for k_, v in metrics.items()},
         "details": details,
+        "left_out": {"count": len(run.left_out), "items": run.left_out},
         "seconds": {
             "load_data": round(t_load - t0, 3),
             "load_model": round(t_model - t_load, 3),
@@ -698,8 +800,10 @@ __all__ = [
     "DEFAULT_TEMPLATES",
     "DEFAULT_WEIGHT_DECAYS",
     "TASKS",
+    "EmbeddedImages",
+    "EvalOptions",
     "LinearProbeModel",
-    "embed_images",
+    "embed_data",
     "evaluate",
     "fill_template",
     "fit_linear_probe",
@@ -707,7 +811,9 @@ __all__ = [
     "knn_predict",
     "l2_normalize",
     "linear_probe",
+    "load_eval_data",
     "mean_per_class_recall",
+    "prompt_name",
     "retrieval_metrics",
     "stratified_split",
     "zero_shot_classifier",

@@ -1,8 +1,8 @@
 """Where a checkpoint's files come from: one rule for "a local folder or a hub id", for every loader.
 
 The rule (:func:`resolve_location`): an existing directory is local. An existing file, or text that
-can only be a path (it starts with ``/``, ``./``, ``../``, ``~`` or ``\\``, is ``.`` or ``..``,
-has a drive letter ``C:``, or holds more than one ``/``) but names no directory, is an error. Anything
+can only be a path (it starts with ``/``, ``./``, ``../`` or ``~``, holds a ``\\``, is ``.`` or
+``..``, has a drive letter ``C:``, or holds more than one ``/``) but names no directory, is an error. Anything
 else is a Hugging Face hub id (``name`` or ``org/name``).
 
 Hub files are fetched one at a time (:func:`resolve_file`), only those asked for. Before the first
@@ -36,7 +36,8 @@ class CheckpointError(ValueError):
 def looks_like_path(text: str) -> bool:
     """Whether ``text`` can only be a path, never a hub id (which is ``name`` or ``org/name``)."""
     return (
-        text.startswith(("/", "./", "../", "~", "\\"))
+        text.startswith(("/", "./", "../", "~"))
+        or "\\" in text
         or text in (".", "..")
         or (len(text) > 1 and text[1] == ":")  # C:\...
         or text.count("/") > 1
@@ -215,8 +216,8 @@ def _hub_file(
         why = f" ({unreachable})" if unreachable else ""
         raise CheckpointError(
             f"cannot fetch {filename} of {repo_id!r}: the hub is unreachable{why} and it is not in the local "
-            f"cache; {repo_id!r} is not a local directory, so it was looked up as a hub id: download the "
-            "checkpoint and give its local directory instead, or check the hub id and the network"
+            f"cache; {repo_id!r} is not a local directory, so it was looked up as a hub id: give a local directory "
+            "instead (download the checkpoint first), or check the hub id and the network"
         ) from None
     except EntryNotFoundError:
         if required:

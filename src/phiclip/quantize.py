@@ -291,7 +291,7 @@ def quantize_linears_(root: nn.Module, kernel: str, skip: Callable[[str, nn.Modu
     ``root`` by their int8 versions, except those ``skip(name, module)`` keeps and those inside an
     ``nn.MultiheadAttention`` (which reads its weights directly). Returns the number of products
     quantised."""
-    from phiclip.phi3v.modeling import CLIPAttention
+    from phiclip.models.clip_vision import CLIPAttention
 
     count = 0
     mha = [n for n, m in root.named_modules() if isinstance(m, nn.MultiheadAttention)]

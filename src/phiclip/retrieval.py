@@ -327,19 +327,6 @@ class RecallProbe:
         )
 
 
-def measure_recall(index: Any, x: np.ndarray, *, k: int = 10, queries: int = RECALL_QUERIES, seed: int = 0) -> tuple[float | None, int]:
-    """Recall@k of ``index`` against exact inner-product search over ``x`` (n, d).
-
-    The queries are a random sample of the indexed rows; each query's own row is left out of both
-    neighbour lists, so the measure is about the *other* neighbours. Returns ``(recall, n_queries)``
-    (``(None, 0)`` for fewer than two rows).
-    """
-    probe = RecallProbe.sample(x, k=k, queries=queries, seed=seed)
-    if probe is None:
-        return None, 0
-    return probe.recall(index, x), len(probe.qidx)
-
-
 def _index_dir(emb_dir: Path) -> Path:
     return emb_dir / schema.INDEX_DIR
 
@@ -868,7 +855,6 @@ __all__ = [
     "embed_query",
     "index_is_fresh",
     "RecallProbe",
-    "measure_recall",
     "normalize_rows",
     "open_index",
     "recall_at_k",

@@ -219,22 +219,6 @@ def _embedding_matrix(column: Any, shard: Path, dim: int) -> np.ndarray:
     return values.reshape(len(arr), dim).astype(np.float32, copy=False)
 
 
-def read_columns(path: str | Path, columns: list[str]) -> dict[str, list[Any]]:
-    """Read some scalar columns of every shard (e.g. ids and sources) without the vectors.
-
-    Columns absent from the shards come back as lists of ``None``.
-    """
-    import pyarrow.parquet as pq
-
-    out: dict[str, list[Any]] = {c: [] for c in columns}
-    for shard in shard_files(path):
-        names = pq.read_schema(shard).names
-        table = pq.read_table(shard, columns=[c for c in columns if c in names])
-        for c in columns:
-            out[c].extend(table.column(c).to_pylist() if c in names else [None] * table.num_rows)
-    return out
-
-
 def open_embeddings(path: str | Path, *, allow_incomplete: bool = False) -> EmbeddingSet:
     """Load every vector of an embedding output directory.
 
@@ -316,7 +300,6 @@ __all__ = [
     "encoder_spec_of",
     "fingerprint",
     "open_embeddings",
-    "read_columns",
     "read_manifest",
     "shard_files",
     "weights_fingerprint_of",

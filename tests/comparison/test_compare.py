@@ -47,8 +47,12 @@ def test_same_model_twice_gives_identical_spaces(tiny_clip_specs: list[str], sam
     # A folder per class has labels but no captions: retrieval is skipped, with the reason.
     for m in report.models:
         assert m.cost.memory_scope == "in-process"
-        assert m.quality.skipped == {"retrieval": "the data has no captions"}
+        assert m.quality.skipped == {
+            "retrieval": "the data has no captions",
+            "zero_shot_top5": "only 4 classes: the true class is always among the top 5, so top-5 accuracy would be 1",
+        }
         assert "zero_shot_top1" in m.quality.metrics and "knn_accuracy" in m.quality.metrics
+        assert "zero_shot_top5" not in m.quality.metrics
     assert report.data.has_labels and not report.data.has_captions
 
 
@@ -164,3 +168,71 @@ def test_clip_against_phi3v(tiny_clip_specs: list[str], sample_dir: Path, tmp_pa
     assert 0.0 <= report.pairs[0].linear_cka <= 1.0
     page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
     assert 'id="tokens-table"' in page and f'data-value="{p3.cost.tokens_by_size[0].tokens!r}"' in page
+
+
+def test_cli_compare_leaves_out_a_bomb_and_an_empty_file_and_says_so(
+    tiny_clip_specs: list[str], sample_dir: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from _bad_images import add_bomb_and_empty
+
+    data = tmp_path / "shapes"
+    shutil.copytree(sample_dir, data)
+    bomb, empty = add_bomb_and_empty(data / "blue")
+    out = tmp_path / "report"
+    args = ["compare", "--model", tiny_clip_specs[0], "--model", tiny_clip_specs[1], "--data", str(data),
+            "--output", str(out), "--k", "3", "--in-process", "--passes", "2"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "2 image(s) left out" in result.stdout and "bomb.png" in result.stdout and "empty.png" in result.stdout
+    saved = json.loads((out / "report.json").read_text())
+    left = {s["source"]: s for s in saved["data"]["skipped"]}
+    assert set(left) == {str(bomb), str(empty)} and saved["data"]["images"] == 24
+    assert "pixel limit" in left[str(bomb)]["reason"] and "0 bytes" in left[str(empty)]["reason"]
+    assert all(m["cost"]["passes"] == 2 and len(m["cost"]["encode_s_passes"]) == 2 for m in saved["models"])
+    assert "bomb.png" in (out / "report.html").read_text(encoding="utf-8")
+
+
+def test_an_image_one_model_refuses_is_left_out_of_every_space() -> None:
+    from phiclip.comparison.measure import Measured
+    from phiclip.comparison.runner import common_images
+
+    def measured(kept: list[int], failed: list[tuple[int, str, str]]) -> Measured:
+        return Measured(np.zeros((len(kept), 2), np.float32), kept, [(10 + i, 5) for i in kept], failed, None, None,
+                        None, {})  # type: ignore[arg-type]
+
+    ds = LabelledData(images=[f"/i/{i}.png" for i in range(4)])
+    a = measured([0, 1, 3], [(2, "decode", "not a readable image")])
+    b = measured([0, 3], [(1, "preprocess", "HD canvas over the pixel limit"), (2, "decode", "not a readable image")])
+    rows, sizes, left = common_images(ds, [a, b], ["A", "B"])
+    assert rows == [0, 3] and sizes == [(10, 5), (13, 5)]
+    assert left == [
+        {"source": "/i/1.png", "stage": "preprocess", "reason": "model B: HD canvas over the pixel limit"},
+        {"source": "/i/2.png", "stage": "decode", "reason": "not a readable image"},
+    ]
+
+
+def test_class_names_become_words_in_the_prompts(tmp_path: Path) -> None:
+    from phiclip.comparison.runner import CompareOptions, plan_jobs
+
+    ds = LabelledData(images=["/a.png", "/b.png"], labels=np.array([0, 1]), classnames=["dark-blue_circle", "red_square"])
+    (job, _) = plan_jobs(["clip:/x", "clip:/y"], ds, CompareOptions(), tmp_path)
+    assert job.classnames == ["dark blue circle", "red square"]
+
+
+def test_crops_come_from_item_crops_not_the_batching_cost() -> None:
+    """An encoder that batches by prompt tokens (phi3v-lm) reports its tower crops, not its tokens."""
+    from phiclip.comparison.measure import crops_of_sizes
+
+    class TokenBatched:
+        def preprocess(self, image):
+            return image.size
+
+        def item_cost(self, item):
+            return 700  # prompt tokens
+
+        def item_crops(self, item):
+            return 1 + (item[0] > 100)
+
+    assert crops_of_sizes(TokenBatched(), [(64, 64), (200, 50), (64, 64)]) == [1, 2, 1]

@@ -3,9 +3,11 @@ exactly the numbers of report.json."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,10 @@ def test_cost_numbers(report_dict: dict[str, Any]) -> None:
         c = m["cost"]
         assert c["dim"] == 16 and c["images"] == 24 and c["crops"] == 24  # CLIP: one crop per image
         assert c["load_s"] > 0 and c["encode_s"] > 0 and c["preprocess_s"] > 0
+        # three timed passes: the speed is the median pass, with the slowest and fastest beside it
+        assert c["passes"] == 3 and c["encode_s"] == pytest.approx(float(np.median(c["encode_s_passes"])))
+        assert c["images_per_s_min"] == pytest.approx(24 / max(c["encode_s_passes"]))
+        assert c["images_per_s_max"] == pytest.approx(24 / min(c["encode_s_passes"]))
         assert c["images_per_s"] == pytest.approx(24 / c["encode_s"])
         assert c["crops_per_s"] == pytest.approx(c["images_per_s"])
         assert c["end_to_end_images_per_s"] < c["images_per_s"]
@@ -163,14 +169,15 @@ def test_quality_numbers(compare_run: CompareRun, report_dict: dict[str, Any]) -
     train, test = evaluate.stratified_split(labels, 0.5, 0)
     for m in report_dict["models"]:
         q = m["quality"]["metrics"]
-        expected = {"knn_accuracy", "linear_probe_accuracy", "zero_shot_top1", "zero_shot_top5"}
+        expected = {"knn_accuracy", "linear_probe_accuracy", "zero_shot_top1"}
         expected |= {f"{d}_recall@{k}" for d in ("text_to_image", "image_to_text") for k in (1, 5, 10)}
-        assert set(q) == expected and m["quality"]["skipped"] == {}
+        # 4 classes: the true one is always in the top 5, so top-5 accuracy is left out, with the reason.
+        assert set(q) == expected and set(m["quality"]["skipped"]) == {"zero_shot_top5"}
+        assert "only 4 classes" in m["quality"]["skipped"]["zero_shot_top5"]
         assert all(0.0 <= v <= 1.0 for v in q.values())
         x = np.load(compare_run.output / "embeddings" / f"{m['key']}.npy")
         knn = evaluate.knn_classify(x[train], labels[train], x[test], labels[test], k=5)
         assert q["knn_accuracy"] == pytest.approx(knn["acc1"])
-        assert q["zero_shot_top5"] == 1.0  # 4 classes: the true one is always in the top 5
 
 
 def test_every_number_in_the_page_is_in_report_json(page: str, report_dict: dict[str, Any]) -> None:
@@ -248,3 +255,43 @@ def test_render_again_from_report_json(compare_run: CompareRun, report_dict: dic
     # Apart from the thumbnails, the page is a function of report.json.
     strip = re.compile(r'<img [^>]*>')
     assert strip.sub("", again) == strip.sub("", page)
+
+
+def _with_speeds(report: dict[str, Any], speeds: list[tuple[float, float, float, float]]) -> dict[str, Any]:
+    """A copy of the report whose models ran at (median encode_s, images/s, slowest, fastest)."""
+    r = copy.deepcopy(report)
+    for m, (encode_s, rate, lo, hi) in zip(r["models"], speeds):
+        m["cost"].update(encode_s=encode_s, images_per_s=rate, images_per_s_min=lo, images_per_s_max=hi, passes=3)
+    return r
+
+
+def test_speeds_are_compared_only_beyond_the_noise(report_dict: dict[str, Any]) -> None:
+    from phiclip.comparison.report import summary_sentence
+    from phiclip.comparison.results import Cost
+    from phiclip.comparison.runner import timing_warnings
+
+    short = summary_sentence(_with_speeds(report_dict, [(0.02, 1200.0, 900.0, 1300.0), (0.03, 800.0, 700.0, 850.0)]))
+    assert "cannot be compared" in short and "faster" not in short
+    same = summary_sentence(_with_speeds(report_dict, [(2.0, 12.0, 10.0, 14.0), (2.2, 11.0, 9.0, 12.5)]))
+    assert "about the same speed" in same and "faster" not in same
+    apart = summary_sentence(_with_speeds(report_dict, [(1.5, 16.0, 15.5, 16.4), (3.0, 8.0, 7.8, 8.2)]))
+    assert "A is 2.0× faster than B." in apart and "(15.5–16.4 over 3 passes)" in apart
+    cost = Cost(**{**report_dict["models"][0]["cost"], "tokens_by_size": []})
+    assert timing_warnings(["A"], [replace(cost, encode_s=0.01)])[0].startswith("The timed section is too short")
+    assert timing_warnings(["A"], [replace(cost, encode_s=1.5)]) == []
+
+
+def test_the_tiny_models_run_warns_that_speeds_mean_little(report_dict: dict[str, Any], page: str) -> None:
+    assert report_dict["warnings"] and "too short" in report_dict["warnings"][0]
+    assert 'id="warnings"' in page and "cannot be compared" in page
+
+
+def test_long_labels_in_the_neighbour_grid_end_in_an_ellipsis(report_dict: dict[str, Any]) -> None:
+    r = copy.deepcopy(report_dict)
+    long = "a_remarkably_long_class_name_without_any_spaces_at_all"
+    for im in r["images"]:
+        im["label"] = long if im["label"] == "red" else im["label"]
+    page = render_html(r)
+    assert f'<span class="lbl" title="{long}">{long}</span>' in page
+    assert re.search(r"\.thumb \.lbl \{[^}]*text-overflow: ellipsis", page)
+    assert re.search(r"\.thumb \.lbl \{[^}]*white-space: nowrap", page)

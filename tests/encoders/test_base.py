@@ -152,3 +152,114 @@ def test_load_encoder_warns_before_loading(monkeypatch: pytest.MonkeyPatch, tmp_
     _measured(monkeypatch, bf16=0.5, fp16=1.0)
     with pytest.warns(UserWarning, match="measured at 0.50x"), pytest.raises(ValueError):
         load_encoder(f"clip:{tmp_path / 'missing'}", device="cpu", dtype="bfloat16")
+
+
+# --- the registry, the option dataclasses and the typed description ----------------------------------
+OPTION_ERRORS = [
+    ("clip:/m?colour=red", "unknown option(s) colour; known options: normalize=true|false"),
+    ("clip:/m?normalize=maybe", "option normalize='maybe' must be true or false"),
+    ("clip:/m?max_batch=0", "option max_batch='0' must be an integer >= 1"),
+    ("clip:/m?max_batch=4.5", "option max_batch='4.5' must be an integer >= 1"),
+    ("siglip:/m?fast=2", "option fast='2' must be true or false"),
+    ("phi3v:/m?pooling=max", "option pooling='max' must be one of mean, global"),
+    ("phi3v:/m?num_crops=65", "option num_crops='65' must be an integer from 1 to 64 (the released checkpoints"),
+    ("phi3v:/m?num_crops=zero", "must be an integer from 1 to 64"),
+    ("phi3v:/m?max_crops=-1", "option max_crops='-1' must be an integer >= 1"),
+    ("phi3v:/m?colour=red", "unknown option(s) colour; known options: num_crops="),
+]
+
+
+@pytest.mark.parametrize("text,message", OPTION_ERRORS, ids=[s for s, _ in OPTION_ERRORS])
+def test_options_are_checked_by_the_kinds_dataclass(text: str, message: str) -> None:
+    from phiclip.encoders import check_spec
+
+    with pytest.raises(ValueError) as info:
+        check_spec(text)  # nothing is loaded: /m does not exist
+    assert message in str(info.value) and repr(str(parse_spec(text))) in str(info.value)
+
+
+def test_option_dataclasses_fill_defaults_and_read_values() -> None:
+    from phiclip.encoders.options import ContrastiveOptions, Phi3VOptions
+
+    assert ContrastiveOptions.from_spec(parse_spec("clip:/m")) == ContrastiveOptions(normalize=True, max_batch=256, fast=True)
+    assert ContrastiveOptions.from_spec(parse_spec("clip:/m?normalize=off&max_batch=8&fast=no")) == ContrastiveOptions(
+        normalize=False, max_batch=8, fast=False)
+    opts = Phi3VOptions.from_spec(parse_spec("phi3v:/m?num_crops=4&pooling=global&max_crops=2"))
+    assert opts.to_dict() == {"num_crops": 4, "pooling": "global", "normalize": True, "max_crops": 2}
+    assert set(Phi3VOptions.known()) == {"num_crops", "pooling", "normalize", "max_crops"}
+
+
+def test_every_kind_is_registered_once_with_its_module() -> None:
+    import importlib
+
+    from phiclip.encoders import INT8_KINDS
+
+    assert tuple(KINDS) == SPEC_KINDS and INT8_KINDS == ("clip", "siglip", "phi3v")
+    for name, kind in KINDS.items():
+        assert kind.name == name and callable(kind.builder) and kind.summary
+        assert importlib.import_module(kind.module)
+
+
+def test_importing_the_encoders_package_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, phiclip.encoders, phiclip.phi3v.config; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    from phiclip.testing import build_tiny_clip, build_tiny_phi3v, build_tiny_phi3v_lm, build_tiny_siglip
+
+    root = tmp_path_factory.mktemp("kinds")
+    return {
+        "clip": str(build_tiny_clip(root / "clip")),
+        "siglip": str(build_tiny_siglip(root / "siglip")),
+        "phi3v": str(build_tiny_phi3v(root / "phi3v", num_crops=4)),
+        "phi3v-lm": str(build_tiny_phi3v_lm(root / "phi3v-lm", num_crops=1)),
+    }
+
+
+def test_every_encoder_describes_itself_with_the_same_fields(tiny_checkpoints: dict[str, str]) -> None:
+    import dataclasses
+    import json
+
+    import torch
+
+    from phiclip.encoders import EncoderDescription
+
+    fields = [f.name for f in dataclasses.fields(EncoderDescription)]
+    for kind in SPEC_KINDS:
+        enc = load_encoder(f"{kind}:{tiny_checkpoints[kind]}", device="cpu", dtype="float32")
+        d = enc.describe()
+        assert list(d) == fields, kind
+        json.dumps(d)  # the manifest's encoder entry
+        assert d["spec"] == enc.name and d["kind"] == kind and d["dim"] == enc.dim and d["normalized"] is True
+        assert d["dtype"] == "float32" and d["device"] == "cpu" and d["modalities"] == sorted(enc.modalities)
+        assert isinstance(d["parameters"], int) and d["parameters"] > 0 and d["weights_fingerprint"].startswith("sha256:")
+        assert d["precision"]["dtype"] == "float32" and d["options"]["normalize"] is True
+        # Device and compute precision are attributes of every encoder, decided by resolve_placement.
+        assert enc.device == torch.device("cpu") and enc.dtype == torch.float32
+
+
+@pytest.mark.parametrize("wrong,right,expected", [("clip", "phi3v", "use 'phi3v:"), ("siglip", "phi3v", "use 'phi3v:"),
+                                                  ("phi3v", "clip", "load it with 'clip:'"),
+                                                  ("phi3v-lm", "clip", "load it with 'clip:'")])
+def test_a_checkpoint_of_another_kind_names_the_right_spec(tiny_checkpoints: dict[str, str], wrong: str, right: str,
+                                                            expected: str) -> None:
+    spec = f"{wrong}:{tiny_checkpoints[right]}"
+    with pytest.raises(ValueError) as info:
+        load_encoder(spec, device="cpu", dtype="float32")
+    assert expected in str(info.value) and spec in str(info.value)
+
+
+def test_a_checkpoint_error_names_the_spec(tmp_path) -> None:
+    from phiclip.hub import CheckpointError
+
+    (tmp_path / "config.json").write_text("{not json")
+    for kind in ("clip", "phi3v"):
+        with pytest.raises(CheckpointError) as info:
+            load_encoder(f"{kind}:{tmp_path}", device="cpu", dtype="float32")
+        assert str(info.value).startswith(f"encoder spec '{kind}:{tmp_path}': ") and "not valid JSON" in str(info.value)

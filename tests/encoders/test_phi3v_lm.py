@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from phiclip import load_encoder
+from phiclip.encoders.options import Phi3VLMOptions
 from phiclip.encoders.phi3v_lm import PRESETS, Phi3VLMEncoder, default_preset
+from phiclip.hub import CheckpointError
 from phiclip.phi3v.language import PromptError, PromptTokenizer, pad_prompts
 from phiclip.testing import build_tiny_clip, build_tiny_phi3v_lm, make_sample_images
 
@@ -64,7 +66,7 @@ def test_batches_are_bounded_by_tokens(enc, images) -> None:
     lengths: list[tuple[int, int]] = []
     hook = enc.model.language_model.register_forward_pre_hook(
         lambda m, args, kwargs: lengths.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
-    small = Phi3VLMEncoder(enc.model, enc.processor, enc.tokenizer, name="small", max_tokens=900)
+    small = Phi3VLMEncoder(enc.model, enc.processor, enc.tokenizer, name="small", options=Phi3VLMOptions(max_tokens=900))
     try:
         items = [small.preprocess(im) for im in images] + [small.prompt_item("short text")] * 3
         costs = [small.item_cost(it) for it in items]
@@ -150,7 +152,7 @@ def test_embed_search_and_compare_work_as_for_clip(ckpt: Path, tmp_path: Path) -
                            projection_dim=16)
     report = compare([f"clip:{clip}", spec], data / "labels.csv", None, k=3, isolate=False, templates=["a photo of a {c}."])
     for model in report.models:
-        assert model.quality.skipped == {}
+        assert set(model.quality.skipped) == {"zero_shot_top5"}  # 4 classes: top-5 would always be 1
         for metric in ("zero_shot_top1", "text_to_image_recall@1", "image_to_text_recall@1", "knn_accuracy"):
             assert metric in model.quality.metrics
     lm = report.models[1]
@@ -170,7 +172,6 @@ def test_checkpoint_with_the_text_embedding_under_vision_wte_loads(tmp_path: Pat
 
 
 def test_missing_checkpoint_or_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
-    from phiclip.phi3v.weights import CheckpointError
     from phiclip.testing import build_tiny_phi3v
 
     with pytest.raises(CheckpointError, match="is not a directory"):
@@ -181,9 +182,100 @@ def test_missing_checkpoint_or_tokenizer_is_a_clear_error(tmp_path: Path) -> Non
 
 
 def test_int8_is_refused_with_the_precisions_that_work(ckpt: Path) -> None:
-    from phiclip.encoders import parse_spec
+    from phiclip.encoders import parse_spec, resolve_placement
 
     with pytest.raises(ValueError, match="int8"):
         load_encoder(f"phi3v-lm:{ckpt}", dtype="int8")
+    spec = parse_spec(f"phi3v-lm:{ckpt}")
     with pytest.raises(ValueError, match="use float32 or bfloat16"):
-        Phi3VLMEncoder.from_spec(parse_spec(f"phi3v-lm:{ckpt}"), device="cpu", dtype="int8")
+        Phi3VLMEncoder.build(spec, Phi3VLMOptions.from_spec(spec), resolve_placement("cpu", "int8"))
+
+
+# --- options, checked when the spec is parsed ---------------------------------------------------
+def test_options_are_a_dataclass_checked_before_anything_loads() -> None:
+    from phiclip.encoders import KINDS, check_spec, parse_spec
+
+    assert KINDS["phi3v-lm"].options is Phi3VLMOptions
+    opts = Phi3VLMOptions.from_spec(parse_spec("phi3v-lm:/m?pooling=mean&num_crops=4&text_prompt=q: {text}"))
+    assert (opts.preset, opts.pooling, opts.num_crops, opts.text_prompt, opts.image_prompt) == ("e5v", "mean", 4, "q: {text}", None)
+    assert Phi3VLMOptions.from_spec(parse_spec("phi3v-lm:TIGER-Lab/VLM2Vec-Full")).preset == "vlm2vec"
+    assert Phi3VLMOptions.from_spec(parse_spec("phi3v-lm:org/x?revision=v1.0")).revision == "v1.0"
+    for options, message in [("colour=red", "unknown option(s) colour"), ("pooling=cls", "pooling='cls' must be one of"),
+                             ("preset=clip", "preset 'clip' is not one of e5v, vlm2vec, dse"),
+                             ("image_prompt=no image", "option image_prompt: the image prompt"),
+                             ("mixed_prompt=<|image_1|> only", "must contain {text}"),
+                             ("num_crops=65", "num_crops='65' must be an integer from 1 to"), ("max_length=x", "max_length")]:
+        with pytest.raises(ValueError) as err:
+            check_spec(f"phi3v-lm:/no/such/dir?{options}")  # /no/such/dir is never looked at
+        assert message in str(err.value) and "phi3v-lm:/no/such/dir" in str(err.value), options
+
+
+def test_the_encoder_records_its_options_and_placement(ckpt: Path) -> None:
+    enc = load_encoder(f"phi3v-lm:{ckpt}?preset=vlm2vec&pooling=mean&max_tokens=1000", device="cpu", dtype="float32")
+    assert enc.options == Phi3VLMOptions(preset="vlm2vec", pooling="mean", max_tokens=1000)
+    assert (enc.pooling, enc.max_tokens, enc.processor.num_crops, enc.max_length) == ("mean", 1000, 4, 256)
+    assert enc.device == torch.device("cpu") and enc.dtype == torch.float32
+    assert enc.precision["requested"] == "float32" and enc.precision["dtype"] == "float32"
+
+
+# --- a hub id that cannot be reached ------------------------------------------------------------
+@pytest.fixture
+def unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Online mode with a hub endpoint nothing listens on (as in tests/test_hub.py); returns the cache."""
+    from huggingface_hub import constants
+
+    from phiclip import hub
+
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in hub._PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
+    monkeypatch.setattr(hub, "_probes", {})
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return cache
+
+
+def _unreachable_message(msg: str) -> bool:
+    return "unreachable" in msg and "127.0.0.1:9" in msg and "not in the local cache" in msg and "give a local directory" in msg
+
+
+def test_unreachable_hub_id_fails_at_once(unreachable: Path) -> None:
+    import time
+
+    import transformers  # noqa: F401 - imported before the clock starts
+
+    from phiclip.phi3v.language import load_tokenizer
+
+    t = time.perf_counter()
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer("org/absent")
+    assert time.perf_counter() - t < 5  # transformers alone retries for ~25 s first
+    assert _unreachable_message(str(err.value)) and "tokenizer_config.json" in str(err.value)
+    t = time.perf_counter()
+    with pytest.raises(CheckpointError) as err:
+        load_encoder("phi3v-lm:org/absent", device="cpu", dtype="float32")
+    assert time.perf_counter() - t < 5
+    assert _unreachable_message(str(err.value)) and "phi3v-lm:org/absent" in str(err.value)
+
+
+def test_unreachable_hub_serves_the_cache(unreachable: Path, ckpt: Path, images) -> None:
+    import shutil
+    import time
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = unreachable / "models--org--tinylm"
+    shutil.copytree(ckpt, root / "snapshots" / commit)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    t = time.perf_counter()
+    cached = load_encoder("phi3v-lm:org/tinylm", device="cpu", dtype="float32")
+    assert time.perf_counter() - t < 15
+    local = load_encoder(f"phi3v-lm:{ckpt}", device="cpu", dtype="float32")
+    np.testing.assert_array_equal(cached.encode_texts(["a red circle"]), local.encode_texts(["a red circle"]))
+    assert cached.weights_fingerprint == local.weights_fingerprint

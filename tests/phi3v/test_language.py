@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from phiclip.hub import CheckpointError
 from phiclip.phi3v import Phi3VImageProcessor
 from phiclip.phi3v.language import (
     WTE_KEY,
@@ -24,7 +25,6 @@ from phiclip.phi3v.language import (
     pad_prompts,
     pool_hidden_states,
 )
-from phiclip.phi3v.weights import CheckpointError
 from phiclip.testing import build_tiny_phi3v_lm
 
 

@@ -13,8 +13,10 @@ import pytest
 import safetensors
 import torch
 
+from phiclip.hub import CheckpointError
+from phiclip.models.checkpoint import load_tensors, read_weight_map
 from phiclip.phi3v import Phi3VImageEmbedding, Phi3VImageProcessor
-from phiclip.phi3v.weights import CheckpointError, load_tensors, read_weight_map
+from phiclip.phi3v.weights import drop_unused_tower_keys, select_image_path_tensors
 
 from .helpers import copy_ckpt, last_shard
 from .reference import noise_image
@@ -324,6 +326,45 @@ def test_missing_tensor_is_named(ckpt4: Path, tmp_path: Path, name: str, shown: 
     with pytest.raises(CheckpointError, match="missing") as err:
         Phi3VImageEmbedding.from_pretrained(path)
     assert shown in str(err.value)
+
+
+def test_missing_and_unexpected_tensors_are_both_named_before_any_is_read(ckpt4: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    path = copy_ckpt(ckpt4, tmp_path / "ckpt")
+    extra = VISION + "img_processor.vision_model.encoder.layers.0.mlp.fc3.weight"
+
+    def edit(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if VISION + "glb_GN" not in t:
+            return t
+        t = {k: v for k, v in t.items() if k != VISION + "glb_GN"}
+        return {**t, extra: torch.zeros(2, 2)}
+
+    _rewrite_checkpoint(path, edit)
+    rec = _SafeOpenRecorder(monkeypatch)
+    with pytest.raises(CheckpointError) as err:
+        Phi3VImageEmbedding.from_pretrained(path)
+    msg = str(err.value)
+    assert "missing: ['glb_GN']" in msg and "unexpected: ['img_processor.vision_model.encoder.layers.0.mlp.fc3.weight']" in msg
+    assert rec.read == []  # decided from the index alone
+
+
+def test_tensor_selection_is_a_pure_function_of_the_index() -> None:
+    weight_map = {
+        VISION + "glb_GN": "a", VISION + "img_processor.encoder.layers.0.fc.weight": "a",  # no vision_model. level
+        VISION + "img_processor.vision_model.encoder.layers.1.fc.weight": "a",  # after layer_idx: never read
+        VISION + "img_processor.vision_model.post_layernorm.weight": "a", VISION + "wte.weight": "a",
+        TEXT: "b", "model.layers.0.mlp.weight": "b",
+    }
+    expected = {"glb_GN", "img_processor.vision_model.encoder.layers.0.fc.weight"}
+    wanted = select_image_path_tensors(weight_map, expected, num_layers_run=1)
+    assert wanted == {VISION + "glb_GN": "glb_GN",
+                      VISION + "img_processor.encoder.layers.0.fc.weight": "img_processor.vision_model.encoder.layers.0.fc.weight"}
+    with_text = select_image_path_tensors(weight_map, expected, num_layers_run=1, load_text_embeddings=True)
+    assert with_text[TEXT] == "wte.weight"  # the released name wins over model.vision_embed_tokens.wte.weight
+    state = {"img_processor.vision_model.post_layernorm.bias": 0, "img_processor.vision_model.encoder.layers.3.x": 0,
+             "glb_GN": 0}
+    drop_unused_tower_keys(state, num_layers_run=2)
+    assert state == {"glb_GN": 0}
 
 
 def test_index_listing_a_tensor_the_shard_lacks_is_named(ckpt4: Path, tmp_path: Path) -> None:

@@ -173,3 +173,29 @@ class MeanColourEncoder(Encoder):
     def describe(self) -> dict[str, Any]:
         return {"spec": self.name, "kind": "test", "dim": self.dim, "dtype": "float32", "device": "cpu",
                 "preprocessing": {"mean_colour": True}}
+
+
+class DiesOnceEncoder(MeanColourEncoder):
+    """Kills its own process (``os._exit``) on its ``die_on``-th batch, once: the first to get there
+    creates ``marker``. Ray restarts a killed actor, whose new copy then carries on."""
+
+    def __init__(self, marker: str, die_on: int = 3, delay: float = 0.0) -> None:
+        super().__init__()
+        self.marker = marker
+        self.die_on = die_on
+        self.delay = delay
+
+    def encode_batch(self, batch: np.ndarray, *, with_tokens: bool = False) -> EncodedBatch:
+        import time
+
+        if self.delay:
+            time.sleep(self.delay)
+        if self.calls + 1 == self.die_on:
+            try:
+                fd = os.open(self.marker, os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                pass
+            else:
+                os.close(fd)
+                os._exit(1)
+        return super().encode_batch(batch, with_tokens=with_tokens)

@@ -162,7 +162,7 @@ def test_sigkill_mid_run_then_rerun_is_exactly_once(tmp_path: Path, tiny_clip_di
         p3 = _start(args)
         log3 = p3.communicate(timeout=300)[0].decode()
         assert p3.returncode == 0, log3
-        assert "skipped (done before)" in log3
+        assert "done by an earlier run (kept)" in log3
     finally:
         _kill_group(p2)  # the orphaned worker of run 2, if still alive
 

@@ -21,8 +21,9 @@ from PIL import Image
 
 from phiclip import schema
 from phiclip.pipeline import EmbedOptions, InputError, OutputError, embed, embed_text
-from phiclip.pipeline.runner import _group_by_cost, make_options
+from phiclip.pipeline.runner import make_options
 from phiclip.pipeline.sources import record_id
+from phiclip.pipeline.step import Chunk, CostPacker, Preparer
 from phiclip.pipeline.writer import read_manifest
 
 from ._helpers import BOMB_LIMIT, Expected, MeanColourEncoder
@@ -249,9 +250,10 @@ def test_concurrent_run_on_the_same_output_is_refused(tmp_path: Path, mean_colou
         ([2, 2, 2], 6, [[2, 2, 2]]),
     ],
 )
-def test_group_by_cost(costs: list[int], budget: int, groups: list[list[int]]) -> None:
-    items = [(i, None, None, c) for i, c in enumerate(costs)]
-    got = _group_by_cost(items, budget)
+def test_cost_packer(costs: list[int], budget: int, groups: list[list[int]]) -> None:
+    packer = CostPacker(budget)
+    got = [g for i, c in enumerate(costs) if (g := packer.add((i, None, None, c), c)) is not None]
+    got += [last] if (last := packer.flush()) else []
     assert [[it[3] for it in g] for g in got] == groups
     assert [it[0] for g in got for it in g] == list(range(len(costs)))  # order kept
 
@@ -489,23 +491,23 @@ class _FailingReader:
 
 
 def test_worker_turns_read_and_collate_failures_into_errors(tmp_path: Path) -> None:
-    from phiclip.pipeline.runner import _Chunk, _ImageWork
     from phiclip.pipeline.sources import PayloadReader, Record
 
     paths = _small_folder(tmp_path / "in", 4)[:4]
     records = [Record(record_id(p), p, p) for p in paths]
     enc = MeanColourEncoder()
-    work = _ImageWork(records, _FailingReader(), enc.preprocess, enc.collate, enc.item_cost, None, 8)
-    pieces = list(work.run(_Chunk(0, 0, 4)))
-    assert sum(p.count for p in pieces) == 4 and not any(p.batches for p in pieces)
+    work = Preparer(records, _FailingReader(), enc, max_pixels=None, budget=8)
+    pieces = list(work.pieces(Chunk(0, [0, 1, 2, 3])))
+    assert sum(p.count for p in pieces) == 4 and not any(p.positions for p in pieces)
     assert [e[1] for p in pieces for e in p.errors] == ["read"] * 4
     assert "network share went away" in pieces[0].errors[0][2]
 
     def bad_collate(items):  # noqa: ANN001, ANN202
         raise ValueError("shapes differ")
 
-    work = _ImageWork(records, PayloadReader(), enc.preprocess, bad_collate, enc.item_cost, None, 3)
-    pieces = list(work.run(_Chunk(0, 0, 4)))
+    enc.collate = bad_collate
+    work = Preparer(records, PayloadReader(), enc, max_pixels=None, budget=3)
+    pieces = list(work.pieces(Chunk(0, [0, 1, 2, 3])))
     assert sum(p.count for p in pieces) == 4
     errs = [e for p in pieces for e in p.errors]
     assert sorted(e[0] for e in errs) == [0, 1, 2, 3] and {e[1] for e in errs} == {"preprocess"}
@@ -514,16 +516,15 @@ def test_worker_turns_read_and_collate_failures_into_errors(tmp_path: Path) -> N
 
 def test_worker_pieces_bound_the_memory_in_flight(tmp_path: Path) -> None:
     """A chunk is yielded batch by batch; every record is in exactly one piece."""
-    from phiclip.pipeline.runner import _Chunk, _ImageWork
     from phiclip.pipeline.sources import PayloadReader, Record
 
     paths = _small_folder(tmp_path / "in", 7)  # 7 images and a broken one
     records = [Record(record_id(p), p, p) for p in paths]
     enc = MeanColourEncoder()
-    work = _ImageWork(records, PayloadReader(), enc.preprocess, enc.collate, enc.item_cost, None, 3)
-    pieces = list(work.run(_Chunk(0, 0, len(records))))
-    assert [len(p.batches[0][0]) if p.batches else 0 for p in pieces] == [3, 3, 1]
-    seen = sorted([i for p in pieces for b in p.batches for i in b[0]] + [e[0] for p in pieces for e in p.errors])
+    work = Preparer(records, PayloadReader(), enc, max_pixels=None, budget=3)
+    pieces = list(work.pieces(Chunk(0, list(range(len(records))))))
+    assert [len(p.positions) for p in pieces] == [3, 3, 1]
+    seen = sorted([i for p in pieces for i in p.positions] + [e[0] for p in pieces for e in p.errors])
     assert seen == list(range(len(records))) and sum(p.count for p in pieces) == len(records)
 
 
@@ -578,7 +579,7 @@ def test_thread_pool_one_thread_and_worker_processes_write_the_same(tmp_path: Pa
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from PIL import Image
 
-    from phiclip.pipeline import runner
+    from phiclip.pipeline import local as runner  # where the preparing threads are started
 
     root, expected = mixed_folder
     settings = dict(max_pixels=BOMB_LIMIT, shard_size=4, batch_size=3, dtype="float32", progress=False)
@@ -605,7 +606,7 @@ def test_thread_pool_one_thread_and_worker_processes_write_the_same(tmp_path: Pa
 
 def test_cpu_encoder_defaults_to_in_process_threads(tmp_path: Path, mixed_folder, monkeypatch: pytest.MonkeyPatch) -> None:
     """With no --num-workers, an encoder on the CPU gets no worker processes (the model uses every core)."""
-    from phiclip.pipeline import runner
+    from phiclip.pipeline import local as runner  # where the preparing threads are started
 
     root, _ = mixed_folder
     monkeypatch.setattr(runner, "default_prep_threads", lambda: 2)
@@ -623,7 +624,7 @@ def test_max_pixels_beyond_pils_own_limit_and_pils_limit_left_alone(tmp_path: Pa
 
     from PIL import Image
 
-    from phiclip.pipeline import runner
+    from phiclip.pipeline import local as runner  # where the preparing threads are started
 
     (tmp_path / "in").mkdir()
     Image.new("RGB", (100, 100), (200, 10, 10)).save(tmp_path / "in" / "big.png")
@@ -662,3 +663,15 @@ def test_max_pixels_bounds_the_phi3v_canvas_in_a_run(tmp_path: Path) -> None:
     assert "1000000" in errors["reason"].iloc[0]
     res = embed(f"phi3v:{ckpt}?num_crops=16", imgs, tmp_path / "out2", max_pixels=None, progress=False, device="cpu")
     assert (res.embedded, res.failed) == (1, 0)
+
+
+def test_engine_ray_without_ray_says_how_to_install_it_before_writing(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    _small_folder(tmp_path / "in", 2)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray Data were not installed
+    with pytest.raises(RuntimeError, match=r"pip install 'phiclip\[ray\]'"):
+        embed(MeanColourEncoder(), tmp_path / "in", tmp_path / "out", engine="ray", progress=False)
+    assert not (tmp_path / "out").exists()
+    for bad in ({"engine": "spark"}, {"flush_seconds": 0}, {"prune": True}, {"num_actors": 0}):
+        with pytest.raises(ValueError):
+            make_options(**bad)

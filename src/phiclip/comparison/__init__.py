@@ -6,9 +6,10 @@
 
 - :mod:`~phiclip.comparison.structure`: k-NN overlap, linear CKA, similarity histograms, 2-D PCA (pure numpy);
 - :mod:`~phiclip.comparison.measure`: load one encoder and measure its cost (optionally in a subprocess);
-- :mod:`~phiclip.comparison.runner`: the whole comparison;
+- :mod:`~phiclip.comparison.runner`: the whole comparison, in steps, with its :class:`CompareOptions`;
 - :mod:`~phiclip.comparison.results`: the report as dataclasses;
-- :mod:`~phiclip.comparison.report`: the JSON, HTML and terminal renderers.
+- :mod:`~phiclip.comparison.charts`: the SVG charts of the page;
+- :mod:`~phiclip.comparison.report`: the page sections, the JSON and the terminal output.
 
 Importing this package is light (numpy only); torch and transformers load when an encoder does.
 """
@@ -17,6 +18,6 @@ from __future__ import annotations
 
 from phiclip.comparison.measure import CompareError
 from phiclip.comparison.results import CompareReport, load_report
-from phiclip.comparison.runner import compare
+from phiclip.comparison.runner import CompareOptions, compare
 
-__all__ = ["CompareError", "CompareReport", "compare", "load_report"]
+__all__ = ["CompareError", "CompareOptions", "CompareReport", "compare", "load_report"]

@@ -10,8 +10,10 @@ more import of torch and transformers (a few seconds), which is not counted in a
 Timings: ``load_s`` is ``load_encoder`` alone: torch, transformers and the model classes the
 encoder uses are imported first (timed apart as ``import_s``, as the first import of that code in
 a process costs seconds that are not the model's);
-preprocessing (decode + the encoder's own preprocess) and model time (collate + forward, with a
-CUDA synchronise) are timed separately per batch; one warm-up batch runs untimed first.
+the images are embedded by the bulk pipeline's per-shard step, which times reading, decoding and
+preprocessing apart from the model (collate + forward, with a CUDA synchronise). One warm-up batch
+runs untimed first, then ``passes`` timed passes over every image: the speed is the median pass,
+with the fastest and slowest beside it. An image that cannot be embedded is listed, not fatal.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from phiclip.comparison.results import Cost, TokenCount
+from phiclip.images import DEFAULT_MAX_PIXELS
 
 _MB = float(2**20)
 
@@ -42,7 +45,8 @@ class CompareError(RuntimeError):
 class MeasureJob:
     """What to measure for one encoder. ``sources`` are image file paths in the compared order;
     ``texts`` (unique captions) are embedded when the encoder has a text side, and a zero-shot
-    classifier is built from ``classnames`` x ``templates`` likewise."""
+    classifier is built from ``classnames`` x ``templates`` likewise. ``passes`` timed passes over
+    the images give the speed and its spread; ``max_pixels`` leaves out larger images."""
 
     spec: str
     sources: list[str]
@@ -52,15 +56,22 @@ class MeasureJob:
     texts: list[str] | None = None
     classnames: list[str] | None = None
     templates: list[str] = field(default_factory=list)
+    passes: int = 3
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
 
 @dataclass
 class Measured:
-    """The vectors and costs of one encoder. ``image_embeddings`` ``(n, dim)``; ``text_embeddings``
-    ``(len(job.texts), dim)`` or ``None``; ``zero_shot_weights`` ``(len(classnames), dim)`` or
-    ``None``; ``skipped`` gives the reason for each of those left out."""
+    """The vectors and costs of one encoder. ``image_embeddings`` ``(len(kept), dim)``: row j is image
+    ``job.sources[kept[j]]``, of size ``sizes[j]``; ``failed`` ``(position, stage, reason)`` of the
+    images it could not embed; ``text_embeddings`` ``(len(job.texts), dim)`` or ``None``;
+    ``zero_shot_weights`` ``(len(classnames), dim)`` or ``None``; ``skipped`` gives the reason for
+    each of those left out."""
 
     image_embeddings: np.ndarray
+    kept: list[int]
+    sizes: list[tuple[int, int]]
+    failed: list[tuple[int, str, str]]
     text_embeddings: np.ndarray | None
     zero_shot_weights: np.ndarray | None
     cost: Cost
@@ -117,37 +128,6 @@ def reset_peak_rss() -> bool:
 # --- measuring -----------------------------------------------------------------------------------
 
 
-def _count_parameters(encoder: Any, description: dict[str, Any]) -> int | None:
-    """Parameters of the image side (what turns an image into its vector): the count the encoder
-    reports in ``describe()`` (``num_image_parameters``, else ``parameters``, else
-    ``num_parameters``), else the sum over the torch modules it holds as attributes."""
-    for key in ("num_image_parameters", "parameters", "num_parameters"):
-        reported = description.get(key)
-        if isinstance(reported, (int, float)) and not isinstance(reported, bool):
-            return int(reported)
-    import torch
-
-    seen: set[int] = set()
-    total = 0
-    for value in vars(encoder).values():
-        if isinstance(value, torch.nn.Module):
-            for p in value.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    total += p.numel()
-    return total or None
-
-
-def _image_tokens(encoder: Any, width: int, height: int) -> int | None:
-    """Image tokens an image of this size becomes, where the encoder says
-    (Phi-3-vision's ``tokens_per_image(width, height)``); ``None`` for others."""
-    fn = getattr(encoder, "tokens_per_image", None)
-    if callable(fn):
-        value = fn(width, height)
-        return int(value) if value is not None else None
-    return None
-
-
 #: transformers classes each kind of encoder builds; imported before ``load_s`` starts so that
 #: the load time is the model's, not a first import of its code (timed apart as ``import_s``).
 _MODEL_CODE: dict[str, tuple[str, ...]] = {
@@ -183,23 +163,111 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class Pass:
+    """One timed pass over the images: ``kept`` positions with their ``vectors``, ``sizes`` and
+    ``crops``; ``failed`` ``(position, stage, reason)``; ``model_s`` the model's time (collate and
+    forward), ``prepare_s`` reading, decoding and preprocessing."""
+
+    kept: list[int]
+    vectors: np.ndarray
+    sizes: list[tuple[int, int]]
+    crops: list[int]
+    failed: list[tuple[int, str, str]]
+    model_s: float
+    prepare_s: float
+
+
+def embed_pass(encoder: Any, sources: Sequence[str], *, batch_size: int, max_pixels: int | None) -> Pass:
+    """Embed ``sources`` once through the bulk pipeline's step (:func:`phiclip.pipeline.step.embed_payloads`):
+    images that fail are values in ``failed``, never exceptions."""
+    from phiclip.pipeline.step import embed_payloads
+
+    r = embed_payloads(encoder, list(sources), batch_size=batch_size, max_pixels=max_pixels)
+    order = np.argsort(np.asarray(r.positions, dtype=np.int64), kind="stable")
+    sizes = [(int(r.sizes[j][0]), int(r.sizes[j][1])) for j in order]
+    return Pass(
+        kept=[int(r.positions[j]) for j in order],
+        vectors=np.asarray(r.embeddings, dtype=np.float32)[order],
+        sizes=sizes,
+        crops=crops_of_sizes(encoder, sizes),
+        failed=sorted((int(i), str(stage), str(reason)) for i, stage, reason in r.errors),
+        model_s=float(r.timings.get("encode", 0.0)),
+        prepare_s=float(sum(v for k, v in r.timings.items() if k != "encode")),
+    )
+
+
+def crops_of_sizes(encoder: Any, sizes: Sequence[tuple[int, int]]) -> list[int]:
+    """The crops (tower passes, ``encoder.item_crops``) of an image of each size: what the encoder's
+    preprocessing makes of a blank image of that size (one call per distinct size, untimed; the crop
+    count of phiclip's encoders depends on the size alone)."""
+    from PIL import Image
+
+    per: dict[tuple[int, int], int] = {}
+    for size in sizes:
+        if size not in per:
+            per[size] = max(1, int(encoder.item_crops(encoder.preprocess(Image.new("RGB", size)))))
+    return [per[s] for s in sizes]
+
+
+def _tokens_by_size(encoder: Any, p: Pass) -> list[TokenCount]:
+    """Crops and image tokens per image size (Phi-3-vision's ``tokens_per_image``; ``None`` elsewhere)."""
+    per: dict[tuple[int, int], list[int]] = {}
+    for size, crops in zip(p.sizes, p.crops):
+        per.setdefault(size, [0, crops])[0] += 1
+    fn = getattr(encoder, "tokens_per_image", None)
+    return [
+        TokenCount(width=w, height=h, images=count, crops=crops, tokens=int(fn(w, h)) if callable(fn) else None)
+        for (w, h), (count, crops) in sorted(per.items(), key=lambda kv: (kv[0][0] * kv[0][1], kv[0]))
+    ]
+
+
+def _text_side(encoder: Any, job: MeasureJob, device: Any, skipped: dict[str, str]) -> tuple[Any, Any, float | None]:
+    """Text embeddings of ``job.texts`` and zero-shot weights of ``job.classnames`` when the encoder
+    has a text side (else the reasons in ``skipped``); returns them with the text encoding time."""
+    import torch
+
+    text_emb = zs_weights = text_s = None
+    has_text = "text" in getattr(encoder, "modalities", frozenset())
+    no_text = f"{encoder.name} has no text side (it embeds images only)"
+    if job.texts:
+        if has_text:
+            t = time.perf_counter()
+            with torch.inference_mode():
+                text_emb = np.asarray(encoder.encode_texts(list(job.texts)), dtype=np.float32)
+            _sync(device)
+            text_s = time.perf_counter() - t
+        else:
+            skipped["retrieval"] = no_text
+    if job.classnames:
+        if has_text:
+            from phiclip.evaluate import zero_shot_classifier
+
+            with torch.inference_mode():
+                zs_weights = np.asarray(zero_shot_classifier(encoder, job.classnames, job.templates), dtype=np.float32)
+        else:
+            skipped["zero_shot"] = no_text
+    return text_emb, zs_weights, text_s
+
+
 def measure_model(job: MeasureJob, *, memory_scope: str = "in-process") -> Measured:
-    """Load ``job.spec``, embed ``job.sources`` (and texts), and measure load time, throughput,
-    crops, tokens per image size and peak memory.
+    """Load ``job.spec``, embed ``job.sources`` (and texts), and measure load time, the throughput of
+    ``job.passes`` timed passes (after an untimed warm-up batch), crops, tokens per image size and
+    peak memory. Images that cannot be embedded are listed in ``Measured.failed``.
 
     Raises:
-        CompareError: when the encoder cannot be loaded or an image cannot be processed.
+        CompareError: when the encoder cannot be loaded or run.
     """
     import torch
     import transformers  # noqa: F401 - imported before the clock starts, so load_s is the model alone
 
-    from phiclip.encoders import load_encoder, resolve_device_dtype
-    from phiclip.images import load_image
+    from phiclip.encoders import load_encoder
+    from phiclip.encoders.device import resolve_device_dtype
 
     if not job.sources:
         raise CompareError(f"{job.spec}: no images to embed")
-    if job.batch_size < 1:
-        raise CompareError(f"batch size must be at least 1, got {job.batch_size}")
+    if job.batch_size < 1 or job.passes < 1:
+        raise CompareError(f"batch size and passes must be at least 1, got {job.batch_size} and {job.passes}")
     device, _ = resolve_device_dtype(job.device, job.dtype)
     on_cuda = device.type == "cuda"
     gc.collect()
@@ -218,84 +286,36 @@ def measure_model(job: MeasureJob, *, memory_scope: str = "in-process") -> Measu
         raise CompareError(f"{job.spec}: could not load the encoder ({type(e).__name__}: {e})") from e
     _sync(device)
     load_s = time.perf_counter() - t0
+    encoder.set_max_pixels(job.max_pixels)  # also bounds what preprocessing builds (Phi-3-vision's HD canvas)
     description = json.loads(json.dumps(encoder.describe(), default=str))
 
-    preprocess_s = 0.0
-    encode_s = 0.0
-    crops_total = 0
-    by_size: dict[tuple[int, int], list[int | None]] = {}
-    sizes_count: dict[tuple[int, int], int] = {}
-    chunks: list[np.ndarray] = []
-    n = len(job.sources)
-    warmed = False
-    with torch.inference_mode():
-        for start in range(0, n, job.batch_size):
-            t = time.perf_counter()
-            items = []
-            for src in job.sources[start : start + job.batch_size]:
-                image = load_image(src, keep_alpha=encoder.keeps_alpha)
-                try:
-                    item = encoder.preprocess(image)
-                except Exception as e:  # noqa: BLE001 - name the image and the model
-                    raise CompareError(f"{job.spec}: could not preprocess {src} ({type(e).__name__}: {e})") from e
-                items.append(item)
-                crops = int(encoder.item_cost(item))
-                crops_total += crops
-                size = image.size
-                sizes_count[size] = sizes_count.get(size, 0) + 1
-                if size not in by_size:
-                    by_size[size] = [crops, _image_tokens(encoder, *size)]
-            preprocess_s += time.perf_counter() - t
-            try:
-                if not warmed:  # one untimed batch: lazy initialisation, kernel selection, caches
-                    encoder.encode_batch(encoder.collate(items))
-                    _sync(device)
-                    warmed = True
-                t = time.perf_counter()
-                out = encoder.encode_batch(encoder.collate(items))
-                _sync(device)
-                encode_s += time.perf_counter() - t
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory: name the model and the batch
-                first = job.sources[start]
-                raise CompareError(
-                    f"{job.spec}: encoding the batch starting at {first} failed ({type(e).__name__}: {e}); "
-                    "a smaller --batch-size may help"
-                ) from e
-            chunks.append(np.asarray(out.embeddings, dtype=np.float32))
-    image_emb = np.concatenate(chunks, axis=0)
-
-    skipped: dict[str, str] = {}
-    text_emb = None
-    zs_weights = None
-    text_s = None
-    has_text = "text" in getattr(encoder, "modalities", frozenset())
-    if job.texts:
-        if has_text:
-            t = time.perf_counter()
+    def one_pass(enc: Any, sources: Sequence[str]) -> Pass:
+        try:
             with torch.inference_mode():
-                text_emb = np.asarray(encoder.encode_texts(list(job.texts)), dtype=np.float32)
+                got = embed_pass(enc, sources, batch_size=job.batch_size, max_pixels=job.max_pixels)
             _sync(device)
-            text_s = time.perf_counter() - t
-        else:
-            skipped["retrieval"] = f"{encoder.name} has no text side (it embeds images only)"
-    if job.classnames:
-        if has_text:
-            from phiclip.evaluate import zero_shot_classifier
+            return got
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: name the model
+            raise CompareError(f"{job.spec}: embedding failed ({type(e).__name__}: {e}); a smaller --batch-size "
+                               "may help") from e
 
-            with torch.inference_mode():
-                zs_weights = np.asarray(zero_shot_classifier(encoder, job.classnames, job.templates), dtype=np.float32)
-        else:
-            skipped["zero_shot"] = f"{encoder.name} has no text side (it embeds images only)"
+    one_pass(encoder, job.sources[: job.batch_size])  # untimed warm-up: lazy initialisation, kernel selection, caches
+    passes = [one_pass(encoder, job.sources) for _ in range(job.passes)]
+    first = passes[0]
+    skipped: dict[str, str] = {}
+    text_emb, zs_weights, text_s = _text_side(encoder, job, device, skipped)
+    n = len(first.kept)
+    model_s = [p.model_s for p in passes]
+    encode_s = float(np.median(model_s))
+    preprocess_s = float(np.median([p.prepare_s for p in passes]))
+    crops_total = int(sum(first.crops))
 
-    peak = peak_rss_mb()
-    gpu_peak = torch.cuda.max_memory_allocated(device) / _MB if on_cuda else None
-    tokens = [
-        TokenCount(width=w, height=h, images=sizes_count[(w, h)], crops=v[0] or 0, tokens=v[1])
-        for (w, h), v in sorted(by_size.items(), key=lambda kv: (kv[0][0] * kv[0][1], kv[0]))
-    ]
+    def rate(count: float, seconds: float) -> float:
+        return count / seconds if seconds > 0 else 0.0
+
     cost = Cost(
-        dim=int(image_emb.shape[1]),
-        parameters=_count_parameters(encoder, description),
+        dim=int(description.get("dim") or first.vectors.shape[1]),
+        parameters=description.get("parameters"),
         device=str(description.get("device", device)),
         dtype=str(description.get("dtype", job.dtype)),
         batch_size=job.batch_size,
@@ -305,21 +325,26 @@ def measure_model(job: MeasureJob, *, memory_scope: str = "in-process") -> Measu
         encode_s=encode_s,
         images=n,
         crops=crops_total,
-        images_per_s=n / encode_s if encode_s > 0 else 0.0,
-        crops_per_s=crops_total / encode_s if encode_s > 0 else 0.0,
-        end_to_end_images_per_s=n / (encode_s + preprocess_s) if encode_s + preprocess_s > 0 else 0.0,
+        images_per_s=rate(n, encode_s),
+        crops_per_s=rate(crops_total, encode_s),
+        end_to_end_images_per_s=rate(n, encode_s + preprocess_s),
         text_encode_s=text_s,
-        peak_rss_mb=peak,
+        peak_rss_mb=peak_rss_mb(),
         baseline_rss_mb=baseline_rss,
-        gpu_peak_mb=gpu_peak,
+        gpu_peak_mb=torch.cuda.max_memory_allocated(device) / _MB if on_cuda else None,
         memory_scope=memory_scope,
-        tokens_by_size=tokens,
+        tokens_by_size=_tokens_by_size(encoder, first),
+        passes=len(passes),
+        encode_s_passes=model_s,
+        images_per_s_min=rate(n, max(model_s)),
+        images_per_s_max=rate(n, min(model_s)),
     )
     del encoder
     gc.collect()
     if on_cuda:
         torch.cuda.empty_cache()
-    return Measured(image_emb, text_emb, zs_weights, cost, description, skipped)
+    return Measured(first.vectors, first.kept, first.sizes, first.failed, text_emb, zs_weights, cost, description,
+                    skipped)
 
 
 # --- the subprocess ------------------------------------------------------------------------------
@@ -371,7 +396,8 @@ def measure_in_subprocess(job: MeasureJob, workdir: str | Path, *, timeout_s: fl
         image_emb = arrays["image_embeddings"]
         text_emb = arrays["text_embeddings"] if "text_embeddings" in arrays.files else None
         zs = arrays["zero_shot_weights"] if "zero_shot_weights" in arrays.files else None
-    return Measured(image_emb, text_emb, zs, _cost_from_dict(meta["cost"]), meta["description"], meta["skipped"])
+    return Measured(image_emb, meta["kept"], [tuple(s) for s in meta["sizes"]], [tuple(f) for f in meta["failed"]],
+                    text_emb, zs, _cost_from_dict(meta["cost"]), meta["description"], meta["skipped"])
 
 
 def _main(argv: Sequence[str]) -> int:
@@ -398,7 +424,8 @@ def _main(argv: Sequence[str]) -> int:
     if m.zero_shot_weights is not None:
         arrays["zero_shot_weights"] = m.zero_shot_weights
     np.savez(work / "result.npz", **arrays)
-    meta = {"cost": asdict(m.cost), "description": m.description, "skipped": m.skipped}
+    meta = {"cost": asdict(m.cost), "description": m.description, "skipped": m.skipped, "kept": m.kept,
+            "sizes": m.sizes, "failed": m.failed}
     (work / "result.json").write_text(json.dumps(meta, allow_nan=False), encoding="utf-8")
     return 0
 

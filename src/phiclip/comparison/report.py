@@ -1,6 +1,7 @@
 """Render a comparison: ``report.json``, a self-contained ``report.html`` and terminal tables.
 
-The HTML needs no network: the charts are inline SVG drawn here, the styles are inline, the
+The HTML needs no network: the charts are inline SVG (drawn by :mod:`phiclip.comparison.charts`;
+this module lays out the page sections around them), the styles are inline, the
 thumbnails are ``data:`` URIs, and there is no script. Everything is rendered from the report's
 dict (what ``report.json`` holds), so a saved report can be rendered again.
 
@@ -13,13 +14,19 @@ each drawn bar carries the same attributes. Charts are ``<svg class="chart ...">
 
 from __future__ import annotations
 
-import html
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from phiclip.comparison.results import CompareReport
+from phiclip.comparison.charts import (
+    bar_chart,
+    esc,
+    format_number,
+    grouped_bar_chart,
+    histogram_chart,
+    scatter_chart,
+)
+from phiclip.comparison.results import MIN_TIMED_SECONDS, CompareReport, speeds_differ, write_text_atomic
 
 #: Colours of the models (A, B, ...) and of the labels in the projections.
 MODEL_COLOURS = ("#3465c8", "#e07a1f", "#2b9a6b", "#b24a98", "#6b5ccc", "#c23b3b")
@@ -45,6 +52,8 @@ COST_METRICS: tuple[tuple[str, str, str, bool], ...] = (
     ("parameters", "Parameters", "", False),
     ("dim", "Embedding dimension", "", False),
 )
+#: How many images left out the terminal names (the page names 50, report.json all).
+LEFT_OUT_SHOWN = 10
 #: Quality metrics in display order, with their titles.
 QUALITY_TITLES: dict[str, str] = {
     "knn_accuracy": "kNN accuracy",
@@ -60,264 +69,12 @@ QUALITY_TITLES: dict[str, str] = {
 }
 
 
-# --- numbers -----------------------------------------------------------------------------------
-
-
-def format_number(value: Any, *, kind: str = "auto") -> str:
-    """How a number is shown (``–`` for missing). ``kind``: ``"count"`` (``1.23 M`` above a
-    million, else with separators), ``"fraction"`` (three decimals) or ``"auto"``."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    if kind == "count" or (kind == "auto" and isinstance(value, int)):
-        v = int(value)
-        if abs(v) >= 1_000_000_000:
-            return f"{v / 1e9:.2f} B"
-        if abs(v) >= 1_000_000:
-            return f"{v / 1e6:.2f} M"
-        return f"{v:,}"
-    v = float(value)
-    if kind == "fraction":
-        return f"{v:.3f}"
-    a = abs(v)
-    if a == 0:
-        return "0"
-    if a >= 100:
-        return f"{v:,.0f}"
-    if a >= 10:
-        return f"{v:.1f}"
-    if a >= 1:
-        return f"{v:.2f}"
-    return f"{v:.3f}"
-
-
-def _esc(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
 def _num(value: Any, key: str, *, kind: str = "auto", unit: str = "") -> str:
     """A number in the page, tagged with its report.json path and exact value."""
     if value is None:
-        return f'<span class="num missing" data-key="{_esc(key)}" data-value="null">–</span>'
+        return f'<span class="num missing" data-key="{esc(key)}" data-value="null">–</span>'
     shown = format_number(value, kind=kind) + (f" {unit}" if unit else "")
-    return f'<span class="num" data-key="{_esc(key)}" data-value="{value!r}">{_esc(shown)}</span>'
-
-
-# --- small SVG helpers -----------------------------------------------------------------------------
-
-
-def _nice_step(span: float, target: int) -> float:
-    if span <= 0:
-        return 1.0
-    raw = span / max(target, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    for m in (1, 2, 2.5, 5, 10):
-        if m * mag >= raw:
-            return m * mag
-    return 10 * mag
-
-
-def nice_ticks(lo: float, hi: float, target: int = 5, *, integer: bool = False) -> list[float]:
-    """Round tick values covering [lo, hi] (about ``target`` of them; whole numbers with ``integer``)."""
-    if hi < lo:
-        lo, hi = hi, lo
-    if hi == lo:
-        hi = lo + 1.0
-    step = _nice_step(hi - lo, target)
-    if integer:
-        step = max(1.0, float(math.ceil(step)))
-    start = math.floor(lo / step + 1e-9) * step
-    ticks = []
-    t = start
-    while t <= hi + step * 1e-9:
-        ticks.append(round(t, 10))
-        t += step
-    if ticks[-1] < hi - 1e-12:
-        ticks.append(round(t, 10))
-    return ticks
-
-
-def _tick_label(t: float, step: float) -> str:
-    """A tick value with as many decimals as the step needs (0.05 -> 2, 0.25 -> 2, 5 -> 0)."""
-    decimals = next((d for d in range(6) if abs(round(step, d) - step) < 1e-9 * max(1.0, abs(step))), 6)
-    if decimals == 0:
-        return format_number(int(round(t)), kind="count")
-    return f"{t:.{decimals}f}"
-
-
-def _svg_open(chart_id: str, cls: str, width: int, height: int, label: str) -> str:
-    return (
-        f'<svg id="{_esc(chart_id)}" class="chart {cls}" role="img" aria-label="{_esc(label)}" '
-        f'viewBox="0 0 {width} {height}" width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
-    )
-
-
-def bar_chart(
-    chart_id: str, title: str, rows: Sequence[tuple[str, Any, str, str]], *, unit: str = "", kind: str = "auto"
-) -> str:
-    """Horizontal bars, one per model: ``rows`` are (label, value or None, colour, report key)."""
-    width, left, right, bar_h, gap, top = 340, 78, 86, 20, 8, 8
-    height = top + len(rows) * (bar_h + gap) + 4
-    values = [float(v) for _, v, _, _ in rows if v is not None]
-    vmax = max(values) if values and max(values) > 0 else 1.0
-    span = width - left - right
-    parts = [_svg_open(chart_id, "bar-chart", width, height, title)]
-    for i, (label, value, colour, key) in enumerate(rows):
-        y = top + i * (bar_h + gap)
-        parts.append(
-            f'<text class="axis-label" x="{left - 6}" y="{y + bar_h * 0.7:.1f}" text-anchor="end">{_esc(label)}</text>'
-        )
-        if value is None:
-            parts.append(f'<text class="value missing" x="{left + 4}" y="{y + bar_h * 0.7:.1f}">n/a</text>')
-            continue
-        w = max(1.0, span * float(value) / vmax) if float(value) > 0 else 0.0
-        parts.append(
-            f'<rect class="bar" data-key="{_esc(key)}" data-value="{value!r}" x="{left}" y="{y}" '
-            f'width="{w:.1f}" height="{bar_h}" rx="3" fill="{colour}"><title>{_esc(label)}: '
-            f"{_esc(format_number(value, kind=kind))} {_esc(unit)}</title></rect>"
-        )
-        shown = format_number(value, kind=kind) + (f" {unit}" if unit else "")
-        parts.append(f'<text class="value" x="{left + w + 5:.1f}" y="{y + bar_h * 0.7:.1f}">{_esc(shown)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def grouped_bar_chart(
-    chart_id: str,
-    title: str,
-    groups: Sequence[tuple[str, Sequence[tuple[str, Any, str, str]]]],
-    *,
-    vmax: float = 1.0,
-) -> str:
-    """Vertical bars grouped by metric: ``groups`` are (metric title, [(model key, value, colour, report key)])."""
-    n_series = max((len(s) for _, s in groups), default=1)
-    bar_w, inner_gap, group_gap = 18, 3, 26
-    group_w = n_series * (bar_w + inner_gap) - inner_gap
-    left, top, plot_h, bottom = 40, 12, 180, 64
-    width = max(320, left + len(groups) * (group_w + group_gap) + 10)
-    height = top + plot_h + bottom
-    parts = [_svg_open(chart_id, "grouped-bar-chart", width, height, title)]
-    for t in nice_ticks(0.0, vmax, 4):
-        y = top + plot_h - plot_h * t / vmax
-        parts.append(f'<line class="grid" x1="{left}" x2="{width - 6}" y1="{y:.1f}" y2="{y:.1f}"/>')
-        parts.append(f'<text class="tick" x="{left - 5}" y="{y + 4:.1f}" text-anchor="end">{t:g}</text>')
-    for gi, (gtitle, series) in enumerate(groups):
-        x0 = left + 12 + gi * (group_w + group_gap)
-        for si, (skey, value, colour, key) in enumerate(series):
-            x = x0 + si * (bar_w + inner_gap)
-            if value is None:
-                parts.append(f'<text class="tick missing" x="{x + bar_w / 2:.1f}" y="{top + plot_h - 4}" text-anchor="middle">–</text>')
-                continue
-            h = plot_h * min(float(value), vmax) / vmax
-            parts.append(
-                f'<rect class="bar" data-key="{_esc(key)}" data-value="{value!r}" x="{x}" y="{top + plot_h - h:.1f}" '
-                f'width="{bar_w}" height="{max(h, 0.0):.1f}" fill="{colour}"><title>{_esc(skey)} · {_esc(gtitle)}: '
-                f"{_esc(format_number(value, kind='fraction'))}</title></rect>"
-            )
-        cx = x0 + group_w / 2
-        words = gtitle.split(" ")
-        lines = [" ".join(words[: len(words) // 2 or 1]), " ".join(words[len(words) // 2 or 1 :])]
-        for li, line in enumerate(x for x in lines if x):
-            parts.append(
-                f'<text class="axis-label small" x="{cx:.1f}" y="{top + plot_h + 16 + li * 13}" text-anchor="middle">{_esc(line)}</text>'
-            )
-    parts.append(f'<line class="axis" x1="{left}" x2="{width - 6}" y1="{top + plot_h}" y2="{top + plot_h}"/>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def histogram_chart(
-    chart_id: str,
-    title: str,
-    edges: Sequence[float],
-    series: Sequence[tuple[str, Sequence[int], str]],
-    *,
-    xlabel: str,
-    density: bool = True,
-    markers: Sequence[tuple[str, float, str]] = (),
-) -> str:
-    """Overlaid histograms on shared bins: ``series`` are (name, counts, colour); with ``density``
-    each is scaled to fractions of its own total so different-size groups compare. ``markers``
-    draw labelled vertical lines (name, x, colour)."""
-    width, height, left, right, top, bottom = 360, 210, 44, 20, 26, 38
-    pw, ph = width - left - right, height - top - bottom
-    lo, hi = float(edges[0]), float(edges[-1])
-    scaled = []
-    for name, counts, colour in series:
-        total = sum(counts)
-        vals = [c / total if density and total else float(c) for c in counts]
-        scaled.append((name, counts, vals, colour))
-    ymax = max((max(v) for _, _, v, _ in scaled if v), default=1.0) or 1.0
-    parts = [_svg_open(chart_id, "histogram", width, height, title)]
-
-    def sx(x: float) -> float:
-        return left + pw * (x - lo) / (hi - lo if hi > lo else 1.0)
-
-    yticks = nice_ticks(0.0, ymax, 3, integer=not density)
-    ytop = yticks[-1] if yticks[-1] > 0 else 1.0
-    for t in yticks:
-        y = top + ph - ph * t / ytop
-        parts.append(f'<line class="grid" x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}"/>')
-        parts.append(f'<text class="tick" x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{_tick_label(t, yticks[1] - yticks[0] if len(yticks) > 1 else 1)}</text>')
-    for name, counts, vals, colour in scaled:
-        for i, v in enumerate(vals):
-            if counts[i] == 0:
-                continue
-            x0, x1 = sx(float(edges[i])), sx(float(edges[i + 1]))
-            h = ph * v / ytop
-            parts.append(
-                f'<rect class="hist-bar" data-series="{_esc(name)}" data-count="{int(counts[i])}" x="{x0:.2f}" '
-                f'y="{top + ph - h:.2f}" width="{max(x1 - x0 - 0.5, 0.5):.2f}" height="{h:.2f}" fill="{colour}" '
-                f'fill-opacity="0.55"><title>{_esc(name)}: {int(counts[i])} in [{edges[i]:.3f}, {edges[i + 1]:.3f})</title></rect>'
-            )
-    for name, x, colour in markers:
-        if lo <= x <= hi:
-            parts.append(
-                f'<line class="marker" x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{top}" y2="{top + ph}" stroke="{colour}" '
-                f'stroke-dasharray="4 3"><title>{_esc(name)}: {x:.3f}</title></line>'
-            )
-    xticks = [t for t in nice_ticks(lo, hi, 5) if lo - 1e-9 <= t <= hi + 1e-9]
-    xstep = (xticks[1] - xticks[0]) if len(xticks) > 1 else 1.0
-    for t in xticks:
-        parts.append(f'<text class="tick" x="{sx(t):.1f}" y="{top + ph + 14}" text-anchor="middle">{_tick_label(t, xstep)}</text>')
-    parts.append(f'<line class="axis" x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}"/>')
-    parts.append(f'<text class="axis-label small" x="{left + pw / 2:.1f}" y="{height - 4}" text-anchor="middle">{_esc(xlabel)}</text>')
-    lx = left
-    for name, _, _, colour in scaled:
-        parts.append(f'<rect class="legend-swatch" x="{lx}" y="6" width="10" height="10" fill="{colour}" fill-opacity="0.7"/>')
-        parts.append(f'<text class="legend-text" x="{lx + 14}" y="15">{_esc(name)}</text>')
-        lx += 22 + 7 * len(name)
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def scatter_chart(
-    chart_id: str,
-    title: str,
-    points: Sequence[Sequence[float]],
-    point_labels: Sequence[str | None],
-    point_titles: Sequence[str],
-    colours: dict[str, str],
-) -> str:
-    """Points coloured by label (``colours`` maps label -> colour; ``None`` labels are grey)."""
-    size, pad = 340, 14
-    xs = [float(p[0]) for p in points]
-    ys = [float(p[1]) for p in points]
-    cx, cy = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2
-    half = max(max(xs) - min(xs), max(ys) - min(ys)) / 2 or 1.0
-    scale = (size / 2 - pad) / half
-    radius = 4.0 if len(points) <= 300 else 2.5 if len(points) <= 1000 else 1.8
-    parts = [_svg_open(chart_id, "scatter", size, size, title)]
-    parts.append(f'<rect class="frame" x="0.5" y="0.5" width="{size - 1}" height="{size - 1}" rx="6"/>')
-    for x, y, lab, tip in zip(xs, ys, point_labels, point_titles):
-        px = size / 2 + (x - cx) * scale
-        py = size / 2 - (y - cy) * scale  # SVG y grows downwards
-        colour = colours.get(lab, "#888888") if lab is not None else "#888888"
-        parts.append(
-            f'<circle class="pt" data-label="{_esc(lab if lab is not None else "")}" cx="{px:.1f}" cy="{py:.1f}" '
-            f'r="{radius}" fill="{colour}" fill-opacity="0.8"><title>{_esc(tip)}</title></circle>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
+    return f'<span class="num" data-key="{esc(key)}" data-value="{value!r}">{esc(shown)}</span>'
 
 
 # --- the page ------------------------------------------------------------------------------------
@@ -331,13 +88,26 @@ def label_colours(classnames: Sequence[str]) -> dict[str, str]:
     return {c: LABEL_COLOURS[i % len(LABEL_COLOURS)] for i, c in enumerate(classnames)}
 
 
-def _ratio_words(a: float, b: float) -> str:
-    if a <= 0 or b <= 0:
+def _speed_words(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """How A's speed compares to B's, said only as far as the timed passes support it."""
+    ca, cb = a["cost"], b["cost"]
+    if ca.get("encode_s") is None or cb.get("encode_s") is None:
         return ""
-    r = a / b
-    if 0.95 <= r <= 1.05:
-        return "about the same"
-    return f"{r:.1f}× faster" if r > 1 else f"{1 / r:.1f}× slower"
+    if min(ca["encode_s"], cb["encode_s"]) < MIN_TIMED_SECONDS:
+        return "Their speeds cannot be compared: the timed section is too short (see the warning)."
+    if not speeds_differ(ca, cb):
+        return "A and B run at about the same speed (within the spread of their timed passes)."
+    r = ca["images_per_s"] / cb["images_per_s"]
+    return f"A is {r:.1f}× faster than B." if r > 1 else f"A is {1 / r:.1f}× slower than B."
+
+
+def speed_text(cost: dict[str, Any]) -> str:
+    """``12.3 images/s`` with the range over the timed passes: ``12.3 images/s (11.9–12.6 over 3 passes)``."""
+    text = f"{format_number(cost['images_per_s'])} images/s"
+    lo, hi, n = cost.get("images_per_s_min"), cost.get("images_per_s_max"), cost.get("passes", 1)
+    if n > 1 and lo is not None and hi is not None:
+        text += f" ({format_number(lo)}–{format_number(hi)} over {n} passes)"
+    return text
 
 
 def summary_sentence(report: dict[str, Any]) -> str:
@@ -346,13 +116,13 @@ def summary_sentence(report: dict[str, Any]) -> str:
     data = report["data"]
     classes = f" in {len(data['classnames'])} classes" if data["has_labels"] and data["classnames"] else ""
     lead = f"{len(models)} encoders compared on {data['images']} images{classes}."
-    speeds = "; ".join(f"{m['key']} ({m['name']}) {format_number(m['cost']['images_per_s'])} images/s" for m in models)
+    if data.get("skipped"):
+        lead += f" {len(data['skipped'])} image(s) left out (listed below)."
+    speeds = "; ".join(f"{m['key']} ({m['name']}) {speed_text(m['cost'])}" for m in models)
     parts = [lead, f"Throughput: {speeds}."]
     if len(models) >= 2:
         a, b = models[0], models[1]
-        words = _ratio_words(a["cost"]["images_per_s"], b["cost"]["images_per_s"])
-        if words:
-            parts.append(f"A is {words} than B.")
+        parts += [w for w in [_speed_words(a, b)] if w]
         for metric in ("knn_accuracy", "zero_shot_top1", "text_to_image_recall@1"):
             va, vb = a["quality"]["metrics"].get(metric), b["quality"]["metrics"].get(metric)
             if va is not None and vb is not None:
@@ -408,12 +178,15 @@ svg.chart .frame { fill: #fbfbfd; stroke: var(--line); }
 #neighbour-grid.many .thumb { width: 62px; } #neighbour-grid.many .thumb img { width: 58px; height: 58px; }
 .thumb.same img { border-color: #2b9a6b; } .thumb.other img { border-color: #d0d4dc; }
 .thumb .shared { color: #1f2430; font-weight: 700; }
+.thumb figcaption { display: flex; justify-content: center; margin-top: 2px; font-size: 11px; }
+.thumb .lbl { display: block; min-width: 0; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.warnings { background: #fff8e5; border-left: 4px solid #e0a800; padding: 10px 16px; border-radius: 6px; }
 footer { color: var(--muted); font-size: 12.5px; margin-top: 20px; }
 """
 
 
 def _model_chip(m: dict[str, Any], i: int) -> str:
-    return f'<span class="key" style="background:{MODEL_COLOURS[i % len(MODEL_COLOURS)]}">{_esc(m["key"])}</span>'
+    return f'<span class="key" style="background:{MODEL_COLOURS[i % len(MODEL_COLOURS)]}">{esc(m["key"])}</span>'
 
 
 def _models_section(report: dict[str, Any]) -> str:
@@ -424,10 +197,10 @@ def _models_section(report: dict[str, Any]) -> str:
         extra = ", ".join(f"{k}={d[k]}" for k in ("pooling", "normalize") if k in d)
         rows.append(
             "<tr>"
-            f"<td>{_model_chip(m, i)}</td><td>{_esc(m['name'])}<div class='spec'>{_esc(m['spec'])}</div></td>"
+            f"<td>{_model_chip(m, i)}</td><td>{esc(m['name'])}<div class='spec'>{esc(m['spec'])}</div></td>"
             f"<td class='n'>{_num(c['dim'], f'models.{i}.cost.dim')}</td>"
             f"<td class='n'>{_num(c['parameters'], f'models.{i}.cost.parameters', kind='count')}</td>"
-            f"<td>{_esc(c['device'])} / {_esc(c['dtype'])}</td><td class='note'>{_esc(extra)}</td>"
+            f"<td>{esc(c['device'])} / {esc(c['dtype'])}</td><td class='note'>{esc(extra)}</td>"
             "</tr>"
         )
     return (
@@ -454,15 +227,17 @@ def _cost_section(report: dict[str, Any]) -> str:
         if metric in ("parameters", "dim"):
             better = "size of the model / of its vectors"
         figures.append(
-            f'<figure class="cost-figure" id="figure-cost-{metric}"><h3>{_esc(title)}'
-            f'{" (" + _esc(unit) + ")" if unit else ""}</h3>'
+            f'<figure class="cost-figure" id="figure-cost-{metric}"><h3>{esc(title)}'
+            f'{" (" + esc(unit) + ")" if unit else ""}</h3>'
             + bar_chart(f"chart-cost-{metric}", title, rows, unit=unit, kind=kind)
-            + f"<figcaption>{_esc(better)}</figcaption></figure>"
+            + f"<figcaption>{esc(better)}</figcaption></figure>"
         )
     # The numbers behind the charts, with the timings they derive from.
     fields = [
         ("import_s", "Code import (before loading)", "s"), ("load_s", "Load time", "s"), ("preprocess_s", "Decode + preprocess", "s"), ("encode_s", "Model time", "s"),
-        ("images_per_s", "Images/s", ""), ("crops", "Crops", ""), ("crops_per_s", "Crops/s", ""),
+        ("images_per_s", "Images/s (median pass)", ""), ("images_per_s_min", "Images/s, slowest pass", ""),
+        ("images_per_s_max", "Images/s, fastest pass", ""), ("passes", "Timed passes", ""),
+        ("crops", "Crops", ""), ("crops_per_s", "Crops/s", ""),
         ("end_to_end_images_per_s", "Images/s end to end", ""), ("text_encode_s", "Text encoding", "s"),
         ("baseline_rss_mb", "RSS before loading", "MiB"), ("peak_rss_mb", "Peak RSS", "MiB"),
         ("gpu_peak_mb", "Peak GPU memory", "MiB"), ("batch_size", "Batch size", ""),
@@ -475,7 +250,7 @@ def _cost_section(report: dict[str, Any]) -> str:
         cells = "".join(
             f"<td class='n'>{_num(m['cost'].get(key), f'models.{i}.cost.{key}', unit=unit)}</td>" for i, m in enumerate(models)
         )
-        body.append(f"<tr><th>{_esc(title)}</th>{cells}</tr>")
+        body.append(f"<tr><th>{esc(title)}</th>{cells}</tr>")
     scopes = {m["cost"]["memory_scope"] for m in models}
     mem_note = (
         "Each encoder ran in its own process, so its peak RSS is its own (it includes Python, torch and "
@@ -485,9 +260,10 @@ def _cost_section(report: dict[str, Any]) -> str:
     )
     return (
         '<section id="cost"><h2>Cost</h2>'
-        '<p class="note">Throughput is model time only (batching and forward passes after one untimed warm-up batch); '
+        '<p class="note">Throughput is model time only (batching and forward passes after one untimed warm-up batch), '
+        "the median of the timed passes over every image, with the slowest and fastest pass in the table; "
         "end to end adds decoding and preprocessing. A crop is one tower pass: Phi-3-vision runs several per image "
-        f"(its HD transform), CLIP one. {_esc(mem_note)}</p>"
+        f"(its HD transform), CLIP one. {esc(mem_note)}</p>"
         f'<div class="grid">{"".join(figures)}</div>'
         f'<h3 style="margin-top:16px">All timings</h3><table id="cost-table"><tr><th></th>{head}</tr>{"".join(body)}</table>'
         + _tokens_table(report)
@@ -532,7 +308,7 @@ def _quality_section(report: dict[str, Any]) -> str:
     for m in models:
         for metric, reason in m["quality"]["skipped"].items():
             skipped.setdefault(metric, []).append(f"{m['key']}: {reason}")
-    notes = "".join(f"<li><b>{_esc(metric.replace('_', ' '))}</b> skipped: {_esc('; '.join(r))}</li>" for metric, r in skipped.items())
+    notes = "".join(f"<li><b>{esc(metric.replace('_', ' '))}</b> skipped: {esc('; '.join(r))}</li>" for metric, r in skipped.items())
     settings = report["settings"]
     split_note = (
         f"kNN (k={settings['k']}, cosine, similarity-weighted vote) and the linear probe (logistic regression) "
@@ -556,7 +332,7 @@ def _quality_section(report: dict[str, Any]) -> str:
     ]
     head = "".join(f"<th class='n'>{_model_chip(m, i)}</th>" for i, m in enumerate(models))
     rows = "".join(
-        f"<tr><th>{_esc(QUALITY_TITLES.get(name, name))}</th>"
+        f"<tr><th>{esc(QUALITY_TITLES.get(name, name))}</th>"
         + "".join(
             f"<td class='n'>{_num(m['quality']['metrics'].get(name), f'models.{i}.quality.metrics.{name}', kind='fraction')}</td>"
             for i, m in enumerate(models)
@@ -565,12 +341,12 @@ def _quality_section(report: dict[str, Any]) -> str:
         for name in names
     )
     legend = "".join(
-        f'<span><span class="sw" style="background:{MODEL_COLOURS[i % len(MODEL_COLOURS)]}"></span>{_esc(m["key"])} {_esc(m["name"])}</span>'
+        f'<span><span class="sw" style="background:{MODEL_COLOURS[i % len(MODEL_COLOURS)]}"></span>{esc(m["key"])} {esc(m["name"])}</span>'
         for i, m in enumerate(models)
     )
     return (
         '<section id="quality"><h2>Quality</h2>'
-        f'<p class="note">{_esc(split_note)}</p>'
+        f'<p class="note">{esc(split_note)}</p>'
         f'<figure id="figure-quality">{grouped_bar_chart("chart-quality", "Quality metrics", groups)}'
         f'<div class="legend">{legend}</div><figcaption>Fractions in [0, 1]; higher is better.</figcaption></figure>'
         f'<table id="quality-table" style="margin-top:12px"><tr><th></th>{head}</tr>{rows}</table>'
@@ -626,7 +402,7 @@ def _structure_section(report: dict[str, Any]) -> str:
                 f"different label {_num(s['different_mean'], f'models.{i}.similarity.different_mean', kind='fraction')}"
             )
         sims.append(
-            f'<figure id="figure-similarity-{_esc(m["key"])}"><h3>{_model_chip(m, i)} {_esc(m["name"])}</h3>{chart}'
+            f'<figure id="figure-similarity-{esc(m["key"])}"><h3>{_model_chip(m, i)} {esc(m["name"])}</h3>{chart}'
             f"<figcaption>Cosine similarity of every pair of images ({stats}). Well separated same-label and "
             "different-label pairs mean the classes form clusters.</figcaption></figure>"
         )
@@ -654,7 +430,7 @@ def _projection_section(report: dict[str, Any]) -> str:
         ev = p["explained_variance_ratio"]
         aligned = " Rotated/reflected to match A's orientation (distances unchanged)." if p["aligned_to"] is not None else ""
         figs.append(
-            f'<figure id="figure-projection-{_esc(m["key"])}"><h3>{_model_chip(m, i)} {_esc(m["name"])}</h3>{chart}'
+            f'<figure id="figure-projection-{esc(m["key"])}"><h3>{_model_chip(m, i)} {esc(m["name"])}</h3>{chart}'
             f"<figcaption>PCA of {len(p['indices'])} images; the two axes explain "
             f"{_num(ev[0], f'models.{i}.projection.explained_variance_ratio.0', kind='fraction')} and "
             f"{_num(ev[1], f'models.{i}.projection.explained_variance_ratio.1', kind='fraction')} of the variance.{aligned}</figcaption></figure>"
@@ -666,7 +442,7 @@ def _projection_section(report: dict[str, Any]) -> str:
             if im["label"] in counts:
                 counts[im["label"]] += 1
         legend = '<div class="legend" id="projection-legend">' + "".join(
-            f'<span data-label="{_esc(c)}"><span class="sw" style="background:{colours[c]}"></span>{_esc(c)} ({counts[c]})</span>'
+            f'<span data-label="{esc(c)}"><span class="sw" style="background:{colours[c]}"></span>{esc(c)} ({counts[c]})</span>'
             for c in classnames
         ) + "</div>"
     return (
@@ -681,10 +457,11 @@ def _thumb(index: int, images: list[dict[str, Any]], thumbnails: dict[int, str],
     label = im["label"] if im["label"] is not None else ""
     tip = f"{im['source']}" + (f" · {im['caption']}" if im.get("caption") else "")
     src = thumbnails.get(index)
-    img = f'<img src="{src}" alt="{_esc(label)}">' if src else '<img alt="(no thumbnail)">'
+    img = f'<img src="{src}" alt="{esc(label)}">' if src else '<img alt="(no thumbnail)">'
+    shown = esc(label) or "#" + str(index)
     return (
-        f'<figure class="thumb {cls}" data-index="{index}" title="{_esc(tip)}">{img}'
-        f"<figcaption>{_esc(label) or '#' + str(index)}{extra}</figcaption></figure>"
+        f'<figure class="thumb {cls}" data-index="{index}" title="{esc(tip)}">{img}'
+        f'<figcaption><span class="lbl" title="{shown}">{shown}</span>{extra}</figcaption></figure>'
     )
 
 
@@ -693,7 +470,7 @@ def _neighbours_section(report: dict[str, Any], thumbnails: dict[int, str]) -> s
     images = report["images"]
     if not report["queries"]:
         return ""
-    head = "<th>Query</th>" + "".join(f"<th>{_model_chip(m, i)} {_esc(m['name'])}</th>" for i, m in enumerate(models))
+    head = "<th>Query</th>" + "".join(f"<th>{_model_chip(m, i)} {esc(m['name'])}</th>" for i, m in enumerate(models))
     rows = []
     for qi, q in enumerate(report["queries"]):
         q_label = images[q]["label"]
@@ -718,6 +495,14 @@ def _neighbours_section(report: dict[str, Any], thumbnails: dict[int, str]) -> s
     )
 
 
+def _warnings_block(report: dict[str, Any]) -> str:
+    warnings = report.get("warnings") or []
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{esc(w)}</li>" for w in warnings)
+    return f'<div class="warnings" id="warnings"><b>Read with care</b><ul>{items}</ul></div>'
+
+
 def render_html(report: CompareReport | dict[str, Any], thumbnails: dict[int, str] | None = None) -> str:
     """The whole self-contained page. ``thumbnails`` maps image index -> ``data:`` URI for the
     images of the neighbour grid (without them the grid shows labels only)."""
@@ -728,16 +513,18 @@ def render_html(report: CompareReport | dict[str, Any], thumbnails: dict[int, st
     data = r["data"]
     skipped = ""
     if data["skipped"]:
-        items = "".join(f"<li><span class='spec'>{_esc(s['source'])}</span>: {_esc(s['reason'])}</li>" for s in data["skipped"][:50])
+        items = "".join(f"<li><span class='spec'>{esc(s['source'])}</span>: {esc(s['reason'])}</li>" for s in data["skipped"][:50])
         more = f"<li>and {len(data['skipped']) - 50} more (all in report.json)</li>" if len(data["skipped"]) > 50 else ""
-        skipped = f'<section id="skipped"><h2>Images left out</h2><p class="note">{len(data["skipped"])} image(s) could not be read:</p><ul>{items}{more}</ul></section>'
+        skipped = (f'<section id="skipped"><h2>Images left out</h2><p class="note">{len(data["skipped"])} image(s) '
+                   f'are not in the comparison:</p><ul>{items}{more}</ul></section>')
     body = "".join(
         [
             "<main>",
-            f"<h1>Encoder comparison: {_esc(title)}</h1>",
-            f'<p class="subtitle">{_num(data["images"], "data.images")} images from <span class="spec">{_esc(data["source"])}</span>'
-            f" · phiclip {_esc(r['phiclip_version'])} · {_esc(r['created'])}</p>",
-            f'<p class="summary" id="summary">{_esc(summary_sentence(r))}</p>',
+            f"<h1>Encoder comparison: {esc(title)}</h1>",
+            f'<p class="subtitle">{_num(data["images"], "data.images")} images from <span class="spec">{esc(data["source"])}</span>'
+            f" · phiclip {esc(r['phiclip_version'])} · {esc(r['created'])}</p>",
+            f'<p class="summary" id="summary">{esc(summary_sentence(r))}</p>',
+            _warnings_block(r),
             _models_section(r),
             _cost_section(r),
             _quality_section(r),
@@ -746,14 +533,14 @@ def render_html(report: CompareReport | dict[str, Any], thumbnails: dict[int, st
             _neighbours_section(r, thumbs),
             skipped,
             "<footer>Every number on this page is in report.json beside it, under the path in its data-key attribute. "
-            "Settings: " + _esc(", ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "templates")) + "</footer>",
+            "Settings: " + esc(", ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "templates")) + "</footer>",
             "</main>",
         ]
     )
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>phiclip compare: {_esc(title)}</title><style>{_CSS}</style></head><body>{body}</body></html>\n"
+        f"<title>phiclip compare: {esc(title)}</title><style>{_CSS}</style></head><body>{body}</body></html>\n"
     )
 
 
@@ -762,10 +549,7 @@ def write_report(report: CompareReport, output: str | Path, thumbnails: dict[int
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     json_path = report.save(out / "report.json")
-    html_path = out / "report.html"
-    tmp = html_path.with_name(html_path.name + ".tmp")
-    tmp.write_text(render_html(report, thumbnails), encoding="utf-8")
-    tmp.replace(html_path)
+    html_path = write_text_atomic(out / "report.html", render_html(report, thumbnails))
     return {"report_json": json_path, "report_html": html_path}
 
 
@@ -828,19 +612,25 @@ def print_report(report: CompareReport | dict[str, Any], console: Any = None) ->
     r = report.to_dict() if isinstance(report, CompareReport) else report
     for t in terminal_tables(r):
         con.print(t)
-    con.print(safe_text(summary_sentence(r)))
+    con.print(safe_text(summary_sentence(r)), highlight=False, soft_wrap=True)
+    for w in r.get("warnings") or []:
+        con.print(safe_text("warning: " + w, "yellow"), highlight=False, soft_wrap=True)
+    left = r["data"].get("skipped") or []
+    if left:
+        con.print(safe_text(f"{len(left)} image(s) left out (all in report.json, data.skipped):", "bold"),
+                  highlight=False, soft_wrap=True)
+        for item in left[:LEFT_OUT_SHOWN]:
+            con.print(safe_text(f"  {item['source']}: {item['reason']}"), highlight=False, soft_wrap=True)
+        if len(left) > LEFT_OUT_SHOWN:
+            con.print(safe_text(f"  and {len(left) - LEFT_OUT_SHOWN} more"), highlight=False, soft_wrap=True)
 
 
 __all__ = [
-    "bar_chart",
+    "MODEL_COLOURS",
     "format_number",
-    "grouped_bar_chart",
-    "histogram_chart",
     "label_colours",
-    "nice_ticks",
     "print_report",
     "render_html",
-    "scatter_chart",
     "summary_sentence",
     "terminal_tables",
     "write_report",

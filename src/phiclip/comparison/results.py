@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 #: Version of the report.json layout; bump when a field changes meaning.
-REPORT_FORMAT = 1
+#: 2: speed from repeated timed passes (``passes``, ``encode_s_passes``, the min/max rates), ``warnings``.
+REPORT_FORMAT = 2
+#: A timed pass with less model time than this (seconds) is too short for its speed to mean much.
+MIN_TIMED_SECONDS = 1.0
 
 
 @dataclass
@@ -51,8 +54,12 @@ class Cost:
     part that embeds an image, so CLIP and Phi-3-vision's image encoder compare like for like.
 
     ``import_s`` is the first import of the encoder's code (transformers model classes), kept out
-    of ``load_s`` (reading the weights and building the model). Throughput counts model time only (collate + forward, after one untimed warm-up batch);
-    ``end_to_end_images_per_s`` adds decoding and preprocessing. Memory: ``peak_rss_mb`` is the
+    of ``load_s`` (reading the weights and building the model). Throughput counts model time only
+    (collate + forward, after one untimed warm-up batch), over ``passes`` timed passes:
+    ``encode_s_passes`` holds each pass's model time, ``encode_s`` and ``images_per_s`` are the median
+    pass, ``images_per_s_min``/``_max`` the slowest and fastest. ``end_to_end_images_per_s`` adds
+    reading, decoding and preprocessing (``preprocess_s``, the median pass). ``images`` counts the
+    images this encoder embedded. Memory: ``peak_rss_mb`` is the
     high-water mark of the resident set of the process that loaded and ran this encoder, and
     ``baseline_rss_mb`` that process's resident set just before loading (Python, torch and
     transformers imported), so the model's own share is about the difference. ``memory_scope``
@@ -80,6 +87,10 @@ class Cost:
     gpu_peak_mb: float | None
     memory_scope: str
     tokens_by_size: list[TokenCount] = field(default_factory=list)
+    passes: int = 1
+    encode_s_passes: list[float] = field(default_factory=list)
+    images_per_s_min: float | None = None
+    images_per_s_max: float | None = None
 
 
 @dataclass
@@ -157,7 +168,9 @@ class PairResult:
 
 @dataclass
 class DataSummary:
-    """What was compared: where the images came from and what is known of them."""
+    """What was compared: where the images came from and what is known of them. ``skipped`` lists
+    the images left out (``{"source", "stage", "reason"}``): unreadable, or refused by one of the
+    encoders (every space must hold the same images)."""
 
     source: str
     images: int
@@ -179,6 +192,7 @@ class CompareReport:
     queries: list[int]
     models: list[ModelResult]
     pairs: list[PairResult]
+    warnings: list[str] = field(default_factory=list)
     format: int = REPORT_FORMAT
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,12 +204,26 @@ class CompareReport:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def save(self, path: str | Path) -> Path:
-        """Write ``report.json`` (via a temporary name, so a reader never sees half a file)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        """Write ``report.json`` (atomically, so a reader never sees half a file)."""
+        return write_text_atomic(path, self.to_json())
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a UTF-8 text file atomically (:func:`phiclip.pipeline.writer.atomic_write`)."""
+    from phiclip.pipeline.writer import atomic_write
+
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def speeds_differ(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two encoders' speeds (``Cost`` as dicts) differ beyond the noise: both timed passes
+    at least :data:`MIN_TIMED_SECONDS` long, and the ranges of their passes' images/s disjoint."""
+    if min(a["encode_s"], b["encode_s"]) < MIN_TIMED_SECONDS:
+        return False
+    a_lo, a_hi = a.get("images_per_s_min") or a["images_per_s"], a.get("images_per_s_max") or a["images_per_s"]
+    b_lo, b_hi = b.get("images_per_s_min") or b["images_per_s"], b.get("images_per_s_max") or b["images_per_s"]
+    return bool(a_hi < b_lo or b_hi < a_lo)
 
 
 def finite_or_none(value: float | None) -> float | None:
@@ -215,5 +243,6 @@ def load_report(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{p}: no report.json here; run `phiclip compare ... --output DIR` first")
     data = json.loads(p.read_text(encoding="utf-8"))
     if data.get("format") != REPORT_FORMAT:
-        raise ValueError(f"{p}: report format {data.get('format')!r}, this phiclip reads format {REPORT_FORMAT}")
+        raise ValueError(f"{p}: report format {data.get('format')!r}, this phiclip reads format {REPORT_FORMAT}; "
+                         "run `phiclip compare` again to write it")
     return data

@@ -1,16 +1,20 @@
 """``compare``: embed the same images with two or more encoders and measure cost, quality and structure.
 
-The flow: read the data (:func:`phiclip.datasets_io.load_data`), decode every image once to learn
-its size and set aside the unreadable ones (listed in the report, never silently lost), then for
-each encoder load it and embed the images (:mod:`phiclip.comparison.measure`, by default in a fresh
-subprocess per encoder so peak memory is that encoder's own), then compute on the vectors:
+The flow, one function per step: read the data through the one input layer
+(:func:`phiclip.inputs.load_data`; :func:`read_data`), plan one measuring job per encoder
+(:func:`plan_jobs`), embed and time each (:mod:`phiclip.comparison.measure`, by default in a fresh
+subprocess per encoder so peak memory is that encoder's own; images that fail are values, never
+fatal), keep the images every encoder embedded (:func:`common_images`: the others are listed as left
+out), then compute on the vectors:
 
-- quality per encoder where labels or captions exist (:mod:`phiclip.evaluate`): kNN and linear
-  probe on a stratified split of the compared images, zero-shot with prompt templates, and
-  image-text retrieval recall@k, each metric either computed or skipped with a reason;
+- quality per encoder where labels or captions exist (:func:`quality`, :mod:`phiclip.evaluate`): kNN
+  and linear probe on a stratified split of the compared images, zero-shot with prompt templates
+  (top-5 only with more than 5 classes), and image-text retrieval recall@k, each computed or
+  skipped with a reason;
 - structure per encoder (similarity histograms, a 2-D PCA) and per pair (k-NN overlap, linear CKA)
   (:mod:`phiclip.comparison.structure`);
-- a few query images and their nearest neighbours in every space.
+- a few query images and their nearest neighbours in every space;
+- warnings where a number means little (a timed section too short to compare speeds).
 
 The result is a :class:`~phiclip.comparison.results.CompareReport`; with ``output`` set,
 ``report.json``, ``report.html`` and the embeddings (``embeddings/<key>.npy``) are written there.
@@ -23,9 +27,10 @@ import io
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +43,9 @@ from phiclip.comparison.measure import (
     measure_model,
 )
 from phiclip.comparison.results import (
+    MIN_TIMED_SECONDS,
     CompareReport,
+    Cost,
     DataSummary,
     ImageRecord,
     ModelResult,
@@ -48,20 +55,90 @@ from phiclip.comparison.results import (
     SimilarityStats,
     finite_or_none,
 )
+from phiclip.images import DEFAULT_MAX_PIXELS
+from phiclip.inputs import LabelledData
 
-if TYPE_CHECKING:  # pragma: no cover
-    from phiclip.datasets_io import LabelledData
-
-#: Keyword defaults of :func:`compare`, declared once (the CLI reads them from here).
+#: Defaults of :class:`CompareOptions`, declared once (the CLI reads them from here).
 DEFAULT_K = 10
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_QUERIES = 6
 DEFAULT_SHOWN_NEIGHBOURS = 5
 DEFAULT_MAX_POINTS = 2000
 DEFAULT_TEST_FRACTION = 0.5
+DEFAULT_PASSES = 3
 RETRIEVAL_KS = (1, 5, 10)
 THUMBNAIL_PX = 112
 SIMILARITY_BINS = 40
+#: Top-5 accuracy is reported only with more classes than this (with 5 or fewer it is always 1).
+TOP5_MIN_CLASSES = 6
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """How :func:`compare` runs.
+
+    ``k``: neighbours for the k-NN overlap and the kNN classifier (needs more than ``k`` images).
+    ``device``, ``dtype`` (compute precision): as for :func:`phiclip.load_encoder`. ``batch_size``:
+    images per forward pass. ``passes``: timed passes over the images (speed = the median, with
+    the spread). ``max_pixels``: larger images are left out (``None``: no limit). ``max_images``:
+    compare at most this many images, spread evenly over the data (so over its classes).
+    ``templates``: zero-shot prompt templates with ``{c}`` (default:
+    :data:`phiclip.evaluate.DEFAULT_TEMPLATES`). ``test_fraction``, ``seed``: the stratified split
+    for kNN and linear probe. ``queries``, ``shown_neighbours``: the neighbour grid. ``max_points``:
+    points per 2-D projection. ``isolate``: measure each encoder in its own subprocess (clean peak
+    memory; ``False`` runs them in this process). ``split`` and the column options: how the data is
+    read (see :func:`phiclip.inputs.load_data`).
+    """
+
+    k: int = DEFAULT_K
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    passes: int = DEFAULT_PASSES
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_images: int | None = None
+    templates: Sequence[str] | None = None
+    test_fraction: float = DEFAULT_TEST_FRACTION
+    seed: int = 0
+    queries: int = DEFAULT_QUERIES
+    shown_neighbours: int = DEFAULT_SHOWN_NEIGHBOURS
+    max_points: int = DEFAULT_MAX_POINTS
+    isolate: bool = True
+    split: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    caption_column: str | None = None
+
+    def check(self, specs: Sequence[str]) -> None:
+        """Refuse bad settings before any work.
+
+        Raises:
+            ValueError: naming the setting and the fix.
+        """
+        from phiclip.encoders import parse_spec
+
+        if len(specs) < 2:
+            raise ValueError(f"compare needs at least two models (got {len(specs)}); pass --model twice")
+        for s in specs:
+            parse_spec(s)  # a malformed spec fails here, before any work
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}")
+        if self.max_images is not None and self.max_images < 2:
+            raise ValueError(f"max_images must be at least 2, got {self.max_images}")
+        if self.passes < 1:
+            raise ValueError(f"passes must be at least 1, got {self.passes}")
+
+    def settings(self) -> dict[str, Any]:
+        """The settings recorded in the report."""
+        out = asdict(self)
+        out["templates"] = self.template_list()
+        return out
+
+    def template_list(self) -> list[str]:
+        """The zero-shot templates in use."""
+        from phiclip.evaluate import DEFAULT_TEMPLATES
+
+        return list(self.templates) if self.templates else list(DEFAULT_TEMPLATES)
 
 
 def _model_keys(n: int) -> list[str]:
@@ -124,17 +201,11 @@ def _thumbnail_uri(image: Any) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _source_name(image: Any, index: int, data_source: str) -> str:
-    if isinstance(image, (str, os.PathLike)):
-        return str(image)
-    return f"{data_source}#{index}"
-
-
 def _as_file(image: Any, index: int, folder: Path) -> str:
     """A path the measuring process can read: the file itself, or the image written to ``folder``
     (encoded bytes as they are, anything else as lossless PNG)."""
     if isinstance(image, (str, os.PathLike)):
-        return str(Path(image).resolve())
+        return os.fspath(Path(image).absolute())
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(image, (bytes, bytearray, memoryview)):
         path = folder / f"{index:07d}.bin"
@@ -143,19 +214,98 @@ def _as_file(image: Any, index: int, folder: Path) -> str:
     from phiclip.images import load_image
 
     path = folder / f"{index:07d}.png"
-    load_image(image).save(path, format="PNG")
+    load_image(image, max_pixels=None).save(path, format="PNG")
     return str(path)
 
 
-def _quality(
-    measured: Measured,
-    labels: np.ndarray | None,
-    owners: np.ndarray | None,
-    *,
-    k: int,
-    test_fraction: float,
-    seed: int,
-) -> Quality:
+# --- step 1: the data ---------------------------------------------------------------------------------
+def read_data(data: str | Path | LabelledData, opts: CompareOptions) -> LabelledData:
+    """The compared images: the data as read, spread over at most ``max_images``."""
+    from phiclip.inputs import load_data
+
+    cols = dict(image_column=opts.image_column, label_column=opts.label_column, caption_column=opts.caption_column)
+    ds = data if isinstance(data, LabelledData) else load_data(data, split=opts.split, **cols)
+    if ds.sources is None:  # in-memory data: name each image by its place in the data as given
+        ds = replace(ds, sources=[ds.name_of(i) for i in range(len(ds))])
+    if opts.max_images is not None and len(ds) > opts.max_images:
+        ds = ds.subset(spread_indices(len(ds), opts.max_images))
+    if opts.k > len(ds) - 1:
+        raise ValueError(f"k={opts.k} neighbours needs more than {opts.k} images, and {ds.source} has {len(ds)}; "
+                         "lower --k")
+    return ds
+
+
+def prompt_classnames(ds: LabelledData) -> list[str] | None:
+    """The class names as words for the zero-shot prompts (``blue_circle`` -> ``blue circle``)."""
+    from phiclip.evaluate import prompt_name
+
+    if ds.classnames is None or ds.labels is None:
+        return None
+    return [prompt_name(c) for c in ds.classnames]
+
+
+# --- step 2: measure each encoder ------------------------------------------------------------------------
+def plan_jobs(specs: Sequence[str], ds: LabelledData, opts: CompareOptions, folder: Path) -> list[MeasureJob]:
+    """One measuring job per encoder, on the same image files (in-memory images written to ``folder``)."""
+    texts = ds.texts_and_owners()[0] if ds.captions is not None and any(ds.captions) else None
+    sources = [_as_file(im, i, folder) for i, im in enumerate(ds.images)]
+    return [
+        MeasureJob(spec=spec, sources=sources, device=opts.device, dtype=opts.dtype, batch_size=opts.batch_size,
+                   texts=texts, classnames=prompt_classnames(ds), templates=opts.template_list(),
+                   passes=opts.passes, max_pixels=opts.max_pixels)
+        for spec in specs
+    ]
+
+
+def measure_all(jobs: Sequence[MeasureJob], keys: Sequence[str], opts: CompareOptions, folder: Path,
+                say: Callable[[str], None]) -> list[Measured]:
+    """Measure every job, each in a subprocess unless ``opts.isolate`` is off."""
+    measured: list[Measured] = []
+    for key, job in zip(keys, jobs):
+        say(f"model {key}: loading and embedding {len(job.sources)} images with {job.spec} ({job.passes} timed passes)")
+        try:
+            m = measure_in_subprocess(job, folder / f"model-{key}") if opts.isolate else measure_model(job)
+        except CompareError as e:
+            raise CompareError(f"model {key}: {e}") from None
+        measured.append(m)
+        spread = ""
+        if m.cost.passes > 1 and m.cost.images_per_s_min is not None:
+            spread = f" (min {m.cost.images_per_s_min:.1f}, max {m.cost.images_per_s_max:.1f})"
+        left = f", {len(m.failed)} image(s) left out" if m.failed else ""
+        say(f"model {key}: dim {m.cost.dim}, {m.cost.images_per_s:.1f} images/s{spread}, loaded in "
+            f"{m.cost.load_s:.1f} s{left}")
+    return measured
+
+
+# --- step 3: the images every encoder embedded ---------------------------------------------------------------
+def common_images(ds: LabelledData, measured: Sequence[Measured], keys: Sequence[str]
+                  ) -> tuple[list[int], list[tuple[int, int]], list[dict[str, str]]]:
+    """The rows of ``ds`` every encoder embedded, their sizes, and each other row with the reason
+    (naming the encoders that refused it when not all did)."""
+    kept_by = [dict(zip(m.kept, m.sizes)) for m in measured]
+    rows = sorted(set.intersection(*[set(k) for k in kept_by]))
+    why: dict[int, list[tuple[str, str, str]]] = {}
+    for key, m in zip(keys, measured):
+        for i, stage, reason in m.failed:
+            why.setdefault(int(i), []).append((key, stage, reason))
+    left: list[dict[str, str]] = []
+    for i in sorted(why):
+        key, stage, reason = why[i][0]
+        if len(why[i]) < len(measured):
+            reason = f"model {', '.join(k for k, _, _ in why[i])}: {reason}"
+        left.append({"source": ds.name_of(i), "stage": stage, "reason": reason})
+    return rows, [kept_by[0][i] for i in rows], left
+
+
+def _rows_of(m: Measured, rows: Sequence[int]) -> Measured:
+    """``m`` restricted to the common rows, in their order."""
+    at = {i: j for j, i in enumerate(m.kept)}
+    pick = [at[i] for i in rows]
+    return replace(m, image_embeddings=m.image_embeddings[pick], kept=list(rows), sizes=[m.sizes[j] for j in pick])
+
+
+# --- step 4: the numbers ------------------------------------------------------------------------------
+def quality(measured: Measured, labels: np.ndarray | None, owners: np.ndarray | None, opts: CompareOptions) -> Quality:
     """kNN / linear probe / zero-shot / retrieval for one encoder; each computed or skipped with a reason."""
     from phiclip import evaluate
 
@@ -165,19 +315,24 @@ def _quality(
         for name in ("knn", "linear_probe", "zero_shot"):
             q.skipped[name] = "the data has no labels"
     else:
-        train, test = evaluate.stratified_split(labels, test_fraction, seed)
+        train, test = evaluate.stratified_split(labels, opts.test_fraction, opts.seed)
         if len(test) == 0 or len(np.unique(labels[train])) < 2:
             reason = "too few images per class for a train/test split (need 2+ classes with 2+ images each)"
             q.skipped["knn"] = q.skipped["linear_probe"] = reason
         else:
-            knn = evaluate.knn_classify(x[train], labels[train], x[test], labels[test], k=k)
+            knn = evaluate.knn_classify(x[train], labels[train], x[test], labels[test], k=opts.k)
             q.metrics["knn_accuracy"] = knn["acc1"]
-            probe = evaluate.linear_probe(x[train], labels[train], x[test], labels[test], seed=seed)
+            probe = evaluate.linear_probe(x[train], labels[train], x[test], labels[test], seed=opts.seed)
             q.metrics["linear_probe_accuracy"] = probe["acc1"]
-        if measured.zero_shot_weights is not None:
-            zs = evaluate.zero_shot_metrics(x, measured.zero_shot_weights, labels)
+        weights = measured.zero_shot_weights
+        if weights is not None:
+            zs = evaluate.zero_shot_metrics(x, weights, labels)
             q.metrics["zero_shot_top1"] = zs["acc1"]
-            q.metrics["zero_shot_top5"] = zs["acc5"]
+            if len(weights) >= TOP5_MIN_CLASSES:
+                q.metrics["zero_shot_top5"] = zs["acc5"]
+            else:
+                q.skipped["zero_shot_top5"] = (f"only {len(weights)} classes: the true class is always among the "
+                                               "top 5, so top-5 accuracy would be 1")
         else:
             q.skipped["zero_shot"] = measured.skipped.get("zero_shot", "the data has no class names")
     if owners is None:
@@ -243,161 +398,11 @@ def _projections(embeddings: list[np.ndarray], max_points: int) -> list[Projecti
     return out
 
 
-def compare(
-    models: Sequence[str],
-    data: str | Path | LabelledData,
-    output: str | Path | None = None,
-    *,
-    k: int = DEFAULT_K,
-    device: str = "auto",
-    dtype: str = "auto",
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    max_images: int | None = None,
-    templates: Sequence[str] | None = None,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
-    seed: int = 0,
-    queries: int = DEFAULT_QUERIES,
-    shown_neighbours: int = DEFAULT_SHOWN_NEIGHBOURS,
-    max_points: int = DEFAULT_MAX_POINTS,
-    isolate: bool = True,
-    progress: Callable[[str], None] | None = None,
-) -> CompareReport:
-    """Embed the same images with each encoder and compare cost, quality and structure.
-
-    Args:
-        models: two or more encoder specs (``clip:...``, ``phi3v:...?num_crops=4``, ...).
-        data: a folder per class, a CSV/Parquet table (with captions for retrieval), ``hf:NAME``,
-            or a loaded :class:`~phiclip.datasets_io.LabelledData`.
-        output: where to write ``report.json``, ``report.html`` and ``embeddings/``; ``None``: nothing written.
-        k: neighbours for the k-NN overlap and the kNN classifier (needs more than ``k`` images).
-        device, dtype: as for :func:`phiclip.load_encoder`.
-        batch_size: images per forward pass.
-        max_images: compare at most this many images, spread evenly over the data (so over its classes).
-        templates: zero-shot prompt templates with ``{c}`` (default: :data:`phiclip.evaluate.DEFAULT_TEMPLATES`).
-        test_fraction, seed: the stratified split for kNN and linear probe.
-        queries, shown_neighbours: size of the neighbour grid in the report.
-        max_points: at most this many points in each 2-D projection.
-        isolate: measure each encoder in its own subprocess (clean peak memory); ``False`` runs
-            them in this process (faster to start; peak memory then less exact).
-        progress: called with a line of text as each step starts.
-
-    Raises:
-        ValueError: bad arguments or data (the message names the input and the fix).
-        CompareError: an encoder could not be loaded or run (the message names it).
-    """
-    from phiclip import __version__
-    from phiclip.datasets_io import LabelledData, load_data
-    from phiclip.encoders import parse_spec
-    from phiclip.evaluate import DEFAULT_TEMPLATES
-    from phiclip.images import try_load_image
-
-    say = progress or (lambda _msg: None)
-    specs = [str(m) for m in models]
-    if len(specs) < 2:
-        raise ValueError(f"compare needs at least two models (got {len(specs)}); pass --model twice")
-    for s in specs:
-        parse_spec(s)  # a malformed spec fails here, before any work
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    if max_images is not None and max_images < 2:
-        raise ValueError(f"max_images must be at least 2, got {max_images}")
-
-    say(f"reading {data}")
-    ds = data if isinstance(data, LabelledData) else load_data(data)
-    rows = np.arange(len(ds))  # each compared image's row in the data as read
-    if max_images is not None and len(ds) > max_images:
-        rows = spread_indices(len(ds), max_images)
-        ds = ds.subset(rows)
-
-    # Decode every image once: sizes for the report, and unreadable images set aside (listed).
-    keep: list[int] = []
-    sizes: list[tuple[int, int]] = []
-    skipped_images: list[dict[str, str]] = []
-    for i, image in enumerate(ds.images):
-        img, err = try_load_image(image)
-        if err is not None:
-            skipped_images.append({"source": _source_name(image, int(rows[i]), ds.source), "reason": err.reason})
-            continue
-        keep.append(i)
-        sizes.append(img.size)
-    if len(keep) < len(ds):
-        ds = ds.subset(keep)
-        rows = rows[keep]
-    n = len(ds)
-    if n < 2:
-        raise ValueError(f"{ds.source}: {n} readable image(s); compare needs at least two")
-    if k > n - 1:
-        raise ValueError(f"k={k} neighbours needs more than {k} images, and {ds.source} has {n}; lower --k")
-
-    labels = ds.labels
-    classnames = list(ds.classnames) if ds.classnames is not None else None
-    label_names = None
-    if labels is not None:
-        label_names = [classnames[int(y)] if classnames else str(int(y)) for y in labels]
-    texts: list[str] | None = None
-    owners: np.ndarray | None = None
-    if ds.captions is not None and any(ds.captions):
-        texts, owners = ds.texts_and_owners()
-    prompt_names = [c.replace("_", " ") for c in classnames] if classnames and labels is not None else None
-    tmpl = list(templates) if templates else list(DEFAULT_TEMPLATES)
-
-    keys = _model_keys(len(specs))
-    names = short_names(specs)
-    measured: list[Measured] = []
-    with tempfile.TemporaryDirectory(prefix="phiclip-compare-") as tmp:
-        tmpdir = Path(tmp)
-        sources = [_as_file(im, i, tmpdir / "images") for i, im in enumerate(ds.images)]
-        for key, spec in zip(keys, specs):
-            say(f"model {key}: loading and embedding {n} images with {spec}")
-            job = MeasureJob(
-                spec=spec,
-                sources=sources,
-                device=device,
-                dtype=dtype,
-                batch_size=batch_size,
-                texts=texts,
-                classnames=prompt_names,
-                templates=tmpl,
-            )
-            try:
-                m = measure_in_subprocess(job, tmpdir / f"model-{key}") if isolate else measure_model(job)
-            except CompareError as e:
-                raise CompareError(f"model {key}: {e}") from None
-            if m.image_embeddings.shape[0] != n:
-                raise CompareError(
-                    f"model {key} ({spec}) returned {m.image_embeddings.shape[0]} embeddings for {n} images"
-                )
-            measured.append(m)
-            say(
-                f"model {key}: dim {m.cost.dim}, {m.cost.images_per_s:.1f} images/s, "
-                f"loaded in {m.cost.load_s:.1f} s"
-            )
-
-    say("computing quality and structure metrics")
-    embeddings = [m.image_embeddings for m in measured]
-    query_idx = choose_queries(labels, n, queries)
-    n_show = max(1, min(shown_neighbours, n - 1))
-    projections = _projections(embeddings, max_points)
-    sim_range = histogram_range(embeddings)
-    results: list[ModelResult] = []
-    for i, (key, spec, name, m) in enumerate(zip(keys, specs, names, measured)):
-        nn = structure.knn_indices(m.image_embeddings, n_show)
-        results.append(
-            ModelResult(
-                key=key,
-                spec=spec,
-                name=name,
-                description=m.description,
-                cost=m.cost,
-                quality=_quality(m, labels, owners, k=k, test_fraction=test_fraction, seed=seed),
-                similarity=_similarity(m.image_embeddings, labels, sim_range),
-                projection=projections[i],
-                neighbours=[[int(j) for j in nn[q]] for q in query_idx],
-            )
-        )
+def pair_results(embeddings: Sequence[np.ndarray], k: int) -> list[PairResult]:
+    """k-NN overlap and linear CKA of every pair of spaces."""
     pairs: list[PairResult] = []
-    for a in range(len(specs)):
-        for b in range(a + 1, len(specs)):
+    for a in range(len(embeddings)):
+        for b in range(a + 1, len(embeddings)):
             ov = structure.knn_overlap(embeddings[a], embeddings[b], k)
             shared = np.rint(ov.per_image * k).astype(np.int64)
             pairs.append(
@@ -412,50 +417,127 @@ def compare(
                     knn_overlap_counts=[int(c) for c in np.bincount(shared, minlength=k + 1)],
                 )
             )
+    return pairs
 
+
+def timing_warnings(keys: Sequence[str], costs: Sequence[Cost]) -> list[str]:
+    """Why speed figures may mean little: a timed pass under :data:`MIN_TIMED_SECONDS`, or two
+    encoders whose ranges of speed over the passes overlap (their difference is within the noise)."""
+    out: list[str] = []
+    short = [f"{k} {c.encode_s:.2f} s" for k, c in zip(keys, costs) if c.encode_s < MIN_TIMED_SECONDS]
+    if short:
+        out.append(
+            f"The timed section is too short to mean much (model time per pass: {', '.join(short)}; under "
+            f"{MIN_TIMED_SECONDS:g} s, start-up costs and noise dominate): speed figures and their ratios are not "
+            "reliable; compare more images (--max-images) or use more passes (--passes)."
+        )
+    return out
+
+
+def _check_enough(ds: LabelledData, opts: CompareOptions, left_out: Sequence[dict[str, str]]) -> None:
+    """Refuse a comparison on fewer than two images, or with more neighbours than images."""
+    n = len(ds)
+    if n < 2:
+        first = f", e.g. {left_out[0]['source']}: {left_out[0]['reason']}" if left_out else ""
+        raise ValueError(f"{ds.source}: {n} image(s) embedded by every model; compare needs at least two "
+                         f"({len(left_out)} left out{first})")
+    if opts.k > n - 1:
+        raise ValueError(f"k={opts.k} neighbours needs more than {opts.k} images, and {ds.source} has {n} that every "
+                         "model embedded; lower --k")
+
+
+def build_report(specs: Sequence[str], keys: Sequence[str], ds: LabelledData, measured: Sequence[Measured],
+                 sizes: Sequence[tuple[int, int]], opts: CompareOptions) -> CompareReport:
+    """Step 4: every number of the report from the vectors of the compared images (``ds``'s rows)."""
+    from phiclip import __version__
+
+    n = len(ds)
+    labels = ds.labels
+    owners = ds.texts_and_owners()[1] if ds.captions is not None and any(ds.captions) else None
+    embeddings = [m.image_embeddings for m in measured]
+    query_idx = choose_queries(labels, n, opts.queries)
+    n_show = max(1, min(opts.shown_neighbours, n - 1))
+    projections = _projections(embeddings, opts.max_points)
+    sim_range = histogram_range(embeddings)
+    results = []
+    for i, (key, spec, name, m) in enumerate(zip(keys, specs, short_names(specs), measured)):
+        nn = structure.knn_indices(m.image_embeddings, n_show)
+        results.append(ModelResult(
+            key=key, spec=spec, name=name, description=m.description, cost=m.cost,
+            quality=quality(m, labels, owners, opts),
+            similarity=_similarity(m.image_embeddings, labels, sim_range),
+            projection=projections[i],
+            neighbours=[[int(j) for j in nn[q]] for q in query_idx],
+        ))  # fmt: skip
+    names = ds.classnames
     images = [
         ImageRecord(
-            index=i,
-            source=_source_name(im, int(rows[i]), ds.source),
-            width=int(sizes[i][0]),
-            height=int(sizes[i][1]),
-            label=None if label_names is None else label_names[i],
+            index=i, source=ds.name_of(i), width=int(sizes[i][0]), height=int(sizes[i][1]),
+            label=None if labels is None else (names[int(labels[i])] if names else str(int(labels[i]))),
             caption=(ds.captions[i][0] if ds.captions is not None and ds.captions[i] else None),
         )
-        for i, im in enumerate(ds.images)
-    ]
-    report = CompareReport(
+        for i in range(n)
+    ]  # fmt: skip
+    return CompareReport(
         phiclip_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        data=DataSummary(
-            source=str(ds.source or data),
-            images=n,
-            classnames=classnames or [],
-            has_labels=labels is not None,
-            has_captions=owners is not None,
-            skipped=skipped_images,
-        ),
-        settings={
-            "k": k,
-            "device": device,
-            "dtype": dtype,
-            "batch_size": batch_size,
-            "max_images": max_images,
-            "templates": tmpl,
-            "test_fraction": test_fraction,
-            "seed": seed,
-            "isolate": isolate,
-            "shown_neighbours": n_show,
-            "max_points": max_points,
-        },
+        data=DataSummary(source=str(ds.source), images=n, classnames=list(names or []), has_labels=labels is not None,
+                         has_captions=owners is not None),
+        settings={**opts.settings(), "shown_neighbours": n_show},
         images=images,
         queries=query_idx,
         models=results,
-        pairs=pairs,
+        pairs=pair_results(embeddings, opts.k),
+        warnings=timing_warnings(keys, [m.cost for m in measured]),
     )
+
+
+# --- the whole comparison -------------------------------------------------------------------------------
+def compare(
+    models: Sequence[str],
+    data: str | Path | LabelledData,
+    output: str | Path | None = None,
+    options: CompareOptions | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
+    **settings: Any,
+) -> CompareReport:
+    """Embed the same images with each encoder and compare cost, quality and structure.
+
+    Args:
+        models: two or more encoder specs (``clip:...``, ``phi3v:...?num_crops=4``, ...).
+        data: anything :func:`phiclip.inputs.load_data` reads (a folder per class, a CSV/Parquet
+            table (captions enable retrieval), ``hf:NAME``, a glob...), or a loaded
+            :class:`~phiclip.inputs.LabelledData`.
+        output: where to write ``report.json``, ``report.html`` and ``embeddings/``; ``None``: nothing written.
+        options: a :class:`CompareOptions`; ``settings`` (its field names) override its fields.
+        progress: called with a line of text as each step starts.
+
+    Raises:
+        ValueError: bad arguments or data (the message names the input and the fix).
+        CompareError: an encoder could not be loaded or run (the message names it).
+    """
+    opts = replace(options or CompareOptions(), **settings)
+    say = progress or (lambda _msg: None)
+    specs = [str(m) for m in models]
+    opts.check(specs)
+    say(f"reading {data}")
+    ds = read_data(data, opts)
+    keys = _model_keys(len(specs))
+    with tempfile.TemporaryDirectory(prefix="phiclip-compare-") as tmp:
+        jobs = plan_jobs(specs, ds, opts, Path(tmp) / "images")
+        measured = measure_all(jobs, keys, opts, Path(tmp), say)
+    rows, sizes, left_out = common_images(ds, measured, keys)
+    if len(rows) < len(ds):
+        ds = ds.subset(rows)
+        measured = [_rows_of(m, rows) for m in measured]
+    _check_enough(ds, opts, left_out)
+    say("computing quality and structure metrics")
+    report = build_report(specs, keys, ds, measured, sizes, opts)
+    report.data.skipped = list(ds.left_out) + left_out
     if output is not None:
         say(f"writing the report to {output}")
-        write_outputs(report, output, ds.images, embeddings)
+        write_outputs(report, output, ds.images, [m.image_embeddings for m in measured])
     return report
 
 
@@ -485,4 +567,18 @@ def write_outputs(
     return paths
 
 
-__all__ = ["CompareError", "choose_queries", "compare", "short_names", "spread_indices", "write_outputs"]
+__all__ = [
+    "CompareError",
+    "CompareOptions",
+    "choose_queries",
+    "common_images",
+    "build_report",
+    "compare",
+    "plan_jobs",
+    "quality",
+    "read_data",
+    "short_names",
+    "spread_indices",
+    "timing_warnings",
+    "write_outputs",
+]

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from phiclip.models.ops import l2_normalize
+
 #: Rows per block when a full (n, n) similarity matrix would be too large to hold at once.
 _BLOCK = 1024
 
@@ -43,13 +45,6 @@ def _same_rows(a: np.ndarray, b: np.ndarray) -> None:
         raise ValueError(
             f"the two spaces must embed the same images: a has {a.shape[0]} rows and b has {b.shape[0]}"
         )
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm, as float32 (all-zero rows stay zero). ``(n, d) -> (n, d)``."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
 
 
 def knn_indices(x: np.ndarray, k: int) -> np.ndarray:

@@ -16,9 +16,7 @@ picklable, thread-safe), ``collate(items) -> batch`` and ``encode_batch(batch) -
 from __future__ import annotations
 
 import abc
-import contextlib
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +24,7 @@ import numpy as np
 
 from phiclip.encoders.registry import SPEC_KINDS, parse_spec
 from phiclip.encoders.spec import EncoderSpec, option_bool, option_int
-from phiclip.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
+from phiclip.images import DEFAULT_MAX_PIXELS, ImageInput, describe_source
 
 
 def default_prep_threads() -> int:
@@ -158,28 +156,32 @@ class Encoder(abc.ABC):
         """Relative cost of an item for batching (Phi-3-vision: its crop count). Default 1."""
         return 1
 
+    def item_crops(self, item: Any) -> int:
+        """Vision-tower passes (crops) an item takes, for cost reports. The batching cost by default;
+        encoders whose batching counts something else (prompt tokens) say so here."""
+        return self.item_cost(item)
+
     def typical_item_cost(self) -> int:
         """What an item usually costs, before any is preprocessed (to size the work per worker)."""
         return 1
 
     # --- convenience --------------------------------------------------------------------------
     def encode_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
-        """Images (PIL, arrays, paths or bytes) -> (n, dim) float32 embeddings."""
-        def prepare(image: ImageInput) -> Any:
-            return self.preprocess(load_image(image, keep_alpha=self.keeps_alpha))
+        """Images (PIL, arrays, paths or bytes) -> (n, dim) float32 embeddings, through the bulk pipeline's
+        loop (:func:`phiclip.pipeline.step.embed_payloads`: decoding and preprocessing on a thread pool
+        between model calls, about ``batch_size`` images per model call, images over ``max_pixels``
+        refused).
 
-        # Decoding and preprocessing run on a thread pool between model calls (PIL releases the GIL).
-        threads = min(default_prep_threads(), batch_size, len(images))
-        out = []
-        with contextlib.ExitStack() as stack:
-            pool = stack.enter_context(ThreadPoolExecutor(threads, thread_name_prefix="phiclip-prep")) if threads > 1 else None
-            for start in range(0, len(images), batch_size):
-                part = images[start : start + batch_size]
-                chunk = list(pool.map(prepare, part)) if pool is not None else [prepare(im) for im in part]
-                out.append(self.encode_batch(self.collate(chunk)).embeddings)
-        if not out:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.concatenate(out, axis=0).astype(np.float32, copy=False)
+        Raises:
+            phiclip.pipeline.step.InputsFailed: (an ``ImageDecodeError``) naming every input that could
+                not be embedded, after trying all of them.
+        """
+        from phiclip.pipeline.step import embed_payloads
+
+        budget = max(1, batch_size) * max(1, int(self.typical_item_cost()))  # the loop's budget counts item costs
+        res = embed_payloads(self, images, batch_size=budget, max_pixels=self.max_pixels)
+        res.raise_for_errors([describe_source(im) for im in images])
+        return res.in_order(len(images))
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Texts -> (n, dim) float32 embeddings, for encoders with a text side."""

@@ -423,9 +423,7 @@ def check_checkpoint(spec: EncoderSpec, location: str | Location, expected_model
     try:
         config_path = resolve_file(loc, "config.json")
     except CheckpointError as e:
-        if loc.is_local:
-            raise
-        raise _load_error(spec, "config", e) from None
+        raise CheckpointError(f"encoder spec {str(spec)!r}: {e}") from None
     assert config_path is not None
     revision = None if loc.is_local else snapshot_commit(config_path)
     data = load_json_file(config_path, "the checkpoint's config is damaged")
@@ -577,14 +575,15 @@ class _ContrastiveEncoder(Encoder):
             ValueError: a missing or incomplete directory, an unreachable hub id, or a checkpoint of
                 another model type.
         """
-        import torch
-        import transformers
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-
         if spec.kind != cls.kind:
             raise ValueError(f"encoder spec {str(spec)!r} is not a {cls.kind}: spec")
         loc = _location(spec)
         checked = check_checkpoint(spec, loc, cls.model_type)  # before transformers reads anything
+        # Imported once the checkpoint passed its checks (seconds of import time a bad location need not pay).
+        import torch
+        import transformers
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
         location = str(loc)
         # A hub id: the commit whose config.json was checked, and only the cache while the hub is unreachable.
         no_code = {"trust_remote_code": False, **hub_kwargs_for_transformers(loc, checked.revision)}

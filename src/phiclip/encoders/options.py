@@ -3,10 +3,20 @@ as dataclasses with their defaults and meanings, declared once. Torch-free."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
 
-from phiclip.encoders.spec import SpecOptions, bool_option, choice_option, int_option
+from phiclip.encoders.spec import (
+    EncoderSpec,
+    SpecOptions,
+    bool_option,
+    choice_option,
+    int_option,
+    option_choice,
+)
 from phiclip.phi3v.config import MAX_NUM_CROPS
+from phiclip.phi3v.prompts import DEFAULT_PRESET, POOLINGS, PRESETS, check_template, default_preset
 
 #: Most images (or texts) per CLIP / SigLIP model call, by default.
 DEFAULT_MAX_BATCH = 256
@@ -36,4 +46,75 @@ class Phi3VOptions(SpecOptions):
     max_crops: int | None = int_option(None, "integer >= 1: crops per tower call (default: 4 on the CPU, 64 on GPUs)")
 
 
-__all__ = ["DEFAULT_MAX_BATCH", "ContrastiveOptions", "Phi3VOptions"]
+def _preset_option(help: str) -> Any:
+    """The ``preset`` field: one of :data:`~phiclip.phi3v.prompts.PRESETS`; left out, the location's
+    own (:func:`~phiclip.phi3v.prompts.default_preset`)."""
+
+    def parse(spec: EncoderSpec, key: str) -> str:
+        raw = spec.options.get(key)
+        if raw is None or not raw.strip():
+            return default_preset(spec.location)
+        if raw.strip() not in PRESETS:
+            raise ValueError(f"encoder spec {str(spec)!r}: preset {raw!r} is not one of {', '.join(PRESETS)}")
+        return raw.strip()
+
+    return field(default=DEFAULT_PRESET, metadata={"parse": parse, "help": help})
+
+
+def _prompt_option(kind: str, help: str) -> Any:
+    """A prompt template field (``None``: the preset's), checked by
+    :func:`~phiclip.phi3v.prompts.check_template`. In a spec a newline is written ``\\n`` and
+    ``&``, ``,``, ``%`` percent-encoded (``%26``, ``%2C``, ``%25``)."""
+
+    def parse(spec: EncoderSpec, key: str) -> str | None:
+        raw = spec.options.get(key)
+        if raw is None:
+            return None
+        template = urllib.parse.unquote(raw).replace("\\n", "\n")
+        try:
+            check_template(kind, template)
+        except ValueError as e:
+            raise ValueError(f"encoder spec {str(spec)!r}: option {key}: {e}") from None
+        return template
+
+    return field(default=None, metadata={"parse": parse, "help": help})
+
+
+def _text_option(help: str) -> Any:
+    """A free-text field (``None`` when left out or empty)."""
+
+    def parse(spec: EncoderSpec, key: str) -> str | None:
+        raw = (spec.options.get(key) or "").strip()
+        return raw or None
+
+    return field(default=None, metadata={"parse": parse, "help": help})
+
+
+@dataclass(frozen=True)
+class Phi3VLMOptions(SpecOptions):
+    """``phi3v-lm:`` options. ``None``: the preset's value (``num_crops``: then the checkpoint's)."""
+
+    preset: str = _preset_option(
+        f"{'|'.join(PRESETS)}: prompts, pooling, num_crops and max_length of one embedding method "
+        "(default: vlm2vec for TIGER-Lab/VLM2Vec-Full, dse for Tevatron/dse-phi3-docmatix-*, else e5v)")
+    image_prompt: str | None = _prompt_option(
+        "image", "template with <|image_1|> for images (default: the preset's; newline as \\n, & as %26, , as %2C)")
+    text_prompt: str | None = _prompt_option("text", "template with {text} for texts (default: the preset's)")
+    mixed_prompt: str | None = _prompt_option(
+        "mixed", "template with <|image_1|> and {text} for image + text inputs (default: the preset's)")
+    pooling: str | None = field(default=None, metadata={
+        "parse": lambda spec, key: option_choice(spec, key, None, POOLINGS),  # type: ignore[arg-type]
+        "help": "last|mean: the state at the last real token, or the mean over real tokens (default: the preset's)"})
+    normalize: bool = bool_option(True, "true|false: L2-normalise the vectors (default true)")
+    num_crops: int | None = int_option(
+        None, f"integer from 1 to {MAX_NUM_CROPS}: crops per image (default: the preset's, else the checkpoint's)",
+        maximum=MAX_NUM_CROPS, hint="the released checkpoints use 16 (Phi-3-vision) or 4 (Phi-3.5-vision)")
+    max_length: int | None = int_option(
+        None, "integer >= 1: text prompts cut to this many tokens (default: the preset's; prompts with images never are)")
+    max_tokens: int | None = int_option(
+        None, "integer >= 1: padded prompt tokens per language-model call (default 4096 on the CPU, 16384 on GPUs)")
+    max_crops: int | None = int_option(None, "integer >= 1: crops per tower call (default: 4 on the CPU, 64 on GPUs)")
+    revision: str | None = _text_option("a hub revision (branch, tag or commit) for a hub id (default: main)")
+
+
+__all__ = ["DEFAULT_MAX_BATCH", "ContrastiveOptions", "Phi3VLMOptions", "Phi3VOptions"]

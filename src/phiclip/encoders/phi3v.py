@@ -24,7 +24,7 @@ from phiclip.encoders.spec import EncoderSpec
 from phiclip.images import load_image
 from phiclip.models.checkpoint import fingerprint_module
 from phiclip.models.ops import l2_normalize
-from phiclip.phi3v.modeling import Phi3VImageEmbedding, count_parameters
+from phiclip.phi3v.modeling import Phi3VImageEmbedding
 from phiclip.phi3v.processing import Phi3VImageProcessor, num_image_tokens
 
 
@@ -147,7 +147,7 @@ class Phi3VEncoder(Encoder):
             normalized=self.normalize,
             dtype=dtype_name(self.dtype),
             device=str(self.device),
-            parameters=count_parameters(self.model),
+            parameters=self.model.image_path_parameters(),
             weights_fingerprint=self.weights_fingerprint,
             preprocessing=self.processor.to_dict(),
             options=self.options.to_dict(),

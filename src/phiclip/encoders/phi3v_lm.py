@@ -1,14 +1,15 @@
 """The Phi-3-vision language-model encoder: images, texts and image + instruction inputs embedded
 by the whole model (image path + language model), pooled from its last hidden state.
 
-Spec: ``phi3v-lm:<hub id or directory>[?preset=e5v&num_crops=4&pooling=last&normalize=true&...]``.
+Spec: ``phi3v-lm:<hub id or directory>[?preset=e5v&num_crops=4&pooling=last&normalize=true&...]``
+(:class:`~phiclip.encoders.options.Phi3VLMOptions`, checked when the spec is parsed).
 
 Options:
 
-- ``preset``: ``e5v``, ``vlm2vec`` or ``dse`` (:data:`PRESETS`): prompt templates, pooling,
-  ``num_crops`` and ``max_length`` as the method's authors use them. Default: ``vlm2vec`` for
-  ``TIGER-Lab/VLM2Vec-Full``, ``dse`` for ``Tevatron/dse-phi3-docmatix-v1``/``-v2``, else ``e5v``
-  (a one-word-summary prompt pair that needs no fine-tuning). Other options override its fields.
+- ``preset``: ``e5v``, ``vlm2vec`` or ``dse`` (:data:`~phiclip.phi3v.prompts.PRESETS`): prompt
+  templates, pooling, ``num_crops`` and ``max_length`` as the method's authors use them. Default:
+  ``vlm2vec`` for ``TIGER-Lab/VLM2Vec-Full``, ``dse`` for ``Tevatron/dse-phi3-docmatix-v1``/``-v2``,
+  else ``e5v`` (a one-word-summary prompt pair that needs no fine-tuning). Other options override its fields.
 - ``image_prompt`` (with ``<|image_1|>``), ``text_prompt`` (with ``{text}``), ``mixed_prompt``
   (with both, for :meth:`Phi3VLMEncoder.encode_mixed`). In a spec, write a newline as ``\\n`` and
   ``&``, ``,`` or ``%`` percent-encoded (``%26``, ``%2C``, ``%25``).
@@ -18,124 +19,38 @@ Options:
   the released processor).
 - ``max_tokens``: padded prompt tokens per language-model call (default 16384 on GPUs, 4096 on
   the CPU); ``max_crops``: crops per tower call; ``revision``: a hub revision.
+
+Where the files come from follows :func:`phiclip.hub.resolve_location`; device and precision are
+the registry's :class:`~phiclip.encoders.device.Placement` (float32, bfloat16 or float16).
 """
 
 from __future__ import annotations
 
-import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from phiclip.encoders.base import (
-    EncodedBatch,
-    Encoder,
-    EncoderDescription,
-    EncoderSpec,
-    count_parameters,
-    dtype_name,
-    option_bool,
-    option_int,
-)
+from phiclip.encoders.base import EncodedBatch, Encoder, EncoderDescription, count_parameters, dtype_name
+from phiclip.encoders.device import Placement
+from phiclip.encoders.options import Phi3VLMOptions
+from phiclip.encoders.spec import EncoderSpec
 from phiclip.images import ImageInput, load_image
+from phiclip.models.checkpoint import fingerprint_module
+from phiclip.phi3v.prompts import (
+    DEFAULT_PRESET,
+    IMAGE_SLOT,
+    PRESET_FOR_HUB_ID,
+    PRESETS,
+    TEXT_SLOT,
+    Phi3VLMPreset,
+    check_template,
+    default_preset,
+)
 
-_OPTIONS = {"preset", "num_crops", "pooling", "normalize", "image_prompt", "text_prompt", "mixed_prompt",
-            "max_length", "max_tokens", "max_crops", "revision"}
-TEXT_SLOT = "{text}"
-IMAGE_SLOT = "<|image_1|>"
-
-
-@dataclass(frozen=True)
-class Phi3VLMPreset:
-    """How one embedding method prompts and pools Phi-3-vision (see the README for the sources)."""
-
-    name: str
-    image_prompt: str
-    text_prompt: str
-    mixed_prompt: str | None
-    pooling: str = "last"
-    num_crops: int | None = None
-    max_length: int | None = None
-    source: str = ""
-
-
-#: The presets. E5-V's one-word-summary prompts in Phi-3's chat format (E5-V: "<image>\nSummary above
-#: image in one word:", "<sent>\nSummary above sentence in one word:", last token); VLM2Vec-Full's
-#: instructions for image targets, caption queries and image + question queries (last token, L2,
-#: num_crops 4, max_len 256 in its evaluation commands); DSE's passage and query prompts (``eos``,
-#: i.e. last-token, pooling, L2, query_max_len 128).
-PRESETS: dict[str, Phi3VLMPreset] = {
-    "e5v": Phi3VLMPreset(
-        name="e5v",
-        image_prompt="<|user|>\n<|image_1|>\nSummary above image in one word:<|end|>\n<|assistant|>\n",
-        text_prompt="<|user|>\n{text}\nSummary above sentence in one word:<|end|>\n<|assistant|>\n",
-        mixed_prompt="<|user|>\n<|image_1|>\n{text}\nSummary above image in one word:<|end|>\n<|assistant|>\n",
-        source="E5-V (arXiv:2407.12580) prompts, as in vLLM's examples/offline_inference/vision_language_embedding.py, in Phi-3's chat format",
-    ),
-    "vlm2vec": Phi3VLMPreset(
-        name="vlm2vec",
-        image_prompt="<|image_1|> Represent the given image.",
-        text_prompt="Find me an everyday image that matches the given caption: {text}",
-        mixed_prompt="<|image_1|> Represent the given image with the following question: {text}",
-        num_crops=4,
-        max_length=256,
-        source="TIGER-AI-Lab/VLM2Vec README (v1: usage and eval.py commands); vLLM vision_language_embedding.py run_vlm2vec",
-    ),
-    "dse": Phi3VLMPreset(
-        name="dse",
-        image_prompt="<|image_1|>\nWhat is shown in this image?</s>",
-        text_prompt="query: {text}</s>",
-        mixed_prompt=None,
-        max_length=128,
-        source="texttron/tevatron examples/dse (collator.py prompts, dse.py eos pooling, README encode commands)",
-    ),
-}
-#: Hub ids whose own preset is the default (lower case).
-PRESET_FOR_HUB_ID = {
-    "tiger-lab/vlm2vec-full": "vlm2vec",
-    "tevatron/dse-phi3-docmatix-v1": "dse",
-    "tevatron/dse-phi3-docmatix-v2": "dse",
-}
-DEFAULT_PRESET = "e5v"
-
-
-def default_preset(location: str) -> str:
-    """The preset a location gets when the spec names none."""
-    return PRESET_FOR_HUB_ID.get(str(location).strip().lower(), DEFAULT_PRESET)
-
-
-def check_template(kind: str, template: str | None) -> None:
-    """A prompt template fits its use: ``image`` has ``<|image_1|>`` once and no ``{text}``;
-    ``text`` has ``{text}`` and no image placeholder; ``mixed`` has both (``None`` allowed:
-    mixed inputs are then refused). Raises ``ValueError`` naming the template."""
-    from phiclip.phi3v.language import image_tags
-
-    if template is None and kind == "mixed":
-        return
-    if not isinstance(template, str) or not template:
-        raise ValueError(f"the {kind} prompt must be a non-empty string, got {template!r}")
-    tags = image_tags(template)
-    want_image, want_text = kind in ("image", "mixed"), kind in ("text", "mixed")
-    if want_image and tags != [1]:
-        raise ValueError(f"the {kind} prompt {template!r} must contain {IMAGE_SLOT} exactly once (and no other image placeholder)")
-    if not want_image and tags:
-        raise ValueError(f"the {kind} prompt {template!r} must not contain an image placeholder")
-    if want_text and TEXT_SLOT not in template:
-        raise ValueError(f"the {kind} prompt {template!r} must contain {TEXT_SLOT} where the text goes")
-    if not want_text and TEXT_SLOT in template:
-        raise ValueError(f"the {kind} prompt {template!r} must not contain {TEXT_SLOT}")
-
-
-def _text_option(spec: EncoderSpec, key: str) -> str | None:
-    """A free-text spec option: percent-decoded, with ``\\n`` as a newline."""
-    raw = spec.options.get(key)
-    if raw is None:
-        return None
-    return urllib.parse.unquote(raw).replace("\\n", "\n")
-
+#: Compute precisions the language model runs in.
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 class Phi3VLMEncoder(Encoder):
     """Phi-3-vision (image path + transformers' ``Phi3Model``) as an image and text embedding model.
@@ -144,10 +59,13 @@ class Phi3VLMEncoder(Encoder):
         model: a :class:`~phiclip.phi3v.language.Phi3VEmbeddingModel`.
         processor: the :class:`~phiclip.phi3v.Phi3VImageProcessor` (its ``num_crops`` decides the crops).
         tokenizer: the checkpoint's tokenizer.
-        preset: a name of :data:`PRESETS` or a :class:`Phi3VLMPreset`; the other arguments override it.
+        options: the spec's options (:class:`~phiclip.encoders.options.Phi3VLMOptions`): a preset,
+            and what overrides it (``num_crops`` and ``max_crops`` are the processor's and model's).
         padding_side: where the prompts of a batch are padded (the vectors do not depend on it).
+        precision: what runs and why (:meth:`~phiclip.encoders.device.Placement.record`).
     """
 
+    kind = "phi3v-lm"
     modalities = frozenset({"image", "text"})
 
     def __init__(
@@ -157,27 +75,24 @@ class Phi3VLMEncoder(Encoder):
         tokenizer: Any,
         *,
         name: str,
-        preset: str | Phi3VLMPreset = DEFAULT_PRESET,
-        image_prompt: str | None = None,
-        text_prompt: str | None = None,
-        mixed_prompt: str | None = None,
-        pooling: str | None = None,
-        normalize: bool = True,
-        max_length: int | None = None,
-        max_tokens: int | None = None,
+        options: Phi3VLMOptions | None = None,
         padding_side: str = "right",
         precision: dict[str, Any] | None = None,
     ) -> None:
         from phiclip.phi3v.language import PADDING_SIDES, POOLINGS, PromptTokenizer
 
-        base = PRESETS[preset] if isinstance(preset, str) else preset
-        self.preset = base
-        self.image_prompt = image_prompt if image_prompt is not None else base.image_prompt
-        self.text_prompt = text_prompt if text_prompt is not None else base.text_prompt
-        self.mixed_prompt = mixed_prompt if mixed_prompt is not None else base.mixed_prompt
+        options = options or Phi3VLMOptions()
+        if options.preset not in PRESETS:
+            raise ValueError(f"preset {options.preset!r} is not one of {', '.join(PRESETS)}")
+        base = PRESETS[options.preset]
+        self.options = options
+        self.preset: Phi3VLMPreset = base
+        self.image_prompt = options.image_prompt if options.image_prompt is not None else base.image_prompt
+        self.text_prompt = options.text_prompt if options.text_prompt is not None else base.text_prompt
+        self.mixed_prompt = options.mixed_prompt if options.mixed_prompt is not None else base.mixed_prompt
         for kind, template in (("image", self.image_prompt), ("text", self.text_prompt), ("mixed", self.mixed_prompt)):
             check_template(kind, template)
-        self.pooling = pooling or base.pooling
+        self.pooling = options.pooling or base.pooling
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if padding_side not in PADDING_SIDES:
@@ -188,15 +103,15 @@ class Phi3VLMEncoder(Encoder):
         self.processor = processor
         self.tokenizer = tokenizer
         self.name = name
-        self.normalize = bool(normalize)
-        self.max_length = max_length if max_length is not None else base.max_length
+        self.normalize = bool(options.normalize)
+        self.max_length = options.max_length if options.max_length is not None else base.max_length
         self.prompts = PromptTokenizer(tokenizer, self.max_length)
         self.padding_side = padding_side
         self.dim = int(model.hidden_size)
         self.device, self.dtype = model.device, model.dtype
-        name_of = str(self.dtype).replace("torch.", "")
         #: What runs and why (``phiclip.precision``), as the other encoders record it.
-        self.precision = dict(precision or {"requested": name_of, "dtype": name_of})
+        self.precision = dict(precision or {"requested": dtype_name(self.dtype), "dtype": dtype_name(self.dtype)})
+        max_tokens = options.max_tokens
         if max_tokens is not None and int(max_tokens) < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         self.max_tokens = int(max_tokens) if max_tokens is not None else (4096 if self.device.type == "cpu" else 16384)
@@ -205,12 +120,8 @@ class Phi3VLMEncoder(Encoder):
             pad = getattr(tokenizer, "eos_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0
         self.max_pixels = getattr(processor, "max_pixels", self.max_pixels)
-        fingerprint = getattr(model, "weights_fingerprint", None)
-        if fingerprint is None:  # a model built in memory, not loaded from a checkpoint
-            from phiclip.phi3v.weights import fingerprint_module
-
-            fingerprint = fingerprint_module(model)
-        self.weights_fingerprint: str = fingerprint
+        # A model built in memory (not loaded from a checkpoint) has no fingerprint yet.
+        self.weights_fingerprint: str = getattr(model, "weights_fingerprint", None) or fingerprint_module(model)
         # The image prompt is the same for every image: tokenise its text once (workers then only count).
         self._image_chunks, self._image_tags = self.prompts.split(self.image_prompt, 1)
 
@@ -220,55 +131,43 @@ class Phi3VLMEncoder(Encoder):
         self.processor.max_pixels = max_pixels
 
     @classmethod
-    def from_spec(cls, spec: EncoderSpec, *, device: str = "auto", dtype: str = "auto") -> Phi3VLMEncoder:
-        """Build from a parsed spec (see the module docstring for the options)."""
-        from phiclip.encoders import precision_record, resolve_device_dtype
+    def build(cls, spec: EncoderSpec, options: Phi3VLMOptions, placement: Placement) -> Phi3VLMEncoder:
+        """Load the checkpoint a spec names: the builder of the registry (:func:`phiclip.encoders.load_encoder`).
+
+        The location follows :func:`phiclip.hub.resolve_location`. ``config.json`` is read first, so
+        a hub id that cannot be reached (and is not cached) fails at once; the files after it (the
+        processor config, the tokenizer, the weights) come from the commit it came from.
+
+        Raises:
+            ValueError: a precision the language model does not run in (int8).
+            CheckpointError: a bad location, an unreachable hub id, a missing tokenizer or tensors
+                that do not fit the model.
+        """
+        from phiclip.hub import resolve_file, resolve_location, snapshot_commit
         from phiclip.phi3v.config import Phi3VImageProcessorConfig
-        from phiclip.phi3v.language import POOLINGS, Phi3VEmbeddingModel, load_tokenizer
+        from phiclip.phi3v.language import Phi3VEmbeddingModel, load_tokenizer
         from phiclip.phi3v.processing import Phi3VImageProcessor
-        from phiclip.phi3v.weights import resolve_file
 
-        unknown = set(spec.options) - _OPTIONS
-        if unknown:
-            raise ValueError(f"encoder spec {spec}: unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-        preset_name = spec.options.get("preset") or default_preset(spec.location)
-        if preset_name not in PRESETS:
-            raise ValueError(f"encoder spec {spec}: preset {preset_name!r} is not one of {', '.join(PRESETS)}")
-        preset = PRESETS[preset_name]
-        pooling = spec.options.get("pooling") or preset.pooling
-        if pooling not in POOLINGS:
-            raise ValueError(f"encoder spec {spec}: pooling={pooling!r} must be one of {', '.join(POOLINGS)}")
-        prompts = {k: _text_option(spec, f"{k}_prompt") for k in ("image", "text", "mixed")}
-        for kind, template in prompts.items():
-            if template is not None:
-                try:
-                    check_template(kind, template)
-                except ValueError as e:
-                    raise ValueError(f"encoder spec {spec}: {e}") from None
-        num_crops = option_int(spec, "num_crops", preset.num_crops)
-        max_length = option_int(spec, "max_length", preset.max_length)
-        max_tokens = option_int(spec, "max_tokens", None)
-        max_crops = option_int(spec, "max_crops", None)
-        normalize = option_bool(spec, "normalize", True)
-        revision = spec.options.get("revision") or None
-        dev, dt = resolve_device_dtype(device, dtype)
-        if dt not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"encoder spec {spec}: precision {dtype!r} is not available for phi3v-lm; "
-                             "use float32 or bfloat16 (auto: bfloat16 on GPUs)")
+        if placement.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"encoder spec {str(spec)!r}: precision {placement.precision} is not available for "
+                             "phi3v-lm; use float32 or bfloat16 (auto: bfloat16 on GPUs)")
+        loc = resolve_location(spec.location)
+        config_path = resolve_file(loc, "config.json", revision=options.revision)
+        assert config_path is not None
+        revision = options.revision if loc.is_local else (snapshot_commit(config_path) or options.revision)
 
-        proc_path = resolve_file(spec.location, "preprocessor_config.json", required=False, revision=revision)
+        proc_path = resolve_file(loc, "preprocessor_config.json", required=False, revision=revision)
         proc_cfg = Phi3VImageProcessorConfig() if proc_path is None else Phi3VImageProcessorConfig.from_json_file(proc_path)
+        num_crops = options.num_crops or PRESETS[options.preset].num_crops or proc_cfg.num_crops
         try:
-            processor = Phi3VImageProcessor(num_crops=num_crops or proc_cfg.num_crops, image_mean=proc_cfg.image_mean,
+            processor = Phi3VImageProcessor(num_crops=num_crops, image_mean=proc_cfg.image_mean,
                                             image_std=proc_cfg.image_std)
         except ValueError as e:
-            raise ValueError(f"encoder spec {spec}: {e}") from None
-        tokenizer = load_tokenizer(spec.location, revision=revision)
-        model = Phi3VEmbeddingModel.from_pretrained(spec.location, torch_dtype=dt, device=dev,
-                                                    max_crops_per_batch=max_crops, revision=revision)
-        return cls(model, processor, tokenizer, name=str(spec), preset=preset, image_prompt=prompts["image"],
-                   text_prompt=prompts["text"], mixed_prompt=prompts["mixed"], pooling=pooling, normalize=normalize,
-                   max_length=max_length, max_tokens=max_tokens, precision=precision_record(dev, dtype))
+            raise ValueError(f"encoder spec {str(spec)!r}: {e}") from None
+        tokenizer = load_tokenizer(loc, revision=revision)
+        model = Phi3VEmbeddingModel.from_pretrained(loc, torch_dtype=placement.dtype, device=placement.device,
+                                                    max_crops_per_batch=options.max_crops, revision=revision)
+        return cls(model, processor, tokenizer, name=str(spec), options=options, precision=placement.record())
 
     # --- items: one prompt with its images ------------------------------------------------------
     def _image_item(self, image: Any) -> tuple[torch.Tensor, tuple[int, int], int]:
@@ -391,7 +290,7 @@ class Phi3VLMEncoder(Encoder):
         lm = self.model.language_model
         return EncoderDescription(
             spec=self.name,
-            kind="phi3v-lm",
+            kind=self.kind,
             dim=self.dim,
             modalities=tuple(sorted(self.modalities)),
             normalized=self.normalize,
@@ -423,5 +322,5 @@ class Phi3VLMEncoder(Encoder):
         )
 
 
-__all__ = ["DEFAULT_PRESET", "PRESETS", "PRESET_FOR_HUB_ID", "Phi3VLMEncoder", "Phi3VLMPreset", "check_template",
-           "default_preset"]
+__all__ = ["DEFAULT_PRESET", "IMAGE_SLOT", "PRESETS", "PRESET_FOR_HUB_ID", "TEXT_SLOT", "Phi3VLMEncoder", "Phi3VLMPreset",
+           "check_template", "default_preset"]

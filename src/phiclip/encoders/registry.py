@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from phiclip.encoders.device import Placement, resolve_placement, warn_if_slow_cpu_dtype
-from phiclip.encoders.options import ContrastiveOptions, Phi3VOptions
+from phiclip.encoders.options import ContrastiveOptions, Phi3VLMOptions, Phi3VOptions
 from phiclip.encoders.spec import EncoderSpec, SpecOptions, split_spec
+from phiclip.hub import CheckpointError
 
 if TYPE_CHECKING:
     from phiclip.encoders.base import Encoder
@@ -36,6 +37,8 @@ class EncoderKind:
     options: type[SpecOptions] | None
     #: Whether ``precision="int8"`` (CPU) is available.
     int8: bool
+    #: The module that holds the encoder (imported by the builder; ``compare`` times its import).
+    module: str
     summary: str
 
     def with_builder(self, builder: Builder) -> EncoderKind:
@@ -68,20 +71,20 @@ def _build_phi3v(spec: EncoderSpec, options: Any, placement: Placement) -> Encod
 def _build_phi3v_lm(spec: EncoderSpec, options: Any, placement: Placement) -> Encoder:
     from phiclip.encoders.phi3v_lm import Phi3VLMEncoder
 
-    return Phi3VLMEncoder.from_spec(spec, device=str(placement.device), dtype=placement.requested)
+    return Phi3VLMEncoder.build(spec, options, placement)
 
 
 #: kind -> how to build it. The one place new kinds are registered.
 KINDS: dict[str, EncoderKind] = {
     k.name: k
     for k in (
-        EncoderKind("clip", _build_clip, ContrastiveOptions, int8=True,
+        EncoderKind("clip", _build_clip, ContrastiveOptions, int8=True, module="phiclip.encoders.clip",
                     summary="CLIP through transformers (image and text)"),
-        EncoderKind("siglip", _build_siglip, ContrastiveOptions, int8=True,
+        EncoderKind("siglip", _build_siglip, ContrastiveOptions, int8=True, module="phiclip.encoders.clip",
                     summary="SigLIP through transformers (image and text)"),
-        EncoderKind("phi3v", _build_phi3v, Phi3VOptions, int8=True,
+        EncoderKind("phi3v", _build_phi3v, Phi3VOptions, int8=True, module="phiclip.encoders.phi3v",
                     summary="Phi-3-vision's image path, pooled (images)"),
-        EncoderKind("phi3v-lm", _build_phi3v_lm, None, int8=False,
+        EncoderKind("phi3v-lm", _build_phi3v_lm, Phi3VLMOptions, int8=False, module="phiclip.encoders.phi3v_lm",
                     summary="Phi-3-vision's image path and language model, pooled (image, text, both)"),
     )
 }
@@ -135,7 +138,12 @@ def load_encoder(spec: str | EncoderSpec, *, device: str = "auto", dtype: str = 
         raise ValueError(f"encoder spec {str(parsed)!r}: precision int8 is available for {', '.join(INT8_KINDS)}; "
                          "use float32 or bfloat16 for this kind")
     warn_if_slow_cpu_dtype(placement.device, placement.dtype)
-    return kind.builder(parsed, options, placement)
+    try:
+        return kind.builder(parsed, options, placement)
+    except CheckpointError as e:  # name the spec the user wrote
+        if str(e).startswith("encoder spec "):
+            raise
+        raise CheckpointError(f"encoder spec {str(parsed)!r}: {e}") from None
 
 
 __all__ = ["INT8_KINDS", "KINDS", "SPEC_KINDS", "EncoderKind", "check_spec", "load_encoder", "parse_spec"]

@@ -1,7 +1,7 @@
-"""Training data for fine-tuning, read through phiclip's one input layer (:mod:`phiclip.datasets_io`).
+"""Training data for fine-tuning, read through phiclip's one input layer (:mod:`phiclip.inputs`).
 
 - :func:`load_training_data`: a CSV/Parquet of (image, caption) or (image, label) rows, a folder per
-  class, or ``hf:NAME`` -> :class:`~phiclip.datasets_io.LabelledData`. For (image, caption) training,
+  class, or ``hf:NAME`` -> :class:`~phiclip.inputs.LabelledData`. For (image, caption) training,
   class names become captions through templates (``a photo of a {c}.``).
 - :func:`train_eval_split`: the data's own splits (``train`` and ``val``/``validation``/``test``) or
   a seeded hold-out (stratified by label when there are labels).
@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from phiclip.datasets_io import DataError, LabelledData, load_data
 from phiclip.images import describe_source, try_load_image
+from phiclip.inputs import DataError, LabelledData, load_data
 
 #: Captions made from class names when the data has labels but no captions.
 DEFAULT_CAPTION_TEMPLATES: tuple[str, ...] = ("a photo of a {c}.",)
@@ -50,7 +50,7 @@ def load_training_data(
     Raises:
         DataError: the data cannot be read, or lacks what ``need`` asks for.
     """
-    from phiclip.evaluate import fill_template
+    from phiclip.evaluate import fill_template, prompt_name
 
     if isinstance(data, LabelledData):
         ds = data
@@ -68,7 +68,7 @@ def load_training_data(
                     f"{ds.source}: has neither captions nor named labels; give (image, caption) rows or a folder per class"
                 )
             temps = list(templates or DEFAULT_CAPTION_TEMPLATES)
-            names = [n.replace("_", " ") for n in ds.classnames]
+            names = [prompt_name(n) for n in ds.classnames]
             ds = replace(ds, captions=[[fill_template(t, names[int(y)]) for t in temps] for y in ds.labels])
         keep = [i for i, caps in enumerate(ds.captions) if caps]
         if not keep:

@@ -28,31 +28,32 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from phiclip.phi3v.weights import (
-    TEXT_EMBED_KEY,
-    CheckpointError,
+from phiclip.hub import CheckpointError, Location, hub_kwargs_for_transformers, resolve_file, resolve_location
+from phiclip.models.checkpoint import (
+    WeightsHasher,
+    check_field,
+    fingerprint_module,
+    load_json_file,
     load_tensors,
     read_weight_map,
-    resolve_file,
 )
+from phiclip.models.ops import l2_normalize, mean_pool
+from phiclip.phi3v.prompts import IMAGE_TAG, POOLINGS, image_tags
+from phiclip.phi3v.weights import TEXT_EMBED_KEY, VISION_WTE_KEY
 
-#: The released processor's placeholder pattern: ``<|image_1|>``, ``<|image_2|>``, ...
-IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 #: Where fine-tuned checkpoints (VLM2Vec, ...) store the text embedding shared with the image path.
-WTE_KEY = "model.vision_embed_tokens.wte.weight"
+WTE_KEY = VISION_WTE_KEY
 LAYER_PREFIX = "model.layers."
 NORM_KEY = "model.norm.weight"
-POOLINGS = ("last", "mean")
+#: Files of which a checkpoint's tokenizer needs at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 PADDING_SIDES = ("left", "right")
 
 #: config.json fields of a Phi-3-vision checkpoint that describe its language model.
@@ -72,11 +73,6 @@ class PromptError(ValueError):
 # ==============================================================================================
 # Prompts
 # ==============================================================================================
-def image_tags(prompt: str) -> list[int]:
-    """The image numbers of the ``<|image_k|>`` placeholders of ``prompt``, in order of appearance."""
-    return [int(k) for k in IMAGE_TAG.findall(prompt)]
-
-
 def check_image_tags(prompt: str, num_images: int) -> list[int]:
     """The placeholders of ``prompt`` if they fit ``num_images`` images: each of ``<|image_1|>`` ..
     ``<|image_n|>`` exactly once (the released processor requires numbers 1..n without gaps and as
@@ -199,10 +195,10 @@ def pool_hidden_states(hidden: torch.Tensor, attention_mask: torch.Tensor, pooli
     if pooling == "last":
         idx = last_token_index(mask)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx].float()
-    keep = mask.bool().unsqueeze(-1)
-    # where, not a product: states at padded positions are never allowed to leak in (not even a NaN).
-    summed = torch.where(keep, hidden.float(), torch.zeros((), device=hidden.device)).sum(dim=1)
-    return summed / keep.sum(dim=1).clamp_min(1).float()
+    if not bool(mask.bool().any(dim=-1).all()):
+        raise ValueError("a row of the attention mask has no real token")
+    # Only the real tokens are selected: states at padded positions never leak in (not even a NaN).
+    return mean_pool([row[keep] for row, keep in zip(hidden.float(), mask.bool())])
 
 
 def merge_image_tokens(
@@ -339,7 +335,7 @@ def _rebuild_meta_buffers(model: nn.Module, config: Any, device: torch.device | 
 
 
 def load_language_model(
-    path_or_hub_id: str | Path,
+    path_or_hub_id: str | Path | Location,
     *,
     torch_dtype: torch.dtype | None = torch.float32,
     device: torch.device | str = "cpu",
@@ -363,8 +359,10 @@ def load_language_model(
 
     hub: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir, "token": token}
     config_path = resolve_file(path_or_hub_id, "config.json", **hub)
-    with open(config_path, encoding="utf-8") as f:  # type: ignore[arg-type]
-        config = phi3_config(json.load(f), attn_implementation=attn_implementation)
+    assert config_path is not None
+    raw = check_field(load_json_file(config_path, "the checkpoint's config is damaged"), "(the whole file)",
+                      config_path, kind="dict")
+    config = phi3_config(raw, attn_implementation=attn_implementation)
     weight_map, _ = read_weight_map(path_or_hub_id, **hub)
     names = language_model_tensors(weight_map, int(config.num_hidden_layers), str(path_or_hub_id))
     with torch.device("meta"), _quiet_transformers():
@@ -416,7 +414,7 @@ class Phi3VEmbeddingModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        path_or_hub_id: str | Path,
+        path_or_hub_id: str | Path | Location,
         *,
         torch_dtype: torch.dtype | None = torch.float32,
         device: torch.device | str = "cpu",
@@ -428,7 +426,6 @@ class Phi3VEmbeddingModel(nn.Module):
     ) -> Phi3VEmbeddingModel:
         """Load both halves of a checkpoint (local directory or hub id; safetensors only)."""
         from phiclip.phi3v.modeling import Phi3VImageEmbedding
-        from phiclip.phi3v.weights import WeightsHasher, fingerprint_module
 
         hub: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir, "token": token}
         image = Phi3VImageEmbedding.from_pretrained(
@@ -517,33 +514,45 @@ class Phi3VEmbeddingModel(nn.Module):
         """One float32 vector per prompt: :meth:`forward` pooled by :func:`pool_hidden_states`."""
         hidden = self(input_ids, attention_mask, crops, image_sizes, images_per_row)
         vecs = pool_hidden_states(hidden, attention_mask, pooling)
-        return F.normalize(vecs, dim=-1) if normalize else vecs
+        return l2_normalize(vecs) if normalize else vecs
 
 
 def load_tokenizer(
-    path_or_hub_id: str | Path,
+    path_or_hub_id: str | Path | Location,
     *,
     revision: str | None = None,
     cache_dir: str | Path | None = None,
     token: str | bool | None = None,
 ) -> Any:
-    """The checkpoint's tokenizer (``tokenizer.json`` / ``tokenizer_config.json``), without remote code."""
+    """The checkpoint's tokenizer (``tokenizer.json`` / ``tokenizer_config.json``), without remote code.
+
+    The location follows the one local-or-hub rule (:func:`phiclip.hub.resolve_location`). For a hub
+    id, ``tokenizer_config.json`` is fetched first through :func:`phiclip.hub.resolve_file`, and
+    transformers reads from the cache alone while the hub is unreachable
+    (:func:`phiclip.hub.hub_kwargs_for_transformers`): an unreachable hub id fails at once, with
+    what to do, instead of after half a minute of retries.
+
+    Raises:
+        CheckpointError: a bad location, no tokenizer files, an unreachable hub id that is not
+            cached, or tokenizer files transformers cannot read.
+    """
     from transformers import AutoTokenizer
 
-    local = Path(str(path_or_hub_id)).expanduser()
-    if local.is_dir() and not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+    loc = path_or_hub_id if isinstance(path_or_hub_id, Location) else resolve_location(path_or_hub_id)
+    if loc.path is not None and not any((loc.path / f).is_file() for f in TOKENIZER_FILES):
         raise CheckpointError(
-            f"{local} has no tokenizer (tokenizer.json, tokenizer.model or tokenizer_config.json); the phi3v-lm "
+            f"{loc.path} has no tokenizer ({', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]}); the phi3v-lm "
             "encoder needs the checkpoint's tokenizer: copy those files from the checkpoint it was made from"
         )
+    if loc.hub_id is not None:  # the clear message of phiclip.hub when the hub is unreachable and nothing is cached
+        resolve_file(loc, "tokenizer_config.json", required=False, revision=revision, cache_dir=cache_dir, token=token)
+    kwargs = {"cache_dir": cache_dir, "token": token, **hub_kwargs_for_transformers(loc, revision)}
     try:
         with _quiet_transformers():  # it also reads config.json, whose model_type (phi3_v) it does not know
-            return AutoTokenizer.from_pretrained(
-                str(path_or_hub_id), revision=revision, cache_dir=cache_dir, token=token, trust_remote_code=False
-            )
+            return AutoTokenizer.from_pretrained(str(loc), trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as e:
         raise CheckpointError(
-            f"cannot load the tokenizer of {path_or_hub_id} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"cannot load the tokenizer of {loc} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "the phi3v-lm encoder needs the checkpoint's tokenizer files (tokenizer.json, tokenizer_config.json)"
         ) from None
 
@@ -553,6 +562,8 @@ __all__ = [
     "Phi3VEmbeddingModel",
     "PromptError",
     "PromptTokenizer",
+    "TOKENIZER_FILES",
+    "WTE_KEY",
     "check_image_tags",
     "image_tags",
     "language_model_tensors",

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from phiclip.cpu_threads import threads_for_free_cores
 from phiclip.hub import CheckpointError, resolve_file
 from phiclip.models.clip_config import CLIPVisionConfig
 from phiclip.models.clip_vision import CLIPVisionTransformer
@@ -186,6 +187,10 @@ class Phi3VImageEmbedding(nn.Module):
         return model.to(device).eval()
 
     # --- shapes and validation ---------------------------------------------------------------
+    def image_path_parameters(self) -> int:
+        """Parameters of the image path (the text embedding ``wte`` left out)."""
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("wte."))
+
     @property
     def merged_grid(self) -> int:
         """Tokens per crop side after the 2x2 merge (12)."""
@@ -266,8 +271,6 @@ class Phi3VImageEmbedding(nn.Module):
         """``(C, 3, 336, 336)`` -> the hidden state at ``layer_idx``: ``(C, 576, D)`` for ``patch``
         (CLS dropped) or ``(C, 577, D)`` for ``cls_patch``. Runs in chunks of ``max_crops_per_batch``.
         On the CPU each chunk runs on as many threads as cores are free (:mod:`phiclip.cpu_threads`)."""
-        from phiclip.cpu_threads import threads_for_free_cores
-
         param = self.img_processor.vision_model.embeddings.patch_embedding.weight
         step = self.max_crops_per_batch or (4 if param.device.type == "cpu" else 64)
         outs = []
@@ -451,9 +454,4 @@ def _resolve_dtype(torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
     return value
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameters (``wte`` excluded)."""
-    return sum(p.numel() for n, p in module.named_parameters() if not n.startswith("wte."))
-
-
-__all__ = ["Phi3ImageEmbedding", "Phi3VImageEmbedding", "count_parameters"]
+__all__ = ["Phi3ImageEmbedding", "Phi3VImageEmbedding"]

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from phiclip.hub import resolve_file
 from phiclip.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from phiclip.phi3v.config import (
     CROP_SIZE,
@@ -174,8 +175,6 @@ class Phi3VImageProcessor:
     def from_pretrained(cls, path_or_hub_id: str | Path, **kwargs: Any) -> Phi3VImageProcessor:
         """Read ``preprocessor_config.json`` (num_crops, image_mean, image_std) from a local
         directory or a hub id; keyword arguments override what the file says."""
-        from phiclip.phi3v.weights import resolve_file
-
         path = resolve_file(path_or_hub_id, "preprocessor_config.json", required=False)
         # --- phiclip student towers (phiclip.phi3v.student): their processor cuts crops at the student's size ---
         from phiclip.phi3v.student import StudentImageProcessor, is_student_processor_file

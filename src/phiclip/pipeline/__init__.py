@@ -1,9 +1,12 @@
 """Bulk embedding: inputs -> records -> decode + preprocess (threads on the CPU, worker processes beside a
-GPU) -> encoder -> atomic Parquet shards.
+GPU, or Ray tasks) -> encoder -> atomic Parquet shards.
 
-:mod:`.sources` lists inputs, :mod:`.writer` writes shards and the manifest, :mod:`.runner` ties
-them together (:func:`embed`, :func:`embed_text`). Importing this package is cheap; torch is
-imported when a run starts.
+:mod:`.sources` lists inputs, :mod:`.plan` cuts them into shards (and plans ``--update``),
+:mod:`.output` owns the output folder (lock, identity, manifest), :mod:`.step` is the one embedding
+loop, :mod:`.writer` writes shards, fragments and the manifest, :mod:`.local` and :mod:`.ray_engine`
+are the engines (each a ``run(EngineJob)``), :mod:`.job` is one run from the claimed folder to the
+final manifest, and :mod:`.runner` is the public API (:func:`embed`, :func:`embed_text`). Importing
+this package is cheap; torch is imported when a run starts.
 """
 
 from __future__ import annotations

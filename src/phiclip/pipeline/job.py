@@ -1,0 +1,173 @@
+"""One bulk run in a claimed output folder: check it holds this run, plan, load the encoder, run an
+engine over the pending shards, commit the manifest (the steps are listed in :mod:`.runner`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from phiclip import schema
+from phiclip.pipeline.output import OutputDir, differences
+from phiclip.pipeline.plan import RunPlan, first_plan, resume_plan, update_plan
+from phiclip.pipeline.sources import InputError, InputListing, record_id
+from phiclip.pipeline.writer import OutputError, ShardSink
+
+_WHAT = "model, settings or inputs"
+_UPDATE_HINT = (" If files were added to (or removed from) the input since, rerun with --update (update=True) to "
+                "embed only the new ones into new shards; --prune also removes the rows of inputs that are gone.")
+
+
+def _progress(total: int, initial: int, unit: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit=unit, desc="embedding", disable=not enabled,
+                dynamic_ncols=True, smoothing=0.05, file=sys.stderr)
+
+
+def _without(identity: dict[str, Any], *, inputs: bool) -> dict[str, Any]:
+    """The identity without the derived ``settings.num_shards`` (and without the listing, ``inputs``)."""
+    out = {**identity, "settings": {k: v for k, v in (identity.get("settings") or {}).items() if k != "num_shards"}}
+    if inputs:
+        out["input"] = {k: v for k, v in (identity.get("input") or {}).items() if k not in ("num_inputs", "fingerprint")}
+    return out
+
+
+def _plan(out: OutputDir, existing: dict[str, Any] | None, listing: InputListing, identity: dict[str, Any],
+          opts: Any) -> RunPlan:
+    """Refuse an output that holds another run; plan this one (new, resume, or update)."""
+    if existing is None:
+        return first_plan(listing, opts.shard_size)
+    old = {k: existing.get(k) for k in identity}
+    if differences(_without(old, inputs=True), _without(identity, inputs=True)):
+        out.refuse_if_different(_WHAT, _without(old, inputs=False), _without(identity, inputs=False))
+    if not differences(old.get("input"), identity["input"]):
+        return resume_plan(listing, opts.shard_size, existing, out)
+    if not opts.update:
+        out.refuse_if_different(_WHAT, _without(old, inputs=False), _without(identity, inputs=False), hint=_UPDATE_HINT)
+    return update_plan(listing, opts.shard_size, existing, out)
+
+
+def run_locked(model: Any, listing: InputListing, out: OutputDir, opts: Any, identity: dict[str, Any], engine: Any,
+               load: Callable[[Any, Any], Any], timings: dict[str, float]) -> Any:
+    """One run in an output folder this process holds the lock of (see :mod:`.runner` for the steps);
+    ``load(model, opts)`` gives the encoder, ``engine.run(job)`` embeds the pending shards. Returns an
+    :class:`~phiclip.pipeline.runner.EmbedResult` (``seconds`` left for the caller to set)."""
+    from phiclip import __version__
+    from phiclip.pipeline.runner import EmbedResult
+
+    t0 = time.perf_counter()
+    kind = identity["kind"]
+    existing = out.existing()
+    plan = _plan(out, existing, listing, identity, opts)
+    done = out.done_shards()
+    pending = [(s, list(pos)) for s, pos in plan.units if s not in done]
+    skipped = plan.listed_before + sum(len(pos) for s, pos in plan.units if s in done)
+    prune = opts.prune and bool(plan.disappeared)
+    was_complete = existing is not None and bool(existing.get("complete"))
+
+    def result(status: str, counts: dict[str, int], processed: int, pruned: int) -> EmbedResult:
+        kept = {} if prune else plan.disappeared
+        return EmbedResult(out.root, status, len(listing.records), counts["embedded"], counts["failed"], skipped,
+                           listing.duplicates, listing.ignored, processed, 0.0, timings, len(kept), pruned,
+                           sorted(src for _, src in kept.values()))
+
+    if was_complete and not pending and not plan.new_generation and not prune:
+        return result("already_complete", out.counts(plan.shards), 0, 0)
+    encoder = None
+    if pending:
+        import pyarrow.parquet  # noqa: F401 - imported before the loop so that its timings are the work's
+        import torch.utils.data  # noqa: F401
+
+        encoder = load(model, opts)
+        if kind == "text" and "text" not in encoder.modalities:
+            raise InputError(f"{encoder.name} embeds images only; embed-text needs a model with a text side (CLIP, SigLIP)")
+    timings["setup"] = timings.get("setup", 0.0) + time.perf_counter() - t0
+    manifest = _manifest(__version__, identity, listing, plan, existing, encoder, out)  # checks the encoder
+    if was_complete:  # unfinished until this run commits (a repair, an update, a prune)
+        out.write_manifest({**existing, "complete": False})  # type: ignore[dict-item]
+    pruned = _prune(out, plan) if prune else 0
+    if existing is None or plan.new_generation:
+        out.write_manifest(manifest)  # first, so that a rerun can always compare (and find the generation)
+
+    writer = out.writer(int(manifest["dim"]))
+    writer.prepare([s for s, _ in pending], abandoned=plan.abandoned)
+    writer.write_skipped(_skipped_rows(listing))
+    sink = ShardSink(writer, plan.records, pending, with_tokens=opts.tokens, flush_seconds=opts.flush_seconds,
+                     timings=timings)
+    skipped += sink.flushed
+    processed = 0
+    if pending:
+        from phiclip.pipeline.local import EngineJob
+
+        bar = _progress(len(listing.records), skipped, "img" if kind == "image" else "text", opts.progress)
+        t_loop = time.perf_counter()
+        try:
+            job = EngineJob(kind, plan.records, listing.reader, sink.remaining(), encoder, opts,
+                            identity["settings"]["precision"], sink, timings, bar)
+            processed = engine.run(job)
+        finally:
+            bar.close()
+        timings["loop"] = timings.get("loop", 0.0) + time.perf_counter() - t_loop
+
+    counts = out.counts(plan.shards)
+    kept = 0 if prune else len(plan.disappeared)
+    if counts["embedded"] + counts["failed"] != len(listing.records) + kept:
+        raise OutputError(
+            f"{out.root}: the shards hold {counts['embedded']} embedded + {counts['failed']} failed rows for "
+            f"{len(listing.records) + kept} inputs; the folder was changed during the run: embed again into a new "
+            "--output folder"
+        )
+    manifest["counts"] = {**manifest["counts"], **counts, **({"not_listed": kept} if kept else {})}
+    manifest["complete"] = True
+    manifest["timings"] = {k: round(v, 4) for k, v in timings.items()}
+    out.write_manifest(manifest)
+    status = "completed" if processed or pruned or not was_complete else "already_complete"
+    return result(status, counts, processed, pruned)
+
+
+def _manifest(version: str, identity: dict[str, Any], listing: InputListing, plan: RunPlan,
+              existing: dict[str, Any] | None, encoder: Any, out: OutputDir) -> dict[str, Any]:
+    """The manifest of this run (``complete`` false): from the loaded encoder, else from the existing one."""
+    if encoder is not None:
+        describe = dict(encoder.describe())
+        describe.setdefault("spec", encoder.name)
+        if existing is not None:
+            out.check_encoder(existing, describe)
+        made = {"encoder": describe, "dim": int(encoder.dim), "normalized": bool(getattr(encoder, "normalize", False))}
+    else:
+        assert existing is not None
+        made = {k: existing[k] for k in ("encoder", "dim", "normalized") if k in existing}
+    num_shards = max(g["first_shard"] + g["num_shards"] for g in plan.generations)
+    return {
+        "phiclip_version": version,
+        "kind": identity["kind"],
+        **made,
+        "dtype": identity["dtype"],
+        "input": identity["input"],
+        "settings": {**identity["settings"], "num_shards": num_shards},
+        "generations": plan.generations,
+        "counts": {"inputs": len(listing.records), "duplicates": listing.duplicates, "ignored": listing.ignored,
+                   "embedded": 0, "failed": 0},
+        "complete": False,
+    }
+
+
+def _prune(out: OutputDir, plan: RunPlan) -> int:
+    """Remove the rows of the inputs that disappeared from their shards; returns how many."""
+    by_shard: dict[int, set[str]] = {}
+    for i, (shard, _) in plan.disappeared.items():
+        by_shard.setdefault(shard, set()).add(i)
+    writer = out.writer(1)
+    return sum(writer.rewrite_without(s, ids) for s, ids in sorted(by_shard.items()))
+
+
+def _skipped_rows(listing: InputListing) -> list[tuple[str, str, str, str]]:
+    """``(id, source, "skip", reason)`` of each file the listing did not take as an input."""
+    return [(record_id(os.fsencode(path)), schema.path_to_source(path), schema.STAGE_SKIP, reason)
+            for path, reason in listing.skipped]
+
+
+__all__ = ["run_locked"]
