@@ -67,6 +67,7 @@ MANIFEST_KEYS = (
     "complete",  # bool: every shard is written
     "settings",  # dict: the run settings that decide the output (compared on rerun)
     "timings",  # dict: seconds per stage of the last run
+    "generations",  # list of dict: one per run that added inputs (first_shard, num_shards, num_inputs, fingerprint)
 )
 
 

@@ -675,3 +675,15 @@ def test_engine_ray_without_ray_says_how_to_install_it_before_writing(tmp_path: 
     for bad in ({"engine": "spark"}, {"flush_seconds": 0}, {"prune": True}, {"num_actors": 0}):
         with pytest.raises(ValueError):
             make_options(**bad)
+
+
+def test_the_recorded_reason_for_a_precision_is_not_part_of_the_identity() -> None:
+    """A CPU measurement redone after a torch upgrade rewrites describe()["precision"] (the reason);
+    the dtype that decides the vectors is compared, the reason is not."""
+    from phiclip.pipeline.output import stable_description
+
+    old = {"spec": "clip:x", "dtype": "bfloat16", "device": "cpu",
+           "precision": {"asked": "auto", "reason": "bfloat16 measured 1.9x float32"}}
+    new = {**old, "device": "cuda", "precision": {"asked": "auto", "reason": "bfloat16 measured 2.3x float32"}}
+    assert stable_description(old) == stable_description(new)
+    assert stable_description(old) != stable_description({**new, "dtype": "float32"})
