@@ -27,16 +27,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from phiclip.encoders import load_encoder
+from phiclip.encoders.base import Encoder
 from phiclip.images import DEFAULT_MAX_PIXELS
 from phiclip.inputs import LabelledData, align_label_spaces, load_data
 from phiclip.models.ops import l2_normalize
-
-if TYPE_CHECKING:  # pragma: no cover
-    from phiclip.encoders.base import Encoder
+from phiclip.pipeline.step import embed_payloads
 
 #: A small set of generic prompt templates (``{c}`` is replaced by the class name).
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -558,7 +558,6 @@ def embed_data(encoder: Encoder, data: LabelledData, *, batch_size: int = 32,
     """Embed every image of ``data`` through the bulk pipeline's per-shard step
     (:func:`phiclip.pipeline.step.embed_payloads`): an image that cannot be read, decoded or
     preprocessed is left out and named, never fatal."""
-    from phiclip.pipeline.step import embed_payloads
 
     result = embed_payloads(encoder, list(data.images), batch_size=batch_size, max_pixels=max_pixels)
     order = np.argsort(np.asarray(result.positions, dtype=np.int64), kind="stable")
@@ -769,7 +768,6 @@ def evaluate(
     run = load_eval_data(task, data, opts)
     t_load = time.perf_counter()
     if isinstance(model, str):
-        from phiclip.encoders import load_encoder
 
         run.encoder = load_encoder(model, device=opts.device, dtype=opts.dtype)
     else:

@@ -36,11 +36,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from phiclip import schema
+from phiclip import __version__, schema
+from phiclip.encoders import load_encoder
+from phiclip.encoders.base import Encoder, EncoderSpec, parse_spec
+from phiclip.images import ImageInput
 from phiclip.store import (
     EmbeddingStoreError,
     check_complete,
@@ -51,10 +54,6 @@ from phiclip.store import (
     shard_files,
     weights_fingerprint_of,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from phiclip.encoders.base import Encoder
-    from phiclip.images import ImageInput
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +129,6 @@ class IndexInfo:
 
     def to_meta(self) -> dict[str, Any]:
         """The JSON written to ``index/meta.json``."""
-        from phiclip import __version__
 
         d = asdict(self)
         d.pop("path")
@@ -717,7 +715,6 @@ def open_index(
 
 def _canonical_spec(spec: str) -> str:
     """A spec with sorted options and, for a local directory, its resolved absolute path."""
-    from phiclip.encoders.base import EncoderSpec, parse_spec
 
     try:
         parsed = parse_spec(spec)
@@ -829,7 +826,6 @@ def search(
         spec = encoder_spec_of(manifest)
         if not spec:
             raise SearchError(f"{root}: the manifest names no encoder spec; pass the encoder that made the vectors")
-        from phiclip.encoders import load_encoder
 
         encoder = load_encoder(spec, device=device, dtype=dtype)
     check_encoder(encoder, manifest, root)

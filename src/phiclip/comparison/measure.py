@@ -143,6 +143,7 @@ def _import_model_code(spec: str) -> float:
 
     import transformers
 
+    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
     from phiclip.encoders import parse_spec
 
     t = time.perf_counter()
@@ -181,6 +182,7 @@ class Pass:
 def embed_pass(encoder: Any, sources: Sequence[str], *, batch_size: int, max_pixels: int | None) -> Pass:
     """Embed ``sources`` once through the bulk pipeline's step (:func:`phiclip.pipeline.step.embed_payloads`):
     images that fail are values in ``failed``, never exceptions."""
+    # lazy: `phiclip --help` imports this module; pipeline.step (-> phiclip.encoders) is loaded on first use
     from phiclip.pipeline.step import embed_payloads
 
     r = embed_payloads(encoder, list(sources), batch_size=batch_size, max_pixels=max_pixels)
@@ -241,6 +243,7 @@ def _text_side(encoder: Any, job: MeasureJob, device: Any, skipped: dict[str, st
             skipped["retrieval"] = no_text
     if job.classnames:
         if has_text:
+            # lazy: `phiclip --help` imports this module; phiclip.evaluate is loaded on first use
             from phiclip.evaluate import zero_shot_classifier
 
             with torch.inference_mode():
@@ -261,7 +264,10 @@ def measure_model(job: MeasureJob, *, memory_scope: str = "in-process") -> Measu
     import torch
     import transformers  # noqa: F401 - imported before the clock starts, so load_s is the model alone
 
+    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
     from phiclip.encoders import load_encoder
+
+    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
     from phiclip.encoders.device import resolve_device_dtype
 
     if not job.sources:

@@ -27,6 +27,7 @@ from phiclip.comparison.charts import (
     scatter_chart,
 )
 from phiclip.comparison.results import MIN_TIMED_SECONDS, CompareReport, speeds_differ, write_text_atomic
+from phiclip.console import safe_text
 
 #: Colours of the models (A, B, ...) and of the labels in the projections.
 MODEL_COLOURS = ("#3465c8", "#e07a1f", "#2b9a6b", "#b24a98", "#6b5ccc", "#c23b3b")
@@ -561,7 +562,6 @@ def terminal_tables(report: CompareReport | dict[str, Any]) -> list[Any]:
     the user's specs, escaped: never read as console markup)."""
     from rich.table import Table
 
-    from phiclip.console import safe_text
 
     r = report.to_dict() if isinstance(report, CompareReport) else report
     models = r["models"]
@@ -606,7 +606,6 @@ def print_report(report: CompareReport | dict[str, Any], console: Any = None) ->
     """Print the summary sentence and the tables to the terminal."""
     from rich.console import Console
 
-    from phiclip.console import safe_text
 
     con = console or Console()
     r = report.to_dict() if isinstance(report, CompareReport) else report

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phiclip.pipeline.writer import atomic_write
+
 #: Version of the report.json layout; bump when a field changes meaning.
 #: 2: speed from repeated timed passes (``passes``, ``encode_s_passes``, the min/max rates), ``warnings``.
 REPORT_FORMAT = 2
@@ -210,7 +212,6 @@ class CompareReport:
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write a UTF-8 text file atomically (:func:`phiclip.pipeline.writer.atomic_write`)."""
-    from phiclip.pipeline.writer import atomic_write
 
     data = text.encode("utf-8")
     return atomic_write(path, lambda f: f.write(data))

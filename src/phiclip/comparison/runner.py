@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from phiclip import __version__
 from phiclip.comparison import structure
 from phiclip.comparison.measure import (
     CompareError,
@@ -55,8 +56,8 @@ from phiclip.comparison.results import (
     SimilarityStats,
     finite_or_none,
 )
-from phiclip.images import DEFAULT_MAX_PIXELS
-from phiclip.inputs import LabelledData
+from phiclip.images import DEFAULT_MAX_PIXELS, load_image
+from phiclip.inputs import LabelledData, load_data
 
 #: Defaults of :class:`CompareOptions`, declared once (the CLI reads them from here).
 DEFAULT_K = 10
@@ -115,6 +116,7 @@ class CompareOptions:
         Raises:
             ValueError: naming the setting and the fix.
         """
+        # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
         from phiclip.encoders import parse_spec
 
         if len(specs) < 2:
@@ -136,6 +138,7 @@ class CompareOptions:
 
     def template_list(self) -> list[str]:
         """The zero-shot templates in use."""
+        # lazy: `phiclip --help` imports this module; phiclip.evaluate is loaded on first use
         from phiclip.evaluate import DEFAULT_TEMPLATES
 
         return list(self.templates) if self.templates else list(DEFAULT_TEMPLATES)
@@ -151,6 +154,7 @@ def short_names(specs: Sequence[str]) -> list[str]:
     >>> short_names(["clip:openai/clip-vit-base-patch32", "phi3v:/m/Phi-3-vision?num_crops=4"])
     ['clip-vit-base-patch32', 'Phi-3-vision num_crops=4']
     """
+    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
     from phiclip.encoders import parse_spec
 
     names = []
@@ -192,7 +196,6 @@ def choose_queries(labels: np.ndarray | None, n_items: int, n_queries: int) -> l
 
 
 def _thumbnail_uri(image: Any) -> str:
-    from phiclip.images import load_image
 
     img = load_image(image)
     img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
@@ -211,7 +214,6 @@ def _as_file(image: Any, index: int, folder: Path) -> str:
         path = folder / f"{index:07d}.bin"
         path.write_bytes(bytes(image))
         return str(path)
-    from phiclip.images import load_image
 
     path = folder / f"{index:07d}.png"
     load_image(image, max_pixels=None).save(path, format="PNG")
@@ -221,7 +223,6 @@ def _as_file(image: Any, index: int, folder: Path) -> str:
 # --- step 1: the data ---------------------------------------------------------------------------------
 def read_data(data: str | Path | LabelledData, opts: CompareOptions) -> LabelledData:
     """The compared images: the data as read, spread over at most ``max_images``."""
-    from phiclip.inputs import load_data
 
     cols = dict(image_column=opts.image_column, label_column=opts.label_column, caption_column=opts.caption_column)
     ds = data if isinstance(data, LabelledData) else load_data(data, split=opts.split, **cols)
@@ -237,6 +238,7 @@ def read_data(data: str | Path | LabelledData, opts: CompareOptions) -> Labelled
 
 def prompt_classnames(ds: LabelledData) -> list[str] | None:
     """The class names as words for the zero-shot prompts (``blue_circle`` -> ``blue circle``)."""
+    # lazy: `phiclip --help` imports this module; phiclip.evaluate is loaded on first use
     from phiclip.evaluate import prompt_name
 
     if ds.classnames is None or ds.labels is None:
@@ -307,6 +309,7 @@ def _rows_of(m: Measured, rows: Sequence[int]) -> Measured:
 # --- step 4: the numbers ------------------------------------------------------------------------------
 def quality(measured: Measured, labels: np.ndarray | None, owners: np.ndarray | None, opts: CompareOptions) -> Quality:
     """kNN / linear probe / zero-shot / retrieval for one encoder; each computed or skipped with a reason."""
+    # lazy: `phiclip --help` imports this module; phiclip.evaluate is loaded on first use
     from phiclip import evaluate
 
     q = Quality()
@@ -449,7 +452,6 @@ def _check_enough(ds: LabelledData, opts: CompareOptions, left_out: Sequence[dic
 def build_report(specs: Sequence[str], keys: Sequence[str], ds: LabelledData, measured: Sequence[Measured],
                  sizes: Sequence[tuple[int, int]], opts: CompareOptions) -> CompareReport:
     """Step 4: every number of the report from the vectors of the compared images (``ds``'s rows)."""
-    from phiclip import __version__
 
     n = len(ds)
     labels = ds.labels
@@ -546,6 +548,7 @@ def write_outputs(
 ) -> dict[str, Path]:
     """Write ``report.json``, ``report.html`` (thumbnails of the grid images embedded) and
     ``embeddings/<key>.npy`` (row i = ``report.images[i]``) into ``output``."""
+    # lazy: `phiclip --help` imports this module; the report writer is loaded on first use
     from phiclip.comparison.report import write_report
 
     out = Path(output)

@@ -64,6 +64,8 @@ from phiclip.finetune.common import (
     write_json,
 )
 from phiclip.finetune.data import ImageBatchLoader, SkippedImages
+from phiclip.finetune.probe import encoder_identity
+from phiclip.pipeline.sources import list_inputs
 
 #: Where teacher tokens are cached under :func:`~phiclip.finetune.common.cache_root` by default.
 TEACHER_TOKENS_DIR = "teacher-tokens"
@@ -180,6 +182,7 @@ class AdapterResult:
 def _student_description(student_encoder: Any, student_layer: int, spec: str) -> dict[str, Any]:
     from transformers import CLIPVisionConfig, SiglipVisionConfig
 
+    # lazy: imports torch
     from phiclip.phi3v.student import student_layers_run
 
     vcfg = student_encoder.model.config.vision_config
@@ -208,6 +211,7 @@ def build_student(teacher_config: dict[str, Any], teacher: Any, student_encoder:
     when shapes match, fresh separators and first projection layer."""
     import torch
 
+    # lazy: imports torch
     from phiclip.phi3v.student import STUDENT_TOWER_NAME, StudentImageEmbedding
 
     desc = _student_description(student_encoder, student_layer, spec)
@@ -317,7 +321,6 @@ class TeacherTokens:
 
 
 def _tokens_key(teacher: Any, ids: Sequence[str]) -> str:
-    from phiclip.finetune.probe import encoder_identity
 
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(encoder_identity(teacher), sort_keys=True, default=str).encode())
@@ -476,9 +479,11 @@ def distill_phi3v_adapter(
     """
     import torch
 
+    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
     from phiclip.encoders import load_encoder, parse_spec
+
+    # lazy: `phiclip --help` imports this module; phiclip.phi3v.weights is loaded on first use
     from phiclip.phi3v.weights import resolve_file
-    from phiclip.pipeline.sources import list_inputs
 
     opts = dataclasses.replace(options or AdapterOptions(), **settings).validate()
     t_start = time.perf_counter()
@@ -665,6 +670,7 @@ def export_student(student: Any, processor: Any, output: Path, teacher_config: d
     with ``img_processor`` describing the student) and ``preprocessor_config.json`` (LoRA merged first)."""
     from safetensors.torch import save_file
 
+    # lazy: `phiclip --help` imports this module; phiclip.phi3v.weights is loaded on first use
     from phiclip.phi3v.weights import VISION_PREFIX
 
     merge_lora(student)

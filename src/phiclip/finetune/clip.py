@@ -248,6 +248,7 @@ def _base(model: Any) -> Any:
 
 
 def _pooled(output: Any) -> Any:
+    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
     from phiclip.encoders.clip import _pooled as pooled
 
     return pooled(output)
@@ -306,6 +307,7 @@ def evaluate_retrieval(model: Any, loader: ImageBatchLoader, ds: LabelledData, t
     """Image-text retrieval recall@1/5/10 (both directions, and their mean) on ``ds``."""
     import torch
 
+    # lazy: `phiclip --help` imports this module; phiclip.evaluate is loaded on first use
     from phiclip.evaluate import retrieval_metrics
 
     model.eval()
@@ -359,6 +361,7 @@ def save_model(model: Any, encoder_location: str, tokenizer: Any, output: Path) 
     tokenizer."""
     from transformers import AutoImageProcessor
 
+    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
     from phiclip.encoders.clip import _pil_backend_kwarg
 
     base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
@@ -393,7 +396,10 @@ def finetune_clip(
     """
     import torch
 
+    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
     from phiclip.encoders import load_encoder, parse_spec
+
+    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
     from phiclip.encoders.clip import check_location
 
     opts = dataclasses.replace(options or ClipFinetuneOptions(), **settings).validate()

@@ -50,6 +50,7 @@ def load_training_data(
     Raises:
         DataError: the data cannot be read, or lacks what ``need`` asks for.
     """
+    # lazy: `phiclip --help` imports this module; phiclip.evaluate is loaded on first use
     from phiclip.evaluate import fill_template, prompt_name
 
     if isinstance(data, LabelledData):
@@ -91,6 +92,7 @@ def train_eval_split(
     """``(train, eval or None, how)``: the data's ``train`` split and ``eval_split`` (default: the
     first of val, validation, valid, test present), else a seeded hold-out of ``eval_fraction`` of
     the images (stratified by label when labelled; ``eval_fraction=0`` holds nothing out)."""
+    # lazy: `phiclip --help` imports this module; phiclip.evaluate is loaded on first use
     from phiclip.evaluate import stratified_split
 
     if ds.splits is not None and len(set(ds.splits)) > 1:
@@ -186,6 +188,7 @@ class ImageBatchLoader:
 
     def __init__(self, images: Sequence[Any], prepare: Callable[[Any], Any], *, keep_alpha: bool = False,
                  threads: int | None = None, skipped: SkippedImages | None = None) -> None:
+        # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
         from phiclip.encoders.base import default_prep_threads
 
         self.images = images

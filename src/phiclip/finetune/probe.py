@@ -29,9 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from phiclip import schema
 from phiclip.datasets_io import DataError, LabelledData
 from phiclip.finetune.common import TrainingError, cache_root, progress_bar, write_json
 from phiclip.finetune.data import ImageBatchLoader, SkippedImages, _item_digest, load_training_data
+from phiclip.pipeline.runner import embed
 
 PROBE_WEIGHTS = "probe.safetensors"
 PROBE_CONFIG = "probe.json"
@@ -228,6 +230,7 @@ class ProbeResult:
 
 def _splits(ds: LabelledData, opts: ProbeOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """Row indices of train, validation and test (the data's ``test`` split, if any)."""
+    # lazy: `phiclip --help` imports this module; phiclip.evaluate is loaded on first use
     from phiclip.evaluate import stratified_split
 
     n = len(ds)
@@ -323,7 +326,10 @@ def train_probe(model: Any, data: str | Path | LabelledData, output: str | Path,
     Raises:
         TrainingError / DataError / ValueError: bad options, data or model, naming the fix.
     """
+    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
     from phiclip.encoders import Encoder, load_encoder
+
+    # lazy: `phiclip --help` imports this module; phiclip.evaluate is loaded on first use
     from phiclip.evaluate import mean_per_class_recall
 
     opts = dataclasses.replace(options or ProbeOptions(), **settings).validate()
@@ -447,6 +453,7 @@ class ClassifyResult:
 
 
 def _same_spec(a: str, b: str) -> bool:
+    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
     from phiclip.encoders import parse_spec
 
     try:
@@ -489,9 +496,10 @@ def classify(probe: str | Path, input: str | os.PathLike, output: str | Path, *,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from phiclip import schema
+    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
     from phiclip.encoders import Encoder, load_encoder
-    from phiclip.pipeline.runner import embed
+
+    # lazy: `phiclip --help` imports this module; phiclip.store is loaded on first use
     from phiclip.store import open_embeddings
 
     t0 = time.perf_counter()

@@ -9,9 +9,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from phiclip import schema
+from phiclip import __version__, schema
+from phiclip.pipeline.local import EngineJob
 from phiclip.pipeline.output import OutputDir, differences
 from phiclip.pipeline.plan import RunPlan, first_plan, resume_plan, update_plan
+from phiclip.pipeline.runner import EmbedResult
 from phiclip.pipeline.sources import InputError, InputListing, record_id
 from phiclip.pipeline.writer import OutputError, ShardSink
 
@@ -55,8 +57,6 @@ def run_locked(model: Any, listing: InputListing, out: OutputDir, opts: Any, ide
     """One run in an output folder this process holds the lock of (see :mod:`.runner` for the steps);
     ``load(model, opts)`` gives the encoder, ``engine.run(job)`` embeds the pending shards. Returns an
     :class:`~phiclip.pipeline.runner.EmbedResult` (``seconds`` left for the caller to set)."""
-    from phiclip import __version__
-    from phiclip.pipeline.runner import EmbedResult
 
     t0 = time.perf_counter()
     kind = identity["kind"]
@@ -100,7 +100,6 @@ def run_locked(model: Any, listing: InputListing, out: OutputDir, opts: Any, ide
     skipped += sink.flushed
     processed = 0
     if pending:
-        from phiclip.pipeline.local import EngineJob
 
         bar = _progress(len(listing.records), skipped, "img" if kind == "image" else "text", opts.progress)
         t_loop = time.perf_counter()

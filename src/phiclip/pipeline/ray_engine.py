@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from phiclip.encoders import Encoder, load_encoder
+from phiclip.encoders.device import resolve_device_dtype
 from phiclip.pipeline.local import EngineJob, drive, timed
 from phiclip.pipeline.output import differences, stable_description
 from phiclip.pipeline.step import Chunk, ModelStep, Preparer, StepResult
@@ -84,7 +86,6 @@ def placement(opts: Any) -> tuple[float, str, int, float]:
 
 def precision(model: Any, opts: Any) -> str:
     """The compute precision the actors will use (the output's ``settings.precision``)."""
-    from phiclip.encoders import Encoder
 
     if isinstance(model, Encoder):
         return str(model.describe().get("dtype", "unknown")).replace("torch.", "")
@@ -94,7 +95,6 @@ def precision(model: Any, opts: Any) -> str:
     _, device, _, _ = placement(opts)
     if device.startswith("cuda"):
         return "bfloat16"
-    from phiclip.encoders.device import resolve_device_dtype
 
     return str(resolve_device_dtype("cpu", "auto")[1]).replace("torch.", "")
 
@@ -127,7 +127,6 @@ class RemoteEncoder:
 def _probe(spec: str, device: str, precision: str, max_pixels: int | None) -> dict[str, Any]:
     from PIL import Image
 
-    from phiclip.encoders import load_encoder
 
     encoder = load_encoder(spec, device=device, dtype=precision)
     encoder.set_max_pixels(max_pixels)
@@ -144,7 +143,6 @@ def _probe(spec: str, device: str, precision: str, max_pixels: int | None) -> di
 def load(model: Any, opts: Any) -> Any:
     """The encoder for the driver: a loaded one as is; for a spec, what a probe task (with the actors'
     resources) loaded: its description and CPU side (:class:`RemoteEncoder`)."""
-    from phiclip.encoders import Encoder
 
     if isinstance(model, Encoder):
         model.set_max_pixels(opts.max_pixels)
@@ -202,7 +200,6 @@ class _EncodeActor:
     def __init__(self, source: list[Any], device: str, precision: str, max_pixels: int | None, tokens: bool,
                  run_precision: str, expected: dict[str, Any]) -> None:
         if isinstance(source[0], str):
-            from phiclip.encoders import load_encoder
 
             encoder = load_encoder(source[0], device=device, dtype=precision)
         else:

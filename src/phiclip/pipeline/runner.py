@@ -171,6 +171,7 @@ class EmbedResult:
 
 # --- the run -------------------------------------------------------------------------------------------
 def _load(model: Any, opts: EmbedOptions) -> Any:
+    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
     from phiclip.encoders import Encoder, load_encoder
 
     encoder = model if isinstance(model, Encoder) else load_encoder(model, device=opts.device, dtype=opts.precision)
@@ -179,6 +180,7 @@ def _load(model: Any, opts: EmbedOptions) -> Any:
 
 
 def _is_spec(model: Any) -> bool:
+    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
     from phiclip.encoders import EncoderSpec
 
     return isinstance(model, (str, EncoderSpec))
@@ -187,6 +189,7 @@ def _is_spec(model: Any) -> bool:
 def _model_spec(model: Any) -> str:
     """The normalised spec string of a spec, or the ``name`` of a loaded encoder."""
     if _is_spec(model):
+        # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
         from phiclip.encoders import parse_spec
 
         return str(parse_spec(str(model)))
@@ -196,6 +199,7 @@ def _model_spec(model: Any) -> str:
 def _precision(model: Any, opts: EmbedOptions) -> str:
     """The compute dtype name the vectors come from (``float32``, ``bfloat16``...)."""
     if _is_spec(model):
+        # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
         from phiclip.encoders.device import resolve_device_dtype
 
         return str(resolve_device_dtype(opts.device, opts.precision)[1]).replace("torch.", "")
@@ -205,10 +209,12 @@ def _precision(model: Any, opts: EmbedOptions) -> str:
 def _engine(opts: EmbedOptions) -> Any:
     """The engine module (``run(job)``); for Ray, checked to be installed before anything is written."""
     if opts.engine == "ray":
+        # lazy: engines import pipeline.step -> phiclip.encoders; `phiclip --help` imports this module
         from phiclip.pipeline import ray_engine
 
         ray_engine.available()
         return ray_engine
+    # lazy: engines import pipeline.step -> phiclip.encoders; `phiclip --help` imports this module
     from phiclip.pipeline import local
 
     return local
@@ -228,6 +234,7 @@ def _run(model: Any, listing: InputListing, output: str | os.PathLike, opts: Emb
     input_desc = {**listing.description, "num_inputs": len(listing.records), "fingerprint": listing.fingerprint()}
     identity = {"kind": kind, "dtype": opts.dtype, "input": input_desc, "settings": settings}
     out = OutputDir(output, kind=kind, dtype=opts.dtype)
+    # lazy: cycle (pipeline.job imports EmbedResult from this module)
     from phiclip.pipeline.job import run_locked
 
     with out.claimed(lock=_output_lock):

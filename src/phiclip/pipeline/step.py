@@ -34,7 +34,7 @@ import numpy as np
 
 from phiclip import schema
 from phiclip.encoders.base import default_prep_threads
-from phiclip.images import ImageDecodeError, describe_source
+from phiclip.images import ImageDecodeError, describe_source, try_load_image
 from phiclip.pipeline.sources import PayloadReader, Record
 
 #: ``(position, stage, reason)``: an input that failed, by its position in the step's records.
@@ -220,7 +220,6 @@ class Preparer:
 
     def _prepare(self, rec: Record, payload: Any) -> tuple[Any, tuple[int, int], int] | tuple[str, str]:
         """One record -> (item, (width, height), cost), or (stage, reason). Safe on several threads."""
-        from phiclip.images import try_load_image
 
         if rec.error is not None:
             return "read", rec.error

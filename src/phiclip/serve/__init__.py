@@ -20,6 +20,7 @@ __all__ = ["ServeOptions", "Service", "build_service", "create_app", "run_server
 
 def __getattr__(name: str) -> Any:
     if name in ("Service", "build_service", "create_app", "run_server"):
+        # lazy: serve.app imports starlette
         from phiclip.serve import app
 
         return getattr(app, name)

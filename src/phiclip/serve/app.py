@@ -39,6 +39,8 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import numpy as np
 
+from phiclip import __version__
+from phiclip.images import ImageDecodeError, load_image
 from phiclip.retrieval import SearchError, require_text_side
 from phiclip.serve.batching import IMAGE, TEXT, DynamicBatcher, Overloaded
 from phiclip.serve.collections import (
@@ -173,7 +175,6 @@ class Service:
 
     async def prepare_image(self, coll: Collection, data: bytes | str, name: str) -> Any:
         """Decode (pixel limit, ``embed``'s messages) and preprocess one image for ``coll``'s encoder."""
-        from phiclip.images import ImageDecodeError, load_image
 
         encoder = self.encoder_of(coll)
         max_pixels = self.options.max_pixels
@@ -335,7 +336,6 @@ async def index_page(request: Request) -> Response:
 
 async def healthz(request: Request) -> Response:
     """Liveness: 200 while the server runs."""
-    from phiclip import __version__
 
     return JSONResponse({"status": "ok", "version": __version__})
 
@@ -453,7 +453,6 @@ async def thumbnail(request: Request) -> Response:
     key = (coll.name, item_id, size)
     data = service.thumbnails.get(key)
     if data is None:
-        from phiclip.images import ImageDecodeError
 
         def make() -> bytes:  # reading the source (a file, a Parquet row) and decoding: off the event loop
             return render_thumbnail(coll.image_payload(row), size, max_pixels=service.options.max_pixels)

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from phiclip import schema
+from phiclip.encoders import load_encoder
+from phiclip.images import ImageDecodeError, load_image
 from phiclip.retrieval import SearchError, SearchIndex, check_encoder, normalize_rows, open_index
 from phiclip.store import EmbeddingStoreError, encoder_spec_of, shard_files
 
@@ -334,7 +336,7 @@ def load_collections(paths: list[str | Path], *, device: str = "auto", dtype: st
     if not paths:
         raise ValueError("give at least one output directory of `phiclip embed`")
     if load is None:
-        from phiclip.encoders import load_encoder as load
+        load = load_encoder
     roots = [Path(p).expanduser() for p in paths]
     collections = [open_collection(p, n, allow_incomplete=allow_incomplete) for p, n in zip(roots, collection_names(roots))]
     encoders: dict[str, Any] = {}
@@ -349,7 +351,6 @@ def load_collections(paths: list[str | Path], *, device: str = "auto", dtype: st
 def decode_upload(data: bytes, name: str, *, max_pixels: int | None, keep_alpha: bool) -> Any:
     """Encoded image bytes from a request -> PIL image, with :func:`phiclip.images.load_image`'s pixel
     limit and error messages (``ImageDecodeError`` naming ``name``)."""
-    from phiclip.images import ImageDecodeError, load_image
 
     try:
         return load_image(bytes(data), max_pixels=max_pixels, keep_alpha=keep_alpha)

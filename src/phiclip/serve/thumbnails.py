@@ -13,6 +13,8 @@ import io
 import threading
 from typing import Any
 
+from phiclip.images import load_image
+
 #: Thumbnail edge lengths (pixels, the longer side) a client may ask for.
 THUMBNAIL_SIZES = (128, 256, 512)
 DEFAULT_THUMBNAIL_SIZE = 256
@@ -25,7 +27,6 @@ def render_thumbnail(payload: str | bytes, size: int, *, max_pixels: int | None,
     """
     from PIL import Image
 
-    from phiclip.images import load_image
 
     img = load_image(payload, max_pixels=max_pixels, keep_alpha=True)
     img.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
