@@ -219,6 +219,14 @@ def test_foreign_folder_is_refused(tmp_path: Path, mean_colour: MeanColourEncode
     assert (tmp_path / "out" / "thesis.tex").read_text() == "precious"
 
 
+def test_an_output_path_that_is_a_file_is_a_message(tmp_path: Path, mean_colour: MeanColourEncoder) -> None:
+    _small_folder(tmp_path / "in", 2)
+    (tmp_path / "out").write_text("precious")
+    with pytest.raises(OutputError, match=r"out: exists and is not a folder; give a folder for --output"):
+        embed(mean_colour, tmp_path / "in", tmp_path / "out", progress=False)
+    assert (tmp_path / "out").read_text() == "precious"
+
+
 def test_concurrent_run_on_the_same_output_is_refused(tmp_path: Path, mean_colour: MeanColourEncoder) -> None:
     _small_folder(tmp_path / "in", 2)
     out = tmp_path / "out"
