@@ -118,3 +118,26 @@ def test_metrics_log_drops_lines_after_the_checkpoint_on_resume(tmp_path: Path) 
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     MetricsLog(tmp_path, tensorboard=False).close()  # a fresh run starts an empty log
     assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_metrics_reach_tensorboard_when_installed(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = MetricsLog(tmp_path)  # tensorboard=None: on when installed
+    for step in range(1, 4):
+        log.log({"step": step, "loss": 1.0 / step, "lr": 0.1, "note": "text is not a scalar"})
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"loss", "lr"}
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("loss")] == [(1, 1.0), (2, 0.5), (3, round(1 / 3, 6))]
+
+
+def test_tensorboard_asked_for_but_absent_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    with pytest.raises(TrainingError, match="pip install tensorboard"):
+        MetricsLog(tmp_path, tensorboard=True)
+    MetricsLog(tmp_path).close()  # not asked for: runs without it
