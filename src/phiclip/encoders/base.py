@@ -130,6 +130,11 @@ class Encoder(abc.ABC):
     #: from :func:`~phiclip.encoders.device.resolve_placement`.
     device: Any
     dtype: Any
+    #: The registry kind (``clip``, ``phi3v``...), the weights fingerprint (``sha256:...``) and what
+    #: decided the precision (:func:`phiclip.precision.describe_precision`), set by each encoder.
+    kind: str
+    weights_fingerprint: str | None = None
+    precision: dict[str, Any]
 
     def set_max_pixels(self, max_pixels: int | None) -> None:
         """The pixel budget (``--max-pixels``; ``None``: no limit) for what ``preprocess`` builds from
@@ -188,6 +193,27 @@ class Encoder(abc.ABC):
         raise NotImplementedError(
             f"{self.name} embeds images only (modalities: {sorted(self.modalities)}); "
             "use a CLIP or SigLIP model for text"
+        )
+
+    def described(self, *, parameters: int | None, preprocessing: dict[str, Any], options: dict[str, Any],
+                  details: dict[str, Any]) -> EncoderDescription:
+        """An :class:`EncoderDescription` whose common fields (spec, kind, dim, modalities, normalised,
+        dtype, device, weights fingerprint, precision) come from this encoder's attributes; a kind's
+        :meth:`description` gives the rest."""
+        return EncoderDescription(
+            spec=self.name,
+            kind=self.kind,
+            dim=self.dim,
+            modalities=tuple(sorted(self.modalities)),
+            normalized=self.normalize,
+            dtype=dtype_name(self.dtype),
+            device=str(self.device),
+            parameters=parameters,
+            weights_fingerprint=self.weights_fingerprint,
+            preprocessing=preprocessing,
+            options=options,
+            precision=self.precision,
+            details=details,
         )
 
     def description(self) -> EncoderDescription:

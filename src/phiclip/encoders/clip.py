@@ -766,19 +766,10 @@ class _ContrastiveEncoder(Encoder):
         path, sizes, text settings, the whole model's parameter count and transformers' version."""
         import transformers
 
-        return EncoderDescription(
-            spec=self.name,
-            kind=self.kind,
-            dim=self.dim,
-            modalities=tuple(sorted(self.modalities)),
-            normalized=self.normalize,
-            dtype=dtype_name(self.dtype),
-            device=str(self.device),
+        return self.described(
             parameters=count_parameters(*self._image_modules()),
-            weights_fingerprint=self.weights_fingerprint,
             preprocessing=self.preprocessor.describe(),
             options=self.options.to_dict(),
-            precision=self.precision,
             details={
                 "model_class": type(self.model).__name__,
                 "model_type": self.model.config.model_type,

@@ -139,19 +139,10 @@ class Phi3VEncoder(Encoder):
     def description(self) -> EncoderDescription:
         """The common fields, and in ``details``: model class, LM width, the tower layer read and the
         HD transform's order."""
-        return EncoderDescription(
-            spec=self.name,
-            kind=self.kind,
-            dim=self.dim,
-            modalities=tuple(sorted(self.modalities)),
-            normalized=self.normalize,
-            dtype=dtype_name(self.dtype),
-            device=str(self.device),
+        return self.described(
             parameters=self.model.image_path_parameters(),
-            weights_fingerprint=self.weights_fingerprint,
             preprocessing=self.processor.to_dict(),
             options=self.options.to_dict(),
-            precision=self.precision,
             details={
                 "model_class": type(self.model).__name__,
                 "hidden_size": self.model.hidden_size,

@@ -288,16 +288,8 @@ class Phi3VLMEncoder(Encoder):
         """Spec, dim, precision, weights fingerprint; ``options``: the prompts, pooling and lengths in
         use (preset defaults filled in); ``details``: the model classes, attention, tokenizer."""
         lm = self.model.language_model
-        return EncoderDescription(
-            spec=self.name,
-            kind=self.kind,
-            dim=self.dim,
-            modalities=tuple(sorted(self.modalities)),
-            normalized=self.normalize,
-            dtype=dtype_name(self.dtype),
-            device=str(self.device),
+        return self.described(
             parameters=count_parameters(self.model),  # image path + language model: both make every vector
-            weights_fingerprint=self.weights_fingerprint,
             preprocessing=self.processor.to_dict(),
             options={
                 "preset": self.preset.name,
@@ -309,7 +301,6 @@ class Phi3VLMEncoder(Encoder):
                 "num_crops": self.processor.num_crops,
                 "max_length": self.max_length,
             },
-            precision=self.precision,
             details={
                 "model_class": f"{type(self.model.image_embedding).__name__} + transformers.{type(lm).__name__}",
                 "preset_source": self.preset.source,
