@@ -42,6 +42,7 @@ from phiclip.finetune.common import (
     batch_positions,
     load_optimizer_state,
     lr_at,
+    options_identity,
     prepare_output,
     progress_bar,
     resolve_device,
@@ -150,8 +151,7 @@ class ClipFinetuneOptions:
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide the loss curve (a resumed run must have the same)."""
-        d = dataclasses.asdict(self)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if k not in _NOT_IDENTITY}
+        return options_identity(self, _NOT_IDENTITY)
 
 
 @dataclass

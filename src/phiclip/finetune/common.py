@@ -14,6 +14,7 @@ checkpoint folder is written under a temporary name and renamed, so it exists wh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from phiclip.pipeline.output import differences
 
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_JSONL = "metrics.jsonl"
@@ -266,16 +269,11 @@ def restore_trainable(model: Any, weights: Mapping[str, Any], where: Path) -> No
             p.copy_(weights[name].to(p.device))
 
 
-def differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every value that differs (nested keys dotted: ``options.lr``)."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
+def options_identity(options: Any, exclude: frozenset[str]) -> dict[str, Any]:
+    """A training options dataclass as JSON-able settings, without ``exclude`` (settings that do not
+    change the loss curve, such as progress bars and checkpoint cadence): what a resume must match."""
+    d = dataclasses.asdict(options)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if k not in exclude}
 
 
 def prepare_output(output: Path, resume: bool, identity: dict[str, Any]) -> Checkpoint | None:
@@ -299,7 +297,7 @@ def prepare_output(output: Path, resume: bool, identity: dict[str, Any]) -> Chec
             raise TrainingError(f"{output}: the run is already complete (metrics.json); choose another --output")
         return None  # nothing to resume yet: a fresh start
     ckpt = load_checkpoint(ckpts[-1])
-    diff = differences(ckpt.state.get("identity", {}), identity)
+    diff = differences(ckpt.state.get("identity", {}), identity, form="{key}: {old!r} -> {new!r}")
     if diff:
         raise TrainingError(
             f"{ckpts[-1]}: was written by a run with other settings ({'; '.join(diff)}); "

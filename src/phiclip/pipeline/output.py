@@ -103,15 +103,16 @@ def output_lock(root: Path) -> Iterator[None]:
 
 
 # --- comparing runs ----------------------------------------------------------------------------------
-def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """``"key.sub: OLD before, NEW now"`` for every leaf that differs between two nested dicts."""
+def differences(old: Any, new: Any, prefix: str = "", form: str = "{key}: {old!r} before, {new!r} now") -> list[str]:
+    """``form`` (default ``"key.sub: OLD before, NEW now"``) for every leaf that differs between two
+    nested dicts; ``form`` gets ``key`` (dotted), ``old`` and ``new``."""
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for k in sorted(set(old) | set(new), key=str):
-            out += differences(old.get(k), new.get(k), f"{prefix}{k}.")
+            out += differences(old.get(k), new.get(k), f"{prefix}{k}.", form)
         return out
     if old != new:
-        return [f"{prefix.rstrip('.')}: {old!r} before, {new!r} now"]
+        return [form.format(key=prefix.rstrip("."), old=old, new=new)]
     return []
 
 
