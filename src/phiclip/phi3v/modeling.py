@@ -64,6 +64,36 @@ def _coerce_config(config: Any) -> Phi3VVisionConfig:
     return Phi3VVisionConfig.from_dict(d)
 
 
+def real_crops_per_image(pixel_values: torch.Tensor | Sequence[torch.Tensor], grids: list[tuple[int, int]],
+                         crop_size: int, *, grid_unit: int | None = None, note: str = "") -> list[torch.Tensor]:
+    """Each image's real crops, ``(1 + h*w, 3, crop_size, crop_size)`` (global view first), from a padded
+    ``(n, num_crops+1, 3, S, S)`` tensor or a list of per-image tensors, checked against the crop
+    ``grids`` ``(h, w)``. ``grid_unit``: the pixels per grid cell in ``image_sizes`` (default
+    ``crop_size``); ``note`` is added to the shape messages."""
+    s, unit = crop_size, grid_unit or crop_size
+    if isinstance(pixel_values, torch.Tensor):
+        if pixel_values.ndim != 5 or tuple(pixel_values.shape[2:]) != (3, s, s) or pixel_values.shape[0] != len(grids):
+            raise ValueError(
+                f"pixel_values must have shape ({len(grids)}, num_crops+1, 3, {s}, {s}){note} or be a list of "
+                f"(crops, 3, {s}, {s}) tensors; got {tuple(pixel_values.shape)}"
+            )
+        per_image = []
+        for i, (h, w) in enumerate(grids):
+            if 1 + h * w > pixel_values.shape[1]:
+                raise ValueError(f"image {i} needs {1 + h * w} crops for image_sizes {h * unit}x{w * unit} but "
+                                 f"pixel_values has {pixel_values.shape[1]}")
+            per_image.append(pixel_values[i, : 1 + h * w])
+        return per_image
+    per_image = list(pixel_values)
+    if len(per_image) != len(grids):
+        raise ValueError(f"{len(per_image)} pixel_values tensors for {len(grids)} image_sizes")
+    for i, (t, (h, w)) in enumerate(zip(per_image, grids)):
+        if t.ndim != 4 or tuple(t.shape[1:]) != (3, s, s) or t.shape[0] != 1 + h * w:
+            raise ValueError(f"pixel_values[{i}] must have shape ({1 + h * w}, 3, {s}, {s}){note} for image_sizes "
+                             f"{h * unit}x{w * unit}, got {tuple(t.shape)}")
+    return per_image
+
+
 class Phi3VImageEmbedding(nn.Module):
     """Phi-3-vision's image embedding (``model.vision_embed_tokens``), without the language model.
 
@@ -238,25 +268,7 @@ class Phi3VImageEmbedding(nn.Module):
 
     def _real_crops(self, pixel_values: torch.Tensor | Sequence[torch.Tensor], grids: list[tuple[int, int]]) -> torch.Tensor:
         """Gather the real crops of every image (global view first): ``(sum_i 1 + h_i*w_i, 3, S, S)``."""
-        s = self.image_size
-        if isinstance(pixel_values, torch.Tensor):
-            if pixel_values.ndim != 5 or pixel_values.shape[2:] != (3, s, s) or pixel_values.shape[0] != len(grids):
-                raise ValueError(
-                    f"pixel_values must have shape ({len(grids)}, num_crops+1, 3, {s}, {s}) or be a list of "
-                    f"(crops, 3, {s}, {s}) tensors; got {tuple(pixel_values.shape)}"
-                )
-            per_image = []
-            for i, (h, w) in enumerate(grids):
-                if 1 + h * w > pixel_values.shape[1]:
-                    raise ValueError(f"image {i} needs {1 + h * w} crops for image_sizes {h * s}x{w * s} but pixel_values has {pixel_values.shape[1]}")
-                per_image.append(pixel_values[i, : 1 + h * w])
-        else:
-            per_image = list(pixel_values)
-            if len(per_image) != len(grids):
-                raise ValueError(f"{len(per_image)} pixel_values tensors for {len(grids)} image_sizes")
-            for i, (t, (h, w)) in enumerate(zip(per_image, grids)):
-                if t.ndim != 4 or tuple(t.shape[1:]) != (3, s, s) or t.shape[0] != 1 + h * w:
-                    raise ValueError(f"pixel_values[{i}] must have shape ({1 + h * w}, 3, {s}, {s}) for image_sizes {h * s}x{w * s}, got {tuple(t.shape)}")
+        per_image = real_crops_per_image(pixel_values, grids, self.image_size)
         param = self.img_processor.vision_model.embeddings.patch_embedding.weight
         if param.device.type == "cuda" and all(t.device.type == "cpu" for t in per_image):
             # Gather straight into page-locked memory: the tower's per-chunk host-to-device copies

@@ -40,7 +40,7 @@ from torch import nn
 
 from phiclip.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from phiclip.phi3v.config import CROP_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Phi3VVisionConfig
-from phiclip.phi3v.modeling import Phi3VImageEmbedding
+from phiclip.phi3v.modeling import Phi3VImageEmbedding, real_crops_per_image
 from phiclip.phi3v.processing import Phi3VImageInputs, hd_size, num_tokens_for_hd_size, resized_size
 
 #: ``img_processor.name`` of a student checkpoint.
@@ -320,24 +320,8 @@ class StudentImageEmbedding(Phi3VImageEmbedding):
 
     def _real_crops(self, pixel_values: torch.Tensor | Sequence[torch.Tensor], grids: list[tuple[int, int]]) -> torch.Tensor:
         """The real crops of every image (global view first): ``(sum_i 1 + h_i*w_i, 3, S, S)``."""
-        s = self.crop_size
-        if isinstance(pixel_values, torch.Tensor):
-            if pixel_values.ndim != 5 or tuple(pixel_values.shape[2:]) != (3, s, s) or pixel_values.shape[0] != len(grids):
-                raise ValueError(f"pixel_values must have shape ({len(grids)}, num_crops+1, 3, {s}, {s}) (the student's "
-                                 f"crop size) or be a list of (crops, 3, {s}, {s}) tensors; got {tuple(pixel_values.shape)}")
-            per_image = []
-            for i, (h, w) in enumerate(grids):
-                if 1 + h * w > pixel_values.shape[1]:
-                    raise ValueError(f"image {i} needs {1 + h * w} crops but pixel_values has {pixel_values.shape[1]}")
-                per_image.append(pixel_values[i, : 1 + h * w])
-        else:
-            per_image = list(pixel_values)
-            if len(per_image) != len(grids):
-                raise ValueError(f"{len(per_image)} pixel_values tensors for {len(grids)} image_sizes")
-            for i, (t, (h, w)) in enumerate(zip(per_image, grids)):
-                if t.ndim != 4 or tuple(t.shape[1:]) != (3, s, s) or t.shape[0] != 1 + h * w:
-                    raise ValueError(f"pixel_values[{i}] must have shape ({1 + h * w}, 3, {s}, {s}) (the student's crop "
-                                     f"size) for image_sizes {h * CROP_SIZE}x{w * CROP_SIZE}, got {tuple(t.shape)}")
+        per_image = real_crops_per_image(pixel_values, grids, self.crop_size, grid_unit=CROP_SIZE,
+                                         note=" (the student's crop size)")
         return torch.cat(per_image, dim=0)
 
     def processor(self, num_crops: int = 16, image_mean: Sequence[float] | None = None,
