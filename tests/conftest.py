@@ -3,6 +3,8 @@ tests read messages that contain long temporary paths)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -21,3 +23,25 @@ def _cpu_precision(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(autouse=True)
 def _wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "250")
+
+
+@pytest.fixture
+def unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Online mode (HF_HUB_OFFLINE unset) with a hub endpoint nothing listens on; returns the cache."""
+    from huggingface_hub import constants
+
+    from phiclip import hub
+
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in hub._PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
+    monkeypatch.setattr(hub, "_probes", {})
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return cache

@@ -74,25 +74,6 @@ def test_a_local_directory_is_used_even_when_it_looks_like_a_hub_id(workdir: Pat
 # --- a hub that cannot be reached ----------------------------------------------------------------
 
 
-@pytest.fixture
-def unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Online mode (HF_HUB_OFFLINE unset) with a hub endpoint nothing listens on; returns the cache."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf_cache"
-    cache.mkdir()
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    for name in hub._PROXY_VARS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
-    monkeypatch.setattr(hub, "_probes", {})
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return cache
-
 
 def _cache(ckpt: Path, cache: Path, repo: str) -> None:
     root = cache / ("models--" + repo.replace("/", "--"))

@@ -219,28 +219,6 @@ def test_the_encoder_records_its_options_and_placement(ckpt: Path) -> None:
 
 
 # --- a hub id that cannot be reached ------------------------------------------------------------
-@pytest.fixture
-def unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Online mode with a hub endpoint nothing listens on (as in tests/test_hub.py); returns the cache."""
-    from huggingface_hub import constants
-
-    from phiclip import hub
-
-    cache = tmp_path / "hf_cache"
-    cache.mkdir()
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    for name in hub._PROXY_VARS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
-    monkeypatch.setattr(hub, "_probes", {})
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return cache
-
-
 def _unreachable_message(msg: str) -> bool:
     return "unreachable" in msg and "127.0.0.1:9" in msg and "not in the local cache" in msg and "give a local directory" in msg
 
