@@ -12,10 +12,12 @@ Parts (each table is printed with the CPU model and its instruction sets):
 * ``clip``: CLIP ViT-B/32 (random weights), model only, 64 preprocessed images, batch 32:
   transformers ``get_image_features`` (SDPA), phiclip at each precision, and, when installed
   (``pip install phiclip[bench]``), ONNX Runtime float32 / int8 (dynamic quantisation, per channel)
-  and OpenVINO float32 / bfloat16 on the same weights (exported once to ONNX). Cosine and max abs
-  of every output against phiclip float32.
-* ``embed``: end to end from 128 JPEG files: ``phiclip embed`` at each precision (load included),
-  and the contenders behind the same decoding and preprocessing threads.
+  and OpenVINO float32 / bfloat16 on the same weights (exported once to ONNX); phiclip through
+  those runtimes too (``runtime=openvino`` for bfloat16, ``runtime=onnxruntime`` for int8). Cosine
+  and max abs of every output against phiclip float32.
+* ``embed``: end to end from 128 JPEG files: ``phiclip embed`` at each precision (load included;
+  a runtime's conversion is cached before timing), and the contenders loading their model file,
+  behind the same decoding and preprocessing threads, writing their vectors to Parquet.
 * ``tower``: the Phi-3-vision image tokens of ``bench/cpu.py`` (tower 256 wide x 6 layers, 62 real
   crops) at each precision against the released-code way.
 * ``knn``: kNN accuracy (k=5) of a tiny CLIP's vectors at each precision on labelled sample images
@@ -37,13 +39,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+
+from phiclip.runtimes import missing_packages
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import cpu_description, environment, photo_like_images, time_interleaved  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16", "float16", "int8")
+#: phiclip through a compiled runtime (runtime=auto's choice at each precision), when installed.
+RUNTIME_ROWS = (("bfloat16", "openvino"), ("int8", "onnxruntime"))
 
 
 def _normed(x: Any) -> np.ndarray:
@@ -98,10 +106,12 @@ def bench_matmul(tables: list[Table]) -> None:
 
 # --------------------------------------------------------------------------------------------------
 class _Contender:
-    """A model-only image-feature function of the same weights: pixel_values (n,3,224,224) -> (n, d)."""
+    """A model-only image-feature function of the same weights: pixel_values (n,3,224,224) -> (n, d).
+    ``load`` builds the function again from the model file (what an end-to-end run pays)."""
 
-    def __init__(self, name: str, precision: str, fn: Callable[[torch.Tensor], np.ndarray]) -> None:
-        self.name, self.precision, self.fn = name, precision, fn
+    def __init__(self, name: str, precision: str, fn: Callable[[torch.Tensor], np.ndarray],
+                 load: Callable[[], Callable[[torch.Tensor], np.ndarray]] | None = None) -> None:
+        self.name, self.precision, self.fn, self.load = name, precision, fn, load
 
 
 def export_clip_onnx(hf_model: Any, path: Path) -> Path:
@@ -142,23 +152,28 @@ def onnx_contenders(onnx_path: Path, threads: int, tmp: Path) -> list[_Contender
         quantize_dynamic(str(onnx_path), str(q_path), weight_type=QuantType.QInt8, per_channel=True)
         for name, p, prec in (("ONNX Runtime float32 (optimisations ALL)", onnx_path, "float32"),
                               ("ONNX Runtime int8 dynamic quantisation (per channel)", q_path, "int8")):
-            sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-            out.append(_Contender(name, prec, lambda x, s=sess: s.run(None, {"pixel_values": x.numpy()})[0]))
+            def load(p: Path = p) -> Callable[[torch.Tensor], np.ndarray]:
+                sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+                return lambda x: sess.run(None, {"pixel_values": x.numpy()})[0]
+            out.append(_Contender(name, prec, load(), load))
     except ImportError:
         print("onnxruntime not installed: its rows are left out (pip install phiclip[bench])")
     try:
         import openvino as ov
 
         core = ov.Core()
-        model = core.read_model(str(onnx_path))
         for prec, hint in (("float32", "f32"), ("bfloat16", "bf16")):
+            def load(hint: str = hint) -> Callable[[torch.Tensor], np.ndarray]:
+                compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU",
+                                              {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads})
+                req = compiled.create_infer_request()
+                return lambda x: req.infer({0: x.numpy()})[0].copy()
             try:
-                compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads})
+                fn = load()
             except RuntimeError as e:
                 print(f"OpenVINO {hint}: {e}")
                 continue
-            req = compiled.create_infer_request()
-            out.append(_Contender(f"OpenVINO {prec}", prec, lambda x, r=req: r.infer({0: x.numpy()})[0].copy()))
+            out.append(_Contender(f"OpenVINO {prec}", prec, fn, load))
     except ImportError:
         print("openvino not installed: its rows are left out (pip install phiclip[bench])")
     return out
@@ -191,6 +206,16 @@ def bench_clip(tables: list[Table], tmp: Path, n_images: int, repeats: int) -> d
     contenders = [_Contender("transformers get_image_features (SDPA)", "float32", hf)]
     for p, enc in encs.items():
         contenders.append(_Contender(f"phiclip {p}", p, lambda x, e=enc: e.encode_batch(x).embeddings))
+    # phiclip through a compiled runtime (phiclip[cpu-runtimes]); the first load converts and caches.
+    for p, runtime in RUNTIME_ROWS:
+        if missing_packages(runtime):
+            continue
+        t0 = time.perf_counter()
+        enc = load_encoder(f"clip:{ckpt}?runtime={runtime}", device="cpu", dtype=p)
+        info = enc.describe()["precision"]["runtime"]
+        print(f"phiclip {p} runtime={runtime}: loaded in {time.perf_counter() - t0:.1f} s "
+              f"({'converted now' if info['converted_now'] else 'read from the cache'})")
+        contenders.append(_Contender(f"phiclip {p} (runtime={runtime})", p, lambda x, e=enc: e.encode_batch(x).embeddings))
     onnx_path = export_clip_onnx(hf_model, tmp / "clip.onnx")
     contenders += onnx_contenders(onnx_path, torch.get_num_threads(), tmp)
     for c in contenders:
@@ -234,24 +259,38 @@ def bench_embed(tables: list[Table], tmp: Path, n_images: int, repeats: int, cli
     ckpt = clip["ckpt"] if clip else build_tiny_clip(tmp / "clip-b32", image_size=224, patch_size=32, hidden_size=768,
                                                      num_layers=12, num_heads=12, projection_dim=512)
     fns: dict[str, Callable[[], Any]] = {}
-    for p in ("float32", "bfloat16", "int8", "auto"):
-        def ours(p: str = p) -> None:
-            out = tmp / f"out-{p}"
+    runs = [(p, "torch") for p in ("float32", "bfloat16", "int8", "auto")]
+    runs += [(p, rt) for p, rt in RUNTIME_ROWS if not missing_packages(rt)]
+    for p, rt in runs:
+        if rt != "torch":
+            load_encoder(f"clip:{ckpt}?runtime={rt}", device="cpu", dtype=p)  # the conversion cached before timing
+
+        def ours(p: str = p, rt: str = rt) -> None:
+            out = tmp / f"out-{p}-{rt}"
             shutil.rmtree(out, ignore_errors=True)
-            res = embed(f"clip:{ckpt}", folder, out, device="cpu", precision=p, progress=False)
+            spec = f"clip:{ckpt}" + ("" if rt == "torch" else f"?runtime={rt}")
+            res = embed(spec, folder, out, device="cpu", precision=p, progress=False)
             assert res.embedded == n_images, res.to_dict()
-        fns[f"phiclip embed {p}"] = ours
+        fns[f"phiclip embed {p}" + ("" if rt == "torch" else f" (runtime={rt})")] = ours
     prep = load_encoder(f"clip:{ckpt}", device="cpu", dtype="float32").preprocess
     threads = torch.get_num_threads()
     for c in (clip or {}).get("contenders", []):
         if c.name.startswith(("phiclip", "transformers")):
             continue
 
-        def theirs(c: _Contender = c) -> None:  # the same decoding and preprocessing threads as phiclip's CPU path
+        def theirs(c: _Contender = c) -> None:
+            # Load the model from its file, decode and preprocess on the same threads as phiclip's CPU
+            # path, write the vectors to Parquet: what phiclip embed does, without its bookkeeping.
+            fn = c.load() if c.load is not None else c.fn
+            rows = []
             with ThreadPoolExecutor(threads) as pool:
                 for i in range(0, len(paths), 32):
                     batch = torch.stack(list(pool.map(lambda q: prep(load_image(q)), paths[i:i + 32])))
-                    c.fn(batch)
+                    rows.append(np.asarray(fn(batch), dtype=np.float32))
+            vectors = np.concatenate(rows)
+            pq.write_table(pa.table({"source": [str(q) for q in paths],
+                                     "embedding": pa.FixedSizeListArray.from_arrays(vectors.ravel(), vectors.shape[1])}),
+                           tmp / "contender.parquet")
         fns[c.name] = theirs
     times = time_interleaved(fns, repeats, warmup=0)
     t = Table(f"End to end from {n_images} JPEG files, CLIP ViT-B/32 (random weights), load included",

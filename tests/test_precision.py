@@ -181,3 +181,51 @@ def test_auto_records_its_decision_in_describe_and_manifest(monkeypatch, measure
     manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
     assert manifest["encoder"]["precision"]["dtype"] == "bfloat16"
     assert manifest["settings"]["precision"] == "bfloat16"
+
+
+class _Busy:
+    """Stands for phiclip.cpu_threads.OthersBusy with a fixed reading."""
+
+    def __init__(self, cores):
+        self._cores = cores
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cores = self._cores
+
+
+def test_a_measurement_taken_under_load_is_measured_again(measured_here: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_measure(*a, **k):
+        calls.append(1)
+        return {"float32": 100.0, "bfloat16": 90.0 if len(calls) == 1 else 250.0, "float16": 90.0}
+
+    monkeypatch.setattr(P, "measure_matmul_rates", fake_measure)
+    monkeypatch.setattr(P, "OthersBusy", _Busy(1.4))  # another process kept 1.4 cores busy meanwhile
+    busy = P.cpu_matmul_rates()
+    assert busy["others_busy_cores"] == 1.4 and P.measured_under_load(busy)
+    P.clear_memo()
+    monkeypatch.setattr(P, "OthersBusy", _Busy(0.1))
+    quiet = P.cpu_matmul_rates()  # the next process measures again, now quietly
+    assert quiet["source"] == "measured" and quiet["speedups"]["bfloat16"] == 2.5 and len(calls) == 2
+    P.clear_memo()
+    assert P.cpu_matmul_rates()["source"] == "cache" and len(calls) == 2  # a quiet measurement is kept
+
+
+def test_others_busy_reads_proc_stat_over_a_long_enough_block() -> None:
+    import time
+
+    from phiclip.cpu_threads import MIN_WINDOW, OthersBusy
+
+    with OthersBusy() as short:
+        pass
+    assert short.cores is None  # too short to tell
+    with OthersBusy() as busy:
+        time.sleep(MIN_WINDOW + 0.05)
+    assert busy.cores is None or busy.cores >= 0.0

@@ -231,3 +231,23 @@ def test_cli_embed_precision_int8(checkpoints, tmp_path, monkeypatch) -> None:
     manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
     assert manifest["settings"]["precision"] == "int8"
     assert manifest["encoder"]["precision"]["int8"]["kernel"] == KERNELS[0]
+
+
+def test_a_kernel_choice_measured_under_load_is_measured_again(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_precision import _Busy
+
+    calls = []
+
+    def fake(kernels, *a, **k):
+        calls.append(1)
+        fast = KERNELS[-1] if len(calls) == 1 else KERNELS[0]  # the ranking a busy spell gave, then the quiet one
+        return {k: (500.0 if k == fast else 100.0) for k in kernels}
+
+    monkeypatch.setattr(Q, "measure_kernel_rates", fake)
+    monkeypatch.setattr(Q, "OthersBusy", _Busy(1.2))
+    assert Q.int8_plan()["kernel"] == KERNELS[-1]
+    Q.clear_memo()
+    monkeypatch.setattr(Q, "OthersBusy", _Busy(0.0))
+    assert Q.int8_plan()["kernel"] == KERNELS[0] and len(calls) == 2
+    Q.clear_memo()
+    assert Q.int8_plan()["kernel"] == KERNELS[0] and len(calls) == 2  # kept

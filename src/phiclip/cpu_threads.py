@@ -89,6 +89,29 @@ def others_busy_cores() -> float | None:
         return others
 
 
+class OthersBusy(contextlib.AbstractContextManager):
+    """``with OthersBusy() as busy: ...`` -> ``busy.cores``: the cores other processes kept busy on
+    this process's CPUs during the block (None where /proc/stat is not available, or for a block
+    shorter than ``MIN_WINDOW``). Independent of
+    :func:`others_busy_cores`' running sample."""
+
+    cores: float | None = None
+
+    def __enter__(self) -> OthersBusy:
+        self._cpus = allowed_cpus()
+        self._start = (time.monotonic(), time.process_time(), _busy_seconds(self._cpus))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall0, own0, busy0 = self._start
+        busy1 = _busy_seconds(self._cpus)
+        wall = time.monotonic() - wall0
+        if busy0 is None or busy1 is None or wall < MIN_WINDOW:  # too short to tell from /proc/stat's ticks
+            self.cores = None
+            return
+        self.cores = max(0.0, (busy1 - busy0) - (time.process_time() - own0)) / wall
+
+
 def advised_threads(max_threads: int) -> int:
     """Threads for the next chunk: ``max_threads`` less the cores others keep busy (rounded up from
     :data:`SLACK`), at least 1."""

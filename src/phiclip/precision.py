@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phiclip.cpu_threads import OthersBusy
+
 #: Environment variable: the cache folder (default ``$XDG_CACHE_HOME/phiclip`` or ``~/.cache/phiclip``).
 CACHE_DIR_ENV = "PHICLIP_CACHE_DIR"
 #: Environment variable: fix ``auto``'s CPU choice (``float32`` or ``bfloat16``) without measuring.
@@ -47,6 +49,9 @@ MEASURE_SHAPES: tuple[tuple[int, int, int], ...] = ((1154, 1024, 4096), (1154, 4
 #: ``auto`` takes a 16-bit precision only when its matrix products run at least this many times the
 #: float32 rate: the rest of the model (attention softmax, norms, conversions) gains less.
 AUTO_MIN_SPEEDUP = 1.25
+
+#: A cached measurement taken while others kept this many cores busy is measured again next time.
+BUSY_REMEASURE_CORES = 0.5
 
 #: ``auto`` only takes a precision whose stated bound keeps every vector at least this close to float32.
 AUTO_MIN_COSINE = 0.999
@@ -221,12 +226,14 @@ def cpu_matmul_rates(refresh: bool = False) -> dict[str, Any]:
         if not refresh and key in _memo:
             return _memo[key]
         entry = None if refresh else read_cache().get(key)
-        if isinstance(entry, dict) and isinstance(entry.get("rates"), dict):
+        if isinstance(entry, dict) and isinstance(entry.get("rates"), dict) and not measured_under_load(entry):
             result = {**entry, "source": "cache"}
         else:
-            rates = measure_matmul_rates()
+            with OthersBusy() as busy:
+                rates = measure_matmul_rates()
             f32 = rates.get("float32") or 1.0
             result = {
+                "others_busy_cores": None if busy.cores is None else round(busy.cores, 2),
                 "rates": {k: round(v, 1) for k, v in rates.items()},
                 "speedups": {k: round(v / f32, 3) for k, v in rates.items()},
                 "cpu": cpu_name(), "flags": cpu_isa_flags(), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -237,6 +244,14 @@ def cpu_matmul_rates(refresh: bool = False) -> dict[str, Any]:
             result = {**result, "source": "measured"}
         _memo[key] = result
         return result
+
+
+def measured_under_load(entry: dict[str, Any]) -> bool:
+    """Whether a cached measurement was taken while other processes kept at least
+    :data:`BUSY_REMEASURE_CORES` cores busy: such an entry is measured again by the next process
+    (a busy spell can turn a ranking around, e.g. one int8 kernel against another)."""
+    busy = entry.get("others_busy_cores")
+    return isinstance(busy, (int, float)) and busy >= BUSY_REMEASURE_CORES
 
 
 def clear_memo() -> None:

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phiclip import precision as P
+from phiclip.cpu_threads import OthersBusy
 
 KERNELS = ("onednn", "quantized")
 INT8_CACHE_KEY = "int8"
@@ -221,13 +222,15 @@ def int8_plan(refresh: bool = False) -> dict[str, Any]:
         if not refresh and key in _plan_memo:
             return _plan_memo[key]
         entry = None if refresh else P.read_cache().get(key)
-        if not (isinstance(entry, dict) and entry.get("kernel") in KERNELS):
+        if not (isinstance(entry, dict) and entry.get("kernel") in KERNELS) or P.measured_under_load(entry):
             kernels = available_kernels()
             if not kernels:
                 raise ValueError("precision int8: this torch build has no int8 matrix kernel (neither oneDNN's "
                                  "qlinear nor torch.ops.quantized); use float32 or bfloat16")
-            rates = measure_kernel_rates(kernels)
+            with OthersBusy() as busy:
+                rates = measure_kernel_rates(kernels)
             entry = {"kernel": max(rates, key=rates.__getitem__), "rates": {k: round(v, 1) for k, v in rates.items()},
+                     "others_busy_cores": None if busy.cores is None else round(busy.cores, 2),
                      "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
             P.write_cache_entry(key, entry)
     float_dtype = "float32"

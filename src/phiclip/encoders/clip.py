@@ -553,7 +553,14 @@ class _ContrastiveEncoder(Encoder):
         self.image_features = self._fast_image_features() if options.fast else None
         # What runs and why (phiclip.precision); int8 quantises the image side (phiclip.quantize).
         self.precision = placement.record()
-        if placement.precision == "int8":
+        # OpenVINO / ONNX Runtime in place of torch for the image side (phiclip.runtimes), when chosen.
+        from phiclip.runtimes import choose_runtime  # delayed on purpose: imports torch
+
+        runtime = choose_runtime(options.runtime, placement.precision, self.device.type)
+        self.compiled: Any = None
+        if runtime.runtime != "torch":
+            pass  # compiled below from the float32 weights, once they are fingerprinted
+        elif placement.precision == "int8":
             from phiclip.quantize import quantize_contrastive_encoder_  # delayed on purpose: imports torch
 
             self.precision["int8"] = quantize_contrastive_encoder_(self)
@@ -563,6 +570,13 @@ class _ContrastiveEncoder(Encoder):
 
             self.image_features = float_copy(self.image_features, placement.dtype)
         self.weights_fingerprint: str = weights_fingerprint or fingerprint_module(model)
+        if runtime.runtime != "torch":
+            from phiclip.runtimes import ImageSide, compile_image_path  # delayed on purpose: imports torch
+
+            self.compiled = compile_image_path(ImageSide(model), runtime=runtime.runtime, precision=placement.precision,
+                                               fingerprint=self.weights_fingerprint,
+                                               image_size=int(model.config.vision_config.image_size))
+        self.precision["runtime"] = {**runtime.to_dict(), **(self.compiled.describe() if self.compiled is not None else {})}
 
     # --- loading ------------------------------------------------------------------------------
     @classmethod
@@ -719,7 +733,9 @@ class _ContrastiveEncoder(Encoder):
         with torch.inference_mode(), self._autocast():
             for start in range(0, batch.shape[0], step):
                 pixels = batch[start : start + step].to(self.device, non_blocking=True)
-                if self.image_features is not None:
+                if self.compiled is not None:
+                    out.append(self._finish(self.compiled(pixels)))
+                elif self.image_features is not None:
                     out.append(self._finish(self.image_features(pixels)))
                 else:
                     out.append(self._finish(_pooled(self.model.get_image_features(pixel_values=pixels))))

@@ -30,6 +30,10 @@ class ContrastiveOptions(SpecOptions):
     max_batch: int = int_option(DEFAULT_MAX_BATCH, "integer >= 1: most inputs per model call (default 256)")
     fast: bool = bool_option(
         True, "true|false: phiclip's CLIP image tower (default true; false: transformers' get_image_features)")
+    runtime: str = choice_option(
+        "torch", ("torch", "auto", "openvino", "onnxruntime"),
+        "torch|auto|openvino|onnxruntime: what runs the image side on the CPU (default torch; auto: OpenVINO for "
+        "bfloat16, ONNX Runtime for int8 where installed, phiclip[cpu-runtimes])")
 
 
 @dataclass(frozen=True)

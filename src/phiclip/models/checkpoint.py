@@ -16,11 +16,14 @@ Importing this module does not import torch (the functions that take tensors get
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import re
 import struct
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,6 +262,8 @@ def strict_load(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, s
 #: The most bytes a safetensors header may take (safetensors itself refuses larger ones).
 MAX_HEADER_BYTES = 100_000_000
 _HASH_CHUNK = 1 << 22  # bytes hashed per read when streaming a file
+#: Bumped when what a cached digest holds changes, so that old entries are hashed again.
+DIGEST_CACHE_VERSION = 1
 
 #: torch dtype name -> safetensors dtype code (what a fingerprint records for a tensor).
 _SAFETENSORS_CODES = {
@@ -300,29 +305,26 @@ class WeightsHasher:
         self._add(name, dtype, t.shape, digest.hexdigest())
 
     def add_file(self, path: str | Path, names: Iterable[str] | None = None) -> None:
-        """Add tensors of a safetensors file (all of them, or ``names``), streaming their bytes."""
+        """Add tensors of a safetensors file (all of them, or ``names``), streaming their bytes.
+
+        The digests of a file are kept in :func:`phiclip.precision.cache_dir` ``/fingerprints``
+        under the file's identity (real path, device, inode, size, modification and change times):
+        a later load of the same, untouched file reads them back instead of hashing every byte again
+        (about 1 s per GB). Any write to the file changes its change time (which no user call can
+        set back), so a changed file is hashed again."""
         header, data_start = read_safetensors_header(path)
         wanted = set(header) if names is None else set(names)
         unknown = wanted - set(header)
         if unknown:
             raise CheckpointError(f"{path} does not hold {sorted(unknown)[:4]}")
-        size = Path(path).stat().st_size
-        with open(path, "rb") as f:
-            for name in sorted(wanted, key=lambda n: header[n]["data_offsets"][0]):  # read in file order
-                entry = header[name]
-                begin, end = entry["data_offsets"]
-                if data_start + end > size:
-                    raise CheckpointError(f"{path} is truncated: tensor {name} ends past the end of the file")
-                f.seek(data_start + begin)
-                digest = hashlib.sha256()
-                left = end - begin
-                while left:
-                    chunk = f.read(min(left, _HASH_CHUNK))
-                    if not chunk:
-                        raise CheckpointError(f"{path} is truncated: tensor {name} ends past the end of the file")
-                    digest.update(chunk)
-                    left -= len(chunk)
-                self._add(name, entry["dtype"], entry["shape"], digest.hexdigest())
+        key = _file_identity(path, header, wanted)
+        cached = _read_digests(key) if key else None
+        if cached is None:
+            cached = _hash_tensors(path, header, data_start, wanted)
+            if key:
+                _write_digests(key, cached)
+        for name, (dtype, shape, digest) in cached.items():
+            self._add(name, dtype, shape, digest)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -333,6 +335,69 @@ class WeightsHasher:
         for name in sorted(self._entries):
             outer.update(self._entries[name].encode("utf-8") + b"\n")
         return "sha256:" + outer.hexdigest()
+
+
+def _hash_tensors(path: str | Path, header: dict[str, dict[str, Any]], data_start: int,
+                  wanted: set[str]) -> dict[str, tuple[str, list[int], str]]:
+    """``name -> (dtype, shape, sha256 of its bytes)`` for the ``wanted`` tensors of a safetensors file."""
+    size = Path(path).stat().st_size
+    out: dict[str, tuple[str, list[int], str]] = {}
+    with open(path, "rb") as f:
+        for name in sorted(wanted, key=lambda n: header[n]["data_offsets"][0]):  # read in file order
+            entry = header[name]
+            begin, end = entry["data_offsets"]
+            if data_start + end > size:
+                raise CheckpointError(f"{path} is truncated: tensor {name} ends past the end of the file")
+            f.seek(data_start + begin)
+            digest = hashlib.sha256()
+            left = end - begin
+            while left:
+                chunk = f.read(min(left, _HASH_CHUNK))
+                if not chunk:
+                    raise CheckpointError(f"{path} is truncated: tensor {name} ends past the end of the file")
+                digest.update(chunk)
+                left -= len(chunk)
+            out[name] = (entry["dtype"], [int(d) for d in entry["shape"]], digest.hexdigest())
+    return out
+
+
+def _file_identity(path: str | Path, header: dict[str, dict[str, Any]], wanted: set[str]) -> str | None:
+    """The digest cache's key of a file (None when it cannot be stat'ed)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    ident = [DIGEST_CACHE_VERSION, os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+             st.st_ctime_ns, sorted(wanted), sorted((n, e["data_offsets"]) for n, e in header.items() if n in wanted)]
+    return hashlib.sha256(json.dumps(ident).encode("utf-8")).hexdigest()
+
+
+def _digest_file(key: str) -> Path:
+    from phiclip.precision import cache_dir  # delayed on purpose: precision measures with torch when asked
+
+    return cache_dir() / "fingerprints" / f"{key}.json"
+
+
+def _read_digests(key: str) -> dict[str, tuple[str, list[int], str]] | None:
+    try:
+        data = json.loads(_digest_file(key).read_text())
+        return {str(n): (str(d), [int(x) for x in shape], str(h)) for n, (d, shape, h) in data.items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None  # absent or damaged: hash the file again
+
+
+def _write_digests(key: str, digests: dict[str, tuple[str, list[int], str]]) -> None:
+    """Keep the digests (atomic; an unwritable cache folder only means hashing again next time)."""
+    path = _digest_file(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".digests-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({n: list(v) for n, v in digests.items()}, f)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError, UnboundLocalError):
+            os.unlink(tmp)
 
 
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], int]:

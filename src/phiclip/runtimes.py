@@ -1,0 +1,279 @@
+"""Compiled CPU runtimes for an encoder's image side: OpenVINO and ONNX Runtime, optional.
+
+phiclip's own CPU path runs in torch (``runtime=torch``, the default). Where OpenVINO or ONNX
+Runtime is installed (``pip install phiclip[cpu-runtimes]``) the image side of a CLIP or SigLIP
+encoder (pixel values in, image features out) can run through one of them instead:
+
+* ``openvino``: float32 or bfloat16 (OpenVINO's ``INFERENCE_PRECISION_HINT``), converted from
+  the torch module with ``openvino.convert_model``;
+* ``onnxruntime``: float32, or int8 (``onnxruntime.quantization.quantize_dynamic``: int8 weights
+  per output channel, activations quantised per call, the same scheme as :mod:`phiclip.quantize`),
+  exported with ``torch.onnx.export``.
+
+``runtime=auto`` takes OpenVINO for bfloat16 and ONNX Runtime for int8 where they are installed
+(on the CPUs measured they were the faster way, see BENCHMARKS.md "CPU precision"), and torch
+otherwise and for float32 (phiclip's float32 stays torch's exact arithmetic unless a runtime is
+named).
+
+Converting takes seconds (about 5 s for ViT-B/32); the result is cached on disk under
+:func:`phiclip.precision.cache_dir` ``/runtimes``, keyed by the weights' fingerprint, the
+precision, the input size and the runtime's and torch's versions, so a later load reads it back in
+well under a second. The cached files are OpenVINO IR / ONNX protobuf written by phiclip (no
+pickle, no code). A runtime session uses a fixed number of threads (torch's at load time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from phiclip import precision as P
+
+#: What ``runtime=`` accepts.
+RUNTIMES = ("torch", "auto", "openvino", "onnxruntime")
+
+#: The precisions each compiled runtime runs.
+RUNTIME_PRECISIONS: dict[str, tuple[str, ...]] = {"openvino": ("float32", "bfloat16"), "onnxruntime": ("float32", "int8")}
+
+#: What ``auto`` takes for each precision, in order of preference, when installed.
+AUTO_CHOICES: dict[str, tuple[str, ...]] = {"bfloat16": ("openvino",), "int8": ("onnxruntime",)}
+
+#: Python packages each runtime needs.
+RUNTIME_PACKAGES: dict[str, tuple[str, ...]] = {"openvino": ("openvino",), "onnxruntime": ("onnxruntime", "onnx")}
+
+#: Bumped when the export changes, so that old cached conversions are made again.
+CACHE_VERSION = 1
+
+INSTALL_HINT = "pip install 'phiclip[cpu-runtimes]'"
+
+
+def missing_packages(runtime: str) -> list[str]:
+    """The packages ``runtime`` needs that are not installed (empty for ``torch``)."""
+    return [p for p in RUNTIME_PACKAGES.get(runtime, ()) if importlib.util.find_spec(p) is None]
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """Which runtime runs the image side, and why."""
+
+    requested: str
+    runtime: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"requested": self.requested, "runtime": self.runtime, "reason": self.reason}
+
+
+def choose_runtime(requested: str, precision: str, device_type: str = "cpu") -> RuntimeChoice:
+    """The runtime for ``requested`` (one of :data:`RUNTIMES`) at compute ``precision`` on
+    ``device_type``.
+
+    Raises:
+        ValueError: an unknown runtime, a compiled runtime off the CPU, a precision the runtime
+            does not run, or a runtime whose packages are not installed (naming the fix).
+    """
+    if requested not in RUNTIMES:
+        raise ValueError(f"runtime {requested!r} is not one of {', '.join(RUNTIMES)}")
+    if requested == "torch":
+        return RuntimeChoice(requested, "torch", "runtime torch (the default)")
+    if device_type != "cpu":
+        if requested == "auto":
+            return RuntimeChoice(requested, "torch", f"auto on {device_type}: torch (compiled runtimes are for the CPU)")
+        raise ValueError(f"runtime {requested} runs on the CPU only (device {device_type}); use runtime=torch")
+    if requested == "auto":
+        for name in AUTO_CHOICES.get(precision, ()):
+            if not missing_packages(name):
+                return RuntimeChoice(requested, name, f"auto: {name} for {precision} (installed)")
+        if precision in AUTO_CHOICES:
+            wanted = "/".join(AUTO_CHOICES[precision])
+            return RuntimeChoice(requested, "torch", f"auto: torch ({wanted} not installed: {INSTALL_HINT})")
+        return RuntimeChoice(requested, "torch", f"auto: torch for {precision}")
+    if precision not in RUNTIME_PRECISIONS[requested]:
+        raise ValueError(f"runtime {requested} runs precision {' or '.join(RUNTIME_PRECISIONS[requested])}, not {precision}; "
+                         "choose one of those, or runtime=torch")
+    missing = missing_packages(requested)
+    if missing:
+        raise ValueError(f"runtime {requested} needs {', '.join(missing)}, which is not installed: {INSTALL_HINT} "
+                         "(or use runtime=torch)")
+    return RuntimeChoice(requested, requested, f"runtime {requested} asked for")
+
+
+class ImageSide(nn.Module):
+    """``pixel_values (n, 3, S, S) -> image features (n, d)`` of a transformers CLIP or SigLIP
+    model (``get_image_features``), as one module to convert."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model.get_image_features(pixel_values=pixel_values)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _versions(runtime: str) -> str:
+    import importlib.metadata as md
+
+    names = {"openvino": ["openvino"], "onnxruntime": ["onnxruntime", "onnx"]}[runtime]
+    return ",".join(f"{n}={md.version(n)}" for n in names) + f",torch={torch.__version__}"
+
+
+def cache_key(runtime: str, precision: str, fingerprint: str, image_size: int) -> str:
+    """The cache folder name of one conversion."""
+    text = json.dumps([CACHE_VERSION, runtime, precision, fingerprint, int(image_size), _versions(runtime)])
+    return f"{runtime}-{precision}-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
+
+
+@contextlib.contextmanager
+def _export_quietly() -> Any:
+    """Exporters warn about traced Python conditions that are fixed for a model's own input size."""
+    root = logging.getLogger()  # onnxruntime.quantization advises pre-processing through the root logger
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _convert_openvino(module: nn.Module, example: torch.Tensor, folder: Path) -> Path:
+    import openvino as ov
+
+    with _export_quietly():
+        model = ov.convert_model(module, example_input=example, input=[ov.PartialShape([-1, *example.shape[1:]])])
+    path = folder / "model.xml"
+    ov.save_model(model, str(path), compress_to_fp16=False)
+    return path
+
+
+def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with _export_quietly():
+        try:
+            torch.onnx.export(module, (example,), str(path), input_names=["pixel_values"], output_names=["features"],
+                              dynamic_axes={"pixel_values": {0: "n"}, "features": {0: "n"}}, opset_version=17,
+                              do_constant_folding=True, dynamo=False)
+        except (TypeError, RuntimeError):  # a torch without the TorchScript exporter: the dynamo one
+            batch = torch.export.Dim("n", min=1, max=4096)
+            torch.onnx.export(module, (example,), str(path), input_names=["pixel_values"], output_names=["features"],
+                              dynamic_shapes={"pixel_values": {0: batch}}, dynamo=True, external_data=False)
+
+
+def _convert_onnxruntime(module: nn.Module, example: torch.Tensor, folder: Path, precision: str) -> Path:
+    path = folder / "model.onnx"
+    if precision == "float32":
+        _export_onnx(module, example, path)
+        return path
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    float_path = folder / "float32.onnx"
+    _export_onnx(module, example, float_path)
+    with _export_quietly():
+        quantize_dynamic(str(float_path), str(path), weight_type=QuantType.QInt8, per_channel=True)
+    float_path.unlink()
+    return path
+
+
+class CompiledImagePath:
+    """An image side compiled by OpenVINO or ONNX Runtime: ``pixel_values (n, 3, S, S)`` ->
+    float32 features ``(n, d)`` as a torch tensor (the same contract as phiclip's torch module)."""
+
+    def __init__(self, runtime: str, precision: str, path: Path, threads: int, converted: bool) -> None:
+        self.runtime, self.precision, self.path, self.threads = runtime, precision, Path(path), int(threads)
+        self.converted = converted  # True: converted by this load; False: read from the cache
+        self._lock = threading.Lock()  # an OpenVINO infer request runs one call at a time
+        if runtime == "openvino":
+            import openvino as ov
+
+            core = ov.Core()
+            hint = {"float32": "f32", "bfloat16": "bf16"}[precision]
+            compiled = core.compile_model(core.read_model(str(path)), "CPU",
+                                          {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": self.threads})
+            self._request = compiled.create_infer_request()
+            self._run = lambda x: self._request.infer({0: x}, share_inputs=True)[0]
+        else:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            name = session.get_inputs()[0].name
+            self._run = lambda x: session.run(None, {name: x})[0]
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(pixel_values.detach().to("cpu", torch.float32).numpy())
+        with self._lock:
+            out = np.array(self._run(x), dtype=np.float32, copy=True)
+        return torch.from_numpy(out)
+
+    def describe(self) -> dict[str, Any]:
+        """What encoders record under ``describe()["precision"]["runtime"]``."""
+        return {"runtime": self.runtime, "precision": self.precision, "threads": self.threads,
+                "cached_at": str(self.path.parent), "converted_now": self.converted}
+
+
+def compile_image_path(module: nn.Module, *, runtime: str, precision: str, fingerprint: str, image_size: int,
+                       threads: int | None = None, cache: bool = True) -> CompiledImagePath:
+    """Convert ``module`` (float32, ``pixel_values (n, 3, S, S) -> (n, d)``) for ``runtime`` at
+    ``precision``, or read the conversion cached for the same weights (``fingerprint``), and load it.
+
+    Raises:
+        ValueError: the conversion failed (naming the runtime and what it said, and the way back:
+            runtime=torch).
+    """
+    if runtime not in RUNTIME_PRECISIONS or precision not in RUNTIME_PRECISIONS[runtime]:
+        raise ValueError(f"runtime {runtime} cannot run precision {precision}")
+    threads = int(threads or torch.get_num_threads())
+    root = P.cache_dir() / "runtimes"
+    final = root / cache_key(runtime, precision, fingerprint, image_size)
+    name = "model.xml" if runtime == "openvino" else "model.onnx"
+    if cache and (final / name).is_file() and (final / "done").is_file():
+        return CompiledImagePath(runtime, precision, final / name, threads, converted=False)
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
+    try:
+        example = torch.zeros(2, 3, image_size, image_size)
+        module = module.eval()
+        try:
+            if runtime == "openvino":
+                _convert_openvino(module, example, work)
+            else:
+                _convert_onnxruntime(module, example, work, precision)
+        except Exception as e:  # noqa: BLE001 - any exporter failure becomes one message with the way back
+            raise ValueError(f"runtime {runtime}: converting the image side for {precision} failed "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); use runtime=torch") from e
+        (work / "done").write_text(json.dumps({"fingerprint": fingerprint, "versions": _versions(runtime)}))
+        if final.exists():
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(work, final)
+        except OSError:  # another process put its conversion there first: use that one
+            shutil.rmtree(work, ignore_errors=True)
+            if not (final / "done").is_file():
+                raise
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return CompiledImagePath(runtime, precision, final / name, threads, converted=True)
+
+
+__all__ = ["AUTO_CHOICES", "CACHE_VERSION", "RUNTIMES", "RUNTIME_PACKAGES", "RUNTIME_PRECISIONS", "CompiledImagePath",
+           "ImageSide", "RuntimeChoice", "cache_key", "choose_runtime", "compile_image_path", "missing_packages"]

@@ -1,0 +1,141 @@
+"""phiclip.runtimes: which runtime runs the image side (and the errors for impossible asks), and CLIP /
+SigLIP encoders through OpenVINO and ONNX Runtime within their precision's bound of float32, converted
+once and read back from the cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import phiclip.runtimes as R
+from phiclip import load_encoder
+from phiclip.precision import ERROR_BOUNDS
+from phiclip.testing import build_tiny_clip, build_tiny_siglip
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHICLIP_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _installed(monkeypatch, *names: str) -> None:
+    monkeypatch.setattr(R, "missing_packages", lambda rt: [] if rt in names else list(R.RUNTIME_PACKAGES[rt]))
+
+
+# --- the choice ---------------------------------------------------------------------------------------
+def test_torch_is_the_default_and_never_needs_a_package(monkeypatch) -> None:
+    _installed(monkeypatch)
+    for precision in ("float32", "bfloat16", "int8"):
+        assert R.choose_runtime("torch", precision).runtime == "torch"
+
+
+def test_auto_takes_openvino_for_bfloat16_and_onnxruntime_for_int8_where_installed(monkeypatch) -> None:
+    _installed(monkeypatch, "openvino", "onnxruntime")
+    assert R.choose_runtime("auto", "bfloat16").runtime == "openvino"
+    assert R.choose_runtime("auto", "int8").runtime == "onnxruntime"
+    assert R.choose_runtime("auto", "float32").runtime == "torch"  # float32 stays torch's exact arithmetic
+    assert R.choose_runtime("auto", "float16").runtime == "torch"
+    assert R.choose_runtime("auto", "bfloat16", "cuda").runtime == "torch"
+
+
+def test_auto_without_the_packages_stays_torch_and_says_how_to_install(monkeypatch) -> None:
+    _installed(monkeypatch)
+    choice = R.choose_runtime("auto", "int8")
+    assert choice.runtime == "torch" and "phiclip[cpu-runtimes]" in choice.reason
+
+
+def test_impossible_asks_are_clear_errors(monkeypatch) -> None:
+    _installed(monkeypatch, "openvino")
+    with pytest.raises(ValueError, match="runtime openvino runs precision float32 or bfloat16, not int8"):
+        R.choose_runtime("openvino", "int8")
+    with pytest.raises(ValueError, match=r"onnxruntime needs onnxruntime, onnx.*pip install 'phiclip\[cpu-runtimes\]'"):
+        R.choose_runtime("onnxruntime", "int8")
+    with pytest.raises(ValueError, match="CPU only"):
+        R.choose_runtime("openvino", "bfloat16", "cuda")
+    with pytest.raises(ValueError, match="not one of"):
+        R.choose_runtime("tensorrt", "float32")
+
+
+def test_the_spec_option_is_checked_when_the_spec_is_read(tmp_path) -> None:
+    ckpt = build_tiny_clip(tmp_path / "clip")
+    with pytest.raises(ValueError, match="runtime"):
+        load_encoder(f"clip:{ckpt}?runtime=tvm", device="cpu", dtype="float32")
+
+
+# --- encoders through a compiled runtime ----------------------------------------------------------------
+def _pixels(enc, n: int = 5) -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40 + 3 * i, 48, 3), dtype=np.uint8)) for i in range(n)]
+    return torch.stack([enc.preprocess(im) for im in images])
+
+
+CASES = [("openvino", "bfloat16"), ("openvino", "float32"), ("onnxruntime", "int8"), ("onnxruntime", "float32")]
+
+
+@pytest.mark.parametrize(("runtime", "precision"), CASES)
+def test_clip_through_a_runtime_stays_within_the_bound_and_is_cached(tmp_path, cache, runtime, precision) -> None:
+    if R.missing_packages(runtime):
+        pytest.skip(f"{runtime} is not installed (phiclip[cpu-runtimes])")
+    ckpt = build_tiny_clip(tmp_path / "clip")
+    ref_enc = load_encoder(f"clip:{ckpt}", device="cpu", dtype="float32")
+    pixels = _pixels(ref_enc)
+    ref = ref_enc.encode_batch(pixels).embeddings
+    enc = load_encoder(f"clip:{ckpt}?runtime={runtime}", device="cpu", dtype=precision)
+    info = enc.describe()["precision"]["runtime"]
+    assert info["runtime"] == runtime and info["precision"] == precision and info["converted_now"] is True
+    out = enc.encode_batch(pixels).embeddings
+    assert out.shape == ref.shape and out.dtype == np.float32
+    ERROR_BOUNDS[precision].check(ref, out)
+    if precision != "float32":
+        assert not np.array_equal(out, ref)  # the runtime really ran at its precision
+    # One image alone, and a batch cut by max_batch, stay within the bound too (int8 quantises each
+    # call's activations over the call, so its rows depend a little on the batch).
+    ERROR_BOUNDS[precision].check(ref[:1], enc.encode_batch(pixels[:1]).embeddings)
+    again = load_encoder(f"clip:{ckpt}?runtime={runtime}&max_batch=2", device="cpu", dtype=precision)
+    assert again.describe()["precision"]["runtime"]["converted_now"] is False  # read back from the cache
+    ERROR_BOUNDS[precision].check(ref, again.encode_batch(pixels).embeddings)
+    assert len(list((cache / "runtimes").iterdir())) == 1  # one finished conversion, no leftover work folders
+
+
+def test_siglip_int8_through_onnxruntime(tmp_path, cache) -> None:
+    if R.missing_packages("onnxruntime"):
+        pytest.skip("onnxruntime is not installed (phiclip[cpu-runtimes])")
+    ckpt = build_tiny_siglip(tmp_path / "siglip")
+    ref_enc = load_encoder(f"siglip:{ckpt}", device="cpu", dtype="float32")
+    pixels = _pixels(ref_enc)
+    enc = load_encoder(f"siglip:{ckpt}?runtime=auto", device="cpu", dtype="int8")
+    assert enc.describe()["precision"]["runtime"]["runtime"] == "onnxruntime"
+    ERROR_BOUNDS["int8"].check(ref_enc.encode_batch(pixels).embeddings, enc.encode_batch(pixels).embeddings)
+    # The text side is untouched by the runtime.
+    np.testing.assert_allclose(enc.encode_texts(["a cat"]), ref_enc.encode_texts(["a cat"]), atol=1e-6)
+
+
+def test_other_weights_are_converted_again(tmp_path, cache) -> None:
+    if R.missing_packages("onnxruntime"):
+        pytest.skip("onnxruntime is not installed (phiclip[cpu-runtimes])")
+    a = build_tiny_clip(tmp_path / "a", seed=1)
+    b = build_tiny_clip(tmp_path / "b", seed=2)
+    ea = load_encoder(f"clip:{a}?runtime=onnxruntime", device="cpu", dtype="float32")
+    eb = load_encoder(f"clip:{b}?runtime=onnxruntime", device="cpu", dtype="float32")
+    assert eb.describe()["precision"]["runtime"]["converted_now"] is True
+    pixels = _pixels(ea)
+    ref_b = load_encoder(f"clip:{b}", device="cpu", dtype="float32").encode_batch(pixels).embeddings
+    ERROR_BOUNDS["float32"].check(ref_b, eb.encode_batch(pixels).embeddings)
+    assert not np.allclose(ea.encode_batch(pixels).embeddings, ref_b, atol=1e-3)
+
+
+def test_a_failed_conversion_names_the_runtime_and_the_way_back(tmp_path, cache, monkeypatch) -> None:
+    if R.missing_packages("onnxruntime"):
+        pytest.skip("onnxruntime is not installed (phiclip[cpu-runtimes])")
+
+    def broken(*a, **k):
+        raise RuntimeError("exporter exploded\nlong details")
+
+    monkeypatch.setattr(R, "_export_onnx", broken)
+    ckpt = build_tiny_clip(tmp_path / "clip")
+    with pytest.raises(ValueError, match=r"runtime onnxruntime: converting .* failed \(RuntimeError: exporter exploded\); use runtime=torch"):
+        load_encoder(f"clip:{ckpt}?runtime=onnxruntime", device="cpu", dtype="int8")
+    assert [p.name for p in (cache / "runtimes").iterdir()] == []  # no half-written conversion left behind
