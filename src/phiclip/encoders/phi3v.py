@@ -23,6 +23,7 @@ from phiclip.encoders.options import Phi3VOptions
 from phiclip.encoders.spec import EncoderSpec
 from phiclip.images import load_image
 from phiclip.models.checkpoint import fingerprint_module
+from phiclip.models.cpu_fused import KERNELS_FUSED, KERNELS_TORCH, fuse_phi3v_tower_
 from phiclip.models.ops import l2_normalize
 from phiclip.phi3v.modeling import Phi3VImageEmbedding
 from phiclip.phi3v.processing import Phi3VImageProcessor, num_image_tokens
@@ -81,6 +82,11 @@ class Phi3VEncoder(Encoder):
         if int8:
             plan = quantize.int8_plan()
             precision["int8"] = quantize.int8_description(plan, quantize.quantize_phi3v_(model, plan))
+        elif placement.device.type == "cpu" and placement.dtype == torch.bfloat16:
+            # oneDNN's prepacked products with fused bias/activation/residual where this torch has
+            # them (the tower is replaced by its fused copy), else the plain bfloat16 tower.
+            fused = fuse_phi3v_tower_(model)
+            precision["cpu_kernels"] = KERNELS_FUSED if fused else KERNELS_TORCH
         return cls(model, processor, name=str(spec), options=options, precision=precision)
 
     # --- pipeline steps -----------------------------------------------------------------------

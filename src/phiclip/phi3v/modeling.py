@@ -218,8 +218,10 @@ class Phi3VImageEmbedding(nn.Module):
 
     # --- shapes and validation ---------------------------------------------------------------
     def image_path_parameters(self) -> int:
-        """Parameters of the image path (the text embedding ``wte`` left out)."""
-        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("wte."))
+        """Parameters of the image path (the text embedding ``wte`` left out; a fused CPU tower's
+        prepacked weights, :mod:`phiclip.models.cpu_fused`, counted in)."""
+        packed = sum(getattr(m, "packed_parameters", 0) for m in self.img_processor.modules())
+        return packed + sum(p.numel() for n, p in self.named_parameters() if not n.startswith("wte."))
 
     @property
     def merged_grid(self) -> int:
@@ -269,7 +271,7 @@ class Phi3VImageEmbedding(nn.Module):
     def _real_crops(self, pixel_values: torch.Tensor | Sequence[torch.Tensor], grids: list[tuple[int, int]]) -> torch.Tensor:
         """Gather the real crops of every image (global view first): ``(sum_i 1 + h_i*w_i, 3, S, S)``."""
         per_image = real_crops_per_image(pixel_values, grids, self.image_size)
-        param = self.img_processor.vision_model.embeddings.patch_embedding.weight
+        param = self.img_processor.vision_model.pre_layrnorm.weight  # also in the fused CPU tower
         if param.device.type == "cuda" and all(t.device.type == "cpu" for t in per_image):
             # Gather straight into page-locked memory: the tower's per-chunk host-to-device copies
             # (non_blocking) then overlap with the previous chunk's compute. Same single copy as cat.
@@ -283,7 +285,7 @@ class Phi3VImageEmbedding(nn.Module):
         """``(C, 3, 336, 336)`` -> the hidden state at ``layer_idx``: ``(C, 576, D)`` for ``patch``
         (CLS dropped) or ``(C, 577, D)`` for ``cls_patch``. Runs in chunks of ``max_crops_per_batch``.
         On the CPU each chunk runs on as many threads as cores are free (:mod:`phiclip.cpu_threads`)."""
-        param = self.img_processor.vision_model.embeddings.patch_embedding.weight
+        param = self.img_processor.vision_model.pre_layrnorm.weight  # also in the fused CPU tower
         step = self.max_crops_per_batch or (4 if param.device.type == "cpu" else 64)
         outs = []
         with threads_for_free_cores() as adapt:
