@@ -209,8 +209,12 @@ def test_a_measurement_taken_under_load_is_measured_again(measured_here: Path, m
     monkeypatch.setattr(P, "measure_matmul_rates", fake_measure)
     monkeypatch.setattr(P, "OthersBusy", _Busy(1.4))  # another process kept 1.4 cores busy meanwhile
     busy = P.cpu_matmul_rates()
-    assert busy["others_busy_cores"] == 1.4 and P.measured_under_load(busy)
+    assert busy["others_busy_cores"] == 1.4 and not P.measured_under_load(busy)  # just checked: kept for a while
     P.clear_memo()
+    assert P.cpu_matmul_rates()["source"] == "cache" and len(calls) == 1
+    P.clear_memo()
+    monkeypatch.setattr(P, "BUSY_REMEASURE_AFTER_S", 0)  # ... and measured again once that while is over
+    assert P.measured_under_load(busy)
     monkeypatch.setattr(P, "OthersBusy", _Busy(0.1))
     quiet = P.cpu_matmul_rates()  # the next process measures again, now quietly
     assert quiet["source"] == "measured" and quiet["speedups"]["bfloat16"] == 2.5 and len(calls) == 2
@@ -229,3 +233,23 @@ def test_others_busy_reads_proc_stat_over_a_long_enough_block() -> None:
     with OthersBusy() as busy:
         time.sleep(MIN_WINDOW + 0.05)
     assert busy.cores is None or busy.cores >= 0.0
+
+
+def test_an_entry_that_does_not_say_how_busy_the_machine_was_is_measured_again() -> None:
+    assert P.measured_under_load({"rates": {}})  # written before the load was recorded
+    assert not P.measured_under_load({"rates": {}, "others_busy_cores": None})  # the load could not be read
+    assert not P.measured_under_load({"rates": {}, "others_busy_cores": 0.2})
+    assert P.measured_under_load({"rates": {}, "others_busy_cores": P.BUSY_REMEASURE_CORES})
+    import time
+
+    assert not P.measured_under_load({"rates": {}, "others_busy_cores": 1.0, "checked_at": time.time()})
+
+
+def test_a_busier_measurement_does_not_replace_a_quieter_one() -> None:
+    old = {"rates": {"float32": 100.0}, "others_busy_cores": 0.6}
+    busier = {"rates": {"float32": 20.0}, "others_busy_cores": 1.5}
+    quieter = {"rates": {"float32": 110.0}, "others_busy_cores": 0.1}
+    assert P.keep_quieter(old, busier)["rates"] == old["rates"]
+    assert P.keep_quieter(old, quieter)["rates"] == quieter["rates"]
+    assert P.keep_quieter({"rates": {}}, busier)["rates"] == busier["rates"]  # the old one did not say
+    assert P.keep_quieter(None, busier)["checked_at"] > 0

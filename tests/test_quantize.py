@@ -248,6 +248,7 @@ def test_a_kernel_choice_measured_under_load_is_measured_again(fresh_cache: Path
     monkeypatch.setattr(Q, "OthersBusy", _Busy(1.2))
     assert Q.int8_plan()["kernel"] == KERNELS[-1]
     Q.clear_memo()
+    monkeypatch.setattr(P, "BUSY_REMEASURE_AFTER_S", 0)
     monkeypatch.setattr(Q, "OthersBusy", _Busy(0.0))
     assert Q.int8_plan()["kernel"] == KERNELS[0] and len(calls) == 2
     Q.clear_memo()

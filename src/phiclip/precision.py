@@ -50,8 +50,11 @@ MEASURE_SHAPES: tuple[tuple[int, int, int], ...] = ((1154, 1024, 4096), (1154, 4
 #: float32 rate: the rest of the model (attention softmax, norms, conversions) gains less.
 AUTO_MIN_SPEEDUP = 1.25
 
-#: A cached measurement taken while others kept this many cores busy is measured again next time.
+#: A cached measurement taken while others kept this many cores busy is measured again, by the first
+#: process that loads a model at least ``BUSY_REMEASURE_AFTER_S`` seconds later (a machine that stays
+#: busy then pays for a measurement at most that often, not on every load).
 BUSY_REMEASURE_CORES = 0.5
+BUSY_REMEASURE_AFTER_S = 600
 
 #: ``auto`` only takes a precision whose stated bound keeps every vector at least this close to float32.
 AUTO_MIN_COSINE = 0.999
@@ -229,6 +232,7 @@ def cpu_matmul_rates(refresh: bool = False) -> dict[str, Any]:
         if isinstance(entry, dict) and isinstance(entry.get("rates"), dict) and not measured_under_load(entry):
             result = {**entry, "source": "cache"}
         else:
+            previous = entry if isinstance(entry, dict) and isinstance(entry.get("rates"), dict) else None
             with OthersBusy() as busy:
                 rates = measure_matmul_rates()
             f32 = rates.get("float32") or 1.0
@@ -240,8 +244,10 @@ def cpu_matmul_rates(refresh: bool = False) -> dict[str, Any]:
                 "shapes": [list(s) for s in MEASURE_SHAPES],
                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
+            fresh = result
+            result = keep_quieter(previous, fresh)
             write_cache_entry(key, result)
-            result = {**result, "source": "measured"}
+            result = {**result, "source": "measured" if result["rates"] is fresh["rates"] else "cache"}
         _memo[key] = result
         return result
 
@@ -249,9 +255,27 @@ def cpu_matmul_rates(refresh: bool = False) -> dict[str, Any]:
 def measured_under_load(entry: dict[str, Any]) -> bool:
     """Whether a cached measurement was taken while other processes kept at least
     :data:`BUSY_REMEASURE_CORES` cores busy: such an entry is measured again by the next process
-    (a busy spell can turn a ranking around, e.g. one int8 kernel against another)."""
+    (a busy spell can turn a ranking around, e.g. one int8 kernel against another). An entry that
+    does not say (written before phiclip recorded the load) counts as taken under load; one whose
+    load could not be read (``None``: no /proc/stat) is kept."""
+    if "others_busy_cores" not in entry:
+        return True
     busy = entry.get("others_busy_cores")
-    return isinstance(busy, (int, float)) and busy >= BUSY_REMEASURE_CORES
+    if not (isinstance(busy, (int, float)) and busy >= BUSY_REMEASURE_CORES):
+        return False
+    stamp = entry.get("checked_at")
+    return not (isinstance(stamp, (int, float)) and time.time() - stamp < BUSY_REMEASURE_AFTER_S)
+
+
+def keep_quieter(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """Of a cached measurement and a new one of the same thing, the one taken with fewer cores busy
+    elsewhere (the new one when the old does not say), stamped ``checked_at`` now."""
+    def busy(e: dict[str, Any] | None) -> float:
+        v = None if e is None else e.get("others_busy_cores")
+        return float(v) if isinstance(v, (int, float)) else float("inf")
+
+    kept = old if old is not None and "others_busy_cores" in old and busy(old) < busy(new) else new
+    return {**kept, "checked_at": time.time()}
 
 
 def clear_memo() -> None:
@@ -338,4 +362,5 @@ def describe_precision(decision: PrecisionDecision) -> dict[str, Any]:
 
 __all__ = ["AUTO_ENV", "AUTO_MIN_COSINE", "AUTO_MIN_SPEEDUP", "CACHE_DIR_ENV", "ERROR_BOUNDS", "ErrorBound", "MEASURE_SHAPES",
            "PRECISIONS", "PrecisionDecision", "cache_dir", "cpu_isa_flags", "cpu_key", "cpu_matmul_rates", "cpu_name",
-           "decide_cpu_precision", "describe_precision", "measure_matmul_rates", "slow_precision_reason"]
+           "decide_cpu_precision", "describe_precision", "keep_quieter", "measure_matmul_rates", "measured_under_load",
+           "slow_precision_reason"]

@@ -549,15 +549,16 @@ class _ContrastiveEncoder(Encoder):
         self.dim = self._image_dim(model.config)
         self.modalities = frozenset({"image", "text"} if tokenizer is not None else {"image"})
         self.text_max_length = self._text_max_length()
-        # phiclip's faster image path where it reproduces the model exactly (CLIP), else transformers'.
-        self.image_features = self._fast_image_features() if options.fast else None
-        # What runs and why (phiclip.precision); int8 quantises the image side (phiclip.quantize).
-        self.precision = placement.record()
         # OpenVINO / ONNX Runtime in place of torch for the image side (phiclip.runtimes), when chosen.
         from phiclip.runtimes import choose_runtime  # delayed on purpose: imports torch
 
         runtime = choose_runtime(options.runtime, placement.precision, self.device.type)
         self.compiled: Any = None
+        # phiclip's faster image path where it reproduces the model exactly (CLIP), else transformers'
+        # (neither runs the image side when a compiled runtime does).
+        self.image_features = self._fast_image_features() if options.fast and runtime.runtime == "torch" else None
+        # What runs and why (phiclip.precision); int8 quantises the image side (phiclip.quantize).
+        self.precision = placement.record()
         if runtime.runtime != "torch":
             pass  # compiled below from the float32 weights, once they are fingerprinted
         elif placement.precision == "int8":
