@@ -32,11 +32,11 @@ def test_torch_is_the_default_and_never_needs_a_package(monkeypatch) -> None:
         assert R.choose_runtime("torch", precision).runtime == "torch"
 
 
-def test_auto_takes_openvino_for_bfloat16_and_onnxruntime_for_int8_where_installed(monkeypatch) -> None:
+def test_auto_takes_openvino_for_float32_and_bfloat16_and_onnxruntime_for_int8_where_installed(monkeypatch) -> None:
     _installed(monkeypatch, "openvino", "onnxruntime")
     assert R.choose_runtime("auto", "bfloat16").runtime == "openvino"
     assert R.choose_runtime("auto", "int8").runtime == "onnxruntime"
-    assert R.choose_runtime("auto", "float32").runtime == "torch"  # float32 stays torch's exact arithmetic
+    assert R.choose_runtime("auto", "float32").runtime == "openvino"  # float32 arithmetic there too
     assert R.choose_runtime("auto", "float16").runtime == "torch"
     assert R.choose_runtime("auto", "bfloat16", "cuda").runtime == "torch"
 

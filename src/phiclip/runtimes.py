@@ -10,10 +10,10 @@ encoder (pixel values in, image features out) can run through one of them instea
   per output channel, activations quantised per call, the same scheme as :mod:`phiclip.quantize`),
   exported with ``torch.onnx.export``.
 
-``runtime=auto`` takes OpenVINO for bfloat16 and ONNX Runtime for int8 where they are installed
-(on the CPUs measured they were the faster way, see BENCHMARKS.md "CPU precision"), and torch
-otherwise and for float32 (phiclip's float32 stays torch's exact arithmetic unless a runtime is
-named).
+``runtime=auto`` takes OpenVINO for float32 and bfloat16 and ONNX Runtime for int8 where they are
+installed (on the CPUs measured they were the faster way, see BENCHMARKS.md "CPU precision"), and
+torch otherwise (float16, GPUs). OpenVINO's float32 is float32 arithmetic (within
+``ERROR_BOUNDS["float32"]`` of torch's, like any other summation order).
 
 Converting takes seconds (about 5 s for ViT-B/32); the result is cached on disk under
 :func:`phiclip.precision.cache_dir` ``/runtimes``, keyed by the weights' fingerprint, the
@@ -51,7 +51,7 @@ RUNTIMES = ("torch", "auto", "openvino", "onnxruntime")
 RUNTIME_PRECISIONS: dict[str, tuple[str, ...]] = {"openvino": ("float32", "bfloat16"), "onnxruntime": ("float32", "int8")}
 
 #: What ``auto`` takes for each precision, in order of preference, when installed.
-AUTO_CHOICES: dict[str, tuple[str, ...]] = {"bfloat16": ("openvino",), "int8": ("onnxruntime",)}
+AUTO_CHOICES: dict[str, tuple[str, ...]] = {"float32": ("openvino",), "bfloat16": ("openvino",), "int8": ("onnxruntime",)}
 
 #: Python packages each runtime needs.
 RUNTIME_PACKAGES: dict[str, tuple[str, ...]] = {"openvino": ("openvino",), "onnxruntime": ("onnxruntime", "onnx")}

@@ -33,7 +33,7 @@ class ContrastiveOptions(SpecOptions):
     runtime: str = choice_option(
         "torch", ("torch", "auto", "openvino", "onnxruntime"),
         "torch|auto|openvino|onnxruntime: what runs the image side on the CPU (default torch; auto: OpenVINO for "
-        "bfloat16, ONNX Runtime for int8 where installed, phiclip[cpu-runtimes])")
+        "float32/bfloat16, ONNX Runtime for int8 where installed, phiclip[cpu-runtimes])")
 
 
 @dataclass(frozen=True)
