@@ -46,8 +46,8 @@ def time_it(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 3, warmup: int = 1) -> dict[str, float]:
-    """Median wall time (seconds) of each function, the functions run in turn so that a slow spell
+def time_interleaved_all(fns: dict[str, Callable[[], Any]], repeats: int = 3, warmup: int = 1) -> dict[str, list[float]]:
+    """Every wall time (seconds) of each function, the functions run in turn so that a slow spell
     of a shared machine hits every one of them alike. The order rotates every round (a b c, b c a,
     c a b, ...): what runs right after a memory-hungry baseline pays for the memory the allocator
     just gave back to the system (measured here: about 10 %), so no function may always sit there.
@@ -62,7 +62,12 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 3, warmup
             t = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Median wall time (seconds) of each function, timed by :func:`time_interleaved_all`."""
+    return {name: statistics.median(ts) for name, ts in time_interleaved_all(fns, repeats, warmup).items()}
 
 
 def peak_rss_of(code: str, env: dict[str, str] | None = None) -> dict[str, Any]:

@@ -22,16 +22,13 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cpu_description  # noqa: E402
+from common import cpu_description, time_interleaved_all  # noqa: E402
 
 
 def _lscpu() -> str:
@@ -44,21 +41,6 @@ def _lscpu() -> str:
         return "lscpu unavailable"
     keep = ("Model name", "CPU family", "Model:", "CPU(s):")
     return "; ".join(" ".join(line.split()) for line in out.splitlines() if line.strip().startswith(keep))
-
-
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Every wall time (seconds) of each function, run in turn in a rotating order."""
-    names = list(fns)
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            t = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t)
-    return times
 
 
 def _min_cosine(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -99,7 +81,7 @@ def bench_clip(repeats: int, images: int) -> None:
         ref = fp32(x)
         cos = {n: _min_cosine(ref, m(x)) for n, m in contenders.items()}
         fns = {n: (lambda m=m: m(x)) for n, m in contenders.items()}
-        times = interleaved(fns, repeats)
+        times = time_interleaved_all(fns, repeats)
     _table(f"CLIP ViT-B/32 (random weights), CLIPImageFeatures, {images} images, model only, {repeats} repeats",
            times, cos, "phiclip bf16 (float_copy)")
 
@@ -125,7 +107,7 @@ def bench_tower(repeats: int, crops: int, layers: int) -> None:
         ref = fp32.crop_features(x)
         cos = {n: _min_cosine(ref, m.crop_features(x)) for n, m in contenders.items()}
         fns = {n: (lambda m=m: m.crop_features(x)) for n, m in contenders.items()}
-        times = interleaved(fns, repeats)
+        times = time_interleaved_all(fns, repeats)
     _table(f"Phi-3-vision tower crop_features: ViT-L width (1024), {fp32.num_layers_run} layers run, {crops} crops "
            f"(chunks of 4), {repeats} repeats", times, cos, "phiclip bf16 (torch ops)")
 

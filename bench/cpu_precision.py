@@ -187,7 +187,7 @@ def _batched(fn: Callable[[torch.Tensor], Any], pixels: torch.Tensor, batch: int
         return np.concatenate([np.asarray(fn(pixels[i:i + batch]), dtype=np.float32) for i in range(0, len(pixels), batch)])
 
 
-def bench_clip(tables: list[Table], tmp: Path, n_images: int, repeats: int) -> dict[str, Any]:
+def bench_clip(tables: list[Table], tmp: Path, n_images: int, repeats: int, timed: bool = True) -> dict[str, Any]:
     from baselines import load_clip_users
 
     from phiclip import load_encoder
@@ -221,6 +221,8 @@ def bench_clip(tables: list[Table], tmp: Path, n_images: int, repeats: int) -> d
         contenders.append(_Contender(f"phiclip {p} (runtime={runtime})", p, lambda x, e=enc: e.encode_batch(x).embeddings))
     onnx_path = export_clip_onnx(hf_model, tmp / "clip.onnx")
     contenders += onnx_contenders(onnx_path, torch.get_num_threads(), tmp)
+    if not timed:  # only the contenders, for the end-to-end part
+        return {"ckpt": ckpt, "onnx": onnx_path, "contenders": contenders}
     for c in contenders:
         outs[c.name] = _batched(c.fn, pixels)
         fns[c.name] = lambda c=c: _batched(c.fn, pixels)
@@ -243,7 +245,8 @@ def bench_clip(tables: list[Table], tmp: Path, n_images: int, repeats: int) -> d
 
 
 # --------------------------------------------------------------------------------------------------
-def bench_embed(tables: list[Table], tmp: Path, n_images: int, repeats: int, clip: dict[str, Any] | None) -> None:
+def bench_embed(tables: list[Table], tmp: Path, n_images: int, repeats: int, clip: dict[str, Any] | None,
+                precisions: tuple[str, ...] = ("float32", "bfloat16", "int8", "auto")) -> None:
     import shutil
 
     import transformers  # noqa: F401 - imported before timing
@@ -262,8 +265,9 @@ def bench_embed(tables: list[Table], tmp: Path, n_images: int, repeats: int, cli
     ckpt = clip["ckpt"] if clip else build_tiny_clip(tmp / "clip-b32", image_size=224, patch_size=32, hidden_size=768,
                                                      num_layers=12, num_heads=12, projection_dim=512)
     fns: dict[str, Callable[[], Any]] = {}
-    runs = [(p, "torch") for p in ("float32", "bfloat16", "int8", "auto")]
-    runs += [(p, rt) for p, rt in RUNTIME_ROWS if not missing_packages(rt)]
+    wanted = set(precisions) | {"float32"}  # phiclip float32 is every row's baseline
+    runs = [(p, "torch") for p in ("float32", "bfloat16", "int8", "auto") if p in wanted]
+    runs += [(p, rt) for p, rt in RUNTIME_ROWS if p in wanted and p in precisions and not missing_packages(rt)]
     for p, rt in runs:
         if rt != "torch":
             load_encoder(f"clip:{ckpt}?runtime={rt}", device="cpu", dtype=p)  # the conversion cached before timing
@@ -278,7 +282,7 @@ def bench_embed(tables: list[Table], tmp: Path, n_images: int, repeats: int, cli
     prep = load_encoder(f"clip:{ckpt}", device="cpu", dtype="float32").preprocess
     threads = torch.get_num_threads()
     for c in (clip or {}).get("contenders", []):
-        if c.name.startswith(("phiclip", "transformers")):
+        if c.name.startswith(("phiclip", "transformers")) or c.precision not in precisions:
             continue
 
         def theirs(c: _Contender = c) -> None:
@@ -405,6 +409,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--clip-images", type=int, default=64)
     ap.add_argument("--embed-images", type=int, default=128)
+    ap.add_argument("--embed-precisions", nargs="+", default=["float32", "bfloat16", "int8", "auto"],
+                    choices=["float32", "bfloat16", "int8", "auto"],
+                    help="end-to-end rows (phiclip and contenders) for these precisions only; phiclip float32 always runs")
     ap.add_argument("--log-dir", default=None, help="write results.md/results.json here")
     args = ap.parse_args()
     parts = args.only or ["matmul", "clip", "embed", "tower", "knn"]
@@ -423,9 +430,9 @@ def main() -> None:
         if "matmul" in parts:
             bench_matmul(tables)
         if "clip" in parts or "embed" in parts:
-            clip = bench_clip(tables, tmp, args.clip_images, args.repeats) if "clip" in parts else None
+            clip = bench_clip(tables, tmp, args.clip_images, args.repeats, timed="clip" in parts)
         if "embed" in parts:
-            bench_embed(tables, tmp, args.embed_images, args.repeats, clip)
+            bench_embed(tables, tmp, args.embed_images, args.repeats, clip, tuple(args.embed_precisions))
         if "tower" in parts:
             bench_tower(tables, tmp, args.repeats)
         if "knn" in parts:
