@@ -139,3 +139,17 @@ def test_a_failed_conversion_names_the_runtime_and_the_way_back(tmp_path, cache,
     with pytest.raises(ValueError, match=r"runtime onnxruntime: converting .* failed \(RuntimeError: exporter exploded\); use runtime=torch"):
         load_encoder(f"clip:{ckpt}?runtime=onnxruntime", device="cpu", dtype="int8")
     assert [p.name for p in (cache / "runtimes").iterdir()] == []  # no half-written conversion left behind
+
+
+def test_an_unwritable_cache_folder_still_converts(tmp_path, monkeypatch) -> None:
+    if R.missing_packages("onnxruntime"):
+        pytest.skip("onnxruntime is not installed (phiclip[cpu-runtimes])")
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("PHICLIP_CACHE_DIR", str(blocker))
+    ckpt = build_tiny_clip(tmp_path / "clip")
+    enc = load_encoder(f"clip:{ckpt}?runtime=onnxruntime", device="cpu", dtype="float32")
+    assert enc.describe()["precision"]["runtime"]["converted_now"] is True
+    pixels = _pixels(enc)
+    ref = load_encoder(f"clip:{ckpt}", device="cpu", dtype="float32").encode_batch(pixels).embeddings
+    ERROR_BOUNDS["float32"].check(ref, enc.encode_batch(pixels).embeddings)

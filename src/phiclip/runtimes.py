@@ -247,8 +247,13 @@ def compile_image_path(module: nn.Module, *, runtime: str, precision: str, finge
     name = "model.xml" if runtime == "openvino" else "model.onnx"
     if cache and (final / name).is_file() and (final / "done").is_file():
         return CompiledImagePath(runtime, precision, final / name, threads, converted=False)
-    root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
+    except OSError:  # an unwritable cache folder: convert into a temporary folder, used by this load only
+        root = Path(tempfile.mkdtemp(prefix="phiclip-runtime-"))
+        final = root / final.name
+        work = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
     try:
         example = torch.zeros(2, 3, image_size, image_size)
         module = module.eval()
