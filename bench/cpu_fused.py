@@ -19,6 +19,7 @@ median and max over the repeats, so that a shared machine's noise shows.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -29,18 +30,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import cpu_description, time_interleaved_all  # noqa: E402
-
-
-def _lscpu() -> str:
-    """lscpu's model name, family and model (the CPU the numbers belong to)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return "lscpu unavailable"
-    keep = ("Model name", "CPU family", "Model:", "CPU(s):")
-    return "; ".join(" ".join(line.split()) for line in out.splitlines() if line.strip().startswith(keep))
 
 
 def _min_cosine(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -120,8 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--crops", type=int, default=8)
     ap.add_argument("--tower-layers", type=int, default=5)
     args = ap.parse_args(argv)
-    print(f"CPU: {_lscpu()}")
-    print(f"     {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"CPU: {cpu_description()}, {os.cpu_count()} CPUs; torch {torch.__version__}, {torch.get_num_threads()} threads")
     if "clip" in args.only:
         bench_clip(args.repeats, args.images)
     if "tower" in args.only:

@@ -45,3 +45,47 @@ def unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     work.mkdir()
     monkeypatch.chdir(work)
     return cache
+
+
+# --- shared by tests/test_precision.py and tests/test_quantize.py ------------------------------------------
+@pytest.fixture(scope="module")
+def precision_images(tmp_path_factory: pytest.TempPathFactory) -> list:
+    """Eight labelled sample images (PIL, RGB)."""
+    from PIL import Image
+
+    from phiclip.testing import make_sample_images
+
+    recs = make_sample_images(tmp_path_factory.mktemp("imgs"), per_class=1)
+    return [Image.open(r["path"]).convert("RGB") for r in recs[:8]]
+
+
+@pytest.fixture(scope="module")
+def precision_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny CLIP, SigLIP and Phi-3-vision checkpoints, by kind."""
+    from phiclip.testing import build_tiny_clip, build_tiny_phi3v, build_tiny_siglip
+
+    root = tmp_path_factory.mktemp("ckpts")
+    return {"clip": build_tiny_clip(root / "clip"), "siglip": build_tiny_siglip(root / "siglip"),
+            "phi3v": build_tiny_phi3v(root / "phi3v")}
+
+
+class _FixedBusy:
+    """Stands for phiclip.cpu_threads.OthersBusy with a fixed reading of the cores others kept busy."""
+
+    def __init__(self, cores: float | None) -> None:
+        self._cores = cores
+
+    def __call__(self) -> _FixedBusy:
+        return self
+
+    def __enter__(self) -> _FixedBusy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cores = self._cores
+
+
+@pytest.fixture
+def fixed_busy() -> type:
+    """``fixed_busy(cores)``: an ``OthersBusy`` stand-in to monkeypatch into phiclip.precision / phiclip.quantize."""
+    return _FixedBusy

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import phiclip.precision as P
 from phiclip import load_encoder
 from phiclip.schema import MANIFEST_FILE
-from phiclip.testing import build_tiny_clip, build_tiny_phi3v, build_tiny_siglip, make_sample_images
+from phiclip.testing import make_sample_images
 
 
 @pytest.fixture()
@@ -142,64 +141,36 @@ def test_error_bound_check_fails_outside() -> None:
 
 
 # --- every precision within its bound of float32, on tiny models ----------------------------------------
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> list[Image.Image]:
-    recs = make_sample_images(tmp_path_factory.mktemp("imgs"), per_class=1)
-    return [Image.open(r["path"]).convert("RGB") for r in recs[:8]]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ckpts")
-    return {"clip": build_tiny_clip(root / "clip"), "siglip": build_tiny_siglip(root / "siglip"),
-            "phi3v": build_tiny_phi3v(root / "phi3v")}
-
-
 @pytest.mark.filterwarnings("ignore:.*measured at")
 @pytest.mark.parametrize("kind", ["clip", "siglip", "phi3v"])
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
-def test_16_bit_within_its_bound(kind, precision, checkpoints, images) -> None:
-    spec = f"{kind}:{checkpoints[kind]}" + ("?num_crops=1" if kind == "phi3v" else "")
-    ref = load_encoder(spec, device="cpu", dtype="float32").encode_images(images)
+def test_16_bit_within_its_bound(kind, precision, precision_checkpoints, precision_images) -> None:
+    spec = f"{kind}:{precision_checkpoints[kind]}" + ("?num_crops=1" if kind == "phi3v" else "")
+    ref = load_encoder(spec, device="cpu", dtype="float32").encode_images(precision_images)
     enc = load_encoder(spec, device="cpu", dtype=precision)
-    P.ERROR_BOUNDS[precision].check(ref, enc.encode_images(images))
+    P.ERROR_BOUNDS[precision].check(ref, enc.encode_images(precision_images))
     assert enc.describe()["precision"]["dtype"] == precision
     assert enc.describe()["dtype"] == precision
 
 
-def test_auto_records_its_decision_in_describe_and_manifest(monkeypatch, measured_here, checkpoints, tmp_path) -> None:
+def test_auto_records_its_decision_in_describe_and_manifest(monkeypatch, measured_here, precision_checkpoints, tmp_path) -> None:
     from phiclip import embed
 
     _fake_rates(monkeypatch, bf16=3.0)
-    enc = load_encoder(f"clip:{checkpoints['clip']}", device="cpu")
+    enc = load_encoder(f"clip:{precision_checkpoints['clip']}", device="cpu")
     rec = enc.describe()["precision"]
     assert rec["requested"] == "auto" and rec["dtype"] == "bfloat16" and "3.00x" in rec["reason"]
     assert enc.describe()["dtype"] == "bfloat16"
     folder = tmp_path / "in"
     make_sample_images(folder, per_class=1)
-    embed(f"clip:{checkpoints['clip']}", folder, tmp_path / "out", device="cpu", progress=False)
+    embed(f"clip:{precision_checkpoints['clip']}", folder, tmp_path / "out", device="cpu", progress=False)
     manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
     assert manifest["encoder"]["precision"]["dtype"] == "bfloat16"
     assert manifest["settings"]["precision"] == "bfloat16"
 
 
-class _Busy:
-    """Stands for phiclip.cpu_threads.OthersBusy with a fixed reading."""
-
-    def __init__(self, cores):
-        self._cores = cores
-
-    def __call__(self):
-        return self
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.cores = self._cores
-
-
-def test_a_measurement_taken_under_load_is_measured_again(measured_here: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_measurement_taken_under_load_is_measured_again(measured_here: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             fixed_busy) -> None:
     calls = []
 
     def fake_measure(*a, **k):
@@ -207,7 +178,7 @@ def test_a_measurement_taken_under_load_is_measured_again(measured_here: Path, m
         return {"float32": 100.0, "bfloat16": 90.0 if len(calls) == 1 else 250.0, "float16": 90.0}
 
     monkeypatch.setattr(P, "measure_matmul_rates", fake_measure)
-    monkeypatch.setattr(P, "OthersBusy", _Busy(1.4))  # another process kept 1.4 cores busy meanwhile
+    monkeypatch.setattr(P, "OthersBusy", fixed_busy(1.4))  # another process kept 1.4 cores busy meanwhile
     busy = P.cpu_matmul_rates()
     assert busy["others_busy_cores"] == 1.4 and not P.measured_under_load(busy)  # just checked: kept for a while
     P.clear_memo()
@@ -215,7 +186,7 @@ def test_a_measurement_taken_under_load_is_measured_again(measured_here: Path, m
     P.clear_memo()
     monkeypatch.setattr(P, "BUSY_REMEASURE_AFTER_S", 0)  # ... and measured again once that while is over
     assert P.measured_under_load(busy)
-    monkeypatch.setattr(P, "OthersBusy", _Busy(0.1))
+    monkeypatch.setattr(P, "OthersBusy", fixed_busy(0.1))
     quiet = P.cpu_matmul_rates()  # the next process measures again, now quietly
     assert quiet["source"] == "measured" and quiet["speedups"]["bfloat16"] == 2.5 and len(calls) == 2
     P.clear_memo()

@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import phiclip.precision as P
 import phiclip.quantize as Q
 from phiclip import load_encoder
-from phiclip.testing import build_tiny_clip, build_tiny_phi3v, build_tiny_siglip, make_sample_images
+from phiclip.testing import make_sample_images
 
 KERNELS = Q.available_kernels()
 
@@ -150,28 +149,15 @@ def test_measure_kernel_rates_runs() -> None:
 
 
 # --- int8 encoders within their bound of float32 --------------------------------------------------------
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> list[Image.Image]:
-    recs = make_sample_images(tmp_path_factory.mktemp("imgs"), per_class=1)
-    return [Image.open(r["path"]).convert("RGB") for r in recs[:8]]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ckpts")
-    return {"clip": build_tiny_clip(root / "clip"), "siglip": build_tiny_siglip(root / "siglip"),
-            "phi3v": build_tiny_phi3v(root / "phi3v")}
-
-
 @pytest.mark.parametrize("spec", ["clip:{clip}", "clip:{clip}?fast=false", "siglip:{siglip}", "phi3v:{phi3v}?num_crops=1"])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_int8_encoders_within_the_bound(spec, kernel, checkpoints, images, monkeypatch) -> None:
+def test_int8_encoders_within_the_bound(spec, kernel, precision_checkpoints, precision_images, monkeypatch) -> None:
     plan = {"kernel": kernel, "float_dtype": "float32", "rates": {}, "reason": "test"}
     monkeypatch.setattr(Q, "int8_plan", lambda refresh=False: plan)
-    spec = spec.format(**checkpoints)
-    ref = load_encoder(spec, device="cpu", dtype="float32").encode_images(images)
+    spec = spec.format(**precision_checkpoints)
+    ref = load_encoder(spec, device="cpu", dtype="float32").encode_images(precision_images)
     enc = load_encoder(spec, device="cpu", dtype="int8")
-    out = enc.encode_images(images)
+    out = enc.encode_images(precision_images)
     stats = P.ERROR_BOUNDS["int8"].check(ref, out)
     assert stats["max_abs"] > 0  # the products really ran in int8
     d = enc.describe()
@@ -187,18 +173,18 @@ def _modules(enc):
 
 
 @pytest.mark.skipif("onednn" not in KERNELS, reason="oneDNN's int8 kernel is not in this torch build")
-def test_int8_with_bfloat16_around_it_within_the_bound(checkpoints, images, monkeypatch) -> None:
+def test_int8_with_bfloat16_around_it_within_the_bound(precision_checkpoints, precision_images, monkeypatch) -> None:
     plan = {"kernel": "onednn", "float_dtype": "bfloat16", "rates": {}, "reason": "test"}
     monkeypatch.setattr(Q, "int8_plan", lambda refresh=False: plan)
-    for spec in (f"clip:{checkpoints['clip']}", f"siglip:{checkpoints['siglip']}", f"phi3v:{checkpoints['phi3v']}?num_crops=1"):
-        ref = load_encoder(spec, device="cpu", dtype="float32").encode_images(images)
-        P.ERROR_BOUNDS["int8"].check(ref, load_encoder(spec, device="cpu", dtype="int8").encode_images(images))
+    for spec in (f"clip:{precision_checkpoints['clip']}", f"siglip:{precision_checkpoints['siglip']}", f"phi3v:{precision_checkpoints['phi3v']}?num_crops=1"):
+        ref = load_encoder(spec, device="cpu", dtype="float32").encode_images(precision_images)
+        P.ERROR_BOUNDS["int8"].check(ref, load_encoder(spec, device="cpu", dtype="int8").encode_images(precision_images))
 
 
-def test_int8_clip_keeps_text_and_the_shared_weights_float32(checkpoints, images, monkeypatch) -> None:
+def test_int8_clip_keeps_text_and_the_shared_weights_float32(precision_checkpoints, precision_images, monkeypatch) -> None:
     plan = {"kernel": KERNELS[0], "float_dtype": "bfloat16" if KERNELS[0] == "onednn" else "float32", "rates": {}, "reason": "test"}
     monkeypatch.setattr(Q, "int8_plan", lambda refresh=False: plan)
-    spec = f"clip:{checkpoints['clip']}"
+    spec = f"clip:{precision_checkpoints['clip']}"
     f32 = load_encoder(spec, device="cpu", dtype="float32")
     enc = load_encoder(spec, device="cpu", dtype="int8")
     texts = ["a red circle", "a blue square"]
@@ -210,14 +196,14 @@ def test_int8_clip_keeps_text_and_the_shared_weights_float32(checkpoints, images
     assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_int8_refused_where_it_does_not_apply(checkpoints) -> None:
+def test_int8_refused_where_it_does_not_apply(precision_checkpoints) -> None:
     with pytest.raises(ValueError, match="CPU only"):
-        load_encoder(f"clip:{checkpoints['clip']}", device="cuda", dtype="int8")
+        load_encoder(f"clip:{precision_checkpoints['clip']}", device="cuda", dtype="int8")
     with pytest.raises(ValueError, match="int8 is available for clip, siglip, phi3v"):
-        load_encoder(f"phi3v-lm:{checkpoints['phi3v']}", device="cpu", dtype="int8")
+        load_encoder(f"phi3v-lm:{precision_checkpoints['phi3v']}", device="cpu", dtype="int8")
 
 
-def test_cli_embed_precision_int8(checkpoints, tmp_path, monkeypatch) -> None:
+def test_cli_embed_precision_int8(precision_checkpoints, tmp_path, monkeypatch) -> None:
     from typer.testing import CliRunner
 
     from phiclip.cli import app
@@ -226,7 +212,7 @@ def test_cli_embed_precision_int8(checkpoints, tmp_path, monkeypatch) -> None:
     plan = {"kernel": KERNELS[0], "float_dtype": "float32", "rates": {}, "reason": "test"}
     monkeypatch.setattr(Q, "int8_plan", lambda refresh=False: plan)
     make_sample_images(tmp_path / "in", per_class=1)
-    res = CliRunner().invoke(app, ["embed", "-m", f"clip:{checkpoints['clip']}", "-i", str(tmp_path / "in"),
+    res = CliRunner().invoke(app, ["embed", "-m", f"clip:{precision_checkpoints['clip']}", "-i", str(tmp_path / "in"),
                                    "-o", str(tmp_path / "out"), "--device", "cpu", "--precision", "int8", "--no-progress"])
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
@@ -234,9 +220,8 @@ def test_cli_embed_precision_int8(checkpoints, tmp_path, monkeypatch) -> None:
     assert manifest["encoder"]["precision"]["int8"]["kernel"] == KERNELS[0]
 
 
-def test_a_kernel_choice_measured_under_load_is_measured_again(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from test_precision import _Busy
-
+def test_a_kernel_choice_measured_under_load_is_measured_again(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               fixed_busy) -> None:
     calls = []
 
     def fake(kernels, *a, **k):
@@ -245,11 +230,11 @@ def test_a_kernel_choice_measured_under_load_is_measured_again(fresh_cache: Path
         return {k: (500.0 if k == fast else 100.0) for k in kernels}
 
     monkeypatch.setattr(Q, "measure_kernel_rates", fake)
-    monkeypatch.setattr(Q, "OthersBusy", _Busy(1.2))
+    monkeypatch.setattr(Q, "OthersBusy", fixed_busy(1.2))
     assert Q.int8_plan()["kernel"] == KERNELS[-1]
     Q.clear_memo()
     monkeypatch.setattr(P, "BUSY_REMEASURE_AFTER_S", 0)
-    monkeypatch.setattr(Q, "OthersBusy", _Busy(0.0))
+    monkeypatch.setattr(Q, "OthersBusy", fixed_busy(0.0))
     assert Q.int8_plan()["kernel"] == KERNELS[0] and len(calls) == 2
     Q.clear_memo()
     assert Q.int8_plan()["kernel"] == KERNELS[0] and len(calls) == 2  # kept

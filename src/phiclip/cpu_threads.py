@@ -64,27 +64,36 @@ def _busy_seconds(cpus: list[int]) -> float | None:
     return total / ticks if found else None
 
 
+def _sample(cpus: list[int]) -> tuple[float, float, float | None]:
+    """(wall clock, this process's CPU seconds, non-idle CPU seconds of ``cpus``) now."""
+    return time.monotonic(), time.process_time(), _busy_seconds(cpus)
+
+
+def _others_cores(start: tuple[float, float, float], end: tuple[float, float, float]) -> float:
+    """Cores other processes kept busy between two samples: all busy time less this process's own."""
+    return max(0.0, (end[2] - start[2]) - (end[1] - start[1])) / (end[0] - start[0])
+
+
 def others_busy_cores() -> float | None:
     """Cores that other processes kept busy on this process's CPUs, averaged since the previous
     call (the first call of a process samples ``MIN_WINDOW`` seconds); None where /proc/stat is
     not available."""
     cpus = allowed_cpus()
     with _lock:
-        now, own, busy = time.monotonic(), time.process_time(), _busy_seconds(cpus)
-        if busy is None:
+        now = _sample(cpus)
+        if now[2] is None:
             return None
         last = _state.get("sample")
         if last is None or last[3] != cpus:
             time.sleep(MIN_WINDOW)
-            last = (now, own, busy, cpus)
-            now, own, busy = time.monotonic(), time.process_time(), _busy_seconds(cpus)
-            if busy is None:
+            last = (*now, cpus)
+            now = _sample(cpus)
+            if now[2] is None:
                 return None
-        wall = now - last[0]
-        if wall < MIN_WINDOW:
+        if now[0] - last[0] < MIN_WINDOW:
             return _state.get("others", 0.0)
-        others = max(0.0, (busy - last[2]) - (own - last[1])) / wall
-        _state["sample"] = (now, own, busy, cpus)
+        others = _others_cores(last, now)
+        _state["sample"] = (*now, cpus)
         _state["others"] = others
         return others
 
@@ -99,17 +108,15 @@ class OthersBusy(contextlib.AbstractContextManager):
 
     def __enter__(self) -> OthersBusy:
         self._cpus = allowed_cpus()
-        self._start = (time.monotonic(), time.process_time(), _busy_seconds(self._cpus))
+        self._start = _sample(self._cpus)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        wall0, own0, busy0 = self._start
-        busy1 = _busy_seconds(self._cpus)
-        wall = time.monotonic() - wall0
-        if busy0 is None or busy1 is None or wall < MIN_WINDOW:  # too short to tell from /proc/stat's ticks
-            self.cores = None
+        end = _sample(self._cpus)
+        if self._start[2] is None or end[2] is None or end[0] - self._start[0] < MIN_WINDOW:
+            self.cores = None  # no /proc/stat, or too short to tell from its ticks
             return
-        self.cores = max(0.0, (busy1 - busy0) - (time.process_time() - own0)) / wall
+        self.cores = _others_cores(self._start, end)
 
 
 def advised_threads(max_threads: int) -> int:

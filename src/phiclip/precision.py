@@ -163,22 +163,27 @@ def read_cache(name: str = CACHE_FILE) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def write_cache_entry(key: str, value: dict[str, Any], name: str = CACHE_FILE) -> None:
-    """Add ``key: value`` to the cache file (atomic replace; an unwritable folder is ignored: the
-    measurement then runs again in the next process)."""
-    folder = cache_dir()
+def write_cache_json(path: Path, data: Any, **dump_kwargs: Any) -> None:
+    """Write ``data`` as JSON to ``path`` in the cache folder, atomically (a temporary file renamed
+    into place). An unwritable folder is ignored: what was to be cached is computed again next time."""
     with contextlib.suppress(OSError):
-        folder.mkdir(parents=True, exist_ok=True)
-        data = read_cache(name)
-        data[key] = value
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, folder / name)
+                json.dump(data, f, **dump_kwargs)
+            os.replace(tmp, path)
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def write_cache_entry(key: str, value: dict[str, Any], name: str = CACHE_FILE) -> None:
+    """Add ``key: value`` to the cache file (:func:`write_cache_json`: atomic; an unwritable folder
+    is ignored, the measurement then runs again in the next process)."""
+    data = read_cache(name)
+    data[key] = value
+    write_cache_json(cache_dir() / name, data, indent=1, sort_keys=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,4 +368,4 @@ def describe_precision(decision: PrecisionDecision) -> dict[str, Any]:
 __all__ = ["AUTO_ENV", "AUTO_MIN_COSINE", "AUTO_MIN_SPEEDUP", "CACHE_DIR_ENV", "ERROR_BOUNDS", "ErrorBound", "MEASURE_SHAPES",
            "PRECISIONS", "PrecisionDecision", "cache_dir", "cpu_isa_flags", "cpu_key", "cpu_matmul_rates", "cpu_name",
            "decide_cpu_precision", "describe_precision", "keep_quieter", "measure_matmul_rates", "measured_under_load",
-           "slow_precision_reason"]
+           "slow_precision_reason", "write_cache_json"]

@@ -129,8 +129,7 @@ class ImageSide(nn.Module):
 def _versions(runtime: str) -> str:
     import importlib.metadata as md
 
-    names = {"openvino": ["openvino"], "onnxruntime": ["onnxruntime", "onnx"]}[runtime]
-    return ",".join(f"{n}={md.version(n)}" for n in names) + f",torch={torch.__version__}"
+    return ",".join(f"{n}={md.version(n)}" for n in RUNTIME_PACKAGES[runtime]) + f",torch={torch.__version__}"
 
 
 def cache_key(runtime: str, precision: str, fingerprint: str, image_size: int) -> str:

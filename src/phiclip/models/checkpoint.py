@@ -16,20 +16,19 @@ Importing this module does not import torch (the functions that take tensors get
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phiclip.hub import CheckpointError, Location, resolve_file
+from phiclip.precision import cache_dir, write_cache_json
 
 if TYPE_CHECKING:
     import torch
@@ -373,8 +372,6 @@ def _file_identity(path: str | Path, header: dict[str, dict[str, Any]], wanted: 
 
 
 def _digest_file(key: str) -> Path:
-    from phiclip.precision import cache_dir  # delayed on purpose: precision measures with torch when asked
-
     return cache_dir() / "fingerprints" / f"{key}.json"
 
 
@@ -388,16 +385,7 @@ def _read_digests(key: str) -> dict[str, tuple[str, list[int], str]] | None:
 
 def _write_digests(key: str, digests: dict[str, tuple[str, list[int], str]]) -> None:
     """Keep the digests (atomic; an unwritable cache folder only means hashing again next time)."""
-    path = _digest_file(key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".digests-", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({n: list(v) for n, v in digests.items()}, f)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError, UnboundLocalError):
-            os.unlink(tmp)
+    write_cache_json(_digest_file(key), {n: list(v) for n, v in digests.items()})
 
 
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], int]:

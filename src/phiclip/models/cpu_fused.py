@@ -317,11 +317,14 @@ class FusedCLIPImageFeatures(nn.Module):
         return self.visual_projection(self.post_layernorm(cls))  # (n, projection_dim)
 
 
+def _layer_linears(layer: nn.Module) -> tuple[nn.Module, ...]:
+    """A source layer's products, in the order they run: q, k, v, attention output, fc1, fc2."""
+    a, m = layer.self_attn, layer.mlp
+    return (a.q_proj, a.k_proj, a.v_proj, a.out_proj, m.fc1, m.fc2)
+
+
 def _packed_parameter_count(tower: CLIPVisionTransformer) -> int:
-    linears = [tower.embeddings.patch_embedding]
-    for layer in tower.encoder.layers:
-        a = layer.self_attn
-        linears += [a.q_proj, a.k_proj, a.v_proj, a.out_proj, layer.mlp.fc1, layer.mlp.fc2]
+    linears = [tower.embeddings.patch_embedding] + [lin for layer in tower.encoder.layers for lin in _layer_linears(layer)]
     folded = tower.embeddings.class_embedding.numel()  # added into ``cls_position``
     return folded + sum(p.numel() for m in linears for p in m.parameters())
 
@@ -347,11 +350,9 @@ def _known_tower(tower: Any) -> bool:
         return False
     norms = [tower.pre_layrnorm]
     for layer in tower.encoder.layers:
-        a, m = layer.self_attn, layer.mlp
-        linears = (a.q_proj, a.k_proj, a.v_proj, a.out_proj, m.fc1, m.fc2)
-        if any(type(lin) is not nn.Linear or lin.bias is None for lin in linears):
+        if any(type(lin) is not nn.Linear or lin.bias is None for lin in _layer_linears(layer)):
             return False
-        if _mlp_post_op(m.activation_fn) is None:
+        if _mlp_post_op(layer.mlp.activation_fn) is None:
             return False
         norms += [layer.layer_norm1, layer.layer_norm2]
     if any(type(n) is not nn.LayerNorm or n.weight is None or n.bias is None for n in norms):
