@@ -45,6 +45,17 @@ def _check_num_crops(num_crops: int) -> None:
     check_num_crops(num_crops, "Phi3VImageProcessor", error=ValueError)
 
 
+def normalization(image_mean: Sequence[float], image_std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...],
+                                                                                  torch.Tensor, torch.Tensor]:
+    """Checked per-channel mean and std: as tuples, and as ``(3, 1, 1)`` float32 tensors (float32 like
+    the released code: ToTensor then Normalize in float32). ``ValueError`` unless 3 values each, std
+    non-zero."""
+    if len(image_mean) != 3 or len(image_std) != 3 or any(s == 0 for s in image_std):
+        raise ValueError(f"image_mean and image_std need 3 values each (std non-zero), got {image_mean}, {image_std}")
+    mean, std = tuple(float(m) for m in image_mean), tuple(float(s) for s in image_std)
+    return mean, std, torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+
 class CanvasTooLargeError(ValueError):
     """An image's HD canvas would hold more pixels than the processor's ``max_pixels`` allows."""
 
@@ -159,15 +170,9 @@ class Phi3VImageProcessor:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         _check_num_crops(num_crops)
-        if len(image_mean) != 3 or len(image_std) != 3 or any(s == 0 for s in image_std):
-            raise ValueError(f"image_mean and image_std need 3 values each (std non-zero), got {image_mean}, {image_std}")
         self.num_crops = int(num_crops)
-        self.image_mean = tuple(float(m) for m in image_mean)
-        self.image_std = tuple(float(s) for s in image_std)
+        self.image_mean, self.image_std, self._mean, self._std = normalization(image_mean, image_std)
         self.max_pixels = max_pixels
-        # float32 like the released code (ToTensor then Normalize in float32).
-        self._mean = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
         # The normalised value of a white pixel, used for the padding band.
         self._white = (torch.ones(3, 1, 1) - self._mean) / self._std
 

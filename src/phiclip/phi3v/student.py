@@ -41,7 +41,13 @@ from torch import nn
 from phiclip.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from phiclip.phi3v.config import CROP_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Phi3VVisionConfig
 from phiclip.phi3v.modeling import Phi3VImageEmbedding, real_crops_per_image
-from phiclip.phi3v.processing import Phi3VImageInputs, hd_size, num_tokens_for_hd_size, resized_size
+from phiclip.phi3v.processing import (
+    Phi3VImageInputs,
+    hd_size,
+    normalization,
+    num_tokens_for_hd_size,
+    resized_size,
+)
 
 #: ``img_processor.name`` of a student checkpoint.
 STUDENT_TOWER_NAME = "phiclip_student_vision"
@@ -69,15 +75,10 @@ class StudentImageProcessor:
             raise ValueError(f"crop_size must be positive, got {crop_size}")
         if not isinstance(num_crops, (int, np.integer)) or num_crops < 1:
             raise ValueError(f"num_crops must be an integer >= 1, got {num_crops!r}")
-        if len(image_mean) != 3 or len(image_std) != 3 or any(s == 0 for s in image_std):
-            raise ValueError(f"image_mean and image_std need 3 values each (std non-zero), got {image_mean}, {image_std}")
         self.crop_size = int(crop_size)
         self.num_crops = int(num_crops)
-        self.image_mean = tuple(float(m) for m in image_mean)
-        self.image_std = tuple(float(s) for s in image_std)
+        self.image_mean, self.image_std, self._mean, self._std = normalization(image_mean, image_std)
         self.max_pixels = max_pixels
-        self._mean = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
 
     # --- files ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
