@@ -89,3 +89,14 @@ class _FixedBusy:
 def fixed_busy() -> type:
     """``fixed_busy(cores)``: an ``OthersBusy`` stand-in to monkeypatch into phiclip.precision / phiclip.quantize."""
     return _FixedBusy
+
+
+@pytest.fixture
+def colour_builder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make `clip:...` specs load the test-only ColourEncoder (tests/_embdir.py) through the real
+    load_encoder (tests/test_cli_search.py, tests/security/test_outputs.py)."""
+    from _embdir import ColourEncoder
+
+    from phiclip import encoders
+
+    monkeypatch.setitem(encoders.KINDS, "clip", encoders.KINDS["clip"].with_builder(lambda spec, *_: ColourEncoder(str(spec))))

@@ -19,12 +19,6 @@ def runner():
     return CliRunner()
 
 
-@pytest.fixture
-def colour_builder(monkeypatch):
-    """Make `clip:...` specs load the test-only ColourEncoder (through the real load_encoder)."""
-    monkeypatch.setitem(encoders.KINDS, "clip", encoders.KINDS["clip"].with_builder(lambda spec, *_: ColourEncoder(str(spec))))
-
-
 def _colour_out(tmp_path):
     paths, vecs = [], []
     for name, rgb in {"red": (250, 5, 5), "green": (5, 250, 5), "blue": (5, 5, 250)}.items():

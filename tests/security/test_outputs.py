@@ -35,11 +35,6 @@ def runner():
     return CliRunner()
 
 
-@pytest.fixture
-def colour_builder(monkeypatch):
-    monkeypatch.setitem(encoders.KINDS, "clip", encoders.KINDS["clip"].with_builder(lambda spec, *_: ColourEncoder(str(spec))))
-
-
 def _assert_clean(output: str) -> None:
     assert "MarkupError" not in output and "Traceback" not in output
     for ch in RAW_CONTROLS:
