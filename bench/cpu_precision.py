@@ -12,10 +12,11 @@ Parts (each table is printed with the CPU model and its instruction sets):
 * ``clip``: CLIP ViT-B/32 (random weights), model only, 64 preprocessed images, batch 32:
   transformers ``get_image_features`` (SDPA), phiclip at each precision, and, when installed
   (``pip install phiclip[bench]``), ONNX Runtime float32 / int8 (dynamic quantisation, per channel)
-  and OpenVINO float32 / bfloat16 on the same weights (exported once to ONNX); phiclip through
-  those runtimes too (``runtime=openvino`` for float32 and bfloat16, ``runtime=onnxruntime`` for
-  int8: what ``runtime=auto`` picks). Cosine
-  and max abs of every output against phiclip float32.
+  and OpenVINO float32 / bfloat16 / int8 (NNCF static quantisation calibrated on 128 other
+  photo-like images) on the same weights (exported once to ONNX; OpenVINO with its CACHE_DIR);
+  phiclip through those runtimes too (``runtime=openvino`` for float32 and bfloat16,
+  ``runtime=onnxruntime`` and ``runtime=openvino&calibration=`` the same 128 images for int8).
+  Cosine and max abs of every output against phiclip float32.
 * ``embed``: end to end from 128 JPEG files: ``phiclip embed`` at each precision (load included;
   a runtime's conversion is cached before timing), and the contenders loading their model file,
   behind the same decoding and preprocessing threads, writing their vectors to Parquet.
@@ -46,15 +47,40 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from phiclip.runtimes import missing_packages
+from phiclip.runtimes import NEEDS_CALIBRATION, missing_packages
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import cpu_description, environment, photo_like_images, time_interleaved  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16", "float16", "int8")
-#: phiclip through a compiled runtime (runtime=auto's choice at each precision), when installed.
-RUNTIME_ROWS = (("float32", "openvino"), ("bfloat16", "openvino"), ("int8", "onnxruntime"))
+#: phiclip through a compiled runtime (runtime=auto's choices at each precision), when installed.
+RUNTIME_ROWS = (("float32", "openvino"), ("bfloat16", "openvino"), ("int8", "onnxruntime"), ("int8", "openvino"))
+
+#: Calibration images for static int8 (other photo-like images than the ones timed).
+CALIBRATION_IMAGES = 128
+
+
+def runtime_spec(ckpt: Any, runtime: str, precision: str, calibration: Path | None) -> str:
+    """The spec of phiclip through ``runtime`` (``calibration=`` where that runtime needs it)."""
+    if runtime == "torch":
+        return f"clip:{ckpt}"
+    extra = f"&calibration={calibration}" if (runtime, precision) in NEEDS_CALIBRATION and calibration else ""
+    return f"clip:{ckpt}?runtime={runtime}{extra}"
+
+
+def runtime_rows(calibration: Path | None) -> list[tuple[str, str]]:
+    """The runtime rows whose packages are installed (and calibration images given where needed)."""
+    return [(p, rt) for p, rt in RUNTIME_ROWS if not missing_packages(rt, p)
+            and (calibration is not None or (rt, p) not in NEEDS_CALIBRATION)]
+
+
+def write_calibration(folder: Path, n: int = CALIBRATION_IMAGES) -> Path:
+    """``n`` photo-like JPEGs (seed 7: none of them is timed) to calibrate static int8 on."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(photo_like_images(n, seed=7)):
+        img.save(folder / f"cal_{i:04d}.jpg", quality=90)
+    return folder
 
 
 def _normed(x: Any) -> np.ndarray:
@@ -141,8 +167,10 @@ def export_clip_onnx(hf_model: Any, path: Path) -> Path:
     return path
 
 
-def onnx_contenders(onnx_path: Path, threads: int, tmp: Path) -> list[_Contender]:
-    """ONNX Runtime float32 / int8 and OpenVINO float32 / bfloat16, where installed."""
+def onnx_contenders(onnx_path: Path, threads: int, tmp: Path, calibration: np.ndarray | None = None) -> list[_Contender]:
+    """ONNX Runtime float32 / int8 and OpenVINO float32 / bfloat16 / int8 (NNCF static, calibrated on
+    ``calibration`` pixels, where NNCF is installed), where installed. OpenVINO compiles with its
+    CACHE_DIR (a later load reads the compiled model back), as a user of it would."""
     out: list[_Contender] = []
     try:
         import onnxruntime as ort
@@ -165,18 +193,30 @@ def onnx_contenders(onnx_path: Path, threads: int, tmp: Path) -> list[_Contender
         import openvino as ov
 
         core = ov.Core()
-        for prec, hint in (("float32", "f32"), ("bfloat16", "bf16")):
-            def load(hint: str = hint) -> Callable[[torch.Tensor], np.ndarray]:
-                compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU",
-                                              {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads})
+        models = [("float32", "f32", onnx_path, "OpenVINO float32"), ("bfloat16", "bf16", onnx_path, "OpenVINO bfloat16")]
+        if calibration is not None and not missing_packages("openvino", "int8"):
+            import nncf
+
+            q_xml = tmp / "ov-int8" / "model.xml"
+            batches = [calibration[i:i + 8] for i in range(0, len(calibration), 8)]
+            t0 = time.perf_counter()
+            ov.save_model(nncf.quantize(core.read_model(str(onnx_path)), nncf.Dataset(batches), subset_size=len(batches),
+                                        model_type=nncf.ModelType.TRANSFORMER), str(q_xml))
+            print(f"OpenVINO int8: NNCF quantised in {time.perf_counter() - t0:.1f} s on {len(calibration)} images")
+            models.append(("int8", "f32", q_xml, f"OpenVINO int8 (NNCF static, {len(calibration)} calibration images)"))
+        for prec, hint, path, name in models:
+            def load(hint: str = hint, path: Path = path, prec: str = prec) -> Callable[[torch.Tensor], np.ndarray]:
+                compiled = core.compile_model(core.read_model(str(path)), "CPU",
+                                              {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads,
+                                               "CACHE_DIR": str(tmp / f"ov-cache-{prec}")})
                 req = compiled.create_infer_request()
                 return lambda x: req.infer({0: x.numpy()})[0].copy()
             try:
                 fn = load()
             except RuntimeError as e:
-                print(f"OpenVINO {hint}: {e}")
+                print(f"{name}: {e}")
                 continue
-            out.append(_Contender(f"OpenVINO {prec}", prec, fn, load))
+            out.append(_Contender(name, prec, fn, load))
     except ImportError:
         print("openvino not installed: its rows are left out (pip install phiclip[bench])")
     return out
@@ -191,6 +231,7 @@ def bench_clip(tables: list[Table], tmp: Path, n_images: int, repeats: int, time
     from baselines import load_clip_users
 
     from phiclip import load_encoder
+    from phiclip.images import load_image
     from phiclip.testing import build_tiny_clip
 
     ckpt = build_tiny_clip(tmp / "clip-b32", image_size=224, patch_size=32, hidden_size=768, num_layers=12, num_heads=12,
@@ -198,6 +239,8 @@ def bench_clip(tables: list[Table], tmp: Path, n_images: int, repeats: int, time
     encs = {p: load_encoder(f"clip:{ckpt}", device="cpu", dtype=p) for p in PRECISIONS}
     images = photo_like_images(n_images, seed=1)
     pixels = torch.stack([encs["float32"].preprocess(im) for im in images])
+    calibration = write_calibration(tmp / "calibration")
+    cal_pixels = torch.stack([encs["float32"].preprocess(load_image(q)) for q in sorted(calibration.iterdir())]).numpy()
     hf_model, _ = load_clip_users(ckpt)
     fns: dict[str, Callable[[], Any]] = {}
     outs: dict[str, np.ndarray] = {}
@@ -210,19 +253,17 @@ def bench_clip(tables: list[Table], tmp: Path, n_images: int, repeats: int, time
     for p, enc in encs.items():
         contenders.append(_Contender(f"phiclip {p}", p, lambda x, e=enc: e.encode_batch(x).embeddings))
     # phiclip through a compiled runtime (phiclip[cpu-runtimes]); the first load converts and caches.
-    for p, runtime in RUNTIME_ROWS:
-        if missing_packages(runtime):
-            continue
+    for p, runtime in runtime_rows(calibration):
         t0 = time.perf_counter()
-        enc = load_encoder(f"clip:{ckpt}?runtime={runtime}", device="cpu", dtype=p)
+        enc = load_encoder(runtime_spec(ckpt, runtime, p, calibration), device="cpu", dtype=p)
         info = enc.describe()["precision"]["runtime"]
         print(f"phiclip {p} runtime={runtime}: loaded in {time.perf_counter() - t0:.1f} s "
               f"({'converted now' if info['converted_now'] else 'read from the cache'})")
         contenders.append(_Contender(f"phiclip {p} (runtime={runtime})", p, lambda x, e=enc: e.encode_batch(x).embeddings))
     onnx_path = export_clip_onnx(hf_model, tmp / "clip.onnx")
-    contenders += onnx_contenders(onnx_path, torch.get_num_threads(), tmp)
+    contenders += onnx_contenders(onnx_path, torch.get_num_threads(), tmp, cal_pixels)
     if not timed:  # only the contenders, for the end-to-end part
-        return {"ckpt": ckpt, "onnx": onnx_path, "contenders": contenders}
+        return {"ckpt": ckpt, "onnx": onnx_path, "contenders": contenders, "calibration": calibration}
     for c in contenders:
         outs[c.name] = _batched(c.fn, pixels)
         fns[c.name] = lambda c=c: _batched(c.fn, pixels)
@@ -241,7 +282,7 @@ def bench_clip(tables: list[Table], tmp: Path, n_images: int, repeats: int, time
             vs_best = f"{best_other[c.precision] / s:.2f}x"
         t.add(c.name, c.precision, f"{s:.2f}", f"{n_images / s:.1f}", f"{t_f32 / s:.2f}x", vs_best, closeness(ref, outs[c.name]))
     tables.append(t)
-    return {"ckpt": ckpt, "onnx": onnx_path, "contenders": contenders}
+    return {"ckpt": ckpt, "onnx": onnx_path, "contenders": contenders, "calibration": calibration}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,16 +308,16 @@ def bench_embed(tables: list[Table], tmp: Path, n_images: int, repeats: int, cli
     fns: dict[str, Callable[[], Any]] = {}
     wanted = set(precisions) | {"float32"}  # phiclip float32 is every row's baseline
     runs = [(p, "torch") for p in ("float32", "bfloat16", "int8", "auto") if p in wanted]
-    runs += [(p, rt) for p, rt in RUNTIME_ROWS if p in wanted and p in precisions and not missing_packages(rt)]
+    calibration = clip.get("calibration") if clip else None
+    runs += [(p, rt) for p, rt in runtime_rows(calibration) if p in wanted and p in precisions]
     for p, rt in runs:
-        if rt != "torch":
-            load_encoder(f"clip:{ckpt}?runtime={rt}", device="cpu", dtype=p)  # the conversion cached before timing
+        if rt != "torch":  # the conversion cached before timing
+            load_encoder(runtime_spec(ckpt, rt, p, calibration), device="cpu", dtype=p)
 
         def ours(p: str = p, rt: str = rt) -> None:
             out = tmp / f"out-{p}-{rt}"
             shutil.rmtree(out, ignore_errors=True)
-            spec = f"clip:{ckpt}" + ("" if rt == "torch" else f"?runtime={rt}")
-            res = embed(spec, folder, out, device="cpu", precision=p, progress=False)
+            res = embed(runtime_spec(ckpt, rt, p, calibration), folder, out, device="cpu", precision=p, progress=False)
             assert res.embedded == n_images, res.to_dict()
         fns[f"phiclip embed {p}" + ("" if rt == "torch" else f" (runtime={rt})")] = ours
     prep = load_encoder(f"clip:{ckpt}", device="cpu", dtype="float32").preprocess
@@ -377,8 +418,10 @@ def bench_knn(tables: list[Table], tmp: Path, steps: int = 200) -> None:
     images = [Image.open(r["path"]).convert("RGB") for r in recs]
     prompts = [f"a {c}" for c in classes]  # the captions' own wording
     rows_to_run = [(p, "torch") for p in PRECISIONS]
-    rows_to_run += [(p, rt) for p, rt in RUNTIME_ROWS if not missing_packages(rt)]
-    skipped = sorted({rt for _, rt in RUNTIME_ROWS if missing_packages(rt)})
+    calibration = tmp / "labelled" / "calibration.txt"  # static int8 calibrates on the training images
+    calibration.write_text("\n".join(str(recs[i]["path"]) for i in tr) + "\n", encoding="utf-8")
+    rows_to_run += runtime_rows(calibration)
+    skipped = sorted({f"{rt} ({p})" for p, rt in RUNTIME_ROWS if missing_packages(rt, p)})
     if skipped:
         print(f"knn: {', '.join(skipped)} not installed: those rows are left out (pip install phiclip[cpu-runtimes])")
     t = Table(f"kNN (k=5) and zero-shot accuracy of a TRAINED tiny CLIP (hidden 64, 4 layers, 32 px; fine-tuned here "
@@ -389,8 +432,7 @@ def bench_knn(tables: list[Table], tmp: Path, steps: int = 200) -> None:
                "zero-shot predictions = float32's", "vs float32 image vectors", "vs float32 text vectors"])
     ref: dict[str, np.ndarray] = {}
     for p, rt in rows_to_run:
-        spec = f"clip:{res.output}" + ("" if rt == "torch" else f"?runtime={rt}")
-        enc = load_encoder(spec, device="cpu", dtype=p)
+        enc = load_encoder(runtime_spec(res.output, rt, p, calibration), device="cpu", dtype=p)
         x, txt = enc.encode_images(images), enc.encode_texts(prompts)
         knn = knn_classify(x[tr], y[tr], x[te], y[te], k=5)
         knn_pred = knn_predict(x[tr], y[tr], x[te], k=5, num_classes=len(classes))

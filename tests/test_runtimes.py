@@ -22,7 +22,12 @@ def cache(tmp_path, monkeypatch):
 
 
 def _installed(monkeypatch, *names: str) -> None:
-    monkeypatch.setattr(R, "missing_packages", lambda rt: [] if rt in names else list(R.RUNTIME_PACKAGES[rt]))
+    """Pretend that only the packages ``names`` are installed (runtimes, and nncf)."""
+    def missing(rt: str, precision: str | None = None) -> list[str]:
+        wanted = R.RUNTIME_PACKAGES.get(rt, ()) + R.PRECISION_PACKAGES.get((rt, precision or ""), ())
+        return [p for p in wanted if p not in names]
+
+    monkeypatch.setattr(R, "missing_packages", missing)
 
 
 # --- the choice ---------------------------------------------------------------------------------------
@@ -33,7 +38,7 @@ def test_torch_is_the_default_and_never_needs_a_package(monkeypatch) -> None:
 
 
 def test_auto_takes_openvino_for_float32_and_bfloat16_and_onnxruntime_for_int8_where_installed(monkeypatch) -> None:
-    _installed(monkeypatch, "openvino", "onnxruntime")
+    _installed(monkeypatch, "openvino", "onnxruntime", "onnx")
     assert R.choose_runtime("auto", "bfloat16").runtime == "openvino"
     assert R.choose_runtime("auto", "int8").runtime == "onnxruntime"
     assert R.choose_runtime("auto", "float32").runtime == "openvino"  # float32 arithmetic there too
@@ -49,8 +54,8 @@ def test_auto_without_the_packages_stays_torch_and_says_how_to_install(monkeypat
 
 def test_impossible_asks_are_clear_errors(monkeypatch) -> None:
     _installed(monkeypatch, "openvino")
-    with pytest.raises(ValueError, match="runtime openvino runs precision float32 or bfloat16, not int8"):
-        R.choose_runtime("openvino", "int8")
+    with pytest.raises(ValueError, match="runtime openvino runs precision float32, bfloat16, int8, not float16"):
+        R.choose_runtime("openvino", "float16")
     with pytest.raises(ValueError, match=r"onnxruntime needs onnxruntime, onnx.*pip install 'phiclip\[cpu-runtimes\]'"):
         R.choose_runtime("onnxruntime", "int8")
     with pytest.raises(ValueError, match="CPU only"):
@@ -153,3 +158,102 @@ def test_an_unwritable_cache_folder_still_converts(tmp_path, monkeypatch) -> Non
     pixels = _pixels(enc)
     ref = load_encoder(f"clip:{ckpt}", device="cpu", dtype="float32").encode_batch(pixels).embeddings
     ERROR_BOUNDS["float32"].check(ref, enc.encode_batch(pixels).embeddings)
+
+
+# --- static int8 through OpenVINO, calibrated ----------------------------------------------------------
+def test_openvino_int8_is_static_and_needs_calibration_images(monkeypatch) -> None:
+    _installed(monkeypatch, "openvino", "onnxruntime", "onnx", "nncf")
+    assert R.choose_runtime("openvino", "int8", calibrated=True).runtime == "openvino"
+    with pytest.raises(ValueError, match=r"static quantisation.*calibration=FOLDER.*runtime=onnxruntime"):
+        R.choose_runtime("openvino", "int8")
+    # auto: OpenVINO's static int8 when calibration images are given, ONNX Runtime's dynamic one otherwise
+    assert R.choose_runtime("auto", "int8", calibrated=True).runtime == "openvino"
+    assert R.choose_runtime("auto", "int8").runtime == "onnxruntime"
+    _installed(monkeypatch, "openvino", "onnxruntime", "onnx")  # no nncf
+    assert R.choose_runtime("auto", "int8", calibrated=True).runtime == "onnxruntime"
+    with pytest.raises(ValueError, match=r"runtime openvino needs nncf.*phiclip\[cpu-runtimes\]"):
+        R.choose_runtime("openvino", "int8", calibrated=True)
+
+
+def _write_images(folder, n: int, seed: int = 0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        small = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((50 + i % 3, 40), Image.Resampling.BICUBIC).save(folder / f"img_{i:03d}.png")
+    return folder
+
+
+def test_calibration_option_is_checked_when_the_spec_is_read(tmp_path) -> None:
+    ckpt = build_tiny_clip(tmp_path / "clip")
+    with pytest.raises(ValueError, match=r"option calibration: .*nowhere does not exist"):
+        load_encoder(f"clip:{ckpt}?runtime=openvino&calibration={tmp_path / 'nowhere'}", device="cpu", dtype="int8")
+    with pytest.raises(ValueError, match="calibration_images"):
+        load_encoder(f"clip:{ckpt}?calibration_images=2", device="cpu", dtype="int8")
+
+
+def test_calibration_set_spreads_over_the_input_and_its_key_follows_the_files(tmp_path) -> None:
+    from phiclip.calibration import calibration_set
+
+    folder = _write_images(tmp_path / "cal", 30)
+    cal = calibration_set(str(folder), 10)
+    names = [r.source.rsplit("/", 1)[-1] for r in cal.records]
+    assert len(names) == 10 and names[0] == "img_000.png" and names[-1] == "img_029.png"  # first to last, not the first 10
+    assert calibration_set(str(folder), 10).key == cal.key
+    assert calibration_set(str(folder), 12).key != cal.key
+    victim = folder / names[3]
+    Image.new("RGB", (50, 40), (1, 2, 3)).save(victim)  # the same name, other pixels
+    assert calibration_set(str(folder), 10).key != cal.key
+    with pytest.raises(ValueError, match=r"calibration=.*lists 3 image\(s\).*at least 8.*runtime=onnxruntime"):
+        calibration_set(str(_write_images(tmp_path / "few", 3)), 10)
+
+
+def test_calibration_images_that_do_not_decode_are_left_out_and_too_few_is_an_error(tmp_path) -> None:
+    from phiclip.calibration import calibration_set
+
+    folder = _write_images(tmp_path / "cal", 9)
+    (folder / "img_004.png").write_bytes(b"not a png")
+    (folder / "img_005.png").write_bytes(b"")
+    enc = load_encoder(f"clip:{build_tiny_clip(tmp_path / 'clip')}", device="cpu", dtype="float32")
+    with pytest.raises(ValueError, match=r"calibration=.*only 7 of 9 images could be decoded.*img_004.png"):
+        calibration_set(str(folder)).pixels(enc.preprocess)
+    _write_images(tmp_path / "cal", 12, seed=1)  # rewrites the broken ones, adds three
+    assert calibration_set(str(folder)).pixels(enc.preprocess).shape[0] == 12
+
+
+def test_clip_int8_through_openvino_is_calibrated_within_the_bound_and_cached(tmp_path, cache) -> None:
+    if R.missing_packages("openvino", "int8"):
+        pytest.skip("openvino or nncf is not installed (phiclip[cpu-runtimes])")
+    ckpt = build_tiny_clip(tmp_path / "clip")
+    folder = _write_images(tmp_path / "cal", 16, seed=3)
+    ref_enc = load_encoder(f"clip:{ckpt}", device="cpu", dtype="float32")
+    pixels = _pixels(ref_enc)
+    ref = ref_enc.encode_batch(pixels).embeddings
+    spec = f"clip:{ckpt}?runtime=openvino&calibration={folder}"
+    enc = load_encoder(spec, device="cpu", dtype="int8")
+    info = enc.describe()["precision"]["runtime"]
+    assert info["runtime"] == "openvino" and info["precision"] == "int8" and info["converted_now"] is True
+    assert info["calibration"]["images"] == 16 and info["calibration"]["source"] == str(folder)
+    out = enc.encode_batch(pixels).embeddings
+    ERROR_BOUNDS["int8"].check(ref, out)
+    assert not np.array_equal(out, ref)
+    # static scales: a row does not depend on the rest of its batch
+    np.testing.assert_allclose(enc.encode_batch(pixels[:1]).embeddings, out[:1], atol=1e-5)
+    again = load_encoder(spec, device="cpu", dtype="int8")
+    assert again.describe()["precision"]["runtime"]["converted_now"] is False
+    np.testing.assert_allclose(again.encode_batch(pixels).embeddings, out, atol=1e-6)
+    # other calibration images: quantised again
+    other = load_encoder(f"clip:{ckpt}?runtime=auto&calibration={_write_images(tmp_path / 'cal2', 12, seed=4)}",
+                         device="cpu", dtype="int8")
+    assert other.describe()["precision"]["runtime"]["runtime"] == "openvino"
+    assert other.describe()["precision"]["runtime"]["converted_now"] is True
+    ERROR_BOUNDS["int8"].check(ref, other.encode_batch(pixels).embeddings)
+    # the text side is untouched
+    np.testing.assert_allclose(enc.encode_texts(["a cat"]), ref_enc.encode_texts(["a cat"]), atol=1e-6)
+
+
+def test_calibration_where_nothing_uses_it_is_said(tmp_path, cache) -> None:
+    ckpt = build_tiny_clip(tmp_path / "clip")
+    folder = _write_images(tmp_path / "cal", 8)
+    with pytest.warns(UserWarning, match=r"calibration= is used only by int8 through OpenVINO.*torch runs float32"):
+        load_encoder(f"clip:{ckpt}?calibration={folder}", device="cpu", dtype="float32")

@@ -399,7 +399,8 @@ def test_clip_describe(clip_encoder: CLIPEncoder, clip_dir: Path) -> None:
     assert d["details"]["total_parameters"] == total
     assert d["parameters"] == vision + clip_encoder.model.visual_projection.weight.numel()
     assert d["details"]["text"]["max_length"] == 77 and d["details"]["text"]["truncation"] is True
-    assert d["options"] == {"normalize": True, "max_batch": 256, "fast": True, "runtime": "torch"}
+    assert d["options"] == {"normalize": True, "max_batch": 256, "fast": True, "runtime": "torch", "calibration": None,
+                            "calibration_images": 128}
 
 
 def test_encode_batch_errors(clip_encoder: CLIPEncoder) -> None:

@@ -552,7 +552,8 @@ class _ContrastiveEncoder(Encoder):
         # OpenVINO / ONNX Runtime in place of torch for the image side (phiclip.runtimes), when chosen.
         from phiclip.runtimes import choose_runtime  # delayed on purpose: imports torch
 
-        runtime = choose_runtime(options.runtime, placement.precision, self.device.type)
+        runtime = choose_runtime(options.runtime, placement.precision, self.device.type,
+                                 calibrated=options.calibration is not None)
         self.compiled: Any = None
         # phiclip's faster image path where it reproduces the model exactly (CLIP), else transformers'
         # (neither runs the image side when a compiled runtime does).
@@ -577,11 +578,21 @@ class _ContrastiveEncoder(Encoder):
             self.precision["cpu_kernels"] = KERNELS_FUSED if fused is not None else KERNELS_TORCH
         self.weights_fingerprint: str = weights_fingerprint or fingerprint_module(model)
         if runtime.runtime != "torch":
-            from phiclip.runtimes import ImageSide, compile_image_path  # delayed on purpose: imports torch
+            from phiclip import runtimes  # delayed on purpose: imports torch
 
-            self.compiled = compile_image_path(ImageSide(model), runtime=runtime.runtime, precision=placement.precision,
-                                               fingerprint=self.weights_fingerprint,
-                                               image_size=int(model.config.vision_config.image_size))
+            calibration = None
+            if (runtime.runtime, placement.precision) in runtimes.NEEDS_CALIBRATION:
+                from phiclip.calibration import calibration_set  # delayed on purpose: static int8 only
+
+                calibration = calibration_set(str(options.calibration), options.calibration_images)
+            self.compiled = runtimes.compile_image_path(
+                runtimes.ImageSide(model), runtime=runtime.runtime, precision=placement.precision,
+                fingerprint=self.weights_fingerprint, image_size=int(model.config.vision_config.image_size),
+                calibration=calibration, preprocess=self.preprocess, keep_alpha=self.keeps_alpha)
+        if options.calibration is not None and (self.compiled is None or self.compiled.calibration is None):
+            warnings.warn(f"{spec}: calibration= is used only by int8 through OpenVINO (runtime=openvino or auto, "
+                          f"precision int8); here {runtime.runtime} runs {placement.precision}, so it is ignored",
+                          stacklevel=3)
         self.precision["runtime"] = {**runtime.to_dict(), **(self.compiled.describe() if self.compiled is not None else {})}
 
     # --- loading ------------------------------------------------------------------------------

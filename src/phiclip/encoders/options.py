@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import urllib.parse
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from phiclip.encoders.spec import (
@@ -21,6 +22,32 @@ from phiclip.phi3v.prompts import DEFAULT_PRESET, POOLINGS, PRESETS, check_templ
 #: Most images (or texts) per CLIP / SigLIP model call, by default.
 DEFAULT_MAX_BATCH = 256
 
+#: Calibration images for static int8 (phiclip.calibration), by default (NNCF's own default is 300;
+#: 128 measured as accurate, see BENCHMARKS.md "CPU precision"), and the fewest accepted: scales
+#: from a handful of images clip real inputs.
+DEFAULT_CALIBRATION_IMAGES = 128
+MIN_CALIBRATION_IMAGES = 8
+
+
+def _input_option(help: str) -> Any:
+    """A field naming an input (a path, a glob or ``hf:NAME``; ``&``, ``,`` and ``%`` percent-encoded
+    in a spec). A path that does not exist is refused when the spec is read."""
+
+    def parse(spec: EncoderSpec, key: str) -> str | None:
+        raw = spec.options.get(key)
+        if raw is None:
+            return None
+        value = urllib.parse.unquote(raw).strip()
+        if not value:
+            raise ValueError(f"encoder spec {str(spec)!r}: option {key} is empty; give a folder, a glob, a list of "
+                             "paths, a table or hf:NAME")
+        if not value.startswith("hf:") and not any(c in value for c in "*?[") and not Path(value).expanduser().exists():
+            raise ValueError(f"encoder spec {str(spec)!r}: option {key}: {value} does not exist; give a folder, a glob, "
+                             "a list of paths, a table or hf:NAME")
+        return value
+
+    return field(default=None, metadata={"parse": parse, "help": help})
+
 
 @dataclass(frozen=True)
 class ContrastiveOptions(SpecOptions):
@@ -33,7 +60,14 @@ class ContrastiveOptions(SpecOptions):
     runtime: str = choice_option(
         "torch", ("torch", "auto", "openvino", "onnxruntime"),
         "torch|auto|openvino|onnxruntime: what runs the image side on the CPU (default torch; auto: OpenVINO for "
-        "float32/bfloat16, ONNX Runtime for int8 where installed, phiclip[cpu-runtimes])")
+        "float32/bfloat16, ONNX Runtime for int8 where installed, or OpenVINO for int8 given calibration=; "
+        "phiclip[cpu-runtimes])")
+    calibration: str | None = _input_option(
+        "images like the ones you embed (a folder, a glob, a list of paths, a table or hf:NAME): int8 through "
+        "OpenVINO quantises statically, calibrated on them (runtime=openvino or auto, precision int8)")
+    calibration_images: int = int_option(
+        DEFAULT_CALIBRATION_IMAGES, f"integer >= {MIN_CALIBRATION_IMAGES}: images taken from calibration= "
+        f"(default {DEFAULT_CALIBRATION_IMAGES}, spread evenly over it)", minimum=MIN_CALIBRATION_IMAGES)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,122 @@
+"""Calibration images for static int8 quantisation (``runtime=openvino`` at ``precision=int8``).
+
+Static quantisation fixes each activation's int8 scale ahead of time from the activations that a
+few representative images produce (OpenVINO's NNCF post-training quantisation); the quantised model
+then runs every product on int8 (AMX / VNNI) without measuring scales on every call. What it needs
+from phiclip is a set of images like the ones it will embed, which a spec names with
+``calibration=`` (any input ``phiclip embed`` reads: a folder, a glob, a list of paths, a table,
+``hf:NAME``).
+
+:func:`calibration_set` lists the input and picks up to ``count`` images spread evenly over it
+(not the first ones, which in a folder are often one class); :attr:`CalibrationSet.key` names that
+choice cheaply (the images' ids, and each file's size and modification time), so that a cached
+quantised model is reused for the same images and made again when they change, without decoding
+anything. :meth:`CalibrationSet.pixels` decodes and preprocesses them only when a model is
+quantised. Torch is imported only there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from phiclip.encoders.options import DEFAULT_CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES
+from phiclip.images import try_load_image
+from phiclip.inputs.listing import list_inputs
+from phiclip.inputs.records import InputError, PayloadReader, Record
+
+
+def _evenly(n: int, count: int) -> list[int]:
+    """``count`` positions spread evenly over ``range(n)`` (all of them when ``n <= count``)."""
+    if n <= count:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (count - 1)) for i in range(count)}) if count > 1 else [0]
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """The images chosen from ``source`` to calibrate a static int8 model, and how to read them."""
+
+    source: str
+    records: list[Record]
+    reader: PayloadReader = field(repr=False)
+    key: str
+    listed: int  # how many images the source lists
+
+    def describe(self) -> dict[str, Any]:
+        """What encoders record about the calibration (in ``describe()`` and the manifest)."""
+        return {"source": self.source, "images": len(self.records), "listed": self.listed, "key": self.key}
+
+    def pixels(self, preprocess: Callable[[Any], Any], *, keep_alpha: bool = False) -> Any:
+        """Decode and preprocess the chosen images: a float32 tensor ``(n, 3, S, S)``. Images that
+        fail to decode are left out.
+
+        Raises:
+            ValueError: fewer than :data:`MIN_CALIBRATION_IMAGES` images could be used (naming the
+                source and the first failures).
+        """
+        import torch
+
+        payloads = self.reader.read(self.records)
+        items: list[Any] = []
+        failed: list[str] = []
+        for rec, payload in zip(self.records, payloads):
+            if rec.error is not None or payload is None:
+                failed.append(f"{rec.source}: {rec.error or 'no image'}")
+                continue
+            img, err = try_load_image(payload, keep_alpha=keep_alpha)
+            if err is not None or img is None:
+                failed.append(f"{rec.source}: {err.reason if err else 'no image'}")
+                continue
+            items.append(preprocess(img))
+        if len(items) < MIN_CALIBRATION_IMAGES:
+            raise ValueError(
+                f"calibration={self.source}: only {len(items)} of {len(self.records)} images could be decoded "
+                f"(at least {MIN_CALIBRATION_IMAGES} are needed)" + (f"; first failures: {'; '.join(failed[:3])}" if failed else "")
+            )
+        return torch.stack(items).to(torch.float32)
+
+
+def _file_identity(locator: Any) -> str:
+    """Size and modification time of a file locator (``''`` for anything else)."""
+    if isinstance(locator, (str, os.PathLike)):
+        try:
+            st = os.stat(locator)
+        except OSError:
+            return ""
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    return ""
+
+
+def calibration_set(source: str, count: int = DEFAULT_CALIBRATION_IMAGES) -> CalibrationSet:
+    """List ``source`` and choose up to ``count`` of its images, spread evenly over it.
+
+    Raises:
+        ValueError: the source cannot be read, or lists fewer than :data:`MIN_CALIBRATION_IMAGES`
+            images (naming it and the fix).
+    """
+    if count < MIN_CALIBRATION_IMAGES:
+        raise ValueError(f"calibration_images={count}: at least {MIN_CALIBRATION_IMAGES} are needed")
+    try:
+        listing = list_inputs(source)
+    except InputError as e:
+        raise ValueError(f"calibration={source}: {e}") from None
+    usable = [r for r in listing.records if r.error is None]
+    if len(usable) < MIN_CALIBRATION_IMAGES:
+        raise ValueError(
+            f"calibration={source}: lists {len(usable)} image(s); static int8 needs at least {MIN_CALIBRATION_IMAGES} "
+            f"(about {DEFAULT_CALIBRATION_IMAGES} like the ones you embed), or use runtime=onnxruntime "
+            "(dynamic int8, no calibration)"
+        )
+    chosen = [usable[i] for i in _evenly(len(usable), count)]
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{len(chosen)}\n".encode())
+    for r in chosen:
+        h.update(f"{r.id}:{_file_identity(r.locator)}\n".encode())
+    return CalibrationSet(source=source, records=chosen, reader=listing.reader, key=h.hexdigest(), listed=len(usable))
+
+
+__all__ = ["DEFAULT_CALIBRATION_IMAGES", "MIN_CALIBRATION_IMAGES", "CalibrationSet", "calibration_set"]
