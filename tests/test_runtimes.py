@@ -113,6 +113,7 @@ def test_siglip_int8_through_onnxruntime(tmp_path, cache) -> None:
     pixels = _pixels(ref_enc)
     enc = load_encoder(f"siglip:{ckpt}?runtime=auto", device="cpu", dtype="int8")
     assert enc.describe()["precision"]["runtime"]["runtime"] == "onnxruntime"
+    assert "dynamic int8 through onnxruntime" in enc.describe()["precision"]["reason"]
     ERROR_BOUNDS["int8"].check(ref_enc.encode_batch(pixels).embeddings, enc.encode_batch(pixels).embeddings)
     # The text side is untouched by the runtime.
     np.testing.assert_allclose(enc.encode_texts(["a cat"]), ref_enc.encode_texts(["a cat"]), atol=1e-6)
@@ -234,6 +235,7 @@ def test_clip_int8_through_openvino_is_calibrated_within_the_bound_and_cached(tm
     info = enc.describe()["precision"]["runtime"]
     assert info["runtime"] == "openvino" and info["precision"] == "int8" and info["converted_now"] is True
     assert info["calibration"]["images"] == 16 and info["calibration"]["source"] == str(folder)
+    assert "static int8 through openvino" in enc.describe()["precision"]["reason"]
     out = enc.encode_batch(pixels).embeddings
     ERROR_BOUNDS["int8"].check(ref, out)
     assert not np.array_equal(out, ref)
@@ -257,3 +259,16 @@ def test_calibration_where_nothing_uses_it_is_said(tmp_path, cache) -> None:
     folder = _write_images(tmp_path / "cal", 8)
     with pytest.warns(UserWarning, match=r"calibration= is used only by int8 through OpenVINO.*torch runs float32"):
         load_encoder(f"clip:{ckpt}?calibration={folder}", device="cpu", dtype="float32")
+
+
+def test_siglip_int8_through_openvino_is_calibrated_within_the_bound(tmp_path, cache) -> None:
+    if R.missing_packages("openvino", "int8"):
+        pytest.skip("openvino or nncf is not installed (phiclip[cpu-runtimes])")
+    ckpt = build_tiny_siglip(tmp_path / "siglip")
+    ref_enc = load_encoder(f"siglip:{ckpt}", device="cpu", dtype="float32")
+    pixels = _pixels(ref_enc)
+    enc = load_encoder(f"siglip:{ckpt}?runtime=auto&calibration={_write_images(tmp_path / 'cal', 10)}", device="cpu",
+                       dtype="int8")
+    info = enc.describe()["precision"]["runtime"]
+    assert info["runtime"] == "openvino" and info["calibration"]["images"] == 10
+    ERROR_BOUNDS["int8"].check(ref_enc.encode_batch(pixels).embeddings, enc.encode_batch(pixels).embeddings)

@@ -21,6 +21,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from phiclip.encoders.options import DEFAULT_CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES
@@ -40,7 +41,7 @@ def _evenly(n: int, count: int) -> list[int]:
 class CalibrationSet:
     """The images chosen from ``source`` to calibrate a static int8 model, and how to read them."""
 
-    source: str
+    source: str  # as given; a local path made absolute
     records: list[Record]
     reader: PayloadReader = field(repr=False)
     key: str
@@ -116,7 +117,8 @@ def calibration_set(source: str, count: int = DEFAULT_CALIBRATION_IMAGES) -> Cal
     h.update(f"{len(chosen)}\n".encode())
     for r in chosen:
         h.update(f"{r.id}:{_file_identity(r.locator)}\n".encode())
-    return CalibrationSet(source=source, records=chosen, reader=listing.reader, key=h.hexdigest(), listed=len(usable))
+    shown = source if source.startswith("hf:") or not Path(source).expanduser().exists() else str(Path(source).expanduser().resolve())
+    return CalibrationSet(source=shown, records=chosen, reader=listing.reader, key=h.hexdigest(), listed=len(usable))
 
 
 __all__ = ["DEFAULT_CALIBRATION_IMAGES", "MIN_CALIBRATION_IMAGES", "CalibrationSet", "calibration_set"]

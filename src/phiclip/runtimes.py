@@ -274,6 +274,15 @@ class CompiledImagePath:
             out = np.array(self._run(x), dtype=np.float32, copy=True)
         return torch.from_numpy(out)
 
+    def scheme(self) -> str:
+        """How this runtime computes at its precision, in words (for the precision's reason)."""
+        if self.precision != "int8":
+            return f"{self.runtime} at {self.precision}"
+        if self.calibration is not None:
+            return (f"static int8 through {self.runtime} (NNCF): int8 weights per output channel, activation scales "
+                    f"calibrated on {self.calibration['images']} images of {self.calibration['source']}")
+        return f"dynamic int8 through {self.runtime}: int8 weights per output channel, activations quantised per call"
+
     def describe(self) -> dict[str, Any]:
         """What encoders record under ``describe()["precision"]["runtime"]``."""
         out = {"runtime": self.runtime, "precision": self.precision, "threads": self.threads,

@@ -589,6 +589,8 @@ class _ContrastiveEncoder(Encoder):
                 runtimes.ImageSide(model), runtime=runtime.runtime, precision=placement.precision,
                 fingerprint=self.weights_fingerprint, image_size=int(model.config.vision_config.image_size),
                 calibration=calibration, preprocess=self.preprocess, keep_alpha=self.keeps_alpha)
+            if placement.precision == "int8":
+                self.precision["reason"] = f"int8 asked for: {self.compiled.scheme()}"
         if options.calibration is not None and (self.compiled is None or self.compiled.calibration is None):
             warnings.warn(f"{spec}: calibration= is used only by int8 through OpenVINO (runtime=openvino or auto, "
                           f"precision int8); here {runtime.runtime} runs {placement.precision}, so it is ignored",
