@@ -46,6 +46,7 @@ from torch import nn
 
 from phiclip import precision as P
 from phiclip.cpu_threads import OthersBusy
+from phiclip.models.clip_vision import CLIPAttention, CLIPImageFeatures
 
 KERNELS = ("onednn", "quantized")
 INT8_CACHE_KEY = "int8"
@@ -296,8 +297,6 @@ def quantize_linears_(root: nn.Module, kernel: str, skip: Callable[[str, nn.Modu
     ``root`` by their int8 versions, except those ``skip(name, module)`` keeps and those inside an
     ``nn.MultiheadAttention`` (which reads its weights directly). Returns the number of products
     quantised."""
-    from phiclip.models.clip_vision import CLIPAttention
-
     count = 0
     mha = [n for n, m in root.named_modules() if isinstance(m, nn.MultiheadAttention)]
     for name, mod in list(root.named_modules()):
@@ -356,8 +355,11 @@ def quantize_contrastive_encoder_(encoder: Any, plan: dict[str, Any] | None = No
     ``fast=false``), the model's vision tower is quantised. The text side stays float32. Returns
     :func:`int8_description`."""
     plan = plan or int8_plan()
-    if getattr(encoder, "image_features", None) is not None:
-        encoder.image_features = quantize_clip_image_features(encoder.image_features, plan)
+    features = getattr(encoder, "image_features", None)
+    if features is not None:
+        if not isinstance(features, CLIPImageFeatures):  # a packed inference copy: start from the model's weights
+            features = CLIPImageFeatures.from_clip_model(encoder.model)
+        encoder.image_features = quantize_clip_image_features(features, plan)
         n = sum(isinstance(m, Int8Linear) for m in encoder.image_features.modules())
     else:
         n = quantize_hf_vision_(encoder.model, plan)

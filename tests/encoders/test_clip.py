@@ -597,16 +597,16 @@ def test_fast_image_path_equals_get_image_features(tmp_path, act):
     """phiclip's CLIP image path (fused q/k/v, last layer for the CLS query only) against the
     straightforward ``get_image_features`` on the same weights, and the ``fast=false`` switch."""
     from phiclip.models.clip_vision import CLIPImageFeatures
+    from phiclip.models.cpu_fused import FusedCLIPImageFeatures
     from phiclip.testing import build_tiny_clip
 
     ckpt = build_tiny_clip(tmp_path / "clip", image_size=64, patch_size=16, num_layers=3, vision_overrides={"hidden_act": act})
-    fast = load_encoder(f"clip:{ckpt}")
-    plain = load_encoder(f"clip:{ckpt}?fast=false")
-    assert isinstance(fast.image_features, CLIPImageFeatures) and plain.image_features is None
+    fast = load_encoder(f"clip:{ckpt}", device="cpu", dtype="float32")
+    plain = load_encoder(f"clip:{ckpt}?fast=false", device="cpu", dtype="float32")
+    # On the CPU the fast path is the fused float32 copy where this torch has the oneDNN ops.
+    assert isinstance(fast.image_features, (CLIPImageFeatures, FusedCLIPImageFeatures)) and plain.image_features is None
     assert fast.describe()["details"]["image_path"].startswith("phiclip")
     assert plain.describe()["details"]["image_path"].startswith("transformers")
-    # Shared weights, not copies.
-    assert fast.image_features.visual_projection.weight.data_ptr() == fast.model.visual_projection.weight.data_ptr()
     rng = np.random.default_rng(7)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in [(80, 60), (50, 90), (64, 64)]]
     np.testing.assert_allclose(fast.encode_images(images), plain.encode_images(images), atol=1e-5)
@@ -615,6 +615,23 @@ def test_fast_image_path_equals_get_image_features(tmp_path, act):
         ref = fast.model.get_image_features(pixel_values=pixels)
         ref = getattr(ref, "pooler_output", ref)
         np.testing.assert_allclose(fast.image_features(pixels).numpy(), ref.numpy(), atol=1e-5)
+        # phiclip's unfused module on the model's own weights (what the fused copy is built from)
+        own = CLIPImageFeatures.from_clip_model(fast.model)
+        assert own.visual_projection.weight.data_ptr() == fast.model.visual_projection.weight.data_ptr()
+        np.testing.assert_allclose(own(pixels).numpy(), ref.numpy(), atol=1e-5)
+    # Before training: the image path reads the model's weights again, so a change to them shows.
+    fast.share_model_weights_()
+    assert isinstance(fast.image_features, CLIPImageFeatures)
+    assert fast.image_features.visual_projection.weight.data_ptr() == fast.model.visual_projection.weight.data_ptr()
+    before = fast.encode_images(images)
+    with torch.no_grad():
+        fast.model.visual_projection.weight.add_(torch.randn_like(fast.model.visual_projection.weight))
+        pixels = torch.stack([fast.preprocess(im) for im in images])
+        want = fast.model.get_image_features(pixel_values=pixels)
+        want = torch.nn.functional.normalize(getattr(want, "pooler_output", want), dim=-1).numpy()
+    after = fast.encode_images(images)
+    assert not np.allclose(after, before, atol=1e-3)
+    np.testing.assert_allclose(after, want, atol=1e-5)
 
 
 def test_fast_option_must_be_boolean(tmp_path):
@@ -646,3 +663,12 @@ def test_encode_images_on_threads_equals_one_thread(clip_encoder: CLIPEncoder, m
     serial = clip_encoder.encode_images(images, batch_size=4)
     assert seen == {threading.current_thread().name}
     np.testing.assert_array_equal(threaded, serial)
+
+
+def test_share_model_weights_refuses_an_image_path_that_cannot_follow_training(tmp_path):
+    from phiclip.testing import build_tiny_clip
+
+    ckpt = build_tiny_clip(tmp_path / "clip", image_size=64, patch_size=16)
+    enc = load_encoder(f"clip:{ckpt}", device="cpu", dtype="int8")
+    with pytest.raises(ValueError, match="compiled or quantised.*float32 with runtime=torch"):
+        enc.share_model_weights_()

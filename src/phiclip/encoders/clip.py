@@ -566,15 +566,20 @@ class _ContrastiveEncoder(Encoder):
             from phiclip.quantize import quantize_contrastive_encoder_  # delayed on purpose: imports torch
 
             self.precision["int8"] = quantize_contrastive_encoder_(self)
-        elif self.image_features is not None and self.device.type == "cpu" and placement.precision in ("bfloat16", "float16"):
-            # 16-bit weights once: autocast would convert every float32 weight again on every call.
-            # bfloat16: oneDNN's prepacked products with fused bias/activation/residual where this
-            # torch has them (phiclip.models.cpu_fused), else the plain 16-bit copy.
+        elif self.image_features is not None and self.device.type == "cpu" and placement.precision in (
+                "bfloat16", "float16", "float32"):
+            # bfloat16 and float32: oneDNN's prepacked products with fused bias/activation/residual
+            # where this torch has them (phiclip.models.cpu_fused; a packed copy of the image tower's
+            # weights). Otherwise 16-bit weights once (autocast would convert every float32 weight
+            # again on every call), or float32 as it is.
             from phiclip.models.cpu_fused import KERNELS_FUSED, KERNELS_TORCH, fused_cpu_copy
             from phiclip.quantize import float_copy
 
             fused = fused_cpu_copy(self.image_features, placement.dtype)
-            self.image_features = fused if fused is not None else float_copy(self.image_features, placement.dtype)
+            if fused is not None:
+                self.image_features = fused
+            elif placement.precision != "float32":
+                self.image_features = float_copy(self.image_features, placement.dtype)
             self.precision["cpu_kernels"] = KERNELS_FUSED if fused is not None else KERNELS_TORCH
         self.weights_fingerprint: str = weights_fingerprint or fingerprint_module(model)
         if runtime.runtime != "torch":
@@ -596,6 +601,19 @@ class _ContrastiveEncoder(Encoder):
                           f"precision int8); here {runtime.runtime} runs {placement.precision}, so it is ignored",
                           stacklevel=3)
         self.precision["runtime"] = {**runtime.to_dict(), **(self.compiled.describe() if self.compiled is not None else {})}
+
+    def share_model_weights_(self) -> None:
+        """Make the image path read ``self.model``'s own weights again, dropping a packed inference
+        copy (the fused CPU tower, a 16-bit copy): call before training ``self.model``, so that the
+        trained weights show in ``encode_images`` and no second copy of the image tower is held.
+        A compiled runtime (``runtime=``) or an int8 image path cannot follow training: refused."""
+        if self.compiled is not None or self.precision.get("dtype") == "int8":
+            raise ValueError(f"{self.name}: the image path is compiled or quantised ({self.precision.get('dtype')}, "
+                             f"runtime {self.precision.get('runtime', {}).get('runtime', 'torch')}); load it at "
+                             "float32 with runtime=torch to train it")
+        if self.image_features is not None:
+            self.image_features = self._fast_image_features()
+            self.precision["cpu_kernels"] = "torch"
 
     # --- loading ------------------------------------------------------------------------------
     @classmethod

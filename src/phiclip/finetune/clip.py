@@ -423,6 +423,7 @@ def finetune_clip(
     encoder = load_encoder(str(spec), device=str(device), dtype="float32")
     if encoder.tokenizer is None:
         raise TrainingError(f"{model}: no tokenizer could be loaded ({encoder.text_unavailable}); contrastive training needs text")
+    encoder.share_model_weights_()  # the image path follows training (and no packed inference copy is held)
     seed_everything(opts.seed)
     net = encoder.model
     apply_freeze(net, opts.freeze)
