@@ -597,14 +597,12 @@ def test_fast_image_path_equals_get_image_features(tmp_path, act):
     """phiclip's CLIP image path (fused q/k/v, last layer for the CLS query only) against the
     straightforward ``get_image_features`` on the same weights, and the ``fast=false`` switch."""
     from phiclip.models.clip_vision import CLIPImageFeatures
-    from phiclip.models.cpu_fused import FusedCLIPImageFeatures
     from phiclip.testing import build_tiny_clip
 
     ckpt = build_tiny_clip(tmp_path / "clip", image_size=64, patch_size=16, num_layers=3, vision_overrides={"hidden_act": act})
     fast = load_encoder(f"clip:{ckpt}", device="cpu", dtype="float32")
     plain = load_encoder(f"clip:{ckpt}?fast=false", device="cpu", dtype="float32")
-    # On the CPU the fast path is the fused float32 copy where this torch has the oneDNN ops.
-    assert isinstance(fast.image_features, (CLIPImageFeatures, FusedCLIPImageFeatures)) and plain.image_features is None
+    assert isinstance(fast.image_features, CLIPImageFeatures) and plain.image_features is None
     assert fast.describe()["details"]["image_path"].startswith("phiclip")
     assert plain.describe()["details"]["image_path"].startswith("transformers")
     rng = np.random.default_rng(7)
@@ -672,3 +670,23 @@ def test_share_model_weights_refuses_an_image_path_that_cannot_follow_training(t
     enc = load_encoder(f"clip:{ckpt}", device="cpu", dtype="int8")
     with pytest.raises(ValueError, match="compiled or quantised.*float32 with runtime=torch"):
         enc.share_model_weights_()
+
+
+@pytest.mark.filterwarnings("ignore:.*measured at")
+def test_a_packed_bfloat16_image_path_goes_back_to_the_models_weights(tmp_path):
+    """A bfloat16 encoder's image path is a packed copy (fused oneDNN or 16-bit): before training,
+    share_model_weights_ puts the model's own weights back; int8 quantises from those weights."""
+    from phiclip.models.clip_vision import CLIPImageFeatures
+    from phiclip.quantize import Int8Linear, quantize_contrastive_encoder_
+    from phiclip.testing import build_tiny_clip
+
+    ckpt = build_tiny_clip(tmp_path / "clip", image_size=64, patch_size=16)
+    enc = load_encoder(f"clip:{ckpt}", device="cpu", dtype="bfloat16")
+    assert not isinstance(enc.image_features, CLIPImageFeatures) or enc.image_features.visual_projection.weight.dtype == torch.bfloat16
+    quantize_contrastive_encoder_(enc)  # from a packed copy: starts again from the model's weights
+    assert any(isinstance(m, Int8Linear) for m in enc.image_features.modules())
+    enc = load_encoder(f"clip:{ckpt}", device="cpu", dtype="bfloat16")
+    enc.share_model_weights_()
+    assert isinstance(enc.image_features, CLIPImageFeatures)
+    assert enc.image_features.visual_projection.weight.data_ptr() == enc.model.visual_projection.weight.data_ptr()
+    assert enc.describe()["precision"]["cpu_kernels"] == "torch"

@@ -566,20 +566,17 @@ class _ContrastiveEncoder(Encoder):
             from phiclip.quantize import quantize_contrastive_encoder_  # delayed on purpose: imports torch
 
             self.precision["int8"] = quantize_contrastive_encoder_(self)
-        elif self.image_features is not None and self.device.type == "cpu" and placement.precision in (
-                "bfloat16", "float16", "float32"):
-            # bfloat16 and float32: oneDNN's prepacked products with fused bias/activation/residual
-            # where this torch has them (phiclip.models.cpu_fused; a packed copy of the image tower's
-            # weights). Otherwise 16-bit weights once (autocast would convert every float32 weight
-            # again on every call), or float32 as it is.
+        elif self.image_features is not None and self.device.type == "cpu" and placement.precision in ("bfloat16", "float16"):
+            # 16-bit weights once: autocast would convert every float32 weight again on every call.
+            # bfloat16: oneDNN's prepacked products with fused bias/activation/residual where this
+            # torch has them (phiclip.models.cpu_fused), else the plain 16-bit copy. (float32 stays on
+            # the model's own weights: the fused float32 copy measured 1.03-1.15x for a second copy
+            # of the image tower, see BENCHMARKS.md.)
             from phiclip.models.cpu_fused import KERNELS_FUSED, KERNELS_TORCH, fused_cpu_copy
             from phiclip.quantize import float_copy
 
             fused = fused_cpu_copy(self.image_features, placement.dtype)
-            if fused is not None:
-                self.image_features = fused
-            elif placement.precision != "float32":
-                self.image_features = float_copy(self.image_features, placement.dtype)
+            self.image_features = fused if fused is not None else float_copy(self.image_features, placement.dtype)
             self.precision["cpu_kernels"] = KERNELS_FUSED if fused is not None else KERNELS_TORCH
         self.weights_fingerprint: str = weights_fingerprint or fingerprint_module(model)
         if runtime.runtime != "torch":

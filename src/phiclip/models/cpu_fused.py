@@ -1,6 +1,7 @@
-"""The CLIP vision tower in bfloat16 or float32 on the CPU with oneDNN's fused linears (inference only).
+"""The CLIP vision tower in bfloat16 on the CPU with oneDNN's fused linears (inference only).
 
-phiclip's plain CPU path runs every element-wise step as its own pass over the activations: the bias of each product, quick-GELU's multiply and sigmoid, both residual adds. Here
+phiclip's bfloat16 CPU path otherwise runs every element-wise step as its own pass over bfloat16
+tensors: the bias of each product, quick-GELU's multiply and sigmoid, both residual adds. Here
 every matrix product is a oneDNN inner product on a weight prepacked once
 (``torch.ops.mkldnn._reorder_linear_weight``) with those steps fused as post-ops
 (``torch.ops.mkldnn._linear_pointwise``):
@@ -17,13 +18,7 @@ then rounded) the ``swish`` post-op gives ``1.702 h * sigmoid(1.702 h) = 1.702 q
 
 The patch embedding (a convolution whose stride is its kernel) is a product over unfolded patches;
 q, k and v are one product on a weight concatenated once. Layer norms and attention
-(``scaled_dot_product_attention``) stay torch ops, in the module's dtype.
-
-bfloat16 is the bfloat16 CPU path (about 1.6x the plain bfloat16 copy on ViT-B/32); float32 is the
-CLIP fast path's float32 on the CPU (about 1.15x, float32 arithmetic throughout: within
-``ERROR_BOUNDS["float32"]`` of the plain path, max abs about 3e-6 on ViT-B/32, like any other summation
-order). The Phi-3-vision tower takes the bfloat16 one only: its float32 is the path whose tokens match
-the released code to 4e-6, kept as it is.
+(``scaled_dot_product_attention``) stay torch ops, in bfloat16.
 
 :func:`fused_cpu_copy` builds these modules FROM phiclip's float modules
 (:class:`~phiclip.models.clip_vision.CLIPVisionTransformer`,
@@ -46,11 +41,8 @@ from torch import nn
 
 from phiclip.models.clip_vision import CLIPImageFeatures, CLIPVisionTransformer, QuickGELU
 
-#: The bfloat16 kernels (oneDNN's fused bfloat16 inner products; AMX or AVX512-BF16).
+#: The dtype these kernels run in (oneDNN's fused bfloat16 inner products; AMX or AVX512-BF16).
 FUSED_DTYPE = torch.bfloat16
-
-#: The dtypes these kernels run in.
-FUSED_DTYPES = (torch.bfloat16, torch.float32)
 
 #: quick-GELU's gate factor: ``x * sigmoid(1.702 x)``.
 QUICK_GELU_SCALE = 1.702
@@ -68,10 +60,10 @@ def _ops() -> tuple[Any, Any]:
 
 
 @functools.cache
-def fusion_available(dtype: torch.dtype = FUSED_DTYPE) -> bool:
-    """Whether this torch build runs oneDNN's fused linears in ``dtype`` here: one tiny call of
-    every kind this module makes (plain, ``swish``, both ``gelu`` and the residual add), checked
-    once per process and dtype against float32."""
+def fusion_available() -> bool:
+    """Whether this torch build runs oneDNN's fused bfloat16 linears here: one tiny call of every
+    kind this module makes (plain, ``swish``, both ``gelu`` and the residual add), checked once
+    per process against float32."""
     try:
         if not torch.backends.mkldnn.is_available():
             return False
@@ -81,19 +73,17 @@ def fusion_available(dtype: torch.dtype = FUSED_DTYPE) -> bool:
         b = torch.randn(8, generator=gen)
         x = torch.randn(3, 16, generator=gen)
         r = torch.randn(3, 8, generator=gen)
-        if dtype not in FUSED_DTYPES:
-            return False
-        packed = rw(w.to(dtype))
-        xb, bb = x.to(dtype), b.to(dtype)
-        ref = F.linear(xb.float(), w.to(dtype).float(), bb.float())
+        packed = rw(w.to(FUSED_DTYPE))
+        xb, bb = x.to(FUSED_DTYPE), b.to(FUSED_DTYPE)
+        ref = F.linear(xb.float(), w.to(FUSED_DTYPE).float(), bb.float())
         outs = {
             "none": (lp(xb, packed, bb, "none", [], ""), ref),
             "swish": (lp(xb, packed, bb, "swish", [], ""), F.silu(ref)),
             "gelu": (lp(xb, packed, bb, "gelu", [], "none"), F.gelu(ref)),
             "gelu_tanh": (lp(xb, packed, bb, "gelu", [], "tanh"), F.gelu(ref, approximate="tanh")),
-            "add": (lp.binary(xb, r.to(dtype), packed, bb, "add"), ref + r.to(dtype).float()),
+            "add": (lp.binary(xb, r.to(FUSED_DTYPE), packed, bb, "add"), ref + r.to(FUSED_DTYPE).float()),
         }
-        return all(out.dtype == dtype and out.shape == want.shape
+        return all(out.dtype == FUSED_DTYPE and out.shape == want.shape
                    and torch.allclose(out.float(), want, atol=0.1, rtol=0.05) for out, want in outs.values())
     except (AttributeError, RuntimeError, NotImplementedError, TypeError):
         return False
@@ -103,18 +93,17 @@ def fusion_available(dtype: torch.dtype = FUSED_DTYPE) -> bool:
 # One prepacked product
 # ==============================================================================================
 class FusedLinear(nn.Module):
-    """``post(x @ W^T + b)`` or ``x @ W^T + b + residual`` on a prepacked weight:
+    """``post(x @ W^T + b)`` or ``x @ W^T + b + residual`` on a prepacked bfloat16 weight:
     ``(N, in) -> (N, out)``.
 
     Args:
         weight: ``(out, in)`` float weight (copied; scaled by ``weight_scale`` in float32 first).
         bias: ``(out,)`` or None (scaled by ``bias_scale``).
         post: ``none``, ``swish``, ``gelu`` or ``gelu_tanh``.
-        dtype: what it computes in (:data:`FUSED_DTYPES`).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, post: str = "none", *,
-                 weight_scale: float = 1.0, bias_scale: float = 1.0, dtype: torch.dtype = FUSED_DTYPE) -> None:
+                 weight_scale: float = 1.0, bias_scale: float = 1.0) -> None:
         super().__init__()
         if post not in _POST_OPS:
             raise ValueError(f"post-op {post!r} is not one of {tuple(_POST_OPS)}")
@@ -123,8 +112,8 @@ class FusedLinear(nn.Module):
         self._attr, self._algorithm = _POST_OPS[post]
         w = weight.detach().float() * weight_scale if weight_scale != 1.0 else weight.detach()
         _, rw = _ops()
-        self.packed = rw(w.to(dtype).contiguous())  # opaque oneDNN layout, (out, in)
-        self.bias = None if bias is None else (bias.detach().float() * bias_scale).to(dtype).contiguous()
+        self.packed = rw(w.to(FUSED_DTYPE).contiguous())  # opaque oneDNN layout, (out, in)
+        self.bias = None if bias is None else (bias.detach().float() * bias_scale).to(FUSED_DTYPE).contiguous()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         lp, _ = _ops()
@@ -138,16 +127,16 @@ class FusedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, post={self.post}"
 
 
-def _layer_norm_copy(norm: nn.LayerNorm, dtype: torch.dtype) -> nn.LayerNorm:
-    out = nn.LayerNorm(norm.normalized_shape, eps=norm.eps, device="cpu", dtype=dtype)
+def _layer_norm_copy(norm: nn.LayerNorm) -> nn.LayerNorm:
+    out = nn.LayerNorm(norm.normalized_shape, eps=norm.eps, device="cpu", dtype=FUSED_DTYPE)
     with torch.no_grad():
         out.weight.copy_(norm.weight)
         out.bias.copy_(norm.bias)
     return out.requires_grad_(False)
 
 
-def _param(t: torch.Tensor, dtype: torch.dtype) -> nn.Parameter:
-    return nn.Parameter(t.detach().to(device="cpu", dtype=dtype, copy=True), requires_grad=False)
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().to(device="cpu", dtype=FUSED_DTYPE, copy=True), requires_grad=False)
 
 
 # ==============================================================================================
@@ -156,27 +145,27 @@ def _param(t: torch.Tensor, dtype: torch.dtype) -> nn.Parameter:
 class FusedCLIPVisionEmbeddings(nn.Module):
     """Patch embedding as one product over unfolded patches, plus CLS and positions."""
 
-    def __init__(self, source: nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, source: nn.Module) -> None:
         super().__init__()
         conv = source.patch_embedding
         self.patch_size = int(conv.kernel_size[0])
         self.num_channels = int(conv.in_channels)
         d = int(conv.out_channels)
-        self.patch = FusedLinear(conv.weight.reshape(d, -1), None, dtype=dtype)  # (D, 3*P*P)
+        self.patch = FusedLinear(conv.weight.reshape(d, -1), None)  # (D, 3*P*P)
         pos = source.position_embedding.weight.detach().float()  # (1 + g*g, D)
         # CLS plus its position, once (added in float32, then rounded)
-        self.cls_position = _param(source.class_embedding.detach().float() + pos[0], dtype)  # (D,)
-        self.patch_position = _param(pos[1:], dtype)  # (g*g, D)
+        self.cls_position = _param(source.class_embedding.detach().float() + pos[0])  # (D,)
+        self.patch_position = _param(pos[1:])  # (g*g, D)
         self.grid = int(round((pos.shape[0] - 1) ** 0.5))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         c, p, g = pixel_values.shape[0], self.patch_size, self.grid
-        d, dtype = self.cls_position.shape[0], self.cls_position.dtype
+        d = self.cls_position.shape[0]
         # (C, 3, g*P, g*P) -> (C, 3, g, P, g, P) -> (C, g, g, 3, P, P): one pass, cast included
         view = pixel_values.reshape(c, self.num_channels, g, p, g, p).permute(0, 2, 4, 1, 3, 5)
-        patches = torch.empty(view.shape, dtype=dtype).copy_(view).view(c * g * g, self.num_channels * p * p)  # (C*g*g, 3*P*P)
+        patches = torch.empty(view.shape, dtype=FUSED_DTYPE).copy_(view).view(c * g * g, self.num_channels * p * p)  # (C*g*g, 3*P*P)
         emb = self.patch(patches).view(c, g * g, d)  # (C, g*g, D)
-        out = torch.empty(c, 1 + g * g, d, dtype=dtype)  # (C, 1 + g*g, D)
+        out = torch.empty(c, 1 + g * g, d, dtype=FUSED_DTYPE)  # (C, 1 + g*g, D)
         out[:, 0] = self.cls_position
         torch.add(emb, self.patch_position, out=out[:, 1:])
         return out
@@ -186,16 +175,14 @@ class FusedCLIPAttention(nn.Module):
     """Self-attention whose output product adds the residual stream. ``first_query`` also packs q
     and k/v apart, for :meth:`forward_first_query` (the last layer of the CLS-only path)."""
 
-    def __init__(self, source: nn.Module, first_query: bool, dtype: torch.dtype) -> None:
+    def __init__(self, source: nn.Module, first_query: bool) -> None:
         super().__init__()
         self.num_heads, self.head_dim = int(source.num_heads), int(source.head_dim)
         q, k, v = source.q_proj, source.k_proj, source.v_proj
-        self.qkv = FusedLinear(torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias]),
-                               dtype=dtype)  # (3D, D)
-        self.out_proj = FusedLinear(source.out_proj.weight, source.out_proj.bias, dtype=dtype)  # (D, D)
-        self.q = FusedLinear(q.weight, q.bias, dtype=dtype) if first_query else None  # (D, D)
-        self.kv = FusedLinear(torch.cat([k.weight, v.weight]), torch.cat([k.bias, v.bias]),
-                              dtype=dtype) if first_query else None  # (2D, D)
+        self.qkv = FusedLinear(torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias]))  # (3D, D)
+        self.out_proj = FusedLinear(source.out_proj.weight, source.out_proj.bias)  # (D, D)
+        self.q = FusedLinear(q.weight, q.bias) if first_query else None  # (D, D)
+        self.kv = FusedLinear(torch.cat([k.weight, v.weight]), torch.cat([k.bias, v.bias])) if first_query else None  # (2D, D)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + attention(h)``: ``(C, L, D), (C, L, D) -> (C, L, D)``."""
@@ -232,15 +219,15 @@ class FusedCLIPMLP(nn.Module):
     """``residual + fc2(act(fc1(h)))`` in two products: the activation fused into ``fc1``, the
     residual add into ``fc2``."""
 
-    def __init__(self, source: nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, source: nn.Module) -> None:
         super().__init__()
         post = _mlp_post_op(source.activation_fn)
         if post is None:
             raise ValueError(f"activation {source.activation_fn!r} has no fused post-op")
         s = QUICK_GELU_SCALE if post == "swish" else 1.0
         # swish(1.702 h) = 1.702 quick_gelu(h); fc2 divides the factor out again.
-        self.fc1 = FusedLinear(source.fc1.weight, source.fc1.bias, post, weight_scale=s, bias_scale=s, dtype=dtype)  # (I, D)
-        self.fc2 = FusedLinear(source.fc2.weight, source.fc2.bias, weight_scale=1.0 / s, dtype=dtype)  # (D, I)
+        self.fc1 = FusedLinear(source.fc1.weight, source.fc1.bias, post, weight_scale=s, bias_scale=s)  # (I, D)
+        self.fc2 = FusedLinear(source.fc2.weight, source.fc2.bias, weight_scale=1.0 / s)  # (D, I)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``(N, D), (N, D) -> (N, D)``."""
@@ -248,12 +235,12 @@ class FusedCLIPMLP(nn.Module):
 
 
 class FusedCLIPEncoderLayer(nn.Module):
-    def __init__(self, source: nn.Module, first_query: bool, dtype: torch.dtype) -> None:
+    def __init__(self, source: nn.Module, first_query: bool) -> None:
         super().__init__()
-        self.layer_norm1 = _layer_norm_copy(source.layer_norm1, dtype)
-        self.self_attn = FusedCLIPAttention(source.self_attn, first_query, dtype)
-        self.layer_norm2 = _layer_norm_copy(source.layer_norm2, dtype)
-        self.mlp = FusedCLIPMLP(source.mlp, dtype)
+        self.layer_norm1 = _layer_norm_copy(source.layer_norm1)
+        self.self_attn = FusedCLIPAttention(source.self_attn, first_query)
+        self.layer_norm2 = _layer_norm_copy(source.layer_norm2)
+        self.mlp = FusedCLIPMLP(source.mlp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(C, L, D) -> (C, L, D)``."""
@@ -275,26 +262,25 @@ class FusedCLIPEncoder(nn.Module):
 
 
 class FusedCLIPVisionTransformer(nn.Module):
-    """:class:`~phiclip.models.clip_vision.CLIPVisionTransformer` with fused products (bfloat16 or float32):
+    """:class:`~phiclip.models.clip_vision.CLIPVisionTransformer` with fused bfloat16 products:
     ``forward`` (every token after the last built layer) and ``forward_cls`` (the CLS state, the last
     layer run for the CLS query only). Build with :func:`fused_cpu_copy`."""
 
-    def __init__(self, source: CLIPVisionTransformer, dtype: torch.dtype = FUSED_DTYPE) -> None:
+    def __init__(self, source: CLIPVisionTransformer) -> None:
         super().__init__()
         self.config = source.config
-        self.dtype = dtype
-        self.embeddings = FusedCLIPVisionEmbeddings(source.embeddings, dtype)
-        self.pre_layrnorm = _layer_norm_copy(source.pre_layrnorm, dtype)
+        self.embeddings = FusedCLIPVisionEmbeddings(source.embeddings)
+        self.pre_layrnorm = _layer_norm_copy(source.pre_layrnorm)
         n = len(source.encoder.layers)
-        self.encoder = FusedCLIPEncoder([FusedCLIPEncoderLayer(layer, first_query=i == n - 1, dtype=dtype)
+        self.encoder = FusedCLIPEncoder([FusedCLIPEncoderLayer(layer, first_query=i == n - 1)
                                          for i, layer in enumerate(source.encoder.layers)])
         #: Parameters of the source held only in packed (or folded) form, not in ``parameters()``.
         self.packed_parameters = _packed_parameter_count(source)
         self.eval()
 
-    @torch.autocast("cpu", enabled=False)  # one dtype throughout; an outer autocast must not cast
+    @torch.autocast("cpu", enabled=False)  # bfloat16 throughout; an outer autocast must not cast to float32
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(C, 3, S, S)`` -> hidden state after the last built layer ``(C, 1 + g*g, D)``, in ``dtype``."""
+        """``(C, 3, S, S)`` -> hidden state after the last built layer ``(C, 1 + g*g, D)``, bfloat16."""
         x = self.pre_layrnorm(self.embeddings(pixel_values))  # (C, 1 + g*g, D)
         for layer in self.encoder.layers:
             x = layer(x)
@@ -302,7 +288,7 @@ class FusedCLIPVisionTransformer(nn.Module):
 
     @torch.autocast("cpu", enabled=False)
     def forward_cls(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(C, 3, S, S)`` -> the CLS state after the last built layer ``(C, D)``, in ``dtype``."""
+        """``(C, 3, S, S)`` -> the CLS state after the last built layer ``(C, D)``, bfloat16."""
         x = self.pre_layrnorm(self.embeddings(pixel_values))  # (C, 1 + g*g, D)
         if not len(self.encoder.layers):
             return x[:, 0]
@@ -313,16 +299,15 @@ class FusedCLIPVisionTransformer(nn.Module):
 
 
 class FusedCLIPImageFeatures(nn.Module):
-    """:class:`~phiclip.models.clip_vision.CLIPImageFeatures` with fused products:
-    ``pixel_values (n, 3, S, S) -> (n, projection_dim)``, in ``dtype`` (bfloat16 or float32)."""
+    """:class:`~phiclip.models.clip_vision.CLIPImageFeatures` with fused bfloat16 products:
+    ``pixel_values (n, 3, S, S) -> (n, projection_dim)``, bfloat16."""
 
-    def __init__(self, source: CLIPImageFeatures, dtype: torch.dtype = FUSED_DTYPE) -> None:
+    def __init__(self, source: CLIPImageFeatures) -> None:
         super().__init__()
-        self.dtype = dtype
-        self.tower = FusedCLIPVisionTransformer(source.tower, dtype)
-        self.post_layernorm = _layer_norm_copy(source.post_layernorm, dtype)
+        self.tower = FusedCLIPVisionTransformer(source.tower)
+        self.post_layernorm = _layer_norm_copy(source.post_layernorm)
         proj = source.visual_projection
-        self.visual_projection = FusedLinear(proj.weight, proj.bias, dtype=dtype)  # (projection_dim, D)
+        self.visual_projection = FusedLinear(proj.weight, proj.bias)  # (projection_dim, D)
         self.packed_parameters = self.tower.packed_parameters + sum(p.numel() for p in proj.parameters())
         self.eval()
 
@@ -377,27 +362,27 @@ def _known_tower(tower: Any) -> bool:
 
 
 def fused_cpu_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module | None:
-    """A fused, inference-only CPU copy in ``dtype`` (bfloat16 or float32) of phiclip's
-    ``CLIPVisionTransformer`` or ``CLIPImageFeatures`` (the source module keeps its weights), or
-    ``None`` where fusion is unavailable: another ``dtype``, a torch build without these oneDNN ops (or whose
+    """A fused, inference-only bfloat16 CPU copy of phiclip's ``CLIPVisionTransformer`` or
+    ``CLIPImageFeatures`` (the source module keeps its weights), or ``None`` where fusion is
+    unavailable: ``dtype`` other than bfloat16, a torch build without these oneDNN ops (or whose
     tiny check call fails), a layout this module does not know (another module class, other
     linears or activations, weights not on the CPU). Callers fall back to
     :func:`phiclip.quantize.float_copy` on ``None``."""
-    if dtype not in FUSED_DTYPES:
+    if dtype != FUSED_DTYPE:
         return None
     if isinstance(module, CLIPImageFeatures):
         proj = module.visual_projection
         if type(proj) is not nn.Linear or type(module.post_layernorm) is not nn.LayerNorm or not _known_tower(module.tower) \
                 or proj.weight.device.type != "cpu":
             return None
-        if not fusion_available(dtype):
+        if not fusion_available():
             return None
         with torch.no_grad():
-            return FusedCLIPImageFeatures(module, dtype)
-    if not _known_tower(module) or not fusion_available(dtype):
+            return FusedCLIPImageFeatures(module)
+    if not _known_tower(module) or not fusion_available():
         return None
     with torch.no_grad():
-        return FusedCLIPVisionTransformer(module, dtype)  # type: ignore[arg-type]
+        return FusedCLIPVisionTransformer(module)  # type: ignore[arg-type]
 
 
 def fuse_phi3v_tower_(model: nn.Module) -> bool:
@@ -420,7 +405,6 @@ def fuse_phi3v_tower_(model: nn.Module) -> bool:
 
 __all__ = [
     "FUSED_DTYPE",
-    "FUSED_DTYPES",
     "KERNELS_FUSED",
     "KERNELS_TORCH",
     "QUICK_GELU_SCALE",
