@@ -172,6 +172,12 @@ def test_openvino_int8_is_static_and_needs_calibration_images(monkeypatch) -> No
     assert R.choose_runtime("auto", "int8").runtime == "onnxruntime"
     _installed(monkeypatch, "openvino", "onnxruntime", "onnx")  # no nncf
     assert R.choose_runtime("auto", "int8", calibrated=True).runtime == "onnxruntime"
+    # auto falling back to torch says why each runtime was passed over
+    _installed(monkeypatch, "openvino", "nncf")
+    reason = R.choose_runtime("auto", "int8").reason
+    assert "openvino runs int8 calibrated only (calibration=IMAGES)" in reason and "onnxruntime needs onnxruntime, onnx" in reason
+    _installed(monkeypatch, "openvino")
+    assert "openvino needs nncf" in R.choose_runtime("auto", "int8", calibrated=True).reason
     with pytest.raises(ValueError, match=r"runtime openvino needs nncf.*phiclip\[cpu-runtimes\]"):
         R.choose_runtime("openvino", "int8", calibrated=True)
 
@@ -185,12 +191,17 @@ def _write_images(folder, n: int, seed: int = 0):
     return folder
 
 
-def test_calibration_option_is_checked_when_the_spec_is_read(tmp_path) -> None:
+def test_calibration_is_checked_where_it_is_used(tmp_path, cache, recwarn) -> None:
     ckpt = build_tiny_clip(tmp_path / "clip")
-    with pytest.raises(ValueError, match=r"option calibration: .*nowhere does not exist"):
-        load_encoder(f"clip:{ckpt}?runtime=openvino&calibration={tmp_path / 'nowhere'}", device="cpu", dtype="int8")
-    with pytest.raises(ValueError, match="calibration_images"):
+    with pytest.raises(ValueError, match="calibration_images"):  # its form: when the spec is read
         load_encoder(f"clip:{ckpt}?calibration_images=2", device="cpu", dtype="int8")
+    missing = f"clip:{ckpt}?runtime=auto&calibration={tmp_path / 'nowhere'}"
+    # A spec saved in a manifest is read again elsewhere (search, serve) at other precisions: fine, and quiet.
+    load_encoder(missing, device="cpu", dtype="float32")
+    assert not [w for w in recwarn if "calibration" in str(w.message)]
+    if not R.missing_packages("openvino", "int8"):
+        with pytest.raises(ValueError, match=r"calibration=.*nowhere: no such file or folder"):
+            load_encoder(missing, device="cpu", dtype="int8")
 
 
 def test_calibration_set_spreads_over_the_input_and_its_key_follows_the_files(tmp_path) -> None:
@@ -207,6 +218,30 @@ def test_calibration_set_spreads_over_the_input_and_its_key_follows_the_files(tm
     assert calibration_set(str(folder), 10).key != cal.key
     with pytest.raises(ValueError, match=r"calibration=.*lists 3 image\(s\).*at least 8.*runtime=onnxruntime"):
         calibration_set(str(_write_images(tmp_path / "few", 3)), 10)
+    assert calibration_set(str(folder), 10, salt="other preprocessing").key != calibration_set(str(folder), 10).key
+
+
+def test_calibration_key_follows_the_bytes_of_a_table(tmp_path) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from phiclip.calibration import calibration_set
+
+    def table(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        rows = []
+        for _ in range(10):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+            rows.append(buf.getvalue())
+        pq.write_table(pa.table({"image": rows}), tmp_path / "t.parquet")
+
+    table(0)
+    key = calibration_set(str(tmp_path / "t.parquet"), 10).key
+    table(1)  # the same rows, other images
+    assert calibration_set(str(tmp_path / "t.parquet"), 10).key != key
 
 
 def test_calibration_images_that_do_not_decode_are_left_out_and_too_few_is_an_error(tmp_path) -> None:
@@ -257,8 +292,8 @@ def test_clip_int8_through_openvino_is_calibrated_within_the_bound_and_cached(tm
 def test_calibration_where_nothing_uses_it_is_said(tmp_path, cache) -> None:
     ckpt = build_tiny_clip(tmp_path / "clip")
     folder = _write_images(tmp_path / "cal", 8)
-    with pytest.warns(UserWarning, match=r"calibration= is used only by int8 through OpenVINO.*torch runs float32"):
-        load_encoder(f"clip:{ckpt}?calibration={folder}", device="cpu", dtype="float32")
+    with pytest.warns(UserWarning, match=r"calibration= is used only by int8 through OpenVINO.*torch runs int8"):
+        load_encoder(f"clip:{ckpt}?calibration={folder}", device="cpu", dtype="int8")
 
 
 def test_siglip_int8_through_openvino_is_calibrated_within_the_bound(tmp_path, cache) -> None:

@@ -9,7 +9,8 @@ from phiclip is a set of images like the ones it will embed, which a spec names 
 
 :func:`calibration_set` lists the input and picks up to ``count`` images spread evenly over it
 (not the first ones, which in a folder are often one class); :attr:`CalibrationSet.key` names that
-choice cheaply (the images' ids, and each file's size and modification time), so that a cached
+choice cheaply (the images' ids, and each file's path, size and modification time, or a hash of the
+encoded bytes a table or dataset holds), so that a cached
 quantised model is reused for the same images and made again when they change, without decoding
 anything. :meth:`CalibrationSet.pixels` decodes and preprocesses them only when a model is
 quantised. Torch is imported only there.
@@ -23,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from phiclip.encoders.options import DEFAULT_CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES
 from phiclip.images import try_load_image
@@ -76,24 +79,36 @@ class CalibrationSet:
         if len(items) < MIN_CALIBRATION_IMAGES:
             raise ValueError(
                 f"calibration={self.source}: only {len(items)} of {len(self.records)} images could be decoded "
-                f"(at least {MIN_CALIBRATION_IMAGES} are needed)" + (f"; first failures: {'; '.join(failed[:3])}" if failed else "")
+                f"(at least {MIN_CALIBRATION_IMAGES} are needed: add decodable images to it, or raise calibration_images=)"
+                + (f"; first failures: {'; '.join(failed[:3])}" if failed else "")
             )
         return torch.stack(items).to(torch.float32)
 
 
-def _file_identity(locator: Any) -> str:
-    """Size and modification time of a file locator (``''`` for anything else)."""
-    if isinstance(locator, (str, os.PathLike)):
+def _payload_identity(payload: Any) -> str:
+    """What names one image's content without decoding it: a file's path, size and modification
+    time; a hash of encoded bytes (a table's bytes column, a dataset's image dict); a hash of a
+    decoded image's pixels."""
+    if isinstance(payload, (str, os.PathLike)):
         try:
-            st = os.stat(locator)
+            st = os.stat(payload)
         except OSError:
-            return ""
-        return f"{st.st_size}:{st.st_mtime_ns}"
-    return ""
+            return f"{os.fspath(payload)}:missing"
+        return f"{os.fspath(payload)}:{st.st_size}:{st.st_mtime_ns}"
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return hashlib.blake2b(bytes(payload), digest_size=16).hexdigest()
+    if isinstance(payload, dict):
+        data = payload.get("bytes")
+        return _payload_identity(data if data is not None else payload.get("path") or "")
+    if isinstance(payload, Image.Image):
+        return f"{payload.mode}:{payload.size}:{hashlib.blake2b(payload.tobytes(), digest_size=16).hexdigest()}"
+    return type(payload).__name__
 
 
-def calibration_set(source: str, count: int = DEFAULT_CALIBRATION_IMAGES) -> CalibrationSet:
-    """List ``source`` and choose up to ``count`` of its images, spread evenly over it.
+def calibration_set(source: str, count: int = DEFAULT_CALIBRATION_IMAGES, *, salt: str = "") -> CalibrationSet:
+    """List ``source`` and choose up to ``count`` of its images, spread evenly over it. The key
+    names their content without decoding them (:func:`_payload_identity`) and ``salt`` (what else
+    the calibration pixels depend on: the encoder's preprocessing).
 
     Raises:
         ValueError: the source cannot be read, or lists fewer than :data:`MIN_CALIBRATION_IMAGES`
@@ -114,9 +129,13 @@ def calibration_set(source: str, count: int = DEFAULT_CALIBRATION_IMAGES) -> Cal
         )
     chosen = [usable[i] for i in _evenly(len(usable), count)]
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{len(chosen)}\n".encode())
-    for r in chosen:
-        h.update(f"{r.id}:{_file_identity(r.locator)}\n".encode())
+    h.update(f"{len(chosen)}\n{salt}\n".encode())
+    try:
+        payloads = listing.reader.read(chosen)
+    except Exception as e:  # noqa: BLE001 - a reader's own error, named with the source
+        raise ValueError(f"calibration={source}: cannot read its images ({type(e).__name__}: {e})") from None
+    for r, payload in zip(chosen, payloads):
+        h.update(f"{r.id}:{_payload_identity(payload)}\n".encode())
     shown = source if source.startswith("hf:") or not Path(source).expanduser().exists() else str(Path(source).expanduser().resolve())
     return CalibrationSet(source=shown, records=chosen, reader=listing.reader, key=h.hexdigest(), listed=len(usable))
 

@@ -355,11 +355,10 @@ def quantize_contrastive_encoder_(encoder: Any, plan: dict[str, Any] | None = No
     ``fast=false``), the model's vision tower is quantised. The text side stays float32. Returns
     :func:`int8_description`."""
     plan = plan or int8_plan()
-    features = getattr(encoder, "image_features", None)
-    if features is not None:
-        if not isinstance(features, CLIPImageFeatures):  # a packed inference copy: start from the model's weights
-            features = CLIPImageFeatures.from_clip_model(encoder.model)
-        encoder.image_features = quantize_clip_image_features(features, plan)
+    if getattr(encoder, "image_features", None) is not None:
+        # From the model's own float32 weights (shared, not copied): the image path may be a packed
+        # or 16-bit copy made for inference.
+        encoder.image_features = quantize_clip_image_features(CLIPImageFeatures.from_clip_model(encoder.model), plan)
         n = sum(isinstance(m, Int8Linear) for m in encoder.image_features.modules())
     else:
         n = quantize_hf_vision_(encoder.model, plan)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import io
 import json
 import logging
 import os
@@ -121,15 +120,19 @@ def choose_runtime(requested: str, precision: str, device_type: str = "cpu", *, 
             return RuntimeChoice(requested, "torch", f"auto on {device_type}: torch (compiled runtimes are for the CPU)")
         raise ValueError(f"runtime {requested} runs on the CPU only (device {device_type}); use runtime=torch")
     if requested == "auto":
+        skipped = []
         for name in AUTO_CHOICES.get(precision, ()):
             if (name, precision) in NEEDS_CALIBRATION and not calibrated:
+                skipped.append(f"{name} runs {precision} calibrated only (calibration=IMAGES)")
                 continue
-            if not missing_packages(name, precision):
-                how = " (static, calibrated)" if (name, precision) in NEEDS_CALIBRATION else ""
-                return RuntimeChoice(requested, name, f"auto: {name} for {precision}{how} (installed)")
+            missing = missing_packages(name, precision)
+            if missing:
+                skipped.append(f"{name} needs {', '.join(missing)}")
+                continue
+            how = " (static, calibrated)" if (name, precision) in NEEDS_CALIBRATION else ""
+            return RuntimeChoice(requested, name, f"auto: {name} for {precision}{how} (installed)")
         if precision in AUTO_CHOICES:
-            wanted = "/".join(AUTO_CHOICES[precision])
-            return RuntimeChoice(requested, "torch", f"auto: torch ({wanted} not installed: {INSTALL_HINT})")
+            return RuntimeChoice(requested, "torch", f"auto: torch ({'; '.join(skipped)}: {INSTALL_HINT})")
         return RuntimeChoice(requested, "torch", f"auto: torch for {precision}")
     if precision not in RUNTIME_PRECISIONS[requested]:
         raise ValueError(f"runtime {requested} runs precision {', '.join(RUNTIME_PRECISIONS[requested])}, not {precision}; "
@@ -196,10 +199,9 @@ def _convert_openvino(module: nn.Module, example: torch.Tensor, folder: Path, ca
     if calibration is not None:
         import nncf
 
-        nncf.set_log_level(logging.ERROR)
         batches = [calibration[i : i + CALIBRATION_BATCH].numpy() for i in range(0, len(calibration), CALIBRATION_BATCH)]
-        # NNCF draws progress bars on stdout whatever its log level: kept out of phiclip's output.
-        with _export_quietly(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        # NNCF shows its own progress bars while it calibrates (once, about 30 s for ViT-B/32).
+        with _export_quietly():
             model = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches), model_type=nncf.ModelType.TRANSFORMER)
     path = folder / "model.xml"
     ov.save_model(model, str(path), compress_to_fp16=False)

@@ -605,6 +605,8 @@ def test_fast_image_path_equals_get_image_features(tmp_path, act):
     assert isinstance(fast.image_features, CLIPImageFeatures) and plain.image_features is None
     assert fast.describe()["details"]["image_path"].startswith("phiclip")
     assert plain.describe()["details"]["image_path"].startswith("transformers")
+    # Shared weights, not copies.
+    assert fast.image_features.visual_projection.weight.data_ptr() == fast.model.visual_projection.weight.data_ptr()
     rng = np.random.default_rng(7)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in [(80, 60), (50, 90), (64, 64)]]
     np.testing.assert_allclose(fast.encode_images(images), plain.encode_images(images), atol=1e-5)
@@ -673,18 +675,27 @@ def test_share_model_weights_refuses_an_image_path_that_cannot_follow_training(t
 
 
 @pytest.mark.filterwarnings("ignore:.*measured at")
-def test_a_packed_bfloat16_image_path_goes_back_to_the_models_weights(tmp_path):
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_packed_bfloat16_image_path_goes_back_to_the_models_weights(tmp_path, monkeypatch, fused):
     """A bfloat16 encoder's image path is a packed copy (fused oneDNN or 16-bit): before training,
     share_model_weights_ puts the model's own weights back; int8 quantises from those weights."""
+    from phiclip.models import cpu_fused
     from phiclip.models.clip_vision import CLIPImageFeatures
     from phiclip.quantize import Int8Linear, quantize_contrastive_encoder_
     from phiclip.testing import build_tiny_clip
 
+    if not fused:  # a torch without oneDNN's fused ops: the plain bfloat16 copy (a CLIPImageFeatures too)
+        monkeypatch.setattr(cpu_fused, "fusion_available", lambda *dtype: False)
     ckpt = build_tiny_clip(tmp_path / "clip", image_size=64, patch_size=16)
     enc = load_encoder(f"clip:{ckpt}", device="cpu", dtype="bfloat16")
     assert not isinstance(enc.image_features, CLIPImageFeatures) or enc.image_features.visual_projection.weight.dtype == torch.bfloat16
-    quantize_contrastive_encoder_(enc)  # from a packed copy: starts again from the model's weights
+    quantize_contrastive_encoder_(enc)  # from a packed copy: starts again from the model's float32 weights
     assert any(isinstance(m, Int8Linear) for m in enc.image_features.modules())
+    direct = load_encoder(f"clip:{ckpt}", device="cpu", dtype="int8")  # quantised from the float32 weights
+    ours, want = enc.image_features.state_dict(), direct.image_features.state_dict()
+    assert set(ours) == set(want)
+    for k, v in want.items():
+        assert ours[k].dtype == v.dtype and torch.equal(ours[k], v), k  # the same int8 weights and scales
     enc = load_encoder(f"clip:{ckpt}", device="cpu", dtype="bfloat16")
     enc.share_model_weights_()
     assert isinstance(enc.image_features, CLIPImageFeatures)

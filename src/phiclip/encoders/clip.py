@@ -26,6 +26,7 @@ Where the checkpoint comes from (a folder or the hub) follows :mod:`phiclip.hub`
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -586,14 +587,16 @@ class _ContrastiveEncoder(Encoder):
             if (runtime.runtime, placement.precision) in runtimes.NEEDS_CALIBRATION:
                 from phiclip.calibration import calibration_set  # delayed on purpose: static int8 only
 
-                calibration = calibration_set(str(options.calibration), options.calibration_images)
+                calibration = calibration_set(str(options.calibration), options.calibration_images,
+                                              salt=json.dumps(self.preprocessor.describe(), sort_keys=True, default=str))
             self.compiled = runtimes.compile_image_path(
                 runtimes.ImageSide(model), runtime=runtime.runtime, precision=placement.precision,
                 fingerprint=self.weights_fingerprint, image_size=int(model.config.vision_config.image_size),
                 calibration=calibration, preprocess=self.preprocess, keep_alpha=self.keeps_alpha)
             if placement.precision == "int8":
                 self.precision["reason"] = f"int8 asked for: {self.compiled.scheme()}"
-        if options.calibration is not None and (self.compiled is None or self.compiled.calibration is None):
+        if options.calibration is not None and placement.precision == "int8" and (
+                self.compiled is None or self.compiled.calibration is None):
             warnings.warn(f"{spec}: calibration= is used only by int8 through OpenVINO (runtime=openvino or auto, "
                           f"precision int8); here {runtime.runtime} runs {placement.precision}, so it is ignored",
                           stacklevel=3)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import urllib.parse
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from phiclip.encoders.spec import (
@@ -31,7 +30,8 @@ MIN_CALIBRATION_IMAGES = 8
 
 def _input_option(help: str) -> Any:
     """A field naming an input (a path, a glob or ``hf:NAME``; ``&``, ``,`` and ``%`` percent-encoded
-    in a spec). A path that does not exist is refused when the spec is read."""
+    in a spec). Only its form is checked here: whether it exists is checked where it is used (a
+    spec saved in a manifest is read again elsewhere, where it may not be needed)."""
 
     def parse(spec: EncoderSpec, key: str) -> str | None:
         raw = spec.options.get(key)
@@ -41,9 +41,6 @@ def _input_option(help: str) -> Any:
         if not value:
             raise ValueError(f"encoder spec {str(spec)!r}: option {key} is empty; give a folder, a glob, a list of "
                              "paths, a table or hf:NAME")
-        if not value.startswith("hf:") and not any(c in value for c in "*?[") and not Path(value).expanduser().exists():
-            raise ValueError(f"encoder spec {str(spec)!r}: option {key}: {value} does not exist; give a folder, a glob, "
-                             "a list of paths, a table or hf:NAME")
         return value
 
     return field(default=None, metadata={"parse": parse, "help": help})
