@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from phiclip import precision as P
+from phiclip.encoders.options import DEFAULT_CALIBRATION_IMAGES
 
 if TYPE_CHECKING:
     from phiclip.calibration import CalibrationSet
@@ -139,7 +140,7 @@ def choose_runtime(requested: str, precision: str, device_type: str = "cpu", *, 
                          "choose one of those, or runtime=torch")
     if (requested, precision) in NEEDS_CALIBRATION and not calibrated:
         raise ValueError(f"runtime {requested} runs {precision} as static quantisation, calibrated on images like the ones "
-                         "you embed: add calibration=FOLDER (about 128 images) to the spec, or use runtime=onnxruntime "
+                         f"you embed: add calibration=FOLDER (about {DEFAULT_CALIBRATION_IMAGES} images) to the spec, or use runtime=onnxruntime "
                          "(dynamic int8, no calibration)")
     missing = missing_packages(requested, precision)
     if missing:
@@ -330,7 +331,7 @@ def compile_image_path(module: nn.Module, *, runtime: str, precision: str, finge
     try:
         example = torch.zeros(2, 3, image_size, image_size)
         module = module.eval()
-        pixels = calibration.pixels(preprocess, keep_alpha=keep_alpha) if calibration is not None and preprocess is not None else None
+        pixels = calibration.pixels(preprocess, keep_alpha=keep_alpha) if calibration is not None else None  # static: preprocess given
         try:
             if runtime == "openvino":
                 _convert_openvino(module, example, work, pixels)
