@@ -121,7 +121,7 @@ def test_metrics_log_drops_lines_after_the_checkpoint_on_resume(tmp_path: Path) 
 
 
 def test_metrics_reach_tensorboard_when_installed(tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (it is in the dev extra)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log = MetricsLog(tmp_path)  # tensorboard=None: on when installed

@@ -35,7 +35,7 @@ def test_grammar_errors_say_the_form(text: str, message: str) -> None:
 
 @pytest.fixture(scope="module")
 def saved_dict(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    datasets = pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets", reason="datasets is not installed (phiclip[datasets], in the dev extra)")
     root = tmp_path_factory.mktemp("hf")
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
 

@@ -61,7 +61,7 @@ def test_fragments_survive_a_failure_are_invisible_and_merge_identically(tmp_pat
     import pyarrow.dataset as pads
 
     assert pads.dataset(str(out / schema.EMBEDDINGS_DIR), format="parquet").count_rows() == 8
-    duckdb = pytest.importorskip("duckdb")
+    duckdb = pytest.importorskip("duckdb", reason="duckdb is not installed (it is in the dev extra)")
     assert duckdb.sql(f"select count(*) from read_parquet('{out}/embeddings/**/*.parquet')").fetchall()[0][0] == 8
     from phiclip.store import open_embeddings
 

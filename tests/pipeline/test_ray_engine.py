@@ -25,7 +25,7 @@ from phiclip.pipeline.writer import read_manifest
 
 from ._helpers import BOMB_LIMIT, DiesOnceEncoder, MeanColourEncoder
 
-ray = pytest.importorskip("ray")
+ray = pytest.importorskip("ray", reason="Ray is not installed (phiclip[ray]; .ci/run installs it)")
 TESTS = Path(__file__).resolve().parents[1]
 
 

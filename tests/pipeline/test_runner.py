@@ -327,7 +327,7 @@ def test_parquet_bytes_input_and_float32(tmp_path: Path, mean_colour: MeanColour
 
 
 def test_hf_dataset_input(tmp_path: Path, mean_colour: MeanColourEncoder) -> None:
-    datasets = pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets", reason="datasets is not installed (phiclip[datasets], in the dev extra)")
     paths = _small_folder(tmp_path / "src", 6)[:6]
     ds = datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image())
     ds.save_to_disk(str(tmp_path / "ds"))
@@ -439,7 +439,7 @@ def test_output_is_readable_by_pyarrow_pandas_and_datasets(tmp_path: Path, mixed
     df = pd.read_parquet(out / schema.ERRORS_DIR)  # failed inputs, and the skipped files (stage "skip")
     assert set(df.columns) == {"id", "source", "stage", "reason"}
     assert (df.stage != "skip").sum() == res.failed and (df.stage == "skip").sum() == res.ignored
-    datasets = pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets", reason="datasets is not installed (phiclip[datasets], in the dev extra)")
     ds = datasets.load_dataset("parquet", data_files=str(out / schema.EMBEDDINGS_DIR / "*.parquet"), split="train",
                                cache_dir=str(tmp_path / "hf_cache"))
     assert len(ds) == res.embedded and len(ds[0]["embedding"]) == 4
@@ -455,7 +455,7 @@ def test_output_is_readable_by_pyarrow_pandas_and_datasets(tmp_path: Path, mixed
 
 @pytest.mark.parametrize("tool", ["duckdb", "polars"])
 def test_output_is_readable_by_duckdb_and_polars(tmp_path: Path, tool: str) -> None:
-    mod = pytest.importorskip(tool)
+    mod = pytest.importorskip(tool, reason=f"{tool} is not installed (it is in the dev extra)")
     _small_folder(tmp_path / "in", 5)
     out = tmp_path / "out"
     embed(MeanColourEncoder(), tmp_path / "in", out, shard_size=2, num_workers=0, progress=False)

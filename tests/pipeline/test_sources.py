@@ -232,7 +232,7 @@ def test_parquet_bytes_and_struct_columns_across_row_groups(tmp_path: Path) -> N
 
 
 def test_hf_dataset_from_disk_reads_undecoded_bytes(tmp_path: Path) -> None:
-    datasets = pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets", reason="datasets is not installed (phiclip[datasets], in the dev extra)")
     paths = [str(_png(tmp_path / "src" / f"{i}.png", (0, i * 30, 0))) for i in range(4)]
     ds = datasets.Dataset.from_dict({"picture": paths, "label": [0, 1, 0, 1]}).cast_column("picture", datasets.Image())
     ds.save_to_disk(str(tmp_path / "saved"))
@@ -246,7 +246,7 @@ def test_hf_dataset_from_disk_reads_undecoded_bytes(tmp_path: Path) -> None:
 
 
 def test_hf_dataset_split_error(tmp_path: Path) -> None:
-    datasets = pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets", reason="datasets is not installed (phiclip[datasets], in the dev extra)")
     dd = datasets.DatasetDict({"test": datasets.Dataset.from_dict({"image": [str(_png(tmp_path / "a.png"))]})})
     dd.save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(InputError, match="no split 'train'.*--split"):
@@ -275,7 +275,7 @@ def test_record_is_hashable_and_frozen() -> None:
 
 def test_hf_dataset_from_a_local_folder_of_data_files(tmp_path: Path) -> None:
     """``hf:DIR`` where DIR holds Parquet data files, as a hub dataset repository does (loaded offline)."""
-    datasets = pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets", reason="datasets is not installed (phiclip[datasets], in the dev extra)")
     paths = [str(_png(tmp_path / "src" / f"{i}.png", (i * 40, 0, 0))) for i in range(3)]
     ds = datasets.Dataset.from_dict({"image": paths, "label": [1, 2, 3]}).cast_column("image", datasets.Image())
     (tmp_path / "repo" / "data").mkdir(parents=True)
