@@ -52,6 +52,16 @@ def _targets(mods: dict[str, Path], module: str, is_pkg: bool, node: ast.Import 
     return out
 
 
+def _walk(node: ast.AST, in_function: bool, found: list[tuple[ast.Import | ast.ImportFrom, bool]]) -> None:
+    """Every executed import under ``node`` with whether it sits inside a function."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+            continue  # annotations only: never executed
+        if isinstance(child, ast.Import | ast.ImportFrom):
+            found.append((child, in_function))
+        _walk(child, in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef), found)
+
+
 def _graph() -> tuple[dict[str, set[str]], list[tuple[str, int, str, str]]]:
     mods = _modules()
     edges: dict[str, set[str]] = defaultdict(set)
@@ -59,26 +69,16 @@ def _graph() -> tuple[dict[str, set[str]], list[tuple[str, int, str, str]]]:
     for module, path in mods.items():
         source = path.read_text(encoding="utf-8")
         lines = source.splitlines()
-        tree = ast.parse(source)
-        is_pkg = path.name == "__init__.py"
-
-        def visit(node: ast.AST, in_function: bool) -> None:
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
-                    continue  # annotations only: never executed
-                if isinstance(child, ast.Import | ast.ImportFrom):
-                    for target in _targets(mods, module, is_pkg, child):  # noqa: B023
-                        if target == module or module.startswith(target + "."):
-                            continue  # a package's own __init__ is already running when its module loads
-                        edges[module].add(target)  # noqa: B023
-                        if in_function:
-                            above = lines[child.lineno - 2] if child.lineno >= 2 else ""  # noqa: B023
-                            same = lines[child.lineno - 1]  # noqa: B023
-                            lazy.append((module, child.lineno, target, above + "\n" + same))  # noqa: B023
-                fn = isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
-                visit(child, in_function or fn)
-
-        visit(tree, False)
+        found: list[tuple[ast.Import | ast.ImportFrom, bool]] = []
+        _walk(ast.parse(source), False, found)
+        for node, in_function in found:
+            for target in _targets(mods, module, path.name == "__init__.py", node):
+                if target == module or module.startswith(target + "."):
+                    continue  # a package's own __init__ is already running when its module loads
+                edges[module].add(target)
+                if in_function:
+                    above = lines[node.lineno - 2] if node.lineno >= 2 else ""
+                    lazy.append((module, node.lineno, target, above + "\n" + lines[node.lineno - 1]))
     return edges, lazy
 
 

@@ -636,3 +636,35 @@ def build_tiny_phi3v_lm(
     })
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return out
+
+
+#: The kinds :func:`build_tiny_model` builds, with what each is for (``phiclip tiny-model --help`` lists them).
+TINY_MODEL_KINDS: dict[str, str] = {
+    "clip": "CLIP (transformers' CLIPModel layout, tokenizer and processor): spec clip:DIR",
+    "siglip": "SigLIP (SiglipModel layout, tokenizer.json, processor): spec siglip:DIR",
+    "phi3v": "Phi-3-vision image path only (released shards and key names): spec phi3v:DIR",
+    "phi3v-lm": "Phi-3-vision with its language model and tokenizer: spec phi3v-lm:DIR",
+}
+
+
+def build_tiny_model(kind: str, out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Build a tiny random-weight checkpoint of ``kind`` (a key of :data:`TINY_MODEL_KINDS`) in ``out_dir``.
+
+    For trying every command offline, without any download: the vectors carry no meaning, the loading,
+    preprocessing and output are the real ones. ``out_dir`` must be absent or empty.
+
+    Returns:
+        ``out_dir``; use it as ``KIND:out_dir`` wherever a model spec is asked for.
+    """
+    out = Path(out_dir)
+    if kind not in TINY_MODEL_KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r}: choose one of {', '.join(TINY_MODEL_KINDS)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: exists and is not an empty folder; give a new folder for the tiny {kind} checkpoint")
+    if kind == "clip":
+        return build_tiny_clip(out, seed=seed)
+    if kind == "siglip":
+        return build_tiny_siglip(out, seed=seed)
+    if kind == "phi3v":
+        return build_tiny_phi3v(out, seed=seed)
+    return build_tiny_phi3v_lm(out, seed=seed)
