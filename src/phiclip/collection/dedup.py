@@ -166,7 +166,7 @@ def near_duplicate_pairs(
         for start in range(0, n, block):
             stop = min(n, start + block)
             lims, dist, labels = index.range_search(x[start:stop], radius)
-            q = np.repeat(np.arange(start, stop, dtype=np.int64), np.diff(lims))
+            q = np.repeat(np.arange(start, stop, dtype=np.int64), np.diff(lims).astype(np.int64))
             j = labels.astype(np.int64)
             s = dist.astype(np.float32)
             keep = (j != q) & (s >= floor)
