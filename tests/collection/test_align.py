@@ -78,9 +78,7 @@ def ref_cka_biased(a: np.ndarray, b: np.ndarray) -> float:
     """Kornblith et al. 2019, linear CKA in feature space: ‖ȲᵀX̄‖²_F / (‖X̄ᵀX̄‖_F ‖ȲᵀȲ‖_F)."""
     xa = a - a.mean(axis=0)
     xb = b - b.mean(axis=0)
-    return float(
-        np.linalg.norm(xb.T @ xa) ** 2 / (np.linalg.norm(xa.T @ xa) * np.linalg.norm(xb.T @ xb))
-    )
+    return float(np.linalg.norm(xb.T @ xa) ** 2 / (np.linalg.norm(xa.T @ xa) * np.linalg.norm(xb.T @ xb)))
 
 
 def ref_cka_unbiased(a: np.ndarray, b: np.ndarray) -> float:
@@ -140,7 +138,9 @@ def _cknna_denominator(a: np.ndarray, b: np.ndarray, k: int) -> float:
             m[i, list(nbrs[i])] = 1
         return m * x
 
-    return math.sqrt(ref_hsic_unbiased(masked(kk, na), masked(kk, na)) * ref_hsic_unbiased(masked(ll, nb), masked(ll, nb)))
+    return math.sqrt(
+        ref_hsic_unbiased(masked(kk, na), masked(kk, na)) * ref_hsic_unbiased(masked(ll, nb), masked(ll, nb))
+    )
 
 
 @pytest.mark.parametrize("unbiased", [False, True])
@@ -237,7 +237,9 @@ def test_alignment_joins_by_id_and_reports_the_join(feats):
     ids = [f"img{i}" for i in range(len(a))]
     set_a = vector_set(ids + ["only-a"], np.vstack([a, np.ones((1, a.shape[1]))]))
     perm = np.random.default_rng(5).permutation(len(b))
-    set_b = vector_set([ids[p] for p in perm] + ["only-b1", "only-b2"], np.vstack([b[perm], np.ones((2, b.shape[1]))]))
+    set_b = vector_set(
+        [ids[p] for p in perm] + ["only-b1", "only-b2"], np.vstack([b[perm], np.ones((2, b.shape[1]))])
+    )
     join = join_by_id(set_a, set_b)
     assert join.summary() == {"common": 40, "only_a": 1, "only_b": 2}
     assert join.only_a == ["only-a"] and join.only_b == ["only-b1", "only-b2"]
@@ -254,5 +256,7 @@ def test_alignment_refuses_too_few_common_ids():
     x = np.random.default_rng(0).normal(size=(20, 4))
     a = vector_set([f"a{i}" for i in range(20)], x)
     b = vector_set([f"a{i}" for i in range(5)] + [f"b{i}" for i in range(15)], x)
-    with pytest.raises(ValueError, match="only 5 ids are common.*15 only in the first, 15 only in the second"):
+    with pytest.raises(
+        ValueError, match="only 5 ids are common.*15 only in the first, 15 only in the second"
+    ):
         alignment(a, b, k=10)

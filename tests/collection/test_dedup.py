@@ -54,10 +54,12 @@ def test_planted_near_copies_are_found():
     kept = set(report.keep)
     for group in _groups(report):
         assert len(group & kept) == 1  # one per group
-    for gid, item, rep, sim, kind in report.groups:
+    for _gid, item, rep, sim, kind in report.groups:
         assert kind == "near"
         i, r = ids.index(item), ids.index(rep)
-        assert sim == pytest.approx(float(vectors[i] @ vectors[r]) / np.linalg.norm(vectors[i]) / np.linalg.norm(vectors[r]), abs=1e-5)
+        assert sim == pytest.approx(
+            float(vectors[i] @ vectors[r]) / np.linalg.norm(vectors[i]) / np.linalg.norm(vectors[r]), abs=1e-5
+        )
         assert sim >= 0.95
         if item == rep:
             assert sim == 1.0
@@ -72,7 +74,10 @@ def test_exact_copies_by_bytes_and_near_copies_together():
     content["dupbytes"] = content["img007"]
     report = find_duplicates(ids, vectors, threshold=0.95, read_bytes=content.__getitem__)
     assert _groups(report, "exact") == [{"img007", "dupbytes"}]
-    assert [r for r in report.groups if r[4] == "exact"] == [(0, "img007", "img007", 1.0, "exact"), (0, "dupbytes", "img007", 1.0, "exact")]
+    assert [r for r in report.groups if r[4] == "exact"] == [
+        (0, "img007", "img007", 1.0, "exact"),
+        (0, "dupbytes", "img007", 1.0, "exact"),
+    ]
     # the exact copy takes no part in near grouping: img007 has no other near copy, so no near group
     assert _groups(report, "near") == []
     assert "dupbytes" not in report.keep and "img007" in report.keep
@@ -98,7 +103,14 @@ def test_unreadable_sources_are_reported_not_fatal(tmp_path):
         (tmp_path / name).write_bytes(data)
         files[name] = schema.path_to_source(str(tmp_path / name))
     ids = ["one", "two", "three", "gone", "remote", "empty"]
-    sources = [files["one.jpg"], files["two.jpg"], files["three.jpg"], str(tmp_path / "gone.jpg"), "https://x/y.jpg", ""]
+    sources = [
+        files["one.jpg"],
+        files["two.jpg"],
+        files["three.jpg"],
+        str(tmp_path / "gone.jpg"),
+        "https://x/y.jpg",
+        "",
+    ]
     groups, unreadable = exact_duplicates(ids, source_reader(ids, sources))
     assert groups == [[0, 1]]
     assert [u[0] for u in unreadable] == ["gone", "remote", "empty"]
@@ -128,7 +140,14 @@ def test_long_chain_is_not_merged_into_one_group():
     ids = list("ABCDEFG")
     vectors = _chain(7, 20)
     i, j, _ = near_duplicate_pairs(vectors, 0.9)
-    assert list(zip(i.tolist(), j.tolist())) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]  # one component
+    assert list(zip(i.tolist(), j.tolist())) == [
+        (0, 1),
+        (1, 2),
+        (2, 3),
+        (3, 4),
+        (4, 5),
+        (5, 6),
+    ]  # one component
     report = find_duplicates(ids, vectors, threshold=0.9)
     groups = _groups(report)
     assert {"A", "G"} not in [g & {"A", "G"} for g in groups]

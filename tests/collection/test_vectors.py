@@ -67,7 +67,9 @@ def test_parquet_vector_column_types(tmp_path, kind):
         col = pa.array(vec.tolist(), pa.large_list(pa.float16()))
     else:
         col = pa.array(vec.astype(np.float64).tolist(), pa.list_(pa.float64()))
-    path = _parquet(tmp_path / "v.parquet", {"id": [f"r{i}" for i in range(5)], "name": list("abcde"), "vec": col})
+    path = _parquet(
+        tmp_path / "v.parquet", {"id": [f"r{i}" for i in range(5)], "name": list("abcde"), "vec": col}
+    )
     vs = read_vectors(path)
     assert vs.ids == ["r0", "r1", "r2", "r3", "r4"]
     atol = 1e-3 if kind == "large_list" else 0
@@ -92,7 +94,9 @@ def test_parquet_named_columns_and_labels(tmp_path):
     assert np.allclose(vs.vectors, 2 * vec)
     assert vs.labels == ["cat", "dog", "", "cat"]
     assert vs.sources == ["/p/w.jpg", "/p/x.jpg", "/p/y.jpg", "/p/z.jpg"]
-    with pytest.raises(CollectionInputError, match=r"v\.parquet: 2 list-typed columns \(a, b\); name the vector column"):
+    with pytest.raises(
+        CollectionInputError, match=r"v\.parquet: 2 list-typed columns \(a, b\); name the vector column"
+    ):
         read_vectors(path, id_column="key")
     with pytest.raises(CollectionInputError, match="no column 'c'"):
         read_vectors(path, vector_column="c", id_column="key")
@@ -105,24 +109,37 @@ def test_parquet_named_columns_and_labels(tmp_path):
 def test_parquet_problems_name_the_file_and_the_fix(tmp_path):
     good = pa.array(_vectors(3, 2).tolist(), pa.list_(pa.float32()))
     no_id = _parquet(tmp_path / "noid.parquet", {"name": ["a", "b", "c"], "vec": good})
-    with pytest.raises(CollectionInputError, match=r"noid\.parquet: no 'id' column \(columns: name, vec\); add a column"):
+    with pytest.raises(
+        CollectionInputError, match=r"noid\.parquet: no 'id' column \(columns: name, vec\); add a column"
+    ):
         read_vectors(no_id)
     no_vec = _parquet(tmp_path / "novec.parquet", {"id": ["a", "b", "c"], "x": [1.0, 2.0, 3.0]})
-    with pytest.raises(CollectionInputError, match=r"novec\.parquet: no vector column.*write the vectors as a list"):
+    with pytest.raises(
+        CollectionInputError, match=r"novec\.parquet: no vector column.*write the vectors as a list"
+    ):
         read_vectors(no_vec)
     ragged = _parquet(
         tmp_path / "ragged.parquet",
         {"id": ["a", "b", "c", "d"], "vec": pa.array([[1.0, 2.0], [1.0, 2.0, 3.0], [0.0, 1.0], [5.0, 5.0]])},
     )
-    with pytest.raises(CollectionInputError, match=r"ragged\.parquet: ragged vectors.*2 \(3 rows\), 3 \(1 rows\).*'b'"):
+    with pytest.raises(
+        CollectionInputError, match=r"ragged\.parquet: ragged vectors.*2 \(3 rows\), 3 \(1 rows\).*'b'"
+    ):
         read_vectors(ragged)
-    nan = _parquet(tmp_path / "nan.parquet", {"id": ["a", "b", "c"], "vec": pa.array([[1.0, 0.0], [np.nan, 0.0], [np.inf, 1.0]])})
-    with pytest.raises(CollectionInputError, match=r"nan\.parquet: 2 vectors contain NaN or infinite values \(ids 'b', 'c'\)"):
+    nan = _parquet(
+        tmp_path / "nan.parquet",
+        {"id": ["a", "b", "c"], "vec": pa.array([[1.0, 0.0], [np.nan, 0.0], [np.inf, 1.0]])},
+    )
+    with pytest.raises(
+        CollectionInputError, match=r"nan\.parquet: 2 vectors contain NaN or infinite values \(ids 'b', 'c'\)"
+    ):
         read_vectors(nan)
     dup = _parquet(tmp_path / "dup.parquet", {"id": ["a", "b", "a", "b", "c"], "vec": pa.array([[1.0]] * 5)})
     with pytest.raises(CollectionInputError, match=r"dup\.parquet: 2 ids occur more than once \('a', 'b'\)"):
         read_vectors(dup)
-    null_vec = _parquet(tmp_path / "null.parquet", {"id": ["a", "b"], "vec": pa.array([[1.0], None], pa.list_(pa.float32()))})
+    null_vec = _parquet(
+        tmp_path / "null.parquet", {"id": ["a", "b"], "vec": pa.array([[1.0], None], pa.list_(pa.float32()))}
+    )
     with pytest.raises(CollectionInputError, match=r"null\.parquet: 1 rows have no vector.*'b'"):
         read_vectors(null_vec)
     null_id = _parquet(tmp_path / "nullid.parquet", {"id": ["a", None], "vec": pa.array([[1.0], [2.0]])})

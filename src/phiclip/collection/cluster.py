@@ -45,6 +45,7 @@ class ClusterResult:
     inertia: float
     seed: int
     niter: int
+    nredo: int
 
     @property
     def k(self) -> int:
@@ -59,6 +60,7 @@ def kmeans(
     niter: int = 20,
     seed: int = 1234,
     normalize: bool = True,
+    nredo: int = 3,
     max_points_per_centroid: int = 256,
 ) -> ClusterResult:
     """k-means through :class:`faiss.Kmeans`.
@@ -69,6 +71,8 @@ def kmeans(
         niter: k-means iterations.
         seed: FAISS's seed (same data, seed and machine: same clusters).
         normalize: cluster L2-normalised copies (cosine geometry), as embeddings are compared.
+        nredo: trainings from different random starts, the one with the lowest objective kept (FAISS
+            starts from k random items, and one start can put two centroids in one cluster).
         max_points_per_centroid: FAISS trains on a sample of at most k times this many items; every item
             is then assigned to its nearest centroid.
     """
@@ -82,7 +86,13 @@ def kmeans(
         raise ValueError(f"k={k} clusters need 1 <= k <= n items; there are {n}")
     x = l2_normalize(x) if normalize else np.ascontiguousarray(x)
     km = faiss.Kmeans(
-        d, k, niter=niter, seed=seed, verbose=False, max_points_per_centroid=max_points_per_centroid
+        d,
+        k,
+        niter=niter,
+        nredo=nredo,
+        seed=seed,
+        verbose=False,
+        max_points_per_centroid=max_points_per_centroid,
     )
     km.train(x)
     centroids = np.array(km.centroids, dtype=np.float32).reshape(k, d)
@@ -108,6 +118,7 @@ def kmeans(
         inertia=float(np.sum(distance**2)),
         seed=seed,
         niter=niter,
+        nredo=nredo,
     )
 
 
