@@ -12,6 +12,10 @@
 * :mod:`~phiclip.collection.cluster`: :func:`kmeans` (FAISS, seeded) with per-item distances, sizes and
   representatives; :func:`label_scores` (homogeneity, completeness, V-measure, NMI against labels);
   :func:`write_clusters` writes the tables as Parquet.
+* :mod:`~phiclip.collection.layout`: :func:`layout` gives 2-D coordinates (UMAP through umap-learn
+  when it imports, PCA otherwise, exact or randomized), with the method used (:class:`Layout`).
+* :mod:`~phiclip.collection.pages`: self-contained offline HTML pages: :func:`duplicates_page`,
+  :func:`clusters_page`, :func:`map_page` (canvas scatter: pan, zoom, hover), :func:`write_page`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from phiclip.collection.dedup import (
     source_reader,
     write_duplicates,
 )
+from phiclip.collection.layout import Layout, layout, pca_2d
+from phiclip.collection.pages import clusters_page, duplicates_page, map_page, thumbnail_uri, write_page
 from phiclip.collection.vectors import CollectionInputError, VectorSet, l2_normalize, read_vectors, vector_set
 
 __all__ = [
@@ -49,10 +55,13 @@ __all__ = [
     "DuplicateReport",
     "IdJoin",
     "LabelScores",
+    "Layout",
     "VectorSet",
     "alignment",
     "cka",
     "cknna",
+    "clusters_page",
+    "duplicates_page",
     "exact_duplicates",
     "find_duplicates",
     "group_pairs",
@@ -61,11 +70,16 @@ __all__ = [
     "knn_indices",
     "l2_normalize",
     "label_scores",
+    "layout",
+    "map_page",
     "mutual_knn",
     "near_duplicate_pairs",
+    "pca_2d",
     "read_vectors",
     "source_reader",
+    "thumbnail_uri",
     "vector_set",
     "write_clusters",
     "write_duplicates",
+    "write_page",
 ]
