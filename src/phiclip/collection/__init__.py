@@ -12,7 +12,7 @@
 * :mod:`~phiclip.collection.cluster`: :func:`kmeans` (FAISS, seeded) with per-item distances, sizes and
   representatives; :func:`label_scores` (homogeneity, completeness, V-measure, NMI against labels);
   :func:`write_clusters` writes the tables as Parquet.
-* :mod:`~phiclip.collection.layout`: :func:`layout` gives 2-D coordinates (UMAP through umap-learn
+* :mod:`~phiclip.collection.layout`: :func:`layout_2d` gives 2-D coordinates (UMAP through umap-learn
   when it imports, PCA otherwise, exact or randomized), with the method used (:class:`Layout`).
 * :mod:`~phiclip.collection.pages`: self-contained offline HTML pages: :func:`duplicates_page`,
   :func:`clusters_page`, :func:`map_page` (canvas scatter: pan, zoom, hover), :func:`write_page`.
@@ -42,7 +42,7 @@ from phiclip.collection.dedup import (
     source_reader,
     write_duplicates,
 )
-from phiclip.collection.layout import Layout, layout, pca_2d
+from phiclip.collection.layout import Layout, layout_2d, pca_2d
 from phiclip.collection.pages import clusters_page, duplicates_page, map_page, thumbnail_uri, write_page
 from phiclip.collection.vectors import CollectionInputError, VectorSet, l2_normalize, read_vectors, vector_set
 
@@ -70,7 +70,7 @@ __all__ = [
     "knn_indices",
     "l2_normalize",
     "label_scores",
-    "layout",
+    "layout_2d",
     "map_page",
     "mutual_knn",
     "near_duplicate_pairs",

@@ -1,6 +1,6 @@
 """2-D coordinates of a vector set for the collection map.
 
-:func:`layout` places each item on a plane: through UMAP (``umap-learn``, cosine metric, seeded) when
+:func:`layout_2d` places each item on a plane: through UMAP (``umap-learn``, cosine metric, seeded) when
 that package imports and there are enough items, through PCA otherwise. The method actually used comes
 back with the coordinates (:class:`Layout`), with a sentence the caller prints or records and the map page
 states, e.g. ``"PCA (umap-learn not installed)"``.
@@ -22,7 +22,7 @@ import numpy as np
 
 from phiclip.collection.vectors import l2_normalize
 
-__all__ = ["EXACT_PCA_LIMIT", "MIN_UMAP_ITEMS", "Layout", "layout", "pca_2d"]
+__all__ = ["EXACT_PCA_LIMIT", "MIN_UMAP_ITEMS", "Layout", "layout_2d", "pca_2d"]
 
 #: Up to this many rows PCA is an exact SVD; above it a randomized SVD.
 EXACT_PCA_LIMIT = 5000
@@ -136,7 +136,7 @@ def _import_umap() -> tuple[Any | None, str]:
     return umap, ""
 
 
-def layout(
+def layout_2d(
     vectors: np.ndarray,
     *,
     method: Literal["auto", "umap", "pca"] = "auto",

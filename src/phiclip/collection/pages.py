@@ -10,7 +10,7 @@ the map's script sits in a JSON block with ``<``, ``>`` and ``&`` escaped, so no
   side by side, with counts; nothing is deleted.
 * :func:`clusters_page`: cluster sizes (an inline SVG bar chart), the members nearest each centroid, the
   label scores when labels are known.
-* :func:`map_page`: an interactive scatter of 2-D coordinates (:func:`~phiclip.collection.layout.layout`)
+* :func:`map_page`: an interactive scatter of 2-D coordinates (:func:`~phiclip.collection.layout.layout_2d`)
   on a ``<canvas>``: drag to pan, wheel to zoom, hover for the id (and a thumbnail for a capped sample),
   coloured by label or cluster with a legend. Hit tests go through a uniform grid, so 100,000 points stay
   responsive.
