@@ -549,10 +549,12 @@ _MAP_JS = r"""
   function pos(ev) { var b = canvas.getBoundingClientRect(); return [ev.clientX - b.left, ev.clientY - b.top]; }
   canvas.addEventListener("pointerdown", function (ev) {
     var p = pos(ev); drag = { x: p[0], y: p[1], tx: tx, ty: ty };
-    canvas.classList.add("dragging"); canvas.setPointerCapture(ev.pointerId);
+    canvas.classList.add("dragging");
+    try { canvas.setPointerCapture(ev.pointerId); } catch (err) { /* a synthetic pointer */ }
   });
   canvas.addEventListener("pointerup", function (ev) {
-    drag = null; canvas.classList.remove("dragging"); canvas.releasePointerCapture(ev.pointerId);
+    drag = null; canvas.classList.remove("dragging");
+    try { canvas.releasePointerCapture(ev.pointerId); } catch (err) { /* not captured */ }
   });
   canvas.addEventListener("pointermove", function (ev) {
     var p = pos(ev);
@@ -583,6 +585,11 @@ _MAP_JS = r"""
     });
   }
   window.addEventListener("resize", function () { resize(); fit(); redraw(); });
+  // for scripts and tests: the view (screen = (x * scale + tx, (1 - y) * scale + ty)) and the hit test
+  window.phiclipMap = {
+    view: function () { return { scale: scale, tx: tx, ty: ty, width: w, height: h, fitScale: fitScale }; },
+    nearest: nearest
+  };
   resize(); fit(); draw();
 })();
 """
