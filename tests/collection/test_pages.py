@@ -27,6 +27,7 @@ from phiclip.collection.pages import (
     thumbnail_uri,
     write_page,
 )
+from phiclip.images import load_image
 
 HOSTILE = '</script><script>alert("x")</script>&<b>'
 
@@ -87,6 +88,26 @@ def test_thumbnail_uri(items: Items, tmp_path: Path) -> None:
     assert thumbnail_uri(str(bad)) is None
     grey = Image.open(io.BytesIO(base64.b64decode(placeholder_uri(20).split(",", 1)[1])))
     assert grey.size == (20, 20) and np.ptp(np.asarray(grey)) < 8
+
+
+def test_jpeg_thumbnail_decodes_small_and_keeps_the_orientation(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(100, 140, (1200, 1600, 3), dtype=np.uint8)
+    pixels[:, :800] = (240, 20, 20)  # left half red
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6  # shown rotated 90° clockwise: the red half on top, portrait
+    path = tmp_path / "photo.jpg"
+    img.save(path, quality=92, exif=exif)
+    uri = thumbnail_uri(str(path), 64)
+    assert uri is not None
+    thumb = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"))
+    assert thumb.shape == (64, 48, 3)
+    reference = load_image(str(path))  # the full decode, EXIF applied
+    reference.thumbnail((64, 64))
+    ref = np.asarray(reference).astype(np.int64)
+    assert ref.shape == thumb.shape and np.abs(ref - thumb).mean() < 6
+    assert thumb[5, 24, 0] > 200 and thumb[60, 24, 0] < 160
 
 
 def test_duplicates_page(items: Items) -> None:

@@ -31,14 +31,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from phiclip import schema
 from phiclip.atomic import atomic_write_text
 from phiclip.collection.cluster import ClusterResult, label_scores
 from phiclip.collection.dedup import DuplicateReport
 from phiclip.collection.layout import Layout
-from phiclip.images import load_image
+from phiclip.images import DEFAULT_MAX_PIXELS, load_image
 
 __all__ = [
     "MAP_PALETTE",
@@ -145,11 +145,32 @@ def thumbnail_uri(source: str | None, px: int = THUMB_PX, *, quality: int = 70) 
         return None
     try:
         path = os.fsdecode(schema.source_to_path(source))
-        img = load_image(path)
+        img = _draft_jpeg(path, px)
+        if img is None:
+            img = load_image(path)
         img.thumbnail((px, px))
         return _jpeg_uri(img.convert("RGB"), quality)
     except Exception:  # noqa: BLE001 - any unreadable image gets the placeholder, never fails the page
         return None
+
+
+def _draft_jpeg(path: str, px: int) -> Image.Image | None:
+    """A JPEG decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale still at least ``px`` on each side
+    (several times faster than a full decode of a photo), EXIF orientation applied; ``None`` for other
+    formats. Images over :data:`phiclip.images.DEFAULT_MAX_PIXELS` are refused (ValueError)."""
+    with open(path, "rb") as f:
+        if f.read(3) != b"\xff\xd8\xff":
+            return None
+    with Image.open(path) as im:
+        if im.format != "JPEG":
+            return None
+        width, height = im.size
+        if width * height > DEFAULT_MAX_PIXELS:
+            raise ValueError(f"{width}x{height} is over the pixel limit")
+        im.draft("RGB", (px, px))
+        img = ImageOps.exif_transpose(im)
+        img.load()
+    return img
 
 
 def _thumb_or_placeholder(source: str | None, px: int) -> tuple[str, bool]:
