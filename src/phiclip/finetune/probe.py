@@ -31,9 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from phiclip import schema
+from phiclip import cache, schema
 from phiclip.atomic import atomic_path, atomic_write_json
-from phiclip.cache import cache_dir
 from phiclip.datasets_io import DataError, LabelledData
 from phiclip.encoders import Encoder, load_encoder, parse_spec
 from phiclip.evaluate import mean_per_class_recall, stratified_split
@@ -170,7 +169,7 @@ def embed_images_cached(encoder: Encoder, images: Sequence[Any], *, cache_dir: s
     reason`` each, as ``phiclip embed`` words them), not fatal."""
     from safetensors.numpy import load_file, save_file
 
-    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else cache.cache_dir(EMBEDDINGS_CACHE)
     key = embedding_cache_key(encoder, images)
     path = root / f"{key}.safetensors"
     if path.is_file():
@@ -207,10 +206,6 @@ def embed_images_cached(encoder: Encoder, images: Sequence[Any], *, cache_dir: s
     with atomic_path(path, durable=False) as tmp:  # a cache: computed again if lost
         save_file({"vectors": vectors, "ok": ok.astype(np.uint8)}, str(tmp))
     return CachedEmbeddings(vectors, ok, skipped, False, key)
-
-
-def _default_cache_dir() -> Path:
-    return cache_dir(EMBEDDINGS_CACHE)
 
 
 # --- training --------------------------------------------------------------------------------------
