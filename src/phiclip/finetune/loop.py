@@ -139,11 +139,6 @@ class LoopOutcome:
     #: Seconds in training steps, those of the interrupted run included (evaluation and checkpoints not).
     train_seconds: float
 
-    @property
-    def resumed(self) -> bool:
-        """Whether the run continued from a checkpoint."""
-        return self.resumed_from is not None
-
 
 def run_training(
     mode: TrainingMode,
