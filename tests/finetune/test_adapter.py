@@ -164,3 +164,22 @@ def test_resume_stream_mode_and_lora(tiny_phi3v_dir: Path, student_dir: Path, ad
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
     with safe_open(str(tmp_path / "split" / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "lora" in k]
+
+
+def test_numbers_from_few_held_out_images_come_with_a_warning(distilled: dict[str, Any], tiny_phi3v_dir: Path,
+                                                               student_dir: Path, tmp_path: Path) -> None:
+    from phiclip.finetune.adapter import MIN_EVAL_IMAGES, distill_phi3v_adapter, few_eval_images_warning
+
+    assert distilled["before"]["images"] == distilled["after"]["images"] == 6  # the size beside every number
+    assert distilled["warnings"] == [few_eval_images_warning(6)]
+    assert "6 held-out image(s), fewer than 8" in distilled["warnings"][0] and "meaningful" in distilled["warnings"][0]
+    assert few_eval_images_warning(MIN_EVAL_IMAGES) is None
+    two = tmp_path / "two"  # 12 images, 2 held out: R^2 from 2 images is reported, with the warning
+    make_sample_images(two, per_class=1)
+    (two / "labels.csv").unlink()
+    with pytest.warns(UserWarning, match=r"measured on 2 held-out image\(s\), fewer than 8: too few to be meaningful"):
+        r = distill_phi3v_adapter(f"phi3v:{tiny_phi3v_dir}?num_crops=1", f"clip:{student_dir}", two, tmp_path / "out",
+                                  steps=1, student_layer=-1, eval_fraction=0.17, speed_images=1, teacher_tokens="stream",
+                                  **FAST)
+    assert r.eval_images == 2 and r.after is not None and r.after["images"] == 2 and len(r.warnings) == 1
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["warnings"] == r.warnings

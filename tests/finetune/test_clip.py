@@ -188,3 +188,24 @@ def test_cli_on_a_folder_per_class_with_templates(tiny_clip_dir: Path, colour_fo
     assert (out / "config.json").is_file()
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 1 and "--resume" in again.output
+
+
+def test_every_evaluation_says_on_how_many_images_and_the_split_gives_real_counts(trained: ClipFinetuneResult) -> None:
+    assert trained.before is not None and trained.after is not None
+    assert trained.before["images"] == trained.after["images"] == 24
+    assert all(r["eval"]["images"] == 24 for r in read_metrics(trained.output) if "eval" in r)
+    assert trained.split == "given splits (train / val: 74 / 24 images)"
+
+
+def test_cli_states_how_many_images_were_held_out(tiny_clip_dir: Path, colour_folder: Path, tmp_path: Path) -> None:
+    """4 classes of 12-13 images, --eval-fraction 0.1: one per class, 4 of 49 (8%), not "10%"."""
+    from phiclip.cli import app
+
+    res = CliRunner().invoke(app, ["finetune", "clip", "-m", f"clip:{tiny_clip_dir}", "-d", str(colour_folder), "-o",
+                                   str(tmp_path / "out"), "--steps", "1", "--batch-size", "8", "--device", "cpu",
+                                   "--no-progress", "--no-tensorboard", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["split"] == ("held out 4 of 49 images (8%; stratified by label; 10% asked, rounded per class, at least "
+                             "one of each class of two or more images; seed 0)")
+    assert data["eval_images"] == 4 and data["before"]["images"] == data["after"]["images"] <= 4

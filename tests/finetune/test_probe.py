@@ -152,3 +152,54 @@ def test_probe_reads_a_hugging_face_dataset(colour_folder: Path, tmp_path: Path)
                     lr=1e-2, epochs=100, **FAST)
     assert r.num_classes == 4 and r.val_acc == 1.0 and r.train_images + r.val_images == 48
     assert json.loads((tmp_path / "probe" / "probe.json").read_text())["classnames"] == names
+
+
+class NaNOnRed(MeanColourEncoder):
+    """Test-only: red shapes give NaN vectors (a model failing on some inputs)."""
+
+    def encode_batch(self, batch: np.ndarray, *, with_tokens: bool = False) -> EncodedBatch:
+        out = super().encode_batch(batch).embeddings.copy()
+        out[(batch[:, 0] > 0.6) & (batch[:, 1] < 0.4)] = np.nan
+        return EncodedBatch(embeddings=out)
+
+
+def test_probe_embeds_through_the_pipeline_step_and_reports_failures_as_embed_does(colour_folder: Path,
+                                                                                  tmp_path: Path) -> None:
+    """Non-finite vectors are failures of stage encode (as in ``phiclip embed``), not training rows."""
+    from phiclip.pipeline.step import embed_payloads
+
+    r = train_probe(NaNOnRed(), colour_folder, tmp_path / "probe", cache_dir=tmp_path / "cache", lr=1e-2, epochs=50,
+                    **FAST)
+    assert r.skipped_images["count"] == 13  # 12 red images + the broken file
+    assert r.train_images + r.val_images == 36 and r.train_acc == 1.0
+    broken = colour_folder / "red" / "broken.png"
+    step = embed_payloads(NaNOnRed(), [str(broken), str(colour_folder / "red" / sorted(
+        p.name for p in (colour_folder / "red").glob("*.png") if p.name != "broken.png")[0])], batch_size=2, max_pixels=None)
+    reasons = {reason for _, _, reason in step.errors}
+    examples = r.skipped_images["examples"]
+    assert len(reasons) == 2 and all(any(e.endswith(": " + reason) for e in examples) for reason in reasons)
+    assert all(e.startswith(str(colour_folder / "red")) for e in examples)  # "source: reason", like embed
+
+
+def test_probe_shows_progress_while_embedding_and_training(colour_folder: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    train_probe(MeanColourEncoder(), colour_folder, tmp_path / "probe", cache_dir=tmp_path / "cache", epochs=7,
+                device="cpu", progress=True)
+    err = capsys.readouterr().err
+    assert "embed" in err and "49/49" in err  # every image, the unreadable one included
+    assert "train probe" in err and "epoch" in err and "val_loss" in err
+
+
+def test_the_embedding_cache_lives_under_the_one_cache_root(colour_folder: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``PHICLIP_CACHE_DIR`` (the deprecated name) and ``XDG_CACHE_HOME`` are honoured like everywhere else."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PHICLIP_CACHE", raising=False)
+    monkeypatch.delenv("PHICLIP_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    train_probe(MeanColourEncoder(), colour_folder, tmp_path / "p1", epochs=2, **FAST)
+    assert len(list((tmp_path / "xdg" / "phiclip" / "embeddings").glob("*.safetensors"))) == 1
+    monkeypatch.setenv("PHICLIP_CACHE_DIR", str(tmp_path / "legacy"))
+    r = train_probe(MeanColourEncoder(), colour_folder, tmp_path / "p2", epochs=2, **FAST)
+    assert not r.embeddings_from_cache and len(list((tmp_path / "legacy" / "embeddings").glob("*.safetensors"))) == 1
+    assert not (tmp_path / "home").exists()

@@ -11,14 +11,16 @@ The target is the teacher's own image tokens, image by image (every token the la
 see, separators included): ``loss = MSE / var + cos_weight * (1 - cosine)`` per token, where ``var``
 is the teacher tokens' mean per-dimension variance (so the MSE term starts near 1 whatever the
 scale). The teacher's tokens are computed once into a Parquet file keyed by the teacher and the
-images (``teacher_tokens = "cache"``, under ``$PHICLIP_CACHE/teacher-tokens``; every later run with
+images (``teacher_tokens = "cache"``, under :func:`phiclip.cache.cache_dir` ``("teacher-tokens")``; every later run with
 the same teacher and images reuses it) or recomputed every batch (``"stream"``, no disk).
 
 Reported on held-out images, before and after training (``metrics.json``): the mean per-token
 cosine to the teacher, and R^2, the share of the teacher tokens' variance around their mean token
 that the student reproduces (``1 - sum |s - t|^2 / sum |t - mean|^2``; predicting the mean token
 scores 0, though its cosine is high: ``mean_token_cosine`` says how high). Both over the image
-tokens (separators left out). Also the cost of each tower per crop on this machine.
+tokens (separators left out), with the number of images they are measured on; below
+:data:`MIN_EVAL_IMAGES` held-out images the run warns that they mean little. Also the cost of each
+tower per crop on this machine.
 
 Export: ``model.safetensors`` with ``model.vision_embed_tokens.*`` tensors, ``config.json`` (the
 teacher's, with ``img_processor`` describing the student) and ``preprocessor_config.json``, which
@@ -27,49 +29,45 @@ teacher's, with ``img_processor`` describing the student) and ``preprocessor_con
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from phiclip.atomic import atomic_path, atomic_write_json, atomic_write_text
+from phiclip.cache import cache_dir
+from phiclip.encoders import Encoder, load_encoder, parse_spec
 from phiclip.finetune.common import (
-    CHECKPOINTS_DIR,
-    METRICS_JSON,
-    MetricsLog,
-    Timer,
     TrainingError,
     autocast_for,
     batch_positions,
-    cache_root,
-    load_optimizer_state,
-    lr_at,
     options_identity,
     prepare_output,
     progress_bar,
     resolve_device,
-    resolve_total_steps,
-    resolve_warmup,
-    restore_trainable,
-    save_checkpoint,
     seed_everything,
-    set_rng_state,
-    write_json,
 )
 from phiclip.finetune.data import ImageBatchLoader, SkippedImages
+from phiclip.finetune.loop import LoopSettings, TrainingMode, finish_run, run_training
 from phiclip.finetune.probe import encoder_identity
+from phiclip.phi3v.weights import VISION_PREFIX, resolve_file
 from phiclip.pipeline.sources import list_inputs
 
-#: Where teacher tokens are cached under :func:`~phiclip.finetune.common.cache_root` by default.
-TEACHER_TOKENS_DIR = "teacher-tokens"
+if TYPE_CHECKING:
+    from phiclip.encoders.phi3v import Phi3VEncoder
+
+#: The folder under the cache root (:func:`phiclip.cache.cache_dir`) where teacher tokens are cached by default.
+TEACHER_TOKENS_CACHE = "teacher-tokens"
+#: Fewer held-out images than this: the before/after R^2 and cosine come with a warning that they mean little.
+MIN_EVAL_IMAGES = 8
 _NOT_IDENTITY = frozenset({"resume", "progress", "tensorboard", "save_every", "keep_checkpoints", "num_threads",
                            "device", "cache_dir", "teacher_tokens", "speed_images"})
 
@@ -103,8 +101,8 @@ class AdapterOptions:
     cos_weight: float = 1.0
     #: ``cache`` (compute the teacher's tokens once, to Parquet, reused on rerun) or ``stream``.
     teacher_tokens: str = "cache"
-    #: Where the teacher-token cache goes (default: ``$PHICLIP_CACHE/teacher-tokens`` or
-    #: ``~/.cache/phiclip/teacher-tokens``); a file per teacher and image list, reused by any run.
+    #: Where the teacher-token cache goes (default: ``teacher-tokens/`` under the cache root,
+    #: :func:`phiclip.cache.cache_dir`); a file per teacher and image list, reused by any run.
     cache_dir: str | None = None
     #: Share of the images held out for the before/after report, and at most this many of them.
     eval_fraction: float = 0.1
@@ -170,6 +168,8 @@ class AdapterResult:
     trainable_parameters: int = 0
     #: Ids (as ``phiclip embed`` gives them) of the held-out images the before/after numbers are on.
     eval_ids: list[str] = field(default_factory=list)
+    #: What the numbers above should be read with (e.g. too few held-out images).
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -179,7 +179,7 @@ class AdapterResult:
 
 
 # --- building the student --------------------------------------------------------------------
-def _student_description(student_encoder: Any, student_layer: int, spec: str) -> dict[str, Any]:
+def _student_description(student_encoder: Encoder, student_layer: int, spec: str) -> dict[str, Any]:
     from transformers import CLIPVisionConfig, SiglipVisionConfig
 
     # lazy: imports torch
@@ -204,7 +204,7 @@ def _student_description(student_encoder: Any, student_layer: int, spec: str) ->
     }
 
 
-def build_student(teacher_config: dict[str, Any], teacher: Any, student_encoder: Any, *, student_layer: int,
+def build_student(teacher_config: dict[str, Any], teacher: Any, student_encoder: Encoder, *, student_layer: int,
                   spec: str) -> Any:
     """A :class:`StudentImageEmbedding` from the teacher's ``config.json`` and a loaded CLIP/SigLIP
     encoder: the student's vision weights (its first layers), the teacher's second projection layer
@@ -320,8 +320,7 @@ class TeacherTokens:
         return self.values[self.offsets[row] : self.offsets[row + 1]], self.sizes[row]
 
 
-def _tokens_key(teacher: Any, ids: Sequence[str]) -> str:
-
+def _tokens_key(teacher: Phi3VEncoder, ids: Sequence[str]) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(encoder_identity(teacher), sort_keys=True, default=str).encode())
     for i in ids:
@@ -329,14 +328,14 @@ def _tokens_key(teacher: Any, ids: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _teacher_batch(teacher: Any, items: Sequence[Any], amp: Any) -> list[Any]:
+def _teacher_batch(teacher: Phi3VEncoder, items: Sequence[Any], amp: Any) -> list[Any]:
     import torch
 
     with torch.no_grad(), amp:
         return [t.float() for t in teacher.model.image_tokens([c for c, _ in items], torch.tensor([s for _, s in items]))]
 
 
-def build_teacher_cache(teacher: Any, images: Sequence[Any], ids: Sequence[str], directory: Path, *, amp: Any,
+def build_teacher_cache(teacher: Phi3VEncoder, images: Sequence[Any], ids: Sequence[str], directory: Path, *, amp: Any,
                         batch_size: int, threads: int | None, progress: bool) -> tuple[TeacherTokens, SkippedImages, bool]:
     """Compute (or reuse) the teacher's tokens of every image; returns the store, the images that
     failed, and whether the cache was reused."""
@@ -353,39 +352,38 @@ def build_teacher_cache(teacher: Any, images: Sequence[Any], ids: Sequence[str],
     skipped = SkippedImages()
     loader = ImageBatchLoader(images, teacher.processor.preprocess_image, threads=threads, skipped=skipped)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{key}.{os.getpid()}.tmp"
-    writer = None
-    bar = progress_bar(len(images), 0, progress, "teacher tokens")
-    try:
-        for s in range(0, len(images), batch_size):
-            kept, items = loader.load(range(s, min(s + batch_size, len(images))))
-            if items:
-                tokens = _teacher_batch(teacher, items, amp)
-                dim = tokens[0].shape[-1]
-                flat = pa.array(torch.cat(tokens).numpy().astype(np.float16).reshape(-1))
-                offsets = pa.array(np.cumsum([0] + [int(t.shape[0]) for t in tokens]).astype(np.int32))
-                token_lists = pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(flat, dim))
-                rows = pa.table({
-                    "id": pa.array([ids[i] for i in kept], pa.string()),
-                    "height": pa.array([int(sz[0]) for _, sz in items], pa.int32()),
-                    "width": pa.array([int(sz[1]) for _, sz in items], pa.int32()),
-                    "num_tokens": pa.array([int(t.shape[0]) for t in tokens], pa.int32()),
-                    "tokens": token_lists,
-                })
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, rows.schema)
-                writer.write_table(rows)
-            bar.update(min(batch_size, len(images) - s))
-    finally:
-        bar.close()
-        loader.close()
-        if writer is not None:
-            writer.close()
-    if writer is None:
-        raise TrainingError("no image could be read for the teacher; check the data")
-    os.replace(tmp, path)
-    meta_path.write_text(json.dumps({"key": key, "teacher": teacher.name, "images": len(ids),
-                                     "skipped": {str(k): v for k, v in skipped.reasons.items()}}), encoding="utf-8")
+    with atomic_path(path, durable=False) as tmp:  # a cache: computed again if lost
+        writer = None
+        bar = progress_bar(len(images), 0, progress, "teacher tokens")
+        try:
+            for s in range(0, len(images), batch_size):
+                kept, items = loader.load(range(s, min(s + batch_size, len(images))))
+                if items:
+                    tokens = _teacher_batch(teacher, items, amp)
+                    dim = tokens[0].shape[-1]
+                    flat = pa.array(torch.cat(tokens).numpy().astype(np.float16).reshape(-1))
+                    offsets = pa.array(np.cumsum([0] + [int(t.shape[0]) for t in tokens]).astype(np.int32))
+                    token_lists = pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(flat, dim))
+                    rows = pa.table({
+                        "id": pa.array([ids[i] for i in kept], pa.string()),
+                        "height": pa.array([int(sz[0]) for _, sz in items], pa.int32()),
+                        "width": pa.array([int(sz[1]) for _, sz in items], pa.int32()),
+                        "num_tokens": pa.array([int(t.shape[0]) for t in tokens], pa.int32()),
+                        "tokens": token_lists,
+                    })
+                    if writer is None:
+                        writer = pq.ParquetWriter(tmp, rows.schema)
+                    writer.write_table(rows)
+                bar.update(min(batch_size, len(images) - s))
+        finally:
+            bar.close()
+            loader.close()
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise TrainingError("no image could be read for the teacher; check the data")
+    atomic_write_json(meta_path, {"key": key, "teacher": teacher.name, "images": len(ids),
+                                  "skipped": {str(k): v for k, v in skipped.reasons.items()}}, durable=False)
     return TeacherTokens(path), skipped, False
 
 
@@ -456,6 +454,64 @@ def _time_tower(model: Any, items: Sequence[Any], amp: Any) -> float:
 
 
 # --- the run -------------------------------------------------------------------------------------
+class AdapterTraining(TrainingMode):
+    """Distillation as a :class:`~phiclip.finetune.loop.TrainingMode`: micro-batch ``m`` is the training
+    images at stream positions ``[m * batch_size, (m + 1) * batch_size)``, its loss :func:`distill_loss`
+    against the teacher's tokens (``targets(rows, items)``); evaluation is :func:`token_metrics` on the
+    held-out images, with the mean-token baseline."""
+
+    def __init__(self, net: Any, opts: AdapterOptions, loader: ImageBatchLoader,
+                 targets: Callable[[Sequence[int], Sequence[Any]], list[Any]], train_rows: np.ndarray,
+                 held: HeldOut | None, token_var: float, device: Any, amp: Any, processor: Any,
+                 teacher_config: dict[str, Any]) -> None:
+        import torch
+
+        self.net, self.opts, self.loader, self.targets, self.train_rows = net, opts, loader, targets, train_rows
+        self.held, self.token_var, self.device, self.amp = held, token_var, device, amp
+        self.processor, self.teacher_config = processor, teacher_config
+        self.trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        self.optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=opts.lr,
+                                           weight_decay=opts.weight_decay)
+
+    def micro_batch_loss(self, index: int) -> tuple[Any, int] | None:
+        import torch
+
+        bs = self.opts.batch_size
+        pos, _ = batch_positions(len(self.train_rows), self.opts.seed, index * bs, bs)
+        kept, items = self.loader.load(self.train_rows[pos])
+        if not kept:
+            return None
+        target = torch.cat(self.targets(kept, items)).to(self.device)
+        with self.amp:
+            out = self.net.image_tokens([c for c, _, _ in items], torch.tensor([s for _, s, _ in items]))
+            loss = distill_loss(torch.cat(out).float(), target, self.token_var, self.opts.cos_weight)
+        return loss, len(kept)
+
+    def evaluate(self) -> dict[str, Any] | None:
+        if self.held is None:
+            return None
+        return {**token_metrics(self.net, self.held, self.amp, self.opts.batch_size), **_mean_token_baseline(self.held),
+                "images": len(self.held.crops)}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"token_var": self.token_var}
+
+    def export(self, output: Path) -> None:
+        export_student(self.net, self.processor, output, self.teacher_config)
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+def few_eval_images_warning(images: int) -> str | None:
+    """The warning for before/after numbers measured on ``images`` held-out images (None from
+    :data:`MIN_EVAL_IMAGES` on)."""
+    if images >= MIN_EVAL_IMAGES:
+        return None
+    return (f"R^2 and token cosine are measured on {images} held-out image(s), fewer than {MIN_EVAL_IMAGES}: too few "
+            "to be meaningful; hold out more images (--eval-fraction, --max-eval) or add images")
+
+
 def distill_phi3v_adapter(
     teacher: str,
     student: str,
@@ -476,14 +532,11 @@ def distill_phi3v_adapter(
             while running).
         options: :class:`AdapterOptions`; ``settings`` override its fields by name.
         on_step: called as ``on_step(step, loss)`` after every optimizer step.
+
+    Warns:
+        UserWarning: fewer than :data:`MIN_EVAL_IMAGES` held-out images (also in ``result.warnings``).
     """
     import torch
-
-    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
-    from phiclip.encoders import load_encoder, parse_spec
-
-    # lazy: `phiclip --help` imports this module; phiclip.phi3v.weights is loaded on first use
-    from phiclip.phi3v.weights import resolve_file
 
     opts = dataclasses.replace(options or AdapterOptions(), **settings).validate()
     t_start = time.perf_counter()
@@ -522,8 +575,6 @@ def distill_phi3v_adapter(
         add_student_lora(net, opts)
     set_trainable(net, opts.train_layers)
     net.to(device)
-    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=opts.lr, weight_decay=opts.weight_decay)
 
     # Teacher tokens: cached (computed once) or streamed.
     skipped = SkippedImages()
@@ -531,7 +582,7 @@ def distill_phi3v_adapter(
     from_cache = False
     if opts.teacher_tokens == "cache":
         store, bad, from_cache = build_teacher_cache(
-            t_enc, images, ids, Path(opts.cache_dir) if opts.cache_dir else cache_root() / TEACHER_TOKENS_DIR, amp=amp,
+            t_enc, images, ids, Path(opts.cache_dir) if opts.cache_dir else cache_dir(TEACHER_TOKENS_CACHE), amp=amp,
             batch_size=opts.batch_size, threads=opts.num_threads, progress=opts.progress)
         skipped.reasons.update(bad.reasons)
 
@@ -571,6 +622,10 @@ def distill_phi3v_adapter(
             speed = {"teacher_crops_per_s": _time_tower(t_enc.model, t_items, amp),
                      "student_crops_per_s": _time_tower(net, [(c, s) for c, s, _ in items[:timed]], amp)}
             speed["student_speedup"] = round(speed["student_crops_per_s"] / speed["teacher_crops_per_s"], 3)
+    notes: list[str] = []
+    if held is not None and (note := few_eval_images_warning(len(held.crops))):
+        notes.append(note)
+        warnings.warn(note, UserWarning, stacklevel=2)
     # The MSE's scale: the teacher tokens' mean per-dimension variance (held-out, else a training batch).
     if ckpt is not None:
         token_var = float(ckpt.state["token_var"])
@@ -581,87 +636,22 @@ def distill_phi3v_adapter(
         token_var = float(torch.cat(targets_for(kept, items)).var(0).mean())
     token_var = max(token_var, 1e-12)
 
-    per_step = opts.batch_size * opts.grad_accum
-    total = resolve_total_steps(opts.steps, opts.epochs, len(train_rows), per_step)
-    warmup = resolve_warmup(opts.warmup, total)
-    if ckpt is not None:
-        restore_trainable(net, ckpt.weights, ckpt.path)
-        load_optimizer_state(optimizer, *ckpt.optimizer)
-        set_rng_state(*ckpt.rng)
-        start, before = ckpt.step, ckpt.state.get("before")
-        skipped.reasons.update({int(k): v for k, v in ckpt.state.get("skipped", {}).items()})
-        prior_seconds = float(ckpt.state.get("train_seconds", 0.0))
-    else:
-        start, prior_seconds = 0, 0.0
-        before = None
-        if held is not None:
-            before = {**token_metrics(net, held, amp, opts.batch_size), **_mean_token_baseline(held)}
-    log = MetricsLog(output, resume_step=start if ckpt is not None else None, tensorboard=opts.tensorboard)
-    if ckpt is None and before is not None:
-        log.log({"step": 0, "eval": before})
-
-    timer = Timer()
-    loss_value: float | None = None
-    bar = progress_bar(total, start, opts.progress, "phi3v-adapter")
-    try:
-        for step in range(start, total):
-            with timer.time():
-                net.train()
-                lr = lr_at(step, base_lr=opts.lr, warmup_steps=warmup, total_steps=total, min_lr_ratio=opts.min_lr_ratio)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                losses = []
-                for micro in range(opts.grad_accum):
-                    m = step * opts.grad_accum + micro
-                    pos, _ = batch_positions(len(train_rows), opts.seed, m * opts.batch_size, opts.batch_size)
-                    kept, items = loader.load(train_rows[pos])
-                    if not kept:
-                        continue
-                    target = torch.cat(targets_for(kept, items)).to(device)
-                    with amp:
-                        out = net.image_tokens([c for c, _, _ in items], torch.tensor([s for _, s, _ in items]))
-                        loss = distill_loss(torch.cat(out).float(), target, token_var, opts.cos_weight)
-                    (loss / opts.grad_accum).backward()
-                    losses.append(float(loss.detach()))
-                if losses:
-                    if opts.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], opts.max_grad_norm)
-                    optimizer.step()
-                    loss_value = float(np.mean(losses))
-            log.log({"step": step + 1, "loss": loss_value, "lr": lr, "seconds": round(timer.seconds + prior_seconds, 4)})
-            bar.set_postfix(loss=f"{loss_value:.4f}" if loss_value is not None else "-", lr=f"{lr:.2e}")
-            bar.update(1)
-            if on_step is not None:
-                on_step(step + 1, float("nan") if loss_value is None else loss_value)
-            if opts.save_every and (step + 1) % opts.save_every == 0 and step + 1 < total:
-                save_checkpoint(output, step + 1, net, optimizer, {
-                    "identity": identity, "before": before, "token_var": token_var,
-                    "train_seconds": timer.seconds + prior_seconds,
-                    "skipped": {str(k): v for k, v in skipped.reasons.items()}}, keep=opts.keep_checkpoints)
-        bar.close()
-        after = None if held is None else {**token_metrics(net, held, amp, opts.batch_size), **_mean_token_baseline(held)}
-        if after is not None:
-            log.log({"step": total, "eval": after})
-        export_student(net, processor, output, teacher_config)
-    finally:
-        bar.close()
-        log.close()
-        loader.close()
-    train_seconds = timer.seconds + prior_seconds
+    mode = AdapterTraining(net, opts, loader, targets_for, train_rows, held, token_var, device, amp, processor,
+                           teacher_config)
+    loop = LoopSettings.from_options(opts, len(train_rows), "phi3v-adapter")
+    run = run_training(mode, output, loop, identity=identity, checkpoint=ckpt, skipped=skipped, on_step=on_step)
+    total = loop.total_steps
     result = AdapterResult(
         output=output, teacher=str(t_spec), student=str(s_spec), steps=total,
-        resumed_from=None if ckpt is None else ckpt.step, before=before, after=after, final_loss=loss_value,
+        resumed_from=run.resumed_from, before=run.before, after=run.after, final_loss=run.final_loss,
         speed=speed, seconds=round(time.perf_counter() - t_start, 3),
-        seconds_per_step=round(train_seconds / total, 4) if total else None,
+        seconds_per_step=round(run.train_seconds / total, 4) if total else None,
         train_images=len(train_rows), eval_images=0 if held is None else len(held.crops),
         teacher_tokens_from_cache=from_cache, teacher_tokens_file=None if store is None else str(store.path),
-        skipped_images=skipped.summary(), trainable_parameters=int(trainable),
-        eval_ids=eval_ids,
+        skipped_images=skipped.summary(), trainable_parameters=int(mode.trainable),
+        eval_ids=eval_ids, warnings=notes,
     )
-    write_json(output / METRICS_JSON, {**result.to_dict(), "options": opts.identity(), "token_var": token_var})
-    with contextlib.suppress(OSError):
-        shutil.rmtree(output / CHECKPOINTS_DIR)
+    finish_run(output, {**result.to_dict(), "options": opts.identity(), "token_var": token_var})
     return result
 
 
@@ -669,9 +659,6 @@ def export_student(student: Any, processor: Any, output: Path, teacher_config: d
     """Write ``model.safetensors`` (``model.vision_embed_tokens.*``), ``config.json`` (the teacher's,
     with ``img_processor`` describing the student) and ``preprocessor_config.json`` (LoRA merged first)."""
     from safetensors.torch import save_file
-
-    # lazy: `phiclip --help` imports this module; phiclip.phi3v.weights is loaded on first use
-    from phiclip.phi3v.weights import VISION_PREFIX
 
     merge_lora(student)
     state = {VISION_PREFIX + k: v.detach().cpu().contiguous() for k, v in student.state_dict().items() if not k.startswith("wte.")}
@@ -682,9 +669,10 @@ def export_student(student: Any, processor: Any, output: Path, teacher_config: d
     config.update({"model_type": "phi3_v", "img_processor": student.config.img_processor,
                    "phiclip_note": "image path only (model.vision_embed_tokens.*) with a distilled student tower; "
                                    "the language model never saw this tower in training"})
-    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(output / "config.json", json.dumps(config, indent=2) + "\n")
     processor.save_pretrained(output)
 
 
-__all__ = ["TEACHER_TOKENS_DIR", "AdapterOptions", "AdapterResult", "TeacherTokens", "build_student", "distill_loss", "distill_phi3v_adapter",
-           "export_student", "token_metrics"]
+__all__ = ["MIN_EVAL_IMAGES", "TEACHER_TOKENS_CACHE", "AdapterOptions", "AdapterResult", "AdapterTraining", "TeacherTokens",
+           "build_student", "distill_loss", "distill_phi3v_adapter", "export_student", "few_eval_images_warning",
+           "token_metrics"]

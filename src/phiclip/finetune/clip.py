@@ -17,11 +17,9 @@ With ``grad_accum`` the loss is computed per micro-batch (negatives come from th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import re
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,27 +30,18 @@ from typing import Any
 import numpy as np
 
 from phiclip.datasets_io import LabelledData
+from phiclip.encoders import Encoder, EncoderSpec, load_encoder, parse_spec
+from phiclip.encoders.clip import _pil_backend_kwarg, check_location
+from phiclip.encoders.clip import _pooled as _pooled_output
+from phiclip.evaluate import retrieval_metrics
 from phiclip.finetune.common import (
-    CHECKPOINTS_DIR,
-    METRICS_JSON,
-    MetricsLog,
-    Timer,
     TrainingError,
     autocast_for,
     batch_positions,
-    load_optimizer_state,
-    lr_at,
     options_identity,
     prepare_output,
-    progress_bar,
     resolve_device,
-    resolve_total_steps,
-    resolve_warmup,
-    restore_trainable,
-    save_checkpoint,
     seed_everything,
-    set_rng_state,
-    write_json,
 )
 from phiclip.finetune.data import (
     ImageBatchLoader,
@@ -61,6 +50,7 @@ from phiclip.finetune.data import (
     load_training_data,
     train_eval_split,
 )
+from phiclip.finetune.loop import LoopSettings, TrainingMode, finish_run, run_training
 
 FREEZE_CHOICES = ("none", "vision", "text", "projections")
 #: The options that do not change the loss curve (left out of the identity compared on resume).
@@ -247,13 +237,6 @@ def _base(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _pooled(output: Any) -> Any:
-    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
-    from phiclip.encoders.clip import _pooled as pooled
-
-    return pooled(output)
-
-
 def features(model: Any, pixel_values: Any = None, text: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """L2-normalised ``(image (n, d), text (m, d))`` features (either may be None)."""
     import torch.nn.functional as F
@@ -261,9 +244,9 @@ def features(model: Any, pixel_values: Any = None, text: dict[str, Any] | None =
     base = _base(model)
     img = txt = None
     if pixel_values is not None:
-        img = F.normalize(_pooled(base.get_image_features(pixel_values=pixel_values)).float(), dim=-1)
+        img = F.normalize(_pooled_output(base.get_image_features(pixel_values=pixel_values)).float(), dim=-1)
     if text is not None:
-        txt = F.normalize(_pooled(base.get_text_features(**text)).float(), dim=-1)
+        txt = F.normalize(_pooled_output(base.get_text_features(**text)).float(), dim=-1)
     return img, txt
 
 
@@ -290,7 +273,7 @@ def contrastive_loss(img: Any, txt: Any, logit_scale: Any, logit_bias: Any | Non
 class _Texts:
     """Tokenises captions the way the encoder does for ``encode_texts``."""
 
-    def __init__(self, encoder: Any, device: Any) -> None:
+    def __init__(self, encoder: Encoder, device: Any) -> None:
         self.tokenizer = encoder.tokenizer
         self.padding = encoder.text_padding
         self.max_length = encoder.text_max_length
@@ -304,11 +287,9 @@ class _Texts:
 
 def evaluate_retrieval(model: Any, loader: ImageBatchLoader, ds: LabelledData, texts: _Texts, device: Any, amp: Any,
                        batch_size: int = 64) -> dict[str, float]:
-    """Image-text retrieval recall@1/5/10 (both directions, and their mean) on ``ds``."""
+    """Image-text retrieval recall@1/5/10 (both directions, and their mean) on ``ds``, and ``images``: how
+    many of its images were read (the metrics are over those)."""
     import torch
-
-    # lazy: `phiclip --help` imports this module; phiclip.evaluate is loaded on first use
-    from phiclip.evaluate import retrieval_metrics
 
     model.eval()
     imgs, kept_all = [], []
@@ -329,7 +310,7 @@ def evaluate_retrieval(model: Any, loader: ImageBatchLoader, ds: LabelledData, t
     metrics = retrieval_metrics(torch.cat(imgs).numpy(), torch.cat(txts).numpy(), np.asarray([j for j, _ in captions]))
     for k in (1, 5, 10):
         metrics[f"recall@{k}"] = (metrics[f"image_retrieval_recall@{k}"] + metrics[f"text_retrieval_recall@{k}"]) / 2
-    return {k: round(float(v), 6) for k, v in metrics.items()}
+    return {**{k: round(float(v), 6) for k, v in metrics.items()}, "images": len(kept_all)}
 
 
 def _optimizer(model: Any, lr: float, weight_decay: float) -> Any:
@@ -361,9 +342,6 @@ def save_model(model: Any, encoder_location: str, tokenizer: Any, output: Path) 
     tokenizer."""
     from transformers import AutoImageProcessor
 
-    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
-    from phiclip.encoders.clip import _pil_backend_kwarg
-
     base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     base.save_pretrained(str(output))
     AutoImageProcessor.from_pretrained(encoder_location, **_pil_backend_kwarg()).save_pretrained(str(output))
@@ -371,6 +349,74 @@ def save_model(model: Any, encoder_location: str, tokenizer: Any, output: Path) 
 
 
 # --- the run -------------------------------------------------------------------------------------
+class ClipTraining(TrainingMode):
+    """Contrastive training of a CLIP/SigLIP model as a :class:`~phiclip.finetune.loop.TrainingMode`:
+    micro-batch ``m`` is the pairs at stream positions ``[m * batch_size, (m + 1) * batch_size)``
+    (:func:`~phiclip.finetune.common.batch_positions`), one caption each; evaluation is retrieval
+    recall on the held-out pairs."""
+
+    def __init__(self, encoder: Encoder, opts: ClipFinetuneOptions, train: LabelledData, held: LabelledData | None,
+                 spec: EncoderSpec, device: Any, amp: Any, skipped: SkippedImages) -> None:
+        self.opts, self.train, self.held, self.spec, self.device, self.amp = opts, train, held, spec, device, amp
+        self.tokenizer = encoder.tokenizer
+        net = encoder.model
+        apply_freeze(net, opts.freeze)
+        if opts.lora_rank:
+            net = add_lora(net, opts)
+        net.to(device)
+        self.net = net
+        self.trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        self.optimizer = _optimizer(net, opts.lr, opts.weight_decay)
+        self.base = _base(net)
+        self.is_siglip = not hasattr(self.base, "visual_projection")
+        prep = encoder.preprocessor
+        self.loader = ImageBatchLoader(train.images, prep, keep_alpha=encoder.keeps_alpha, threads=opts.num_threads,
+                                       skipped=skipped)
+        self.eval_loader = None if held is None else ImageBatchLoader(held.images, prep, keep_alpha=encoder.keeps_alpha,
+                                                                      threads=opts.num_threads)
+        self.texts = _Texts(encoder, device)
+
+    def micro_batch_loss(self, index: int) -> tuple[Any, int] | None:
+        import torch
+
+        opts = self.opts
+        items, epochs = batch_positions(len(self.train), opts.seed, index * opts.batch_size, opts.batch_size)
+        kept, pixels = self.loader.load(items)
+        if len(kept) < 2:
+            return None  # nothing to contrast (the batch's images could not be read)
+        keep = np.isin(items, kept)
+        caps = _caption_choice(self.train, items[keep], epochs[keep], opts.seed)
+        with self.amp:
+            img, txt = features(self.net, torch.stack(pixels).to(self.device), self.texts(caps))
+            same = torch.tensor([[a == b for b in caps] for a in caps], device=self.device)
+            bias = self.base.logit_bias if self.is_siglip else None
+            loss = contrastive_loss(img, txt, self.base.logit_scale, bias, same)
+        return loss, len(kept)
+
+    def after_step(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            self.base.logit_scale.clamp_(max=math.log(100.0))
+
+    def evaluate(self) -> dict[str, Any] | None:
+        if self.held is None or self.eval_loader is None:
+            return None
+        return evaluate_retrieval(self.net, self.eval_loader, self.held, self.texts, self.device, self.amp)
+
+    def step_record(self, step: int, images: int) -> dict[str, Any]:
+        epoch = step * self.opts.batch_size * self.opts.grad_accum / len(self.train)
+        return {"epoch": round(epoch, 4), "images": images}
+
+    def export(self, output: Path) -> None:
+        save_model(self.net, check_location(self.spec), self.tokenizer, output)
+
+    def close(self) -> None:
+        self.loader.close()
+        if self.eval_loader is not None:
+            self.eval_loader.close()
+
+
 def finetune_clip(
     model: str,
     data: str | Path | LabelledData,
@@ -394,14 +440,6 @@ def finetune_clip(
     Raises:
         TrainingError / DataError / ValueError: bad options, data or model, naming the fix.
     """
-    import torch
-
-    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
-    from phiclip.encoders import load_encoder, parse_spec
-
-    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
-    from phiclip.encoders.clip import check_location
-
     opts = dataclasses.replace(options or ClipFinetuneOptions(), **settings).validate()
     t_start = time.perf_counter()
     spec = parse_spec(model)
@@ -425,110 +463,20 @@ def finetune_clip(
         raise TrainingError(f"{model}: no tokenizer could be loaded ({encoder.text_unavailable}); contrastive training needs text")
     encoder.share_model_weights_()  # the image path follows training (and no packed inference copy is held)
     seed_everything(opts.seed)
-    net = encoder.model
-    apply_freeze(net, opts.freeze)
-    if opts.lora_rank:
-        net = add_lora(net, opts)
-    net.to(device)
-    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    optimizer = _optimizer(net, opts.lr, opts.weight_decay)
-    base = _base(net)
-    is_siglip = not hasattr(base, "visual_projection")
-
     skipped = SkippedImages()
-    prep = encoder.preprocessor
-    loader = ImageBatchLoader(train.images, prep, keep_alpha=encoder.keeps_alpha, threads=opts.num_threads, skipped=skipped)
-    eval_loader = None if held is None else ImageBatchLoader(held.images, prep, keep_alpha=encoder.keeps_alpha,
-                                                             threads=opts.num_threads)
-    texts = _Texts(encoder, device)
-    per_step = opts.batch_size * opts.grad_accum
-    total = resolve_total_steps(opts.steps, opts.epochs, len(train), per_step)
-    warmup = resolve_warmup(opts.warmup, total)
-
-    if ckpt is not None:
-        restore_trainable(net, ckpt.weights, ckpt.path)
-        load_optimizer_state(optimizer, *ckpt.optimizer)
-        set_rng_state(*ckpt.rng)
-        start, before = ckpt.step, ckpt.state.get("before")
-        skipped.reasons.update({int(k): v for k, v in ckpt.state.get("skipped", {}).items()})
-        prior_seconds = float(ckpt.state.get("train_seconds", 0.0))
-    else:
-        start, prior_seconds = 0, 0.0
-        before = None if held is None else evaluate_retrieval(net, eval_loader, held, texts, device, amp)  # type: ignore[arg-type]
-    log = MetricsLog(output, resume_step=start if ckpt is not None else None, tensorboard=opts.tensorboard)
-    if ckpt is None and before is not None:
-        log.log({"step": 0, "eval": before})
-
-    timer = Timer()
-    loss_value: float | None = None
-    bar = progress_bar(total, start, opts.progress, f"finetune {spec.kind}")
-    try:
-        for step in range(start, total):
-            with timer.time():
-                net.train()
-                lr = lr_at(step, base_lr=opts.lr, warmup_steps=warmup, total_steps=total, min_lr_ratio=opts.min_lr_ratio)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                losses, seen = [], 0
-                for micro in range(opts.grad_accum):
-                    m = step * opts.grad_accum + micro
-                    items, epochs = batch_positions(len(train), opts.seed, m * opts.batch_size, opts.batch_size)
-                    kept, pixels = loader.load(items)
-                    if len(kept) < 2:
-                        continue  # nothing to contrast (the batch's images could not be read)
-                    keep = np.isin(items, kept)
-                    caps = _caption_choice(train, items[keep], epochs[keep], opts.seed)
-                    with amp:
-                        img, txt = features(net, torch.stack(pixels).to(device), texts(caps))
-                        same = torch.tensor([[a == b for b in caps] for a in caps], device=device)
-                        loss = contrastive_loss(img, txt, base.logit_scale, base.logit_bias if is_siglip else None, same)
-                    (loss / opts.grad_accum).backward()
-                    losses.append(float(loss.detach()))
-                    seen += len(kept)
-                if losses:
-                    if opts.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], opts.max_grad_norm)
-                    optimizer.step()
-                    with torch.no_grad():
-                        base.logit_scale.clamp_(max=math.log(100.0))
-                    loss_value = float(np.mean(losses))
-            epoch = (step + 1) * per_step / len(train)
-            log.log({"step": step + 1, "loss": loss_value, "lr": lr, "epoch": round(epoch, 4), "images": seen,
-                     "seconds": round(timer.seconds + prior_seconds, 4)})
-            bar.set_postfix(loss=f"{loss_value:.4f}" if loss_value is not None else "-", lr=f"{lr:.2e}")
-            bar.update(1)
-            if on_step is not None:
-                on_step(step + 1, float("nan") if loss_value is None else loss_value)
-            if opts.eval_every and (step + 1) % opts.eval_every == 0 and step + 1 < total and held is not None:
-                log.log({"step": step + 1, "eval": evaluate_retrieval(net, eval_loader, held, texts, device, amp)})  # type: ignore[arg-type]
-            if opts.save_every and (step + 1) % opts.save_every == 0 and step + 1 < total:
-                save_checkpoint(output, step + 1, net, optimizer, {
-                    "identity": identity, "before": before, "train_seconds": timer.seconds + prior_seconds,
-                    "skipped": {str(k): v for k, v in skipped.reasons.items()}}, keep=opts.keep_checkpoints)
-        bar.close()
-        after = None if held is None else evaluate_retrieval(net, eval_loader, held, texts, device, amp)  # type: ignore[arg-type]
-        if after is not None:
-            log.log({"step": total, "eval": after})
-        save_model(net, check_location(spec), encoder.tokenizer, output)
-    finally:
-        bar.close()
-        log.close()
-        loader.close()
-        if eval_loader is not None:
-            eval_loader.close()
-    train_seconds = timer.seconds + prior_seconds
+    mode = ClipTraining(encoder, opts, train, held, spec, device, amp, skipped)
+    loop = LoopSettings.from_options(opts, len(train), f"finetune {spec.kind}")
+    run = run_training(mode, output, loop, identity=identity, checkpoint=ckpt, skipped=skipped, on_step=on_step)
+    total = loop.total_steps
     result = ClipFinetuneResult(
-        output=output, model=str(spec), steps=total, resumed_from=None if ckpt is None else ckpt.step,
-        before=before, after=after, final_loss=loss_value, seconds=round(time.perf_counter() - t_start, 3),
-        seconds_per_step=round(train_seconds / total, 4) if total else None, train_images=len(train),
+        output=output, model=str(spec), steps=total, resumed_from=run.resumed_from,
+        before=run.before, after=run.after, final_loss=run.final_loss, seconds=round(time.perf_counter() - t_start, 3),
+        seconds_per_step=round(run.train_seconds / total, 4) if total else None, train_images=len(train),
         eval_images=0 if held is None else len(held), split=how, skipped_images=skipped.summary(),
-        trainable_parameters=int(trainable),
+        trainable_parameters=int(mode.trainable),
     )
-    write_json(output / METRICS_JSON, {**result.to_dict(), "options": opts.identity()})
-    with contextlib.suppress(OSError):
-        shutil.rmtree(output / CHECKPOINTS_DIR)
+    finish_run(output, {**result.to_dict(), "options": opts.identity()})
     return result
 
 
-__all__ = ["FREEZE_CHOICES", "ClipFinetuneOptions", "ClipFinetuneResult", "contrastive_loss", "finetune_clip"]
+__all__ = ["FREEZE_CHOICES", "ClipFinetuneOptions", "ClipFinetuneResult", "ClipTraining", "contrastive_loss", "finetune_clip"]

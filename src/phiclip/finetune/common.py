@@ -9,15 +9,16 @@ the optimizer's moments, the step, and the random generators (Python, NumPy, tor
 for dropout). Restoring them and continuing gives the loss curve of an uninterrupted run.
 
 Everything is written without pickle: tensors in safetensors files, the rest in JSON. A
-checkpoint folder is written under a temporary name and renamed, so it exists whole or not at all.
+checkpoint folder is written through :func:`phiclip.atomic.atomic_directory`, so it exists whole or
+not at all. The loop that uses all this is :mod:`phiclip.finetune.loop`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from phiclip.atomic import atomic_directory, atomic_write_text
 from phiclip.pipeline.output import differences
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -209,21 +211,15 @@ def save_checkpoint(
     root = Path(output) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_CKPT_PREFIX}{step:07d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    opt_tensors, opt_meta = optimizer_state(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng_tensors, rng_meta = rng_state()
-    save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / "rng.safetensors"))
-    payload = {"step": step, "optimizer": opt_meta, "rng": rng_meta, **state}
-    (tmp / "state.json").write_text(json.dumps(payload), encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_directory(final) as tmp:
+        weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        opt_tensors, opt_meta = optimizer_state(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng_tensors, rng_meta = rng_state()
+        save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / "rng.safetensors"))
+        payload = {"step": step, "optimizer": opt_meta, "rng": rng_meta, **state}
+        (tmp / "state.json").write_text(json.dumps(payload), encoding="utf-8")
     if keep > 0:
         for old in checkpoint_dirs(output)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -334,7 +330,7 @@ class MetricsLog:
             self.path.write_text("", encoding="utf-8")
             return
         kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))  # a crash here keeps the whole old log
 
     def log(self, record: dict[str, Any]) -> None:
         """Append ``record`` (must hold ``step``)."""
@@ -357,14 +353,6 @@ def read_metrics(output: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def progress_bar(total: int, initial: int, enabled: bool, desc: str) -> Any:
     """A tqdm bar over optimizer steps (on stderr); ``set_postfix`` shows loss and lr."""
     from tqdm.auto import tqdm
@@ -379,9 +367,8 @@ class Timer:
         self.seconds = 0.0
         self.steps = 0
 
-    def time(self) -> Iterator[None]:
+    def time(self) -> contextlib.AbstractContextManager[None]:
         """Context manager around one step."""
-        import contextlib
 
         @contextlib.contextmanager
         def cm() -> Iterator[None]:
@@ -398,11 +385,6 @@ class Timer:
         return self.seconds / self.steps if self.steps else None
 
 
-def cache_root() -> Path:
-    """``$PHICLIP_CACHE``, else ``~/.cache/phiclip`` (embedding and teacher-token caches live under it)."""
-    return Path(os.environ.get("PHICLIP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "phiclip"))
-
-
 def resolve_device(device: str) -> Any:
     """``auto`` -> CUDA when present, else the CPU; a clear error for CUDA without CUDA."""
     import torch
@@ -417,8 +399,6 @@ def resolve_device(device: str) -> Any:
 
 def autocast_for(device: Any, precision: str) -> Any:
     """bf16 autocast on CUDA for ``auto``/``bfloat16``; nothing on the CPU or for ``float32``."""
-    import contextlib
-
     import torch
 
     if precision not in ("auto", "float32", "bfloat16"):
@@ -440,7 +420,6 @@ __all__ = [
     "TrainingError",
     "autocast_for",
     "batch_positions",
-    "cache_root",
     "checkpoint_dirs",
     "epoch_order",
     "load_checkpoint",
@@ -454,5 +433,4 @@ __all__ = [
     "restore_trainable",
     "save_checkpoint",
     "seed_everything",
-    "write_json",
 ]

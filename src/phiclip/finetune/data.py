@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from phiclip.encoders.base import default_prep_threads
+from phiclip.evaluate import fill_template, prompt_name, stratified_split
 from phiclip.images import describe_source, try_load_image
 from phiclip.inputs import DataError, LabelledData, load_data
 
@@ -50,9 +52,6 @@ def load_training_data(
     Raises:
         DataError: the data cannot be read, or lacks what ``need`` asks for.
     """
-    # lazy: `phiclip --help` imports this module; phiclip.evaluate is loaded on first use
-    from phiclip.evaluate import fill_template, prompt_name
-
     if isinstance(data, LabelledData):
         ds = data
     else:
@@ -91,10 +90,12 @@ def train_eval_split(
 ) -> tuple[LabelledData, LabelledData | None, str]:
     """``(train, eval or None, how)``: the data's ``train`` split and ``eval_split`` (default: the
     first of val, validation, valid, test present), else a seeded hold-out of ``eval_fraction`` of
-    the images (stratified by label when labelled; ``eval_fraction=0`` holds nothing out)."""
-    # lazy: `phiclip --help` imports this module; phiclip.evaluate is loaded on first use
-    from phiclip.evaluate import stratified_split
+    the images (stratified by label when labelled; ``eval_fraction=0`` holds nothing out).
 
+    ``how`` states the real counts: a stratified hold-out takes ``round(eval_fraction * m)`` of each
+    class of ``m >= 2`` images but at least one (and none of a class of one), an unlabelled one at
+    least one image, so the share held out can be well above ``eval_fraction`` on small data; and at
+    most ``max_eval`` of the held-out images are evaluated (the others are not trained on either)."""
     if ds.splits is not None and len(set(ds.splits)) > 1:
         names = set(ds.splits)
         if eval_split is not None and eval_split not in names:
@@ -103,7 +104,9 @@ def train_eval_split(
         train_name = "train" if "train" in names else None
         if ev is not None and train_name is not None:
             train, held = ds.select_split(train_name), ds.select_split(ev)
-            return train, _cap(held, max_eval, seed), f"given splits (train / {ev})"
+            capped = _cap(held, max_eval, seed)
+            how = f"given splits (train / {ev}: {len(train)} / {len(held)} images)"
+            return train, capped, how + _evaluated_note(capped, held)
     if eval_split is not None:
         raise DataError(f"{ds.source}: has no splits, so --eval-split {eval_split!r} does not apply; use --eval-fraction")
     if eval_fraction <= 0:
@@ -120,7 +123,20 @@ def train_eval_split(
         raise DataError(f"{ds.source}: too few images ({len(ds)}) to hold out an evaluation split; add images or pass --eval-fraction 0")
     train, held = ds.subset(tr), ds.subset(te)
     train.source, held.source = f"{ds.source} [train]", f"{ds.source} [held out]"
-    return train, _cap(held, max_eval, seed), f"held out {eval_fraction:.0%} (seed {seed})"
+    capped = _cap(held, max_eval, seed)
+    share = len(te) / len(ds)
+    parts = [f"{share:.0%}"] + (["stratified by label"] if ds.labels is not None else [])
+    if round(share * 100) != round(eval_fraction * 100):
+        rule = ("rounded per class, at least one of each class of two or more images" if ds.labels is not None
+                else "rounded to whole images, at least one")
+        parts.append(f"{eval_fraction:.0%} asked, {rule}")
+    how = f"held out {len(te)} of {len(ds)} images ({'; '.join([*parts, f'seed {seed}'])})"
+    return train, capped, how + _evaluated_note(capped, held)
+
+
+def _evaluated_note(evaluated: LabelledData, held: LabelledData) -> str:
+    """``, evaluated on N of them (--max-eval)`` when the evaluation set was capped."""
+    return "" if len(evaluated) == len(held) else f", evaluated on {len(evaluated)} of them (--max-eval)"
 
 
 def _cap(ds: LabelledData, max_items: int | None, seed: int) -> LabelledData:
@@ -188,9 +204,6 @@ class ImageBatchLoader:
 
     def __init__(self, images: Sequence[Any], prepare: Callable[[Any], Any], *, keep_alpha: bool = False,
                  threads: int | None = None, skipped: SkippedImages | None = None) -> None:
-        # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
-        from phiclip.encoders.base import default_prep_threads
-
         self.images = images
         self.prepare = prepare
         self.keep_alpha = keep_alpha

@@ -2,10 +2,12 @@
 classification of new images with it.
 
 :func:`train_probe` reads (image, label) data (:mod:`phiclip.finetune.data`), embeds every image
-with the encoder's own preprocess / collate / encode_batch steps (what ``encode_images`` runs),
-cached on disk by the encoder's description, the fingerprint of its weights and the fingerprint of
-the data (a rerun reuses the vectors), standardises them, and trains with AdamW on a class-weighted
-cross-entropy with early stopping on a validation split. It writes ``OUT/probe.safetensors`` (the
+through the project's one embedding step (:func:`phiclip.pipeline.step.embed_payloads`, what
+``Encoder.encode_images`` runs; an image that cannot be read is skipped and counted), cached on disk
+(``embeddings/`` under :func:`phiclip.cache.cache_dir`) by the encoder's description, the fingerprint of
+its weights and the fingerprint of the data (a rerun reuses the vectors), standardises them, and
+trains with AdamW on a class-weighted cross-entropy with early stopping on a validation split (a
+progress bar for each phase). It writes ``OUT/probe.safetensors`` (the
 layers and the standardisation) and ``OUT/probe.json`` (encoder spec, weights fingerprint, label
 names, shapes, metrics).
 
@@ -29,11 +31,17 @@ from typing import Any
 
 import numpy as np
 
-from phiclip import schema
+from phiclip import cache, schema
+from phiclip.atomic import atomic_path, atomic_write_json
 from phiclip.datasets_io import DataError, LabelledData
-from phiclip.finetune.common import TrainingError, cache_root, progress_bar, write_json
-from phiclip.finetune.data import ImageBatchLoader, SkippedImages, _item_digest, load_training_data
+from phiclip.encoders import Encoder, load_encoder, parse_spec
+from phiclip.evaluate import mean_per_class_recall, stratified_split
+from phiclip.finetune.common import TrainingError, progress_bar
+from phiclip.finetune.data import SkippedImages, _item_digest, load_training_data
+from phiclip.images import describe_source
 from phiclip.pipeline.runner import embed
+from phiclip.pipeline.step import embed_payloads
+from phiclip.store import open_embeddings
 
 PROBE_WEIGHTS = "probe.safetensors"
 PROBE_CONFIG = "probe.json"
@@ -70,7 +78,7 @@ class ProbeOptions:
     device: str = "auto"
     #: Compute dtype of the encoder: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.
     precision: str = "auto"
-    #: Where embeddings are cached (default: ``$PHICLIP_CACHE/embeddings`` or ``~/.cache/phiclip/embeddings``).
+    #: Where embeddings are cached (default: ``embeddings/`` under the cache root, :func:`phiclip.cache.cache_dir`).
     cache_dir: str | None = None
     image_column: str | None = None
     label_column: str | None = None
@@ -115,23 +123,22 @@ def build_probe_net(dim: int, num_classes: int, hidden: int = 0, dropout: float 
 
 
 # --- embeddings, cached --------------------------------------------------------------------------
-def default_cache_dir() -> Path:
-    """``$PHICLIP_CACHE/embeddings``, else ``~/.cache/phiclip/embeddings``."""
-    return cache_root() / "embeddings"
+#: The folder under the cache root (:func:`phiclip.cache.cache_dir`) of the embedding cache.
+EMBEDDINGS_CACHE = "embeddings"
 
 
-def weights_fingerprint(encoder: Any) -> str | None:
+def weights_fingerprint(encoder: Encoder) -> str | None:
     """The encoder's ``describe()["weights_fingerprint"]`` when it reports one."""
     fp = encoder.describe().get("weights_fingerprint")
     return str(fp) if fp else None
 
 
-def encoder_identity(encoder: Any) -> dict[str, Any]:
+def encoder_identity(encoder: Encoder) -> dict[str, Any]:
     """What decides an encoder's vectors: its description without volatile keys (device...)."""
     return {k: v for k, v in encoder.describe().items() if k not in _VOLATILE}
 
 
-def embedding_cache_key(encoder: Any, images: Sequence[Any]) -> str:
+def embedding_cache_key(encoder: Encoder, images: Sequence[Any]) -> str:
     """32 hex digits over the encoder's identity (spec, preprocessing, dtype, weights fingerprint)
     and every image (path, size and modification time; or the bytes)."""
     h = hashlib.blake2b(digest_size=16)
@@ -154,14 +161,15 @@ class CachedEmbeddings:
     key: str
 
 
-def embed_images_cached(encoder: Any, images: Sequence[Any], *, cache_dir: str | Path | None = None,
+def embed_images_cached(encoder: Encoder, images: Sequence[Any], *, cache_dir: str | Path | None = None,
                         batch_size: int = 32, progress: bool = False) -> CachedEmbeddings:
-    """Embed ``images`` with ``encoder`` (decode, ``preprocess``, ``collate``, ``encode_batch``), or
-    read them from the cache. Images that cannot be decoded or preprocessed are skipped, not fatal."""
-    import torch
+    """Embed ``images`` with ``encoder`` through the pipeline's embedding step
+    (:func:`~phiclip.pipeline.step.embed_payloads`, about ``batch_size`` images per model call), or read
+    them from the cache. Images that cannot be read, decoded or preprocessed are skipped (``source:
+    reason`` each, as ``phiclip embed`` words them), not fatal."""
     from safetensors.numpy import load_file, save_file
 
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else cache.cache_dir(EMBEDDINGS_CACHE)
     key = embedding_cache_key(encoder, images)
     path = root / f"{key}.safetensors"
     if path.is_file():
@@ -173,30 +181,30 @@ def embed_images_cached(encoder: Any, images: Sequence[Any], *, cache_dir: str |
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is recomputed
     skipped = SkippedImages()
-    loader = ImageBatchLoader(images, encoder.preprocess, keep_alpha=encoder.keeps_alpha, skipped=skipped)
     vectors = np.zeros((len(images), encoder.dim), dtype=np.float32)
     ok = np.zeros(len(images), dtype=bool)
+    budget = max(1, batch_size) * max(1, int(encoder.typical_item_cost()))  # the step's budget counts item costs
     bar = progress_bar(len(images), 0, progress, "embed")
     bar.unit = "img"
     try:
-        for s in range(0, len(images), batch_size):
-            kept, items = loader.load(range(s, min(s + batch_size, len(images))))
-            if items:
-                with torch.inference_mode():
-                    out = encoder.encode_batch(encoder.collate(items)).embeddings
-                vectors[kept] = out
-                ok[kept] = True
-            bar.update(min(batch_size, len(images) - s))
+        for s in range(0, len(images), batch_size):  # one call per batch, for the progress bar
+            part = images[s : s + batch_size]
+            res = embed_payloads(encoder, part, batch_size=budget, max_pixels=encoder.max_pixels)
+            if res.positions:
+                rows = s + np.asarray(res.positions, dtype=np.int64)
+                vectors[rows] = res.embeddings
+                ok[rows] = True
+            for pos, _stage, reason in res.errors:
+                skipped.add(s + pos, f"{describe_source(part[pos])}: {reason}")
+            bar.update(len(part))
     finally:
         bar.close()
-        loader.close()
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{key}.{os.getpid()}.tmp"
-    save_file({"vectors": vectors, "ok": ok.astype(np.uint8)}, str(tmp))
-    (root / f"{key}.json").write_text(json.dumps({
+    atomic_write_json(root / f"{key}.json", {
         "encoder": encoder_identity(encoder), "num_images": len(images),
-        "skipped": {str(k): v for k, v in skipped.reasons.items()}}, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+        "skipped": {str(k): v for k, v in skipped.reasons.items()}}, durable=False, default=str)
+    with atomic_path(path, durable=False) as tmp:  # a cache: computed again if lost
+        save_file({"vectors": vectors, "ok": ok.astype(np.uint8)}, str(tmp))
     return CachedEmbeddings(vectors, ok, skipped, False, key)
 
 
@@ -230,9 +238,6 @@ class ProbeResult:
 
 def _splits(ds: LabelledData, opts: ProbeOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """Row indices of train, validation and test (the data's ``test`` split, if any)."""
-    # lazy: `phiclip --help` imports this module; phiclip.evaluate is loaded on first use
-    from phiclip.evaluate import stratified_split
-
     n = len(ds)
     idx = np.arange(n)
     splits = np.asarray(ds.splits) if ds.splits is not None else None
@@ -265,7 +270,8 @@ def _class_weights(y: np.ndarray, num_classes: int, mode: str) -> np.ndarray:
 def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None, y_val: np.ndarray | None,
               num_classes: int, opts: ProbeOptions) -> tuple[Any, dict[str, Any]]:
     """Train the probe network on vectors; returns ``(net, info)`` with the best epoch by
-    validation loss (class-weighted cross-entropy) and the number of epochs run."""
+    validation loss (class-weighted cross-entropy) and the number of epochs run. A progress bar over
+    epochs (``opts.progress``) shows the validation loss."""
     import torch
     import torch.nn.functional as F
 
@@ -284,22 +290,30 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None
     yv = torch.from_numpy(np.asarray(y_val, dtype=np.int64)) if has_val else None
     best = (float("inf"), 0, None)
     epoch = 0
-    for epoch in range(1, opts.epochs + 1):
-        net.train()
-        for b in torch.randperm(len(x), generator=gen).split(opts.batch_size):
-            loss = F.cross_entropy(net(x[b]), y[b], weight=weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if not has_val:
-            continue
-        net.eval()
-        with torch.no_grad():
-            vloss = float(F.cross_entropy(net(xv), yv, weight=weight))
-        if vloss < best[0] - 1e-6:
-            best = (vloss, epoch, {k: v.clone() for k, v in net.state_dict().items()})
-        elif epoch - best[1] >= opts.patience:
-            break
+    bar = progress_bar(opts.epochs, 0, opts.progress, "train probe")
+    bar.unit = "epoch"
+    try:
+        for epoch in range(1, opts.epochs + 1):
+            net.train()
+            for b in torch.randperm(len(x), generator=gen).split(opts.batch_size):
+                loss = F.cross_entropy(net(x[b]), y[b], weight=weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            bar.update(1)
+            if not has_val:
+                continue
+            net.eval()
+            with torch.no_grad():
+                vloss = float(F.cross_entropy(net(xv), yv, weight=weight))
+            improved = vloss < best[0] - 1e-6
+            if improved:
+                best = (vloss, epoch, {k: v.clone() for k, v in net.state_dict().items()})
+            bar.set_postfix(val_loss=f"{vloss:.4f}", best_epoch=best[1])
+            if not improved and epoch - best[1] >= opts.patience:
+                break  # early stop: the bar ends short of --epochs
+    finally:
+        bar.close()
     if best[2] is not None:
         net.load_state_dict(best[2])
     net.eval()
@@ -318,7 +332,7 @@ def predict_proba(net: Any, x: np.ndarray, batch_size: int = 4096) -> np.ndarray
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def train_probe(model: Any, data: str | Path | LabelledData, output: str | Path,
+def train_probe(model: str | Encoder, data: str | Path | LabelledData, output: str | Path,
                 options: ProbeOptions | None = None, **settings: Any) -> ProbeResult:
     """Train a probe on frozen embeddings of ``model`` (any encoder spec, or a loaded
     :class:`~phiclip.encoders.Encoder`) and save it to ``output``.
@@ -326,12 +340,6 @@ def train_probe(model: Any, data: str | Path | LabelledData, output: str | Path,
     Raises:
         TrainingError / DataError / ValueError: bad options, data or model, naming the fix.
     """
-    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
-    from phiclip.encoders import Encoder, load_encoder
-
-    # lazy: `phiclip --help` imports this module; phiclip.evaluate is loaded on first use
-    from phiclip.evaluate import mean_per_class_recall
-
     opts = dataclasses.replace(options or ProbeOptions(), **settings).validate()
     t0 = time.perf_counter()
     ds = load_training_data(data, need="labels", image_column=opts.image_column, label_column=opts.label_column)
@@ -389,7 +397,7 @@ def save_probe(output: Path, net: Any, meta: dict[str, Any]) -> None:
 
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(output / PROBE_WEIGHTS),
               metadata={"format": PROBE_FORMAT})
-    write_json(output / PROBE_CONFIG, {"format": PROBE_FORMAT, **meta})
+    atomic_write_json(output / PROBE_CONFIG, {"format": PROBE_FORMAT, **meta}, indent=2, default=str)
 
 
 @dataclass
@@ -453,16 +461,13 @@ class ClassifyResult:
 
 
 def _same_spec(a: str, b: str) -> bool:
-    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
-    from phiclip.encoders import parse_spec
-
     try:
         return str(parse_spec(a)) == str(parse_spec(b))
     except ValueError:  # a name that is not a spec (an encoder built in code)
         return a == b
 
 
-def check_probe_encoder(probe: LoadedProbe, model: str | None, encoder: Any | None = None) -> None:
+def check_probe_encoder(probe: LoadedProbe, model: str | None, encoder: Encoder | None = None) -> None:
     """Refuse a probe trained on another encoder than ``model`` (spec), or on other weights than
     ``encoder`` has now (its weights fingerprint)."""
     trained = probe.meta["encoder"]
@@ -478,7 +483,7 @@ def check_probe_encoder(probe: LoadedProbe, model: str | None, encoder: Any | No
             raise TrainingError(f"{trained} now gives {encoder.dim}-d vectors but the probe takes {probe.meta['dim']}-d")
 
 
-def classify(probe: str | Path, input: str | os.PathLike, output: str | Path, *, model: Any = None,
+def classify(probe: str | Path, input: str | os.PathLike, output: str | Path, *, model: str | Encoder | None = None,
              top_k: int = 5, embeddings: str | Path | None = None, device: str = "auto", precision: str = "auto",
              batch_size: int = 64, num_workers: int | None = None, column: str | None = None, split: str = "train",
              progress: bool = True) -> ClassifyResult:
@@ -495,12 +500,6 @@ def classify(probe: str | Path, input: str | os.PathLike, output: str | Path, *,
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
-    from phiclip.encoders import Encoder, load_encoder
-
-    # lazy: `phiclip --help` imports this module; phiclip.store is loaded on first use
-    from phiclip.store import open_embeddings
 
     t0 = time.perf_counter()
     loaded = load_probe(probe)
@@ -550,9 +549,8 @@ def classify(probe: str | Path, input: str | os.PathLike, output: str | Path, *,
         "top_k": pa.array(tops, top_type), "error": pa.array(errors, pa.string()),
     })
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp)
     return ClassifyResult(output=out, embeddings=emb_dir, rows=len(ids), classified=len(stored.ids), failed=failed,
                           seconds=round(time.perf_counter() - t0, 3))
 
