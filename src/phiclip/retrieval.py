@@ -802,23 +802,28 @@ def query_spec(root: str | Path, manifest: dict[str, Any], model: str | None = N
     moved) or the spec the manifest records.
 
     Raises:
-        SearchError: the manifest records no spec, or records a local folder that is not there (moved, or
-            recorded relative to another working folder), naming it and suggesting ``--model``.
+        SearchError: no ``model`` and the manifest records no spec.
     """
     if model:
         return model
-    spec, local = recorded_checkpoint(manifest)
+    spec = encoder_spec_of(manifest)
     if not spec:
         raise SearchError(f"{root}: the manifest names no encoder spec; pass the encoder that made the vectors "
                           "with --model (model= in Python)")
-    if local is not None and not local.is_dir():
-        kind = spec.split(":", 1)[0]
-        raise SearchError(
-            f"{root}: the vectors were made by {spec!r}, whose checkpoint folder {str(local)!r} does not exist here "
-            f"(moved, or recorded relative to another working folder); give its current location with "
-            f"--model {kind}:NEW_PATH (model= in Python)"
-        )
     return spec
+
+
+def _unloadable(root: str | Path, manifest: dict[str, Any], error: BaseException) -> SearchError:
+    """The error for a recorded checkpoint that does not load: it names the checkpoint (and, for a local folder,
+    where it was looked for) and suggests ``--model``."""
+    spec, local = recorded_checkpoint(manifest)
+    kind = str(spec).split(":", 1)[0]
+    where = f" (looked for in {str(local)!r})" if local is not None and not local.is_dir() else ""
+    return SearchError(
+        f"{root}: the vectors were made by {spec!r}{where}, which cannot be loaded here ({error}); if its checkpoint "
+        f"moved, or is a folder recorded relative to another working folder, give its current location with "
+        f"--model {kind}:NEW_PATH (model= in Python)"
+    )
 
 
 def check_override(encoder: Encoder, manifest: dict[str, Any], where: str | Path = "", *,
@@ -869,8 +874,8 @@ def load_query_encoder(root: str | Path, manifest: dict[str, Any], model: str | 
     :func:`phiclip.encoders.load_encoder`.
 
     Raises:
-        SearchError: see :func:`query_spec`; the recorded checkpoint cannot be loaded (the message names it
-            and suggests ``--model``); a check fails.
+        SearchError: no spec; the recorded checkpoint cannot be loaded (moved, or a relative folder that does not
+            resolve here: the message names it and suggests ``--model``); a check fails.
     """
     spec = query_spec(root, manifest, model)
     try:
@@ -878,12 +883,7 @@ def load_query_encoder(root: str | Path, manifest: dict[str, Any], model: str | 
     except (ValueError, OSError) as e:
         if model:
             raise
-        kind = spec.split(":", 1)[0]
-        raise SearchError(
-            f"{root}: the vectors were made by {spec!r}, which cannot be loaded here ({e}); if its checkpoint moved, "
-            f"or was a folder recorded relative to another working folder, give its current location with "
-            f"--model {kind}:NEW_PATH (model= in Python)"
-        ) from None
+        raise _unloadable(root, manifest, e) from None
     check_query_encoder(encoder, manifest, root, override=bool(model), allow_other_weights=allow_other_weights)
     return encoder
 

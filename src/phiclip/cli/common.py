@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,8 @@ ColumnOpt = Annotated[str | None, typer.Option("--column", help=(
     "Table/dataset column holding the inputs (default: guessed from names and types)."))]
 SplitOpt = Annotated[str, typer.Option("--split", help="Split of an hf: dataset.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+AutoProgressOpt = Annotated[bool | None, typer.Option("--progress/--no-progress", help=(
+    "Show progress on stderr (default: when stderr is a terminal)."))]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")]
 EmbDirArg = Annotated[Path, typer.Argument(help="An output folder of `phiclip embed` (holds manifest.json).")]
 QueryDeviceOpt = Annotated[str, typer.Option("--device", help="Where the query encoder runs: auto, cpu, cuda, cuda:1 ...")]
@@ -68,6 +71,11 @@ TemplateOpt = Annotated[list[str] | None, typer.Option("--template", help=(
 
 
 # --- messages ----------------------------------------------------------------------------------------
+def progress_wanted(progress: bool | None) -> bool:
+    """``--progress`` / ``--no-progress`` as given, else whether stderr is a terminal (no bars in logs)."""
+    return sys.stderr.isatty() if progress is None else progress
+
+
 def say(message: Any) -> None:
     """Print a progress line of a long command, control characters in it escaped."""
     typer.echo(escape_control(message, keep_newlines=True))

@@ -3,7 +3,6 @@ Defaults come from :mod:`phiclip.comparison.runner` (importing it loads numpy on
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +14,8 @@ from phiclip.cli.common import (
     ImageColumnOpt,
     LabelColumnOpt,
     MaxPixelsOpt,
+    QueryPrecision,
+    QueryPrecisionOpt,
     TemplateOpt,
     api_errors,
     echo_json,
@@ -24,13 +25,6 @@ from phiclip.cli.common import (
 from phiclip.comparison import runner
 from phiclip.comparison.report import print_report
 from phiclip.console import safe_text
-
-
-class ComparePrecision(str, enum.Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
 
 
 def compare(
@@ -44,8 +38,7 @@ def compare(
     k: Annotated[int, typer.Option("--k", min=1, help="Neighbours for the k-NN overlap and the kNN classifier.")]
     = runner.DEFAULT_K,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = "auto",
-    precision: Annotated[ComparePrecision, typer.Option("--precision", help=(
-        "Compute dtype (auto: bfloat16 on CUDA, float32 on CPU)."))] = ComparePrecision.auto,
+    precision: QueryPrecisionOpt = QueryPrecision.auto,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
     = runner.DEFAULT_BATCH_SIZE,
     max_images: Annotated[int | None, typer.Option("--max-images", min=2, help=(

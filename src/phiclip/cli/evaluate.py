@@ -14,12 +14,12 @@ from rich.table import Table
 from phiclip import evaluate as evaluation
 from phiclip.atomic import atomic_write_text
 from phiclip.cli.common import (
+    AutoProgressOpt,
     CaptionColumnOpt,
     ImageColumnOpt,
     JsonOpt,
     LabelColumnOpt,
     MaxPixelsOpt,
-    ProgressOpt,
     QueryDeviceOpt,
     QueryPrecision,
     QueryPrecisionOpt,
@@ -28,6 +28,7 @@ from phiclip.cli.common import (
     echo_json,
     fail_cli,
     print_left_out_items,
+    progress_wanted,
 )
 from phiclip.console import safe_text
 
@@ -73,7 +74,7 @@ def evaluate(
     label_column: LabelColumnOpt = None,
     caption_column: CaptionColumnOpt = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the result as JSON to this file.")] = None,
-    progress: ProgressOpt = True,
+    progress: AutoProgressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate an encoder on labelled or captioned images (CLIP_benchmark's protocol) and print the metrics."""
@@ -85,7 +86,8 @@ def evaluate(
             templates=template or (str(templates_file) if templates_file else None),
             classnames=str(classnames) if classnames else None, k=k, test_fraction=test_fraction, seed=seed,
             batch_size=batch_size, max_pixels=max_pixels or None, device=device, dtype=precision.value,
-            image_column=image_column, label_column=label_column, caption_column=caption_column, progress=progress,
+            image_column=image_column, label_column=label_column, caption_column=caption_column,
+            progress=progress_wanted(progress),
         )
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)

@@ -65,9 +65,8 @@ def serve(
         allow_incomplete=allow_incomplete, model=model, allow_other_weights=allow_other_weights,
     )
     try:
-        from phiclip.serve.app import (
-            run_server,  # lazy: optional dependency (starlette, uvicorn: phiclip[serve])
-        )
+        # lazy: optional dependency (starlette, uvicorn: phiclip[serve])
+        from phiclip.serve.app import run_server
 
         run_server(emb_dirs, options, say=say)
     except PortInUseError as e:

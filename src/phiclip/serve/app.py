@@ -55,6 +55,7 @@ from phiclip.serve.collections import (
 from phiclip.serve.listener import bind_listener
 from phiclip.serve.options import ServeOptions, is_loopback
 from phiclip.serve.thumbnails import DEFAULT_THUMBNAIL_SIZE, THUMBNAIL_SIZES, ThumbnailCache, render_thumbnail
+from phiclip.store import read_manifest
 
 try:
     import anyio
@@ -711,6 +712,8 @@ def run_server(paths: list[str | Path], options: ServeOptions | None = None, *, 
     import uvicorn
 
     opts = (options or ServeOptions()).validate()
+    for path in paths:  # a folder that is not an output is refused before the port is taken
+        read_manifest(Path(path).expanduser())
     listener = bind_listener(opts.host, opts.port)
     try:
         service = build_service(paths, opts)

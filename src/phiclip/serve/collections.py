@@ -307,8 +307,7 @@ def open_collection(path: str | Path, name: str, *, allow_incomplete: bool = Fal
     embeds its queries in place of the recorded one (checked when the encoder loads: :func:`load_collections`).
 
     Raises:
-        EmbeddingStoreError / SearchError: not an embedding output, no encoder spec, a recorded checkpoint
-            folder that is not there (without ``model``), unreadable shards.
+        EmbeddingStoreError / SearchError: not an embedding output, no encoder spec, unreadable shards.
     """
     root = Path(path).expanduser()
     index = open_index(root, **({"allow_incomplete": True} if allow_incomplete else {}))
