@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -121,17 +122,16 @@ app.command("classify")(finetune.classify_cmd)
 
 def _quiet_libraries() -> None:
     """The CLI prints its own progress; keep transformers' warnings and loading bars out of it
-    (``TRANSFORMERS_VERBOSITY=info`` brings them back)."""
+    (``TRANSFORMERS_VERBOSITY=info`` brings them back). Through the environment, which transformers and
+    huggingface_hub read when they are imported (by a command that needs them, never by ``--help``)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if os.environ["TRANSFORMERS_VERBOSITY"] == "error":
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        try:
+        if "transformers" in sys.modules:  # imported already: it has read the environment
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-        except ImportError:  # pragma: no cover - transformers is a dependency
-            pass
 
 
 def main() -> None:

@@ -28,12 +28,15 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from phiclip.comparison.results import Cost, TokenCount
 from phiclip.images import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:  # annotations only: phiclip.encoders loads when a model is measured
+    from phiclip.encoders.base import Encoder
 
 _MB = float(2**20)
 
@@ -180,7 +183,7 @@ class Pass:
     prepare_s: float
 
 
-def embed_pass(encoder: Any, sources: Sequence[str], *, batch_size: int, max_pixels: int | None) -> Pass:
+def embed_pass(encoder: Encoder, sources: Sequence[str], *, batch_size: int, max_pixels: int | None) -> Pass:
     """Embed ``sources`` once through the bulk pipeline's step (:func:`phiclip.pipeline.step.embed_payloads`):
     images that fail are values in ``failed``, never exceptions."""
     # lazy: `phiclip --help` imports this module; pipeline.step (-> phiclip.encoders) is loaded on first use
@@ -200,7 +203,7 @@ def embed_pass(encoder: Any, sources: Sequence[str], *, batch_size: int, max_pix
     )
 
 
-def crops_of_sizes(encoder: Any, sizes: Sequence[tuple[int, int]]) -> list[int]:
+def crops_of_sizes(encoder: Encoder, sizes: Sequence[tuple[int, int]]) -> list[int]:
     """The crops (tower passes, ``encoder.item_crops``) of an image of each size: what the encoder's
     preprocessing makes of a blank image of that size (one call per distinct size, untimed; the crop
     count of phiclip's encoders depends on the size alone)."""
@@ -213,7 +216,7 @@ def crops_of_sizes(encoder: Any, sizes: Sequence[tuple[int, int]]) -> list[int]:
     return [per[s] for s in sizes]
 
 
-def _tokens_by_size(encoder: Any, p: Pass) -> list[TokenCount]:
+def _tokens_by_size(encoder: Encoder, p: Pass) -> list[TokenCount]:
     """Crops and image tokens per image size (Phi-3-vision's ``tokens_per_image``; ``None`` elsewhere)."""
     per: dict[tuple[int, int], list[int]] = {}
     for size, crops in zip(p.sizes, p.crops):
@@ -225,7 +228,7 @@ def _tokens_by_size(encoder: Any, p: Pass) -> list[TokenCount]:
     ]
 
 
-def _text_side(encoder: Any, job: MeasureJob, device: Any, skipped: dict[str, str]) -> tuple[Any, Any, float | None]:
+def _text_side(encoder: Encoder, job: MeasureJob, device: Any, skipped: dict[str, str]) -> tuple[Any, Any, float | None]:
     """Text embeddings of ``job.texts`` and zero-shot weights of ``job.classnames`` when the encoder
     has a text side (else the reasons in ``skipped``); returns them with the text encoding time."""
     import torch
@@ -301,7 +304,7 @@ def measure_model(job: MeasureJob, *, memory_scope: str = "in-process",
     encoder.set_max_pixels(job.max_pixels)  # also bounds what preprocessing builds (Phi-3-vision's HD canvas)
     description = json.loads(json.dumps(encoder.describe(), default=str))
 
-    def one_pass(enc: Any, sources: Sequence[str]) -> Pass:
+    def one_pass(enc: Encoder, sources: Sequence[str]) -> Pass:
         try:
             with torch.inference_mode():
                 got = embed_pass(enc, sources, batch_size=job.batch_size, max_pixels=job.max_pixels)
