@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from phiclip.comparison.runner import compare
+from phiclip.pipeline.runner import embed
+from phiclip.retrieval import build_index, search
+from phiclip.testing import build_tiny_clip, build_tiny_phi3v, make_sample_images
+
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_PHI3V = "microsoft/Phi-3-vision-128k-instruct"
 
@@ -79,11 +84,6 @@ def run_demo(
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the demo; returns what it did (paths, models, counts, search results)."""
-    from phiclip.comparison.runner import compare
-    from phiclip.pipeline.runner import embed
-    from phiclip.retrieval import build_index, search
-    from phiclip.testing import build_tiny_clip, build_tiny_phi3v, make_sample_images
-
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     images_dir = out / "images"

@@ -23,6 +23,7 @@ layer (:func:`phiclip.inputs.load_data`) and the images are embedded by the bulk
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,7 +37,7 @@ from phiclip.encoders.base import Encoder
 from phiclip.images import DEFAULT_MAX_PIXELS
 from phiclip.inputs import LabelledData, align_label_spaces, load_data
 from phiclip.models.ops import l2_normalize
-from phiclip.pipeline.step import embed_payloads
+from phiclip.pipeline.step import StepResult, embed_payloads
 
 #: A small set of generic prompt templates (``{c}`` is replaced by the class name).
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -524,6 +525,7 @@ class EvalOptions:
     class names with ``_`` read as spaces). ``dtype`` is the compute precision of the encoder.
     ``max_pixels``: images with more pixels are left out (decompression bombs); ``None``: no limit. It is
     also the encoder's preprocessing budget (:meth:`~phiclip.encoders.base.Encoder.set_max_pixels`).
+    ``progress``: a bar (on stderr) over the images being embedded, then a line per step of the task.
     """
 
     split: str | None = None
@@ -541,6 +543,7 @@ class EvalOptions:
     image_column: str | None = None
     label_column: str | None = None
     caption_column: str | None = None
+    progress: bool = False
 
 
 @dataclass
@@ -553,13 +556,29 @@ class EmbeddedImages:
     left_out: list[dict[str, str]]
 
 
+#: With a progress bar, images go through the pipeline's step this many batches at a time (the bar moves
+#: after each such chunk).
+PROGRESS_CHUNK_BATCHES = 4
+
+
 def embed_data(encoder: Encoder, data: LabelledData, *, batch_size: int = 32,
-               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> EmbeddedImages:
+               max_pixels: int | None = DEFAULT_MAX_PIXELS, progress: bool = False) -> EmbeddedImages:
     """Embed every image of ``data`` through the bulk pipeline's per-shard step
     (:func:`phiclip.pipeline.step.embed_payloads`): an image that cannot be read, decoded or
-    preprocessed is left out and named, never fatal."""
+    preprocessed is left out and named, never fatal. ``progress``: a bar over the images (on stderr)."""
+    from tqdm.auto import tqdm
 
-    result = embed_payloads(encoder, list(data.images), batch_size=batch_size, max_pixels=max_pixels)
+    images = list(data.images)
+    chunk = batch_size * PROGRESS_CHUNK_BATCHES if progress else max(1, len(images))
+    result = StepResult(int(encoder.dim))
+    with tqdm(total=len(images), unit="image", desc="embedding", disable=not progress, dynamic_ncols=True,
+              file=sys.stderr) as bar:
+        for start in range(0, len(images), chunk):
+            part = embed_payloads(encoder, images[start:start + chunk], batch_size=batch_size, max_pixels=max_pixels)
+            part.positions = [start + i for i in part.positions]
+            part.errors = [(start + i, stage, reason) for i, stage, reason in part.errors]
+            result.add(part)
+            bar.update(min(chunk, len(images) - start))
     order = np.argsort(np.asarray(result.positions, dtype=np.int64), kind="stable")
     kept = np.asarray(result.positions, dtype=np.int64)[order]
     left = [{"source": data.name_of(int(i)), "stage": stage, "reason": reason} for i, stage, reason in sorted(result.errors)]
@@ -604,12 +623,19 @@ class _Run:
     data: LabelledData
     train: LabelledData | None
     split: str | None
-    encoder: Any = None
+    encoder: Encoder | None = None
     left_out: list[dict[str, str]] = field(default_factory=list)
 
-    def embed(self, ds: LabelledData) -> tuple[np.ndarray, LabelledData]:
+    def step(self, message: str) -> None:
+        """Say which step of the task runs now (on stderr, with ``progress``)."""
+        if self.opts.progress:
+            print(f"eval {self.task}: {message}", file=sys.stderr, flush=True)
+
+    def embed(self, ds: LabelledData, what: str = "images") -> tuple[np.ndarray, LabelledData]:
         """Embed ``ds``; returns the vectors and the rows of ``ds`` they belong to."""
-        got = embed_data(self.encoder, ds, batch_size=self.opts.batch_size, max_pixels=self.opts.max_pixels)
+        self.step(f"embedding {len(ds)} {what}")
+        got = embed_data(self.encoder, ds, batch_size=self.opts.batch_size, max_pixels=self.opts.max_pixels,
+                         progress=self.opts.progress)
         self.left_out += got.left_out
         if not len(got.kept):
             first = got.left_out[0] if got.left_out else {"source": ds.source, "reason": "no images"}
@@ -679,9 +705,11 @@ def run_zeroshot(run: _Run) -> tuple[dict[str, float], dict[str, Any]]:
     if len(names) <= int(ds.labels.max()):
         raise ValueError(f"{len(names)} class names given but the labels go up to {int(ds.labels.max())}")
     templates = _read_lines(run.opts.templates) or list(DEFAULT_TEMPLATES)
+    run.step(f"class prompts: {len(names)} classes x {len(templates)} templates")
     classifier = zero_shot_classifier(run.encoder, names, templates)
     img, kept = run.embed(ds)
     assert kept.labels is not None
+    run.step("scoring")
     metrics = zero_shot_metrics(img, classifier, kept.labels)
     return metrics, {"num_classes": len(names), "num_images": len(img), "num_templates": len(templates)}
 
@@ -693,6 +721,7 @@ def run_retrieval(run: _Run) -> tuple[dict[str, float], dict[str, Any]]:
     run.data.texts_and_owners()  # no captions: refused before any image is embedded
     img, kept = run.embed(run.data)
     texts, owner = kept.texts_and_owners()
+    run.step(f"embedding {len(texts)} captions, then ranking")
     txt = _matrix(run.encoder.encode_texts(texts), "text embeddings")
     return retrieval_metrics(img, txt, owner), {"num_images": len(img), "num_texts": len(texts)}
 
@@ -701,9 +730,10 @@ def _classify_frozen(run: _Run, fit: Callable[..., tuple[dict[str, float], dict[
     tr, te, how = _train_test(run)
     if tr.labels is None or te.labels is None:
         raise ValueError(f"{run.data.source}: has no labels; {run.task} needs (image, label) data")
-    xtr, tr = run.embed(tr)
-    xte, te = run.embed(te)
+    xtr, tr = run.embed(tr, "training images")
+    xte, te = run.embed(te, "test images")
     assert tr.labels is not None and te.labels is not None
+    run.step("kNN vote" if run.task == "knn" else "fitting the linear probe (weight decay chosen on validation)")
     metrics, details = fit(xtr, tr.labels, xte, te.labels)
     details.update(split=how, num_train=len(xtr), num_test=len(xte), num_classes=int(len(np.unique(tr.labels))))
     return metrics, details

@@ -43,6 +43,7 @@ import numpy as np
 from phiclip import __version__, schema
 from phiclip.encoders import load_encoder
 from phiclip.encoders.base import Encoder, EncoderSpec, parse_spec
+from phiclip.hub import looks_like_path
 from phiclip.images import ImageInput
 from phiclip.store import (
     EmbeddingStoreError,
@@ -472,6 +473,8 @@ def build_index(
     target_recall: float = TARGET_RECALL,
     seed: int = 0,
     allow_incomplete: bool = False,
+    model: str | None = None,
+    allow_other_weights: bool = False,
 ) -> IndexInfo:
     """Build (or reuse) the FAISS index of an embedding output directory and save it under ``index/``.
 
@@ -488,6 +491,8 @@ def build_index(
         seed: seed of the IVF training sample and of the recall queries.
         allow_incomplete: index the shards of an unfinished run (``complete: false``) instead of
             refusing it; the index goes stale (rebuilt on the next use) when the run writes more.
+        model: the encoder spec recorded in ``meta.json`` in place of the manifest's (a checkpoint that moved);
+            it is loaded (on the CPU) and refused when its weights differ, unless ``allow_other_weights``.
 
     Returns:
         The :class:`IndexInfo` written to ``index/meta.json`` (``built_now`` says whether it was built).
@@ -503,9 +508,13 @@ def build_index(
         raise ValueError(f"index type {index_type!r} is not one of {', '.join(INDEX_TYPES)}")
     manifest = read_manifest(root)
     check_complete(root, manifest, allow_incomplete)
+    spec = encoder_spec_of(manifest)
+    if model:
+        load_query_encoder(root, manifest, model, device="cpu", allow_other_weights=allow_other_weights)
+        spec = model
     if not force:
         info, why = _load_meta(root)
-        if info is not None and info.requested_type == index_type:
+        if info is not None and info.requested_type == index_type and info.encoder_spec == spec:
             why, damaged = _check_stored(root, info, manifest)
             if why is None:
                 _, why = _read_checked(info)
@@ -543,7 +552,7 @@ def build_index(
         dim=x.shape[1],
         recall_at_10=None if recall is None else round(float(recall), 4),
         recall_queries=nq,
-        encoder_spec=encoder_spec_of(manifest),
+        encoder_spec=spec,
         fingerprint=fp,
         build_seconds=round(seconds, 3),
         requested_type=index_type,
@@ -772,6 +781,113 @@ def require_text_side(encoder: Encoder, where: str | Path = "") -> None:
         )
 
 
+def recorded_checkpoint(manifest: dict[str, Any]) -> tuple[str | None, Path | None]:
+    """The encoder spec a manifest records (as it was typed) and, when its location is a local folder,
+    that folder as an absolute path (resolved against the current folder; ``None`` for a hub id)."""
+    spec = encoder_spec_of(manifest)
+    if not spec:
+        return None, None
+    try:
+        location = parse_spec(spec).location
+    except ValueError:
+        return spec, None
+    local = Path(location).expanduser()
+    if local.is_dir() or looks_like_path(location):
+        return spec, local.resolve()
+    return spec, None
+
+
+def query_spec(root: str | Path, manifest: dict[str, Any], model: str | None = None) -> str:
+    """The spec of the encoder that embeds queries for ``root``: ``model`` (an override, for a checkpoint that
+    moved) or the spec the manifest records.
+
+    Raises:
+        SearchError: no ``model`` and the manifest records no spec.
+    """
+    if model:
+        return model
+    spec = encoder_spec_of(manifest)
+    if not spec:
+        raise SearchError(f"{root}: the manifest names no encoder spec; pass the encoder that made the vectors "
+                          "with --model (model= in Python)")
+    return spec
+
+
+def _unloadable(root: str | Path, manifest: dict[str, Any], error: BaseException) -> SearchError:
+    """The error for a recorded checkpoint that does not load: it names the checkpoint (and, for a local folder,
+    where it was looked for) and suggests ``--model``."""
+    spec, local = recorded_checkpoint(manifest)
+    kind = str(spec).split(":", 1)[0]
+    where = f" (looked for in {str(local)!r})" if local is not None and not local.is_dir() else ""
+    return SearchError(
+        f"{root}: the vectors were made by {spec!r}{where}, which cannot be loaded here ({error}); if its checkpoint "
+        f"moved, or is a folder recorded relative to another working folder, give its current location with "
+        f"--model {kind}:NEW_PATH (model= in Python)"
+    )
+
+
+def check_override(encoder: Encoder, manifest: dict[str, Any], where: str | Path = "", *,
+                   allow_other_weights: bool = False) -> None:
+    """Accept ``encoder`` (given with ``--model``) in place of the one the manifest records only when it loads
+    the same weights (``weights_fingerprint``) and makes vectors of the same width.
+
+    Raises:
+        SearchError: another width; other weights, or weights that cannot be compared (a fingerprint missing
+            on either side), unless ``allow_other_weights``.
+    """
+    prefix = f"{where}: " if where else ""
+    if int(encoder.dim) != int(manifest["dim"]):
+        raise SearchError(f"{prefix}the encoder given with --model makes {encoder.dim}-d vectors but the stored "
+                          f"ones are {manifest['dim']}-d; it cannot be the encoder that made them")
+    if allow_other_weights:
+        return
+    recorded = weights_fingerprint_of(manifest)
+    current = encoder.describe().get("weights_fingerprint")
+    if recorded and current and str(current) == recorded:
+        return
+    spec = encoder_spec_of(manifest)
+    if not recorded or not current:
+        why = "cannot be compared (the " + ("manifest" if not recorded else "encoder") + " records no fingerprint)"
+    else:
+        why = f"differ ({current} now, {recorded} in the manifest)"
+    raise SearchError(
+        f"{prefix}the weights of the --model encoder {encoder.name!r} and of {spec!r}, which made the vectors, {why}; "
+        "give the checkpoint that made them, or pass --allow-other-weights (allow_other_weights=True in Python) "
+        "to use these weights anyway"
+    )
+
+
+def check_query_encoder(encoder: Encoder, manifest: dict[str, Any], where: str | Path = "", *,
+                        override: bool = False, allow_other_weights: bool = False) -> None:
+    """:func:`check_override` for an encoder given in place of the recorded one (``override``), else
+    :func:`check_encoder`."""
+    if override:
+        check_override(encoder, manifest, where, allow_other_weights=allow_other_weights)
+    else:
+        check_encoder(encoder, manifest, where)
+
+
+def load_query_encoder(root: str | Path, manifest: dict[str, Any], model: str | None = None, *, device: str = "auto",
+                       dtype: str = "auto", allow_other_weights: bool = False, load: Any = None) -> Encoder:
+    """Load the encoder that embeds queries for ``root`` and check it against the manifest: the recorded one
+    (:func:`check_encoder`), or ``model`` in its place (:func:`check_override`). ``load`` defaults to
+    :func:`phiclip.encoders.load_encoder`.
+
+    Raises:
+        SearchError: no spec; the recorded checkpoint cannot be loaded (moved, or a relative folder that does not
+            resolve here: the message names it and suggests ``--model``); a check fails.
+    """
+    spec = query_spec(root, manifest, model)
+    try:
+        encoder = (load or load_encoder)(spec, device=device, dtype=dtype)
+    except (ValueError, OSError) as e:
+        if model:
+            raise
+        raise _unloadable(root, manifest, e) from None
+    check_query_encoder(encoder, manifest, root, override=bool(model), allow_other_weights=allow_other_weights)
+    return encoder
+
+
 def embed_query(
     encoder: Encoder, *, text: str | None = None, image: ImageInput | None = None, where: str | Path = ""
 ) -> np.ndarray:
@@ -796,6 +912,8 @@ def search(
     device: str = "auto",
     dtype: str = "auto",
     allow_incomplete: bool = False,
+    model: str | None = None,
+    allow_other_weights: bool = False,
 ) -> list[SearchHit]:
     """Find the ``k`` stored vectors nearest (by cosine) to one text or image query.
 
@@ -809,6 +927,8 @@ def search(
         k: number of results.
         encoder: an already loaded encoder; it must be the one in the manifest.
         allow_incomplete: search the shards of an unfinished run (``complete: false``) instead of refusing it.
+        model: an encoder spec used in place of the recorded one (a checkpoint that moved); refused when
+            its weights differ from the recorded ones, unless ``allow_other_weights``.
 
     Returns:
         Up to ``k`` :class:`SearchHit`, best first.
@@ -823,12 +943,10 @@ def search(
     manifest = read_manifest(root)
     check_complete(root, manifest, allow_incomplete)  # before loading a model
     if encoder is None:
-        spec = encoder_spec_of(manifest)
-        if not spec:
-            raise SearchError(f"{root}: the manifest names no encoder spec; pass the encoder that made the vectors")
-
-        encoder = load_encoder(spec, device=device, dtype=dtype)
-    check_encoder(encoder, manifest, root)
+        encoder = load_query_encoder(root, manifest, model, device=device, dtype=dtype,
+                                     allow_other_weights=allow_other_weights)
+    else:
+        check_encoder(encoder, manifest, root)
     if text is not None:
         require_text_side(encoder, root)  # before a possibly long index build
     index = open_index(root, allow_incomplete=allow_incomplete)
@@ -847,9 +965,14 @@ __all__ = [
     "SearchIndex",
     "build_index",
     "check_encoder",
+    "check_override",
+    "check_query_encoder",
     "choose_index",
     "embed_query",
     "index_is_fresh",
+    "load_query_encoder",
+    "query_spec",
+    "recorded_checkpoint",
     "RecallProbe",
     "normalize_rows",
     "open_index",

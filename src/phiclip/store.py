@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,47 @@ def shard_files(path: str | Path) -> list[Path]:
     return sorted(p for p in edir.glob("*.parquet") if p.is_file() and not p.name.startswith((".", "_")))
 
 
+def error_files(path: str | Path) -> list[Path]:
+    """The files of ``errors/`` (failed inputs, and ``skipped.parquet``: files not taken as inputs), in name
+    order; hidden and underscore-prefixed files (a writer's temporary names) are skipped."""
+    edir = Path(path) / schema.ERRORS_DIR
+    if not edir.is_dir():
+        return []
+    return sorted(p for p in edir.glob("*.parquet") if p.is_file() and not p.name.startswith((".", "_")))
+
+
+#: The columns of ``errors/`` rows that :func:`iter_errors` yields, in this order.
+ERROR_COLUMNS = (schema.COL_SOURCE, schema.COL_STAGE, schema.COL_REASON)
+
+
+def count_errors(path: str | Path) -> int:
+    """How many rows ``errors/`` holds (failed and skipped inputs); unreadable files count 0."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for f in error_files(path):
+        try:
+            total += pq.ParquetFile(f).metadata.num_rows
+        except Exception:  # noqa: BLE001 - a damaged errors file must not hide the others
+            continue
+    return total
+
+
+def iter_errors(path: str | Path) -> Iterator[tuple[str | None, str | None, str | None]]:
+    """``(source, stage, reason)`` of every row of ``errors/``, file by file; a missing column reads as
+    ``None`` and an unreadable file is passed over (the errors are a report, never needed to read the vectors)."""
+    import pyarrow.parquet as pq
+
+    for f in error_files(path):
+        try:
+            names = set(pq.read_schema(f).names)
+            table = pq.read_table(f, columns=[c for c in ERROR_COLUMNS if c in names])
+        except Exception:  # noqa: BLE001 - pyarrow raises several kinds for damaged files
+            continue
+        cols = [table.column(c).to_pylist() if c in names else [None] * table.num_rows for c in ERROR_COLUMNS]
+        yield from zip(*cols, strict=True)
+
+
 def fingerprint(path: str | Path) -> str:
     """A short hash of the manifest and of each shard's name, size and modification time.
 
@@ -296,9 +338,13 @@ def open_embeddings(path: str | Path, *, allow_incomplete: bool = False) -> Embe
 __all__ = [
     "EmbeddingSet",
     "EmbeddingStoreError",
+    "ERROR_COLUMNS",
     "check_complete",
+    "count_errors",
     "encoder_spec_of",
+    "error_files",
     "fingerprint",
+    "iter_errors",
     "open_embeddings",
     "read_manifest",
     "shard_files",

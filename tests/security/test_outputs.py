@@ -417,7 +417,8 @@ def test_embed_summary_lists_the_first_inputs_left_out(tmp_path):
     import pyarrow.parquet as pq
     from rich.console import Console
 
-    from phiclip.cli import _LEFT_OUT_SHOWN, _print_left_out
+    from phiclip.cli.common import LEFT_OUT_SHOWN as _LEFT_OUT_SHOWN
+    from phiclip.cli.embed import print_left_out as _print_left_out
 
     edir = tmp_path / schema.ERRORS_DIR
     edir.mkdir()

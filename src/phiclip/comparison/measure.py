@@ -24,15 +24,19 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from phiclip.comparison.results import Cost, TokenCount
 from phiclip.images import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:  # annotations only: phiclip.encoders loads when a model is measured
+    from phiclip.encoders.base import Encoder
 
 _MB = float(2**20)
 
@@ -179,7 +183,7 @@ class Pass:
     prepare_s: float
 
 
-def embed_pass(encoder: Any, sources: Sequence[str], *, batch_size: int, max_pixels: int | None) -> Pass:
+def embed_pass(encoder: Encoder, sources: Sequence[str], *, batch_size: int, max_pixels: int | None) -> Pass:
     """Embed ``sources`` once through the bulk pipeline's step (:func:`phiclip.pipeline.step.embed_payloads`):
     images that fail are values in ``failed``, never exceptions."""
     # lazy: `phiclip --help` imports this module; pipeline.step (-> phiclip.encoders) is loaded on first use
@@ -199,7 +203,7 @@ def embed_pass(encoder: Any, sources: Sequence[str], *, batch_size: int, max_pix
     )
 
 
-def crops_of_sizes(encoder: Any, sizes: Sequence[tuple[int, int]]) -> list[int]:
+def crops_of_sizes(encoder: Encoder, sizes: Sequence[tuple[int, int]]) -> list[int]:
     """The crops (tower passes, ``encoder.item_crops``) of an image of each size: what the encoder's
     preprocessing makes of a blank image of that size (one call per distinct size, untimed; the crop
     count of phiclip's encoders depends on the size alone)."""
@@ -212,7 +216,7 @@ def crops_of_sizes(encoder: Any, sizes: Sequence[tuple[int, int]]) -> list[int]:
     return [per[s] for s in sizes]
 
 
-def _tokens_by_size(encoder: Any, p: Pass) -> list[TokenCount]:
+def _tokens_by_size(encoder: Encoder, p: Pass) -> list[TokenCount]:
     """Crops and image tokens per image size (Phi-3-vision's ``tokens_per_image``; ``None`` elsewhere)."""
     per: dict[tuple[int, int], list[int]] = {}
     for size, crops in zip(p.sizes, p.crops):
@@ -224,7 +228,7 @@ def _tokens_by_size(encoder: Any, p: Pass) -> list[TokenCount]:
     ]
 
 
-def _text_side(encoder: Any, job: MeasureJob, device: Any, skipped: dict[str, str]) -> tuple[Any, Any, float | None]:
+def _text_side(encoder: Encoder, job: MeasureJob, device: Any, skipped: dict[str, str]) -> tuple[Any, Any, float | None]:
     """Text embeddings of ``job.texts`` and zero-shot weights of ``job.classnames`` when the encoder
     has a text side (else the reasons in ``skipped``); returns them with the text encoding time."""
     import torch
@@ -253,10 +257,12 @@ def _text_side(encoder: Any, job: MeasureJob, device: Any, skipped: dict[str, st
     return text_emb, zs_weights, text_s
 
 
-def measure_model(job: MeasureJob, *, memory_scope: str = "in-process") -> Measured:
+def measure_model(job: MeasureJob, *, memory_scope: str = "in-process",
+                  say: Callable[[str], None] | None = None) -> Measured:
     """Load ``job.spec``, embed ``job.sources`` (and texts), and measure load time, the throughput of
     ``job.passes`` timed passes (after an untimed warm-up batch), crops, tokens per image size and
-    peak memory. Images that cannot be embedded are listed in ``Measured.failed``.
+    peak memory. Images that cannot be embedded are listed in ``Measured.failed``. ``say`` is called with
+    a line as each stage starts (loading, warm-up, each timed pass, the text side).
 
     Raises:
         CompareError: when the encoder cannot be loaded or run.
@@ -282,8 +288,11 @@ def measure_model(job: MeasureJob, *, memory_scope: str = "in-process") -> Measu
         torch.cuda.reset_peak_memory_stats(device)
     if memory_scope == "in-process":
         reset_peak_rss()
+    stage = say or (lambda _msg: None)
+    stage("importing the model code")
     import_s = _import_model_code(job.spec)
     baseline_rss = current_rss_mb()
+    stage("loading the encoder")
 
     t0 = time.perf_counter()
     try:
@@ -295,7 +304,7 @@ def measure_model(job: MeasureJob, *, memory_scope: str = "in-process") -> Measu
     encoder.set_max_pixels(job.max_pixels)  # also bounds what preprocessing builds (Phi-3-vision's HD canvas)
     description = json.loads(json.dumps(encoder.describe(), default=str))
 
-    def one_pass(enc: Any, sources: Sequence[str]) -> Pass:
+    def one_pass(enc: Encoder, sources: Sequence[str]) -> Pass:
         try:
             with torch.inference_mode():
                 got = embed_pass(enc, sources, batch_size=job.batch_size, max_pixels=job.max_pixels)
@@ -305,10 +314,16 @@ def measure_model(job: MeasureJob, *, memory_scope: str = "in-process") -> Measu
             raise CompareError(f"{job.spec}: embedding failed ({type(e).__name__}: {e}); a smaller --batch-size "
                                "may help") from e
 
+    stage(f"loaded in {load_s:.1f} s; warm-up batch")
     one_pass(encoder, job.sources[: job.batch_size])  # untimed warm-up: lazy initialisation, kernel selection, caches
-    passes = [one_pass(encoder, job.sources) for _ in range(job.passes)]
+    passes = []
+    for i in range(job.passes):
+        stage(f"timed pass {i + 1}/{job.passes} over {len(job.sources)} images")
+        passes.append(one_pass(encoder, job.sources))
     first = passes[0]
     skipped: dict[str, str] = {}
+    if job.texts or job.classnames:
+        stage("text side (captions, class prompts)")
     text_emb, zs_weights, text_s = _text_side(encoder, job, device, skipped)
     n = len(first.kept)
     model_s = [p.model_s for p in passes]
@@ -362,8 +377,55 @@ def _cost_from_dict(d: dict[str, Any]) -> Cost:
     return Cost(**d)
 
 
-def measure_in_subprocess(job: MeasureJob, workdir: str | Path, *, timeout_s: float | None = None) -> Measured:
-    """Run :func:`measure_model` for ``job`` in a fresh Python process; files go to ``workdir``.
+#: The prefix of the lines in which the measuring subprocess reports the stage it starts (on stdout).
+STAGE_PREFIX = "phiclip-stage: "
+
+
+def _run_streaming(cmd: list[str], env: dict[str, str], timeout_s: float | None,
+                   say: Callable[[str], None]) -> tuple[int, str]:
+    """Run ``cmd``, passing each stage line it prints to ``say`` as it comes; returns the exit code and the
+    last lines of its other output (stdout and stderr together).
+
+    Raises:
+        subprocess.TimeoutExpired: it ran longer than ``timeout_s`` (it is killed).
+    """
+    import subprocess
+    import threading
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    timed_out = threading.Event()
+
+    def kill() -> None:
+        timed_out.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout_s, kill) if timeout_s is not None else None
+    if timer is not None:
+        timer.start()
+    tail: deque[str] = deque(maxlen=200)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(STAGE_PREFIX):
+                say(line[len(STAGE_PREFIX):].rstrip("\n"))
+            else:
+                tail.append(line)
+        code = proc.wait()
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if timed_out.is_set():
+        raise subprocess.TimeoutExpired(cmd, timeout_s or 0)
+    return code, "".join(tail)
+
+
+def measure_in_subprocess(job: MeasureJob, workdir: str | Path, *, timeout_s: float | None = None,
+                          say: Callable[[str], None] | None = None) -> Measured:
+    """Run :func:`measure_model` for ``job`` in a fresh Python process; files go to ``workdir``; ``say`` gets
+    the stages the process starts, as it starts them.
 
     Raises:
         CompareError: with the child's message when it failed, or its last output lines when it crashed.
@@ -377,24 +439,18 @@ def measure_in_subprocess(job: MeasureJob, workdir: str | Path, *, timeout_s: fl
     src_root = str(Path(__file__).resolve().parents[2])  # the directory holding the phiclip package
     env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "phiclip.comparison.measure", str(work)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout_s,
-            check=False,
-        )
+        returncode, output = _run_streaming([sys.executable, "-m", "phiclip.comparison.measure", str(work)], env,
+                                            timeout_s, say or (lambda _msg: None))
     except subprocess.TimeoutExpired:
         raise CompareError(f"{job.spec}: measuring took longer than {timeout_s} s; use fewer images") from None
     error_file = work / "error.json"
     if error_file.exists():
         raise CompareError(json.loads(error_file.read_text(encoding="utf-8"))["error"])
     result_file = work / "result.json"
-    if proc.returncode != 0 or not result_file.exists():
-        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
+    if returncode != 0 or not result_file.exists():
+        tail = "\n".join(output.strip().splitlines()[-15:])
         raise CompareError(
-            f"{job.spec}: the measuring subprocess ended with exit code {proc.returncode} "
+            f"{job.spec}: the measuring subprocess ended with exit code {returncode} "
             f"(out of memory or a crash?); its last output:\n{tail}"
         )
     meta = json.loads(result_file.read_text(encoding="utf-8"))
@@ -414,7 +470,8 @@ def _main(argv: Sequence[str]) -> int:
     work = Path(argv[0])
     job = MeasureJob(**json.loads((work / "job.json").read_text(encoding="utf-8")))
     try:
-        m = measure_model(job, memory_scope="subprocess")
+        m = measure_model(job, memory_scope="subprocess",
+                          say=lambda msg: print(STAGE_PREFIX + msg.replace("\n", " "), flush=True))
     except CompareError as e:
         (work / "error.json").write_text(json.dumps({"error": str(e)}), encoding="utf-8")
         return 0

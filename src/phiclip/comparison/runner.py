@@ -263,10 +263,18 @@ def measure_all(jobs: Sequence[MeasureJob], keys: Sequence[str], opts: CompareOp
                 say: Callable[[str], None]) -> list[Measured]:
     """Measure every job, each in a subprocess unless ``opts.isolate`` is off."""
     measured: list[Measured] = []
-    for key, job in zip(keys, jobs):
-        say(f"model {key}: loading and embedding {len(job.sources)} images with {job.spec} ({job.passes} timed passes)")
+    for n, (key, job) in enumerate(zip(keys, jobs), start=1):
+        say(f"model {key} ({n}/{len(jobs)}): {len(job.sources)} images with {job.spec} "
+            f"({job.passes} timed passes)")
+
+        def stage(msg: str, key: str = key) -> None:
+            say(f"model {key}: {msg}")
+
         try:
-            m = measure_in_subprocess(job, folder / f"model-{key}") if opts.isolate else measure_model(job)
+            if opts.isolate:
+                m = measure_in_subprocess(job, folder / f"model-{key}", say=stage)
+            else:
+                m = measure_model(job, say=stage)
         except CompareError as e:
             raise CompareError(f"model {key}: {e}") from None
         measured.append(m)

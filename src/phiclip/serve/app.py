@@ -40,6 +40,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import numpy as np
 
 from phiclip import __version__
+from phiclip.encoders.base import Encoder
 from phiclip.images import ImageDecodeError, load_image
 from phiclip.retrieval import SearchError, require_text_side
 from phiclip.serve.batching import IMAGE, TEXT, DynamicBatcher, Overloaded
@@ -51,8 +52,10 @@ from phiclip.serve.collections import (
     decode_upload,
     load_collections,
 )
+from phiclip.serve.listener import bind_listener
 from phiclip.serve.options import ServeOptions, is_loopback
 from phiclip.serve.thumbnails import DEFAULT_THUMBNAIL_SIZE, THUMBNAIL_SIZES, ThumbnailCache, render_thumbnail
+from phiclip.store import read_manifest
 
 try:
     import anyio
@@ -110,7 +113,7 @@ def error_response(status: int, message: str, kind: str | None = None, headers: 
 class Service:
     """What the routes work on: collections by name, one batcher per encoder, the thumbnail cache."""
 
-    def __init__(self, collections: list[Collection], encoders: dict[str, Any], options: ServeOptions) -> None:
+    def __init__(self, collections: list[Collection], encoders: dict[str, Encoder], options: ServeOptions) -> None:
         if not collections:
             raise ValueError("a server needs at least one collection")
         self.options = options
@@ -145,7 +148,7 @@ class Service:
             raise ApiError(404, f"no collection named {name!r}; the collections are {sorted(self.collections)}")
         return coll
 
-    def encoder_of(self, coll: Collection) -> Any:
+    def encoder_of(self, coll: Collection) -> Encoder:
         """The loaded encoder of a collection."""
         return self.encoders[coll.spec]
 
@@ -249,7 +252,8 @@ def build_service(paths: list[str | Path], options: ServeOptions | None = None, 
     """Open the collections and load their encoders (see :func:`phiclip.serve.collections.load_collections`)."""
     opts = (options or ServeOptions()).validate()
     collections, encoders = load_collections(list(paths), device=opts.device, dtype=opts.precision,
-                                             allow_incomplete=opts.allow_incomplete, load=load)
+                                             allow_incomplete=opts.allow_incomplete, load=load, model=opts.model,
+                                             allow_other_weights=opts.allow_other_weights)
     for enc in encoders.values():
         if hasattr(enc, "set_max_pixels"):  # the preprocessing's own pixel budget, as `embed` sets it
             enc.set_max_pixels(opts.max_pixels)
@@ -278,6 +282,9 @@ async def _json_body(request: Request) -> dict[str, Any]:
         body = await anyio.to_thread.run_sync(json.loads, raw) if len(raw) > 1 << 20 else json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON arrays or objects too deeply to parse; send the fields "
+                            "this route documents, without deep nesting") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
@@ -694,21 +701,33 @@ def create_app(service: Service) -> Starlette:
 def run_server(paths: list[str | Path], options: ServeOptions | None = None, *, say: Any = print) -> None:
     """Open the collections, load their encoders and serve until interrupted (uvicorn).
 
+    The port is bound before anything loads, so a port in use is reported at once
+    (:class:`~phiclip.serve.listener.PortInUseError`), before "serving on".
+
     Raises:
         ValueError: a bad setting (e.g. a public address without a token) or a directory that
             cannot be served.
+        PortInUseError: another program listens on the port.
     """
     import uvicorn
 
     opts = (options or ServeOptions()).validate()
-    service = build_service(paths, opts)
-    app = create_app(service)
-    host = f"[{opts.host}]" if ":" in opts.host else opts.host
-    for c in service.collections.values():
-        say(f"collection {c.name!r}: {len(c)} items, {c.spec} ({c.path})")
-    say(f"serving on http://{host}:{opts.port}{opts.root_path}/" + ("" if is_loopback(opts.host) else " (token required)"))
-    uvicorn.run(app, host=opts.host, port=opts.port, root_path=opts.root_path, log_level="info",
-                timeout_graceful_shutdown=5, server_header=False)
+    for path in paths:  # a folder that is not an output is refused before the port is taken
+        read_manifest(Path(path).expanduser())
+    listener = bind_listener(opts.host, opts.port)
+    try:
+        service = build_service(paths, opts)
+        app = create_app(service)
+        host = f"[{opts.host}]" if ":" in opts.host else opts.host
+        port = listener.getsockname()[1]
+        for c in service.collections.values():
+            say(f"collection {c.name!r}: {len(c)} items, {c.spec} ({c.path})")
+        say(f"serving on http://{host}:{port}{opts.root_path}/" + ("" if is_loopback(opts.host) else " (token required)"))
+        config = uvicorn.Config(app, host=opts.host, port=port, root_path=opts.root_path, log_level="info",
+                                timeout_graceful_shutdown=5, server_header=False)
+        uvicorn.Server(config).run(sockets=[listener])
+    finally:
+        listener.close()
 
 
 __all__ = ["ApiError", "STATIC_DIR", "Service", "build_service", "create_app", "error_response", "run_server"]

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from phiclip.encoders.base import Encoder
+
 #: Job kinds.
 TEXT = "text"
 IMAGE = "image"
@@ -69,7 +71,7 @@ class DynamicBatcher:
         name: the worker thread's name.
     """
 
-    def __init__(self, encoder: Any, *, max_batch: int = 32, max_wait_s: float = 0.005, max_queue: int = 256,
+    def __init__(self, encoder: Encoder, *, max_batch: int = 32, max_wait_s: float = 0.005, max_queue: int = 256,
                  name: str = "phiclip-encoder") -> None:
         if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError(f"max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1, max_wait_s >= 0")

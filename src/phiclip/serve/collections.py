@@ -22,10 +22,18 @@ from typing import Any
 import numpy as np
 
 from phiclip import schema
-from phiclip.encoders import load_encoder
+from phiclip.encoders.base import Encoder
 from phiclip.images import ImageDecodeError, load_image
-from phiclip.retrieval import SearchError, SearchIndex, check_encoder, normalize_rows, open_index
-from phiclip.store import EmbeddingStoreError, encoder_spec_of, shard_files
+from phiclip.retrieval import (
+    SearchError,
+    SearchIndex,
+    check_query_encoder,
+    load_query_encoder,
+    normalize_rows,
+    open_index,
+    query_spec,
+)
+from phiclip.store import EmbeddingStoreError, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -292,18 +300,18 @@ def collection_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def open_collection(path: str | Path, name: str, *, allow_incomplete: bool = False) -> Collection:
+def open_collection(path: str | Path, name: str, *, allow_incomplete: bool = False,
+                    model: str | None = None) -> Collection:
     """Open one output directory: its index (built when absent or stale), fields and labels;
-    ``allow_incomplete`` serves an unfinished run instead of refusing it.
+    ``allow_incomplete`` serves an unfinished run instead of refusing it; ``model`` is the encoder spec that
+    embeds its queries in place of the recorded one (checked when the encoder loads: :func:`load_collections`).
 
     Raises:
         EmbeddingStoreError / SearchError: not an embedding output, no encoder spec, unreadable shards.
     """
     root = Path(path).expanduser()
     index = open_index(root, **({"allow_incomplete": True} if allow_incomplete else {}))
-    spec = encoder_spec_of(index.manifest)
-    if not spec:
-        raise SearchError(f"{root}: the manifest names no encoder spec, so queries cannot be embedded; embed it again")
+    spec = query_spec(root, index.manifest, model)
     info = index.info
     if info.type == "ivf":  # reconstruct() of an IVF index needs its direct map
         import faiss
@@ -318,7 +326,8 @@ def open_collection(path: str | Path, name: str, *, allow_incomplete: bool = Fal
 
 
 def load_collections(paths: list[str | Path], *, device: str = "auto", dtype: str = "auto",
-                     allow_incomplete: bool = False, load: Any = None) -> tuple[list[Collection], dict[str, Any]]:
+                     allow_incomplete: bool = False, load: Any = None, model: str | None = None,
+                     allow_other_weights: bool = False) -> tuple[list[Collection], dict[str, Encoder]]:
     """Open every output directory and load each distinct encoder once.
 
     Args:
@@ -326,6 +335,8 @@ def load_collections(paths: list[str | Path], *, device: str = "auto", dtype: st
         device, dtype: where and in what precision the encoders run.
         allow_incomplete: serve unfinished runs too.
         load: the encoder loader (default :func:`phiclip.encoders.load_encoder`).
+        model: an encoder spec used in place of each output's recorded one (a checkpoint that moved);
+            refused for an output whose recorded weights differ, unless ``allow_other_weights``.
 
     Returns:
         ``(collections, encoders)``: ``encoders`` maps each collection's spec to its loaded encoder.
@@ -335,16 +346,18 @@ def load_collections(paths: list[str | Path], *, device: str = "auto", dtype: st
     """
     if not paths:
         raise ValueError("give at least one output directory of `phiclip embed`")
-    if load is None:
-        load = load_encoder
     roots = [Path(p).expanduser() for p in paths]
-    collections = [open_collection(p, n, allow_incomplete=allow_incomplete) for p, n in zip(roots, collection_names(roots))]
-    encoders: dict[str, Any] = {}
+    collections = [open_collection(p, n, allow_incomplete=allow_incomplete, model=model)
+                   for p, n in zip(roots, collection_names(roots))]
+    encoders: dict[str, Encoder] = {}
     for c in collections:
         if c.spec not in encoders:
             log.info("loading encoder %s", c.spec)
-            encoders[c.spec] = load(c.spec, device=device, dtype=dtype)
-        check_encoder(encoders[c.spec], c.manifest, c.path)
+            encoders[c.spec] = load_query_encoder(c.path, c.manifest, model, device=device, dtype=dtype,
+                                                  allow_other_weights=allow_other_weights, load=load)
+        else:
+            check_query_encoder(encoders[c.spec], c.manifest, c.path, override=bool(model),
+                                allow_other_weights=allow_other_weights)
     return collections, encoders
 
 

@@ -53,6 +53,10 @@ class ServeOptions:
     allow_incomplete: bool = False
     #: The path prefix the server is mounted under behind a reverse proxy (e.g. ``/phiclip``).
     root_path: str = ""
+    #: An encoder spec used in place of each output's recorded one (a checkpoint that moved); refused
+    #: when its weights differ from the recorded ones unless ``allow_other_weights``.
+    model: str | None = None
+    allow_other_weights: bool = False
 
     def validate(self) -> ServeOptions:
         """Check ranges and the host/token rule; returns self. Raises ``ValueError`` naming the setting."""

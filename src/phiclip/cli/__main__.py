@@ -1,0 +1,5 @@
+"""``python -m phiclip.cli``: the ``phiclip`` command."""
+
+from phiclip.cli import main
+
+main()
