@@ -6,7 +6,7 @@ import re
 
 from phiclip.cache import CACHE_ENV, cache_dir
 from phiclip.cli import app
-from phiclip.finetune.adapter import TEACHER_TOKENS_DIR
+from phiclip.finetune.adapter import TEACHER_TOKENS_CACHE
 
 
 def _help(cli, *args: str) -> str:
@@ -18,8 +18,8 @@ def _help(cli, *args: str) -> str:
 def test_cache_dir_helps_name_the_cache_folders(cli, monkeypatch, tmp_path) -> None:
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     adapter = _help(cli, "finetune", "phi3v-adapter")
-    assert f"(default: ${CACHE_ENV}/{TEACHER_TOKENS_DIR}," in adapter and "default: --output" not in adapter
-    assert cache_dir(TEACHER_TOKENS_DIR) == tmp_path / TEACHER_TOKENS_DIR  # what the help says, spelled by the code
+    assert f"(default: ${CACHE_ENV}/{TEACHER_TOKENS_CACHE}," in adapter and "default: --output" not in adapter
+    assert cache_dir(TEACHER_TOKENS_CACHE) == tmp_path / TEACHER_TOKENS_CACHE  # what the help says, spelled by the code
     assert f"(default: ${CACHE_ENV}/embeddings," in _help(cli, "finetune", "probe")
 
 

@@ -9,7 +9,7 @@ One module per command group, each command calling its API function directly:
 - :mod:`.compare`: ``compare`` (:mod:`phiclip.comparison.runner`);
 - :mod:`.serve`: ``serve`` (:mod:`phiclip.serve`);
 - :mod:`.finetune`: ``finetune clip|probe|phi3v-adapter``, ``classify`` (:mod:`phiclip.finetune`);
-- :mod:`.demo`: ``demo`` (:mod:`phiclip.demo`);
+- :mod:`.demo`: ``demo`` (:mod:`phiclip.demo`), ``tiny-model`` (:mod:`phiclip.testing`);
 - :mod:`.common`: shared option types, error printing, summary tables.
 
 Start-up stays light: importing this package (``phiclip --help``) loads neither torch, transformers nor faiss;
@@ -115,6 +115,7 @@ app.command("info")(info.info)
 app.command("eval")(evaluate.evaluate)
 app.command("compare")(compare.compare)
 app.command("demo")(demo.demo)
+app.command("tiny-model")(demo.tiny_model)
 app.command("serve")(serve.serve)
 app.add_typer(finetune.finetune_app, name="finetune")
 app.command("classify")(finetune.classify_cmd)

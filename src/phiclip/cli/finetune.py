@@ -27,9 +27,9 @@ from phiclip.cli.common import (
     print_rows,
     split_csv,
 )
-from phiclip.finetune.adapter import TEACHER_TOKENS_DIR, AdapterOptions, distill_phi3v_adapter
+from phiclip.finetune.adapter import TEACHER_TOKENS_CACHE, AdapterOptions, distill_phi3v_adapter
 from phiclip.finetune.clip import ClipFinetuneOptions, finetune_clip
-from phiclip.finetune.probe import ProbeOptions, classify, train_probe
+from phiclip.finetune.probe import EMBEDDINGS_CACHE, ProbeOptions, classify, train_probe
 
 _FT_CLIP, _FT_PROBE, _FT_ADAPTER = ClipFinetuneOptions(), ProbeOptions(), AdapterOptions()
 
@@ -103,7 +103,9 @@ def _print_result(title: str, rows: list[tuple[str, Any]], result: Any, as_json:
 def _before_after(before: dict[str, Any] | None, after: dict[str, Any] | None, keys: tuple[str, ...]) -> list[tuple[str, str]]:
     if before is None or after is None:
         return [("evaluation", "none (no held-out images)")]
-    return [(k, f"{before[k]:.4f} -> {after[k]:.4f}") for k in keys if k in before and k in after]
+    n = after.get("images")
+    on = f" (on {n} held-out images)" if n is not None else ""
+    return [(f"{k}{on}", f"{before[k]:.4f} -> {after[k]:.4f}") for k in keys if k in before and k in after]
 
 
 @finetune_app.command("clip")
@@ -203,7 +205,8 @@ def probe_cmd(
     device: _TrainDeviceOpt = _FT_PROBE.device,
     precision: QueryPrecisionOpt = QueryPrecision(_FT_PROBE.precision),
     cache_dir: Annotated[str | None, typer.Option("--cache-dir", help=(
-        f"Embedding cache (default: ${CACHE_ENV}/embeddings, else ~/.cache/phiclip/embeddings)."))] = _FT_PROBE.cache_dir,
+        f"Embedding cache (default: ${CACHE_ENV}/{EMBEDDINGS_CACHE}, else $XDG_CACHE_HOME/phiclip/{EMBEDDINGS_CACHE} "
+        f"or ~/.cache/phiclip/{EMBEDDINGS_CACHE})."))] = _FT_PROBE.cache_dir,
     image_column: Annotated[str | None, typer.Option("--image-column", help="Table/dataset column of the images.")] = None,
     label_column: Annotated[str | None, typer.Option("--label-column", help="Table/dataset column of the labels.")] = None,
     progress: ProgressOpt = _FT_PROBE.progress,
@@ -254,8 +257,8 @@ def phi3v_adapter_cmd(
         "cache: the teacher's tokens computed once to Parquet and reused; stream: recomputed every batch."))]
     = _TeacherTokens(_FT_ADAPTER.teacher_tokens),
     cache_dir: Annotated[str | None, typer.Option("--cache-dir", help=(
-        f"Where the teacher-token cache goes (default: ${CACHE_ENV}/{TEACHER_TOKENS_DIR}, else "
-        f"~/.cache/phiclip/{TEACHER_TOKENS_DIR})."))] = _FT_ADAPTER.cache_dir,
+        f"Where the teacher-token cache goes (default: ${CACHE_ENV}/{TEACHER_TOKENS_CACHE}, else "
+        f"$XDG_CACHE_HOME/phiclip/{TEACHER_TOKENS_CACHE} or ~/.cache/phiclip/{TEACHER_TOKENS_CACHE})."))] = _FT_ADAPTER.cache_dir,
     eval_fraction: Annotated[float, typer.Option("--eval-fraction", min=0.0, max=0.99, help="Share of images held out.")]
     = _FT_ADAPTER.eval_fraction,
     max_eval: Annotated[int, typer.Option("--max-eval", min=1, help="At most this many held-out images.")] = _FT_ADAPTER.max_eval,
@@ -290,6 +293,7 @@ def phi3v_adapter_cmd(
     rows += [("steps", r.steps), ("final loss", None if r.final_loss is None else f"{r.final_loss:.4f}"),
              ("seconds per step", r.seconds_per_step), ("teacher tokens from cache", r.teacher_tokens_from_cache),
              ("images skipped (unreadable)", r.skipped_images.get("count", 0)), ("exported", r.output)]
+    rows += [("warning", w) for w in r.warnings]
     _print_result(f"phiclip finetune phi3v-adapter -> {r.output}", rows, r, as_json)
 
 
