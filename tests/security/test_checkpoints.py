@@ -23,10 +23,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from phiclip.encoders import load_encoder
+from phiclip.hub import CheckpointError
+from phiclip.models.checkpoint import WeightsHasher
 from phiclip.phi3v import Phi3VImageEmbedding, Phi3VImageProcessor
 from phiclip.phi3v.config import MAX_NUM_CROPS
 from phiclip.phi3v.processing import CanvasTooLargeError
-from phiclip.phi3v.weights import CheckpointError, WeightsHasher
 from phiclip.testing import build_tiny_clip, build_tiny_phi3v
 
 INDEX = "model.safetensors.index.json"
@@ -601,3 +602,95 @@ def test_hub_checkpoint_gets_the_same_checks(clip_dir: Path, tmp_path: Path, cli
     with pytest.raises(CheckpointError, match=expected):
         load_encoder(f"clip:{hub_id}", device="cpu")
     assert not marker.exists()
+
+
+# --- 7. absurd sizes in config.json: refused by name, before any tensor is built (item 12) ------------
+
+
+@pytest.mark.parametrize("case,field", [
+    ("hidden", "hidden_size 1000000000000"),
+    ("tower_hidden", "img_processor.vision_config.hidden_size 1000000000000"),
+    ("product", "parameters"),  # every size in range, together far too many parameters
+])
+def test_phi3v_absurd_sizes_are_named(phi3v_dir: Path, tmp_path: Path, case: str, field: str) -> None:
+    changes: dict[str, Callable[[dict[str, Any]], None]] = {
+        "hidden": lambda c: c.__setitem__("hidden_size", 10**12),
+        "tower_hidden": _tower("hidden_size", 10**12),
+        "product": lambda c: c.update(hidden_size=1 << 16, vocab_size=1 << 21, num_hidden_layers=512),
+    }
+    ckpt = _copy(phi3v_dir, tmp_path / "p")
+    _edit_config(ckpt, changes[case])
+    for load in (lambda: load_encoder(f"phi3v:{ckpt}", device="cpu"), lambda: Phi3VImageEmbedding.from_pretrained(ckpt)):
+        with pytest.raises(CheckpointError) as err:
+            load()
+        msg = str(err.value)
+        assert str(ckpt / "config.json") in msg and field in msg, msg
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda c: c["vision_config"].__setitem__("hidden_size", 10**12), "vision_config.hidden_size 1000000000000"),
+    (lambda c: c["text_config"].__setitem__("vocab_size", 10**12), "text_config.vocab_size 1000000000000"),
+    (lambda c: c["vision_config"].__setitem__("image_size", 1 << 20), "vision_config.image_size 1048576"),
+    (lambda c: c["text_config"].update(hidden_size=1 << 16, intermediate_size=1 << 19, num_hidden_layers=1000),
+     "parameters"),
+])
+def test_clip_absurd_sizes_are_named(clip_dir: Path, tmp_path: Path, change: Callable[[dict[str, Any]], None],
+                                     field: str) -> None:
+    ckpt = _copy(clip_dir, tmp_path / "c")
+    _edit_config(ckpt, change)
+    with pytest.raises(CheckpointError) as err:
+        load_encoder(f"clip:{ckpt}", device="cpu")
+    msg = str(err.value)
+    assert str(ckpt / "config.json") in msg and field in msg, msg
+
+
+# --- 8. image processor values: refused at load by name, not image by image (item 10) ------------------
+
+
+def _edit_processor(ckpt: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    """Apply ``change`` to the image processor settings, wherever the checkpoint keeps them."""
+    path = ckpt / "preprocessor_config.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        change(data)
+    else:
+        path = ckpt / "processor_config.json"
+        data = json.loads(path.read_text())
+        change(data["image_processor"])
+    path.write_text(json.dumps(data))
+    return path
+
+
+PROCESSOR_CASES: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "crop_size_zero": (lambda d: d.__setitem__("crop_size", {"height": 0, "width": 0}), "crop_size.height 0"),
+    "crop_size_int_zero": (lambda d: d.__setitem__("crop_size", 0), "crop_size 0"),
+    "image_std_zero": (lambda d: d.__setitem__("image_std", [0.5, 0, 0.5]), "image_std"),
+    "image_std_scalar_zero": (lambda d: d.__setitem__("image_std", 0), "image_std"),
+    "size_negative": (lambda d: d.__setitem__("size", {"shortest_edge": -224}), "size.shortest_edge -224"),
+    "size_absurd": (lambda d: d.__setitem__("size", {"shortest_edge": 10**9}), "size.shortest_edge 1000000000"),
+    "mean_two_values": (lambda d: d.__setitem__("image_mean", [0.5, 0.5]), "image_mean"),
+    "mean_a_string": (lambda d: d.__setitem__("image_mean", ["a", 0.5, 0.5]), "image_mean[0] 'a'"),
+    "rescale_zero": (lambda d: d.__setitem__("rescale_factor", 0), "rescale_factor 0"),
+    "resample_unknown": (lambda d: d.__setitem__("resample", 42), "resample 42"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PROCESSOR_CASES))
+def test_clip_bad_processor_values_are_named_at_load(clip_dir: Path, tmp_path: Path, case: str) -> None:
+    change, field = PROCESSOR_CASES[case]
+    ckpt = _copy(clip_dir, tmp_path / "c")
+    path = _edit_processor(ckpt, change)
+    with pytest.raises(CheckpointError) as err:
+        load_encoder(f"clip:{ckpt}", device="cpu")
+    msg = str(err.value)
+    assert str(path) in msg and field in msg, msg
+
+
+@pytest.mark.parametrize("case", ["image_std_zero", "mean_two_values", "crop_size_int_zero", "size_absurd"])
+def test_phi3v_bad_processor_values_are_named_the_same_way(phi3v_dir: Path, tmp_path: Path, case: str) -> None:
+    change, field = PROCESSOR_CASES[case]
+    ckpt = _copy(phi3v_dir, tmp_path / "p")
+    path = _edit_processor(ckpt, change)
+    with pytest.raises(CheckpointError) as err:
+        load_encoder(f"phi3v:{ckpt}", device="cpu")
+    assert str(path) in str(err.value) and field in str(err.value), str(err.value)

@@ -1,7 +1,7 @@
 """Distil a student vision tower into Phi-3-vision's image path (``phiclip finetune phi3v-adapter``).
 
 The student (any CLIP-like checkpoint: ``clip:`` or ``siglip:``) is put into the image path as
-:class:`~phiclip.phi3v.student.StudentImageEmbedding`: crops at the student's input size, its patch
+:class:`~phiclip.phi3v.modeling.StudentImageEmbedding`: crops at the student's input size, its patch
 grid resampled to 24 x 24, the released 2 x 2 merge, separators and projection. Only new parts
 train by default: the projection (its second layer starts from the teacher's, which has the same
 shape) and the two separators; optionally the last N student layers (``train_layers``) or LoRA on
@@ -212,7 +212,8 @@ def build_student(teacher_config: dict[str, Any], teacher: Any, student_encoder:
     import torch
 
     # lazy: imports torch
-    from phiclip.phi3v.student import STUDENT_TOWER_NAME, StudentImageEmbedding
+    from phiclip.phi3v.modeling import StudentImageEmbedding
+    from phiclip.phi3v.student import STUDENT_TOWER_NAME  # lazy: imports torch
 
     desc = _student_description(student_encoder, student_layer, spec)
     hf = desc["hf_config"]
@@ -482,8 +483,8 @@ def distill_phi3v_adapter(
     # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
     from phiclip.encoders import load_encoder, parse_spec
 
-    # lazy: `phiclip --help` imports this module; phiclip.phi3v.weights is loaded on first use
-    from phiclip.phi3v.weights import resolve_file
+    # lazy: `phiclip --help` imports this module; phiclip.hub is loaded on first use
+    from phiclip.hub import resolve_file
 
     opts = dataclasses.replace(options or AdapterOptions(), **settings).validate()
     t_start = time.perf_counter()

@@ -362,7 +362,7 @@ def save_model(model: Any, encoder_location: str, tokenizer: Any, output: Path) 
     from transformers import AutoImageProcessor
 
     # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
-    from phiclip.encoders.clip import _pil_backend_kwarg
+    from phiclip.encoders.clip_preprocessing import pil_backend_kwarg as _pil_backend_kwarg
 
     base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     base.save_pretrained(str(output))
@@ -398,9 +398,6 @@ def finetune_clip(
 
     # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
     from phiclip.encoders import load_encoder, parse_spec
-
-    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
-    from phiclip.encoders.clip import check_location
 
     opts = dataclasses.replace(options or ClipFinetuneOptions(), **settings).validate()
     t_start = time.perf_counter()
@@ -510,7 +507,7 @@ def finetune_clip(
         after = None if held is None else evaluate_retrieval(net, eval_loader, held, texts, device, amp)  # type: ignore[arg-type]
         if after is not None:
             log.log({"step": total, "eval": after})
-        save_model(net, check_location(spec), encoder.tokenizer, output)
+        save_model(net, str(encoder.checkpoint.location), encoder.tokenizer, output)
     finally:
         bar.close()
         log.close()
