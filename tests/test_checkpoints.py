@@ -1,11 +1,9 @@
 """phiclip.checkpoints: every encoder kind opens its checkpoint the one way: the location resolved once,
-a hub id pinned to one commit (recorded in describe()), the config vetted against the one kind table."""
+the config vetted against the one kind table (a hub id pinned to one commit: tests/security/test_checkpoints.py)."""
 
 from __future__ import annotations
 
-import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +14,6 @@ from phiclip.checkpoints import open_checkpoint
 from phiclip.encoders import load_encoder
 from phiclip.hub import CheckpointError
 from phiclip.testing import build_tiny_clip, build_tiny_phi3v, build_tiny_phi3v_lm, build_tiny_siglip
-
-COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 
 
 @pytest.fixture(scope="module")
@@ -53,58 +49,6 @@ def test_a_load_resolves_the_location_once(checkpoints: dict[str, Path], count_r
     enc = load_encoder(f"{kind}:{checkpoints[kind]}", device="cpu", dtype="float32")
     assert count_resolutions == [str(checkpoints[kind])]
     assert enc.describe()["details"]["revision"] is None  # a local folder has no commit
-
-
-@pytest.fixture
-def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[Path, str], str]:
-    """``put(checkpoint_dir, repo) -> hub id``: the checkpoint as a cached hub repo at :data:`COMMIT`, offline."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf_cache"
-    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", str(cache))):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)  # so that the hub id is no local path
-
-    def put(ckpt: Path, repo: str) -> str:
-        root = cache / ("models--" + repo.replace("/", "--"))
-        shutil.copytree(ckpt, root / "snapshots" / COMMIT)
-        (root / "refs").mkdir()
-        (root / "refs" / "main").write_text(COMMIT)
-        return repo
-
-    return put
-
-
-@pytest.mark.parametrize("kind", ["clip", "phi3v", "phi3v-lm"])
-def test_a_hub_id_is_pinned_to_one_commit(checkpoints: dict[str, Path], fake_hub: Callable[[Path, str], str],
-                                          monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
-    import huggingface_hub
-    import transformers
-
-    repo = fake_hub(checkpoints[kind], "org/tiny")
-    fetched: list[tuple[str, str | None]] = []
-    real_download = huggingface_hub.hf_hub_download
-
-    def recording_download(repo_id: str, filename: str, **kwargs: Any) -> str:
-        fetched.append((filename, kwargs.get("revision")))
-        return real_download(repo_id, filename, **kwargs)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recording_download)
-    asked: list[dict[str, Any]] = []
-    for auto in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoImageProcessor):
-        real = auto.from_pretrained
-        monkeypatch.setattr(auto, "from_pretrained",
-                            lambda *a, _real=real, **k: (asked.append(k), _real(*a, **k))[1])
-    enc = load_encoder(f"{kind}:{repo}", device="cpu", dtype="float32")
-    assert fetched[0] == ("config.json", None)  # the one place the branch is resolved to a commit
-    assert [f for f in fetched[1:] if f[1] != COMMIT] == []
-    assert len({f for f, _ in fetched}) == len(fetched)  # each file looked up once
-    assert all(k.get("revision") == COMMIT and k.get("trust_remote_code") is False for k in asked)
-    assert enc.describe()["details"]["revision"] == COMMIT
 
 
 def test_open_checkpoint_reads_the_config_and_the_weights(checkpoints: dict[str, Path]) -> None:

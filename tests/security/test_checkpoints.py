@@ -468,6 +468,14 @@ PHI3V_BAD_CONFIGS: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "layer_idx_a_string": (lambda p: _edit_config(p, lambda c: c["img_processor"].__setitem__("layer_idx", "-2")),
                            "config.json", "layer_idx '-2'"),
     "model_type_missing": (lambda p: _edit_config(p, lambda c: c.pop("model_type")), "config.json", "model_type None"),
+    # absurd sizes: refused by name before any tensor is built, not "Storage size calculation overflowed" (item 12)
+    "hidden_absurd": (lambda p: _edit_config(p, lambda c: c.__setitem__("hidden_size", 10**12)), "config.json",
+                      "hidden_size 1000000000000"),
+    "tower_hidden_absurd": (lambda p: _edit_config(p, _tower("hidden_size", 10**12)), "config.json",
+                            "img_processor.vision_config.hidden_size 1000000000000"),
+    "parameters_absurd": (lambda p: _edit_config(p, lambda c: c.update(hidden_size=1 << 16, vocab_size=1 << 21,
+                                                                        num_hidden_layers=512)),
+                          "config.json", "parameters"),  # every size in range, together far too many
 }
 
 
@@ -490,6 +498,12 @@ CLIP_BAD_CONFIGS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "vision_heads_not_dividing": (lambda c: c["vision_config"].__setitem__("num_attention_heads", 3), "num_attention_heads 3"),
     "vision_config_list": (lambda c: c.__setitem__("vision_config", [1, 2]), "vision_config [1, 2]"),
     "layers_a_string": (lambda c: c["vision_config"].__setitem__("num_hidden_layers", "2"), "vision_config.num_hidden_layers '2'"),
+    "vision_hidden_absurd": (lambda c: c["vision_config"].__setitem__("hidden_size", 10**12),
+                             "vision_config.hidden_size 1000000000000"),
+    "text_vocab_absurd": (lambda c: c["text_config"].__setitem__("vocab_size", 10**12), "text_config.vocab_size 1000000000000"),
+    "image_size_absurd": (lambda c: c["vision_config"].__setitem__("image_size", 1 << 20), "vision_config.image_size 1048576"),
+    "parameters_absurd": (lambda c: c["text_config"].update(hidden_size=1 << 16, intermediate_size=1 << 19,
+                                                            num_hidden_layers=1000), "parameters"),
 }
 
 
@@ -604,46 +618,6 @@ def test_hub_checkpoint_gets_the_same_checks(clip_dir: Path, tmp_path: Path, cli
     assert not marker.exists()
 
 
-# --- 7. absurd sizes in config.json: refused by name, before any tensor is built (item 12) ------------
-
-
-@pytest.mark.parametrize("case,field", [
-    ("hidden", "hidden_size 1000000000000"),
-    ("tower_hidden", "img_processor.vision_config.hidden_size 1000000000000"),
-    ("product", "parameters"),  # every size in range, together far too many parameters
-])
-def test_phi3v_absurd_sizes_are_named(phi3v_dir: Path, tmp_path: Path, case: str, field: str) -> None:
-    changes: dict[str, Callable[[dict[str, Any]], None]] = {
-        "hidden": lambda c: c.__setitem__("hidden_size", 10**12),
-        "tower_hidden": _tower("hidden_size", 10**12),
-        "product": lambda c: c.update(hidden_size=1 << 16, vocab_size=1 << 21, num_hidden_layers=512),
-    }
-    ckpt = _copy(phi3v_dir, tmp_path / "p")
-    _edit_config(ckpt, changes[case])
-    for load in (lambda: load_encoder(f"phi3v:{ckpt}", device="cpu"), lambda: Phi3VImageEmbedding.from_pretrained(ckpt)):
-        with pytest.raises(CheckpointError) as err:
-            load()
-        msg = str(err.value)
-        assert str(ckpt / "config.json") in msg and field in msg, msg
-
-
-@pytest.mark.parametrize("change,field", [
-    (lambda c: c["vision_config"].__setitem__("hidden_size", 10**12), "vision_config.hidden_size 1000000000000"),
-    (lambda c: c["text_config"].__setitem__("vocab_size", 10**12), "text_config.vocab_size 1000000000000"),
-    (lambda c: c["vision_config"].__setitem__("image_size", 1 << 20), "vision_config.image_size 1048576"),
-    (lambda c: c["text_config"].update(hidden_size=1 << 16, intermediate_size=1 << 19, num_hidden_layers=1000),
-     "parameters"),
-])
-def test_clip_absurd_sizes_are_named(clip_dir: Path, tmp_path: Path, change: Callable[[dict[str, Any]], None],
-                                     field: str) -> None:
-    ckpt = _copy(clip_dir, tmp_path / "c")
-    _edit_config(ckpt, change)
-    with pytest.raises(CheckpointError) as err:
-        load_encoder(f"clip:{ckpt}", device="cpu")
-    msg = str(err.value)
-    assert str(ckpt / "config.json") in msg and field in msg, msg
-
-
 # --- 8. image processor values: refused at load by name, not image by image (item 10) ------------------
 
 
@@ -675,22 +649,44 @@ PROCESSOR_CASES: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(PROCESSOR_CASES))
-def test_clip_bad_processor_values_are_named_at_load(clip_dir: Path, tmp_path: Path, case: str) -> None:
+@pytest.mark.parametrize("kind,case", [("clip", c) for c in sorted(PROCESSOR_CASES)] + [
+    ("phi3v", c) for c in ("image_std_zero", "mean_two_values", "crop_size_int_zero", "size_absurd")])
+def test_bad_processor_values_are_named_at_load(clip_dir: Path, phi3v_dir: Path, tmp_path: Path, kind: str,
+                                                case: str) -> None:
+    """One check for every kind: the model loads only with sane pixel values (not image by image failing)."""
     change, field = PROCESSOR_CASES[case]
-    ckpt = _copy(clip_dir, tmp_path / "c")
+    ckpt = _copy(clip_dir if kind == "clip" else phi3v_dir, tmp_path / "c")
     path = _edit_processor(ckpt, change)
     with pytest.raises(CheckpointError) as err:
-        load_encoder(f"clip:{ckpt}", device="cpu")
+        load_encoder(f"{kind}:{ckpt}", device="cpu")
     msg = str(err.value)
     assert str(path) in msg and field in msg, msg
 
 
-@pytest.mark.parametrize("case", ["image_std_zero", "mean_two_values", "crop_size_int_zero", "size_absurd"])
-def test_phi3v_bad_processor_values_are_named_the_same_way(phi3v_dir: Path, tmp_path: Path, case: str) -> None:
-    change, field = PROCESSOR_CASES[case]
-    ckpt = _copy(phi3v_dir, tmp_path / "p")
-    path = _edit_processor(ckpt, change)
-    with pytest.raises(CheckpointError) as err:
-        load_encoder(f"phi3v:{ckpt}", device="cpu")
-    assert str(path) in str(err.value) and field in str(err.value), str(err.value)
+@pytest.mark.parametrize("kind", ["clip", "phi3v"])
+def test_every_file_comes_from_the_pinned_commit(clip_dir: Path, phi3v_dir: Path, clip_hub: Callable[[Path], str],
+                                                 monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """A hub id's branch is resolved to a commit once (fetching config.json); every other file,
+    also those transformers reads, is fetched at that commit, each once; describe() records it."""
+    import huggingface_hub
+    import transformers
+
+    hub_id = clip_hub(clip_dir if kind == "clip" else phi3v_dir)
+    fetched: list[tuple[str, str | None]] = []
+    real_download = huggingface_hub.hf_hub_download
+
+    def recording_download(repo_id: str, filename: str, **kwargs: Any) -> str:
+        fetched.append((filename, kwargs.get("revision")))
+        return real_download(repo_id, filename, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recording_download)
+    asked: list[dict[str, Any]] = []
+    for auto in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoImageProcessor):
+        monkeypatch.setattr(auto, "from_pretrained",
+                            lambda *a, _real=auto.from_pretrained, **k: (asked.append(k), _real(*a, **k))[1])
+    enc = load_encoder(f"{kind}:{hub_id}", device="cpu", dtype="float32")
+    assert fetched[0] == ("config.json", None)
+    assert [f for f in fetched[1:] if f[1] != COMMIT] == []
+    assert len({f for f, _ in fetched}) == len(fetched)
+    assert all(k.get("revision") == COMMIT and k.get("trust_remote_code") is False for k in asked)
+    assert enc.describe()["details"]["revision"] == COMMIT
