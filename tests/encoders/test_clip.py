@@ -20,12 +20,11 @@ import torch
 from PIL import Image
 
 from phiclip.encoders import load_encoder
-from phiclip.encoders.clip import (
+from phiclip.encoders.clip import CLIPEncoder, SigLIPEncoder
+from phiclip.encoders.clip_preprocessing import (
     MAX_RESIZED_PIXELS,
-    CLIPEncoder,
     ImagePreprocessor,
     ProcessorPreprocessor,
-    SigLIPEncoder,
     shortest_edge_size,
 )
 from phiclip.images import load_image

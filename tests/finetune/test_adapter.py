@@ -13,8 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from phiclip.finetune.common import read_metrics
-from phiclip.phi3v.processing import hd_size, num_image_tokens
-from phiclip.phi3v.student import StudentImageProcessor, StudentVisionTower
+from phiclip.phi3v.processing import StudentImageProcessor, hd_size, num_image_tokens
+from phiclip.phi3v.student import StudentVisionTower
 from phiclip.testing import build_tiny_clip, make_sample_images, make_shape_image
 
 FAST = dict(device="cpu", progress=False, num_threads=1, tensorboard=False)
@@ -95,7 +95,7 @@ def test_export_loads_as_phi3v_and_reproduces_the_held_out_numbers(distilled: di
     from phiclip.encoders import load_encoder
     from phiclip.finetune.adapter import TeacherTokens
     from phiclip.phi3v import Phi3VImageEmbedding, Phi3VImageProcessor
-    from phiclip.phi3v.student import StudentImageEmbedding
+    from phiclip.phi3v.modeling import StudentImageEmbedding
     from phiclip.pipeline.sources import list_inputs
 
     out = Path(distilled["output"])

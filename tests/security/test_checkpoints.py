@@ -23,10 +23,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from phiclip.encoders import load_encoder
+from phiclip.hub import CheckpointError
+from phiclip.models.checkpoint import WeightsHasher
 from phiclip.phi3v import Phi3VImageEmbedding, Phi3VImageProcessor
 from phiclip.phi3v.config import MAX_NUM_CROPS
 from phiclip.phi3v.processing import CanvasTooLargeError
-from phiclip.phi3v.weights import CheckpointError, WeightsHasher
 from phiclip.testing import build_tiny_clip, build_tiny_phi3v
 
 INDEX = "model.safetensors.index.json"
@@ -467,6 +468,14 @@ PHI3V_BAD_CONFIGS: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "layer_idx_a_string": (lambda p: _edit_config(p, lambda c: c["img_processor"].__setitem__("layer_idx", "-2")),
                            "config.json", "layer_idx '-2'"),
     "model_type_missing": (lambda p: _edit_config(p, lambda c: c.pop("model_type")), "config.json", "model_type None"),
+    # absurd sizes: refused by name before any tensor is built, not "Storage size calculation overflowed" (item 12)
+    "hidden_absurd": (lambda p: _edit_config(p, lambda c: c.__setitem__("hidden_size", 10**12)), "config.json",
+                      "hidden_size 1000000000000"),
+    "tower_hidden_absurd": (lambda p: _edit_config(p, _tower("hidden_size", 10**12)), "config.json",
+                            "img_processor.vision_config.hidden_size 1000000000000"),
+    "parameters_absurd": (lambda p: _edit_config(p, lambda c: c.update(hidden_size=1 << 16, vocab_size=1 << 21,
+                                                                        num_hidden_layers=512)),
+                          "config.json", "parameters"),  # every size in range, together far too many
 }
 
 
@@ -489,6 +498,12 @@ CLIP_BAD_CONFIGS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "vision_heads_not_dividing": (lambda c: c["vision_config"].__setitem__("num_attention_heads", 3), "num_attention_heads 3"),
     "vision_config_list": (lambda c: c.__setitem__("vision_config", [1, 2]), "vision_config [1, 2]"),
     "layers_a_string": (lambda c: c["vision_config"].__setitem__("num_hidden_layers", "2"), "vision_config.num_hidden_layers '2'"),
+    "vision_hidden_absurd": (lambda c: c["vision_config"].__setitem__("hidden_size", 10**12),
+                             "vision_config.hidden_size 1000000000000"),
+    "text_vocab_absurd": (lambda c: c["text_config"].__setitem__("vocab_size", 10**12), "text_config.vocab_size 1000000000000"),
+    "image_size_absurd": (lambda c: c["vision_config"].__setitem__("image_size", 1 << 20), "vision_config.image_size 1048576"),
+    "parameters_absurd": (lambda c: c["text_config"].update(hidden_size=1 << 16, intermediate_size=1 << 19,
+                                                            num_hidden_layers=1000), "parameters"),
 }
 
 
@@ -601,3 +616,77 @@ def test_hub_checkpoint_gets_the_same_checks(clip_dir: Path, tmp_path: Path, cli
     with pytest.raises(CheckpointError, match=expected):
         load_encoder(f"clip:{hub_id}", device="cpu")
     assert not marker.exists()
+
+
+# --- 8. image processor values: refused at load by name, not image by image (item 10) ------------------
+
+
+def _edit_processor(ckpt: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    """Apply ``change`` to the image processor settings, wherever the checkpoint keeps them."""
+    path = ckpt / "preprocessor_config.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        change(data)
+    else:
+        path = ckpt / "processor_config.json"
+        data = json.loads(path.read_text())
+        change(data["image_processor"])
+    path.write_text(json.dumps(data))
+    return path
+
+
+PROCESSOR_CASES: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "crop_size_zero": (lambda d: d.__setitem__("crop_size", {"height": 0, "width": 0}), "crop_size.height 0"),
+    "crop_size_int_zero": (lambda d: d.__setitem__("crop_size", 0), "crop_size 0"),
+    "image_std_zero": (lambda d: d.__setitem__("image_std", [0.5, 0, 0.5]), "image_std"),
+    "image_std_scalar_zero": (lambda d: d.__setitem__("image_std", 0), "image_std"),
+    "size_negative": (lambda d: d.__setitem__("size", {"shortest_edge": -224}), "size.shortest_edge -224"),
+    "size_absurd": (lambda d: d.__setitem__("size", {"shortest_edge": 10**9}), "size.shortest_edge 1000000000"),
+    "mean_two_values": (lambda d: d.__setitem__("image_mean", [0.5, 0.5]), "image_mean"),
+    "mean_a_string": (lambda d: d.__setitem__("image_mean", ["a", 0.5, 0.5]), "image_mean[0] 'a'"),
+    "rescale_zero": (lambda d: d.__setitem__("rescale_factor", 0), "rescale_factor 0"),
+    "resample_unknown": (lambda d: d.__setitem__("resample", 42), "resample 42"),
+}
+
+
+@pytest.mark.parametrize("kind,case", [("clip", c) for c in sorted(PROCESSOR_CASES)] + [
+    ("phi3v", c) for c in ("image_std_zero", "mean_two_values", "crop_size_int_zero", "size_absurd")])
+def test_bad_processor_values_are_named_at_load(clip_dir: Path, phi3v_dir: Path, tmp_path: Path, kind: str,
+                                                case: str) -> None:
+    """One check for every kind: the model loads only with sane pixel values (not image by image failing)."""
+    change, field = PROCESSOR_CASES[case]
+    ckpt = _copy(clip_dir if kind == "clip" else phi3v_dir, tmp_path / "c")
+    path = _edit_processor(ckpt, change)
+    with pytest.raises(CheckpointError) as err:
+        load_encoder(f"{kind}:{ckpt}", device="cpu")
+    msg = str(err.value)
+    assert str(path) in msg and field in msg, msg
+
+
+@pytest.mark.parametrize("kind", ["clip", "phi3v"])
+def test_every_file_comes_from_the_pinned_commit(clip_dir: Path, phi3v_dir: Path, clip_hub: Callable[[Path], str],
+                                                 monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """A hub id's branch is resolved to a commit once (fetching config.json); every other file,
+    also those transformers reads, is fetched at that commit, each once; describe() records it."""
+    import huggingface_hub
+    import transformers
+
+    hub_id = clip_hub(clip_dir if kind == "clip" else phi3v_dir)
+    fetched: list[tuple[str, str | None]] = []
+    real_download = huggingface_hub.hf_hub_download
+
+    def recording_download(repo_id: str, filename: str, **kwargs: Any) -> str:
+        fetched.append((filename, kwargs.get("revision")))
+        return real_download(repo_id, filename, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recording_download)
+    asked: list[dict[str, Any]] = []
+    for auto in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoImageProcessor):
+        monkeypatch.setattr(auto, "from_pretrained",
+                            lambda *a, _real=auto.from_pretrained, **k: (asked.append(k), _real(*a, **k))[1])
+    enc = load_encoder(f"{kind}:{hub_id}", device="cpu", dtype="float32")
+    assert fetched[0] == ("config.json", None)
+    assert [f for f in fetched[1:] if f[1] != COMMIT] == []
+    assert len({f for f, _ in fetched}) == len(fetched)
+    assert all(k.get("revision") == COMMIT and k.get("trust_remote_code") is False for k in asked)
+    assert enc.describe()["details"]["revision"] == COMMIT

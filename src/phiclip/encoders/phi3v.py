@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from phiclip import quantize
+from phiclip.checkpoints import open_checkpoint
 from phiclip.encoders.base import EncodedBatch, Encoder, EncoderDescription, dtype_name
 from phiclip.encoders.device import Placement
 from phiclip.encoders.options import Phi3VOptions
@@ -72,11 +73,13 @@ class Phi3VEncoder(Encoder):
     @classmethod
     def build(cls, spec: EncoderSpec, options: Phi3VOptions, placement: Placement) -> Phi3VEncoder:
         """Load the checkpoint a spec names: the builder of the registry (:func:`phiclip.encoders.load_encoder`)."""
+        # Opened once, the one way (located, pinned, vetted): the processor and the weights come from it.
+        checkpoint = open_checkpoint(spec.location, kind=cls.kind)
         overrides = {"num_crops": options.num_crops} if options.num_crops is not None else {}
-        processor = Phi3VImageProcessor.from_pretrained(spec.location, **overrides)
+        processor = Phi3VImageProcessor.from_pretrained(checkpoint, **overrides)
         int8 = placement.precision == "int8"
         # int8: loaded in float32, then the tower's products quantised from those weights.
-        model = Phi3VImageEmbedding.from_pretrained(spec.location, torch_dtype=torch.float32 if int8 else placement.dtype,
+        model = Phi3VImageEmbedding.from_pretrained(checkpoint, torch_dtype=torch.float32 if int8 else placement.dtype,
                                                     device=placement.device, max_crops_per_batch=options.max_crops)
         precision = placement.record()
         if int8:
@@ -143,8 +146,8 @@ class Phi3VEncoder(Encoder):
         return self.encode_batch(batch, with_tokens=True).tokens or []
 
     def description(self) -> EncoderDescription:
-        """The common fields, and in ``details``: model class, LM width, the tower layer read and the
-        HD transform's order."""
+        """The common fields, and in ``details``: model class, LM width, the tower layer read, the
+        HD transform's order and the commit the weights came from (None: a local folder)."""
         return self.described(
             parameters=self.model.image_path_parameters(),
             preprocessing=self.processor.to_dict(),
@@ -154,6 +157,7 @@ class Phi3VEncoder(Encoder):
                 "hidden_size": self.model.hidden_size,
                 "layer_idx": self.model.layer_idx,
                 "hd_transform_order": self.model.hd_transform_order,
+                "revision": getattr(self.model, "revision", None),
             },
         )
 

@@ -32,12 +32,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from phiclip.checkpoints import open_checkpoint
 from phiclip.encoders.base import EncodedBatch, Encoder, EncoderDescription, count_parameters, dtype_name
 from phiclip.encoders.device import Placement
 from phiclip.encoders.options import Phi3VLMOptions
 from phiclip.encoders.spec import EncoderSpec
+from phiclip.hub import CheckpointError
 from phiclip.images import ImageInput, load_image
 from phiclip.models.checkpoint import fingerprint_module
+from phiclip.phi3v.language import (
+    PADDING_SIDES,
+    POOLINGS,
+    Phi3VEmbeddingModel,
+    PromptTokenizer,
+    load_tokenizer,
+    pad_prompts,
+)
+from phiclip.phi3v.processing import Phi3VImageProcessor, num_image_tokens
 from phiclip.phi3v.prompts import (
     DEFAULT_PRESET,
     IMAGE_SLOT,
@@ -79,8 +90,6 @@ class Phi3VLMEncoder(Encoder):
         padding_side: str = "right",
         precision: dict[str, Any] | None = None,
     ) -> None:
-        from phiclip.phi3v.language import PADDING_SIDES, POOLINGS, PromptTokenizer
-
         options = options or Phi3VLMOptions()
         if options.preset not in PRESETS:
             raise ValueError(f"preset {options.preset!r} is not one of {', '.join(PRESETS)}")
@@ -134,39 +143,29 @@ class Phi3VLMEncoder(Encoder):
     def build(cls, spec: EncoderSpec, options: Phi3VLMOptions, placement: Placement) -> Phi3VLMEncoder:
         """Load the checkpoint a spec names: the builder of the registry (:func:`phiclip.encoders.load_encoder`).
 
-        The location follows :func:`phiclip.hub.resolve_location`. ``config.json`` is read first, so
-        a hub id that cannot be reached (and is not cached) fails at once; the files after it (the
-        processor config, the tokenizer, the weights) come from the commit it came from.
+        The checkpoint is opened once (:func:`phiclip.checkpoints.open_checkpoint`: located, pinned
+        to one commit, vetted), so a hub id that cannot be reached (and is not cached) fails at once;
+        the processor config, the tokenizer and the weights all come from it.
 
         Raises:
             ValueError: a precision the language model does not run in (int8).
             CheckpointError: a bad location, an unreachable hub id, a missing tokenizer or tensors
                 that do not fit the model.
         """
-        from phiclip.hub import resolve_file, resolve_location, snapshot_commit
-        from phiclip.phi3v.config import Phi3VImageProcessorConfig
-        from phiclip.phi3v.language import Phi3VEmbeddingModel, load_tokenizer
-        from phiclip.phi3v.processing import Phi3VImageProcessor
-
         if placement.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"encoder spec {str(spec)!r}: precision {placement.precision} is not available for "
                              "phi3v-lm; use float32 or bfloat16 (auto: bfloat16 on GPUs)")
-        loc = resolve_location(spec.location)
-        config_path = resolve_file(loc, "config.json", revision=options.revision)
-        assert config_path is not None
-        revision = options.revision if loc.is_local else (snapshot_commit(config_path) or options.revision)
-
-        proc_path = resolve_file(loc, "preprocessor_config.json", required=False, revision=revision)
-        proc_cfg = Phi3VImageProcessorConfig() if proc_path is None else Phi3VImageProcessorConfig.from_json_file(proc_path)
-        num_crops = options.num_crops or PRESETS[options.preset].num_crops or proc_cfg.num_crops
+        checkpoint = open_checkpoint(spec.location, options.revision, kind=cls.kind)
+        num_crops = options.num_crops or PRESETS[options.preset].num_crops
         try:
-            processor = Phi3VImageProcessor(num_crops=num_crops, image_mean=proc_cfg.image_mean,
-                                            image_std=proc_cfg.image_std)
+            processor = Phi3VImageProcessor.from_pretrained(checkpoint, **({"num_crops": num_crops} if num_crops else {}))
+        except CheckpointError:
+            raise
         except ValueError as e:
             raise ValueError(f"encoder spec {str(spec)!r}: {e}") from None
-        tokenizer = load_tokenizer(loc, revision=revision)
-        model = Phi3VEmbeddingModel.from_pretrained(loc, torch_dtype=placement.dtype, device=placement.device,
-                                                    max_crops_per_batch=options.max_crops, revision=revision)
+        tokenizer = load_tokenizer(checkpoint)
+        model = Phi3VEmbeddingModel.from_pretrained(checkpoint, torch_dtype=placement.dtype, device=placement.device,
+                                                    max_crops_per_batch=options.max_crops)
         return cls(model, processor, tokenizer, name=str(spec), options=options, precision=placement.record())
 
     # --- items: one prompt with its images ------------------------------------------------------
@@ -198,8 +197,6 @@ class Phi3VLMEncoder(Encoder):
 
     def typical_item_cost(self) -> int:
         """Prompt tokens of a 640x480 photo."""
-        from phiclip.phi3v.processing import num_image_tokens
-
         return num_image_tokens(640, 480, self.processor.num_crops) + sum(len(c) for c in self._image_chunks)
 
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -221,8 +218,6 @@ class Phi3VLMEncoder(Encoder):
 
     @torch.inference_mode()
     def encode_batch(self, batch: dict[str, Any], *, with_tokens: bool = False) -> EncodedBatch:
-        from phiclip.phi3v.language import pad_prompts
-
         if with_tokens:
             raise ValueError(f"{self.name} makes one pooled vector per input, no token sequences; "
                              "drop --tokens, or use a phi3v: spec for Phi-3-vision's image tokens")
@@ -280,13 +275,12 @@ class Phi3VLMEncoder(Encoder):
 
     def tokens_per_image(self, width: int, height: int) -> int:
         """Image tokens an image of this size becomes in the prompt, at this encoder's num_crops."""
-        from phiclip.phi3v.processing import num_image_tokens
-
         return num_image_tokens(width, height, self.processor.num_crops)
 
     def description(self) -> EncoderDescription:
         """Spec, dim, precision, weights fingerprint; ``options``: the prompts, pooling and lengths in
-        use (preset defaults filled in); ``details``: the model classes, attention, tokenizer."""
+        use (preset defaults filled in); ``details``: the model classes, the commit the weights came
+        from (None: a local folder), attention, tokenizer."""
         lm = self.model.language_model
         return self.described(
             parameters=count_parameters(self.model),  # image path + language model: both make every vector
@@ -303,6 +297,7 @@ class Phi3VLMEncoder(Encoder):
             },
             details={
                 "model_class": f"{type(self.model.image_embedding).__name__} + transformers.{type(lm).__name__}",
+                "revision": getattr(self.model, "revision", None),
                 "preset_source": self.preset.source,
                 "attn_implementation": getattr(lm.config, "_attn_implementation", None),
                 "language_model": {k: getattr(lm.config, k, None) for k in

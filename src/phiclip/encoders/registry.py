@@ -1,16 +1,20 @@
-"""The one registry of encoder kinds: for each, how to build it and which options its spec takes.
+"""The one registry of encoder kinds: for each, the checkpoints it loads, how to build it and which
+options its spec takes.
 
-Spec parsing (:func:`parse_spec`, :func:`check_spec`), loading (:func:`load_encoder`) and
-``compare`` all read :data:`KINDS`; a new kind is one :class:`EncoderKind` entry here, its options
-dataclass (:mod:`phiclip.encoders.options`) and its encoder module.
+Spec parsing (:func:`parse_spec`, :func:`check_spec`), checkpoint vetting
+(:func:`phiclip.checkpoints.open_checkpoint`: which ``model_type`` values are known, which kind loads
+each), loading (:func:`load_encoder`) and ``compare`` all read :data:`KINDS`. A new kind is one
+:class:`EncoderKind` row here, its options dataclass (:mod:`phiclip.encoders.options`) and its
+encoder module.
 
-The builders import their encoder modules when called, on purpose: those import torch and
-transformers, which spec parsing and the command line must not pay for.
+A row names its encoder module and class as data: the module is imported when a kind is first
+built, so spec parsing and the command line never pay for torch and transformers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,18 +32,43 @@ Builder = Callable[[EncoderSpec, Any, Placement], "Encoder"]
 
 
 @dataclass(frozen=True)
+class ModuleBuilder:
+    """The default builder of a kind: ``<module>.<encoder_class>.build(spec, options, placement)``,
+    the module imported by name when first called."""
+
+    module: str
+    encoder_class: str
+
+    def __call__(self, spec: EncoderSpec, options: Any, placement: Placement) -> Encoder:
+        encoder_class = getattr(importlib.import_module(self.module), self.encoder_class)
+        return encoder_class.build(spec, options, placement)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
 class EncoderKind:
-    """One kind of encoder (the ``kind`` of ``kind:location``)."""
+    """One kind of encoder (the ``kind`` of ``kind:location``): one row of :data:`KINDS`."""
 
     name: str
-    builder: Builder
+    #: The ``model_type`` of the ``config.json`` this kind loads.
+    model_type: str
+    #: The module that holds the encoder (``compare`` times its import) and the encoder class in it
+    #: (its ``build(spec, options, placement)`` is the default builder).
+    module: str
+    encoder_class: str
     #: The spec options' dataclass; None: the builder reads ``spec.options`` itself.
     options: type[SpecOptions] | None
     #: Whether ``precision="int8"`` (CPU) is available.
     int8: bool
-    #: The module that holds the encoder (imported by the builder; ``compare`` times its import).
-    module: str
     summary: str
+    #: Whether transformers builds the model from ``config.json`` (then an ``auto_map`` there, which
+    #: names code for transformers to import, is refused); False: phiclip reads the file as data.
+    transformers_config: bool = False
+    #: How to build it; None: :class:`ModuleBuilder` of ``module`` and ``encoder_class``.
+    builder: Builder = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.builder is None:
+            object.__setattr__(self, "builder", ModuleBuilder(self.module, self.encoder_class))
 
     def with_builder(self, builder: Builder) -> EncoderKind:
         """The same kind built by ``builder`` (tests put stand-in encoders in the registry this way)."""
@@ -50,41 +79,17 @@ class EncoderKind:
         return None if self.options is None else self.options.from_spec(spec)
 
 
-def _build_clip(spec: EncoderSpec, options: Any, placement: Placement) -> Encoder:
-    from phiclip.encoders.clip import CLIPEncoder
-
-    return CLIPEncoder.build(spec, options, placement)
-
-
-def _build_siglip(spec: EncoderSpec, options: Any, placement: Placement) -> Encoder:
-    from phiclip.encoders.clip import SigLIPEncoder
-
-    return SigLIPEncoder.build(spec, options, placement)
-
-
-def _build_phi3v(spec: EncoderSpec, options: Any, placement: Placement) -> Encoder:
-    from phiclip.encoders.phi3v import Phi3VEncoder
-
-    return Phi3VEncoder.build(spec, options, placement)
-
-
-def _build_phi3v_lm(spec: EncoderSpec, options: Any, placement: Placement) -> Encoder:
-    from phiclip.encoders.phi3v_lm import Phi3VLMEncoder
-
-    return Phi3VLMEncoder.build(spec, options, placement)
-
-
-#: kind -> how to build it. The one place new kinds are registered.
+#: kind -> its row. The one table of kinds, and of the model types phiclip loads.
 KINDS: dict[str, EncoderKind] = {
     k.name: k
     for k in (
-        EncoderKind("clip", _build_clip, ContrastiveOptions, int8=True, module="phiclip.encoders.clip",
-                    summary="CLIP through transformers (image and text)"),
-        EncoderKind("siglip", _build_siglip, ContrastiveOptions, int8=True, module="phiclip.encoders.clip",
-                    summary="SigLIP through transformers (image and text)"),
-        EncoderKind("phi3v", _build_phi3v, Phi3VOptions, int8=True, module="phiclip.encoders.phi3v",
+        EncoderKind("clip", "clip", "phiclip.encoders.clip", "CLIPEncoder", ContrastiveOptions, int8=True,
+                    summary="CLIP through transformers (image and text)", transformers_config=True),
+        EncoderKind("siglip", "siglip", "phiclip.encoders.clip", "SigLIPEncoder", ContrastiveOptions, int8=True,
+                    summary="SigLIP through transformers (image and text)", transformers_config=True),
+        EncoderKind("phi3v", "phi3_v", "phiclip.encoders.phi3v", "Phi3VEncoder", Phi3VOptions, int8=True,
                     summary="Phi-3-vision's image path, pooled (images)"),
-        EncoderKind("phi3v-lm", _build_phi3v_lm, Phi3VLMOptions, int8=False, module="phiclip.encoders.phi3v_lm",
+        EncoderKind("phi3v-lm", "phi3_v", "phiclip.encoders.phi3v_lm", "Phi3VLMEncoder", Phi3VLMOptions, int8=False,
                     summary="Phi-3-vision's image path and language model, pooled (image, text, both)"),
     )
 }
@@ -92,6 +97,16 @@ KINDS: dict[str, EncoderKind] = {
 SPEC_KINDS: tuple[str, ...] = tuple(KINDS)
 #: Kinds whose encoders run ``precision="int8"`` (on the CPU).
 INT8_KINDS: tuple[str, ...] = tuple(k for k, v in KINDS.items() if v.int8)
+
+
+def kinds_for_model_type(model_type: str) -> tuple[EncoderKind, ...]:
+    """The kinds that load checkpoints of ``model_type`` (registry order; empty: phiclip loads none)."""
+    return tuple(k for k in KINDS.values() if k.model_type == model_type)
+
+
+def known_model_types() -> tuple[str, ...]:
+    """Every ``model_type`` some kind loads (registry order)."""
+    return tuple(dict.fromkeys(k.model_type for k in KINDS.values()))
 
 
 def parse_spec(spec: str) -> EncoderSpec:
@@ -105,7 +120,7 @@ def parse_spec(spec: str) -> EncoderSpec:
     Raises:
         ValueError: for an unknown kind, an empty location or a malformed option.
     """
-    return split_spec(spec, SPEC_KINDS)
+    return split_spec(spec, tuple(KINDS))
 
 
 def check_spec(spec: str | EncoderSpec) -> EncoderSpec:
@@ -146,4 +161,15 @@ def load_encoder(spec: str | EncoderSpec, *, device: str = "auto", dtype: str = 
         raise CheckpointError(f"encoder spec {str(parsed)!r}: {e}") from None
 
 
-__all__ = ["INT8_KINDS", "KINDS", "SPEC_KINDS", "EncoderKind", "check_spec", "load_encoder", "parse_spec"]
+__all__ = [
+    "INT8_KINDS",
+    "KINDS",
+    "SPEC_KINDS",
+    "EncoderKind",
+    "ModuleBuilder",
+    "check_spec",
+    "kinds_for_model_type",
+    "known_model_types",
+    "load_encoder",
+    "parse_spec",
+]

@@ -1,7 +1,7 @@
 """Distil a student vision tower into Phi-3-vision's image path (``phiclip finetune phi3v-adapter``).
 
 The student (any CLIP-like checkpoint: ``clip:`` or ``siglip:``) is put into the image path as
-:class:`~phiclip.phi3v.student.StudentImageEmbedding`: crops at the student's input size, its patch
+:class:`~phiclip.phi3v.modeling.StudentImageEmbedding`: crops at the student's input size, its patch
 grid resampled to 24 x 24, the released 2 x 2 merge, separators and projection. Only new parts
 train by default: the projection (its second layer starts from the teacher's, which has the same
 shape) and the two separators; optionally the last N student layers (``train_layers``) or LoRA on
@@ -58,7 +58,8 @@ from phiclip.finetune.common import (
 from phiclip.finetune.data import ImageBatchLoader, SkippedImages
 from phiclip.finetune.loop import LoopSettings, TrainingMode, finish_run, run_training
 from phiclip.finetune.probe import encoder_identity
-from phiclip.phi3v.weights import VISION_PREFIX, resolve_file
+from phiclip.hub import resolve_file
+from phiclip.phi3v.weights import VISION_PREFIX
 from phiclip.pipeline.sources import list_inputs
 
 if TYPE_CHECKING:
@@ -211,8 +212,8 @@ def build_student(teacher_config: dict[str, Any], teacher: Any, student_encoder:
     when shapes match, fresh separators and first projection layer."""
     import torch
 
-    # lazy: imports torch
-    from phiclip.phi3v.student import STUDENT_TOWER_NAME, StudentImageEmbedding
+    from phiclip.phi3v.modeling import StudentImageEmbedding  # lazy: imports torch
+    from phiclip.phi3v.student import STUDENT_TOWER_NAME  # lazy: imports torch
 
     desc = _student_description(student_encoder, student_layer, spec)
     hf = desc["hf_config"]

@@ -31,8 +31,8 @@ import numpy as np
 
 from phiclip.datasets_io import LabelledData
 from phiclip.encoders import Encoder, EncoderSpec, load_encoder, parse_spec
-from phiclip.encoders.clip import _pil_backend_kwarg, check_location
 from phiclip.encoders.clip import _pooled as _pooled_output
+from phiclip.encoders.clip_preprocessing import pil_backend_kwarg
 from phiclip.evaluate import retrieval_metrics
 from phiclip.finetune.common import (
     TrainingError,
@@ -275,6 +275,7 @@ class _Texts:
 
     def __init__(self, encoder: Encoder, device: Any) -> None:
         self.tokenizer = encoder.tokenizer
+        self.location = str(encoder.checkpoint.location)  # the opened checkpoint (a hub id: its pinned snapshot)
         self.padding = encoder.text_padding
         self.max_length = encoder.text_max_length
         self.device = device
@@ -344,7 +345,7 @@ def save_model(model: Any, encoder_location: str, tokenizer: Any, output: Path) 
 
     base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     base.save_pretrained(str(output))
-    AutoImageProcessor.from_pretrained(encoder_location, **_pil_backend_kwarg()).save_pretrained(str(output))
+    AutoImageProcessor.from_pretrained(encoder_location, **pil_backend_kwarg()).save_pretrained(str(output))
     tokenizer.save_pretrained(str(output))
 
 
@@ -409,7 +410,7 @@ class ClipTraining(TrainingMode):
         return {"epoch": round(epoch, 4), "images": images}
 
     def export(self, output: Path) -> None:
-        save_model(self.net, check_location(self.spec), self.tokenizer, output)
+        save_model(self.net, self.location, self.tokenizer, output)
 
     def close(self) -> None:
         self.loader.close()

@@ -2,8 +2,9 @@
 for, fingerprints, and the strict load that names missing and unexpected tensors.
 
 Nothing here knows a model: the Phi-3-vision image path chooses its tensors in
-:mod:`phiclip.phi3v.weights`; CLIP and SigLIP checkpoints are checked here before transformers
-reads them (:func:`weight_files` lists what it loads). Never pickle, never code from a checkpoint.
+:mod:`phiclip.phi3v.weights`; every kind opens its checkpoint through
+:func:`phiclip.checkpoints.open_checkpoint`, which uses the checks here (config sizes, image
+processor values, index). Never pickle, never code from a checkpoint.
 
 Checkpoints are untrusted data. Every file name taken from an index is a plain ``*.safetensors``
 name resolved inside the checkpoint folder (or hub snapshot); anything else is a
@@ -16,19 +17,21 @@ Importing this module does not import torch (the functions that take tensors get
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from phiclip.atomic import atomic_write_json
+from phiclip.cache import cache_dir
 from phiclip.hub import CheckpointError, Location, resolve_file
-from phiclip.precision import cache_dir, write_cache_json
 
 if TYPE_CHECKING:
     import torch
@@ -90,6 +93,122 @@ def check_field(
 
 
 # ==============================================================================================
+# Sizes in config.json, pixel values in the image processor's config
+# ==============================================================================================
+#: Size fields of a model config, wherever they appear (the top level, ``vision_config``,
+#: ``text_config``, ``img_processor.vision_config``...), and the largest value accepted: far above any
+#: released model, far below what overflows a tensor's storage size.
+SIZE_FIELDS: dict[str, int] = {
+    "hidden_size": 1 << 17, "n_embd": 1 << 17, "intermediate_size": 1 << 19, "num_hidden_layers": 1 << 10,
+    "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12, "patch_size": 1 << 12, "image_size": 1 << 14,
+    "max_position_embeddings": 1 << 24, "vocab_size": 1 << 22, "num_channels": 64, "projection_dim": 1 << 17,
+}
+#: The most parameters one section of a config may imply (about 69 billion): a damaged or hostile size
+#: is refused before any tensor is built (torch would end in "Storage size calculation overflowed").
+MAX_PARAMETERS = 1 << 36
+#: The largest image side an image processor config may ask for (``size``, ``crop_size``).
+MAX_IMAGE_SIDE = 1 << 14
+_MAX_DEPTH = 4
+
+
+def _estimated_parameters(part: dict[str, Any]) -> int:
+    """About how many parameters a transformer section with these sizes holds (an upper estimate)."""
+    h = part.get("hidden_size") or part.get("n_embd") or 0
+    layers = part.get("num_hidden_layers") or 1
+    inter = part.get("intermediate_size") or 4 * h
+    grid = (part.get("image_size") or 0) // (part.get("patch_size") or 1)
+    per_token = (part.get("vocab_size") or 0) + (part.get("max_position_embeddings") or 0) + grid * grid
+    patch = (part.get("patch_size") or 0) ** 2 * (part.get("num_channels") or 3)
+    return h * (per_token + patch) + layers * (4 * h * h + 2 * h * inter)
+
+
+def check_config_sizes(config: Any, source: str | Path, prefix: str = "") -> None:
+    """Check every size field of a model config (:data:`SIZE_FIELDS`, in any nested section): an
+    integer from 1 to its bound, heads dividing the width, ``*_config`` sections objects, and the
+    parameters each section implies at most :data:`MAX_PARAMETERS`.
+
+    Raises:
+        CheckpointError: naming ``source`` (the file) and the field, e.g. ``config.json:
+            vision_config.hidden_size 1000000000000 must be an integer from 1 to 131072``.
+    """
+    check_field(config, prefix.rstrip(".") or "(the whole file)", source, kind="dict")
+    for key, value in config.items():
+        if value is None:
+            continue
+        if key in SIZE_FIELDS:
+            check_field(value, prefix + key, source, minimum=1, maximum=SIZE_FIELDS[key])
+        elif isinstance(value, dict) and prefix.count(".") < _MAX_DEPTH:
+            check_config_sizes(value, source, prefix + key + ".")
+        elif key.endswith("_config"):
+            check_field(value, prefix + key, source, kind="dict")
+    width, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if isinstance(width, int) and isinstance(heads, int) and width % heads:
+        raise CheckpointError(f"{source}: {prefix}hidden_size {width} is not divisible by "
+                              f"{prefix}num_attention_heads {heads}")
+    n = _estimated_parameters(config)
+    if n > MAX_PARAMETERS:
+        sizes = ", ".join(f"{prefix}{k} {config[k]}" for k in SIZE_FIELDS if config.get(k) is not None)
+        raise CheckpointError(f"{source}: {sizes} make a model of about {n:.3g} parameters, over the "
+                              f"{MAX_PARAMETERS:.3g} phiclip loads; the config is damaged")
+
+
+def check_mean_std(config: dict[str, Any], source: str | Path, *, prefix: str = "",
+                   default: tuple[Any, Any] | None = None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``image_mean`` and ``image_std`` of an image processor config as 3 numbers each (a single
+    number stands for all 3 when ``default`` is None, as transformers reads it), ``image_std``
+    without 0. ``default``: the (mean, std) for keys left out; without one, both absent -> None.
+
+    Raises:
+        CheckpointError: naming ``source`` and the field.
+    """
+    if default is None and config.get("image_mean") is None and config.get("image_std") is None:
+        return None
+    stats = []
+    for i, key in enumerate(("image_mean", "image_std")):
+        value = config.get(key, default[i] if default is not None else None)
+        if default is None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value] * 3
+        if not isinstance(value, (list, tuple)) or len(value) != 3:
+            raise CheckpointError(f"{source}: {prefix}{key} {value!r} must be a list of 3 numbers (one per RGB channel)")
+        stats.append(tuple(float(check_field(v, f"{prefix}{key}[{j}]", source, kind="number"))
+                           for j, v in enumerate(value)))
+    if any(s == 0 for s in stats[1]):
+        raise CheckpointError(f"{source}: {prefix}image_std {list(stats[1])} must not contain 0")
+    return stats[0], stats[1]
+
+
+def check_image_processor_values(config: Any, source: str | Path, prefix: str = "") -> None:
+    """Check the values of an image processor config that decide the pixels, for every kind:
+    ``image_mean`` / ``image_std`` (:func:`check_mean_std`), ``size`` and ``crop_size`` (an integer,
+    or an object of ``height``, ``width``, ``shortest_edge``, ``longest_edge``, each from 1 to
+    :data:`MAX_IMAGE_SIDE`), ``rescale_factor`` (a finite number > 0) and ``resample`` (PIL's 0-5).
+
+    Raises:
+        CheckpointError: naming ``source`` (e.g. ``preprocessor_config.json``) and the field.
+    """
+    check_field(config, prefix.rstrip(".") or "(the whole file)", source, kind="dict")
+    check_mean_std(config, source, prefix=prefix)
+    for key in ("size", "crop_size"):
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            for side in ("height", "width", "shortest_edge", "longest_edge"):
+                if value.get(side) is not None:
+                    check_field(value[side], f"{prefix}{key}.{side}", source, minimum=1, maximum=MAX_IMAGE_SIDE)
+        else:
+            check_field(value, prefix + key, source, minimum=1, maximum=MAX_IMAGE_SIDE,
+                        hint='an integer or an object such as {"height": 224, "width": 224}')
+    if config.get("rescale_factor") is not None:
+        rescale = check_field(config["rescale_factor"], prefix + "rescale_factor", source, kind="number", minimum=0)
+        if rescale == 0:
+            raise CheckpointError(f"{source}: {prefix}rescale_factor 0 must be above 0 (usually 1/255)")
+    if config.get("resample") is not None:
+        check_field(config["resample"], prefix + "resample", source, minimum=0, maximum=5,
+                    hint="a PIL resampling filter number (3: bicubic)")
+
+
+# ==============================================================================================
 # Which file holds which tensor
 # ==============================================================================================
 def check_shard_name(name: object, *, index_file: str | Path) -> str:
@@ -128,12 +247,20 @@ def read_index(path: str | Path) -> dict[str, str]:
     return {str(k): check_shard_name(v, index_file=path) for k, v in weight_map.items()}
 
 
-def read_weight_map(path_or_hub_id: str | Path | Location, **hub_kwargs: Any) -> tuple[dict[str, str], bool]:
-    """``(tensor name -> shard file, sharded?)`` from the index, or from the single file's header."""
-    index = resolve_file(path_or_hub_id, INDEX_FILE, required=False, **hub_kwargs)
+def read_weight_map(path_or_hub_id: str | Path | Location, *,
+                    find_file: Callable[..., Path | None] | None = None, **hub_kwargs: Any) -> tuple[dict[str, str], bool]:
+    """``(tensor name -> shard file, sharded?)`` from the index, or from the single file's header.
+    ``find_file(name, required=...)`` (if given) finds a file of the checkpoint (default:
+    :func:`~phiclip.hub.resolve_file` with ``hub_kwargs``)."""
+    def find(name: str) -> Path | None:
+        if find_file is not None:
+            return find_file(name, required=False)
+        return resolve_file(path_or_hub_id, name, required=False, **hub_kwargs)
+
+    index = find(INDEX_FILE)
     if index is not None:
         return read_index(index), True
-    single = resolve_file(path_or_hub_id, SINGLE_FILE, required=False, **hub_kwargs)
+    single = find(SINGLE_FILE)
     if single is None:
         raise CheckpointError(
             f"{path_or_hub_id} has neither {INDEX_FILE} nor {SINGLE_FILE}; phiclip loads safetensors only "
@@ -150,19 +277,6 @@ def select_shards(weight_map: dict[str, str], wanted: Iterable[str]) -> dict[str
     return by_file
 
 
-def weight_files(location: str | Path | Location, revision: str | None = None) -> list[Path]:
-    """The safetensors files transformers loads for a checkpoint: ``model.safetensors`` when
-    present, else the shards ``model.safetensors.index.json`` names (checked names)."""
-    hub = {"revision": revision} if revision else {}
-    single = resolve_file(location, SINGLE_FILE, required=False, **hub)
-    if single is not None:
-        return [single]
-    index = resolve_file(location, INDEX_FILE, required=False, **hub)
-    if index is None:
-        raise CheckpointError(f"{location} has neither {SINGLE_FILE} nor {INDEX_FILE}")
-    return [resolve_file(location, shard, **hub) for shard in sorted(set(read_index(index).values()))]  # type: ignore[misc]
-
-
 # ==============================================================================================
 # Reading tensors, and the strict load
 # ==============================================================================================
@@ -175,6 +289,7 @@ def load_tensors(
     device: torch.device | str = "cpu",
     opened: list[str] | None = None,
     hasher: WeightsHasher | None = None,
+    shard_path: Callable[[str], Path] | None = None,
     **hub_kwargs: Any,
 ) -> dict[str, torch.Tensor]:
     """Read only ``names`` from only the shards that hold them.
@@ -182,13 +297,14 @@ def load_tensors(
     safetensors memory-maps each shard, so only the bytes of the tensors asked for are ever read
     from disk; the rest of a shard (language-model layers beside the image path) is never touched.
     ``opened`` (if given) collects the shard files that were opened, for tests and logs;
-    ``hasher`` (if given) fingerprints each tensor as read, before any dtype conversion.
+    ``hasher`` (if given) fingerprints each tensor as read, before any dtype conversion;
+    ``shard_path`` (if given) finds a shard file by name (default: :func:`~phiclip.hub.resolve_file`).
     """
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
     for shard, keys in select_shards(weight_map, names).items():
-        path = str(resolve_file(path_or_hub_id, shard, **hub_kwargs))
+        path = str(shard_path(shard) if shard_path is not None else resolve_file(path_or_hub_id, shard, **hub_kwargs))
         if opened is not None:
             opened.append(shard)
         try:
@@ -306,7 +422,7 @@ class WeightsHasher:
     def add_file(self, path: str | Path, names: Iterable[str] | None = None) -> None:
         """Add tensors of a safetensors file (all of them, or ``names``), streaming their bytes.
 
-        The digests of a file are kept in :func:`phiclip.precision.cache_dir` ``/fingerprints``
+        The digests of a file are kept in :func:`phiclip.cache.cache_dir` ``("fingerprints")``
         under the file's identity (real path, device, inode, size, modification and change times):
         a later load of the same, untouched file reads them back instead of hashing every byte again
         (about 1 s per GB). Any write to the file changes its change time (which no user call can
@@ -372,7 +488,7 @@ def _file_identity(path: str | Path, header: dict[str, dict[str, Any]], wanted: 
 
 
 def _digest_file(key: str) -> Path:
-    return cache_dir() / "fingerprints" / f"{key}.json"
+    return cache_dir("fingerprints") / f"{key}.json"
 
 
 def _read_digests(key: str) -> dict[str, tuple[str, list[int], str]] | None:
@@ -385,7 +501,10 @@ def _read_digests(key: str) -> dict[str, tuple[str, list[int], str]] | None:
 
 def _write_digests(key: str, digests: dict[str, tuple[str, list[int], str]]) -> None:
     """Keep the digests (atomic; an unwritable cache folder only means hashing again next time)."""
-    write_cache_json(_digest_file(key), {n: list(v) for n, v in digests.items()})
+    path = _digest_file(key)
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {n: list(v) for n, v in digests.items()}, durable=False)
 
 
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], int]:
@@ -452,7 +571,13 @@ __all__ = [
     "CheckpointError",
     "LoadReport",
     "WeightsHasher",
+    "MAX_IMAGE_SIDE",
+    "MAX_PARAMETERS",
+    "SIZE_FIELDS",
+    "check_config_sizes",
     "check_field",
+    "check_image_processor_values",
+    "check_mean_std",
     "check_shard_name",
     "fingerprint_files",
     "fingerprint_module",
@@ -463,5 +588,4 @@ __all__ = [
     "read_weight_map",
     "select_shards",
     "strict_load",
-    "weight_files",
 ]

@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from phiclip.hub import CheckpointError
-from phiclip.models.checkpoint import check_field, load_json_file
+from phiclip.models.checkpoint import (
+    check_field,
+    check_image_processor_values,
+    check_mean_std,
+    load_json_file,
+)
 from phiclip.models.clip_config import CLIPVisionConfig
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -66,19 +71,12 @@ class Phi3VImageProcessorConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str | Path = "preprocessor_config.json") -> Phi3VImageProcessorConfig:
         """Read and check the settings (``source`` names the file in error messages)."""
-        check_field(d, "(the whole file)", source, kind="dict")
-        stats = {}
-        for key, default in (("image_mean", OPENAI_CLIP_MEAN), ("image_std", OPENAI_CLIP_STD)):
-            value = d.get(key, default)
-            if not isinstance(value, (list, tuple)) or len(value) != 3:
-                raise CheckpointError(f"{source}: {key} {value!r} must be a list of 3 numbers (one per RGB channel)")
-            stats[key] = tuple(float(check_field(v, f"{key}[{i}]", source, kind="number")) for i, v in enumerate(value))
-        if any(s == 0 for s in stats["image_std"]):
-            raise CheckpointError(f"{source}: image_std {list(stats['image_std'])} must not contain 0")
+        check_image_processor_values(d, source)
+        mean, std = check_mean_std(d, source, default=(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))  # type: ignore[misc]
         return cls(
             num_crops=check_num_crops(d.get("num_crops", 16), source),  # absent -> 16 (released processor)
-            image_mean=stats["image_mean"],  # type: ignore[arg-type]
-            image_std=stats["image_std"],  # type: ignore[arg-type]
+            image_mean=mean,  # type: ignore[arg-type]
+            image_std=std,  # type: ignore[arg-type]
         )
 
     @classmethod
@@ -143,7 +141,8 @@ class Phi3VVisionConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str | Path = "config.json") -> Phi3VVisionConfig:
         """Read and check every field the image path uses, for type and range; ``source`` names the
-        file in error messages (:class:`~phiclip.phi3v.weights.CheckpointError`)."""
+        file in error messages (:class:`~phiclip.hub.CheckpointError`). Which model type the file
+        holds, and its sizes, are checked where it is opened (:func:`phiclip.checkpoints.open_checkpoint`)."""
         check_field(d, "(the whole file)", source, kind="dict")
         missing = [k for k in ("img_processor", "embd_layer") if k not in d]
         if missing:
@@ -193,24 +192,3 @@ class Phi3VVisionConfig:
             "img_processor": dict(self.img_processor),
             "embd_layer": dict(self.embd_layer),
         }
-
-
-#: ``model_type`` of the released Phi-3-vision and Phi-3.5-vision checkpoints.
-PHI3V_MODEL_TYPE = "phi3_v"
-
-
-def read_phi3v_config(path: str | Path) -> Phi3VVisionConfig:
-    """Read a Phi-3-vision ``config.json``: ``model_type`` must be ``phi3_v`` and every field the
-    image path uses is checked. An ``auto_map`` (the released checkpoints name their remote code
-    there) is ignored: phiclip reads the file as data and never imports code from a checkpoint."""
-    data = load_json_file(path, "download the checkpoint again")
-    check_field(data, "(the whole file)", path, kind="dict")
-    model_type = data.get("model_type")
-    if model_type != PHI3V_MODEL_TYPE:
-        hint = {"clip": "clip:", "siglip": "siglip:"}.get(model_type) if isinstance(model_type, str) else None
-        raise CheckpointError(
-            f"{path}: model_type {model_type!r} is not {PHI3V_MODEL_TYPE!r}: this is not a Phi-3-vision checkpoint "
-            "(expected model_type phi3_v with img_processor and embd_layer, as in microsoft/Phi-3-vision-128k-instruct)"
-            + (f"; load it with '{hint}'" if hint else "")
-        )
-    return Phi3VVisionConfig.from_dict(data, source=path)

@@ -27,7 +27,6 @@ Never pickle, never remote code.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,16 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from phiclip.hub import CheckpointError, Location, hub_kwargs_for_transformers, resolve_file, resolve_location
-from phiclip.models.checkpoint import (
-    WeightsHasher,
-    check_field,
-    fingerprint_module,
-    load_json_file,
-    load_tensors,
-    read_weight_map,
-)
+from phiclip.checkpoints import Checkpoint, open_checkpoint
+from phiclip.hub import CheckpointError, Location, resolve_file, resolve_location
 from phiclip.models.ops import l2_normalize, mean_pool
+from phiclip.phi3v.modeling import Phi3VImageEmbedding
 from phiclip.phi3v.prompts import IMAGE_TAG, POOLINGS, image_tags
 from phiclip.phi3v.weights import TEXT_EMBED_KEY, VISION_WTE_KEY
 
@@ -335,7 +328,7 @@ def _rebuild_meta_buffers(model: nn.Module, config: Any, device: torch.device | 
 
 
 def load_language_model(
-    path_or_hub_id: str | Path | Location,
+    path_or_hub_id: str | Path | Location | Checkpoint,
     *,
     torch_dtype: torch.dtype | None = torch.float32,
     device: torch.device | str = "cpu",
@@ -344,50 +337,44 @@ def load_language_model(
     cache_dir: str | Path | None = None,
     token: str | bool | None = None,
     requested: list[str] | None = None,
-    hasher: Any = None,
 ) -> Any:
     """The language model of a Phi-3-vision checkpoint as a transformers ``Phi3Model`` (eval mode,
     no gradients).
 
-    Reads ``config.json``, the index and only the tensors :func:`language_model_tensors` names
-    (``lm_head`` never), straight into the model (built on the meta device, so the weights are in
-    memory once). ``torch_dtype=None`` keeps the stored dtype. ``requested`` (if given) collects
-    the checkpoint names read, for tests and logs; ``hasher`` (a
-    :class:`~phiclip.phi3v.weights.WeightsHasher`) fingerprints them as read.
+    Opens the checkpoint (:func:`phiclip.checkpoints.open_checkpoint`; an opened one is used as is)
+    and reads only the tensors :func:`language_model_tensors` names (``lm_head`` never), straight
+    into the model (built on the meta device, so the weights are in memory once); they count in the
+    checkpoint's fingerprint. ``torch_dtype=None`` keeps the stored dtype. ``requested`` (if given)
+    collects the checkpoint names read, for tests and logs.
     """
     from transformers import Phi3Model
 
-    hub: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir, "token": token}
-    config_path = resolve_file(path_or_hub_id, "config.json", **hub)
-    assert config_path is not None
-    raw = check_field(load_json_file(config_path, "the checkpoint's config is damaged"), "(the whole file)",
-                      config_path, kind="dict")
-    config = phi3_config(raw, attn_implementation=attn_implementation)
-    weight_map, _ = read_weight_map(path_or_hub_id, **hub)
-    names = language_model_tensors(weight_map, int(config.num_hidden_layers), str(path_or_hub_id))
+    checkpoint = open_checkpoint(path_or_hub_id, revision, cache_dir=cache_dir, token=token)
+    source = checkpoint.location
+    config = phi3_config(checkpoint.config, attn_implementation=attn_implementation)
+    names = language_model_tensors(checkpoint.weight_map, int(config.num_hidden_layers), str(source))
     with torch.device("meta"), _quiet_transformers():
         model = Phi3Model(config)
     expected = model.state_dict()
     missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
     if missing or extra:
         raise CheckpointError(
-            f"{path_or_hub_id}: the language-model tensors do not match transformers' Phi3Model for config.json; "
+            f"{source}: the language-model tensors do not match transformers' Phi3Model for config.json; "
             f"missing: {['model.' + k for k in missing[:6]]}; unexpected: {[names[k] for k in extra[:6]]}"
         )
     if requested is not None:
         requested.extend(names.values())
-    extra = {"hasher": hasher} if hasher is not None else {}
-    tensors = load_tensors(path_or_hub_id, weight_map, names.values(), dtype=torch_dtype, device=device, **extra, **hub)
+    tensors = checkpoint.read_tensors(names.values(), dtype=torch_dtype, device=device)
     state = {module_key: tensors[ckpt_key] for module_key, ckpt_key in names.items()}
     for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key].shape):
             raise CheckpointError(
-                f"{path_or_hub_id}: {names[key]} has shape {tuple(value.shape)} but config.json implies "
+                f"{source}: {names[key]} has shape {tuple(value.shape)} but config.json implies "
                 f"{tuple(expected[key].shape)}; config.json and the weights disagree"
             )
     model.load_state_dict(state, strict=True, assign=True)
     _rebuild_meta_buffers(model, config, device)
-    model.source = str(path_or_hub_id)
+    model.source = str(source)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -408,13 +395,15 @@ class Phi3VEmbeddingModel(nn.Module):
         self.image_embedding = image_embedding
         self.language_model = language_model
         self.hidden_size = int(language_model.config.hidden_size)
-        #: ``"sha256:<hex>"`` of the weights read (image path and language model), set by :meth:`from_pretrained`.
+        #: ``"sha256:<hex>"`` of the weights read (image path and language model), and the commit they
+        #: came from (None: a local folder), set by :meth:`from_pretrained`.
         self.weights_fingerprint: str | None = None
+        self.revision: str | None = None
 
     @classmethod
     def from_pretrained(
         cls,
-        path_or_hub_id: str | Path | Location,
+        path_or_hub_id: str | Path | Location | Checkpoint,
         *,
         torch_dtype: torch.dtype | None = torch.float32,
         device: torch.device | str = "cpu",
@@ -424,21 +413,17 @@ class Phi3VEmbeddingModel(nn.Module):
         cache_dir: str | Path | None = None,
         token: str | bool | None = None,
     ) -> Phi3VEmbeddingModel:
-        """Load both halves of a checkpoint (local directory or hub id; safetensors only)."""
-        from phiclip.phi3v.modeling import Phi3VImageEmbedding
-
-        hub: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir, "token": token}
-        image = Phi3VImageEmbedding.from_pretrained(
-            path_or_hub_id, torch_dtype=torch_dtype, device=device, max_crops_per_batch=max_crops_per_batch, **hub
-        )
-        hasher = WeightsHasher()
-        lm = load_language_model(path_or_hub_id, torch_dtype=torch_dtype, device=device,
-                                 attn_implementation=attn_implementation, hasher=hasher, **hub)
+        """Load both halves of a checkpoint (local directory, hub id or an opened checkpoint;
+        safetensors only). The checkpoint is opened once (:func:`phiclip.checkpoints.open_checkpoint`):
+        both halves come from the same commit, and ``weights_fingerprint`` covers every tensor read."""
+        checkpoint = open_checkpoint(path_or_hub_id, revision, cache_dir=cache_dir, token=token)
+        image = Phi3VImageEmbedding.from_pretrained(checkpoint, torch_dtype=torch_dtype, device=device,
+                                                    max_crops_per_batch=max_crops_per_batch)
+        lm = load_language_model(checkpoint, torch_dtype=torch_dtype, device=device,
+                                 attn_implementation=attn_implementation)
         model = cls(image, lm).eval()
-        vision = getattr(image, "weights_fingerprint", None) or fingerprint_module(image)
-        # One fingerprint for both halves: a SHA-256 over the image path's and the language model's.
-        both = hashlib.sha256(f"{vision}\n{hasher.fingerprint()}\n".encode()).hexdigest()
-        model.weights_fingerprint = "sha256:" + both
+        model.weights_fingerprint = checkpoint.fingerprint
+        model.revision = checkpoint.revision
         return model
 
     @property
@@ -518,7 +503,7 @@ class Phi3VEmbeddingModel(nn.Module):
 
 
 def load_tokenizer(
-    path_or_hub_id: str | Path | Location,
+    path_or_hub_id: str | Path | Location | Checkpoint,
     *,
     revision: str | None = None,
     cache_dir: str | Path | None = None,
@@ -526,11 +511,11 @@ def load_tokenizer(
 ) -> Any:
     """The checkpoint's tokenizer (``tokenizer.json`` / ``tokenizer_config.json``), without remote code.
 
-    The location follows the one local-or-hub rule (:func:`phiclip.hub.resolve_location`). For a hub
-    id, ``tokenizer_config.json`` is fetched first through :func:`phiclip.hub.resolve_file`, and
-    transformers reads from the cache alone while the hub is unreachable
-    (:func:`phiclip.hub.hub_kwargs_for_transformers`): an unreachable hub id fails at once, with
-    what to do, instead of after half a minute of retries.
+    The checkpoint is opened the one way (:func:`phiclip.checkpoints.open_checkpoint`; an opened one
+    is used as is). For a hub id, ``tokenizer_config.json`` is fetched first at the checkpoint's
+    commit, and transformers reads from that commit, from the cache alone while the hub is
+    unreachable: an unreachable hub id fails at once, with what to do, instead of after half a
+    minute of retries.
 
     Raises:
         CheckpointError: a bad location, no tokenizer files, an unreachable hub id that is not
@@ -538,18 +523,23 @@ def load_tokenizer(
     """
     from transformers import AutoTokenizer
 
-    loc = path_or_hub_id if isinstance(path_or_hub_id, Location) else resolve_location(path_or_hub_id)
+    if not isinstance(path_or_hub_id, Checkpoint):
+        loc = path_or_hub_id if isinstance(path_or_hub_id, Location) else resolve_location(path_or_hub_id)
+        if loc.hub_id is not None:  # an unreachable hub id, not cached: said at once, naming the tokenizer's file
+            resolve_file(loc, "tokenizer_config.json", required=False, revision=revision, cache_dir=cache_dir, token=token)
+        path_or_hub_id = loc
+    checkpoint = open_checkpoint(path_or_hub_id, revision, cache_dir=cache_dir, token=token)
+    loc = checkpoint.location
     if loc.path is not None and not any((loc.path / f).is_file() for f in TOKENIZER_FILES):
         raise CheckpointError(
             f"{loc.path} has no tokenizer ({', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]}); the phi3v-lm "
             "encoder needs the checkpoint's tokenizer: copy those files from the checkpoint it was made from"
         )
     if loc.hub_id is not None:  # the clear message of phiclip.hub when the hub is unreachable and nothing is cached
-        resolve_file(loc, "tokenizer_config.json", required=False, revision=revision, cache_dir=cache_dir, token=token)
-    kwargs = {"cache_dir": cache_dir, "token": token, **hub_kwargs_for_transformers(loc, revision)}
+        checkpoint.file("tokenizer_config.json", required=False)
     try:
         with _quiet_transformers():  # it also reads config.json, whose model_type (phi3_v) it does not know
-            return AutoTokenizer.from_pretrained(str(loc), trust_remote_code=False, **kwargs)
+            return AutoTokenizer.from_pretrained(str(loc), **checkpoint.transformers_kwargs())
     except (OSError, ValueError) as e:
         raise CheckpointError(
             f"cannot load the tokenizer of {loc} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "

@@ -9,6 +9,7 @@ for crops, ``L`` for tokens, ``D`` for the tower width (1024) and ``H`` for the 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from phiclip.checkpoints import Checkpoint, open_checkpoint
 from phiclip.cpu_threads import threads_for_free_cores
-from phiclip.hub import CheckpointError, resolve_file
+from phiclip.hub import CheckpointError, Location
 from phiclip.models.clip_config import CLIPVisionConfig
 from phiclip.models.clip_vision import CLIPVisionTransformer
 from phiclip.models.ops import l2_normalize, mean_pool
-from phiclip.phi3v.config import CROP_SIZE, Phi3VVisionConfig, num_tokens_for_crop_grid, read_phi3v_config
+from phiclip.phi3v.config import (
+    CROP_SIZE,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    Phi3VVisionConfig,
+    num_tokens_for_crop_grid,
+)
+from phiclip.phi3v.processing import StudentImageProcessor
+from phiclip.phi3v.student import STUDENT_TOWER_NAME, StudentVisionTower
 from phiclip.phi3v.weights import drop_unused_tower_keys, load_image_path
 
 MAX_INPUT_ID = int(1e9)  # ids in (-1e9, 0) mark image tokens, as in the released model
@@ -175,7 +185,7 @@ class Phi3VImageEmbedding(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        path_or_hub_id: str | Path,
+        path_or_hub_id: str | Path | Location | Checkpoint,
         *,
         torch_dtype: torch.dtype | str | None = torch.float32,
         device: torch.device | str = "cpu",
@@ -185,7 +195,8 @@ class Phi3VImageEmbedding(nn.Module):
         token: str | bool | None = None,
         **kwargs: Any,
     ) -> Phi3VImageEmbedding:
-        """Load the image path of a Phi-3-vision checkpoint (local directory or hub id).
+        """Load the image path of a Phi-3-vision checkpoint (local directory, hub id, or a checkpoint
+        already opened by :func:`phiclip.checkpoints.open_checkpoint`, vetted and pinned there).
 
         Only ``config.json``, the index and the shards holding ``model.vision_embed_tokens.*`` are
         read (downloaded, for a hub id); ``model.embed_tokens.weight`` too when
@@ -193,16 +204,14 @@ class Phi3VImageEmbedding(nn.Module):
         ``model.vision_embed_tokens.wte.weight`` only are read from there). ``torch_dtype="auto"``
         keeps the stored dtype. Extra keyword arguments go to the constructor. The model's
         ``weights_fingerprint`` is the :class:`~phiclip.models.checkpoint.WeightsHasher` fingerprint
-        of the tensors read (:func:`phiclip.phi3v.weights.load_image_path`).
+        of the tensors read (:func:`phiclip.phi3v.weights.load_image_path`); ``revision`` the commit
+        they came from (None for a local folder).
         """
-        hub = {"revision": revision, "cache_dir": cache_dir, "token": token}
-        config_path = resolve_file(path_or_hub_id, "config.json", **hub)
-        config = read_phi3v_config(config_path)  # type: ignore[arg-type]
-        # A config naming a student tower builds that class. The import stays here: student.py
-        # subclasses this class, so it imports this module.
-        from phiclip.phi3v.student import student_class_for
-
-        cls = student_class_for(config) or cls
+        checkpoint = open_checkpoint(path_or_hub_id, revision, cache_dir=cache_dir, token=token)
+        config = Phi3VVisionConfig.from_dict(checkpoint.config, source=checkpoint.config_path)
+        # A config naming a student tower builds that class (phiclip.phi3v.student).
+        if config.img_processor.get("name") == STUDENT_TOWER_NAME:
+            cls = StudentImageEmbedding
         dtype = _resolve_dtype(torch_dtype)
         try:
             with torch.device("meta"):
@@ -210,10 +219,11 @@ class Phi3VImageEmbedding(nn.Module):
         except CheckpointError:
             raise
         except ValueError as e:  # a config value the image path cannot use
-            raise CheckpointError(f"{config_path}: {e}") from None
-        model.weights_fingerprint = load_image_path(model, path_or_hub_id, dtype=dtype, device=device,
-                                                    load_text_embeddings=load_text_embeddings, **hub)
-        model.source = str(path_or_hub_id)
+            raise CheckpointError(f"{checkpoint.config_path}: {e}") from None
+        model.weights_fingerprint = load_image_path(model, checkpoint, dtype=dtype, device=device,
+                                                    load_text_embeddings=load_text_embeddings)
+        model.source = str(checkpoint.location)
+        model.revision = checkpoint.revision
         return model.to(device).eval()
 
     # --- shapes and validation ---------------------------------------------------------------
@@ -468,4 +478,81 @@ def _resolve_dtype(torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
     return value
 
 
-__all__ = ["Phi3ImageEmbedding", "Phi3VImageEmbedding"]
+# ==============================================================================================
+# A student tower in the image path (phiclip.phi3v.student)
+# ==============================================================================================
+def _stand_in(config: Phi3VVisionConfig) -> Phi3VVisionConfig:
+    """The config the parent class is built from: the released 336-px / patch-14 layout with a
+    0-layer tower of the student's width (replaced by the student right after)."""
+    d = copy.deepcopy(config.to_dict())
+    width = int(config.image_dim_out)
+    d["img_processor"]["vision_config"] = {
+        "hidden_size": width, "intermediate_size": width, "num_hidden_layers": 1, "num_attention_heads": 1,
+        "image_size": CROP_SIZE, "patch_size": 14, "num_channels": 3, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    }
+    d["img_processor"]["layer_idx"] = 0
+    d["img_processor"]["type_feature"] = "patch"
+    return Phi3VVisionConfig.from_dict(d)
+
+
+def _as_config(config: Any) -> Phi3VVisionConfig:
+    if isinstance(config, Phi3VVisionConfig):
+        return config
+    if isinstance(config, dict):
+        return Phi3VVisionConfig.from_dict(config)
+    raise ValueError(f"a student image embedding takes a Phi3VVisionConfig or a config.json dict, got {type(config).__name__}")
+
+
+class StudentImageEmbedding(Phi3VImageEmbedding):
+    """Phi-3-vision's image embedding with a student tower (see the module docstring).
+
+    ``config.img_processor`` must name ``phiclip_student_vision`` and hold ``student``:
+    ``{"model_type", "hf_config", "num_layers_run", ...}``; ``image_dim_out`` is the student's width.
+    Inputs: crops of ``crop_size`` pixels from :class:`StudentImageProcessor`, ``image_sizes`` in
+    336-px units.
+    """
+
+    def __init__(self, config: Any, wte: nn.Embedding | None = None, *, max_crops_per_batch: int | None = None,
+                 **embd_layer: Any) -> None:
+        cfg = _as_config(config)
+        student = cfg.img_processor.get("student")
+        if cfg.img_processor.get("name") != STUDENT_TOWER_NAME or not isinstance(student, dict):
+            raise ValueError(f"img_processor.name must be {STUDENT_TOWER_NAME!r} with an img_processor.student description")
+        super().__init__(_stand_in(cfg), wte, max_crops_per_batch=max_crops_per_batch, **embd_layer)
+        if not self.use_hd_transform:
+            raise ValueError("a student tower needs the HD transform (embd_layer.use_hd_transform true)")
+        self.config = cfg
+        self.img_processor = StudentVisionTower(student)
+        if int(student["hf_config"]["hidden_size"]) != self.image_dim_out:
+            raise ValueError(f"img_processor.image_dim_out {self.image_dim_out} differs from the student's hidden_size "
+                             f"{student['hf_config']['hidden_size']}")
+        self.num_layers_run = self.img_processor.num_layers_run
+        self.layer_idx = int(cfg.img_processor.get("layer_idx", -1))
+        self.crop_size = self.img_processor.image_size
+        self.student = dict(student)
+
+    def crop_features(self, crops: torch.Tensor) -> torch.Tensor:
+        """``(C, 3, S, S)`` -> ``(C, 576, D)``, in chunks of ``max_crops_per_batch`` (default 16 on the
+        CPU, 64 on GPUs)."""
+        param = self.img_processor.vision_model.embeddings.patch_embedding.weight
+        step = self.max_crops_per_batch or (16 if param.device.type == "cpu" else 64)
+        outs = []
+        for start in range(0, crops.shape[0], step):
+            chunk = crops[start : start + step].to(device=param.device, dtype=param.dtype, non_blocking=True)
+            outs.append(self.img_processor(chunk))
+        return torch.cat(outs, dim=0)
+
+    def _real_crops(self, pixel_values: torch.Tensor | Sequence[torch.Tensor], grids: list[tuple[int, int]]) -> torch.Tensor:
+        """The real crops of every image (global view first): ``(sum_i 1 + h_i*w_i, 3, S, S)``."""
+        per_image = real_crops_per_image(pixel_values, grids, self.crop_size, grid_unit=CROP_SIZE,
+                                         note=" (the student's crop size)")
+        return torch.cat(per_image, dim=0)
+
+    def processor(self, num_crops: int = 16, image_mean: Sequence[float] | None = None,
+                  image_std: Sequence[float] | None = None) -> StudentImageProcessor:
+        """A processor for this tower (mean/std default to the student's, from its description)."""
+        return StudentImageProcessor(self.crop_size, num_crops, image_mean or self.student.get("image_mean", OPENAI_CLIP_MEAN),
+                                     image_std or self.student.get("image_std", OPENAI_CLIP_STD))
+
+
+__all__ = ["Phi3ImageEmbedding", "Phi3VImageEmbedding", "StudentImageEmbedding"]

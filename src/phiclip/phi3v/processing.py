@@ -29,8 +29,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from phiclip.hub import resolve_file
+from phiclip.atomic import atomic_write_json
+from phiclip.checkpoints import Checkpoint
+from phiclip.hub import Location, resolve_file
 from phiclip.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
+from phiclip.models.checkpoint import check_image_processor_values, load_json_file
 from phiclip.phi3v.config import (
     CROP_SIZE,
     OPENAI_CLIP_MEAN,
@@ -39,6 +42,10 @@ from phiclip.phi3v.config import (
     check_num_crops,
     num_tokens_for_crop_grid,
 )
+from phiclip.phi3v.student import STUDENT_PROCESSOR_TYPE
+
+#: The image processor's settings file.
+PROCESSOR_FILE = "preprocessor_config.json"
 
 
 def _check_num_crops(num_crops: int) -> None:
@@ -177,17 +184,21 @@ class Phi3VImageProcessor:
         self._white = (torch.ones(3, 1, 1) - self._mean) / self._std
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | Path, **kwargs: Any) -> Phi3VImageProcessor:
+    def from_pretrained(cls, path_or_hub_id: str | Path | Location | Checkpoint,
+                        **kwargs: Any) -> Phi3VImageProcessor | StudentImageProcessor:
         """Read ``preprocessor_config.json`` (num_crops, image_mean, image_std) from a local
-        directory or a hub id; keyword arguments override what the file says."""
-        path = resolve_file(path_or_hub_id, "preprocessor_config.json", required=False)
-        # --- phiclip student towers (phiclip.phi3v.student): their processor cuts crops at the student's size ---
-        from phiclip.phi3v.student import StudentImageProcessor, is_student_processor_file
-
-        if path is not None and is_student_processor_file(path):
-            return StudentImageProcessor.from_pretrained(path_or_hub_id, **kwargs)  # type: ignore[return-value]
-        # --- end of the student-tower hook ---
-        cfg = Phi3VImageProcessorConfig() if path is None else Phi3VImageProcessorConfig.from_json_file(path)
+        directory, a hub id or an opened checkpoint (:func:`phiclip.checkpoints.open_checkpoint`:
+        then from its pinned commit); keyword arguments override what the file says. A student
+        tower's file (:data:`~phiclip.phi3v.student.STUDENT_PROCESSOR_TYPE`) gives a
+        :class:`StudentImageProcessor`."""
+        if isinstance(path_or_hub_id, Checkpoint):
+            path = path_or_hub_id.file(PROCESSOR_FILE, required=False)
+        else:
+            path = resolve_file(path_or_hub_id, PROCESSOR_FILE, required=False)
+        data = None if path is None else load_json_file(path)
+        if is_student_processor_config(data):
+            return StudentImageProcessor.from_dict(data, source=path, **kwargs)  # type: ignore[arg-type]
+        cfg = Phi3VImageProcessorConfig() if path is None else Phi3VImageProcessorConfig.from_dict(data, source=path)  # type: ignore[arg-type]
         args = {"num_crops": cfg.num_crops, "image_mean": cfg.image_mean, "image_std": cfg.image_std}
         args.update(kwargs)
         return cls(**args)
@@ -331,3 +342,114 @@ class Phi3VImageProcessor:
         if not padding:
             return Phi3VImageInputs(pixel_values=[r[0] for r in results], image_sizes=image_sizes, num_img_tokens=tokens)  # type: ignore[index]
         return Phi3VImageInputs(pixel_values=out, image_sizes=image_sizes, num_img_tokens=tokens)
+
+
+# ==============================================================================================
+# A student tower's processor (phiclip.phi3v.student)
+# ==============================================================================================
+class StudentImageProcessor:
+    """The HD transform with crops of ``crop_size`` pixels (see the module docstring).
+
+    ``preprocess_image(image) -> (crops (1 + h*w, 3, S, S), (H, W))`` with ``(H, W)`` the released
+    canvas size in 336-px units (what ``image_sizes`` holds).
+    """
+
+    def __init__(self, crop_size: int, num_crops: int = 16, image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+                 image_std: Sequence[float] = OPENAI_CLIP_STD, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+        if int(crop_size) < 1:
+            raise ValueError(f"crop_size must be positive, got {crop_size}")
+        if not isinstance(num_crops, (int, np.integer)) or num_crops < 1:
+            raise ValueError(f"num_crops must be an integer >= 1, got {num_crops!r}")
+        self.crop_size = int(crop_size)
+        self.num_crops = int(num_crops)
+        self.image_mean, self.image_std, self._mean, self._std = normalization(image_mean, image_std)
+        self.max_pixels = max_pixels
+
+    # --- files ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """``preprocessor_config.json`` contents (also what decides the pixels, for manifests)."""
+        return {
+            "image_processor_type": STUDENT_PROCESSOR_TYPE,
+            "processor_class": "Phi3VProcessor",
+            "name": "phiclip_student_hd_transform",
+            "crop_size": self.crop_size,
+            "num_crops": self.num_crops,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "resize": f"PIL bilinear to the released size times {self.crop_size}/{CROP_SIZE}, white padding to whole crops",
+            "global_view": f"bicubic (align_corners=False) of the normalised canvas to {self.crop_size}x{self.crop_size}",
+        }
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``preprocessor_config.json``."""
+        return atomic_write_json(Path(directory) / PROCESSOR_FILE, self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str | Path = PROCESSOR_FILE, **kwargs: Any) -> StudentImageProcessor:
+        """From ``preprocessor_config.json`` contents (``source`` names the file in errors);
+        keyword arguments override them."""
+        check_image_processor_values(d, source)
+        args = {"crop_size": d.get("crop_size"), "num_crops": d.get("num_crops", 16),
+                "image_mean": d.get("image_mean", OPENAI_CLIP_MEAN), "image_std": d.get("image_std", OPENAI_CLIP_STD)}
+        if args["crop_size"] is None:
+            raise ValueError("a student preprocessor_config.json needs crop_size (the student's input size)")
+        args.update(kwargs)
+        return cls(**args)
+
+    # --- pixels -----------------------------------------------------------------------------
+    def canvas(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One RGB image -> ``(normalised canvas (3, h*S, w*S), (H, W) in 336-px units)``."""
+        width, height = image.size
+        H, W = hd_size(width, height, self.num_crops)  # the released canvas: decides h and w
+        h, w = H // CROP_SIZE, W // CROP_SIZE
+        s = self.crop_size
+        if self.max_pixels is not None and h * s * w * s > self.max_pixels:
+            raise ValueError(f"image {width}x{height} needs a {w * s}x{h * s} canvas, over the pixel limit of {self.max_pixels}")
+        rw, rh = resized_size(width, height, self.num_crops)  # the released resize, in 336-px units
+        new_w = min(w * s, max(1, round(rw * s / CROP_SIZE)))
+        new_h = min(h * s, max(1, round(rh * s / CROP_SIZE)))
+        resized = np.asarray(image.convert("RGB").resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.uint8)
+        canvas = torch.ones(3, h * s, w * s)
+        top, left = int((h * s - new_h) / 2), int((w * s - new_w) / 2)  # centred white padding, as released
+        canvas[:, top : top + new_h, left : left + new_w] = torch.from_numpy(resized.transpose(2, 0, 1).copy()).float() / 255.0
+        return (canvas - self._mean) / self._std, (H, W)
+
+    def crops_from_canvas(self, canvas: torch.Tensor) -> torch.Tensor:
+        """``(3, h*S, w*S)`` -> ``(1 + h*w, 3, S, S)``: global view, then the crops row-major."""
+        s = self.crop_size
+        _, ch, cw = canvas.shape
+        h, w = ch // s, cw // s
+        glb = F.interpolate(canvas[None], size=(s, s), mode="bicubic", align_corners=False)  # (1, 3, S, S)
+        # (3, h*S, w*S) -> (3, h, S, w, S) -> (h, w, 3, S, S) -> (h*w, 3, S, S)
+        tiles = canvas.view(3, h, s, w, s).permute(1, 3, 0, 2, 4).reshape(h * w, 3, s, s)
+        return torch.cat([glb, tiles], dim=0)
+
+    def preprocess_image(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One RGB PIL image -> ``(crops (1 + h*w, 3, S, S), (H, W))``."""
+        canvas, size = self.canvas(image)
+        return self.crops_from_canvas(canvas), size
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput], *, padding: bool = True,
+                 return_tensors: str = "pt") -> Phi3VImageInputs:
+        """Like :class:`~phiclip.phi3v.processing.Phi3VImageProcessor`: padded ``(n, N + 1, 3, S, S)``
+        pixel values (or a list without ``padding``), ``image_sizes`` in 336-px units, token counts."""
+        if return_tensors != "pt":
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt'")
+        batch = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not batch:
+            raise ValueError("no images given; pass a list with at least one image")
+        results = [self.preprocess_image(load_image(im, max_pixels=self.max_pixels)) for im in batch]
+        sizes = torch.tensor([r[1] for r in results], dtype=torch.int64)
+        tokens = [num_tokens_for_hd_size(h, w) for h, w in sizes.tolist()]
+        if not padding:
+            return Phi3VImageInputs(pixel_values=[r[0] for r in results], image_sizes=sizes, num_img_tokens=tokens)
+        s = self.crop_size
+        out = torch.zeros(len(batch), self.num_crops + 1, 3, s, s)
+        for i, (crops, _) in enumerate(results):
+            out[i, : crops.shape[0]] = crops
+        return Phi3VImageInputs(pixel_values=out, image_sizes=sizes, num_img_tokens=tokens)
+
+
+def is_student_processor_config(d: Any) -> bool:
+    """Whether a ``preprocessor_config.json``'s contents describe a student's processor."""
+    return isinstance(d, dict) and d.get("image_processor_type") == STUDENT_PROCESSOR_TYPE

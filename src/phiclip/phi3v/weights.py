@@ -1,14 +1,16 @@
 """Vision-only loading of Phi-3-vision checkpoints from (sharded) safetensors.
 
-The chain (:func:`load_image_path`): read ``model.safetensors.index.json`` (or the single file's
-header) -> choose the tensors of ``model.vision_embed_tokens.*`` the image path uses
+The chain (:func:`load_image_path`, on a checkpoint opened by
+:func:`phiclip.checkpoints.open_checkpoint`): its weight map (``model.safetensors.index.json``, or
+the single file's header) -> choose the tensors of ``model.vision_embed_tokens.*`` the image path uses
 (:func:`select_image_path_tensors`: not the tower's layers after ``layer_idx``, not its
 ``post_layernorm``; ``model.embed_tokens.weight`` only when asked) -> read only those, from only the
 shards that hold them -> rename them to the module's names (:func:`checkpoint_to_module_name`) ->
 strict load that names missing and unexpected tensors. Never pickle, never remote code.
 
 The file-level steps (index, headers, fingerprints, the strict load) are
-:mod:`phiclip.models.checkpoint`; where files come from (a folder or the hub) is :mod:`phiclip.hub`.
+:mod:`phiclip.models.checkpoint`; where files come from, at which commit, is the checkpoint's
+(:class:`phiclip.checkpoints.Checkpoint`).
 """
 
 from __future__ import annotations
@@ -17,19 +19,14 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from phiclip.hub import CheckpointError, Location, resolve_file
-from phiclip.models.checkpoint import (
-    LoadReport,
-    WeightsHasher,
-    fingerprint_module,
-    load_tensors,
-    read_weight_map,
-    strict_load,
-)
+from phiclip.hub import CheckpointError
+from phiclip.models.checkpoint import LoadReport, strict_load
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from phiclip.checkpoints import Checkpoint
 
 VISION_PREFIX = "model.vision_embed_tokens."
 TEXT_EMBED_KEY = "model.embed_tokens.weight"
@@ -110,48 +107,42 @@ def select_image_path_tensors(
 # ==============================================================================================
 def load_image_path(
     model: nn.Module,
-    location: str | Path | Location,
+    checkpoint: Checkpoint,
     *,
     dtype: torch.dtype | None,
     device: torch.device | str = "cpu",
     load_text_embeddings: bool = False,
-    **hub_kwargs: Any,
 ) -> str:
     """Load a Phi-3-vision checkpoint's image path into ``model`` (a ``Phi3VImageEmbedding`` built on
     the meta device; its tensors become the loaded ones). With ``load_text_embeddings``, ``model.wte``
-    is set to the text embedding. Returns the :class:`~phiclip.models.checkpoint.WeightsHasher`
-    fingerprint of the tensors read.
+    is set to the text embedding. Returns the checkpoint's fingerprint (the tensors read so far).
 
     Raises:
         CheckpointError: a missing or damaged file, or tensors that do not match the model.
     """
     from torch import nn  # the model is a torch module: torch is already imported
 
-    weight_map, _ = read_weight_map(location, **hub_kwargs)
+    source = checkpoint.location
     expected = {k for k in model.state_dict() if not k.startswith("wte.")}
-    wanted = select_image_path_tensors(weight_map, expected, model.num_layers_run,
-                                       load_text_embeddings=load_text_embeddings, source=location)
-    hasher = WeightsHasher()
-    tensors = load_tensors(location, weight_map, wanted, dtype=dtype, device=device, hasher=hasher, **hub_kwargs)
+    wanted = select_image_path_tensors(checkpoint.weight_map, expected, model.num_layers_run,
+                                       load_text_embeddings=load_text_embeddings, source=source)
+    tensors = checkpoint.read_tensors(wanted, dtype=dtype, device=device)
     state = {wanted[k]: v for k, v in tensors.items()}
     if WTE_MODULE_KEY in state:
         vocab, width = state[WTE_MODULE_KEY].shape
         model.wte = nn.Embedding(vocab, width, device="meta")
-    strict_load(model, state, source=location, what="the image-path tensors do not match config.json",
+    strict_load(model, state, source=source, what="the image-path tensors do not match config.json",
                 keep=() if load_text_embeddings else ("wte.",))
-    return hasher.fingerprint()
+    return checkpoint.fingerprint
 
 
 __all__ = [
     "TEXT_EMBED_KEY",
     "VISION_PREFIX",
     "VISION_WTE_KEY",
-    "CheckpointError",
     "checkpoint_to_module_name",
     "drop_unused_tower_keys",
-    "fingerprint_module",
     "is_unused_tower_key",
     "load_image_path",
-    "resolve_file",
     "select_image_path_tensors",
 ]

@@ -1,0 +1,60 @@
+"""The one kind table: spec parsing, checkpoint vetting and loading all read it, so a new kind is one row
+(and its module)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from phiclip.checkpoints import open_checkpoint
+from phiclip.encoders import KINDS, load_encoder, parse_spec
+from phiclip.encoders.registry import EncoderKind, kinds_for_model_type, known_model_types
+from phiclip.hub import CheckpointError
+
+_MODULE = '''
+from phiclip.checkpoints import open_checkpoint
+
+
+class TinyEncoder:
+    """A stand-in encoder: what the registry hands to a kind's module."""
+
+    def __init__(self, checkpoint, options, placement):
+        self.checkpoint, self.options, self.placement = checkpoint, options, placement
+
+    @classmethod
+    def build(cls, spec, options, placement):
+        return cls(open_checkpoint(spec.location, kind=spec.kind), options, placement)
+'''
+
+
+def test_every_model_type_has_its_kinds() -> None:
+    assert known_model_types() == ("clip", "siglip", "phi3_v")
+    assert [k.name for k in kinds_for_model_type("phi3_v")] == ["phi3v", "phi3v-lm"]
+    assert kinds_for_model_type("llama") == ()
+    assert all(k.transformers_config == (k.name in ("clip", "siglip")) for k in KINDS.values())
+
+
+def test_a_new_kind_is_one_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "tiny_kind_module.py").write_text(_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "tiny_vit", "hidden_size": 8}))
+    with pytest.raises(ValueError, match="unknown kind 'tiny'"):
+        parse_spec(f"tiny:{ckpt}")
+    with pytest.raises(CheckpointError, match="model_type 'tiny_vit' is not one phiclip loads"):
+        open_checkpoint(ckpt)
+
+    monkeypatch.setitem(KINDS, "tiny", EncoderKind("tiny", "tiny_vit", "tiny_kind_module", "TinyEncoder", None,
+                                                   int8=False, summary="a test kind"))
+    assert parse_spec(f"tiny:{ckpt}").kind == "tiny"
+    enc = load_encoder(f"tiny:{ckpt}", device="cpu", dtype="float32")
+    assert type(enc).__name__ == "TinyEncoder" and enc.checkpoint.model_type == "tiny_vit"
+    assert "tiny_kind_module" in sys.modules  # imported when the kind was first built
+    # The vetting names the new kind for its model type, and the new model type for other kinds.
+    with pytest.raises(CheckpointError, match="use 'tiny:"):
+        open_checkpoint(ckpt, kind="clip")
+    monkeypatch.delitem(sys.modules, "tiny_kind_module")
