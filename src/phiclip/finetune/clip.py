@@ -275,7 +275,6 @@ class _Texts:
 
     def __init__(self, encoder: Encoder, device: Any) -> None:
         self.tokenizer = encoder.tokenizer
-        self.location = str(encoder.checkpoint.location)  # the opened checkpoint (a hub id: its pinned snapshot)
         self.padding = encoder.text_padding
         self.max_length = encoder.text_max_length
         self.device = device
@@ -359,6 +358,7 @@ class ClipTraining(TrainingMode):
     def __init__(self, encoder: Encoder, opts: ClipFinetuneOptions, train: LabelledData, held: LabelledData | None,
                  spec: EncoderSpec, device: Any, amp: Any, skipped: SkippedImages) -> None:
         self.opts, self.train, self.held, self.spec, self.device, self.amp = opts, train, held, spec, device, amp
+        self.location = str(encoder.checkpoint.location)  # the opened checkpoint (a hub id: its pinned snapshot)
         self.tokenizer = encoder.tokenizer
         net = encoder.model
         apply_freeze(net, opts.freeze)
