@@ -703,8 +703,8 @@ def build_tiny_open_clip(
     import torch
     from safetensors.torch import save_file
 
-    from phiclip.open_clip.config import parse_config
-    from phiclip.open_clip.convert import build_clip_model, from_hf_state_dict
+    from phiclip.open_clip.config import parse_config  # lazy: testing is imported without torch
+    from phiclip.open_clip.convert import build_clip_model, from_hf_state_dict  # lazy: as above
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
