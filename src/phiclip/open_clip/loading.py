@@ -54,8 +54,17 @@ def read_state_dict(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], st
     import torch
 
     if checkpoint.file(SAFETENSORS_FILE, required=False) is not None:
+        from safetensors.torch import load_file
+
         checkpoint.use_weight_file(SAFETENSORS_FILE)
-        return checkpoint.read_tensors(list(checkpoint.weight_map)), SAFETENSORS_FILE
+        path = checkpoint.file(SAFETENSORS_FILE)
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for damaged files
+            raise CheckpointError(f"{path}: damaged safetensors file ({e}); download it again") from None
+        # Every tensor of the file; digests cached per file identity, like every other kind's.
+        checkpoint.hash_weight_files()
+        return state, SAFETENSORS_FILE
     path = checkpoint.file(BIN_FILE, required=False)
     if path is None:
         raise CheckpointError(f"{checkpoint.location} has {CONFIG_FILE} but neither {SAFETENSORS_FILE} nor {BIN_FILE}")
