@@ -41,6 +41,7 @@ from phiclip.models.checkpoint import (
     load_json_file,
     load_tensors,
     read_index,
+    read_safetensors_header,
     read_weight_map,
 )
 
@@ -158,6 +159,18 @@ class Checkpoint:
             found = found or (data, path)
         return found
 
+    def use_weight_file(self, name: str) -> None:
+        """Read the weights from the single safetensors file ``name`` (a kind whose weights have
+        another file name than ``model.safetensors``, e.g. ``open_clip_model.safetensors``)."""
+        path = self.file(name)
+        assert path is not None
+        self._weight_map = {k: name for k in read_safetensors_header(path)[0]}
+
+    def add_to_fingerprint(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Add tensors read by other means (a weights-only ``torch.load``) to :attr:`fingerprint`."""
+        for name, tensor in tensors.items():
+            self._hasher.add_tensor(name, tensor)
+
     def describe(self) -> dict[str, Any]:
         """``{"location", "revision", "model_type"}``, for records."""
         return {"location": str(self.location), "revision": self.revision, "model_type": self.model_type}
@@ -166,6 +179,9 @@ class Checkpoint:
 def _vet_config(config_path: Path, kind: str | None, location: Location) -> dict[str, Any]:
     data = check_field(load_json_file(config_path, "the checkpoint's config is damaged"), "(the whole file)",
                        config_path, kind="dict")
+    implied = [k for k in KINDS.values() if k.config_file == config_path.name and k.config_file != CONFIG_FILE]
+    if implied:  # a file of its own kind (open_clip_config.json): its kind's own module vets its contents
+        return {**data, "model_type": implied[0].model_type}
     model_type = data.get("model_type")
     loaders = kinds_for_model_type(model_type) if isinstance(model_type, str) else ()
     if not loaders:
@@ -213,12 +229,18 @@ def open_checkpoint(
         return location
     loc = location if isinstance(location, Location) else hub.resolve_location(location)
     options = {k: v for k, v in (("cache_dir", cache_dir), ("token", token)) if v is not None}
-    if loc.path is not None and not (loc.path / CONFIG_FILE).is_file():
-        raise CheckpointError(
-            f"directory {str(loc.path)!r} has no {CONFIG_FILE}; give a checkpoint directory saved with "
-            "save_pretrained (config.json, the safetensors weights, processor files) or a hub id"
-        )
-    config_path = hub.resolve_file(loc, CONFIG_FILE, revision=revision, **options)
+    config_name = KINDS[kind].config_file if kind is not None else CONFIG_FILE
+    if loc.path is not None and not (loc.path / config_name).is_file():
+        others = [k.name for k in KINDS.values() if k.config_file != config_name and (loc.path / k.config_file).is_file()]
+        if kind is None and others and KINDS[others[0]].config_file != CONFIG_FILE:
+            kind, config_name = others[0], KINDS[others[0]].config_file
+        else:
+            hint = f"; it has {KINDS[others[0]].config_file}: load it with '{others[0]}:{loc}'" if others else ""
+            raise CheckpointError(
+                f"directory {str(loc.path)!r} has no {config_name}; give a checkpoint directory saved with "
+                f"save_pretrained (config.json, the safetensors weights, processor files) or a hub id{hint}"
+            )
+    config_path = hub.resolve_file(loc, config_name, revision=revision, **options)
     assert config_path is not None
     pinned = None if loc.is_local else (hub.snapshot_commit(config_path) or revision)
     config = _vet_config(config_path, kind, loc)

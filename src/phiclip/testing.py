@@ -668,3 +668,105 @@ def build_tiny_model(kind: str, out_dir: str | Path, *, seed: int = 0) -> Path:
     if kind == "phi3v":
         return build_tiny_phi3v(out, seed=seed)
     return build_tiny_phi3v_lm(out, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# open_clip checkpoints (phiclip.open_clip)
+# --------------------------------------------------------------------------------------------------
+#: open_clip's own model configs (open_clip/model_configs/*.json, open_clip_torch 3.3.0) of the
+#: architectures phiclip loads; the ``-quickgelu`` variants add ``"quick_gelu": true``.
+OPEN_CLIP_ARCHS: dict[str, dict[str, Any]] = {
+    "ViT-B-32": {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}},
+    "ViT-B-16": {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}},
+    "ViT-L-14": {"embed_dim": 768, "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12}},
+    "ViT-L-14-336": {"embed_dim": 768,
+                     "vision_cfg": {"image_size": 336, "layers": 24, "width": 1024, "patch_size": 14},
+                     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12}},
+    "ViT-H-14": {"embed_dim": 1024,
+                 "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80, "patch_size": 14},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}},
+    "ViT-g-14": {"embed_dim": 1024, "vision_cfg": {"image_size": 224, "layers": 40, "width": 1408, "head_width": 88,
+                                                   "mlp_ratio": 4.3637, "patch_size": 14},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}},
+    "ViT-bigG-14": {"embed_dim": 1280, "vision_cfg": {"image_size": 224, "layers": 48, "width": 1664, "head_width": 104,
+                                                      "mlp_ratio": 4.9231, "patch_size": 14},
+                    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1280, "heads": 20, "layers": 32}},
+}
+for _name in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-H-14"):
+    OPEN_CLIP_ARCHS[_name + "-quickgelu"] = {**OPEN_CLIP_ARCHS[_name], "quick_gelu": True}
+
+
+def shrink_open_clip_config(arch: str, *, width: int = 32, layers: int = 2, embed_dim: int = 16) -> dict[str, Any]:
+    """``arch``'s open_clip model config (:data:`OPEN_CLIP_ARCHS`) shrunk for fast tests: towers
+    ``width`` wide (2 heads) and ``layers`` deep, the image 2-4 patches a side (336px archs 4),
+    everything else (patch size, MLP ratio, activation, context length, vocabulary) as released."""
+    import copy
+
+    cfg = copy.deepcopy(OPEN_CLIP_ARCHS[arch])
+    v, t = cfg["vision_cfg"], cfg["text_cfg"]
+    grid = 4 if v["image_size"] == 336 else (2 if v["patch_size"] == 32 else 3)
+    v.update(width=width, layers=layers, head_width=width // 2, image_size=v["patch_size"] * grid)
+    t.update(width=width, layers=layers, heads=2)
+    cfg["embed_dim"] = embed_dim
+    return cfg
+
+
+def build_tiny_open_clip(
+    out_dir: str | Path,
+    *,
+    arch: str = "ViT-B-32",
+    width: int = 32,
+    layers: int = 2,
+    embed_dim: int = 16,
+    model_cfg: dict[str, Any] | None = None,
+    preprocess_cfg: dict[str, Any] | None = None,
+    seed: int = 0,
+    weights: str = "safetensors",
+) -> Path:
+    """Save a random-weight open_clip checkpoint as open_clip's ``push_to_hf_hub`` lays it out:
+    ``open_clip_config.json`` (``model_cfg``: ``arch`` shrunk by :func:`shrink_open_clip_config`, or
+    ``model_cfg`` as given; ``preprocess_cfg``) and ``open_clip_model.safetensors`` (``weights=
+    "safetensors"``) or ``open_clip_pytorch_model.bin`` (``"bin"``, a plain ``torch.save``). Every
+    weight is random (LayerNorm weights around 1), so a wrong mapping shows. Built without open_clip:
+    a transformers ``CLIPModel`` of the same config, its state dict mapped to open_clip's names."""
+    import torch
+    from safetensors.torch import save_file
+
+    from phiclip.open_clip.config import parse_config  # lazy: testing is imported without torch
+    from phiclip.open_clip.convert import build_clip_model, from_hf_state_dict  # lazy: as above
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model_cfg if model_cfg is not None else shrink_open_clip_config(arch, width=width, layers=layers,
+                                                                          embed_dim=embed_dim)
+    size = cfg["vision_cfg"]["image_size"]
+    data = {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                                                 "std": [0.26862954, 0.26130258, 0.27577711], **(preprocess_cfg or {})}}
+    parsed = parse_config(data, "tiny")
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(**parsed.hf_config_dict()))
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("position_ids"):
+            continue
+        noise = torch.randn(tensor.shape, generator=gen) * 0.05
+        is_norm = ("layer_norm" in name or "layrnorm" in name or "layernorm" in name) and name.endswith("weight")
+        state[name] = noise + 1.0 if is_norm else noise
+    state["logit_scale"] = torch.tensor(4.6052)
+    build_clip_model(parsed.hf_config_dict(), state)  # checks names and shapes
+    oc_state = {k: v.contiguous() for k, v in from_hf_state_dict(state).items()}
+    if weights == "safetensors":
+        save_file(oc_state, str(out / "open_clip_model.safetensors"))
+    elif weights == "bin":
+        torch.save(oc_state, str(out / "open_clip_pytorch_model.bin"))
+    else:
+        raise ValueError(f"weights={weights!r}: safetensors or bin")
+    (out / "open_clip_config.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
+    assert size == parsed.preprocess.size
+    return out

@@ -31,7 +31,7 @@ class TinyEncoder:
 
 
 def test_every_model_type_has_its_kinds() -> None:
-    assert known_model_types() == ("clip", "siglip", "phi3_v")
+    assert known_model_types() == ("clip", "siglip", "phi3_v", "open_clip")
     assert [k.name for k in kinds_for_model_type("phi3_v")] == ["phi3v", "phi3v-lm"]
     assert kinds_for_model_type("llama") == ()
     assert all(k.transformers_config == (k.name in ("clip", "siglip")) for k in KINDS.values())

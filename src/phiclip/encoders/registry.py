@@ -65,6 +65,9 @@ class EncoderKind:
     transformers_config: bool = False
     #: How to build it; None: :class:`ModuleBuilder` of ``module`` and ``encoder_class``.
     builder: Builder = None  # type: ignore[assignment]
+    #: The checkpoint's config file (read first, pinned, vetted); another name than ``config.json``
+    #: implies ``model_type`` (the file has none).
+    config_file: str = "config.json"
 
     def __post_init__(self) -> None:
         if self.builder is None:
@@ -91,6 +94,9 @@ KINDS: dict[str, EncoderKind] = {
                     summary="Phi-3-vision's image path, pooled (images)"),
         EncoderKind("phi3v-lm", "phi3_v", "phiclip.encoders.phi3v_lm", "Phi3VLMEncoder", Phi3VLMOptions, int8=False,
                     summary="Phi-3-vision's image path and language model, pooled (image, text, both)"),
+        EncoderKind("open_clip", "open_clip", "phiclip.encoders.open_clip", "OpenCLIPEncoder", ContrastiveOptions,
+                    int8=True, summary="open_clip CLIP checkpoints (ViT towers) as transformers CLIP, without open_clip",
+                    config_file="open_clip_config.json"),
     )
 }
 #: The kinds, in registry order (the prefix of ``kind:location``).
