@@ -226,7 +226,7 @@ def test_aimv2_image_only(dirs: dict[str, Path], name: str) -> None:
     ref = out.pooler_output if name == "aimv2-vision" else out.last_hidden_state.mean(dim=1)
     np.testing.assert_allclose(enc.encode_images(images), _unit(ref), atol=ATOL, rtol=0)
     assert enc.modalities == frozenset({"image"})
-    with pytest.raises(ValueError, match="aimv2 encoders of this checkpoint have no text side"):
+    with pytest.raises(NotImplementedError, match="aimv2 encoders embed images only"):
         enc.encode_texts(["a red circle"])
 
 
@@ -263,7 +263,7 @@ def test_dino_pools_equal_transformers(dirs: dict[str, Path], name: str, pool: s
     np.testing.assert_allclose(got, _unit(ref), atol=ATOL, rtol=0)
     assert got.shape[1] == enc.dim == (64 if pool == "cls+mean" else 32)
     assert enc.describe()["details"]["pool"] == pool and enc.describe()["details"]["num_register_tokens"] == registers
-    with pytest.raises(ValueError, match=f"{kind} encoders of this checkpoint have no text side"):
+    with pytest.raises(NotImplementedError, match=f"{kind} encoders embed images only"):
         enc.encode_texts(["a red circle"])
 
 
@@ -325,3 +325,13 @@ def test_embed_pipeline(dirs: dict[str, Path], tmp_path: Path, name: str, spec: 
     by_source = dict(zip(emb.sources, emb.embeddings))
     got = np.stack([next(v for s, v in by_source.items() if s.endswith(Path(r["path"]).name)) for r in records])
     np.testing.assert_allclose(got, enc.encode_images([r["path"] for r in records]), atol=ATOL, rtol=0)
+
+
+def test_embed_text_with_an_image_only_family_says_so(dirs: dict[str, Path], tmp_path: Path) -> None:
+    from phiclip.inputs import InputError
+    from phiclip.pipeline.runner import embed_text
+
+    (tmp_path / "texts.txt").write_text("a red circle\na blue square\n")
+    with pytest.raises(InputError, match="embeds images only"):
+        embed_text(str(dirs["dinov3"]), str(tmp_path / "texts.txt"), tmp_path / "out", num_workers=0, progress=False,
+                   device="cpu", precision="float32")

@@ -11,8 +11,8 @@ module says which transformers class loads which ``model_type``, how images are 
 (equal to the family's image processor) and what the image (and text) vector is.
 
 Image-only families say so the way the :class:`~phiclip.encoders.base.Encoder` contract does:
-``modalities`` is ``{"image"}`` and :meth:`FamilyEncoder.encode_texts` raises a ``ValueError``
-naming the kind.
+``modalities`` is ``{"image"}`` and ``encode_texts`` is the contract's default, a
+``NotImplementedError`` naming the kind (commands check ``modalities`` first and say the same).
 """
 
 from __future__ import annotations
@@ -229,15 +229,16 @@ class FamilyEncoder(Encoder):
         (truncated to the model's maximum length).
 
         Raises:
-            ValueError: an encoder without a text side (naming its kind), or texts that are not strings.
+            NotImplementedError: an encoder without a text side (naming its kind; the Encoder contract).
+            ValueError: a tokenizer that could not be loaded, or texts that are not strings.
         """
         import torch
 
+        if self.tokenizer is None and self.text_unavailable is None:
+            return super().encode_texts(texts, batch_size)  # no text side: the Encoder contract's error
         if self.tokenizer is None:
-            why = (f"this checkpoint's tokenizer could not be loaded ({self.text_unavailable})"
-                   if self.text_unavailable else f"{self.kind} encoders of this checkpoint have no text side")
-            raise ValueError(f"{self.name}: {why}, so it embeds images only (modalities: {sorted(self.modalities)}); "
-                             "use an encoder with a text side for texts")
+            raise ValueError(f"{self.name}: this checkpoint's tokenizer could not be loaded, so it cannot embed "
+                             f"text ({self.text_unavailable})")
         if isinstance(texts, str):
             raise ValueError(f"{self.name}: encode_texts takes a list of texts, got one string; wrap it in a list")
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
