@@ -335,3 +335,32 @@ def test_embed_text_with_an_image_only_family_says_so(dirs: dict[str, Path], tmp
     with pytest.raises(InputError, match="embeds images only"):
         embed_text(str(dirs["dinov3"]), str(tmp_path / "texts.txt"), tmp_path / "out", num_workers=0, progress=False,
                    device="cpu", precision="float32")
+
+
+@pytest.mark.parametrize(("name", "kind"), [("siglip2", "siglip2"), ("dinov3", "dinov3"), ("aimv2", "aimv2")])
+def test_image_module_is_the_image_path(dirs: dict[str, Path], name: str, kind: str) -> None:
+    """The hook a CPU accelerator takes: the image path as one module, swapped in through image_path."""
+    enc = load_encoder(f"{kind}:{dirs[name]}?normalize=false", device="cpu", dtype="float32")
+    images = _three_aspect_ratios()
+    batch = enc.collate([enc.preprocess(im) for im in images])
+    module = enc.image_module()
+    assert isinstance(module, torch.nn.Module) and module.model is enc.model
+    with torch.no_grad():
+        direct = module(batch).numpy()
+    np.testing.assert_allclose(enc.encode_batch(batch).embeddings, direct, atol=ATOL, rtol=0)
+    calls = []
+    enc.image_path = lambda b: calls.append(b) or module(b)
+    enc.encode_batch(batch)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name", ["siglip2", "metaclip2", "aimv2", "dinov2", "dinov3"])
+def test_code_and_absurd_sizes_in_config_are_refused(dirs: dict[str, Path], tmp_path: Path, name: str) -> None:
+    for change, message in [({"auto_map": {"AutoModel": "evil.Model"}}, "auto_map"),
+                            ({"hidden_size": 10**12}, "hidden_size")]:
+        path = shutil.copytree(dirs[name], tmp_path / f"{name}-{message}")
+        cfg = json.loads((path / "config.json").read_text())
+        cfg.update(change)
+        (path / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError, match=message):
+            load_encoder(f"{name}:{path}", device="cpu", dtype="float32")

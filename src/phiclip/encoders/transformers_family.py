@@ -69,6 +69,9 @@ class FamilyEncoder(Encoder):
         self.text_max_length = self._text_max_length()
         self.precision = placement.record()
         self.weights_fingerprint = weights_fingerprint
+        #: What ``encode_batch`` runs for a model call (None: :meth:`_image_features`). The hook for CPU
+        #: acceleration: replace it with an accelerated :meth:`image_module` (same inputs, same outputs).
+        self.image_path: Any = None
 
     # --- loading ------------------------------------------------------------------------------
     @classmethod
@@ -190,6 +193,26 @@ class FamilyEncoder(Encoder):
         """One model call's image vectors (before normalisation)."""
         raise NotImplementedError
 
+    def image_module(self) -> torch.nn.Module:
+        """The image path as one ``torch.nn.Module`` on the model's own weights: ``forward(batch)``
+        (a collated model-call batch: (n, 3, H, W) pixels, or SigLIP 2 NaFlex's dict of
+        ``pixel_values``, ``pixel_attention_mask``, ``spatial_shapes``) -> (n, dim) vectors before
+        normalisation. What a CPU accelerator quantises, packs or compiles; its result goes in
+        :attr:`image_path`."""
+        import torch
+
+        encoder = self
+
+        class ImagePath(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = encoder.model
+
+            def forward(self, batch: Any) -> torch.Tensor:
+                return encoder._image_features(batch)
+
+        return ImagePath()
+
     def _text_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return _pooled(self.model.get_text_features(**inputs))
 
@@ -218,10 +241,11 @@ class FamilyEncoder(Encoder):
         n = self._batch_size(batch)
         if n == 0:
             return EncodedBatch(embeddings=np.zeros((0, self.dim), dtype=np.float32))
+        run = self.image_path or self._image_features
         out = []
         with torch.inference_mode(), self._autocast():
             for start in range(0, n, self.max_batch):
-                out.append(self._finish(self._image_features(self._batch_slice(batch, start, start + self.max_batch))))
+                out.append(self._finish(run(self._batch_slice(batch, start, start + self.max_batch))))
         return EncodedBatch(embeddings=np.concatenate(out, axis=0))
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
