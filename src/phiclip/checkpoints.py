@@ -189,7 +189,7 @@ def _vet_config(config_path: Path, kind: str | None, location: Location) -> dict
             f"{config_path}: model_type {model_type!r} is not one phiclip loads ({', '.join(known_model_types())}); "
             "phiclip never runs code from a checkpoint, so custom model types are refused"
         )
-    if kind is not None and KINDS[kind].model_type != model_type:
+    if kind is not None and model_type not in KINDS[kind].model_types:
         raise CheckpointError(
             f"{config_path}: the checkpoint is a {model_type!r} model, not {KINDS[kind].model_type!r} (what the "
             f"'{kind}:' kind loads); load it with '{loaders[0].name}:': use '{loaders[0].name}:{location}'"

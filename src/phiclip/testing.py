@@ -770,3 +770,252 @@ def build_tiny_open_clip(
     (out / "open_clip_config.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
     assert size == parsed.preprocess.size
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# SigLIP 2, MetaCLIP 2, AIMv2, DINOv2 and DINOv3 checkpoints (phiclip.encoders.siglip2 / metaclip2 /
+# aimv2 / dino): tiny random configs saved with save_pretrained, processor and tokenizer files
+# --------------------------------------------------------------------------------------------------
+def _tiny_tower(hidden_size: int, num_layers: int, num_heads: int, **extra: Any) -> dict[str, Any]:
+    return dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                num_attention_heads=num_heads, **extra)
+
+
+def _perturb_and_save(model: Any, out: Path, seed: int) -> None:
+    """Add noise to every weight (transformers' init leaves norms at 1/0 and register tokens at 0,
+    where a wrong mapping or a skipped step would not show), then ``save_pretrained``."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    model.eval().save_pretrained(out, safe_serialization=True)
+
+
+def build_tiny_siglip2(
+    out_dir: str | Path,
+    *,
+    naflex: bool = True,
+    patch_size: int = 8,
+    max_num_patches: int = 24,
+    image_size: int = 32,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    text_max_length: int = 16,
+    seed: int = 0,
+) -> Path:
+    """Save a random-weight SigLIP 2 checkpoint as the released ones are laid out: NaFlex
+    (``Siglip2Model``, ``model_type`` siglip2, ``Siglip2ImageProcessor`` with ``patch_size`` and
+    ``max_num_patches``) or, with ``naflex=False``, fixed resolution (``SiglipModel``, ``model_type``
+    siglip, ``image_size`` square), with the tiny SentencePiece-style tokenizer of
+    :func:`build_tiny_siglip_tokenizer` (the released ones ship Gemma's)."""
+    import torch
+    from transformers import (
+        Siglip2Config,
+        Siglip2ImageProcessorPil,
+        Siglip2Model,
+        SiglipConfig,
+        SiglipImageProcessorPil,
+        SiglipModel,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_siglip_tokenizer(model_max_length=text_max_length)
+    text = _tiny_tower(hidden_size, num_layers, num_heads, vocab_size=len(tokenizer),
+                       max_position_embeddings=text_max_length, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    if naflex:
+        vision = _tiny_tower(hidden_size, num_layers, num_heads, patch_size=patch_size, num_patches=16)
+        model: Any = Siglip2Model(Siglip2Config(text_config=text, vision_config=vision))
+        processor: Any = Siglip2ImageProcessorPil(patch_size=patch_size, max_num_patches=max_num_patches)
+    else:
+        vision = _tiny_tower(hidden_size, num_layers, num_heads, patch_size=patch_size, image_size=image_size)
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+        processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size}, resample=2,
+                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    _perturb_and_save(model, out, seed)
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_tiny_xlmr_tokenizer(*, model_max_length: int = 16) -> Any:
+    """A tiny XLM-RoBERTa-style tokenizer (MetaCLIP 2's): ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2,
+    ``<unk>`` 3, Unigram pieces with the ``▁`` word marker, ``<s> text </s>``; built with
+    ``tokenizers`` alone (loads offline)."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces: list[tuple[str, float]] = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -3.0) for w in _SIGLIP_WORDS]
+    pieces += [(c, -6.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=3, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=model_max_length,
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
+def build_tiny_metaclip2(
+    out_dir: str | Path,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    projection_dim: int = 16,
+    text_max_length: int = 16,
+    seed: int = 0,
+) -> Path:
+    """Save a random-weight ``MetaClip2Model`` with a CLIP image processor (shortest edge, centre crop)
+    and the tiny XLM-R-style tokenizer of :func:`build_tiny_xlmr_tokenizer`."""
+    import torch
+    from transformers import CLIPImageProcessorPil, MetaClip2Config, MetaClip2Model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_xlmr_tokenizer(model_max_length=text_max_length)
+    text = _tiny_tower(hidden_size, num_layers, num_heads, vocab_size=len(tokenizer),
+                       max_position_embeddings=text_max_length, bos_token_id=0, pad_token_id=1, eos_token_id=2)
+    vision = _tiny_tower(hidden_size, num_layers, num_heads, image_size=image_size, patch_size=patch_size)
+    torch.manual_seed(seed)
+    model = MetaClip2Model(MetaClip2Config(text_config=text, vision_config=vision, projection_dim=projection_dim))
+    _perturb_and_save(model, out, seed)
+    CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                          crop_size={"height": image_size, "width": image_size}).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_tiny_aimv2(
+    out_dir: str | Path,
+    *,
+    lit: bool = True,
+    use_head: bool = True,
+    image_size: int = 28,
+    patch_size: int = 14,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    projection_dim: int = 16,
+    text_max_length: int = 16,
+    seed: int = 0,
+) -> Path:
+    """Save a random-weight AIMv2 checkpoint: LiT (``Aimv2Model``, image and text, with the tiny CLIP
+    BPE tokenizer of :func:`write_tiny_clip_tokenizer_files`) or, with ``lit=False``, image-only
+    (``Aimv2VisionModel``, ``model_type`` aimv2_vision_model; ``use_head=False``: no pooling head),
+    with a CLIP image processor (shortest edge, centre crop)."""
+    import torch
+    from transformers import (
+        Aimv2Config,
+        Aimv2Model,
+        Aimv2VisionConfig,
+        Aimv2VisionModel,
+        CLIPImageProcessorPil,
+        CLIPTokenizer,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vision = _tiny_tower(hidden_size, num_layers, num_heads, image_size=image_size, patch_size=patch_size,
+                         use_head=use_head)
+    torch.manual_seed(seed)
+    tokenizer = None
+    if lit:
+        tok_dir = out / "_tok"
+        vocab_file, merges_file = write_tiny_clip_tokenizer_files(tok_dir)
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=text_max_length)
+        for f in tok_dir.iterdir():
+            f.unlink()
+        tok_dir.rmdir()
+        text = _tiny_tower(hidden_size, num_layers, num_heads, vocab_size=len(tokenizer),
+                           max_position_embeddings=text_max_length, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+        model: Any = Aimv2Model(Aimv2Config(text_config=text, vision_config=vision, projection_dim=projection_dim))
+    else:
+        model = Aimv2VisionModel(Aimv2VisionConfig(**vision))
+    _perturb_and_save(model, out, seed)
+    CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                          crop_size={"height": image_size, "width": image_size}).save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def build_tiny_dinov2(
+    out_dir: str | Path,
+    *,
+    registers: int = 0,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Save a random-weight ``Dinov2Model`` (``registers=0``) or ``Dinov2WithRegistersModel`` with
+    the released checkpoints' ``BitImageProcessor`` geometry scaled down (shorter side to
+    ``image_size * 8 / 7``, bicubic, centre crop ``image_size``, ImageNet mean/std)."""
+    import torch
+    from transformers import (
+        BitImageProcessorPil,
+        Dinov2Config,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tower = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                 image_size=image_size, patch_size=patch_size)
+    torch.manual_seed(seed)
+    if registers:
+        model: Any = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**tower, num_register_tokens=registers))
+    else:
+        model = Dinov2Model(Dinov2Config(**tower))
+    _perturb_and_save(model, out, seed)
+    BitImageProcessorPil(size={"shortest_edge": image_size * 8 // 7}, crop_size={"height": image_size, "width": image_size},
+                         resample=3, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(out)
+    return out
+
+
+def build_tiny_dinov3(
+    out_dir: str | Path,
+    *,
+    registers: int = 4,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Save a random-weight ``DINOv3ViTModel`` and the released checkpoints' image processor settings
+    (``DINOv3ViTImageProcessorFast``: resize to ``image_size`` square, bilinear, ImageNet mean/std),
+    written as data: transformers has that processor for torchvision only."""
+    import torch
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = DINOv3ViTModel(DINOv3ViTConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                                           num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                                           image_size=image_size, patch_size=patch_size, num_register_tokens=registers))
+    _perturb_and_save(model, out, seed)
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "DINOv3ViTImageProcessorFast", "do_resize": True,
+        "size": {"height": image_size, "width": image_size}, "resample": 2, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225]}, indent=2), encoding="utf-8")
+    return out

@@ -194,7 +194,7 @@ def test_every_kind_is_registered_once_with_its_module() -> None:
 
     from phiclip.encoders import INT8_KINDS
 
-    assert tuple(KINDS) == SPEC_KINDS and INT8_KINDS == ("clip", "siglip", "phi3v")
+    assert tuple(KINDS) == SPEC_KINDS and INT8_KINDS == ("clip", "siglip", "phi3v", "open_clip")
     for name, kind in KINDS.items():
         assert kind.name == name and callable(kind.builder) and kind.summary
         assert importlib.import_module(kind.module)
@@ -211,14 +211,20 @@ def test_importing_the_encoders_package_imports_no_torch() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    from phiclip.testing import build_tiny_clip, build_tiny_phi3v, build_tiny_phi3v_lm, build_tiny_siglip
+    from phiclip import testing as t
 
     root = tmp_path_factory.mktemp("kinds")
     return {
-        "clip": str(build_tiny_clip(root / "clip")),
-        "siglip": str(build_tiny_siglip(root / "siglip")),
-        "phi3v": str(build_tiny_phi3v(root / "phi3v", num_crops=4)),
-        "phi3v-lm": str(build_tiny_phi3v_lm(root / "phi3v-lm", num_crops=1)),
+        "clip": str(t.build_tiny_clip(root / "clip")),
+        "siglip": str(t.build_tiny_siglip(root / "siglip")),
+        "phi3v": str(t.build_tiny_phi3v(root / "phi3v", num_crops=4)),
+        "phi3v-lm": str(t.build_tiny_phi3v_lm(root / "phi3v-lm", num_crops=1)),
+        "open_clip": str(t.build_tiny_open_clip(root / "open_clip")),
+        "siglip2": str(t.build_tiny_siglip2(root / "siglip2")),
+        "metaclip2": str(t.build_tiny_metaclip2(root / "metaclip2")),
+        "aimv2": str(t.build_tiny_aimv2(root / "aimv2")),
+        "dinov2": str(t.build_tiny_dinov2(root / "dinov2")),
+        "dinov3": str(t.build_tiny_dinov3(root / "dinov3")),
     }
 
 

@@ -31,10 +31,14 @@ class TinyEncoder:
 
 
 def test_every_model_type_has_its_kinds() -> None:
-    assert known_model_types() == ("clip", "siglip", "phi3_v", "open_clip")
+    assert known_model_types() == ("clip", "siglip", "phi3_v", "open_clip", "siglip2", "metaclip_2", "aimv2",
+                                   "aimv2_vision_model", "dinov2", "dinov2_with_registers", "dinov3_vit")
     assert [k.name for k in kinds_for_model_type("phi3_v")] == ["phi3v", "phi3v-lm"]
+    # The fixed-resolution SigLIP 2 checkpoints ship in SigLIP's layout: both kinds load them (siglip first).
+    assert [k.name for k in kinds_for_model_type("siglip")] == ["siglip", "siglip2"]
+    assert [k.name for k in kinds_for_model_type("dinov2_with_registers")] == ["dinov2"]
     assert kinds_for_model_type("llama") == ()
-    assert all(k.transformers_config == (k.name in ("clip", "siglip")) for k in KINDS.values())
+    assert all(k.transformers_config == (k.name not in ("phi3v", "phi3v-lm", "open_clip")) for k in KINDS.values())
 
 
 def test_a_new_kind_is_one_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,3 +62,15 @@ def test_a_new_kind_is_one_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(CheckpointError, match="use 'tiny:"):
         open_checkpoint(ckpt, kind="clip")
     monkeypatch.delitem(sys.modules, "tiny_kind_module")
+
+
+def test_a_spec_without_kind_finds_it_from_the_checkpoint(tmp_path: Path) -> None:
+    from phiclip.encoders.registry import kind_for_location, resolve_spec
+    from phiclip.testing import build_tiny_clip, build_tiny_open_clip
+
+    clip = build_tiny_clip(tmp_path / "clip")
+    assert kind_for_location(clip) == "clip" and resolve_spec(f"{clip}?max_batch=8").kind == "clip"
+    assert kind_for_location(build_tiny_open_clip(tmp_path / "oc")) == "open_clip"  # its own config file
+    assert load_encoder(str(clip), device="cpu", dtype="float32").name == f"clip:{clip}"
+    with pytest.raises(ValueError, match="unknown kind 'vit'"):
+        parse_spec(f"vit:{clip}")  # parse_spec itself still wants a kind: nothing is read

@@ -189,10 +189,12 @@ class Encoder(abc.ABC):
         return res.in_order(len(images))
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        """Texts -> (n, dim) float32 embeddings, for encoders with a text side."""
+        """Texts -> (n, dim) float32 embeddings, for encoders with a text side. An encoder without one
+        (``"text"`` not in ``modalities``) keeps this default: a ``NotImplementedError`` naming its kind."""
         raise NotImplementedError(
-            f"{self.name} embeds images only (modalities: {sorted(self.modalities)}); "
-            "use a CLIP or SigLIP model for text"
+            f"{self.name}: {getattr(self, 'kind', type(self).__name__)} encoders embed images only "
+            f"(modalities: {sorted(self.modalities)}); use a model with a text side for text (clip, siglip, "
+            "siglip2, metaclip2, open_clip, aimv2 LiT)"
         )
 
     def described(self, *, parameters: int | None, preprocessing: dict[str, Any], options: dict[str, Any],

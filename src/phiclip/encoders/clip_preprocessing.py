@@ -34,7 +34,7 @@ _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "
 
 # Image processors whose PIL path ImagePreprocessor reproduces (given supported settings): the
 # transformers 5 "...Pil" classes, and the transformers 4 classes of the same base name.
-_FAST_PATH_PROCESSORS = {"CLIPImageProcessor", "SiglipImageProcessor"}
+_FAST_PATH_PROCESSORS = {"CLIPImageProcessor", "SiglipImageProcessor", "BitImageProcessor"}
 
 
 # --------------------------------------------------------------------------------------------------

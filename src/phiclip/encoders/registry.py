@@ -17,12 +17,16 @@ import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from phiclip import hub
 from phiclip.encoders.device import Placement, resolve_placement, warn_if_slow_cpu_dtype
+from phiclip.encoders.family_options import DinoOptions, FamilyOptions, Siglip2Options
 from phiclip.encoders.options import ContrastiveOptions, Phi3VLMOptions, Phi3VOptions
 from phiclip.encoders.spec import EncoderSpec, SpecOptions, split_spec
 from phiclip.hub import CheckpointError
+from phiclip.models.checkpoint import check_field, load_json_file
 
 if TYPE_CHECKING:
     from phiclip.encoders.base import Encoder
@@ -68,6 +72,15 @@ class EncoderKind:
     #: The checkpoint's config file (read first, pinned, vetted); another name than ``config.json``
     #: implies ``model_type`` (the file has none).
     config_file: str = "config.json"
+    #: Other ``model_type`` values this kind loads too (``siglip2``: the fixed-resolution SigLIP 2
+    #: checkpoints, saved in SigLIP's layout); the kind found for a kindless spec is the first row
+    #: that names a ``model_type`` (:func:`kind_for_location`).
+    also_loads: tuple[str, ...] = ()
+
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        """Every ``model_type`` this kind loads (its own first)."""
+        return (self.model_type, *self.also_loads)
 
     def __post_init__(self) -> None:
         if self.builder is None:
@@ -97,6 +110,19 @@ KINDS: dict[str, EncoderKind] = {
         EncoderKind("open_clip", "open_clip", "phiclip.encoders.open_clip", "OpenCLIPEncoder", ContrastiveOptions,
                     int8=True, summary="open_clip CLIP checkpoints (ViT towers) as transformers CLIP, without open_clip",
                     config_file="open_clip_config.json"),
+        EncoderKind("siglip2", "siglip2", "phiclip.encoders.siglip2", "Siglip2Encoder", Siglip2Options, int8=False,
+                    summary="SigLIP 2 through transformers, NaFlex and fixed resolution (image and text)",
+                    transformers_config=True, also_loads=("siglip",)),
+        EncoderKind("metaclip2", "metaclip_2", "phiclip.encoders.metaclip2", "MetaClip2Encoder", FamilyOptions,
+                    int8=False, summary="MetaCLIP 2 through transformers (image and text)", transformers_config=True),
+        EncoderKind("aimv2", "aimv2", "phiclip.encoders.aimv2", "Aimv2Encoder", FamilyOptions, int8=False,
+                    summary="AIMv2 through transformers (images; LiT checkpoints: image and text)",
+                    transformers_config=True, also_loads=("aimv2_vision_model",)),
+        EncoderKind("dinov2", "dinov2", "phiclip.encoders.dino", "Dinov2Encoder", DinoOptions, int8=False,
+                    summary="DINOv2 with or without registers through transformers (images)",
+                    transformers_config=True, also_loads=("dinov2_with_registers",)),
+        EncoderKind("dinov3", "dinov3_vit", "phiclip.encoders.dino", "Dinov3Encoder", DinoOptions, int8=False,
+                    summary="DINOv3 ViT through transformers (images)", transformers_config=True),
     )
 }
 #: The kinds, in registry order (the prefix of ``kind:location``).
@@ -107,12 +133,57 @@ INT8_KINDS: tuple[str, ...] = tuple(k for k, v in KINDS.items() if v.int8)
 
 def kinds_for_model_type(model_type: str) -> tuple[EncoderKind, ...]:
     """The kinds that load checkpoints of ``model_type`` (registry order; empty: phiclip loads none)."""
-    return tuple(k for k in KINDS.values() if k.model_type == model_type)
+    return tuple(k for k in KINDS.values() if model_type in k.model_types)
 
 
 def known_model_types() -> tuple[str, ...]:
     """Every ``model_type`` some kind loads (registry order)."""
-    return tuple(dict.fromkeys(k.model_type for k in KINDS.values()))
+    return tuple(dict.fromkeys(t for k in KINDS.values() for t in k.model_types))
+
+
+def kind_for_location(location: str | Path, *, revision: str | None = None) -> str:
+    """The kind that loads the checkpoint at ``location`` (a local folder or a hub id), from its
+    ``config.json``'s ``model_type`` (the first row of :data:`KINDS` that loads it: ``siglip`` for a
+    SigLIP-layout checkpoint, ``phi3v`` for Phi-3-vision), or from a config file that only one kind
+    has (``open_clip_config.json``).
+
+    Raises:
+        CheckpointError: no config file, or a ``model_type`` no kind loads (naming the known ones).
+    """
+    loc = hub.resolve_location(location)
+    config_path = hub.resolve_file(loc, "config.json", required=False, revision=revision)
+    if config_path is None:
+        for kind in KINDS.values():
+            if kind.config_file != "config.json" and hub.resolve_file(loc, kind.config_file, required=False,
+                                                                      revision=revision) is not None:
+                return kind.name
+        raise CheckpointError(f"{loc}: no config.json, so the kind cannot be found; write the spec as "
+                              f"'KIND:{loc}' with KIND one of {', '.join(KINDS)}")
+    config = check_field(load_json_file(config_path, "the checkpoint's config is damaged"), "(the whole file)",
+                         config_path, kind="dict")
+    model_type = config.get("model_type")
+    kinds = kinds_for_model_type(model_type) if isinstance(model_type, str) else ()
+    if not kinds:
+        raise CheckpointError(f"{config_path}: model_type {model_type!r} is not one phiclip loads "
+                              f"({', '.join(known_model_types())}); phiclip never runs code from a checkpoint")
+    return kinds[0].name
+
+
+def resolve_spec(spec: str | EncoderSpec) -> EncoderSpec:
+    """:func:`parse_spec`, and for a spec without a kind (``/models/dinov2``, ``google/siglip2-base-patch16-naflex``,
+    ``DIR?pool=mean``) the kind found from the checkpoint's ``config.json`` (:func:`kind_for_location`).
+    A spec whose text before the first ``:`` is a known kind is read as ``kind:location``.
+
+    Raises:
+        ValueError: a malformed spec; CheckpointError: a kindless spec whose checkpoint names no known kind.
+    """
+    if isinstance(spec, EncoderSpec):
+        return spec
+    head = spec.split(":", 1)[0].strip().lower() if isinstance(spec, str) and ":" in spec else None
+    if head in KINDS or not isinstance(spec, str) or not spec.strip():
+        return parse_spec(spec)
+    location = spec.partition("?")[0].strip()
+    return parse_spec(f"{kind_for_location(location)}:{spec.strip()}")
 
 
 def parse_spec(spec: str) -> EncoderSpec:
@@ -141,7 +212,8 @@ def load_encoder(spec: str | EncoderSpec, *, device: str = "auto", dtype: str = 
     ``clip:/path/to/dir`` or ``phi3v:microsoft/Phi-3-vision-128k-instruct?num_crops=4&pooling=mean``.
 
     Args:
-        spec: ``kind:location[?options]``; location is a hub id or a local directory.
+        spec: ``kind:location[?options]``; location is a hub id or a local directory. Without
+            ``kind:``, the kind is found from the checkpoint's ``config.json`` (:func:`resolve_spec`).
         device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
         dtype: the compute precision: ``auto`` (bfloat16 on CUDA; on the CPU the faster of float32
             and bfloat16, measured: see :mod:`phiclip.precision`), ``float32``, ``bfloat16``,
@@ -151,7 +223,7 @@ def load_encoder(spec: str | EncoderSpec, *, device: str = "auto", dtype: str = 
         ValueError: a bad spec, option, device or precision (before anything loads), or a
             checkpoint that cannot be loaded (:class:`~phiclip.hub.CheckpointError`).
     """
-    parsed = spec if isinstance(spec, EncoderSpec) else parse_spec(spec)
+    parsed = resolve_spec(spec)
     kind = KINDS[parsed.kind]
     options = kind.parse_options(parsed)
     placement = resolve_placement(device, dtype)
@@ -174,8 +246,10 @@ __all__ = [
     "EncoderKind",
     "ModuleBuilder",
     "check_spec",
+    "kind_for_location",
     "kinds_for_model_type",
     "known_model_types",
     "load_encoder",
     "parse_spec",
+    "resolve_spec",
 ]

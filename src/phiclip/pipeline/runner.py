@@ -187,12 +187,13 @@ def _is_spec(model: Any) -> bool:
 
 
 def _model_spec(model: Any) -> str:
-    """The normalised spec string of a spec, or the ``name`` of a loaded encoder."""
+    """The normalised spec string of a spec (its kind found from the checkpoint when left out), or the
+    ``name`` of a loaded encoder."""
     if _is_spec(model):
         # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
-        from phiclip.encoders import parse_spec
+        from phiclip.encoders.registry import resolve_spec
 
-        return str(parse_spec(str(model)))
+        return str(resolve_spec(str(model)))  # a spec without kind: the kind from the checkpoint's config.json
     return str(getattr(model, "name", type(model).__name__))
 
 

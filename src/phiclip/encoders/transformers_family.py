@@ -1,0 +1,328 @@
+"""What the SigLIP 2, MetaCLIP 2, AIMv2 and DINO encoders share: a transformers model loaded from a
+vetted checkpoint, the family's own preprocessing, batching, and (where the family has one) a text side.
+
+:class:`FamilyEncoder` loads the way the CLIP encoder does: the checkpoint opened the one way
+(:func:`phiclip.checkpoints.open_checkpoint`: located once, a hub id pinned to the commit whose
+``config.json`` was checked, ``config.json`` vetted as data against the kind table, the image
+processor's values checked), then transformers reads it with ``trust_remote_code=False`` at that
+commit, weights from safetensors only, in float32; ``describe()["weights_fingerprint"]``
+fingerprints every tensor of the weight files. 16-bit precisions run under autocast. Each family's
+module says which transformers class loads which ``model_type``, how images are preprocessed
+(equal to the family's image processor) and what the image (and text) vector is.
+
+Image-only families say so the way the :class:`~phiclip.encoders.base.Encoder` contract does:
+``modalities`` is ``{"image"}`` and ``encode_texts`` is the contract's default, a
+``NotImplementedError`` naming the kind (commands check ``modalities`` first and say the same).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from phiclip.checkpoints import open_checkpoint
+from phiclip.encoders.base import EncodedBatch, Encoder, EncoderDescription, count_parameters, dtype_name
+from phiclip.encoders.clip import _dtype_kwarg, _load_error, _pooled
+from phiclip.encoders.clip_preprocessing import ImagePreprocessor, ProcessorPreprocessor, pil_backend_kwarg
+from phiclip.encoders.device import Placement
+from phiclip.encoders.family_options import FamilyOptions
+from phiclip.encoders.spec import EncoderSpec
+from phiclip.models.ops import l2_normalize
+
+if TYPE_CHECKING:
+    import torch
+
+    from phiclip.checkpoints import Checkpoint
+
+
+class FamilyEncoder(Encoder):
+    """A transformers image (and text) encoder of one family; subclasses fill in the hooks."""
+
+    kind: ClassVar[str]
+    #: ``model_type`` -> the transformers class that loads it.
+    model_classes: ClassVar[dict[str, str]]
+    #: The tokenizer's padding for texts (``"max_length"``: SigLIP 2's processor; ``"longest"``).
+    text_padding: ClassVar[str] = "longest"
+    keeps_alpha = True  # the processors composite transparency onto white (processor_rgb)
+    checkpoint: Checkpoint | None = None
+
+    def __init__(self, spec: EncoderSpec, model: Any, preprocessor: Any, tokenizer: Any | None, *,
+                 placement: Placement, options: FamilyOptions, weights_fingerprint: str | None = None,
+                 text_unavailable: str | None = None) -> None:
+        self.spec = spec
+        self.name = str(spec)
+        self.model = model
+        self.preprocessor = preprocessor
+        self.tokenizer = tokenizer
+        self.options = options
+        self.device = placement.device
+        self.dtype = placement.dtype
+        self.normalize = options.normalize
+        self.max_batch = options.max_batch
+        self.text_unavailable = text_unavailable
+        self.modalities = frozenset({"image", "text"} if tokenizer is not None else {"image"})
+        self.dim = self._image_dim()
+        self.text_max_length = self._text_max_length()
+        self.precision = placement.record()
+        self.weights_fingerprint = weights_fingerprint
+        #: What ``encode_batch`` runs for a model call (None: :meth:`_image_features`). The hook for CPU
+        #: acceleration: replace it with an accelerated :meth:`image_module` (same inputs, same outputs).
+        self.image_path: Any = None
+
+    # --- loading ------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, spec: EncoderSpec, options: FamilyOptions, placement: Placement) -> FamilyEncoder:
+        """Load the checkpoint a spec names (the registry's builder; see the module docstring).
+
+        Raises:
+            ValueError: a missing or incomplete checkpoint, another model type, settings the family
+                does not embed with (each says which).
+        """
+        if spec.kind != cls.kind:
+            raise ValueError(f"encoder spec {str(spec)!r} is not a {cls.kind}: spec")
+        checkpoint = open_checkpoint(spec.location, kind=cls.kind)
+        checkpoint.image_processor_config()
+        # Imported once the checkpoint passed its checks (seconds of import time a bad location need not pay).
+        import torch
+        import transformers
+        from transformers import AutoConfig
+
+        location = str(checkpoint.location)
+        no_code = checkpoint.transformers_kwargs()
+        try:
+            config = AutoConfig.from_pretrained(location, **no_code)
+        except (OSError, ValueError) as e:
+            raise _load_error(spec, "config", e) from None
+        cls._check_config(spec, config, options)
+        preprocessor = cls._preprocessor(spec, checkpoint, config, options, no_code)
+        tokenizer, text_unavailable = cls._tokenizer(spec, checkpoint, config, no_code)
+        model_class = getattr(transformers, cls.model_classes[config.model_type])
+        try:
+            model = model_class.from_pretrained(location, use_safetensors=True, **no_code, **_dtype_kwarg(torch.float32))
+        except OSError as e:
+            if "safetensors" in str(e).lower() or ".bin" in str(e):
+                raise ValueError(
+                    f"encoder spec {str(spec)!r}: no safetensors weights (model.safetensors) at {location!r}; "
+                    "phiclip loads weights only from safetensors: re-save the checkpoint with "
+                    "save_pretrained(..., safe_serialization=True)") from None
+            raise _load_error(spec, "model weights", e) from None
+        except Exception as e:  # noqa: BLE001 - corrupt files surface as many error types
+            raise _load_error(spec, "model weights", e) from None
+        fingerprint = checkpoint.hash_weight_files()
+        model = cls._prepare_model(model).to(placement.device).eval()
+        encoder = cls(spec, model, preprocessor, tokenizer, placement=placement, options=options,
+                      weights_fingerprint=fingerprint, text_unavailable=text_unavailable)
+        encoder.checkpoint = checkpoint
+        return encoder
+
+    @classmethod
+    def _check_config(cls, spec: EncoderSpec, config: Any, options: FamilyOptions) -> None:
+        """Refuse configurations the encoder cannot embed with (default: none)."""
+
+    @classmethod
+    def _prepare_model(cls, model: Any) -> Any:
+        """The loaded model, adjusted where the family needs it (default: as loaded)."""
+        return model
+
+    @classmethod
+    def _has_text(cls, config: Any) -> bool:
+        """Whether checkpoints of this config have a text side (default: none)."""
+        return False
+
+    @classmethod
+    def _preprocessor(cls, spec: EncoderSpec, checkpoint: Checkpoint, config: Any, options: FamilyOptions,
+                      no_code: dict[str, Any]) -> Any:
+        """The family's preprocessing; by default the checkpoint's image processor (PIL backend),
+        reimplemented exactly where :class:`ImagePreprocessor` covers its settings."""
+        image_processor = load_image_processor(spec, no_code, str(checkpoint.location))
+        return ImagePreprocessor.from_image_processor(image_processor) or ProcessorPreprocessor(image_processor)
+
+    @classmethod
+    def _tokenizer(cls, spec: EncoderSpec, checkpoint: Checkpoint, config: Any,
+                   no_code: dict[str, Any]) -> tuple[Any | None, str | None]:
+        """The checkpoint's tokenizer for a family with a text side, or ``(None, why)``."""
+        if not cls._has_text(config):
+            return None, None
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(checkpoint.location), **no_code), None
+        except Exception as e:  # noqa: BLE001 - any failure leaves an image-only encoder, said loudly
+            why = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            warnings.warn(f"{spec}: no tokenizer could be loaded, so this encoder embeds images only ({why})",
+                          stacklevel=3)
+            return None, why
+
+    def _image_dim(self) -> int:
+        raise NotImplementedError
+
+    def _text_max_length(self) -> int | None:
+        if self.tokenizer is None:
+            return None
+        positions = int(self.model.config.text_config.max_position_embeddings)
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        return tok_max if isinstance(tok_max, int) and 0 < tok_max < positions else positions
+
+    # --- the three steps ----------------------------------------------------------------------
+    def preprocess(self, image: Image.Image) -> Any:
+        """One PIL image -> the family's picklable item (``preprocessor`` is the same, picklable)."""
+        return self.preprocessor(image)
+
+    def collate(self, items: Sequence[Any]) -> Any:
+        """(3, H, W) tensors -> one (n, 3, H, W) batch."""
+        import torch
+
+        if not items:
+            raise ValueError("collate got no items")
+        shapes = {tuple(t.shape) for t in items}
+        if len(shapes) != 1:
+            raise ValueError(f"cannot batch pixel values of different shapes: {sorted(shapes)}")
+        return torch.stack(list(items))
+
+    def _batch_size(self, batch: Any) -> int:
+        return int(batch.shape[0])
+
+    def _batch_slice(self, batch: Any, start: int, stop: int) -> Any:
+        return batch[start:stop].to(self.device)
+
+    def _image_features(self, batch: Any) -> torch.Tensor:
+        """One model call's image vectors (before normalisation)."""
+        raise NotImplementedError
+
+    def image_module(self) -> torch.nn.Module:
+        """The image path as one ``torch.nn.Module`` on the model's own weights: ``forward(batch)``
+        (a collated model-call batch: (n, 3, H, W) pixels, or SigLIP 2 NaFlex's dict of
+        ``pixel_values``, ``pixel_attention_mask``, ``spatial_shapes``) -> (n, dim) vectors before
+        normalisation. What a CPU accelerator quantises, packs or compiles; its result goes in
+        :attr:`image_path`."""
+        import torch
+
+        encoder = self
+
+        class ImagePath(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = encoder.model
+
+            def forward(self, batch: Any) -> torch.Tensor:
+                return encoder._image_features(batch)
+
+        return ImagePath()
+
+    def _text_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _pooled(self.model.get_text_features(**inputs))
+
+    def _autocast(self) -> Any:
+        import contextlib
+
+        import torch
+
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def _finish(self, features: torch.Tensor) -> np.ndarray:
+        features = features.float()
+        if self.normalize:
+            features = l2_normalize(features)
+        return features.cpu().numpy()
+
+    def encode_batch(self, batch: Any, *, with_tokens: bool = False) -> EncodedBatch:
+        """A collated batch -> (n, dim) float32 vectors, ``max_batch`` images per model call."""
+        import torch
+
+        if with_tokens:
+            raise ValueError(f"{self.name}: {self.kind} encoders give one pooled vector per image; "
+                             "image tokens are a phi3v option")
+        n = self._batch_size(batch)
+        if n == 0:
+            return EncodedBatch(embeddings=np.zeros((0, self.dim), dtype=np.float32))
+        run = self.image_path or self._image_features
+        out = []
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, n, self.max_batch):
+                out.append(self._finish(run(self._batch_slice(batch, start, start + self.max_batch))))
+        return EncodedBatch(embeddings=np.concatenate(out, axis=0))
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Texts -> (n, dim) float32 vectors from the text tower with the checkpoint's tokenizer
+        (truncated to the model's maximum length).
+
+        Raises:
+            NotImplementedError: an encoder without a text side (naming its kind; the Encoder contract).
+            ValueError: a tokenizer that could not be loaded, or texts that are not strings.
+        """
+        import torch
+
+        if self.tokenizer is None and self.text_unavailable is None:
+            return super().encode_texts(texts, batch_size)  # no text side: the Encoder contract's error
+        if self.tokenizer is None:
+            raise ValueError(f"{self.name}: this checkpoint's tokenizer could not be loaded, so it cannot embed "
+                             f"text ({self.text_unavailable})")
+        if isinstance(texts, str):
+            raise ValueError(f"{self.name}: encode_texts takes a list of texts, got one string; wrap it in a list")
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise ValueError(f"{self.name}: encode_texts takes strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = []
+        step = max(1, min(batch_size, self.max_batch))
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, len(texts), step):
+                enc = self.tokenizer(list(texts[start:start + step]), padding=self.text_padding, truncation=True,
+                                     max_length=self.text_max_length, return_tensors="pt")
+                inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+                out.append(self._finish(self._text_features(inputs)))
+        return np.concatenate(out, axis=0)
+
+    # --- description --------------------------------------------------------------------------
+    def _image_modules(self) -> tuple[Any, ...]:
+        """The modules that turn pixels into the image vector."""
+        raise NotImplementedError
+
+    def _details(self) -> dict[str, Any]:
+        """What only this family has, for ``describe()["details"]``."""
+        return {}
+
+    def description(self) -> EncoderDescription:
+        """The common fields, and in ``details``: model class and type, stored weights dtype, text
+        settings, the whole model's parameter count, transformers' version, the commit, and the
+        family's own (:meth:`_details`)."""
+        import transformers
+
+        return self.described(
+            parameters=count_parameters(*self._image_modules()),
+            preprocessing=self.preprocessor.describe(),
+            options=self.options.to_dict(),
+            details={
+                "model_class": type(self.model).__name__,
+                "model_type": self.model.config.model_type,
+                "weights_dtype": dtype_name(next(self.model.parameters()).dtype),
+                "text": None if self.tokenizer is None else {
+                    "tokenizer_class": type(self.tokenizer).__name__, "padding": self.text_padding,
+                    "max_length": self.text_max_length, "truncation": True},
+                "text_unavailable": self.text_unavailable,
+                "total_parameters": count_parameters(self.model),
+                "transformers_version": transformers.__version__,
+                "revision": self.checkpoint.revision if self.checkpoint is not None else None,
+                **self._details(),
+            },
+        )
+
+
+def load_image_processor(spec: EncoderSpec, no_code: dict[str, Any], location: str) -> Any:
+    """The checkpoint's transformers image processor, PIL backend (a named error when absent)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(location, **no_code, **pil_backend_kwarg())
+    except (OSError, ValueError) as e:
+        raise _load_error(spec, "image processor (preprocessor_config.json / processor_config.json)", e) from None
+
+
+__all__ = ["FamilyEncoder", "load_image_processor"]
