@@ -25,7 +25,6 @@ import asyncio
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -161,16 +160,32 @@ class RemoteBatcher:
         self._closed = False
         self._pids: set[int] = set()
         self._counts = {"jobs": 0, "items": 0, "rejected": 0, "failed": 0, "replica_failures": 0, "max_queue_depth": 0}
-        self._replicas: tuple[float, int | None] = (0.0, None)
+        self._replicas: int | None = None
+        self._stop = threading.Event()
 
     def start(self, warm_up: Any = None) -> RemoteBatcher:
-        """Nothing to start: each replica ran its warm-up batch before Ray Serve counted it as running."""
+        """Start the thread that asks Ray Serve for the running replicas (each replica ran its warm-up batch
+        before Ray Serve counted it as running: nothing to warm up here)."""
+        threading.Thread(target=self._watch_replicas, name="phiclip-ray-replicas", daemon=True).start()
         self.warmed.set()
         return self
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
+        self._stop.set()
+
+    def _watch_replicas(self) -> None:
+        """Every 2 s: the replicas running (one thread only: Ray Serve's status calls are kept off the
+        request threads, where concurrent ones were seen to hang)."""
+        _, serve = _ray()
+        while not self._stop.is_set():
+            try:
+                app = serve.status().applications[self.app_name]
+                self._replicas = int(app.deployments[DEPLOYMENT].replica_states.get("RUNNING", 0))
+            except Exception:  # noqa: BLE001 - a metric, not a failure of the server
+                self._replicas = None
+            self._stop.wait(2.0)
 
     def submit(self, kind: str, items: list[Any]) -> Any:
         n = len(items)
@@ -234,18 +249,8 @@ class RemoteBatcher:
             return self._in_flight
 
     def replicas(self) -> int | None:
-        """Replicas running now (asked of Ray Serve at most once a second)."""
-        at, n = self._replicas
-        if time.monotonic() - at < 1.0:
-            return n
-        try:
-            _, serve = _ray()
-            app = serve.status().applications[self.app_name]
-            n = int(app.deployments[DEPLOYMENT].replica_states.get("RUNNING", 0))
-        except Exception:  # noqa: BLE001 - a metric, not a failure of the server
-            n = None
-        self._replicas = (time.monotonic(), n)
-        return n
+        """Replicas running (as of at most 2 s ago; ``None`` before the first answer)."""
+        return self._replicas
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
