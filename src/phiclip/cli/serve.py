@@ -4,6 +4,7 @@ Defaults come from :class:`phiclip.serve.options.ServeOptions` (importing it loa
 from __future__ import annotations
 
 import dataclasses
+import enum
 from pathlib import Path
 from typing import Annotated
 
@@ -24,6 +25,11 @@ from phiclip.serve.options import ServeOptions
 _DEFAULTS = ServeOptions()
 #: Exit code of ``phiclip serve`` when the port is taken (as for a bad command-line option).
 EXIT_PORT_IN_USE = 2
+
+
+class Engine(str, enum.Enum):
+    local = "local"
+    ray = "ray"
 
 
 def serve(
@@ -56,6 +62,26 @@ def serve(
         "Serve outputs of unfinished `phiclip embed` runs instead of refusing them."))] = _DEFAULTS.allow_incomplete,
     model: ModelOverrideOpt = _DEFAULTS.model,
     allow_other_weights: AllowOtherWeightsOpt = _DEFAULTS.allow_other_weights,
+    metrics_open: Annotated[bool, typer.Option("--metrics-open/--metrics-auth", help=(
+        "GET /metrics open like /healthz, or behind --token like every other route (the default)."))]
+    = _DEFAULTS.metrics_open,
+    drain_seconds: Annotated[float, typer.Option("--drain-seconds", min=0, help=(
+        "On SIGTERM: seconds requests in flight get to finish before the server exits (0)."))] = _DEFAULTS.drain_s,
+    engine: Annotated[Engine, typer.Option("--engine", help=(
+        "local: the encoders run in this process; ray: on Ray Serve replicas (pip install 'phiclip[ray]')."))]
+    = Engine(_DEFAULTS.engine),
+    replicas: Annotated[int, typer.Option("--replicas", min=1, help="--engine ray: model copies (replicas) per encoder.")]
+    = _DEFAULTS.replicas,
+    min_replicas: Annotated[int | None, typer.Option("--min-replicas", min=1, help=(
+        "--engine ray: autoscale between --min-replicas and --max-replicas (by requests in flight)."))] = None,
+    max_replicas: Annotated[int | None, typer.Option("--max-replicas", min=1, help="--engine ray: see --min-replicas.")]
+    = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help=(
+        "--engine ray: the cluster to join (default: a running local Ray, else a new local one)."))] = None,
+    gpus_per_replica: Annotated[float | None, typer.Option("--gpus-per-replica", min=0, help=(
+        "--engine ray: GPUs per replica (default: 1 where the cluster has GPUs and --device is not cpu)."))] = None,
+    cpus_per_replica: Annotated[float, typer.Option("--cpus-per-replica", min=0.01, help=(
+        "--engine ray: CPUs Ray reserves per replica."))] = _DEFAULTS.cpus_per_replica,
 ) -> None:
     """Serve a search page and an embeddings API (OpenAI-style /v1/embeddings) over EMB_DIRS."""
     options = dataclasses.replace(
@@ -63,6 +89,9 @@ def serve(
         batch_wait_ms=batch_wait_ms, max_queue=max_queue, timeout_s=timeout, max_upload_bytes=int(max_upload_mb * 2**20),
         max_inputs=max_inputs, allowed_hosts=tuple(allowed_host or ()), root_path=root_path,
         allow_incomplete=allow_incomplete, model=model, allow_other_weights=allow_other_weights,
+        metrics_open=metrics_open, drain_s=drain_seconds, engine=engine.value, replicas=replicas,
+        min_replicas=min_replicas, max_replicas=max_replicas, ray_address=ray_address,
+        gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
     )
     try:
         # lazy: optional dependency (starlette, uvicorn: phiclip[serve])

@@ -6,6 +6,10 @@ status: 400 bad input, 401 no or wrong token, 404 unknown collection/item/route,
 
 - ``GET /``: the search page (``static/``, served by phiclip, no CDN);
 - ``GET /healthz``: liveness (open even with a token);
+- ``GET /readyz``: readiness, 200 once every collection and encoder is loaded and warmed up, else 503
+  (open even with a token);
+- ``GET /metrics``: Prometheus text format (:mod:`phiclip.serve.metrics`; behind the token unless
+  ``metrics_open``);
 - ``GET /api/collections``: each collection's encoder, size, width, completeness, labels;
 - ``GET /api/search?text=...&k=N[&collection=NAME][&label=L]`` (or ``id=ITEM`` instead of ``text``);
 - ``POST /api/search``: multipart with an ``image`` file, or ``image_url`` / ``id`` of an item
@@ -24,14 +28,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import contextlib
 import hmac
 import json
 import logging
 import os
 import re
+import signal
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
@@ -43,7 +50,7 @@ from phiclip import __version__
 from phiclip.encoders.base import Encoder
 from phiclip.images import ImageDecodeError, load_image
 from phiclip.retrieval import SearchError, require_text_side
-from phiclip.serve.batching import IMAGE, TEXT, DynamicBatcher, Overloaded
+from phiclip.serve.batching import IMAGE, TEXT, DynamicBatcher, InputError, Overloaded, warm_up_encoder
 from phiclip.serve.collections import (
     LABEL_COLUMN,
     Collection,
@@ -53,6 +60,7 @@ from phiclip.serve.collections import (
     load_collections,
 )
 from phiclip.serve.listener import bind_listener
+from phiclip.serve.metrics import ServeMetrics
 from phiclip.serve.options import ServeOptions, is_loopback
 from phiclip.serve.thumbnails import DEFAULT_THUMBNAIL_SIZE, THUMBNAIL_SIZES, ThumbnailCache, render_thumbnail
 from phiclip.store import read_manifest
@@ -65,7 +73,7 @@ try:
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
-    from starlette.routing import Mount, Route
+    from starlette.routing import Match, Mount, Route
     from starlette.staticfiles import StaticFiles
 except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError(
@@ -77,7 +85,7 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 #: The cookie the page authenticates with after ``/?token=...``.
 TOKEN_COOKIE = "phiclip_token"
-_OPEN_PATHS = ("/healthz",)
+_OPEN_PATHS = ("/healthz", "/readyz")
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 _DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
 _ITEM_PATH = re.compile(r"/api/items/([^/]+)/([^/]+)(?:/thumbnail)?/?")
@@ -120,23 +128,59 @@ class Service:
         self.collections = {c.name: c for c in collections}
         self.default = collections[0].name
         self.encoders = encoders
-        self.batchers = {
-            spec: DynamicBatcher(enc, max_batch=options.max_batch, max_wait_s=options.batch_wait_ms / 1000,
-                                 max_queue=options.max_queue, name=f"phiclip-encoder-{i}")
-            for i, (spec, enc) in enumerate(encoders.items())
-        }
+        self.batchers: dict[str, Any] = {}
+        for i, (spec, enc) in enumerate(encoders.items()):
+            make = getattr(enc, "make_batcher", None)  # a remote engine's own client (serve.ray_engine)
+            self.batchers[spec] = make(options) if make is not None else DynamicBatcher(
+                enc, max_batch=options.max_batch, max_wait_s=options.batch_wait_ms / 1000,
+                max_queue=options.max_queue, name=f"phiclip-encoder-{i}")
         self.thumbnails = ThumbnailCache(options.thumbnail_cache_bytes)
         self.cpu_limiter: Any = None  # an anyio CapacityLimiter, made in the event loop at startup
+        self.metrics: ServeMetrics | None = None
+        #: Set on SIGTERM: /readyz answers 503 while requests in flight finish.
+        self.draining = False
+        #: Called by :meth:`close` (a remote engine's shutdown).
+        self.on_close: list[Callable[[], None]] = []
+
+    def attach_metrics(self, metrics: ServeMetrics) -> None:
+        """Record into ``metrics``: each batcher's calls, the queue depths, the models' descriptions."""
+        self.metrics = metrics
+        for spec, b in self.batchers.items():
+            b.observer = metrics.batch_observer(spec)
+        for c in self.collections.values():
+            enc = self.encoder_of(c)
+            metrics.set_model_info(c.name, c.spec, _precision_name(enc), str(enc.weights_fingerprint or ""))
+        metrics.live.depth = lambda: {spec: b.queue_depth() for spec, b in self.batchers.items()}
+        metrics.live.ready = lambda: self.readiness()[0]
+        metrics.live.replicas = lambda: {spec: n for spec, b in self.batchers.items()
+                                         if (n := getattr(b, "replicas", lambda: None)()) is not None}
 
     def start(self) -> None:
-        """Start the batchers' worker threads."""
+        """Start the batchers' worker threads; each runs a warm-up batch first (see :meth:`readiness`)."""
         for b in self.batchers.values():
-            b.start()
+            b.start(warm_up=warm_up_encoder)
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """``(ready, what is not)``: ready once every encoder ran its warm-up batch, and not draining."""
+        waiting = []
+        for spec, b in self.batchers.items():
+            if b.warm_error is not None:
+                waiting.append(f"{spec}: the warm-up batch failed ({type(b.warm_error).__name__}: {b.warm_error})")
+            elif not b.warmed.is_set():
+                waiting.append(f"{spec}: warming up")
+        if self.draining:
+            waiting.append("shutting down (draining requests in flight)")
+        return not waiting, waiting
 
     def close(self) -> None:
         """Stop the batchers (waiting requests get 503)."""
         for b in self.batchers.values():
             b.close()
+        for fn in self.on_close:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - shutting down: log, go on
+                log.exception("while shutting down")
 
     # --- lookups --------------------------------------------------------------------------------
     def collection(self, name: str | None) -> Collection:
@@ -163,14 +207,19 @@ class Service:
             future = batcher.submit(kind, items)
         except Overloaded as e:
             raise ApiError(503, str(e), "overloaded_error", {"Retry-After": "1"}) from None
+        # a local batcher gives a concurrent future; a remote engine a coroutine (cancelled on timeout)
+        waitable = asyncio.wrap_future(future) if isinstance(future, concurrent.futures.Future) else future
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=max(0.0, deadline - time.monotonic()))
+            return await asyncio.wait_for(waitable, timeout=max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            future.cancel()
+            if isinstance(future, concurrent.futures.Future):
+                future.cancel()
             raise ApiError(503, f"timed out after {self.options.timeout_s:g} s waiting for the encoder; the server "
                            "is busy, retry shortly", "timeout_error", {"Retry-After": "1"}) from None
         except Overloaded as e:
-            raise ApiError(503, str(e), "overloaded_error") from None
+            raise ApiError(503, str(e), "overloaded_error", {"Retry-After": "1"}) from None
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
 
     async def run_cpu(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on a worker thread, at most as many at once as the CPU limiter allows."""
@@ -181,6 +230,10 @@ class Service:
 
         encoder = self.encoder_of(coll)
         max_pixels = self.options.max_pixels
+        if getattr(encoder, "remote", False):  # decoded and preprocessed where the model runs (a replica)
+            if isinstance(data, str):
+                data = await self.run_cpu(Path(data).read_bytes)
+            return (bytes(data), name)
 
         def work() -> Any:
             if isinstance(data, str):  # an item's own file
@@ -248,9 +301,22 @@ class Service:
         return await self.vectors(target, IMAGE, [item], deadline)
 
 
+def _precision_name(encoder: Any) -> str:
+    dtype = getattr(encoder, "dtype", None)
+    return str(dtype).replace("torch.", "") if dtype is not None else "unknown"
+
+
 def build_service(paths: list[str | Path], options: ServeOptions | None = None, *, load: Any = None) -> Service:
-    """Open the collections and load their encoders (see :func:`phiclip.serve.collections.load_collections`)."""
+    """Open the collections and load their encoders (see :func:`phiclip.serve.collections.load_collections`);
+    with ``engine="ray"``, deploy them on Ray Serve instead (:func:`phiclip.serve.ray_engine.deploy`)."""
     opts = (options or ServeOptions()).validate()
+    if opts.engine == "ray":
+        from phiclip.serve import ray_engine  # lazy: optional dependency (ray[serve])
+
+        collections, encoders, shutdown = ray_engine.deploy(list(paths), opts)
+        service = Service(collections, encoders, opts)
+        service.on_close.append(shutdown)
+        return service
     collections, encoders = load_collections(list(paths), device=opts.device, dtype=opts.precision,
                                              allow_incomplete=opts.allow_incomplete, load=load, model=opts.model,
                                              allow_other_weights=opts.allow_other_weights)
@@ -332,7 +398,11 @@ def _resolve_item(service: Service, request: Request, image_url: str | None, ite
 
 
 def _service(request: Request) -> Service:
-    return request.app.state.service
+    service = request.app.state.service
+    if service is None:
+        raise ApiError(503, "the server is still loading its collections and encoders; retry shortly (GET /readyz "
+                       "says when it is ready)", "overloaded_error", {"Retry-After": "5"})
+    return service
 
 
 async def index_page(request: Request) -> Response:
@@ -347,6 +417,27 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok", "version": __version__})
 
 
+async def readyz(request: Request) -> Response:
+    """Readiness: 200 once every collection's index and encoder are loaded and each encoder ran a warm-up
+    batch; 503 before, and again once a SIGTERM started draining."""
+    service = request.app.state.service
+    if service is None:
+        error = request.app.state.load_error
+        waiting = [f"loading failed: {error}" if error else "loading the collections and encoders"]
+        ready = False
+    else:
+        ready, waiting = service.readiness()
+    body = {"status": "ready" if ready else "not ready", "waiting_for": waiting}
+    return JSONResponse(body, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "5"})
+
+
+async def metrics_page(request: Request) -> Response:
+    """``GET /metrics``: the Prometheus text format."""
+    metrics: ServeMetrics = request.app.state.metrics
+    body = await anyio.to_thread.run_sync(metrics.render)  # live gauges may ask a remote engine
+    return Response(body, media_type=metrics.content_type)
+
+
 async def list_collections(request: Request) -> Response:
     """Each collection's encoder, size, width and labels."""
     service = _service(request)
@@ -359,8 +450,9 @@ async def list_collections(request: Request) -> Response:
 async def stats(request: Request) -> Response:
     """Batcher and cache counters."""
     service = _service(request)
+    batchers = await anyio.to_thread.run_sync(lambda: {spec: b.stats() for spec, b in service.batchers.items()})
     return JSONResponse({
-        "batchers": {spec: b.stats() for spec, b in service.batchers.items()},
+        "batchers": batchers,
         "thumbnails": service.thumbnails.stats(),
     })
 
@@ -459,6 +551,7 @@ async def thumbnail(request: Request) -> Response:
         raise ApiError(404, str(e)) from None
     key = (coll.name, item_id, size)
     data = service.thumbnails.get(key)
+    hit = data is not None
     if data is None:
 
         def make() -> bytes:  # reading the source (a file, a Parquet row) and decoding: off the event loop
@@ -469,6 +562,8 @@ async def thumbnail(request: Request) -> Response:
         except (NoImage, ImageDecodeError) as e:
             raise ApiError(404, f"no thumbnail: {e}") from None
         service.thumbnails.put(key, data)
+    if service.metrics is not None:
+        service.metrics.observe_thumbnail(hit)
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
@@ -565,6 +660,7 @@ class _Guard:
         self.app = app
         self.token = options.token.encode() if options.token else None
         self.max_body = options.max_body_bytes
+        self.open_paths = _OPEN_PATHS + (("/metrics",) if options.metrics_open else ())
         names = {h.lower().strip("[]") for h in options.allowed_hosts}
         self.hosts = None if (self.token and not names) else {*names, *_LOOPBACK_NAMES}
 
@@ -606,7 +702,7 @@ class _Guard:
         if path == "":  # the bare prefix (/phiclip): the page's relative links need the slash
             await RedirectResponse(f"{scope.get('root_path', '')}/", status_code=307)(scope, receive, send)
             return
-        if self.token is not None and path not in _OPEN_PATHS and not self._token_ok(headers):
+        if self.token is not None and path not in self.open_paths and not self._token_ok(headers):
             given = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token") or [""])[0]
             if path == "/" and given and hmac.compare_digest(given.encode(), self.token):
                 root = scope.get("root_path", "")
@@ -643,6 +739,44 @@ class _Guard:
         await self.app(scope, limited_receive, send_with_headers)
 
 
+class _Metered:
+    """Pure ASGI middleware outermost: counts every request by route template, method and status, and
+    times it (``phiclip_requests_total``, ``phiclip_request_seconds``), refusals by the guard included."""
+
+    def __init__(self, app: Any, metrics: ServeMetrics, routes: list[Any]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    def _route(self, scope: Any) -> str:
+        for route in self.routes:
+            try:
+                match, _ = route.matches(scope)
+            except Exception:  # noqa: BLE001 - an odd path is just "other"
+                continue
+            if match != Match.NONE:
+                return str(route.path or "/")
+        return "other"
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500  # what the client sees when the app raises before answering
+
+        async def send_status(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.observe_request(self._route(scope), scope.get("method", ""), status, time.perf_counter() - t0)
+
+
 # === the application ===========================================================================
 
 
@@ -664,21 +798,68 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error_response(500, f"internal error ({type(exc).__name__}: {exc})", "server_error")
 
 
-def create_app(service: Service) -> Starlette:
-    """The Starlette application over ``service`` (its batchers start and stop with the app)."""
+def create_app(service: Service | Callable[[], Service], *, options: ServeOptions | None = None,
+               on_fatal: Callable[[BaseException], None] | None = None,
+               on_loaded: Callable[[Service], None] | None = None) -> Starlette:
+    """The Starlette application over ``service`` (its batchers start, warm up and stop with the app).
+
+    ``service`` may instead be a function that builds it (``options`` then required): it runs on a
+    thread once the app starts, so that ``/healthz``, ``/readyz`` (503) and ``/metrics`` answer while
+    the collections and encoders load; other routes answer 503 with ``Retry-After`` until then.
+    ``on_fatal(error)`` is called when that function fails, ``on_loaded(service)`` when it returns.
+    """
+    if isinstance(service, Service):
+        options = service.options
+    elif options is None:
+        raise ValueError("create_app(loader) needs options=")
+    metrics = ServeMetrics()
+
+    def bring_up(svc: Service, limiter: Any) -> None:
+        svc.cpu_limiter = limiter
+        svc.attach_metrics(metrics)
+        svc.draining = app.state.draining
+        svc.start()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        service.cpu_limiter = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
-        service.start()
+        limiter = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        stopping = threading.Event()
+        if isinstance(service, Service):
+            bring_up(service, limiter)
+            app.state.service = service
+        else:
+            loader = service
+
+            def load() -> None:
+                try:
+                    svc = loader()
+                except BaseException as e:  # noqa: BLE001 - reported by on_fatal and /readyz
+                    log.error("loading failed: %s: %s", type(e).__name__, e)
+                    app.state.load_error = f"{type(e).__name__}: {e}"
+                    if on_fatal is not None:
+                        on_fatal(e)
+                    return
+                if stopping.is_set():
+                    svc.close()
+                    return
+                bring_up(svc, limiter)
+                app.state.service = svc
+                if on_loaded is not None:
+                    on_loaded(svc)
+
+            threading.Thread(target=load, name="phiclip-load", daemon=True).start()
         try:
             yield
         finally:
-            service.close()
+            stopping.set()
+            if app.state.service is not None:
+                app.state.service.close()
 
     routes = [
         Route("/", index_page, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_page, methods=["GET"]),
         Route("/api/collections", list_collections, methods=["GET"]),
         Route("/api/stats", stats, methods=["GET"]),
         Route("/api/search", search_get, methods=["GET"]),
@@ -693,20 +874,34 @@ def create_app(service: Service) -> Starlette:
         lifespan=lifespan,
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},
     )
-    app.state.service = service
-    app.add_middleware(_Guard, options=service.options)
+    app.state.service = None
+    app.state.metrics = metrics
+    app.state.load_error = None
+    app.state.draining = False
+    app.add_middleware(_Guard, options=options)
+    app.add_middleware(_Metered, metrics=metrics, routes=routes)  # added last: outermost
     return app
 
 
+def start_draining(app: Starlette) -> None:
+    """Mark the app as shutting down: ``/readyz`` answers 503 from now on (requests are still answered)."""
+    app.state.draining = True
+    if app.state.service is not None:
+        app.state.service.draining = True
+
+
 def run_server(paths: list[str | Path], options: ServeOptions | None = None, *, say: Any = print) -> None:
-    """Open the collections, load their encoders and serve until interrupted (uvicorn).
+    """Serve until SIGTERM or Ctrl-C (uvicorn): bind the port, answer ``/healthz`` at once, load the
+    collections and encoders on a thread (``/readyz``: 503 until loaded and warmed up), then serve.
 
     The port is bound before anything loads, so a port in use is reported at once
-    (:class:`~phiclip.serve.listener.PortInUseError`), before "serving on".
+    (:class:`~phiclip.serve.listener.PortInUseError`), before "serving on". On SIGTERM the server stops
+    accepting connections, ``/readyz`` turns 503, requests in flight get up to ``options.drain_s`` seconds
+    to finish, and this function returns (the process exits 0); a second SIGTERM stops at once.
 
     Raises:
         ValueError: a bad setting (e.g. a public address without a token) or a directory that
-            cannot be served.
+            cannot be served (also when found while loading: the server then stops).
         PortInUseError: another program listens on the port.
     """
     import uvicorn
@@ -714,20 +909,58 @@ def run_server(paths: list[str | Path], options: ServeOptions | None = None, *, 
     opts = (options or ServeOptions()).validate()
     for path in paths:  # a folder that is not an output is refused before the port is taken
         read_manifest(Path(path).expanduser())
+    if opts.engine == "ray":
+        from phiclip.serve import ray_engine  # lazy: optional dependency (ray[serve])
+
+        ray_engine.available()  # a missing extra is said before the port is taken
     listener = bind_listener(opts.host, opts.port)
-    try:
-        service = build_service(paths, opts)
-        app = create_app(service)
-        host = f"[{opts.host}]" if ":" in opts.host else opts.host
-        port = listener.getsockname()[1]
+    failures: list[BaseException] = []
+    holder: dict[str, Any] = {}
+
+    def fatal(error: BaseException) -> None:
+        failures.append(error)
+        if "server" in holder:
+            holder["server"].should_exit = True
+
+    def loaded(service: Service) -> None:
         for c in service.collections.values():
             say(f"collection {c.name!r}: {len(c)} items, {c.spec} ({c.path})")
-        say(f"serving on http://{host}:{port}{opts.root_path}/" + ("" if is_loopback(opts.host) else " (token required)"))
+        say("loaded; warming up (GET /readyz answers 200 once done)")
+
+    try:
+        app = create_app(lambda: build_service(paths, opts), options=opts, on_fatal=fatal, on_loaded=loaded)
+        host = f"[{opts.host}]" if ":" in opts.host else opts.host
+        port = listener.getsockname()[1]
+        say(f"serving on http://{host}:{port}{opts.root_path}/" + ("" if is_loopback(opts.host) else " (token required)")
+            + " (loading the collections)")
         config = uvicorn.Config(app, host=opts.host, port=port, root_path=opts.root_path, log_level="info",
-                                timeout_graceful_shutdown=5, server_header=False)
-        uvicorn.Server(config).run(sockets=[listener])
+                                timeout_graceful_shutdown=opts.drain_s, server_header=False)
+        server = _draining_server(config, app, say)
+        holder["server"] = server
+        server.run(sockets=[listener])
     finally:
         listener.close()
+    if failures:
+        raise failures[0]
 
 
-__all__ = ["ApiError", "STATIC_DIR", "Service", "build_service", "create_app", "error_response", "run_server"]
+def _draining_server(config: Any, app: Starlette, say: Any) -> Any:
+    """uvicorn's server, where SIGTERM drains and then returns (exit 0) instead of re-raising the signal
+    once shut down (uvicorn's default: the process then dies by the signal, exit -15)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            start_draining(app)
+            if sig == signal.SIGTERM and not self.should_exit:
+                say(f"SIGTERM: not accepting new connections; finishing requests in flight (up to "
+                    f"{config.timeout_graceful_shutdown:g} s)")
+                self.should_exit = True  # not recorded as a captured signal: no re-raise, exit 0
+                return
+            super().handle_exit(sig, frame)
+
+    return Server(config)
+
+
+__all__ = ["ApiError", "STATIC_DIR", "Service", "build_service", "create_app", "error_response", "run_server",
+           "start_draining"]

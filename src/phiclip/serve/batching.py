@@ -16,9 +16,10 @@ cancelled (its request timed out) is dropped before it reaches the model.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from phiclip.encoders.base import Encoder
+
+log = logging.getLogger(__name__)
 
 #: Job kinds.
 TEXT = "text"
@@ -36,6 +39,23 @@ class Overloaded(RuntimeError):
     """The batcher's queue is full (or it is shut down); the request should be retried later."""
 
 
+class InputError(ValueError):
+    """An input the encoder cannot take (an unreadable image...): the request is wrong, not the server
+    (raised by engines that prepare inputs where the model runs, e.g. Ray Serve replicas)."""
+
+
+def warm_up_encoder(encoder: Any) -> None:
+    """One small batch through the model (an image when it has an image side, else a text), so that the
+    first request does not pay for lazy initialisation (kernels, allocator, tokenizer)."""
+    if "image" in encoder.modalities:
+        from PIL import Image
+
+        item = encoder.preprocess(Image.new("RGB", (64, 64), (127, 127, 127)))
+        encoder.encode_batch(encoder.collate([item]))
+    else:
+        encoder.encode_texts(["warm-up"], batch_size=1)
+
+
 @dataclass
 class _Job:
     kind: str
@@ -43,6 +63,7 @@ class _Job:
     cost: int
     future: Future
     arrived: float = field(default_factory=time.monotonic)
+    taken: float = 0.0  # when the worker took it into a batch
 
 
 @dataclass
@@ -69,10 +90,13 @@ class DynamicBatcher:
         max_wait_s: how long the oldest waiting job may wait for others to join its batch.
         max_queue: the most items waiting; more raises :class:`Overloaded`.
         name: the worker thread's name.
+        observer: called after each successful encoder call with ``(kind, inputs, model seconds, queue
+            wait of each job)`` (the server's metrics); on the worker thread, so it must be quick.
     """
 
     def __init__(self, encoder: Encoder, *, max_batch: int = 32, max_wait_s: float = 0.005, max_queue: int = 256,
-                 name: str = "phiclip-encoder") -> None:
+                 name: str = "phiclip-encoder", observer: Callable[[tuple[str, int, float, list[float]]], None] | None = None
+                 ) -> None:
         if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError(f"max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1, max_wait_s >= 0")
         self.encoder = encoder
@@ -86,13 +110,21 @@ class DynamicBatcher:
         self._stats = BatchStats()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._started = False
+        self._warm_up: Callable[[Any], None] | None = None
+        self.observer = observer
+        #: Set once the worker thread ran the warm-up (or had none to run); ``warm_error``: what it raised.
+        self.warmed = threading.Event()
+        self.warm_error: BaseException | None = None
 
     # --- public ---------------------------------------------------------------------------------
-    def start(self) -> DynamicBatcher:
-        """Start the worker thread (once)."""
+    def start(self, warm_up: Callable[[Any], None] | None = None) -> DynamicBatcher:
+        """Start the worker thread (once). ``warm_up(encoder)``, when given, runs first on that thread (the
+        only one that calls the model), before any job: :attr:`warmed` is set once it ran, and
+        :attr:`warm_error` holds what it raised (jobs are still answered)."""
         with self._cond:
             if not self._started:
                 self._started = True
+                self._warm_up = warm_up
                 self._thread.start()
         return self
 
@@ -176,8 +208,10 @@ class DynamicBatcher:
                 self._drop_cancelled()
                 batch: list[_Job] = []
                 cost = 0
+                now = time.monotonic()
                 while self._jobs and (not batch or cost + self._jobs[0].cost <= self.max_batch):
                     job = self._jobs.popleft()
+                    job.taken = now
                     self._queued_items -= len(job.items)
                     cost += job.cost
                     batch.append(job)
@@ -242,12 +276,26 @@ class DynamicBatcher:
             self._stats.jobs += len(jobs)
             self._stats.max_batch = max(self._stats.max_batch, len(items))
             self._stats.encode_seconds += seconds
+        if self.observer is not None:
+            try:
+                self.observer((kind, len(items), seconds, [j.taken - j.arrived for j in jobs]))
+            except Exception:  # noqa: BLE001 - metrics must never fail a request
+                log.exception("the batch observer failed")
         start = 0
         for job in jobs:
             job.future.set_result(vectors[start : start + len(job.items)].copy())
             start += len(job.items)
 
     def _run(self) -> None:
+        if self._warm_up is not None:
+            t0 = time.perf_counter()
+            try:
+                self._warm_up(self.encoder)
+                log.info("%s: warm-up batch in %.2f s", self._thread.name, time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001 - reported through warm_error (the server is not ready)
+                log.exception("%s: the warm-up batch failed", self._thread.name)
+                self.warm_error = e
+        self.warmed.set()
         while True:
             batch = self._take()
             if batch is None:
@@ -264,4 +312,4 @@ class DynamicBatcher:
                     self._answer(kind, jobs)
 
 
-__all__ = ["IMAGE", "TEXT", "BatchStats", "DynamicBatcher", "Overloaded"]
+__all__ = ["IMAGE", "TEXT", "BatchStats", "DynamicBatcher", "InputError", "Overloaded", "warm_up_encoder"]

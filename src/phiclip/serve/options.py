@@ -57,6 +57,25 @@ class ServeOptions:
     #: when its weights differ from the recorded ones unless ``allow_other_weights``.
     model: str | None = None
     allow_other_weights: bool = False
+    #: ``GET /metrics`` open like ``/healthz`` (True) or, when a token is set, behind it like every other
+    #: route (False, the default: metrics name the collections and models).
+    metrics_open: bool = False
+    #: On SIGTERM: stop accepting, then give requests in flight up to this many seconds to finish (those
+    #: still running after it are cut); then exit 0. Below Kubernetes' default 30 s grace period.
+    drain_s: float = 25.0
+    #: Where the encoders run: ``local`` (in this process, one batcher thread per encoder) or ``ray``
+    #: (a Ray Serve deployment per encoder, one model copy per replica, each batching on its own).
+    engine: str = "local"
+    #: Ray engine: a fixed number of replicas, or an autoscaling range (``min_replicas``..``max_replicas``).
+    replicas: int = 1
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    #: Ray engine: the cluster to join (``None``: a running local instance, else a new local one).
+    ray_address: str | None = None
+    #: Ray engine: GPUs per replica (``None``: 1 where the cluster has GPUs and ``device`` is not ``cpu``),
+    #: CPUs per replica (what Ray reserves; torch in a replica uses as many threads).
+    gpus_per_replica: float | None = None
+    cpus_per_replica: float = 1.0
 
     def validate(self) -> ServeOptions:
         """Check ranges and the host/token rule; returns self. Raises ``ValueError`` naming the setting."""
@@ -74,6 +93,18 @@ class ServeOptions:
             raise ValueError("the token is empty; give a long random string (e.g. `openssl rand -hex 32`)")
         if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
             raise ValueError(f"root_path {self.root_path!r} must start with '/' and not end with one (e.g. /phiclip)")
+        if self.drain_s < 0:
+            raise ValueError(f"drain_s must be >= 0, got {self.drain_s}")
+        if self.engine not in ("local", "ray"):
+            raise ValueError(f"engine must be 'local' or 'ray', got {self.engine!r}")
+        if self.replicas < 1 or self.cpus_per_replica <= 0 or (self.gpus_per_replica or 0) < 0:
+            raise ValueError(f"replicas must be >= 1 and cpus_per_replica > 0 (got {self.replicas}, {self.cpus_per_replica})")
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("give both --min-replicas and --max-replicas for autoscaling (or --replicas N)")
+        if self.min_replicas is not None and not 0 < self.min_replicas <= (self.max_replicas or 0):
+            raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas}..{self.max_replicas}")
+        if self.engine == "local" and (self.replicas != 1 or self.min_replicas is not None or self.ray_address):
+            raise ValueError("--replicas, --min-replicas/--max-replicas and --ray-address need --engine ray")
         if not is_loopback(self.host) and not self.token:
             raise ValueError(
                 f"binding to {self.host} would open the API to the network without authentication; pass "
