@@ -86,9 +86,10 @@ def test_plain_clip_does_not_import_the_phi3v_image_path(tmp_path: Path) -> None
 
     ckpt = build_tiny_clip(tmp_path / "clip")
     code = (
-        "import sys\nfrom phiclip.encoders import load_encoder\nfrom PIL import Image\n"
+        "import sys\nfrom phiclip.encoders import load_encoder\nfrom phiclip.pipeline.step import encode_images\n"
+        "from PIL import Image\n"
         f"enc = load_encoder('clip:{ckpt}', device='cpu', dtype='float32')\n"
-        "enc.encode_images([Image.new('RGB', (40, 30))])\n"
+        "encode_images(enc, [Image.new('RGB', (40, 30))])\n"
         "print(sorted(m for m in sys.modules if m.startswith('phiclip.phi3v')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -20,10 +20,11 @@ from pipeline._helpers import MeanColourEncoder
 
 from phiclip import schema
 from phiclip.datasets_io import load_table
+from phiclip.manifest import read_manifest
 from phiclip.pipeline import InputError, OutputError, embed
 from phiclip.pipeline import runner as runner_mod
 from phiclip.pipeline.sources import list_inputs, record_id
-from phiclip.pipeline.writer import ShardWriter, read_manifest
+from phiclip.pipeline.writer import ShardWriter
 from phiclip.schema import path_to_source, source_to_path
 from phiclip.testing import build_tiny_clip
 

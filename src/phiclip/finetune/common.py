@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from phiclip.pipeline.output import differences
+from phiclip.manifest import differences
 
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_JSONL = "metrics.jsonl"

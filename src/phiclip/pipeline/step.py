@@ -15,6 +15,9 @@ halves, so that an engine can run them in different places:
    an input's fault: the batch is tried once more, then a ``RuntimeError`` names the batch. Rows that
    are not finite (NaN/inf) become errors of stage ``encode``.
 
+:func:`encode_images` (images in memory -> vectors, an exception naming every input that failed) is
+the Python user's way in; it lives here, not on the encoder, so that encoders never import the pipeline.
+
 Texts take :class:`TextStep` (``encoder.encode_texts`` on consecutive records, same retry and checks).
 A :class:`StepResult` is what a step returns: rows by record position, errors and timings.
 """
@@ -33,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from phiclip import schema
-from phiclip.encoders.base import default_prep_threads
-from phiclip.images import ImageDecodeError, describe_source, try_load_image
+from phiclip.encoders.base import Encoder, default_prep_threads
+from phiclip.images import ImageDecodeError, ImageInput, describe_source, try_load_image
 from phiclip.pipeline.sources import PayloadReader, Record
 
 #: ``(position, stage, reason)``: an input that failed, by its position in the step's records.
@@ -440,5 +443,21 @@ def embed_payloads(encoder: Any, payloads: Sequence[Any], *, batch_size: int, ma
     return out
 
 
+def encode_images(encoder: Encoder, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
+    """Images (PIL, arrays, paths or bytes) -> (n, dim) float32 embeddings with ``encoder``, through the
+    bulk pipeline's loop (:func:`embed_payloads`: decoding and preprocessing on a thread pool between
+    model calls, about ``batch_size`` images per model call, images over the encoder's ``max_pixels``
+    refused).
+
+    Raises:
+        InputsFailed: (an ``ImageDecodeError``) naming every input that could not be embedded, after
+            trying all of them.
+    """
+    budget = max(1, batch_size) * max(1, int(encoder.typical_item_cost()))  # the loop's budget counts item costs
+    res = embed_payloads(encoder, images, batch_size=budget, max_pixels=encoder.max_pixels)
+    res.raise_for_errors([describe_source(im) for im in images])
+    return res.in_order(len(images))
+
+
 __all__ = ["Chunk", "CostPacker", "InputsFailed", "ModelStep", "Piece", "Preparer", "StepResult", "TextStep",
-           "embed_payloads"]
+           "embed_payloads", "encode_images"]

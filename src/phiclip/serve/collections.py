@@ -25,7 +25,8 @@ from phiclip import schema
 from phiclip.encoders import load_encoder
 from phiclip.images import ImageDecodeError, load_image
 from phiclip.retrieval import SearchError, SearchIndex, check_encoder, normalize_rows, open_index
-from phiclip.store import EmbeddingStoreError, encoder_spec_of, shard_files
+from phiclip.manifest import recorded_spec
+from phiclip.store import EmbeddingStoreError, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +302,7 @@ def open_collection(path: str | Path, name: str, *, allow_incomplete: bool = Fal
     """
     root = Path(path).expanduser()
     index = open_index(root, **({"allow_incomplete": True} if allow_incomplete else {}))
-    spec = encoder_spec_of(index.manifest)
+    spec = recorded_spec(index.manifest, root)
     if not spec:
         raise SearchError(f"{root}: the manifest names no encoder spec, so queries cannot be embedded; embed it again")
     info = index.info
@@ -318,7 +319,8 @@ def open_collection(path: str | Path, name: str, *, allow_incomplete: bool = Fal
 
 
 def load_collections(paths: list[str | Path], *, device: str = "auto", dtype: str = "auto",
-                     allow_incomplete: bool = False, load: Any = None) -> tuple[list[Collection], dict[str, Any]]:
+                     allow_incomplete: bool = False, load: Any = None,
+                     allow_other_weights: bool = False) -> tuple[list[Collection], dict[str, Any]]:
     """Open every output directory and load each distinct encoder once.
 
     Args:
@@ -326,6 +328,8 @@ def load_collections(paths: list[str | Path], *, device: str = "auto", dtype: st
         device, dtype: where and in what precision the encoders run.
         allow_incomplete: serve unfinished runs too.
         load: the encoder loader (default :func:`phiclip.encoders.load_encoder`).
+        allow_other_weights: serve a collection whose recorded weights fingerprint differs from the
+            loaded encoder's (refused by default, naming both fingerprints).
 
     Returns:
         ``(collections, encoders)``: ``encoders`` maps each collection's spec to its loaded encoder.
@@ -344,7 +348,7 @@ def load_collections(paths: list[str | Path], *, device: str = "auto", dtype: st
         if c.spec not in encoders:
             log.info("loading encoder %s", c.spec)
             encoders[c.spec] = load(c.spec, device=device, dtype=dtype)
-        check_encoder(encoders[c.spec], c.manifest, c.path)
+        check_encoder(encoders[c.spec], c.manifest, c.path, allow_other_weights=allow_other_weights)
     return collections, encoders
 
 
