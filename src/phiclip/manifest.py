@@ -218,11 +218,17 @@ def recorded_spec(manifest: dict[str, Any], root: str | os.PathLike[str]) -> str
     local folder's absolute path; an older one may name a relative folder, which is looked for under
     the output folder's parent, then the working directory (logged, saying which)."""
     spec = encoder_spec_of(manifest)
-    parsed = _parse(spec) if spec else None
-    if spec is None or parsed is None or os.path.isabs(os.path.expanduser(parsed.location)):
+    if spec is None or SPEC_AS_TYPED_KEY in (manifest.get("encoder") or {}):
         return spec
-    enc = manifest.get("encoder") or {}
-    if SPEC_AS_TYPED_KEY in enc:
+    return resolve_older_spec(spec, root)
+
+
+def resolve_older_spec(spec: str, root: str | os.PathLike[str]) -> str:
+    """A spec from a manifest of an older phiclip, which may name a folder by a relative path: that folder
+    under the output folder's parent, else under the working directory (logged, saying which), as an
+    absolute path; any other spec unchanged."""
+    parsed = _parse(spec)
+    if parsed is None or os.path.isabs(os.path.expanduser(parsed.location)):
         return spec
     parent = Path(root).expanduser().absolute().parent
     for base, where in ((parent, "the output folder's parent"), (Path.cwd(), "the working directory")):
@@ -280,8 +286,8 @@ def check_encoder(manifest: dict[str, Any], describe: dict[str, Any], *, where: 
                 "revision) to finish it, or embed into a new --output folder"
             )
         old_stable, new_stable = stable_description(old), stable_description(describe)
-        if "spec" in old_stable and "spec" in new_stable and same_spec(str(old_stable["spec"]), str(new_stable["spec"]),
-                                                                        Path(where).expanduser().absolute().parent):
+        old_spec = recorded_spec(manifest, where)
+        if old_spec and "spec" in new_stable and same_spec(old_spec, str(new_stable["spec"])):
             new_stable["spec"] = old_stable["spec"]  # the same folder, spelled another way (an older manifest)
         diffs = differences(old_stable, new_stable)
         if diffs:
@@ -327,6 +333,7 @@ __all__ = [
     "read_manifest",
     "recorded_description",
     "recorded_spec",
+    "resolve_older_spec",
     "same_spec",
     "stable_description",
     "weights_fingerprint_of",

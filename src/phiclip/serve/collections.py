@@ -24,8 +24,8 @@ import numpy as np
 from phiclip import schema
 from phiclip.encoders import load_encoder
 from phiclip.images import ImageDecodeError, load_image
-from phiclip.retrieval import SearchError, SearchIndex, check_encoder, normalize_rows, open_index
 from phiclip.manifest import recorded_spec
+from phiclip.retrieval import SearchError, SearchIndex, check_encoder, normalize_rows, open_index
 from phiclip.store import EmbeddingStoreError, shard_files
 
 log = logging.getLogger(__name__)
