@@ -446,6 +446,11 @@ def search_cmd(
     precision: _QueryPrecisionOpt = _QueryPrecision.auto,
     allow_incomplete: _AllowIncompleteOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the hits as a JSON list.")] = False,
+    model: Annotated[str | None, typer.Option("--model", "-m", help=(
+        "Encoder spec to embed the query with (default: the one the manifest records), e.g. where the "
+        "checkpoint moved."))] = None,
+    allow_other_weights: Annotated[bool, typer.Option("--allow-other-weights", help=(
+        "Query even when the encoder's weights fingerprint differs from the one the vectors were made with."))] = False,
 ) -> None:
     """Print the K stored items nearest (cosine) to a text or image query, embedded with the index's encoder."""
     import json
@@ -464,7 +469,7 @@ def search_cmd(
             Console(stderr=True).print(safe_text(f"building the index of {emb_dir} (once; `phiclip index` does it ahead)",
                                                  "dim"), highlight=False, soft_wrap=True)
         hits = search(emb_dir, text=text, image=image, k=k, device=device, dtype=precision.value,
-                      allow_incomplete=allow_incomplete)
+                      allow_incomplete=allow_incomplete, model=model, allow_other_weights=allow_other_weights)
     except (ValueError, RuntimeError, OSError) as e:
         _fail_cli(e)
     if as_json:

@@ -254,6 +254,12 @@ def same_spec(a: str, b: str, base: str | os.PathLike[str] | None = None) -> boo
     return canonical(pa) == canonical(pb)
 
 
+def _same_model_elsewhere(a: str, b: str) -> bool:
+    """Specs of the same kind and options (the location may differ: the same weights, moved)."""
+    pa, pb = _parse(a), _parse(b)
+    return pa is not None and pb is not None and (pa.kind, pa.options) == (pb.kind, pb.options)
+
+
 def check_encoder(manifest: dict[str, Any], describe: dict[str, Any], *, where: str | os.PathLike[str],
                   purpose: Literal["add", "query"], error: type[ValueError] = ManifestError,
                   allow_other_weights: bool = False) -> None:
@@ -261,7 +267,8 @@ def check_encoder(manifest: dict[str, Any], describe: dict[str, Any], *, where: 
 
     - ``purpose="add"`` (``embed`` resuming or updating an output): the weights fingerprint must be
       recorded and equal, and every stable field of the description (:func:`stable_description`) equal.
-    - ``purpose="query"`` (``search``, ``serve``): the spec and width must match; when both sides have a
+    - ``purpose="query"`` (``search``, ``serve``): the spec and width must match (with the same weights
+      fingerprint, only the kind and options: the checkpoint may have moved); when both sides have a
       weights fingerprint they must be equal, unless ``allow_other_weights`` (then it is logged).
 
     Raises:
@@ -299,7 +306,8 @@ def check_encoder(manifest: dict[str, Any], describe: dict[str, Any], *, where: 
         return
     expected = encoder_spec_of(manifest)
     got = str(describe.get("spec") or "")
-    if expected and got and not same_spec(got, expected):
+    same_weights = bool(old_fp) and str(old_fp) == str(new_fp)
+    if expected and got and not (_same_model_elsewhere(got, expected) if same_weights else same_spec(got, expected)):
         raise error(
             f"{where}: the vectors were made by {expected!r} but the query encoder is {got!r}; "
             "queries must use the encoder that made the index (omit the encoder to load it from the manifest)"

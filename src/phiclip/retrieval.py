@@ -753,6 +753,7 @@ def search(
     dtype: str = "auto",
     allow_incomplete: bool = False,
     allow_other_weights: bool = False,
+    model: str | None = None,
 ) -> list[SearchHit]:
     """Find the ``k`` stored vectors nearest (by cosine) to one text or image query.
 
@@ -768,6 +769,8 @@ def search(
         allow_incomplete: search the shards of an unfinished run (``complete: false``) instead of refusing it.
         allow_other_weights: query with an encoder whose weights fingerprint differs from the one the
             manifest records (another checkpoint of the same model) instead of refusing it.
+        model: the spec to load the encoder from when ``encoder`` is not given (default: the manifest's),
+            e.g. where the checkpoint has moved; it is checked against the manifest like ``encoder``.
 
     Returns:
         Up to ``k`` :class:`SearchHit`, best first.
@@ -783,7 +786,7 @@ def search(
     manifest = read_manifest(root)
     check_complete(root, manifest, allow_incomplete)  # before loading a model
     if encoder is None:
-        spec = manifests.recorded_spec(manifest, root)
+        spec = model or manifests.recorded_spec(manifest, root)
         if not spec:
             raise SearchError(f"{root}: the manifest names no encoder spec; pass the encoder that made the vectors")
         encoder = load_encoder(spec, device=device, dtype=dtype)

@@ -695,3 +695,34 @@ def test_the_recorded_reason_for_a_precision_is_not_part_of_the_identity() -> No
     new = {**old, "device": "cuda", "precision": {"asked": "auto", "reason": "bfloat16 measured 2.3x float32"}}
     assert stable_description(old) == stable_description(new)
     assert stable_description(old) != stable_description({**new, "dtype": "float32"})
+
+
+# --- checkpoint paths are stored absolute, so the output works from any directory ---------------------
+def test_a_relative_checkpoint_path_is_stored_absolute_and_searched_from_anywhere(
+        tmp_path: Path, tiny_clip_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from phiclip.retrieval import search
+
+    _small_folder(tmp_path / "in", 3)
+    shutil.copytree(tiny_clip_dir, tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    embed("clip:ckpt", "in", "out", progress=False, device="cpu", precision="float32")
+    m = read_manifest(tmp_path / "out")
+    assert m["encoder"]["spec"] == f"clip:{tmp_path / 'ckpt'}" and m["encoder"]["spec_as_typed"] == "clip:ckpt"
+    assert m["settings"]["model"] == f"clip:{tmp_path / 'ckpt'}"
+    # a rerun typed another way (absolute) is the same run
+    assert embed(f"clip:{tmp_path / 'ckpt'}", "in", "out", progress=False, device="cpu",
+                 precision="float32").status == "already_complete"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert search(tmp_path / "out", text="red", k=1, device="cpu", dtype="float32")
+    # an output of an older phiclip (a relative path, no spec_as_typed) still loads, and still resumes
+    mpath = tmp_path / "out" / schema.MANIFEST_FILE
+    old = json.loads(mpath.read_text())
+    del old["encoder"]["spec_as_typed"]
+    old["encoder"]["spec"] = old["settings"]["model"] = "clip:ckpt"
+    mpath.write_text(json.dumps(old))
+    assert search(tmp_path / "out", text="red", k=1, device="cpu", dtype="float32")  # under the output's parent
+    monkeypatch.chdir(tmp_path)
+    assert embed("clip:ckpt", "in", "out", progress=False, device="cpu", precision="float32").status == "already_complete"

@@ -11,8 +11,8 @@ The flow of :func:`embed`, module by module:
 3. **plan** (:mod:`.plan`): shards of records for a new output, the same shards for a resume, or new
    shards for the inputs added since (``update``); inputs no longer listed are kept or pruned.
 4. **load** the encoder and check it against the output.
-5. **run an engine** over the pending shards: :mod:`.local` (this machine) or :mod:`.ray_engine`
-   (a Ray cluster). Both run the one step of :mod:`.step` (decode + preprocess, batch, encode; errors as
+5. **run an engine** over the pending shards, picked from :data:`ENGINES` (the
+   :class:`~.engine.Engine` protocol): :mod:`.local` (this machine) or :mod:`.ray_engine` (a Ray cluster). Both run the one step of :mod:`.step` (decode + preprocess, batch, encode; errors as
    values) and feed a :class:`.writer.ShardSink`, which commits each shard atomically when all its
    records are back and flushes partial work as fragments every ``flush_seconds``. A rerun redoes only
    what is neither in a committed shard nor in a fragment, so after any crash (even SIGKILL) every

@@ -47,7 +47,7 @@ RUN_HINT = ("shards already written are kept and rerunning the same command resu
             "lower --batch-size")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepResult:
     """Rows of one step (or of several, with :meth:`add`), by record position.
 
@@ -96,10 +96,10 @@ class StepResult:
         """The rows and errors whose position ``keep`` accepts (timings kept)."""
         rows = [i for i, p in enumerate(self.positions) if keep(p)]
         emb = self.embeddings
-        return StepResult(self.dim, [self.positions[i] for i in rows], [self.sizes[i] for i in rows],
-                          [emb[rows]] if rows else [],
-                          [self.tokens[i] for i in rows] if self.tokens is not None else None,
-                          [e for e in self.errors if keep(e[0])], dict(self.timings))
+        return StepResult(dim=self.dim, positions=[self.positions[i] for i in rows], sizes=[self.sizes[i] for i in rows],
+                          blocks=[emb[rows]] if rows else [],
+                          tokens=[self.tokens[i] for i in rows] if self.tokens is not None else None,
+                          errors=[e for e in self.errors if keep(e[0])], timings=dict(self.timings))
 
     def in_order(self, n: int) -> np.ndarray:
         """(n, dim) vectors of positions ``0..n-1`` when every one was embedded (see :meth:`raise_for_errors`)."""
@@ -137,7 +137,7 @@ class Chunk:
     positions: list[int]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Piece:
     """Prepared records of one shard: at most one collated ``batch`` (of the records at ``positions``,
     images of ``sizes``) and the records that failed on the way."""
@@ -253,7 +253,8 @@ class Preparer:
             payloads = self.reader.read(recs)
         except Exception as e:  # noqa: BLE001 - one unreadable block must not stop the run
             reason = f"cannot read ({type(e).__name__}: {e})"
-            yield Piece(chunk.shard, [], [], None, [(p, "read", reason) for p in chunk.positions], time.perf_counter() - t0)
+            yield Piece(shard=chunk.shard, positions=[], sizes=[], batch=None,
+                        errors=[(p, "read", reason) for p in chunk.positions], seconds=time.perf_counter() - t0)
             return
         if pool is not None:
             prepared: Iterator[Any] = iter(list(pool.map(self._prepare, recs, payloads)))
@@ -283,7 +284,8 @@ class Preparer:
             except Exception as e:  # noqa: BLE001
                 errors = errors + [(g[0], "preprocess", f"could not batch ({type(e).__name__}: {e})") for g in group]
         first = self.records[positions[0]].source if positions else ""
-        return Piece(shard, positions, sizes, batch, errors, time.perf_counter() - t0, first)
+        return Piece(shard=shard, positions=positions, sizes=sizes, batch=batch, errors=errors,
+                     seconds=time.perf_counter() - t0, first_source=first)
 
     def in_process(self, chunks: Sequence[Chunk], threads: int) -> Iterator[Piece]:
         """The chunks prepared in this process, each on a pool of ``threads`` threads, in order. Closing
@@ -363,7 +365,7 @@ class ModelStep:
     def encode(self, piece: Piece) -> StepResult:
         """Encode the piece's batch; its errors pass through. ``timings["encode"]``: seconds here."""
         t0 = time.perf_counter()
-        res = StepResult(int(self.encoder.dim), errors=list(piece.errors))
+        res = StepResult(dim=int(self.encoder.dim), errors=list(piece.errors))
         if piece.positions:
             where = f"a batch of {len(piece.positions)} inputs starting with {piece.first_source}"
             enc = _call_model(lambda: self._encode(piece.batch), where, self.hint)
@@ -398,7 +400,7 @@ class TextStep:
                     return self.encoder.encode_texts(texts, batch_size=len(texts))
 
             vectors = _call_model(run, f"texts starting at {self.records[pos[0]].source}", self.hint)
-            res = _finite_rows(StepResult(int(self.encoder.dim)), pos, [(0, 0)] * len(pos), vectors, None)
+            res = _finite_rows(StepResult(dim=int(self.encoder.dim)), pos, [(0, 0)] * len(pos), vectors, None)
             res.timings = {"encode": time.perf_counter() - t0}
             yield shard, res
 
@@ -433,7 +435,7 @@ def embed_payloads(encoder: Any, payloads: Sequence[Any], *, batch_size: int, ma
     prep = Preparer(records, PayloadReader(), encoder, max_pixels=max_pixels, budget=batch_size)
     model = ModelStep(encoder, with_tokens=with_tokens, hint="if it ran out of memory, use a smaller batch size")
     n_threads = min(default_prep_threads() if threads is None else threads, batch_size, max(1, len(records)))
-    out = StepResult(int(encoder.dim), tokens=[] if with_tokens else None)
+    out = StepResult(dim=int(encoder.dim), tokens=[] if with_tokens else None)
     pieces = prep.in_process(prep.chunks([(0, range(len(records)))]), n_threads)
     try:
         for piece in pieces:

@@ -129,7 +129,7 @@ def _fixed_list(matrix: np.ndarray, dtype: str) -> Any:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=_vector_type(dtype)), d)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ShardResult:
     """What one shard produced, rows in input order.
 
