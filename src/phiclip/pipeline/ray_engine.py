@@ -101,7 +101,7 @@ def precision(model: Any, opts: RayOptions) -> str:
     return str(resolve_device_dtype("cpu", "auto")[1]).replace("torch.", "")
 
 
-def cpu_side(encoder: Any) -> Any:
+def cpu_side(encoder: Encoder) -> Encoder:
     """A copy of ``encoder`` without its torch modules: what preprocessing needs, small to ship."""
     import torch
 

@@ -205,7 +205,7 @@ class Preparer:
     """The CPU half: records -> :class:`Piece` objects. Picklable with its encoder (worker processes
     and Ray tasks call only the encoder's CPU side: ``preprocess``, ``collate``, ``item_cost``)."""
 
-    def __init__(self, records: Sequence[Record], reader: PayloadReader, encoder: Any, *,
+    def __init__(self, records: Sequence[Record], reader: PayloadReader, encoder: Encoder, *,
                  max_pixels: int | None, budget: int) -> None:
         self.records = records
         self.reader = reader
@@ -347,7 +347,7 @@ def _finite_rows(res: StepResult, positions: Sequence[int], sizes: Sequence[tupl
 class ModelStep:
     """The model half: :class:`Piece` -> :class:`StepResult` (see the module docstring)."""
 
-    def __init__(self, encoder: Any, *, with_tokens: bool = False, precision: str | None = None,
+    def __init__(self, encoder: Encoder, *, with_tokens: bool = False, precision: str | None = None,
                  hint: str = RUN_HINT) -> None:
         describe = encoder.describe()
         self.encoder = encoder
@@ -380,7 +380,7 @@ class ModelStep:
 class TextStep:
     """Texts of consecutive records -> :class:`StepResult` (``encoder.encode_texts``)."""
 
-    def __init__(self, encoder: Any, records: Sequence[Record], batch_size: int, hint: str = RUN_HINT) -> None:
+    def __init__(self, encoder: Encoder, records: Sequence[Record], batch_size: int, hint: str = RUN_HINT) -> None:
         self.encoder = encoder
         self.records = records
         self.batch_size = batch_size
@@ -406,7 +406,7 @@ class TextStep:
 
 
 # --- in memory ----------------------------------------------------------------------------------------
-def embed_payloads(encoder: Any, payloads: Sequence[Any], *, batch_size: int, max_pixels: int | None,
+def embed_payloads(encoder: Encoder, payloads: Sequence[Any], *, batch_size: int, max_pixels: int | None,
                    with_tokens: bool = False, threads: int | None = None) -> StepResult:
     """Embed images held in memory (PIL images, uint8 arrays, paths or encoded bytes) with the pipeline's
     loop, in this process (decoding and preprocessing on a thread pool between model calls).
