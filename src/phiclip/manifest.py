@@ -88,20 +88,28 @@ def manifest_path(root: str | os.PathLike[str]) -> Path:
     return Path(root).expanduser() / schema.MANIFEST_FILE
 
 
-def check_manifest(manifest: dict[str, Any], path: str | os.PathLike[str], *,
+def check_manifest(manifest: dict[str, Any], path: str | os.PathLike[str], *, strict: bool = False,
                    error: type[ValueError] = ManifestError) -> dict[str, Any]:
-    """Check the type of every known field present (:data:`FIELD_TYPES`, and each count of ``counts``; a breakdown there may be an object);
-    ``dim`` is made an ``int``. Returns the manifest.
+    """Check the type of every known field present (:data:`FIELD_TYPES`, and each count of ``counts``; a
+    breakdown there may be an object); ``dim`` is made an ``int``. Returns the manifest.
+
+    Args:
+        strict: ``dim`` must be a JSON integer (a run that resumes an output rewrites its manifest);
+            readers also take ``3.0`` or ``"3"``.
 
     Raises:
         error: naming the file, the field, what it holds and what it must hold.
     """
     def refuse(key: str, value: Any, what: str) -> None:
-        raise error(f"{path}: manifest {key!r} is {_short(value)}, not {what}; {_FIX}")
+        field = key.split(".")[0]
+        raise error(f"{path}: manifest {key!r} is {_short(value)}, not {what}; the manifest was edited or damaged "
+                    f"(field {field!r} must be repaired): restore it, or embed again into a new --output folder")
 
     for key, (ok, what) in FIELD_TYPES.items():
         if key in manifest and not ok(manifest[key]):
             refuse(key, manifest[key], what)
+    if strict and "dim" in manifest and not isinstance(manifest["dim"], int):
+        refuse("dim", manifest["dim"], "a positive integer")
     for key, value in (manifest.get("counts") or {}).items():
         if not isinstance(value, dict) and not _is_count(value):  # (a breakdown, e.g. by stage, is an object)
             refuse(f"counts.{key}", value, "a count (a non-negative integer)")
@@ -111,13 +119,14 @@ def check_manifest(manifest: dict[str, Any], path: str | os.PathLike[str], *,
 
 
 def read_manifest(root: str | os.PathLike[str], *, missing_ok: bool = False, require: Sequence[str] = ("dim", "encoder"),
-                  error: type[ValueError] = ManifestError) -> dict[str, Any] | None:
+                  strict: bool = False, error: type[ValueError] = ManifestError) -> dict[str, Any] | None:
     """Read and check (:func:`check_manifest`) the manifest of an output folder.
 
     Args:
         root: the output folder.
         missing_ok: return ``None`` when there is no manifest (a new output) instead of refusing.
         require: fields the manifest must have.
+        strict: see :func:`check_manifest`.
         error: the exception class raised (a subclass of ``ValueError``).
 
     Raises:
@@ -144,7 +153,7 @@ def read_manifest(root: str | os.PathLike[str], *, missing_ok: bool = False, req
     for key in require:
         if key not in data:
             raise error(f"{path}: field {key!r} is missing (the manifest has no {key!r}); {_FIX}")
-    return check_manifest(data, path, error=error)
+    return check_manifest(data, path, strict=strict, error=error)
 
 
 def write_manifest(root: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:
@@ -262,14 +271,15 @@ def _same_model_elsewhere(a: str, b: str) -> bool:
 
 def check_encoder(manifest: dict[str, Any], describe: dict[str, Any], *, where: str | os.PathLike[str],
                   purpose: Literal["add", "query"], error: type[ValueError] = ManifestError,
-                  allow_other_weights: bool = False) -> None:
+                  allow_other_weights: bool = False, relocated: bool = False) -> None:
     """Refuse an encoder (``describe``: its ``describe()``) other than the one an output records.
 
     - ``purpose="add"`` (``embed`` resuming or updating an output): the weights fingerprint must be
       recorded and equal, and every stable field of the description (:func:`stable_description`) equal.
-    - ``purpose="query"`` (``search``, ``serve``): the spec and width must match (with the same weights
-      fingerprint, only the kind and options: the checkpoint may have moved); when both sides have a
-      weights fingerprint they must be equal, unless ``allow_other_weights`` (then it is logged).
+    - ``purpose="query"`` (``search``, ``serve``): the spec and width must match; when both sides have a
+      weights fingerprint they must be equal, unless ``allow_other_weights`` (then it is logged). With
+      ``relocated`` (the user named where the checkpoint is now: ``--model``), the same weights
+      fingerprint under another path is accepted (kind and options must still match).
 
     Raises:
         error: naming the output folder, both fingerprints (or specs, or the fields that differ) and the fix.
@@ -306,7 +316,7 @@ def check_encoder(manifest: dict[str, Any], describe: dict[str, Any], *, where: 
         return
     expected = encoder_spec_of(manifest)
     got = str(describe.get("spec") or "")
-    same_weights = bool(old_fp) and str(old_fp) == str(new_fp)
+    same_weights = relocated and bool(old_fp) and str(old_fp) == str(new_fp)
     if expected and got and not (_same_model_elsewhere(got, expected) if same_weights else same_spec(got, expected)):
         raise error(
             f"{where}: the vectors were made by {expected!r} but the query encoder is {got!r}; "

@@ -704,10 +704,10 @@ def open_index(
 
 
 def check_encoder(encoder: Encoder, manifest: dict[str, Any], where: str | Path = "", *,
-                  allow_other_weights: bool = False) -> None:
+                  allow_other_weights: bool = False, relocated: bool = False) -> None:
     """Refuse an encoder other than the one that wrote the vectors: another spec or width, or (when both
     record one) another weights fingerprint, unless ``allow_other_weights``
-    (:func:`phiclip.manifest.check_encoder`).
+    (:func:`phiclip.manifest.check_encoder`; ``relocated``: the caller named where the checkpoint is now).
 
     Raises:
         SearchError: naming both specs, widths or fingerprints, and the fix.
@@ -715,7 +715,7 @@ def check_encoder(encoder: Encoder, manifest: dict[str, Any], where: str | Path 
     described = {**encoder.describe(), "dim": int(encoder.dim)}
     described.setdefault("spec", getattr(encoder, "name", ""))
     manifests.check_encoder(manifest, described, where=where or "the index", purpose="query", error=SearchError,
-                            allow_other_weights=allow_other_weights)
+                            allow_other_weights=allow_other_weights, relocated=relocated)
 
 
 def require_text_side(encoder: Encoder, where: str | Path = "") -> None:
@@ -770,7 +770,8 @@ def search(
         allow_other_weights: query with an encoder whose weights fingerprint differs from the one the
             manifest records (another checkpoint of the same model) instead of refusing it.
         model: the spec to load the encoder from when ``encoder`` is not given (default: the manifest's),
-            e.g. where the checkpoint has moved; it is checked against the manifest like ``encoder``.
+            e.g. where the checkpoint has moved: accepted under another path when its weights fingerprint
+            is the one the manifest records.
 
     Returns:
         Up to ``k`` :class:`SearchHit`, best first.
@@ -790,7 +791,7 @@ def search(
         if not spec:
             raise SearchError(f"{root}: the manifest names no encoder spec; pass the encoder that made the vectors")
         encoder = load_encoder(spec, device=device, dtype=dtype)
-    check_encoder(encoder, manifest, root, allow_other_weights=allow_other_weights)
+    check_encoder(encoder, manifest, root, allow_other_weights=allow_other_weights, relocated=model is not None)
     if text is not None:
         require_text_side(encoder, root)  # before a possibly long index build
     index = open_index(root, allow_incomplete=allow_incomplete)

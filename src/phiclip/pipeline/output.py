@@ -175,7 +175,7 @@ class OutputDir:
     # --- identity -----------------------------------------------------------------------------
     def read(self, require: tuple[str, ...] = ()) -> dict[str, Any] | None:
         """The folder's manifest (checked, :func:`phiclip.manifest.read_manifest`), or None when it has none."""
-        return manifests.read_manifest(self.root, missing_ok=True, require=require, error=OutputError)
+        return manifests.read_manifest(self.root, missing_ok=True, require=require, strict=True, error=OutputError)
 
     def existing(self) -> dict[str, Any] | None:
         """The manifest of the run this folder holds, or None for a new (empty) folder."""
