@@ -317,7 +317,8 @@ def check_encoder(manifest: dict[str, Any], describe: dict[str, Any], *, where: 
     expected = encoder_spec_of(manifest)
     got = str(describe.get("spec") or "")
     same_weights = relocated and bool(old_fp) and str(old_fp) == str(new_fp)
-    if expected and got and not (_same_model_elsewhere(got, expected) if same_weights else same_spec(got, expected)):
+    resolved = recorded_spec(manifest, where) or ""  # an older manifest's relative folder, found
+    if expected and got and not (_same_model_elsewhere(got, expected) if same_weights else same_spec(got, resolved)):
         raise error(
             f"{where}: the vectors were made by {expected!r} but the query encoder is {got!r}; "
             "queries must use the encoder that made the index (omit the encoder to load it from the manifest)"
