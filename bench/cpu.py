@@ -182,6 +182,7 @@ def bench_clip(report: Report, repeats: int, tmp: Path, n_images: int) -> None:
     import numpy as np
 
     from phiclip import load_encoder
+    from phiclip.pipeline.step import encode_images
     from phiclip.testing import build_tiny_clip
 
     ckpt = build_tiny_clip(tmp / "clip-b32", image_size=224, patch_size=32, hidden_size=768, num_layers=12, num_heads=12,
@@ -190,12 +191,12 @@ def bench_clip(report: Report, repeats: int, tmp: Path, n_images: int) -> None:
     enc = load_encoder(f"clip:{ckpt}", device="cpu", dtype="float32")
     hf_model, hf_processor = load_clip_users(ckpt)  # both sides loaded before timing
     ref = clip_users_embed(hf_model, hf_processor, images[:8])
-    ours = enc.encode_images(images[:8])
+    ours = encode_images(enc, images[:8])
     err = float(np.abs(ref - ours).max())
     assert err <= 1e-5, err
     report.checks.append(f"CLIP ViT-B/32 image embeddings equal to CLIPProcessor + get_image_features (max abs {err:.1e})")
     t = time_interleaved({"base": lambda: clip_users_embed(hf_model, hf_processor, images),
-                          "ours": lambda: enc.encode_images(images, batch_size=32)}, repeats)
+                          "ours": lambda: encode_images(enc, images, batch_size=32)}, repeats)
     t_base, t_ours = t["base"], t["ours"]
     report.rows.append(Row(f"CLIP ViT-B/32 (random weights) image embeddings, {n_images} photo-size PIL images in memory (images/s)",
                            f"{n_images / t_base:.1f}", f"{n_images / t_ours:.1f}", t_base / t_ours, None,

@@ -47,6 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from phiclip.pipeline.step import encode_images
 from phiclip.runtimes import NEEDS_CALIBRATION, missing_packages
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -433,7 +434,7 @@ def bench_knn(tables: list[Table], tmp: Path, steps: int = 200) -> None:
     ref: dict[str, np.ndarray] = {}
     for p, rt in rows_to_run:
         enc = load_encoder(runtime_spec(res.output, rt, p, calibration), device="cpu", dtype=p)
-        x, txt = enc.encode_images(images), enc.encode_texts(prompts)
+        x, txt = encode_images(enc, images), enc.encode_texts(prompts)
         knn = knn_classify(x[tr], y[tr], x[te], y[te], k=5)
         knn_pred = knn_predict(x[tr], y[tr], x[te], k=5, num_classes=len(classes))
         zs_pred = (_normed(x[te]) @ _normed(txt).T).argmax(1)

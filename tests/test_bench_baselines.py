@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from phiclip.pipeline.step import encode_images
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -65,7 +67,7 @@ def test_clip_users_loop_equals_encoder(baselines, photos, tmp_path):
 
     ckpt = build_tiny_clip(tmp_path / "c", image_size=64, patch_size=16)
     ref = baselines.clip_users_loop(ckpt, photos, batch_size=2)
-    np.testing.assert_allclose(load_encoder(f"clip:{ckpt}").encode_images(photos), ref, atol=1e-5)
+    np.testing.assert_allclose(encode_images(load_encoder(f"clip:{ckpt}"), photos), ref, atol=1e-5)
 
 
 def test_whole_state_dict_reads_every_tensor(baselines, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 import phiclip.precision as P
 from phiclip import load_encoder
+from phiclip.pipeline.step import encode_images
 from phiclip.schema import MANIFEST_FILE
 from phiclip.testing import make_sample_images
 
@@ -146,9 +147,9 @@ def test_error_bound_check_fails_outside() -> None:
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_16_bit_within_its_bound(kind, precision, precision_checkpoints, precision_images) -> None:
     spec = f"{kind}:{precision_checkpoints[kind]}" + ("?num_crops=1" if kind == "phi3v" else "")
-    ref = load_encoder(spec, device="cpu", dtype="float32").encode_images(precision_images)
+    ref = encode_images(load_encoder(spec, device="cpu", dtype="float32"), precision_images)
     enc = load_encoder(spec, device="cpu", dtype=precision)
-    P.ERROR_BOUNDS[precision].check(ref, enc.encode_images(precision_images))
+    P.ERROR_BOUNDS[precision].check(ref, encode_images(enc, precision_images))
     assert enc.describe()["precision"]["dtype"] == precision
     assert enc.describe()["dtype"] == precision
 

@@ -13,6 +13,7 @@ import torch
 import phiclip.precision as P
 import phiclip.quantize as Q
 from phiclip import load_encoder
+from phiclip.pipeline.step import encode_images
 from phiclip.testing import make_sample_images
 
 KERNELS = Q.available_kernels()
@@ -155,9 +156,9 @@ def test_int8_encoders_within_the_bound(spec, kernel, precision_checkpoints, pre
     plan = {"kernel": kernel, "float_dtype": "float32", "rates": {}, "reason": "test"}
     monkeypatch.setattr(Q, "int8_plan", lambda refresh=False: plan)
     spec = spec.format(**precision_checkpoints)
-    ref = load_encoder(spec, device="cpu", dtype="float32").encode_images(precision_images)
+    ref = encode_images(load_encoder(spec, device="cpu", dtype="float32"), precision_images)
     enc = load_encoder(spec, device="cpu", dtype="int8")
-    out = enc.encode_images(precision_images)
+    out = encode_images(enc, precision_images)
     stats = P.ERROR_BOUNDS["int8"].check(ref, out)
     assert stats["max_abs"] > 0  # the products really ran in int8
     d = enc.describe()
@@ -177,8 +178,8 @@ def test_int8_with_bfloat16_around_it_within_the_bound(precision_checkpoints, pr
     plan = {"kernel": "onednn", "float_dtype": "bfloat16", "rates": {}, "reason": "test"}
     monkeypatch.setattr(Q, "int8_plan", lambda refresh=False: plan)
     for spec in (f"clip:{precision_checkpoints['clip']}", f"siglip:{precision_checkpoints['siglip']}", f"phi3v:{precision_checkpoints['phi3v']}?num_crops=1"):
-        ref = load_encoder(spec, device="cpu", dtype="float32").encode_images(precision_images)
-        P.ERROR_BOUNDS["int8"].check(ref, load_encoder(spec, device="cpu", dtype="int8").encode_images(precision_images))
+        ref = encode_images(load_encoder(spec, device="cpu", dtype="float32"), precision_images)
+        P.ERROR_BOUNDS["int8"].check(ref, encode_images(load_encoder(spec, device="cpu", dtype="int8"), precision_images))
 
 
 def test_int8_clip_keeps_text_and_the_shared_weights_float32(precision_checkpoints, precision_images, monkeypatch) -> None:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from phiclip import retrieval as S
 from phiclip import schema
+from phiclip.pipeline.step import encode_images
 from phiclip.store import EmbeddingStoreError
 
 
@@ -206,7 +207,7 @@ def _colour_dir(tmp_path):
         Image.new("RGB", (16, 12), rgb).save(p)
         paths.append(str(p))
     out = tmp_path / "emb"
-    write_embedding_dir(out, enc.encode_images(paths), sources=paths, ids=list(colours))
+    write_embedding_dir(out, encode_images(enc, paths), sources=paths, ids=list(colours))
     return out, enc, paths
 
 

@@ -161,3 +161,34 @@ def test_weights_fingerprint_of():
     assert weights_fingerprint_of({"encoder": {"weights_fingerprint": "sha256:ab"}}) == "sha256:ab"
     assert weights_fingerprint_of({"encoder": {"spec": "clip:/m"}}) is None
     assert weights_fingerprint_of({"encoder": None}) is None
+
+
+# --- damaged shards are refused at index building, naming the shard (item 13) ------------------------
+def _rewrite_ids(shard, ids) -> None:
+    table = pq.read_table(shard)
+    pq.write_table(table.set_column(table.schema.get_field_index(schema.COL_ID), schema.COL_ID, ids), shard)
+
+
+def test_a_shard_with_integer_ids_is_refused_naming_it(tmp_path):
+    import phiclip.retrieval as S
+
+    write_embedding_dir(tmp_path, np.eye(4, dtype=np.float32), shard_rows=2)
+    shard = tmp_path / schema.EMBEDDINGS_DIR / "part-00001.parquet"
+    _rewrite_ids(shard, pa.array([7, 8], pa.int64()))
+    for call in (lambda: open_embeddings(tmp_path), lambda: S.build_index(tmp_path)):
+        with pytest.raises(EmbeddingStoreError, match=f"{shard}: column 'id' holds int64, not strings"):
+            call()
+
+
+def test_a_shard_with_repeated_ids_is_refused_naming_it(tmp_path):
+    import phiclip.retrieval as S
+
+    write_embedding_dir(tmp_path, np.eye(4, dtype=np.float32), ids=["a", "b", "c", "d"], shard_rows=2)
+    first, second = sorted((tmp_path / schema.EMBEDDINGS_DIR).glob("*.parquet"))
+    _rewrite_ids(second, pa.array(["c", "c"]))
+    with pytest.raises(EmbeddingStoreError, match=f"{second}: id 'c' appears twice in {second}"):
+        S.build_index(tmp_path)
+    _rewrite_ids(second, pa.array(["b", "d"]))  # a row copied from another shard
+    with pytest.raises(EmbeddingStoreError, match=f"{second}: id 'b' appears in {first} and in {second}"):
+        S.build_index(tmp_path)
+    assert not (tmp_path / schema.INDEX_DIR / "index.faiss").exists()

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import phiclip
+from phiclip.pipeline.step import encode_images
 from phiclip.testing import TINY_MODEL_KINDS, build_tiny_model
 
 
@@ -16,7 +17,7 @@ def test_every_tiny_kind_loads_and_embeds(tmp_path, kind):
     enc = phiclip.load_encoder(f"{kind}:{ckpt}", device="cpu")
     img = tmp_path / "a.png"
     Image.new("RGB", (64, 48), (200, 30, 30)).save(img)
-    vec = np.asarray(enc.encode_images([str(img)]))
+    vec = np.asarray(encode_images(enc, [str(img)]))
     assert vec.shape[0] == 1 and np.isfinite(vec).all()
 
 

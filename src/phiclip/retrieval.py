@@ -22,8 +22,10 @@ Stored vectors that are not finite (NaN or infinity: an encoder that overflowed)
 time with an error naming their shards, rather than indexed: FAISS would rank them arbitrarily.
 
 A query must be embedded by the encoder that wrote the vectors: :func:`search` loads it from the
-manifest's ``encoder["spec"]`` when none is given, refuses one whose spec differs, and warns when the
-spec is the same but the weights differ (``weights_fingerprint`` of the manifest and of the encoder).
+manifest's ``encoder["spec"]`` when none is given (:func:`phiclip.manifest.recorded_spec`), and refuses
+one whose spec or width differs, or whose weights differ (``weights_fingerprint`` of the manifest and
+of the encoder) unless ``allow_other_weights``. A shard whose ``id`` column is not strings, or that
+repeats an id, is refused at index building, naming the shard.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,19 +42,22 @@ from typing import Any
 import numpy as np
 
 from phiclip import __version__, schema
+from phiclip import manifest as manifests
+from phiclip.atomic import atomic_path, atomic_write_json
 from phiclip.encoders import load_encoder
-from phiclip.encoders.base import Encoder, EncoderSpec, parse_spec
+from phiclip.encoders.base import Encoder, parse_spec
 from phiclip.hub import looks_like_path
 from phiclip.images import ImageInput
+from phiclip.pipeline.step import encode_images
 from phiclip.store import (
     EmbeddingStoreError,
     check_complete,
+    check_id_column,
     encoder_spec_of,
     fingerprint,
     open_embeddings,
     read_manifest,
     shard_files,
-    weights_fingerprint_of,
 )
 
 log = logging.getLogger(__name__)
@@ -330,16 +334,6 @@ def _index_dir(emb_dir: Path) -> Path:
     return emb_dir / schema.INDEX_DIR
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _file_sha256(path: Path) -> str:
     """sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
@@ -560,17 +554,13 @@ def build_index(
         built_now=True,
     )
 
-    def write_index(path: Path) -> None:
-        faiss.write_index(index, str(path))
-        info.index_sha256 = _file_sha256(path)
-
     try:
         idir.mkdir(exist_ok=True)
         (idir / META_FILE).unlink(missing_ok=True)  # no meta while the index file is being replaced
-        _write_atomic(idir / INDEX_FILE, write_index)
-        _write_atomic(
-            idir / META_FILE, lambda p: p.write_text(json.dumps(info.to_meta(), indent=2) + "\n", encoding="utf-8")
-        )
+        with atomic_path(idir / INDEX_FILE) as tmp:
+            faiss.write_index(index, str(tmp))
+            info.index_sha256 = _file_sha256(tmp)
+        atomic_write_json(idir / META_FILE, info.to_meta(), indent=2)
     except OSError as e:
         raise SearchError(f"{idir}: cannot write the index ({e.strerror or e}); make the directory writable") from None
     log.info("built a %s index of %d vectors (recall@10 %s) in %.2fs", plan.type, len(x), info.recall_at_10, seconds)
@@ -640,10 +630,10 @@ def _row_labels(root: Path) -> tuple[Any, Any]:
 
     ids, sources = [], []
     for shard in shard_files(root):
-        names = pq.read_schema(shard).names
+        shard_schema = pq.read_schema(shard)
+        check_id_column(shard_schema, shard)
+        names = shard_schema.names
         table = pq.read_table(shard, columns=[c for c in (schema.COL_ID, schema.COL_SOURCE) if c in names])
-        if schema.COL_ID not in names:
-            raise EmbeddingStoreError(f"{shard}: no {schema.COL_ID!r} column; it was not written by `phiclip embed`")
         ids.append(table.column(schema.COL_ID).combine_chunks().cast(pa.string()))
         src = table.column(schema.COL_SOURCE).combine_chunks() if schema.COL_SOURCE in names else pa.nulls(table.num_rows)
         sources.append(src.cast(pa.string()))
@@ -722,53 +712,19 @@ def open_index(
     return SearchIndex(index, info, ids, sources, manifest)
 
 
-def _canonical_spec(spec: str) -> str:
-    """A spec with sorted options and, for a local directory, its resolved absolute path."""
-
-    try:
-        parsed = parse_spec(spec)
-    except ValueError:
-        return spec.strip()
-    local = Path(parsed.location).expanduser()
-    if local.is_dir():
-        parsed = EncoderSpec(parsed.kind, str(local.resolve()), parsed.options)
-    return str(parsed)
-
-
-def _same_spec(a: str, b: str) -> bool:
-    """Spec strings naming the same encoder: equal up to option order, kind case and the spelling
-    of a local directory's path."""
-    return _canonical_spec(a) == _canonical_spec(b)
-
-
-def check_encoder(encoder: Encoder, manifest: dict[str, Any], where: str | Path = "") -> None:
-    """Refuse an encoder other than the one that wrote the vectors (spec or width differ), and warn
-    (log) when the spec is the same but the weights are not: ``describe()["weights_fingerprint"]``
-    differs from the manifest's ``encoder["weights_fingerprint"]`` (no warning when either lacks it).
+def check_encoder(encoder: Encoder, manifest: dict[str, Any], where: str | Path = "", *,
+                  allow_other_weights: bool = False, relocated: bool = False) -> None:
+    """Refuse an encoder other than the one that wrote the vectors: another spec or width, or (when both
+    record one) another weights fingerprint, unless ``allow_other_weights``
+    (:func:`phiclip.manifest.check_encoder`; ``relocated``: the caller named where the checkpoint is now).
 
     Raises:
-        SearchError: naming both specs.
+        SearchError: naming both specs, widths or fingerprints, and the fix.
     """
-    described = encoder.describe()
-    expected = encoder_spec_of(manifest)
-    got = str(described.get("spec") or getattr(encoder, "name", ""))
-    prefix = f"{where}: " if where else ""
-    if expected and not _same_spec(got, expected):
-        raise SearchError(
-            f"{prefix}the vectors were made by {expected!r} but the query encoder is {got!r}; "
-            "queries must use the encoder that made the index (omit the encoder to load it from the manifest)"
-        )
-    if int(encoder.dim) != int(manifest["dim"]):
-        raise SearchError(f"{prefix}the query encoder makes {encoder.dim}-d vectors but the index holds {manifest['dim']}-d ones")
-    recorded = weights_fingerprint_of(manifest)
-    current = described.get("weights_fingerprint")
-    if recorded and current and str(current) != recorded:
-        log.warning(
-            "%sthe vectors were made with weights %s but the query encoder %r loads weights %s: the checkpoint "
-            "changed since `phiclip embed`, so scores may mean nothing; restore those weights, or embed again "
-            "into a new directory",
-            prefix, recorded, got, current,
-        )
+    described = {**encoder.describe(), "dim": int(encoder.dim)}
+    described.setdefault("spec", getattr(encoder, "name", ""))
+    manifests.check_encoder(manifest, described, where=where or "the index", purpose="query", error=SearchError,
+                            allow_other_weights=allow_other_weights, relocated=relocated)
 
 
 def require_text_side(encoder: Encoder, where: str | Path = "") -> None:
@@ -806,7 +762,7 @@ def query_spec(root: str | Path, manifest: dict[str, Any], model: str | None = N
     """
     if model:
         return model
-    spec = encoder_spec_of(manifest)
+    spec = manifests.recorded_spec(manifest, root)
     if not spec:
         raise SearchError(f"{root}: the manifest names no encoder spec; pass the encoder that made the vectors "
                           "with --model (model= in Python)")
@@ -826,51 +782,17 @@ def _unloadable(root: str | Path, manifest: dict[str, Any], error: BaseException
     )
 
 
-def check_override(encoder: Encoder, manifest: dict[str, Any], where: str | Path = "", *,
-                   allow_other_weights: bool = False) -> None:
-    """Accept ``encoder`` (given with ``--model``) in place of the one the manifest records only when it loads
-    the same weights (``weights_fingerprint``) and makes vectors of the same width.
-
-    Raises:
-        SearchError: another width; other weights, or weights that cannot be compared (a fingerprint missing
-            on either side), unless ``allow_other_weights``.
-    """
-    prefix = f"{where}: " if where else ""
-    if int(encoder.dim) != int(manifest["dim"]):
-        raise SearchError(f"{prefix}the encoder given with --model makes {encoder.dim}-d vectors but the stored "
-                          f"ones are {manifest['dim']}-d; it cannot be the encoder that made them")
-    if allow_other_weights:
-        return
-    recorded = weights_fingerprint_of(manifest)
-    current = encoder.describe().get("weights_fingerprint")
-    if recorded and current and str(current) == recorded:
-        return
-    spec = encoder_spec_of(manifest)
-    if not recorded or not current:
-        why = "cannot be compared (the " + ("manifest" if not recorded else "encoder") + " records no fingerprint)"
-    else:
-        why = f"differ ({current} now, {recorded} in the manifest)"
-    raise SearchError(
-        f"{prefix}the weights of the --model encoder {encoder.name!r} and of {spec!r}, which made the vectors, {why}; "
-        "give the checkpoint that made them, or pass --allow-other-weights (allow_other_weights=True in Python) "
-        "to use these weights anyway"
-    )
-
-
 def check_query_encoder(encoder: Encoder, manifest: dict[str, Any], where: str | Path = "", *,
                         override: bool = False, allow_other_weights: bool = False) -> None:
-    """:func:`check_override` for an encoder given in place of the recorded one (``override``), else
-    :func:`check_encoder`."""
-    if override:
-        check_override(encoder, manifest, where, allow_other_weights=allow_other_weights)
-    else:
-        check_encoder(encoder, manifest, where)
+    """:func:`check_encoder` for the encoder that embeds queries; ``override``: it was given with ``--model`` in
+    place of the recorded one (accepted under another path only when it loads the recorded weights)."""
+    check_encoder(encoder, manifest, where, allow_other_weights=allow_other_weights, relocated=override)
 
 
 def load_query_encoder(root: str | Path, manifest: dict[str, Any], model: str | None = None, *, device: str = "auto",
                        dtype: str = "auto", allow_other_weights: bool = False, load: Any = None) -> Encoder:
     """Load the encoder that embeds queries for ``root`` and check it against the manifest: the recorded one
-    (:func:`check_encoder`), or ``model`` in its place (:func:`check_override`). ``load`` defaults to
+    (:func:`check_query_encoder`), or ``model`` in its place. ``load`` defaults to
     :func:`phiclip.encoders.load_encoder`.
 
     Raises:
@@ -899,7 +821,7 @@ def embed_query(
             raise SearchError("the text query is empty")
         require_text_side(encoder, where)
         return np.asarray(encoder.encode_texts([text]), dtype=np.float32)
-    return np.asarray(encoder.encode_images([image]), dtype=np.float32)
+    return np.asarray(encode_images(encoder, [image]), dtype=np.float32)
 
 
 def search(
@@ -934,7 +856,8 @@ def search(
         Up to ``k`` :class:`SearchHit`, best first.
 
     Raises:
-        SearchError: no or two queries, a text query for an image-only encoder, an encoder mismatch.
+        SearchError: no or two queries, a text query for an image-only encoder, an encoder mismatch (spec,
+            width, or weights unless ``allow_other_weights``).
         EmbeddingStoreError: ``emb_dir`` is not a finished embedding output directory.
     """
     root = Path(emb_dir)
@@ -965,7 +888,6 @@ __all__ = [
     "SearchIndex",
     "build_index",
     "check_encoder",
-    "check_override",
     "check_query_encoder",
     "choose_index",
     "embed_query",

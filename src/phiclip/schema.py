@@ -33,6 +33,8 @@ ERRORS_DIR = "errors"
 TOKENS_DIR = "tokens"
 INDEX_DIR = "index"
 SHARD_PATTERN = "part-{:05d}.parquet"
+#: dtypes of the stored vectors (``manifest["dtype"]``).
+VECTOR_DTYPES = ("float16", "float32")
 #: ``errors/skipped.parquet``: the files of a folder, glob or list that were not taken as inputs (no
 #: image extension, hidden), stage ``skip``; not part of any shard and not counted as failed.
 SKIPPED_FILE = "skipped.parquet"

@@ -9,7 +9,6 @@ the manifest) raise :class:`EmbeddingStoreError` naming the directory and what t
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from phiclip import manifest as manifests
 from phiclip import schema
+from phiclip.manifest import ManifestError, encoder_spec_of, weights_fingerprint_of
 
 
-class EmbeddingStoreError(ValueError):
+class EmbeddingStoreError(ManifestError):
     """An embedding output directory is missing, unfinished or inconsistent."""
 
 
@@ -55,95 +56,17 @@ class EmbeddingSet:
         return len(self.ids)
 
 
-def _readable_dir(path: str | Path) -> Path:
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise EmbeddingStoreError(f"{root}: no such directory; give the --output directory of `phiclip embed`")
-    if not root.is_dir():
-        raise EmbeddingStoreError(f"{root}: not a directory; give the --output directory of `phiclip embed`")
-    return root
-
-
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Read and check ``manifest.json`` of an embedding output directory.
+    """Read and check ``manifest.json`` of an embedding output directory (:func:`phiclip.manifest.read_manifest`).
 
     Raises:
-        EmbeddingStoreError: when it is absent, not JSON, lacks ``dim``/``encoder``, or a field that
-            readers use has the wrong type (``dim`` not a positive integer, ``counts`` or ``encoder``
-            not an object, ``counts.embedded`` not a count, ``complete`` not a boolean).
+        EmbeddingStoreError: when it is absent, not JSON, lacks ``dim``/``encoder``, or a field has the
+            wrong type (``dim`` not a positive integer, ``counts`` or ``encoder`` not an object, a count
+            that is not a non-negative integer, ``complete`` not a boolean...).
     """
-    root = _readable_dir(path)
-    mpath = root / schema.MANIFEST_FILE
-    if not mpath.is_file():
-        raise EmbeddingStoreError(
-            f"{root}: not an embedding output directory (no {schema.MANIFEST_FILE}); "
-            "create one with `phiclip embed ... --output DIR`"
-        )
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise EmbeddingStoreError(f"{mpath}: unreadable manifest ({e}); rerun `phiclip embed` to rewrite it") from None
-    if not isinstance(manifest, dict):
-        raise EmbeddingStoreError(f"{mpath}: the manifest is not a JSON object; rerun `phiclip embed` to rewrite it")
-    for key in ("dim", "encoder"):
-        if key not in manifest:
-            raise EmbeddingStoreError(f"{mpath}: the manifest has no {key!r}; rerun `phiclip embed` to rewrite it")
-    dim = manifest["dim"]
-    try:
-        if isinstance(dim, bool) or not isinstance(dim, (int, float, str)) or int(dim) != float(dim) or int(dim) < 1:
-            raise ValueError
-    except (TypeError, ValueError, OverflowError):
-        raise EmbeddingStoreError(
-            f"{mpath}: manifest 'dim' is {_short(dim)}, not a positive integer; rerun `phiclip embed` to rewrite it"
-        ) from None
-    manifest["dim"] = int(dim)
-    _check_manifest_types(manifest, mpath)
+    manifest = manifests.read_manifest(path, error=EmbeddingStoreError)
+    assert manifest is not None
     return manifest
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """``repr(value)``, cut to about ``limit`` characters (for messages about damaged files)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _check_manifest_types(manifest: dict[str, Any], mpath: Path) -> None:
-    """Refuse a manifest whose fields that readers use have the wrong JSON type."""
-    fix = "the manifest is damaged; restore it, or embed again into an empty directory"
-    counts = manifest.get("counts")
-    if counts is not None:
-        if not isinstance(counts, dict):
-            raise EmbeddingStoreError(f"{mpath}: manifest 'counts' is {_short(counts)}, not a JSON object; {fix}")
-        embedded = counts.get("embedded")
-        if embedded is not None and (isinstance(embedded, bool) or not isinstance(embedded, int) or embedded < 0):
-            raise EmbeddingStoreError(
-                f"{mpath}: manifest 'counts.embedded' is {_short(embedded)}, not a count (a non-negative integer); {fix}"
-            )
-    complete = manifest.get("complete")
-    if complete is not None and not isinstance(complete, bool):
-        raise EmbeddingStoreError(f"{mpath}: manifest 'complete' is {_short(complete)}, not true or false; {fix}")
-    encoder = manifest.get("encoder")
-    if encoder is not None and not isinstance(encoder, dict):
-        raise EmbeddingStoreError(f"{mpath}: manifest 'encoder' is {_short(encoder)}, not a JSON object; {fix}")
-
-
-def encoder_spec_of(manifest: dict[str, Any]) -> str | None:
-    """The encoder spec recorded in a manifest, or ``None`` when it records none."""
-    enc = manifest.get("encoder")
-    if isinstance(enc, dict):
-        spec = enc.get("spec")
-        return str(spec) if spec else None
-    return None
-
-
-def weights_fingerprint_of(manifest: dict[str, Any]) -> str | None:
-    """The fingerprint of the encoder's weights recorded in a manifest
-    (``manifest["encoder"]["weights_fingerprint"]``), or ``None`` when it records none."""
-    enc = manifest.get("encoder")
-    if isinstance(enc, dict):
-        fp = enc.get("weights_fingerprint")
-        return str(fp) if fp else None
-    return None
 
 
 def shard_files(path: str | Path) -> list[Path]:
@@ -242,6 +165,42 @@ def _check_fixed_list(table: Any, shard: Path, dim: int) -> None:
         )
 
 
+def check_id_column(table_schema: Any, shard: Path) -> None:
+    """Refuse a shard without an ``id`` column of strings (ids are hex digests; integers mean the shard
+    was written by something else, or damaged).
+
+    Raises:
+        EmbeddingStoreError: naming the shard and the fix.
+    """
+    import pyarrow as pa
+
+    if schema.COL_ID not in table_schema.names:
+        raise EmbeddingStoreError(f"{shard}: no {schema.COL_ID!r} column; it was not written by `phiclip embed`")
+    typ = table_schema.field(schema.COL_ID).type
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+        raise EmbeddingStoreError(
+            f"{shard}: column {schema.COL_ID!r} holds {typ}, not strings; the shard is damaged or was not written by "
+            "`phiclip embed`: delete it and rerun the same `phiclip embed` command (it rewrites missing shards)"
+        )
+
+
+def _check_unique(ids: list[Any], shard: Path, seen: dict[str, Path]) -> None:
+    """Refuse an id that is null or already seen (in this shard or an earlier one), naming the shards;
+    ``seen`` maps every id read so far to its shard."""
+    for i in ids:
+        if i is None:
+            raise EmbeddingStoreError(f"{shard}: a row has no {schema.COL_ID!r}; delete the shard and rerun "
+                                      "the same `phiclip embed` command (it rewrites missing shards)")
+        first = seen.get(i)
+        if first is not None:
+            where = f"twice in {shard}" if first == shard else f"in {first} and in {shard}"
+            raise EmbeddingStoreError(
+                f"{shard}: id {i!r} appears {where}; the output is damaged (a shard copied or written twice): "
+                "delete the damaged shard and rerun the same `phiclip embed` command (it rewrites missing shards)"
+            )
+        seen[i] = shard
+
+
 def _embedding_matrix(column: Any, shard: Path, dim: int) -> np.ndarray:
     """A (fixed size) list<float> column -> (rows, dim) float32, refusing nulls and ragged rows."""
     import pyarrow as pa
@@ -277,8 +236,8 @@ def open_embeddings(path: str | Path, *, allow_incomplete: bool = False) -> Embe
     """
     import pyarrow.parquet as pq
 
-    root = _readable_dir(path)
-    manifest = read_manifest(root)
+    manifest = read_manifest(path)
+    root = Path(path).expanduser()
     check_complete(root, manifest, allow_incomplete)
     dim = manifest["dim"]
     shards = shard_files(root)
@@ -287,6 +246,7 @@ def open_embeddings(path: str | Path, *, allow_incomplete: bool = False) -> Embe
     texts: list[str] = []
     has_text = False
     blocks: list[np.ndarray] = []
+    seen: dict[str, Path] = {}
     for shard in shards:
         try:
             table = pq.read_table(shard)
@@ -295,10 +255,10 @@ def open_embeddings(path: str | Path, *, allow_incomplete: bool = False) -> Embe
                 f"{shard}: unreadable Parquet shard ({type(e).__name__}: {e}); delete it and rerun `phiclip embed` "
                 "(it rewrites missing shards)"
             ) from None
-        if schema.COL_ID not in table.column_names:
-            raise EmbeddingStoreError(f"{shard}: no {schema.COL_ID!r} column; it was not written by `phiclip embed`")
+        check_id_column(table.schema, shard)
         _check_fixed_list(table, shard, dim)
-        shard_ids = [str(x) for x in table.column(schema.COL_ID).to_pylist()]
+        shard_ids = table.column(schema.COL_ID).to_pylist()
+        _check_unique(shard_ids, shard, seen)
         ids.extend(shard_ids)
         if schema.COL_SOURCE in table.column_names:
             sources.extend("" if s is None else str(s) for s in table.column(schema.COL_SOURCE).to_pylist())

@@ -19,6 +19,7 @@ from rich.console import Console
 from phiclip.comparison.report import format_number, render_html, terminal_tables
 from phiclip.comparison.results import load_report
 from phiclip.comparison.structure import knn_overlap, linear_cka
+from phiclip.pipeline.step import encode_images
 
 from .conftest import CompareRun
 
@@ -132,7 +133,7 @@ def test_embeddings_are_the_encoders_vectors(compare_run: CompareRun, report_dic
     sources = [im["source"] for im in report_dict["images"]]
     for m in report_dict["models"]:
         saved = np.load(compare_run.output / "embeddings" / f"{m['key']}.npy")
-        direct = load_encoder(m["spec"], device="cpu").encode_images(sources, batch_size=8)
+        direct = encode_images(load_encoder(m["spec"], device="cpu"), sources, batch_size=8)
         assert saved.shape == (24, 16)
         np.testing.assert_allclose(saved, direct, rtol=1e-4, atol=1e-5)
 

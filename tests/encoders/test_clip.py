@@ -28,6 +28,7 @@ from phiclip.encoders.clip_preprocessing import (
     shortest_edge_size,
 )
 from phiclip.images import load_image
+from phiclip.pipeline.step import encode_images
 from phiclip.testing import build_tiny_clip, build_tiny_siglip
 
 TEXTS = ["a red circle", "a photo of a blue square", "", "GREEN Triangle!", "circle " * 120]
@@ -223,7 +224,7 @@ def test_preprocessor_pickles_and_runs_in_worker_process(clip_encoder: CLIPEncod
     loader = DataLoader(_Images(), batch_size=2, num_workers=1, collate_fn=clip_encoder.collate,
                         multiprocessing_context=multiprocessing.get_context("fork"))
     (batch,) = list(loader)
-    np.testing.assert_array_equal(clip_encoder.encode_batch(batch).embeddings, clip_encoder.encode_images(images))
+    np.testing.assert_array_equal(clip_encoder.encode_batch(batch).embeddings, encode_images(clip_encoder, images))
 
 
 # --- CLIP image embeddings ---------------------------------------------------------------------------
@@ -231,7 +232,7 @@ def test_preprocessor_pickles_and_runs_in_worker_process(clip_encoder: CLIPEncod
 
 def test_clip_images_equal_transformers(clip_encoder: CLIPEncoder, clip_reference) -> None:
     images = [_random_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
-    got = clip_encoder.encode_images(images, batch_size=4)
+    got = encode_images(clip_encoder, images, batch_size=4)
     ref = _ref_images(clip_reference, images)
     assert got.dtype == np.float32 and got.shape == (len(images), clip_encoder.dim)
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
@@ -246,7 +247,7 @@ def test_clip_accepts_pil_numpy_paths_and_bytes(clip_encoder: CLIPEncoder, clip_
     buf = io.BytesIO()
     _random_image(300, 120, seed=14).save(buf, format="PNG")
     inputs = [pil, arr, path, str(path), buf.getvalue()]
-    got = clip_encoder.encode_images(inputs)
+    got = encode_images(clip_encoder, inputs)
     ref = _ref_images(clip_reference, [load_image(x) for x in inputs])
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
     np.testing.assert_allclose(got[2], got[3], atol=0)
@@ -263,8 +264,8 @@ def test_clip_dims_and_batch_steps(clip_encoder: CLIPEncoder, clip_dir: Path) ->
     assert batch.shape == (5, 3, 224, 224)
     out = clip_encoder.encode_batch(batch)
     assert out.embeddings.shape == (5, 16) and out.embeddings.dtype == np.float32 and out.tokens is None
-    np.testing.assert_allclose(out.embeddings, clip_encoder.encode_images(images), atol=1e-6)
-    assert clip_encoder.encode_images([]).shape == (0, 16)
+    np.testing.assert_allclose(out.embeddings, encode_images(clip_encoder, images), atol=1e-6)
+    assert encode_images(clip_encoder, []).shape == (0, 16)
 
 
 def test_clip_max_batch_splits_model_calls(clip_dir: Path, clip_encoder: CLIPEncoder, monkeypatch) -> None:
@@ -287,7 +288,7 @@ def test_clip_max_batch_splits_model_calls(clip_dir: Path, clip_encoder: CLIPEnc
     images = [_random_image(80, 60, seed=i) for i in range(5)]
     got = enc.encode_batch(enc.collate([enc.preprocess(im) for im in images])).embeddings
     assert sizes == [2, 2, 1]
-    np.testing.assert_allclose(got, clip_encoder.encode_images(images), atol=1e-5)
+    np.testing.assert_allclose(got, encode_images(clip_encoder, images), atol=1e-5)
 
 
 def test_clip_images_do_not_run_the_text_tower(clip_encoder: CLIPEncoder, monkeypatch) -> None:
@@ -295,14 +296,14 @@ def test_clip_images_do_not_run_the_text_tower(clip_encoder: CLIPEncoder, monkey
         raise AssertionError("text tower ran for images")
 
     monkeypatch.setattr(clip_encoder.model.text_model, "forward", boom)
-    clip_encoder.encode_images([_random_image(50, 50)])
+    encode_images(clip_encoder, [_random_image(50, 50)])
 
 
 def test_clip_normalize_false_gives_raw_features(clip_dir: Path, clip_reference) -> None:
     enc = load_encoder(f"clip:{clip_dir}?normalize=false", device="cpu")
     assert enc.normalize is False and enc.describe()["normalized"] is False and enc.describe()["options"]["normalize"] is False
     images = [_random_image(120, 90, seed=1), _random_image(90, 120, seed=2)]
-    got = enc.encode_images(images)
+    got = encode_images(enc, images)
     np.testing.assert_allclose(got, _ref_images(clip_reference, images, normalize=False), atol=1e-5, rtol=1e-5)
     assert not np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-3)
     texts = enc.encode_texts(["a red circle"])
@@ -320,7 +321,7 @@ def test_clip_other_processor_settings_follow_the_checkpoint(clip_dir: Path, tmp
     assert pre["resize"] == {"shortest_edge": 256} and pre["resample"] == "bilinear"
     ref = (CLIPModel.from_pretrained(ckpt).eval(), AutoImageProcessor.from_pretrained(ckpt, backend="pil"), None)
     images = [_random_image(400, 300, seed=1), _random_image(100, 333, seed=2)]
-    np.testing.assert_allclose(enc.encode_images(images), _ref_images(ref, images), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(encode_images(enc, images), _ref_images(ref, images), atol=1e-5, rtol=0)
 
 
 def test_clip_unreproduced_settings_use_the_transformers_processor(clip_dir: Path, tmp_path: Path) -> None:
@@ -335,7 +336,7 @@ def test_clip_unreproduced_settings_use_the_transformers_processor(clip_dir: Pat
     json.dumps(desc)
     ref = (CLIPModel.from_pretrained(ckpt).eval(), AutoImageProcessor.from_pretrained(ckpt, backend="pil"), None)
     images = [_random_image(640, 200, seed=1), _random_image(150, 150, seed=2)]
-    np.testing.assert_allclose(enc.encode_images(images), _ref_images(ref, images), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(encode_images(enc, images), _ref_images(ref, images), atol=1e-5, rtol=0)
     pickle.loads(pickle.dumps(enc.preprocessor))
 
 
@@ -371,7 +372,7 @@ def test_clip_text_errors(clip_encoder: CLIPEncoder) -> None:
 
 
 def test_clip_same_image_and_text_space(clip_encoder: CLIPEncoder) -> None:
-    img = clip_encoder.encode_images([_random_image(64, 64)])
+    img = encode_images(clip_encoder, [_random_image(64, 64)])
     txt = clip_encoder.encode_texts(["a red circle"])
     assert img.shape[1] == txt.shape[1] == clip_encoder.dim
 
@@ -463,7 +464,7 @@ def test_missing_image_processor_is_explained(clip_dir: Path, tmp_path: Path) ->
 
 def test_siglip_images_equal_transformers(siglip_encoder: SigLIPEncoder, siglip_reference) -> None:
     images = [_random_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
-    got = siglip_encoder.encode_images(images, batch_size=3)
+    got = encode_images(siglip_encoder, images, batch_size=3)
     assert got.shape == (len(images), 32) and siglip_encoder.dim == 32
     np.testing.assert_allclose(got, _ref_images(siglip_reference, images), atol=1e-5, rtol=0)
 
@@ -501,7 +502,7 @@ def test_siglip_without_tokenizer_embeds_images_only(tmp_path: Path, siglip_refe
     assert "sentencepiece" in str(info.value)
     # Same seed, same weights: the images still match the full checkpoint's.
     img = [_random_image(120, 80)]
-    np.testing.assert_allclose(enc.encode_images(img), _ref_images(siglip_reference, img), atol=1e-5)
+    np.testing.assert_allclose(encode_images(enc, img), _ref_images(siglip_reference, img), atol=1e-5)
 
 
 def test_siglip_without_pooling_head_is_refused(siglip_dir: Path, tmp_path: Path) -> None:
@@ -523,7 +524,7 @@ def test_bfloat16_runs_under_autocast_close_to_float32(clip_dir: Path, clip_enco
     d = enc.describe()
     assert d["dtype"] == "bfloat16" and d["details"]["weights_dtype"] == "float32"
     images = [_random_image(100, 80, seed=i) for i in range(3)]
-    low, full = enc.encode_images(images), clip_encoder.encode_images(images)
+    low, full = encode_images(enc, images), encode_images(clip_encoder, images)
     assert low.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(low, axis=1), 1.0, atol=1e-5)
     assert (low * full).sum(axis=1).min() > 0.99  # cosine similarity
@@ -561,7 +562,7 @@ def test_extreme_aspect_ratio_resizes_only_the_kept_region(tmp_path):
     expected = np.asarray(full.crop((left, top, left + cw, top + ch)))
     np.testing.assert_array_equal(np.asarray(pre._resize_crop_region(img, h, w)), expected)
     thin = Image.fromarray(rng.integers(0, 256, (1, 20000, 3), dtype=np.uint8))
-    vec = enc.encode_images([thin])
+    vec = encode_images(enc, [thin])
     assert vec.shape == (1, enc.dim) and np.isfinite(vec).all()
 
 
@@ -587,7 +588,7 @@ def test_transparent_files_match_the_processor_on_the_raw_image(tmp_path):
         ref = model.get_image_features(**proc(images=[Image.open(path)], return_tensors="pt"))
     ref = getattr(ref, "pooler_output", ref)
     ref = torch.nn.functional.normalize(ref, dim=-1).numpy()
-    np.testing.assert_allclose(enc.encode_images([path]), ref, atol=1e-5)
+    np.testing.assert_allclose(encode_images(enc, [path]), ref, atol=1e-5)
     assert load_image(path, keep_alpha=True).mode == "RGBA" and load_image(path).mode == "RGB"
 
 
@@ -608,7 +609,7 @@ def test_fast_image_path_equals_get_image_features(tmp_path, act):
     assert fast.image_features.visual_projection.weight.data_ptr() == fast.model.visual_projection.weight.data_ptr()
     rng = np.random.default_rng(7)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in [(80, 60), (50, 90), (64, 64)]]
-    np.testing.assert_allclose(fast.encode_images(images), plain.encode_images(images), atol=1e-5)
+    np.testing.assert_allclose(encode_images(fast, images), encode_images(plain, images), atol=1e-5)
     with torch.inference_mode():
         pixels = torch.randn(5, 3, 64, 64)
         ref = fast.model.get_image_features(pixel_values=pixels)
@@ -622,13 +623,13 @@ def test_fast_image_path_equals_get_image_features(tmp_path, act):
     fast.share_model_weights_()
     assert isinstance(fast.image_features, CLIPImageFeatures)
     assert fast.image_features.visual_projection.weight.data_ptr() == fast.model.visual_projection.weight.data_ptr()
-    before = fast.encode_images(images)
+    before = encode_images(fast, images)
     with torch.no_grad():
         fast.model.visual_projection.weight.add_(torch.randn_like(fast.model.visual_projection.weight))
         pixels = torch.stack([fast.preprocess(im) for im in images])
         want = fast.model.get_image_features(pixel_values=pixels)
         want = torch.nn.functional.normalize(getattr(want, "pooler_output", want), dim=-1).numpy()
-    after = fast.encode_images(images)
+    after = encode_images(fast, images)
     assert not np.allclose(after, before, atol=1e-3)
     np.testing.assert_allclose(after, want, atol=1e-5)
 
@@ -655,11 +656,11 @@ def test_encode_images_on_threads_equals_one_thread(clip_encoder: CLIPEncoder, m
 
     monkeypatch.setattr(clip_encoder, "preprocess", spy)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # the pool size follows torch's threads
-    threaded = clip_encoder.encode_images(images, batch_size=4)
+    threaded = encode_images(clip_encoder, images, batch_size=4)
     assert seen and all(name.startswith("phiclip-prep") for name in seen)
     seen.clear()
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    serial = clip_encoder.encode_images(images, batch_size=4)
+    serial = encode_images(clip_encoder, images, batch_size=4)
     assert seen == {threading.current_thread().name}
     np.testing.assert_array_equal(threaded, serial)
 

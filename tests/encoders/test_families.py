@@ -20,6 +20,7 @@ from PIL import Image
 from phiclip.encoders import load_encoder
 from phiclip.encoders.registry import kind_for_location, resolve_spec
 from phiclip.hub import CheckpointError
+from phiclip.pipeline.step import encode_images
 from phiclip.testing import (
     build_tiny_aimv2,
     build_tiny_dinov2,
@@ -145,9 +146,9 @@ def test_naflex_images_of_three_aspect_ratios_in_one_batch(dirs: dict[str, Path]
     assert len(set(shapes)) == 3  # three patch grids padded into one batch
     with torch.no_grad():
         ref = _unit(_pooled(model.get_image_features(**processor(images=images, return_tensors="pt"))))
-    batched = enc.encode_images(images)
+    batched = encode_images(enc, images)
     np.testing.assert_allclose(batched, ref, atol=ATOL, rtol=0)
-    one_at_a_time = np.concatenate([enc.encode_images([im]) for im in images])
+    one_at_a_time = np.concatenate([encode_images(enc, [im]) for im in images])
     np.testing.assert_allclose(batched, one_at_a_time, atol=ATOL, rtol=0)
     d = enc.describe()
     assert d["dim"] == 32 and d["details"]["layout"] == "naflex" and d["details"]["max_num_patches"] == 24
@@ -172,7 +173,7 @@ def test_siglip2_fixed_resolution_in_the_siglip_layout(dirs: dict[str, Path]) ->
         ref = _unit(_pooled(model.get_image_features(**processor(images=images, return_tensors="pt"))))
         text_ref = _unit(_pooled(model.get_text_features(
             **tok(TEXTS, padding="max_length", max_length=16, truncation=True, return_tensors="pt"))))
-    np.testing.assert_allclose(enc.encode_images(images), ref, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(encode_images(enc, images), ref, atol=ATOL, rtol=0)
     np.testing.assert_allclose(enc.encode_texts(TEXTS), text_ref, atol=ATOL, rtol=0)
     assert enc.describe()["details"]["layout"] == "fixed" and enc.kind == "siglip2"
     with pytest.raises(ValueError, match="max_num_patches is for NaFlex checkpoints"):
@@ -188,7 +189,7 @@ def _check_clip_style(enc, model, processor, tok, padding: str | bool = True) ->
         ref = _unit(_pooled(model.get_image_features(**processor(images=images, return_tensors="pt"))))
         text_ref = _unit(_pooled(model.get_text_features(
             **tok(TEXTS, padding=padding, max_length=16, truncation=True, return_tensors="pt"))))
-    np.testing.assert_allclose(enc.encode_images(images), ref, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(encode_images(enc, images), ref, atol=ATOL, rtol=0)
     np.testing.assert_allclose(enc.encode_texts(TEXTS), text_ref, atol=ATOL, rtol=0)
 
 
@@ -224,7 +225,7 @@ def test_aimv2_image_only(dirs: dict[str, Path], name: str) -> None:
     with torch.no_grad():
         out = model(**processor(images=images, return_tensors="pt"))
     ref = out.pooler_output if name == "aimv2-vision" else out.last_hidden_state.mean(dim=1)
-    np.testing.assert_allclose(enc.encode_images(images), _unit(ref), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(encode_images(enc, images), _unit(ref), atol=ATOL, rtol=0)
     assert enc.modalities == frozenset({"image"})
     with pytest.raises(NotImplementedError, match="aimv2 encoders embed images only"):
         enc.encode_texts(["a red circle"])
@@ -259,7 +260,7 @@ def test_dino_pools_equal_transformers(dirs: dict[str, Path], name: str, pool: s
     assert patches.shape[1] == 16  # 32 / 8 squared: the registers are left out
     ref = {"cls": cls_token, "mean": patches.mean(dim=1),
            "cls+mean": torch.cat([cls_token, patches.mean(dim=1)], dim=-1)}[pool]
-    got = enc.encode_images(images)
+    got = encode_images(enc, images)
     np.testing.assert_allclose(got, _unit(ref), atol=ATOL, rtol=0)
     assert got.shape[1] == enc.dim == (64 if pool == "cls+mean" else 32)
     assert enc.describe()["details"]["pool"] == pool and enc.describe()["details"]["num_register_tokens"] == registers
@@ -324,7 +325,7 @@ def test_embed_pipeline(dirs: dict[str, Path], tmp_path: Path, name: str, spec: 
     assert emb.encoder_spec == enc.name and emb.manifest["encoder"]["kind"] == enc.kind
     by_source = dict(zip(emb.sources, emb.embeddings))
     got = np.stack([next(v for s, v in by_source.items() if s.endswith(Path(r["path"]).name)) for r in records])
-    np.testing.assert_allclose(got, enc.encode_images([r["path"] for r in records]), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(got, encode_images(enc, [r["path"] for r in records]), atol=ATOL, rtol=0)
 
 
 def test_embed_text_with_an_image_only_family_says_so(dirs: dict[str, Path], tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from PIL import Image
 
 from phiclip import load_encoder
 from phiclip.phi3v import Phi3VImageEmbedding, Phi3VImageProcessor, num_image_tokens
+from phiclip.pipeline.step import encode_images
 from phiclip.testing import build_tiny_phi3v
 
 
@@ -32,7 +33,7 @@ def _model_pooled(ckpt, images, pooling):
 
 def test_mean_pooling_matches_model_and_is_normalised(ckpt, images):
     enc = load_encoder(f"phi3v:{ckpt}")
-    vecs = enc.encode_images(images)
+    vecs = encode_images(enc, images)
     assert vecs.shape == (3, 64) and vecs.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(vecs, _model_pooled(ckpt, images, "mean"), atol=1e-5)
@@ -59,7 +60,7 @@ def test_global_pooling_runs_only_global_view(ckpt, images):
     seen = []
     hook = enc.model.img_processor.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
     try:
-        vecs = enc.encode_images(images)
+        vecs = encode_images(enc, images)
     finally:
         hook.remove()
     assert sum(seen) == len(images)
@@ -105,8 +106,8 @@ def test_text_is_refused_clearly(ckpt):
 
 @pytest.mark.filterwarnings("ignore:.*measured at")
 def test_bfloat16_option_close_to_float32(ckpt, images):
-    f32 = load_encoder(f"phi3v:{ckpt}", dtype="float32").encode_images(images)
+    f32 = encode_images(load_encoder(f"phi3v:{ckpt}", dtype="float32"), images)
     bf16 = load_encoder(f"phi3v:{ckpt}", dtype="bfloat16")
     assert bf16.dtype == torch.bfloat16
-    cos = (f32 * bf16.encode_images(images)).sum(axis=1)
+    cos = (f32 * encode_images(bf16, images)).sum(axis=1)
     assert (cos > 0.98).all()

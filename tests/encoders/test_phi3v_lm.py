@@ -15,6 +15,7 @@ from phiclip.encoders.options import Phi3VLMOptions
 from phiclip.encoders.phi3v_lm import PRESETS, Phi3VLMEncoder, default_preset
 from phiclip.hub import CheckpointError
 from phiclip.phi3v.language import PromptError, PromptTokenizer, pad_prompts
+from phiclip.pipeline.step import encode_images
 from phiclip.testing import build_tiny_clip, build_tiny_phi3v_lm, make_sample_images
 
 
@@ -35,7 +36,7 @@ def images() -> list[Image.Image]:
 
 
 def test_images_and_texts_land_in_one_normalised_space(enc, images) -> None:
-    img = enc.encode_images(images)
+    img = encode_images(enc, images)
     txt = enc.encode_texts(["a red circle", "a blue square", "x"])
     assert img.shape == txt.shape == (3, 32) and img.dtype == txt.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(np.concatenate([img, txt]), axis=1), 1.0, atol=1e-5)
@@ -55,10 +56,10 @@ def test_vectors_equal_the_model_on_each_prompt_alone(enc, images) -> None:
         text = PRESETS["e5v"].text_prompt.replace("{text}", "a red circle")
         ids, mask = pad_prompts([enc.tokenizer(text).input_ids])
         want_text = enc.model.embed(ids, mask)[0].numpy()
-    np.testing.assert_allclose(enc.encode_images(images), np.stack(want), atol=1e-5)
+    np.testing.assert_allclose(encode_images(enc, images), np.stack(want), atol=1e-5)
     np.testing.assert_allclose(enc.encode_texts(["a red circle"])[0], want_text, atol=1e-5)
     left = Phi3VLMEncoder(enc.model, enc.processor, enc.tokenizer, name="left", padding_side="left")
-    np.testing.assert_allclose(left.encode_images(images), np.stack(want), atol=1e-5)
+    np.testing.assert_allclose(encode_images(left, images), np.stack(want), atol=1e-5)
     np.testing.assert_allclose(left.encode_texts(["a red circle", "much longer text than the other one"])[0], want_text, atol=1e-5)
 
 
@@ -88,7 +89,7 @@ def test_mixed_inputs_and_raw_prompts(enc, images) -> None:
     raw = enc.encode_prompts([template.replace("{text}", "what colour is it?"), "<|image_2|> then <|image_1|>"],
                              [[images[0]], [images[1], images[2]]])
     np.testing.assert_allclose(mixed[0], raw[0], atol=1e-5)
-    assert not np.allclose(mixed[0], enc.encode_images(images[:1])[0])
+    assert not np.allclose(mixed[0], encode_images(enc, images[:1])[0])
     with pytest.raises(PromptError, match=r"1 image placeholder\(s\) but 2 image\(s\)"):
         enc.encode_prompts(["<|image_1|> one"], [[images[0], images[1]]])
     with pytest.raises(ValueError, match="one text per image"):
@@ -168,7 +169,7 @@ def test_checkpoint_with_the_text_embedding_under_vision_wte_loads(tmp_path: Pat
     moved = build_tiny_phi3v_lm(tmp_path / "moved", num_crops=1, seed=5, embed_key=WTE_KEY)
     a, b = load_encoder(f"phi3v-lm:{plain}", dtype="float32"), load_encoder(f"phi3v-lm:{moved}", dtype="float32")
     np.testing.assert_allclose(a.encode_texts(["a red circle"]), b.encode_texts(["a red circle"]), atol=1e-6)
-    np.testing.assert_allclose(a.encode_images(images[:1]), b.encode_images(images[:1]), atol=1e-6)
+    np.testing.assert_allclose(encode_images(a, images[:1]), encode_images(b, images[:1]), atol=1e-6)
 
 
 def test_missing_checkpoint_or_tokenizer_is_a_clear_error(tmp_path: Path) -> None:

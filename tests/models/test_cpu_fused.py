@@ -20,6 +20,7 @@ from phiclip.models.cpu_fused import (
     fused_cpu_copy,
     fusion_available,
 )
+from phiclip.pipeline.step import encode_images
 from phiclip.precision import ERROR_BOUNDS
 from phiclip.testing import build_tiny_clip, build_tiny_phi3v
 
@@ -167,17 +168,17 @@ def clip_ckpt(tmp_path_factory):
 
 @pytest.mark.filterwarnings("ignore:.*measured at")
 def test_clip_encoder_bfloat16_runs_fused_within_bound(clip_ckpt, images, monkeypatch) -> None:
-    ref = load_encoder(f"clip:{clip_ckpt}", device="cpu", dtype="float32").encode_images(images)
+    ref = encode_images(load_encoder(f"clip:{clip_ckpt}", device="cpu", dtype="float32"), images)
     enc = load_encoder(f"clip:{clip_ckpt}", device="cpu", dtype="bfloat16")
     assert enc.describe()["precision"]["cpu_kernels"] == "onednn-fused"
     assert isinstance(enc.image_features, FusedCLIPImageFeatures)
-    BOUND.check(ref, enc.encode_images(images))
+    BOUND.check(ref, encode_images(enc, images))
     # Without the ops: the plain bfloat16 copy, said so, same bound.
     monkeypatch.setattr(cpu_fused, "fusion_available", lambda: False)
     plain = load_encoder(f"clip:{clip_ckpt}", device="cpu", dtype="bfloat16")
     assert plain.describe()["precision"]["cpu_kernels"] == "torch"
     assert not isinstance(plain.image_features, FusedCLIPImageFeatures)
-    BOUND.check(ref, plain.encode_images(images))
+    BOUND.check(ref, encode_images(plain, images))
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +195,7 @@ def test_phi3v_encoder_bfloat16_runs_fused_within_bound(phi3v_ckpt, images) -> N
     assert enc.describe()["precision"]["cpu_kernels"] == "onednn-fused"
     assert isinstance(enc.model.img_processor.vision_model, FusedCLIPVisionTransformer)
     assert enc.describe()["parameters"] == ref_enc.describe()["parameters"]
-    BOUND.check(ref_enc.encode_images(images), enc.encode_images(images))
+    BOUND.check(encode_images(ref_enc, images), encode_images(enc, images))
     ref_tokens = np.concatenate(ref_enc.encode_tokens(images[:2]))
     BOUND.check(ref_tokens, np.concatenate(enc.encode_tokens(images[:2])))
     # The tower's hidden states themselves (every crop, every patch).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,13 +87,15 @@ def test_plain_clip_does_not_import_the_phi3v_image_path(tmp_path: Path) -> None
 
     ckpt = build_tiny_clip(tmp_path / "clip")
     code = (
-        "import sys\nfrom phiclip.encoders import load_encoder\nfrom PIL import Image\n"
+        "import sys\nfrom phiclip.encoders import load_encoder\nfrom phiclip.pipeline.step import encode_images\n"
+        "from PIL import Image\n"
         f"enc = load_encoder('clip:{ckpt}', device='cpu', dtype='float32')\n"
-        "enc.encode_images([Image.new('RGB', (40, 30))])\n"
+        "encode_images(enc, [Image.new('RGB', (40, 30))])\n"
         "print(sorted(m for m in sys.modules if m.startswith('phiclip.phi3v')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"HF_HUB_OFFLINE": "1", "PHICLIP_CPU_PRECISION": "float32", "PATH": ""}).stdout
+                         env={"HF_HUB_OFFLINE": "1", "PHICLIP_CPU_PRECISION": "float32", "PATH": "",
+                              **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}}).stdout
     # Only torch-free constants that spec options are checked against (config: num_crops bounds; prompts:
     # the phi3v-lm presets); no layers, weights, processing or language model.
     assert out.strip().splitlines()[-1] == "['phiclip.phi3v', 'phiclip.phi3v.config', 'phiclip.phi3v.prompts']"

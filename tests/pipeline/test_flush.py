@@ -18,9 +18,10 @@ import pytest
 from PIL import Image
 
 from phiclip import schema
+from phiclip.manifest import read_manifest
 from phiclip.pipeline import embed
 from phiclip.pipeline.sources import record_id
-from phiclip.pipeline.writer import PARTIAL_DIR, read_manifest
+from phiclip.pipeline.writer import PARTIAL_DIR
 
 from ._helpers import MeanColourEncoder
 

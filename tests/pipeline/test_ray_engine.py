@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from phiclip import schema
 from phiclip.cli import app
+from phiclip.manifest import read_manifest
 from phiclip.pipeline import embed
 from phiclip.pipeline.sources import record_id
-from phiclip.pipeline.writer import read_manifest
 
 from ._helpers import BOMB_LIMIT, DiesOnceEncoder, MeanColourEncoder
 

@@ -20,11 +20,11 @@ import pytest
 from PIL import Image
 
 from phiclip import schema
+from phiclip.manifest import read_manifest
 from phiclip.pipeline import EmbedOptions, InputError, OutputError, embed, embed_text
 from phiclip.pipeline.runner import make_options
 from phiclip.pipeline.sources import record_id
-from phiclip.pipeline.step import Chunk, CostPacker, Preparer
-from phiclip.pipeline.writer import read_manifest
+from phiclip.pipeline.step import Chunk, CostPacker, Preparer, encode_images
 
 from ._helpers import BOMB_LIMIT, Expected, MeanColourEncoder
 
@@ -99,7 +99,7 @@ def test_mixed_folder_with_the_real_tiny_clip(tmp_path: Path, mixed_folder, tiny
     # The stored vector of an image is what the encoder gives for it alone.
     rotated = str(root / "rotated_exif.jpg")
     row = emb.set_index(schema.COL_SOURCE).loc[rotated]
-    direct = tiny_clip.encode_images([rotated])[0]
+    direct = encode_images(tiny_clip, [rotated])[0]
     np.testing.assert_allclose(np.asarray(row[schema.COL_EMBEDDING], np.float32), direct, rtol=1e-4, atol=1e-5)
     m = read_manifest(tmp_path / "out")
     assert m["encoder"]["preprocessing"] and m["normalized"] is True and m["dim"] == tiny_clip.dim
@@ -688,10 +688,41 @@ def test_engine_ray_without_ray_says_how_to_install_it_before_writing(tmp_path: 
 def test_the_recorded_reason_for_a_precision_is_not_part_of_the_identity() -> None:
     """A CPU measurement redone after a torch upgrade rewrites describe()["precision"] (the reason);
     the dtype that decides the vectors is compared, the reason is not."""
-    from phiclip.pipeline.output import stable_description
+    from phiclip.manifest import stable_description
 
     old = {"spec": "clip:x", "dtype": "bfloat16", "device": "cpu",
            "precision": {"asked": "auto", "reason": "bfloat16 measured 1.9x float32"}}
     new = {**old, "device": "cuda", "precision": {"asked": "auto", "reason": "bfloat16 measured 2.3x float32"}}
     assert stable_description(old) == stable_description(new)
     assert stable_description(old) != stable_description({**new, "dtype": "float32"})
+
+
+# --- checkpoint paths are stored absolute, so the output works from any directory ---------------------
+def test_a_relative_checkpoint_path_is_stored_absolute_and_searched_from_anywhere(
+        tmp_path: Path, tiny_clip_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from phiclip.retrieval import search
+
+    _small_folder(tmp_path / "in", 3)
+    shutil.copytree(tiny_clip_dir, tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    embed("clip:ckpt", "in", "out", progress=False, device="cpu", precision="float32")
+    m = read_manifest(tmp_path / "out")
+    assert m["encoder"]["spec"] == f"clip:{tmp_path / 'ckpt'}" and m["encoder"]["spec_as_typed"] == "clip:ckpt"
+    assert m["settings"]["model"] == f"clip:{tmp_path / 'ckpt'}"
+    # a rerun typed another way (absolute) is the same run
+    assert embed(f"clip:{tmp_path / 'ckpt'}", "in", "out", progress=False, device="cpu",
+                 precision="float32").status == "already_complete"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert search(tmp_path / "out", text="red", k=1, device="cpu", dtype="float32")
+    # an output of an older phiclip (a relative path, no spec_as_typed) still loads, and still resumes
+    mpath = tmp_path / "out" / schema.MANIFEST_FILE
+    old = json.loads(mpath.read_text())
+    del old["encoder"]["spec_as_typed"]
+    old["encoder"]["spec"] = old["settings"]["model"] = "clip:ckpt"
+    mpath.write_text(json.dumps(old))
+    assert search(tmp_path / "out", text="red", k=1, device="cpu", dtype="float32")  # under the output's parent
+    monkeypatch.chdir(tmp_path)
+    assert embed("clip:ckpt", "in", "out", progress=False, device="cpu", precision="float32").status == "already_complete"

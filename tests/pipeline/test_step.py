@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from phiclip.images import ImageDecodeError
-from phiclip.pipeline.step import InputsFailed, embed_payloads
+from phiclip.pipeline.step import InputsFailed, embed_payloads, encode_images
 
 from ._helpers import MeanColourEncoder
 
@@ -38,12 +38,12 @@ def test_embed_payloads_returns_errors_as_values(tmp_path: Path) -> None:
 
 def test_encode_images_names_every_failed_input_and_keeps_its_order(tmp_path: Path, tiny_clip) -> None:
     good = [Image.new("RGB", (20 + i, 16), (30 * i, 90, 10)) for i in range(5)]
-    vectors = tiny_clip.encode_images(good, batch_size=2)
-    one_by_one = np.concatenate([tiny_clip.encode_images([im]) for im in good])
+    vectors = encode_images(tiny_clip, good, batch_size=2)
+    one_by_one = np.concatenate([encode_images(tiny_clip, [im]) for im in good])
     np.testing.assert_allclose(vectors, one_by_one, atol=1e-5)
-    assert tiny_clip.encode_images([]).shape == (0, tiny_clip.dim)
+    assert encode_images(tiny_clip, []).shape == (0, tiny_clip.dim)
     with pytest.raises(InputsFailed) as info:
-        tiny_clip.encode_images([good[0], b"", tmp_path / "nope.png", good[1]])
+        encode_images(tiny_clip, [good[0], b"", tmp_path / "nope.png", good[1]])
     assert isinstance(info.value, ImageDecodeError)
     assert [(i, stage) for i, _, stage, _ in info.value.failures] == [(1, "decode"), (2, "read")]
     assert "nope.png" in str(info.value) and "1 other input" in str(info.value)

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from phiclip import schema
 from phiclip.cli import app
+from phiclip.manifest import read_manifest
 from phiclip.pipeline import OutputError, embed
 from phiclip.pipeline.sources import record_id
-from phiclip.pipeline.writer import read_manifest
 from phiclip.store import open_embeddings
 
 from ._helpers import MeanColourEncoder

@@ -11,14 +11,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from phiclip import schema
-from phiclip.pipeline.writer import (
-    OutputError,
-    ShardResult,
-    ShardWriter,
-    atomic_write,
-    read_manifest,
-    write_manifest,
-)
+from phiclip.atomic import atomic_write
+from phiclip.pipeline.output import OutputDir
+from phiclip.pipeline.writer import OutputError, ShardResult, ShardWriter
+
+
+def read_manifest(root: Path) -> dict | None:
+    """The manifest as a run reads it (None when there is none; OutputError when damaged)."""
+    return OutputDir(root, kind="image", dtype="float32").read()
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    OutputDir(root, kind="image", dtype="float32").write_manifest(manifest)
 
 
 def _result(n: int, dim: int = 3, errors: int = 0, tokens: bool = False) -> ShardResult:
@@ -170,7 +174,7 @@ def test_a_failed_write_names_the_folder_and_the_rerun(tmp_path: Path, monkeypat
     with pytest.raises(OutputError, match=r"cannot write embeddings/part-00000.parquet \(the disk .* is full\).*rerun"):
         w.write_shard(0, _result(2))
     assert not list(tmp_path.rglob("*.tmp"))
-    monkeypatch.setattr("phiclip.pipeline.writer.atomic_write", lambda *a, **k: full())
+    monkeypatch.setattr("phiclip.manifest.atomic_write_json", lambda *a, **k: full())
     with pytest.raises(OutputError, match=f"{tmp_path}: cannot write manifest.json"):
         write_manifest(tmp_path, {"dim": 3})
 
@@ -179,5 +183,5 @@ def test_a_failed_write_names_the_folder_and_the_rerun(tmp_path: Path, monkeypat
                                             ("kind", "video"), ("normalized", 1), ("timings", [])])
 def test_manifest_fields_of_the_wrong_type_are_named(tmp_path: Path, key: str, value: object) -> None:
     (tmp_path / schema.MANIFEST_FILE).write_text(json.dumps({"dim": 3, key: value}))
-    with pytest.raises(OutputError, match=f"manifest.json: field '{key}' is .* but must be"):
+    with pytest.raises(OutputError, match=f"manifest.json: manifest '{key}(\\.\\w+)?' is .*, not "):
         read_manifest(tmp_path)

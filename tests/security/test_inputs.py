@@ -20,10 +20,11 @@ from pipeline._helpers import MeanColourEncoder
 
 from phiclip import schema
 from phiclip.datasets_io import load_table
+from phiclip.manifest import read_manifest
 from phiclip.pipeline import InputError, OutputError, embed
 from phiclip.pipeline import runner as runner_mod
 from phiclip.pipeline.sources import list_inputs, record_id
-from phiclip.pipeline.writer import ShardWriter, read_manifest
+from phiclip.pipeline.writer import ShardWriter
 from phiclip.schema import path_to_source, source_to_path
 from phiclip.testing import build_tiny_clip
 
@@ -250,15 +251,16 @@ _FIRST_RUN = textwrap.dedent("""
     sys.path.insert(0, sys.argv[4])
     from pipeline._helpers import MeanColourEncoder
     import phiclip.pipeline.runner as r
-    real = r._load
-    def slow_load(model, opts):  # holds the lock, before the manifest exists
+    from phiclip.pipeline.local import LocalEngine
+    real = LocalEngine.load
+    def slow_load(self, model, max_pixels):  # holds the lock, before the manifest exists
         print("locked", flush=True)
         go = Path(sys.argv[3])
         deadline = time.time() + 60
         while not go.exists() and time.time() < deadline:
             time.sleep(0.01)
-        return real(model, opts)
-    r._load = slow_load
+        return real(self, model, max_pixels)
+    LocalEngine.load = slow_load
     print(r.embed(MeanColourEncoder(), sys.argv[1], sys.argv[2], num_workers=0, progress=False).status, flush=True)
 """)
 

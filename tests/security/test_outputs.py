@@ -388,28 +388,51 @@ def _with_weights(tmp_path: Path, fp: str | None) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("recorded", "current", "warned"),
+    ("recorded", "current", "refused"),
     [("sha256:aaaa", "sha256:bbbb", True), ("sha256:aaaa", "sha256:aaaa", False), ("sha256:aaaa", None, False),
      (None, "sha256:bbbb", False)],
 )
-def test_search_warns_when_the_weights_differ(tmp_path, caplog, recorded, current, warned):
+def test_search_refuses_other_weights_unless_allowed(tmp_path, caplog, recorded, current, refused):
+    """Item 13: another checkpoint of the same width is refused, naming both fingerprints and the ways out;
+    --allow-other-weights (allow_other_weights=True) queries anyway, with a warning."""
     out = _with_weights(tmp_path, recorded)
+    if refused:
+        with pytest.raises(S.SearchError, match=r"weights sha256:aaaa .* loads weights sha256:bbbb.*--model.*"
+                                                r"--allow-other-weights"):
+            S.search(out, text="red", k=1, encoder=_WeightsEncoder(fp=current))
     with caplog.at_level(logging.WARNING, logger="phiclip"):
-        assert S.search(out, text="red", k=1, encoder=_WeightsEncoder(fp=current))[0].id == "red"
+        hits = S.search(out, text="red", k=1, encoder=_WeightsEncoder(fp=current), allow_other_weights=True)
+    assert hits[0].id == "red"
     messages = [r.getMessage() for r in caplog.records if "weights" in r.getMessage()]
-    if warned:
+    if refused:
         assert len(messages) == 1 and "sha256:aaaa" in messages[0] and "sha256:bbbb" in messages[0]
     else:
         assert messages == []
+        assert S.search(out, text="red", k=1, encoder=_WeightsEncoder(fp=current))[0].id == "red"
 
 
-def test_search_command_shows_the_weights_warning(tmp_path, runner, monkeypatch):
+def test_search_command_refuses_other_weights_unless_allowed(tmp_path, runner, monkeypatch):
     out = _with_weights(tmp_path, "sha256:old[/]")
     monkeypatch.setitem(encoders.KINDS, "clip", encoders.KINDS["clip"].with_builder(lambda spec, *_: _WeightsEncoder(str(spec), fp="sha256:new")))
     res = runner.invoke(app, ["search", str(out), "--text", "blue", "-k", "1"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    flat = " ".join(res.output.split())
+    assert "sha256:old[/]" in flat and "sha256:new" in flat and "--allow-other-weights" in flat
+    res = runner.invoke(app, ["search", str(out), "--text", "blue", "-k", "1", "--allow-other-weights"])
     assert res.exit_code == 0, res.output
     assert "warning:" in res.output and "sha256:old[/]" in res.output and "sha256:new" in res.output
     assert "blue" in res.output
+
+
+def test_search_with_a_moved_checkpoint_of_the_same_weights(tmp_path, monkeypatch):
+    """--model names the checkpoint where it is now: the same weights are accepted under another path."""
+    out = _with_weights(tmp_path, "sha256:aaaa")
+    monkeypatch.setitem(encoders.KINDS, "clip", encoders.KINDS["clip"].with_builder(
+        lambda spec, *_: _WeightsEncoder(str(spec), fp="sha256:aaaa")))
+    assert S.search(out, text="blue", k=1, model="clip:/elsewhere/tiny")[0].id == "blue"
+    with pytest.raises(S.SearchError, match="made by 'clip:/models/tiny' but the query encoder is 'clip:/elsewhere/tiny'"):
+        S.search(out, text="blue", k=1, encoder=_WeightsEncoder("clip:/elsewhere/tiny", fp="sha256:bbbb"),
+                 allow_other_weights=True)
 
 
 def test_embed_summary_lists_the_first_inputs_left_out(tmp_path):
@@ -432,3 +455,17 @@ def test_embed_summary_lists_the_first_inputs_left_out(tmp_path):
     _assert_clean(text)
     assert f"Not embedded (the first {_LEFT_OUT_SHOWN} of 15;" in text
     assert "[red]f0\\x1b.png" in text and "bad [/] 9" in text and "f10" not in text
+
+
+def test_serve_refuses_a_collection_made_with_other_weights_unless_allowed(tmp_path):
+    from phiclip.serve.collections import load_collections
+
+    out = _with_weights(tmp_path, "sha256:aaaa")
+
+    def load(spec, **_):
+        return _WeightsEncoder(str(spec), fp="sha256:bbbb")
+
+    with pytest.raises(S.SearchError, match=r"weights sha256:aaaa .* loads weights sha256:bbbb.*--allow-other-weights"):
+        load_collections([out], load=load)
+    collections, encoders_ = load_collections([out], load=load, allow_other_weights=True)
+    assert len(collections) == 1 and len(encoders_) == 1

@@ -27,6 +27,7 @@ from _embdir import ColourEncoder, write_embedding_dir
 from PIL import Image
 
 import phiclip
+from phiclip.pipeline.step import encode_images
 from phiclip.serve import ServeOptions, build_service, create_app
 from phiclip.store import shard_files
 from phiclip.testing import build_tiny_clip, make_sample_images
@@ -79,7 +80,7 @@ def colour_collection(tmp_path_factory: pytest.TempPathFactory) -> Built:
             Image.new("RGB", (40 + 8 * i, 30 + 6 * j), shade).save(p)
             records.append({"path": str(p), "label": name, "caption": f"a {name} patch", "id": f"{name}-{j}"})
     enc = ColourEncoder("clip:/models/colour")
-    vectors = enc.encode_images([r["path"] for r in records])
+    vectors = encode_images(enc, [r["path"] for r in records])
     out = write_embedding_dir(root / "colours", vectors, sources=[r["path"] for r in records],
                               ids=[r["id"] for r in records], spec="clip:/models/colour")
     add_columns(out, {r["path"]: {"label": r["label"], "caption": r["caption"]} for r in records})

@@ -10,7 +10,7 @@ what produced them.
 The bulk pipeline splits the work in three steps so that decoding and preprocessing can run in
 worker processes (beside a GPU) or on threads (on the CPU): ``preprocess(image) -> item`` (CPU,
 picklable, thread-safe), ``collate(items) -> batch`` and ``encode_batch(batch) -> EncodedBatch``.
-``encode_images`` is the same three steps in one call, for Python users.
+:func:`phiclip.pipeline.step.encode_images` is the same three steps in one call, for Python users.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 
 from phiclip.encoders.registry import SPEC_KINDS, parse_spec
 from phiclip.encoders.spec import EncoderSpec, option_bool, option_int
-from phiclip.images import DEFAULT_MAX_PIXELS, ImageInput, describe_source
+from phiclip.images import DEFAULT_MAX_PIXELS
 
 
 def default_prep_threads() -> int:
@@ -115,7 +115,7 @@ class Encoder(abc.ABC):
 
     #: The spec string that rebuilds this encoder.
     name: str
-    #: Output dimension of ``encode_images`` / ``encode_texts``.
+    #: Output dimension of the vectors (images and texts).
     dim: int
     #: ``{"image"}`` or ``{"image", "text"}``.
     modalities: frozenset[str]
@@ -170,24 +170,7 @@ class Encoder(abc.ABC):
         """What an item usually costs, before any is preprocessed (to size the work per worker)."""
         return 1
 
-    # --- convenience --------------------------------------------------------------------------
-    def encode_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
-        """Images (PIL, arrays, paths or bytes) -> (n, dim) float32 embeddings, through the bulk pipeline's
-        loop (:func:`phiclip.pipeline.step.embed_payloads`: decoding and preprocessing on a thread pool
-        between model calls, about ``batch_size`` images per model call, images over ``max_pixels``
-        refused).
-
-        Raises:
-            phiclip.pipeline.step.InputsFailed: (an ``ImageDecodeError``) naming every input that could
-                not be embedded, after trying all of them.
-        """
-        from phiclip.pipeline.step import embed_payloads
-
-        budget = max(1, batch_size) * max(1, int(self.typical_item_cost()))  # the loop's budget counts item costs
-        res = embed_payloads(self, images, batch_size=budget, max_pixels=self.max_pixels)
-        res.raise_for_errors([describe_source(im) for im in images])
-        return res.in_order(len(images))
-
+    # --- convenience ---------------------------------------------------------------------------
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Texts -> (n, dim) float32 embeddings, for encoders with a text side. An encoder without one
         (``"text"`` not in ``modalities``) keeps this default: a ``NotImplementedError`` naming its kind."""

@@ -7,6 +7,7 @@ Pure and torch-free. Which kinds exist, and which options each takes, is the reg
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -61,6 +62,24 @@ def split_spec(spec: str, kinds: Sequence[str]) -> EncoderSpec:
                 raise ValueError(f"encoder spec {spec!r}: option {part!r} is not key=value")
             options[key.strip()] = value.strip()
     return EncoderSpec(kind=kind, location=location, options=options)
+
+
+def absolute_spec(spec: str, base: str | os.PathLike[str] | None = None) -> str:
+    """``spec`` with a location that names an existing local folder (relative to ``base``, default the
+    working directory; ``~`` expanded) written as its absolute path; any other spec (a hub id) unchanged.
+
+    >>> absolute_spec("clip:openai/clip-vit-base-patch32")  # no such folder here: a hub id
+    'clip:openai/clip-vit-base-patch32'
+    """
+    try:
+        parsed = split_spec(spec, [spec.split(":", 1)[0].strip().lower()])
+    except (ValueError, AttributeError):
+        return spec
+    location = os.path.expanduser(parsed.location)
+    folder = location if os.path.isabs(location) else os.path.join(os.fspath(base or os.getcwd()), location)
+    if not os.path.isdir(folder):
+        return spec
+    return str(EncoderSpec(parsed.kind, os.path.normpath(os.path.abspath(folder)), parsed.options))
 
 
 # ==============================================================================================
@@ -161,6 +180,7 @@ class SpecOptions:
 
 __all__ = [
     "EncoderSpec",
+    "absolute_spec",
     "SpecOptions",
     "bool_option",
     "choice_option",

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from phiclip.atomic import atomic_directory, atomic_write_text
-from phiclip.pipeline.output import differences
+from phiclip.manifest import differences
 
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_JSONL = "metrics.jsonl"

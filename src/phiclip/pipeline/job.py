@@ -1,25 +1,69 @@
 """One bulk run in a claimed output folder: check it holds this run, plan, load the encoder, run an
-engine over the pending shards, commit the manifest (the steps are listed in :mod:`.runner`)."""
+engine over the pending shards, commit the manifest (the steps are listed in :mod:`.runner`), and
+what it did (:class:`EmbedResult`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from phiclip import __version__, schema
-from phiclip.pipeline.local import EngineJob
-from phiclip.pipeline.output import OutputDir, differences
+from phiclip.manifest import differences, recorded_description, resolve_older_spec, same_spec
+from phiclip.pipeline.engine import Engine, EngineJob
+from phiclip.pipeline.output import OutputDir
 from phiclip.pipeline.plan import RunPlan, first_plan, resume_plan, update_plan
-from phiclip.pipeline.runner import EmbedResult
 from phiclip.pipeline.sources import InputError, InputListing, record_id
 from phiclip.pipeline.writer import OutputError, ShardSink
+
+if TYPE_CHECKING:  # pragma: no cover
+    from phiclip.encoders.base import Encoder
+    from phiclip.pipeline.runner import EmbedOptions
 
 _WHAT = "model, settings or inputs"
 _UPDATE_HINT = (" If files were added to (or removed from) the input since, rerun with --update (update=True) to "
                 "embed only the new ones into new shards; --prune also removes the rows of inputs that are gone.")
+
+
+@dataclass(kw_only=True)
+class EmbedResult:
+    """What a run did. ``skipped``: inputs already done by an earlier run; ``duplicates``: repeated
+    inputs listed once; ``ignored``: entries that are not inputs (the files among them are named in
+    ``errors/skipped.parquet`` with the stage ``skip``); ``disappeared``: inputs in the output that are
+    no longer listed (kept; ``disappeared_sources`` names them); ``pruned``: such rows removed by this
+    run (``prune``)."""
+
+    output: Path
+    status: str  # "completed" | "already_complete"
+    inputs: int
+    embedded: int
+    failed: int
+    skipped: int
+    duplicates: int = 0
+    ignored: int = 0
+    processed: int = 0  # inputs embedded or failed by this run
+    seconds: float = 0.0  # wall time of the whole call
+    timings: dict[str, float] = field(default_factory=dict)  # per stage, seconds
+    disappeared: int = 0
+    pruned: int = 0
+    disappeared_sources: list[str] = field(default_factory=list)
+
+    @property
+    def items_per_second(self) -> float:
+        """Inputs processed by this run per second of its embedding loop."""
+        loop = self.timings.get("loop", 0.0)
+        return self.processed / loop if loop > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        d = dataclasses.asdict(self)
+        d["output"] = str(self.output)
+        d["items_per_second"] = self.items_per_second
+        return d
 
 
 def _progress(total: int, initial: int, unit: str, enabled: bool) -> Any:
@@ -38,11 +82,12 @@ def _without(identity: dict[str, Any], *, inputs: bool) -> dict[str, Any]:
 
 
 def _plan(out: OutputDir, existing: dict[str, Any] | None, listing: InputListing, identity: dict[str, Any],
-          opts: Any) -> RunPlan:
+          opts: EmbedOptions) -> RunPlan:
     """Refuse an output that holds another run; plan this one (new, resume, or update)."""
     if existing is None:
         return first_plan(listing, opts.shard_size)
     old = {k: existing.get(k) for k in identity}
+    old["settings"] = _same_model_spelling(dict(old.get("settings") or {}), identity["settings"], out)
     if differences(_without(old, inputs=True), _without(identity, inputs=True)):
         out.refuse_if_different(_WHAT, _without(old, inputs=False), _without(identity, inputs=False))
     if not differences(old.get("input"), identity["input"]):
@@ -52,11 +97,21 @@ def _plan(out: OutputDir, existing: dict[str, Any] | None, listing: InputListing
     return update_plan(listing, opts.shard_size, existing, out)
 
 
-def run_locked(model: Any, listing: InputListing, out: OutputDir, opts: Any, identity: dict[str, Any], engine: Any,
-               load: Callable[[Any, Any], Any], timings: dict[str, float]) -> Any:
+def _same_model_spelling(old: dict[str, Any], new: dict[str, Any], out: OutputDir) -> dict[str, Any]:
+    """``old`` settings with ``model`` spelled as ``new`` has it when both name the same local folder (an
+    output of an older phiclip recorded a relative path)."""
+    before, now = old.get("model"), new.get("model")
+    if isinstance(before, str) and isinstance(now, str) and before != now:
+        if same_spec(resolve_older_spec(before, out.root), now):
+            old["model"] = now
+    return old
+
+
+def run_locked(model: Any, listing: InputListing, out: OutputDir, opts: EmbedOptions, identity: dict[str, Any],
+               engine: Engine, timings: dict[str, float]) -> EmbedResult:
     """One run in an output folder this process holds the lock of (see :mod:`.runner` for the steps);
-    ``load(model, opts)`` gives the encoder, ``engine.run(job)`` embeds the pending shards. Returns an
-    :class:`~phiclip.pipeline.runner.EmbedResult` (``seconds`` left for the caller to set)."""
+    ``engine.load`` gives the encoder, ``engine.run(job, sink)`` embeds the pending shards. Returns an
+    :class:`EmbedResult` (``seconds`` left for the caller to set)."""
 
     t0 = time.perf_counter()
     kind = identity["kind"]
@@ -70,9 +125,10 @@ def run_locked(model: Any, listing: InputListing, out: OutputDir, opts: Any, ide
 
     def result(status: str, counts: dict[str, int], processed: int, pruned: int) -> EmbedResult:
         kept = {} if prune else plan.disappeared
-        return EmbedResult(out.root, status, len(listing.records), counts["embedded"], counts["failed"], skipped,
-                           listing.duplicates, listing.ignored, processed, 0.0, timings, len(kept), pruned,
-                           sorted(src for _, src in kept.values()))
+        return EmbedResult(output=out.root, status=status, inputs=len(listing.records), embedded=counts["embedded"],
+                           failed=counts["failed"], skipped=skipped, duplicates=listing.duplicates,
+                           ignored=listing.ignored, processed=processed, timings=timings, disappeared=len(kept),
+                           pruned=pruned, disappeared_sources=sorted(src for _, src in kept.values()))
 
     if was_complete and not pending and not plan.new_generation and not prune:
         return result("already_complete", out.counts(plan.shards), 0, 0)
@@ -81,7 +137,7 @@ def run_locked(model: Any, listing: InputListing, out: OutputDir, opts: Any, ide
         import pyarrow.parquet  # noqa: F401 - imported before the loop so that its timings are the work's
         import torch.utils.data  # noqa: F401
 
-        encoder = load(model, opts)
+        encoder = engine.load(model, opts.max_pixels)
         if kind == "text" and "text" not in encoder.modalities:
             raise InputError(f"{encoder.name} embeds images only; embed-text needs a model with a text side (CLIP, SigLIP)")
     timings["setup"] = timings.get("setup", 0.0) + time.perf_counter() - t0
@@ -104,9 +160,10 @@ def run_locked(model: Any, listing: InputListing, out: OutputDir, opts: Any, ide
         bar = _progress(len(listing.records), skipped, "img" if kind == "image" else "text", opts.progress)
         t_loop = time.perf_counter()
         try:
-            job = EngineJob(kind, plan.records, listing.reader, sink.remaining(), encoder, opts,
-                            identity["settings"]["precision"], sink, timings, bar)
-            processed = engine.run(job)
+            job = EngineJob(kind=kind, records=plan.records, reader=listing.reader, units=sink.remaining(),
+                            encoder=encoder, batch_size=opts.batch_size, max_pixels=opts.max_pixels, tokens=opts.tokens,
+                            precision=identity["settings"]["precision"], timings=timings, bar=bar)
+            processed = engine.run(job, sink)
         finally:
             bar.close()
         timings["loop"] = timings.get("loop", 0.0) + time.perf_counter() - t_loop
@@ -128,11 +185,13 @@ def run_locked(model: Any, listing: InputListing, out: OutputDir, opts: Any, ide
 
 
 def _manifest(version: str, identity: dict[str, Any], listing: InputListing, plan: RunPlan,
-              existing: dict[str, Any] | None, encoder: Any, out: OutputDir) -> dict[str, Any]:
-    """The manifest of this run (``complete`` false): from the loaded encoder, else from the existing one."""
+              existing: dict[str, Any] | None, encoder: Encoder | None, out: OutputDir) -> dict[str, Any]:
+    """The manifest of this run (``complete`` false): from the loaded encoder, else from the existing one.
+    The encoder's spec is recorded with a local folder's absolute path (and ``spec_as_typed``)."""
     if encoder is not None:
         describe = dict(encoder.describe())
         describe.setdefault("spec", encoder.name)
+        describe = recorded_description(describe)
         if existing is not None:
             out.check_encoder(existing, describe)
         made = {"encoder": describe, "dim": int(encoder.dim), "normalized": bool(getattr(encoder, "normalize", False))}
@@ -169,4 +228,4 @@ def _skipped_rows(listing: InputListing) -> list[tuple[str, str, str, str]]:
             for path, reason in listing.skipped]
 
 
-__all__ = ["run_locked"]
+__all__ = ["EmbedResult", "run_locked"]

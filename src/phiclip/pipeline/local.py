@@ -1,5 +1,5 @@
-"""The local engine: the pending shards of a run through the step (:mod:`.step`) on this machine, into
-the shard sink (:class:`.writer.ShardSink`).
+"""The local engine (:class:`LocalEngine`, an :class:`~.engine.Engine`): the pending shards of a run
+through the step (:mod:`.step`) on this machine, into the shard sink (:class:`.writer.ShardSink`).
 
 Who prepares the inputs: with a GPU the model leaves the CPU free, so ``num_workers`` processes (a
 torch ``DataLoader``; default ``min(4, CPUs)``) decode and preprocess while the model runs. On the
@@ -18,32 +18,15 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+from phiclip.encoders import Encoder, EncoderSpec, load_encoder
 from phiclip.encoders.base import default_prep_threads
-from phiclip.pipeline.sources import PayloadReader, Record
+from phiclip.encoders.device import resolve_device_dtype
+from phiclip.pipeline.engine import EngineJob, LocalOptions
 from phiclip.pipeline.step import Chunk, ModelStep, Piece, Preparer, StepResult, TextStep
 from phiclip.pipeline.writer import ShardSink
-
-
-@dataclass
-class EngineJob:
-    """What an engine gets: the records and how to read them, the pending ``units`` (``(shard,
-    positions)``), the loaded encoder, the run's options and precision, the sink that writes, the
-    timings to add to, and a progress bar."""
-
-    kind: str
-    records: Sequence[Record]
-    reader: PayloadReader
-    units: list[tuple[int, list[int]]]
-    encoder: Any
-    opts: Any  # EmbedOptions
-    precision: str
-    sink: ShardSink
-    timings: dict[str, float]
-    bar: Any
 
 
 def timed(items: Iterable[Any], timings: dict[str, float], key: str) -> Iterator[Any]:
@@ -58,7 +41,7 @@ def timed(items: Iterable[Any], timings: dict[str, float], key: str) -> Iterator
         yield item
 
 
-def drive(results: Iterator[tuple[int, StepResult]], job: EngineJob) -> int:
+def drive(results: Iterator[tuple[int, StepResult]], job: EngineJob, sink: ShardSink) -> int:
     """Feed ``(shard, result)`` pairs to the sink; returns how many records this run accounted for. When
     the run stops early (a model failure, Ctrl-C), what the sink holds is flushed first, so a rerun
     keeps it (unless flushing is off)."""
@@ -67,50 +50,69 @@ def drive(results: Iterator[tuple[int, StepResult]], job: EngineJob) -> int:
         for shard, res in results:
             for k, v in res.timings.items():
                 job.timings[k] = job.timings.get(k, 0.0) + v
-            n = job.sink.add(shard, res)
+            n = sink.add(shard, res)
             processed += n
             job.bar.update(n)
-            job.bar.set_postfix(failed=job.sink.failed, refresh=False)
+            job.bar.set_postfix(failed=sink.failed, refresh=False)
     except BaseException:
-        if job.sink.flush_seconds is not None:
+        if sink.flush_seconds is not None:
             with contextlib.suppress(Exception):
-                job.sink.flush()
+                sink.flush()
         raise
     finally:
         close = getattr(results, "close", None)
         if close is not None:
             close()
-    job.sink.close()
+    sink.close()
     return processed
 
 
-def run(job: EngineJob) -> int:
-    """Embed the job's pending shards here; returns the records processed."""
-    keys = ("read_decode_preprocess", "wait", "encode", "write") if job.kind == "image" else ("encode", "write")
-    for key in keys:
-        job.timings.setdefault(key, 0.0)
-    return drive(_image_results(job) if job.kind == "image" else _text_results(job), job)
+class LocalEngine:
+    """The local engine (an :class:`~.engine.Engine`): this machine, with its :class:`~.engine.LocalOptions`."""
+
+    def __init__(self, options: LocalOptions) -> None:
+        self.options = options
+
+    def precision(self, model: Any) -> str:
+        """The compute dtype the vectors come from (``float32``, ``bfloat16``...)."""
+        if isinstance(model, (str, EncoderSpec)):
+            return str(resolve_device_dtype(self.options.device, self.options.precision)[1]).replace("torch.", "")
+        return str(model.describe().get("dtype", "unknown")).replace("torch.", "")
+
+    def load(self, model: Any, max_pixels: int | None) -> Encoder:
+        """``model`` as is when loaded, else loaded from its spec on the options' device and precision."""
+        encoder = model if isinstance(model, Encoder) else load_encoder(model, device=self.options.device,
+                                                                         dtype=self.options.precision)
+        encoder.set_max_pixels(max_pixels)  # also bounds what preprocessing builds (Phi-3-vision's HD canvas)
+        return encoder
+
+    def run(self, job: EngineJob, sink: ShardSink) -> int:
+        """Embed the job's pending shards here; returns the records processed."""
+        keys = ("read_decode_preprocess", "wait", "encode", "write") if job.kind == "image" else ("encode", "write")
+        for key in keys:
+            job.timings.setdefault(key, 0.0)
+        results = self._image_results(job) if job.kind == "image" else _text_results(job)
+        return drive(results, job, sink)
+
+    def _image_results(self, job: EngineJob) -> Iterator[tuple[int, StepResult]]:
+        prep = Preparer(job.records, job.reader, job.encoder, max_pixels=job.max_pixels, budget=job.batch_size)
+        chunks = prep.chunks(job.units)
+        model = ModelStep(job.encoder, with_tokens=job.tokens, precision=job.precision)
+        nw = min(self.options.workers(model.device), len(chunks))
+        pieces = _worker_pieces(prep, chunks, nw) if nw else prep.in_process(chunks, default_prep_threads())
+        try:
+            for piece in timed(pieces, job.timings, "wait"):
+                yield piece.shard, model.encode(piece)
+        finally:
+            close = getattr(pieces, "close", None)  # stop the preparing threads, also when the model failed
+            if close is not None:
+                close()
 
 
 def _text_results(job: EngineJob) -> Iterator[tuple[int, StepResult]]:
-    step = TextStep(job.encoder, job.records, job.opts.batch_size)
+    step = TextStep(job.encoder, job.records, job.batch_size)
     for shard, positions in job.units:
         yield from step.batches(shard, positions)
-
-
-def _image_results(job: EngineJob) -> Iterator[tuple[int, StepResult]]:
-    prep = Preparer(job.records, job.reader, job.encoder, max_pixels=job.opts.max_pixels, budget=job.opts.batch_size)
-    chunks = prep.chunks(job.units)
-    model = ModelStep(job.encoder, with_tokens=job.opts.tokens, precision=job.precision)
-    nw = min(job.opts.workers(model.device), len(chunks))
-    pieces = _worker_pieces(prep, chunks, nw) if nw else prep.in_process(chunks, default_prep_threads())
-    try:
-        for piece in timed(pieces, job.timings, "wait"):
-            yield piece.shard, model.encode(piece)
-    finally:
-        close = getattr(pieces, "close", None)  # stop the preparing threads, also when the model failed
-        if close is not None:
-            close()
 
 
 def _identity(x: Any) -> Any:
@@ -140,4 +142,4 @@ def _mp_context() -> Any:
     return None
 
 
-__all__ = ["EngineJob", "drive", "run", "timed"]
+__all__ = ["LocalEngine", "drive", "timed"]

@@ -7,7 +7,7 @@
   POSIX record lock held for the whole run and unlinked when it ends, so two runs never write to one
   folder); a folder this run created is removed again if the run fails before its manifest.
 - **identity** (:meth:`OutputDir.existing`, :meth:`OutputDir.refuse_if_different`,
-  :meth:`OutputDir.check_encoder`): an existing output must hold the same run (kind, vector dtype,
+  :meth:`OutputDir.check_encoder`; the manifest itself is :mod:`phiclip.manifest`'s): an existing output must hold the same run (kind, vector dtype,
   model and its ``weights_fingerprint``, settings, inputs), otherwise the run is refused with a
   message naming what differs.
 - **progress**: :meth:`OutputDir.done_shards` (a shard is done exactly when its embeddings file
@@ -23,15 +23,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from phiclip import manifest as manifests
 from phiclip import schema
-from phiclip.pipeline.writer import OutputError, ShardWriter, read_manifest, write_manifest
+from phiclip.manifest import differences
+from phiclip.pipeline.writer import OutputError, ShardWriter, write_failed
 
-#: Keys of ``Encoder.describe()`` that may change between runs without changing the vectors.
-#: ``device`` may change between runs; ``precision`` records why the compute dtype was chosen (a CPU
-#: measurement that may be redone), while the dtype itself, which decides the vectors, is ``dtype``.
-VOLATILE_ENCODER_KEYS = frozenset({"device", "precision"})
-#: Key of ``Encoder.describe()`` (and so of ``manifest["encoder"]``) that identifies the weights.
-WEIGHTS_KEY = "weights_fingerprint"
 LOCK_FILE = ".phiclip.lock"
 
 
@@ -102,25 +98,6 @@ def output_lock(root: Path) -> Iterator[None]:
         _release_lock(root, fd)
 
 
-# --- comparing runs ----------------------------------------------------------------------------------
-def differences(old: Any, new: Any, prefix: str = "", form: str = "{key}: {old!r} before, {new!r} now") -> list[str]:
-    """``form`` (default ``"key.sub: OLD before, NEW now"``) for every leaf that differs between two
-    nested dicts; ``form`` gets ``key`` (dotted), ``old`` and ``new``."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for k in sorted(set(old) | set(new), key=str):
-            out += differences(old.get(k), new.get(k), f"{prefix}{k}.", form)
-        return out
-    if old != new:
-        return [form.format(key=prefix.rstrip("."), old=old, new=new)]
-    return []
-
-
-def stable_description(describe: dict[str, Any]) -> dict[str, Any]:
-    """An encoder description without the keys that may change between runs (device, precision reason)."""
-    return {k: v for k, v in describe.items() if k not in VOLATILE_ENCODER_KEYS}
-
-
 class OutputDir:
     """One output folder of a bulk run (``kind`` ``image`` or ``text``; ``dtype`` of the stored vectors)."""
 
@@ -135,7 +112,7 @@ class OutputDir:
         """Create (if needed) and lock the folder for the body of the ``with``; a folder this call
         created is removed again, empty, if the body fails before the manifest is written."""
         root = self.root
-        if root.is_dir() and read_manifest(root) is None:
+        if root.is_dir() and self.read() is None:
             self._check_fresh()  # a foreign folder is refused before a lock file is made in it
         created = self._make_folder()
         locked = False
@@ -196,17 +173,15 @@ class OutputDir:
                 (self.root / name).rmdir()  # only if empty
 
     # --- identity -----------------------------------------------------------------------------
+    def read(self, require: tuple[str, ...] = ()) -> dict[str, Any] | None:
+        """The folder's manifest (checked, :func:`phiclip.manifest.read_manifest`), or None when it has none."""
+        return manifests.read_manifest(self.root, missing_ok=True, require=require, strict=True, error=OutputError)
+
     def existing(self) -> dict[str, Any] | None:
         """The manifest of the run this folder holds, or None for a new (empty) folder."""
-        manifest = read_manifest(self.root)
+        manifest = self.read(require=("dim",))
         if manifest is None:
             self._check_fresh()
-            return None
-        if "dim" not in manifest:
-            raise OutputError(
-                f"{self.root / schema.MANIFEST_FILE}: field 'dim' is missing; the manifest was edited or damaged: "
-                "restore it, or embed again into a new --output folder"
-            )
         return manifest
 
     def refuse_if_different(self, what: str, old: Any, new: Any, hint: str = "") -> None:
@@ -220,25 +195,9 @@ class OutputDir:
             )
 
     def check_encoder(self, existing: dict[str, Any], describe: dict[str, Any]) -> None:
-        """Refuse to add vectors from other weights, or from a model described differently, to an output."""
-        old = existing.get("encoder") or {}
-        old_fp, new_fp = old.get(WEIGHTS_KEY), describe.get(WEIGHTS_KEY)
-        if old_fp != new_fp:
-            if old_fp is None:
-                # Nothing says the shards come from these weights (an older phiclip, or an encoder that did
-                # not report its weights); mixing two models is silent and unrepairable.
-                raise OutputError(
-                    f"{self.root}: its manifest records no weights fingerprint (written by an older phiclip, or by an "
-                    "encoder that does not report its weights), so it cannot be checked that the shards already written "
-                    f"come from these weights (new {new_fp}); embed into a new --output folder, or delete this one to "
-                    "start over"
-                )
-            raise OutputError(
-                f"{self.root}: weights changed: old {old_fp} new {new_fp}; the shards already written come from the old "
-                "weights and this run would mix two models. Put the old weights back (or pin the same hub revision) to "
-                "finish it, or embed into a new --output folder"
-            )
-        self.refuse_if_different("model", stable_description(old), stable_description(describe))
+        """Refuse to add vectors from other weights, or from a model described differently, to an output
+        (:func:`phiclip.manifest.check_encoder`)."""
+        manifests.check_encoder(existing, describe, where=self.root, purpose="add", error=OutputError)
 
     # --- progress -----------------------------------------------------------------------------
     def writer(self, dim: int) -> ShardWriter:
@@ -258,9 +217,15 @@ class OutputDir:
         return self.writer(1).counts(shards)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        """Write the manifest atomically."""
-        write_manifest(self.root, manifest)
+        """Write the manifest atomically (:func:`phiclip.manifest.write_manifest`).
+
+        Raises:
+            OutputError: the write failed (e.g. the disk is full), naming the folder.
+        """
+        try:
+            manifests.write_manifest(self.root, manifest)
+        except OSError as e:
+            raise write_failed(self.root, manifests.manifest_path(self.root), e) from e
 
 
-__all__ = ["LOCK_FILE", "VOLATILE_ENCODER_KEYS", "WEIGHTS_KEY", "OutputDir", "differences", "output_lock",
-           "stable_description"]
+__all__ = ["LOCK_FILE", "OutputDir", "output_lock"]

@@ -35,7 +35,7 @@ def fingerprint(records: Sequence[Record]) -> str:
     return h.hexdigest()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunPlan:
     """The work of one run.
 
@@ -90,11 +90,11 @@ def generations_of(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 def first_plan(listing: InputListing, shard_size: int) -> RunPlan:
     """A new output: every listed input, shards from 0."""
     units = _units(listing.records, shard_size, 0)
-    return RunPlan(listing.records, units, [_generation(0, units, listing.records)])
+    return RunPlan(records=listing.records, units=units, generations=[_generation(0, units, listing.records)])
 
 
 def _live(gens: Sequence[dict[str, Any]]) -> list[int]:
-    return RunPlan([], [], list(gens)).shards
+    return RunPlan(records=[], units=[], generations=list(gens)).shards
 
 
 def resume_plan(listing: InputListing, shard_size: int, manifest: dict[str, Any], out: OutputDir) -> RunPlan:
@@ -115,7 +115,7 @@ def resume_plan(listing: InputListing, shard_size: int, manifest: dict[str, Any]
         )
     listed = {r.id for r in listing.records}
     disappeared = {i: v for i, v in committed.items() if i not in listed}
-    return RunPlan(records, units, gens, disappeared, before)
+    return RunPlan(records=records, units=units, generations=gens, disappeared=disappeared, listed_before=before)
 
 
 def update_plan(listing: InputListing, shard_size: int, manifest: dict[str, Any], out: OutputDir) -> RunPlan:
@@ -137,7 +137,8 @@ def update_plan(listing: InputListing, shard_size: int, manifest: dict[str, Any]
     listed = {r.id for r in listing.records}
     disappeared = {i: v for i, v in committed.items() if i not in listed}
     gens.append(_generation(first, units, records))
-    return RunPlan(records, units, gens, disappeared, len(listing.records) - len(records), new_generation=True)
+    return RunPlan(records=records, units=units, generations=gens, disappeared=disappeared,
+                   listed_before=len(listing.records) - len(records), new_generation=True)
 
 
 __all__ = ["RunPlan", "first_plan", "fingerprint", "generations_of", "resume_plan", "update_plan"]

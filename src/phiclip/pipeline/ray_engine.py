@@ -36,9 +36,11 @@ import numpy as np
 
 from phiclip.encoders import Encoder, load_encoder
 from phiclip.encoders.device import resolve_device_dtype
-from phiclip.pipeline.local import EngineJob, drive, timed
-from phiclip.pipeline.output import differences, stable_description
+from phiclip.manifest import differences, stable_description
+from phiclip.pipeline.engine import EngineJob, RayOptions
+from phiclip.pipeline.local import drive, timed
 from phiclip.pipeline.step import Chunk, ModelStep, Preparer, StepResult
+from phiclip.pipeline.writer import ShardSink
 
 _CANONICAL = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -57,12 +59,12 @@ def available() -> None:
     _ray()
 
 
-def _init(opts: Any) -> Any:
-    """Ray, connected to ``opts.ray_address`` (or a running local instance, or a new one)."""
+def _init(opts: RayOptions) -> Any:
+    """Ray, connected to ``opts.address`` (or a running local instance, or a new one)."""
     ray = _ray()
     if not ray.is_initialized():
         path = os.environ.get("PYTHONPATH")
-        ray.init(address=opts.ray_address, logging_level=logging.WARNING, log_to_driver=False,
+        ray.init(address=opts.address, logging_level=logging.WARNING, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": path}} if path else None)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # phiclip's own bar counts inputs
@@ -70,7 +72,7 @@ def _init(opts: Any) -> Any:
     return ray
 
 
-def placement(opts: Any) -> tuple[float, str, int, float]:
+def placement(opts: RayOptions) -> tuple[float, str, int, float]:
     """``(gpus per actor, actor device, actors, CPUs per actor)`` for this cluster and these options."""
     ray = _init(opts)
     resources = ray.cluster_resources()
@@ -84,7 +86,7 @@ def placement(opts: Any) -> tuple[float, str, int, float]:
     return 0.0, device, n, float(max(1, min(4, int(cpus // 2 // n))))
 
 
-def precision(model: Any, opts: Any) -> str:
+def precision(model: Any, opts: RayOptions) -> str:
     """The compute precision the actors will use (the output's ``settings.precision``)."""
 
     if isinstance(model, Encoder):
@@ -99,7 +101,7 @@ def precision(model: Any, opts: Any) -> str:
     return str(resolve_device_dtype("cpu", "auto")[1]).replace("torch.", "")
 
 
-def cpu_side(encoder: Any) -> Any:
+def cpu_side(encoder: Encoder) -> Encoder:
     """A copy of ``encoder`` without its torch modules: what preprocessing needs, small to ship."""
     import torch
 
@@ -140,18 +142,18 @@ def _probe(spec: str, device: str, precision: str, max_pixels: int | None) -> di
             "prep": prep}
 
 
-def load(model: Any, opts: Any) -> Any:
+def load(model: Any, opts: RayOptions, max_pixels: int | None) -> Any:
     """The encoder for the driver: a loaded one as is; for a spec, what a probe task (with the actors'
     resources) loaded: its description and CPU side (:class:`RemoteEncoder`)."""
 
     if isinstance(model, Encoder):
-        model.set_max_pixels(opts.max_pixels)
+        model.set_max_pixels(max_pixels)
         return model
     ray = _init(opts)
     g, device, _, _ = placement(opts)
     probe = ray.remote(_probe).options(num_gpus=g, num_cpus=1, max_retries=1)
     try:
-        info = ray.get(probe.remote(str(model), device, opts.precision, opts.max_pixels))
+        info = ray.get(probe.remote(str(model), device, opts.precision, max_pixels))
     except ray.exceptions.RayTaskError as e:
         cause = e.as_instanceof_cause()
         raise (cause if isinstance(cause, (ValueError, OSError, RuntimeError)) else RuntimeError(str(e))) from None
@@ -215,22 +217,38 @@ class _EncodeActor:
         return {"shard": batch["shard"], "result": _pack([self.step.encode(_unpack(p)) for p in batch["piece"]])}
 
 
-def run(job: EngineJob) -> int:
-    """Embed the job's pending shards on Ray; returns the records processed."""
-    if job.kind != "image":
-        raise ValueError("engine ray embeds images; embed texts with the local engine (engine='local')")
-    for key in ("read_decode_preprocess", "wait", "encode", "write"):
-        job.timings.setdefault(key, 0.0)
-    return drive(_results(job), job)
+class RayEngine:
+    """The Ray engine (an :class:`~.engine.Engine`), with its :class:`~.engine.RayOptions`; checks on
+    creation that Ray Data is installed."""
+
+    def __init__(self, options: RayOptions) -> None:
+        available()
+        self.options = options
+
+    def precision(self, model: Any) -> str:
+        """The compute precision the actors will use (:func:`precision`)."""
+        return precision(model, self.options)
+
+    def load(self, model: Any, max_pixels: int | None) -> Any:
+        """The driver's encoder (:func:`load`)."""
+        return load(model, self.options, max_pixels)
+
+    def run(self, job: EngineJob, sink: ShardSink) -> int:
+        """Embed the job's pending shards on Ray; returns the records processed."""
+        if job.kind != "image":
+            raise ValueError("engine ray embeds images; embed texts with the local engine (engine='local')")
+        for key in ("read_decode_preprocess", "wait", "encode", "write"):
+            job.timings.setdefault(key, 0.0)
+        return drive(_results(job, self.options), job, sink)
 
 
-def _results(job: EngineJob) -> Iterator[tuple[int, StepResult]]:
-    ray = _init(job.opts)
-    g, device, n, actor_cpus = placement(job.opts)
-    enc, opts = job.encoder, job.opts
+def _results(job: EngineJob, opts: RayOptions) -> Iterator[tuple[int, StepResult]]:
+    ray = _init(opts)
+    g, device, n, actor_cpus = placement(opts)
+    enc = job.encoder
     remote = isinstance(enc, RemoteEncoder)
-    template = Preparer([], job.reader, enc.prep if remote else cpu_side(enc), max_pixels=opts.max_pixels,
-                        budget=opts.batch_size)
+    template = Preparer([], job.reader, enc.prep if remote else cpu_side(enc), max_pixels=job.max_pixels,
+                        budget=job.batch_size)
     chunks = template.chunks(job.units)
     if not chunks:
         return
@@ -245,7 +263,7 @@ def _results(job: EngineJob) -> Iterator[tuple[int, StepResult]]:
         _EncodeActor, batch_size=1, batch_format="numpy", num_gpus=g or None, num_cpus=actor_cpus,
         compute=ray.data.ActorPoolStrategy(size=n),
         fn_constructor_kwargs={"source": [refs[1]], "device": device, "precision": opts.precision,
-                               "max_pixels": opts.max_pixels, "tokens": opts.tokens, "run_precision": job.precision,
+                               "max_pixels": job.max_pixels, "tokens": job.tokens, "run_precision": job.precision,
                                "expected": enc.describe()},
     )
     t0, first = time.perf_counter(), True
@@ -255,4 +273,4 @@ def _results(job: EngineJob) -> Iterator[tuple[int, StepResult]]:
         yield int(row["shard"]), _unpack(row["result"])
 
 
-__all__ = ["RemoteEncoder", "available", "cpu_side", "load", "placement", "precision", "run"]
+__all__ = ["RayEngine", "RemoteEncoder", "available", "cpu_side", "load", "placement", "precision"]

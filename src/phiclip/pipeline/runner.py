@@ -11,8 +11,8 @@ The flow of :func:`embed`, module by module:
 3. **plan** (:mod:`.plan`): shards of records for a new output, the same shards for a resume, or new
    shards for the inputs added since (``update``); inputs no longer listed are kept or pruned.
 4. **load** the encoder and check it against the output.
-5. **run an engine** over the pending shards: :mod:`.local` (this machine) or :mod:`.ray_engine`
-   (a Ray cluster). Both run the one step of :mod:`.step` (decode + preprocess, batch, encode; errors as
+5. **run an engine** over the pending shards, picked from :data:`ENGINES` (the
+   :class:`~.engine.Engine` protocol): :mod:`.local` (this machine) or :mod:`.ray_engine` (a Ray cluster). Both run the one step of :mod:`.step` (decode + preprocess, batch, encode; errors as
    values) and feed a :class:`.writer.ShardSink`, which commits each shard atomically when all its
    records are back and flushes partial work as fragments every ``flush_seconds``. A rerun redoes only
    what is neither in a committed shard nor in a fragment, so after any crash (even SIGKILL) every
@@ -25,31 +25,49 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from phiclip import schema
+from phiclip.encoders import EncoderSpec
+from phiclip.encoders.registry import resolve_spec
+from phiclip.encoders.spec import absolute_spec
 from phiclip.images import DEFAULT_MAX_PIXELS
+from phiclip.pipeline.engine import Engine, LocalOptions, RayOptions, default_num_workers
+from phiclip.pipeline.job import EmbedResult, run_locked
 from phiclip.pipeline.output import LOCK_FILE, OutputDir
 from phiclip.pipeline.output import output_lock as _output_lock
 from phiclip.pipeline.sources import InputError, InputListing, list_inputs, list_texts
-from phiclip.pipeline.writer import VECTOR_DTYPES
-
-#: The engines ``engine=`` (``--engine``) accepts.
-ENGINES = ("local", "ray")
+from phiclip.schema import VECTOR_DTYPES
 
 
-def default_num_workers(device: str = "cuda") -> int:
-    """Worker processes for an encoder on ``device``: ``min(4, CPUs)`` beside an accelerator (CUDA,
-    MPS...), 0 on the CPU (there the inputs are prepared on a thread pool between model calls; see
-    :mod:`.local`)."""
-    if str(device).split(":")[0] == "cpu":
-        return 0
-    return min(4, os.cpu_count() or 1)
+def _local_engine(opts: EmbedOptions) -> Engine:
+    # lazy: the engine imports pipeline.step -> the encoders' torch side; `phiclip --help` imports this module
+    from phiclip.pipeline.local import LocalEngine
+
+    return LocalEngine(LocalOptions(device=opts.device, precision=opts.precision, num_workers=opts.num_workers))
 
 
-@dataclass
+def _ray_engine(opts: EmbedOptions) -> Engine:
+    # lazy: Ray is optional, and the engine imports pipeline.step; `phiclip --help` imports this module
+    from phiclip.pipeline.ray_engine import RayEngine
+
+    return RayEngine(RayOptions(device=opts.device, precision=opts.precision, address=opts.ray_address,
+                                gpus_per_actor=opts.gpus_per_actor, num_actors=opts.num_actors))
+
+
+#: The engines ``engine=`` (``--engine``) accepts, each built from the run's :class:`EmbedOptions` (an
+#: :class:`~.engine.Engine`; building it checks that it can run, e.g. that Ray is installed).
+ENGINES: dict[str, Callable[[EmbedOptions], Engine]] = {"local": _local_engine, "ray": _ray_engine}
+
+
+def engine_for(opts: EmbedOptions) -> Engine:
+    """The engine ``opts.engine`` names (:data:`ENGINES`), built from ``opts``."""
+    return ENGINES[opts.validate().engine](opts)
+
+
+@dataclass(kw_only=True)
 class EmbedOptions:
     """Every setting of a bulk run, with its default (declared here only; the CLI and
     :func:`embed` keyword arguments fill this object)."""
@@ -132,102 +150,23 @@ def make_options(options: EmbedOptions | None = None, **settings: Any) -> EmbedO
     return dataclasses.replace(options or EmbedOptions(), **settings).validate()
 
 
-@dataclass
-class EmbedResult:
-    """What a run did. ``skipped``: inputs already done by an earlier run; ``duplicates``: repeated
-    inputs listed once; ``ignored``: entries that are not inputs (the files among them are named in
-    ``errors/skipped.parquet`` with the stage ``skip``); ``disappeared``: inputs in the output that are
-    no longer listed (kept; ``disappeared_sources`` names them); ``pruned``: such rows removed by this
-    run (``prune``)."""
-
-    output: Path
-    status: str  # "completed" | "already_complete"
-    inputs: int
-    embedded: int
-    failed: int
-    skipped: int
-    duplicates: int = 0
-    ignored: int = 0
-    processed: int = 0  # inputs embedded or failed by this run
-    seconds: float = 0.0  # wall time of the whole call
-    timings: dict[str, float] = field(default_factory=dict)  # per stage, seconds
-    disappeared: int = 0
-    pruned: int = 0
-    disappeared_sources: list[str] = field(default_factory=list)
-
-    @property
-    def items_per_second(self) -> float:
-        """Inputs processed by this run per second of its embedding loop."""
-        loop = self.timings.get("loop", 0.0)
-        return self.processed / loop if loop > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        d = dataclasses.asdict(self)
-        d["output"] = str(self.output)
-        d["items_per_second"] = self.items_per_second
-        return d
-
-
 # --- the run -------------------------------------------------------------------------------------------
-def _load(model: Any, opts: EmbedOptions) -> Any:
-    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
-    from phiclip.encoders import Encoder, load_encoder
-
-    encoder = model if isinstance(model, Encoder) else load_encoder(model, device=opts.device, dtype=opts.precision)
-    encoder.set_max_pixels(opts.max_pixels)  # also bounds what preprocessing builds (Phi-3-vision's HD canvas)
-    return encoder
-
-
-def _is_spec(model: Any) -> bool:
-    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
-    from phiclip.encoders import EncoderSpec
-
-    return isinstance(model, (str, EncoderSpec))
-
-
 def _model_spec(model: Any) -> str:
-    """The normalised spec string of a spec (its kind found from the checkpoint when left out), or the
-    ``name`` of a loaded encoder."""
-    if _is_spec(model):
-        # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
-        from phiclip.encoders.registry import resolve_spec
-
-        return str(resolve_spec(str(model)))  # a spec without kind: the kind from the checkpoint's config.json
+    """The normalised spec string of a spec (its kind found from the checkpoint's config.json when left out; a
+    local folder as its absolute path, so that the output can be searched from anywhere), or the ``name`` of a
+    loaded encoder."""
+    if isinstance(model, (str, EncoderSpec)):
+        return absolute_spec(str(resolve_spec(str(model))))
     return str(getattr(model, "name", type(model).__name__))
-
-
-def _precision(model: Any, opts: EmbedOptions) -> str:
-    """The compute dtype name the vectors come from (``float32``, ``bfloat16``...)."""
-    if _is_spec(model):
-        # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
-        from phiclip.encoders.device import resolve_device_dtype
-
-        return str(resolve_device_dtype(opts.device, opts.precision)[1]).replace("torch.", "")
-    return str(model.describe().get("dtype", "unknown")).replace("torch.", "")
-
-
-def _engine(opts: EmbedOptions) -> Any:
-    """The engine module (``run(job)``); for Ray, checked to be installed before anything is written."""
-    if opts.engine == "ray":
-        # lazy: engines import pipeline.step -> phiclip.encoders; `phiclip --help` imports this module
-        from phiclip.pipeline import ray_engine
-
-        ray_engine.available()
-        return ray_engine
-    # lazy: engines import pipeline.step -> phiclip.encoders; `phiclip --help` imports this module
-    from phiclip.pipeline import local
-
-    return local
 
 
 def _run(model: Any, listing: InputListing, output: str | os.PathLike, opts: EmbedOptions, kind: str,
          list_seconds: float = 0.0) -> EmbedResult:
     t_start = time.perf_counter() - list_seconds
-    engine = _engine(opts)
+    engine = engine_for(opts)  # for Ray, checked to be installed before anything is written
     settings = {
         "model": _model_spec(model),
-        "precision": engine.precision(model, opts) if opts.engine != "local" else _precision(model, opts),
+        "precision": engine.precision(model),
         "shard_size": opts.shard_size,
         "max_pixels": opts.max_pixels if kind == "image" else None,
         "tokens": opts.tokens,
@@ -235,12 +174,8 @@ def _run(model: Any, listing: InputListing, output: str | os.PathLike, opts: Emb
     input_desc = {**listing.description, "num_inputs": len(listing.records), "fingerprint": listing.fingerprint()}
     identity = {"kind": kind, "dtype": opts.dtype, "input": input_desc, "settings": settings}
     out = OutputDir(output, kind=kind, dtype=opts.dtype)
-    # lazy: cycle (pipeline.job imports EmbedResult from this module)
-    from phiclip.pipeline.job import run_locked
-
     with out.claimed(lock=_output_lock):
-        load = _load if opts.engine == "local" else engine.load
-        res = run_locked(model, listing, out, opts, identity, engine, load, {"list": list_seconds})
+        res = run_locked(model, listing, out, opts, identity, engine, {"list": list_seconds})
     res.seconds = time.perf_counter() - t_start
     return res
 
@@ -295,4 +230,4 @@ def embed_text(model: Any, input: str | os.PathLike, output: str | os.PathLike, 
 
 
 __all__ = ["ENGINES", "LOCK_FILE", "EmbedOptions", "EmbedResult", "default_num_workers", "embed", "embed_text",
-           "make_options"]
+           "engine_for", "make_options"]

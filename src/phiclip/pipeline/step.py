@@ -15,6 +15,9 @@ halves, so that an engine can run them in different places:
    an input's fault: the batch is tried once more, then a ``RuntimeError`` names the batch. Rows that
    are not finite (NaN/inf) become errors of stage ``encode``.
 
+:func:`encode_images` (images in memory -> vectors, an exception naming every input that failed) is
+the Python user's way in; it lives here, not on the encoder, so that encoders never import the pipeline.
+
 Texts take :class:`TextStep` (``encoder.encode_texts`` on consecutive records, same retry and checks).
 A :class:`StepResult` is what a step returns: rows by record position, errors and timings.
 """
@@ -33,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from phiclip import schema
-from phiclip.encoders.base import default_prep_threads
-from phiclip.images import ImageDecodeError, describe_source, try_load_image
+from phiclip.encoders.base import Encoder, default_prep_threads
+from phiclip.images import ImageDecodeError, ImageInput, describe_source, try_load_image
 from phiclip.pipeline.sources import PayloadReader, Record
 
 #: ``(position, stage, reason)``: an input that failed, by its position in the step's records.
@@ -44,7 +47,7 @@ RUN_HINT = ("shards already written are kept and rerunning the same command resu
             "lower --batch-size")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepResult:
     """Rows of one step (or of several, with :meth:`add`), by record position.
 
@@ -93,10 +96,10 @@ class StepResult:
         """The rows and errors whose position ``keep`` accepts (timings kept)."""
         rows = [i for i, p in enumerate(self.positions) if keep(p)]
         emb = self.embeddings
-        return StepResult(self.dim, [self.positions[i] for i in rows], [self.sizes[i] for i in rows],
-                          [emb[rows]] if rows else [],
-                          [self.tokens[i] for i in rows] if self.tokens is not None else None,
-                          [e for e in self.errors if keep(e[0])], dict(self.timings))
+        return StepResult(dim=self.dim, positions=[self.positions[i] for i in rows], sizes=[self.sizes[i] for i in rows],
+                          blocks=[emb[rows]] if rows else [],
+                          tokens=[self.tokens[i] for i in rows] if self.tokens is not None else None,
+                          errors=[e for e in self.errors if keep(e[0])], timings=dict(self.timings))
 
     def in_order(self, n: int) -> np.ndarray:
         """(n, dim) vectors of positions ``0..n-1`` when every one was embedded (see :meth:`raise_for_errors`)."""
@@ -134,7 +137,7 @@ class Chunk:
     positions: list[int]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Piece:
     """Prepared records of one shard: at most one collated ``batch`` (of the records at ``positions``,
     images of ``sizes``) and the records that failed on the way."""
@@ -202,7 +205,7 @@ class Preparer:
     """The CPU half: records -> :class:`Piece` objects. Picklable with its encoder (worker processes
     and Ray tasks call only the encoder's CPU side: ``preprocess``, ``collate``, ``item_cost``)."""
 
-    def __init__(self, records: Sequence[Record], reader: PayloadReader, encoder: Any, *,
+    def __init__(self, records: Sequence[Record], reader: PayloadReader, encoder: Encoder, *,
                  max_pixels: int | None, budget: int) -> None:
         self.records = records
         self.reader = reader
@@ -250,7 +253,8 @@ class Preparer:
             payloads = self.reader.read(recs)
         except Exception as e:  # noqa: BLE001 - one unreadable block must not stop the run
             reason = f"cannot read ({type(e).__name__}: {e})"
-            yield Piece(chunk.shard, [], [], None, [(p, "read", reason) for p in chunk.positions], time.perf_counter() - t0)
+            yield Piece(shard=chunk.shard, positions=[], sizes=[], batch=None,
+                        errors=[(p, "read", reason) for p in chunk.positions], seconds=time.perf_counter() - t0)
             return
         if pool is not None:
             prepared: Iterator[Any] = iter(list(pool.map(self._prepare, recs, payloads)))
@@ -280,7 +284,8 @@ class Preparer:
             except Exception as e:  # noqa: BLE001
                 errors = errors + [(g[0], "preprocess", f"could not batch ({type(e).__name__}: {e})") for g in group]
         first = self.records[positions[0]].source if positions else ""
-        return Piece(shard, positions, sizes, batch, errors, time.perf_counter() - t0, first)
+        return Piece(shard=shard, positions=positions, sizes=sizes, batch=batch, errors=errors,
+                     seconds=time.perf_counter() - t0, first_source=first)
 
     def in_process(self, chunks: Sequence[Chunk], threads: int) -> Iterator[Piece]:
         """The chunks prepared in this process, each on a pool of ``threads`` threads, in order. Closing
@@ -342,7 +347,7 @@ def _finite_rows(res: StepResult, positions: Sequence[int], sizes: Sequence[tupl
 class ModelStep:
     """The model half: :class:`Piece` -> :class:`StepResult` (see the module docstring)."""
 
-    def __init__(self, encoder: Any, *, with_tokens: bool = False, precision: str | None = None,
+    def __init__(self, encoder: Encoder, *, with_tokens: bool = False, precision: str | None = None,
                  hint: str = RUN_HINT) -> None:
         describe = encoder.describe()
         self.encoder = encoder
@@ -360,7 +365,7 @@ class ModelStep:
     def encode(self, piece: Piece) -> StepResult:
         """Encode the piece's batch; its errors pass through. ``timings["encode"]``: seconds here."""
         t0 = time.perf_counter()
-        res = StepResult(int(self.encoder.dim), errors=list(piece.errors))
+        res = StepResult(dim=int(self.encoder.dim), errors=list(piece.errors))
         if piece.positions:
             where = f"a batch of {len(piece.positions)} inputs starting with {piece.first_source}"
             enc = _call_model(lambda: self._encode(piece.batch), where, self.hint)
@@ -375,7 +380,7 @@ class ModelStep:
 class TextStep:
     """Texts of consecutive records -> :class:`StepResult` (``encoder.encode_texts``)."""
 
-    def __init__(self, encoder: Any, records: Sequence[Record], batch_size: int, hint: str = RUN_HINT) -> None:
+    def __init__(self, encoder: Encoder, records: Sequence[Record], batch_size: int, hint: str = RUN_HINT) -> None:
         self.encoder = encoder
         self.records = records
         self.batch_size = batch_size
@@ -395,13 +400,13 @@ class TextStep:
                     return self.encoder.encode_texts(texts, batch_size=len(texts))
 
             vectors = _call_model(run, f"texts starting at {self.records[pos[0]].source}", self.hint)
-            res = _finite_rows(StepResult(int(self.encoder.dim)), pos, [(0, 0)] * len(pos), vectors, None)
+            res = _finite_rows(StepResult(dim=int(self.encoder.dim)), pos, [(0, 0)] * len(pos), vectors, None)
             res.timings = {"encode": time.perf_counter() - t0}
             yield shard, res
 
 
 # --- in memory ----------------------------------------------------------------------------------------
-def embed_payloads(encoder: Any, payloads: Sequence[Any], *, batch_size: int, max_pixels: int | None,
+def embed_payloads(encoder: Encoder, payloads: Sequence[Any], *, batch_size: int, max_pixels: int | None,
                    with_tokens: bool = False, threads: int | None = None) -> StepResult:
     """Embed images held in memory (PIL images, uint8 arrays, paths or encoded bytes) with the pipeline's
     loop, in this process (decoding and preprocessing on a thread pool between model calls).
@@ -430,7 +435,7 @@ def embed_payloads(encoder: Any, payloads: Sequence[Any], *, batch_size: int, ma
     prep = Preparer(records, PayloadReader(), encoder, max_pixels=max_pixels, budget=batch_size)
     model = ModelStep(encoder, with_tokens=with_tokens, hint="if it ran out of memory, use a smaller batch size")
     n_threads = min(default_prep_threads() if threads is None else threads, batch_size, max(1, len(records)))
-    out = StepResult(int(encoder.dim), tokens=[] if with_tokens else None)
+    out = StepResult(dim=int(encoder.dim), tokens=[] if with_tokens else None)
     pieces = prep.in_process(prep.chunks([(0, range(len(records)))]), n_threads)
     try:
         for piece in pieces:
@@ -440,5 +445,21 @@ def embed_payloads(encoder: Any, payloads: Sequence[Any], *, batch_size: int, ma
     return out
 
 
+def encode_images(encoder: Encoder, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
+    """Images (PIL, arrays, paths or bytes) -> (n, dim) float32 embeddings with ``encoder``, through the
+    bulk pipeline's loop (:func:`embed_payloads`: decoding and preprocessing on a thread pool between
+    model calls, about ``batch_size`` images per model call, images over the encoder's ``max_pixels``
+    refused).
+
+    Raises:
+        InputsFailed: (an ``ImageDecodeError``) naming every input that could not be embedded, after
+            trying all of them.
+    """
+    budget = max(1, batch_size) * max(1, int(encoder.typical_item_cost()))  # the loop's budget counts item costs
+    res = embed_payloads(encoder, images, batch_size=budget, max_pixels=encoder.max_pixels)
+    res.raise_for_errors([describe_source(im) for im in images])
+    return res.in_order(len(images))
+
+
 __all__ = ["Chunk", "CostPacker", "InputsFailed", "ModelStep", "Piece", "Preparer", "StepResult", "TextStep",
-           "embed_payloads"]
+           "embed_payloads", "encode_images"]

@@ -1,8 +1,8 @@
 """Atomic writes of an embedding output directory (layout and column names: :mod:`phiclip.schema`).
 
-Every file is written to a hidden temporary name in its final folder (``.part-00003.parquet.<pid>.tmp``,
-which no ``*.parquet`` glob matches), flushed, fsync'ed, then renamed over its final name with
-``os.replace``, and the folder is fsync'ed: a reader never sees a half-written file.
+Every file is written through :func:`phiclip.atomic.atomic_write` (a hidden temporary name in its final
+folder, ``.part-00003.parquet.<pid>.tmp``, which no ``*.parquet`` glob matches, renamed into place):
+a reader never sees a half-written file. The manifest is :mod:`phiclip.manifest`'s.
 
 A shard commits in this order: tokens, errors, embeddings. **A shard is done exactly when its
 embeddings file exists** (an empty one when every input of the shard failed). A crash before the
@@ -26,7 +26,6 @@ fragment folder is deleted. A fragment folder of a shard that is done is deleted
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shutil
@@ -34,25 +33,26 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from phiclip import schema
+from phiclip.atomic import atomic_write
+from phiclip.manifest import ManifestError
+from phiclip.schema import VECTOR_DTYPES
 
-#: Output dtypes of the stored vectors.
-VECTOR_DTYPES = ("float16", "float32")
 _SHARD_RE = re.compile(r"^part-(\d+)\.parquet$")
 #: Hidden folder of the fragments of shards in progress (``OUT/.partial/part-00003/00000.embeddings.parquet``).
 PARTIAL_DIR = ".partial"
 _FRAGMENT_RE = re.compile(r"^(\d+)\.(embeddings|errors|tokens)\.parquet$")
 
 
-class OutputError(ValueError):
+class OutputError(ManifestError):
     """The output directory cannot be used as asked (another run's output, corrupt manifest...)."""
 
 
-def _write_failed(root: Path, path: Path, e: OSError) -> OutputError:
+def write_failed(root: Path, path: Path, e: OSError) -> OutputError:
     """The message for a failed write: which folder and file, why, and that a rerun resumes."""
     full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
     why = "the disk (or your quota) is full" if full else (e.strerror or str(e))
@@ -65,105 +65,6 @@ def _write_failed(root: Path, path: Path, e: OSError) -> OutputError:
         f"{root}: cannot write {name} ({why}); nothing half-written was kept: {fix} and rerun the same command, "
         "it resumes from the shards already written"
     )
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Write a file through ``write(fileobj)`` to a temporary name, fsync, and rename it into place."""
-    final = Path(path)
-    tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(final.parent)
-    return final
-
-
-def write_manifest(root: str | os.PathLike, manifest: dict[str, Any]) -> Path:
-    """Write ``manifest.json`` atomically (indented, keys in insertion order; non-ASCII escaped, so
-    any path, even one that is not UTF-8, can be written).
-
-    Raises:
-        OutputError: the write failed (e.g. the disk is full), naming the folder.
-    """
-    data = (json.dumps(manifest, indent=2, default=str) + "\n").encode("utf-8")
-    path = Path(root) / schema.MANIFEST_FILE
-    try:
-        return atomic_write(path, lambda f: f.write(data))
-    except OSError as e:
-        raise _write_failed(Path(root), path, e) from e
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-#: Type checks of the manifest fields phiclip reads back: (test, what it must be).
-_MANIFEST_TYPES: dict[str, tuple[Any, str]] = {
-    "phiclip_version": (lambda v: isinstance(v, str), "a string"),
-    "kind": (lambda v: v in ("image", "text"), '"image" or "text"'),
-    "encoder": (lambda v: isinstance(v, dict), "an object"),
-    "dim": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "dtype": (lambda v: v in VECTOR_DTYPES, " or ".join(f'"{d}"' for d in VECTOR_DTYPES)),
-    "normalized": (lambda v: isinstance(v, bool), "true or false"),
-    "input": (lambda v: isinstance(v, dict), "an object"),
-    "counts": (lambda v: isinstance(v, dict) and all(_is_int(x) and x >= 0 for x in v.values()),
-               "an object of counts (integers >= 0)"),
-    "complete": (lambda v: isinstance(v, bool), "true or false"),
-    "settings": (lambda v: isinstance(v, dict), "an object"),
-    "timings": (lambda v: isinstance(v, dict), "an object"),
-}
-
-
-def check_manifest(manifest: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
-    """Check the type of every known field present in a manifest; returns it.
-
-    Raises:
-        OutputError: naming the file, the field, what it holds and what it must hold.
-    """
-    for key, (ok, what) in _MANIFEST_TYPES.items():
-        if key in manifest and not ok(manifest[key]):
-            shown = repr(manifest[key])
-            shown = shown if len(shown) <= 60 else shown[:57] + "..."
-            raise OutputError(
-                f"{path}: field {key!r} is {shown} ({type(manifest[key]).__name__}), but must be {what}; the manifest "
-                "was edited or damaged: restore it, or embed again into a new --output folder"
-            )
-    return manifest
-
-
-def read_manifest(root: str | os.PathLike) -> dict[str, Any] | None:
-    """``manifest.json`` as a dict, or ``None`` when there is none.
-
-    Raises:
-        OutputError: when it exists but is not a JSON object, or a field has the wrong type
-            (:func:`check_manifest`).
-    """
-    path = Path(root) / schema.MANIFEST_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # ValueError: JSON errors and text that is not UTF-8
-        raise OutputError(f"{path}: unreadable manifest ({e}); delete the output folder and run again") from None
-    if not isinstance(data, dict):
-        raise OutputError(f"{path}: the manifest is not a JSON object; delete the output folder and run again")
-    return check_manifest(data, path)
 
 
 def _vector_type(dtype: str) -> Any:
@@ -228,7 +129,7 @@ def _fixed_list(matrix: np.ndarray, dtype: str) -> Any:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=_vector_type(dtype)), d)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ShardResult:
     """What one shard produced, rows in input order.
 
@@ -416,7 +317,7 @@ class ShardWriter:
         try:
             atomic_write(path, lambda f: pq.write_table(table, f, use_dictionary=False))
         except OSError as e:
-            raise _write_failed(self.root, path, e) from e
+            raise write_failed(self.root, path, e) from e
 
     def write_skipped(self, rows: Sequence[tuple[str, str, str, str]]) -> None:
         """Write ``errors/skipped.parquet`` (``(id, source, stage, reason)`` rows of the files that were
