@@ -570,7 +570,7 @@ def embed_data(encoder: Encoder, data: LabelledData, *, batch_size: int = 32,
 
     images = list(data.images)
     chunk = batch_size * PROGRESS_CHUNK_BATCHES if progress else max(1, len(images))
-    result = StepResult(int(encoder.dim))
+    result = StepResult(dim=int(encoder.dim))
     with tqdm(total=len(images), unit="image", desc="embedding", disable=not progress, dynamic_ncols=True,
               file=sys.stderr) as bar:
         for start in range(0, len(images), chunk):

@@ -316,9 +316,18 @@ def check_encoder(manifest: dict[str, Any], describe: dict[str, Any], *, where: 
         return
     expected = encoder_spec_of(manifest)
     got = str(describe.get("spec") or "")
-    same_weights = relocated and bool(old_fp) and str(old_fp) == str(new_fp)
     resolved = recorded_spec(manifest, where) or ""  # an older manifest's relative folder, found
-    if expected and got and not (_same_model_elsewhere(got, expected) if same_weights else same_spec(got, resolved)):
+    if relocated and expected and got and _same_model_elsewhere(got, expected) and not same_spec(got, resolved):
+        # --model named another place for the checkpoint: its weights are what tell whether it is the same one.
+        if not (old_fp and new_fp and str(old_fp) == str(new_fp)) and not allow_other_weights:
+            why = (f"differ ({new_fp} now, {old_fp} in the manifest)" if old_fp and new_fp else
+                   "cannot be compared (the " + ("manifest" if not old_fp else "encoder") + " records no fingerprint)")
+            raise error(
+                f"{where}: the weights of the --model encoder {got!r} and of {expected!r}, which made the vectors, "
+                f"{why}; give the checkpoint that made them, or pass --allow-other-weights "
+                "(allow_other_weights=True in Python) to use these weights anyway"
+            )
+    elif expected and got and not same_spec(got, resolved):
         raise error(
             f"{where}: the vectors were made by {expected!r} but the query encoder is {got!r}; "
             "queries must use the encoder that made the index (omit the encoder to load it from the manifest)"

@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from phiclip import __version__, schema
 from phiclip import manifest as manifests
+from phiclip import schema
 from phiclip.atomic import atomic_path, atomic_write_json
 from phiclip.encoders import load_encoder
 from phiclip.encoders.base import Encoder, parse_spec
@@ -59,6 +59,7 @@ from phiclip.store import (
     read_manifest,
     shard_files,
 )
+from phiclip.version import __version__
 
 log = logging.getLogger(__name__)
 

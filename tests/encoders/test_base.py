@@ -40,7 +40,7 @@ BAD_SPECS = [
     ("openai/clip-vit-base-patch32", "has no kind"),
     ("", "has no kind"),
     ("vit:openai/clip", "unknown kind 'vit'"),
-    ("open_clip:ViT-B-32", "unknown kind 'open_clip'"),
+    ("timm:vit_base_patch16_224", "unknown kind 'timm'"),
     ("clip:", "names no model"),
     ("clip:   ", "names no model"),
     ("clip:?normalize=false", "names no model"),

@@ -132,7 +132,7 @@ def test_export_round_trip_keeps_the_weights(tiny: Path, tmp_path: Path) -> None
 
 
 def test_fallback_fix_text_matches_ftfy_on_fixed_mappings() -> None:
-    ftfy = pytest.importorskip("ftfy")
+    ftfy = pytest.importorskip("ftfy", reason="ftfy is not installed (phiclip[open-clip], in the dev extra)")
     from phiclip.open_clip.tokenizer import fix_text_fallback
 
     for text in ["don’t “x”", "ﬁne ﬂow", "ＦＵＬＬ　ｗｉｄｔｈ", "a\r\nb\rc", "e\u0301", "&amp; &lt;", "<b>&amp;</b>",

@@ -28,9 +28,9 @@ from rich.console import Console
 from rich.text import Text
 from typer.core import TyperGroup
 
-from phiclip import __version__
 from phiclip.cli import compare, demo, embed, evaluate, finetune, info, search, serve
 from phiclip.console import safe_text
+from phiclip.version import __version__
 
 _UNQUOTED_GLOB_HINT = (
     "\nIf you passed a glob such as imgs/*.jpg without quotes, the shell expanded it into many arguments: "

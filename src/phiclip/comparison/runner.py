@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 
-from phiclip import __version__
 from phiclip.comparison import structure
 from phiclip.comparison.measure import (
     CompareError,
@@ -58,6 +57,7 @@ from phiclip.comparison.results import (
 )
 from phiclip.images import DEFAULT_MAX_PIXELS, load_image
 from phiclip.inputs import LabelledData, load_data
+from phiclip.version import __version__
 
 #: Defaults of :class:`CompareOptions`, declared once (the CLI reads them from here).
 DEFAULT_K = 10

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from phiclip import __version__, schema
+from phiclip import schema
 from phiclip.manifest import differences, recorded_description, resolve_older_spec, same_spec
 from phiclip.pipeline.engine import Engine, EngineJob
 from phiclip.pipeline.output import OutputDir
 from phiclip.pipeline.plan import RunPlan, first_plan, resume_plan, update_plan
 from phiclip.pipeline.sources import InputError, InputListing, record_id
 from phiclip.pipeline.writer import OutputError, ShardSink
+from phiclip.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from phiclip.encoders.base import Encoder

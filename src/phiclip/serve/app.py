@@ -46,7 +46,6 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import numpy as np
 
-from phiclip import __version__
 from phiclip.encoders.base import Encoder
 from phiclip.images import ImageDecodeError, load_image
 from phiclip.retrieval import SearchError, require_text_side
@@ -64,6 +63,7 @@ from phiclip.serve.metrics import ServeMetrics
 from phiclip.serve.options import ServeOptions, is_loopback
 from phiclip.serve.thumbnails import DEFAULT_THUMBNAIL_SIZE, THUMBNAIL_SIZES, ThumbnailCache, render_thumbnail
 from phiclip.store import read_manifest
+from phiclip.version import __version__
 
 try:
     import anyio

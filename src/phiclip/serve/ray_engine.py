@@ -30,7 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from phiclip.images import ImageDecodeError
+from phiclip.retrieval import check_query_encoder, load_query_encoder
 from phiclip.serve.batching import IMAGE, DynamicBatcher, InputError, Overloaded, warm_up_encoder
+from phiclip.serve.collections import collection_names, decode_upload, open_collection
 from phiclip.serve.options import ServeOptions
 
 log = logging.getLogger(__name__)
@@ -68,8 +71,6 @@ class EncoderReplica:
 
     def __init__(self, root: str, manifest: dict[str, Any], others: list[tuple[str, dict[str, Any]]],
                  options: dict[str, Any]) -> None:
-        from phiclip.retrieval import check_query_encoder, load_query_encoder
-
         opts = ServeOptions(**options)
         self.encoder = load_query_encoder(Path(root), manifest, opts.model, device=opts.device, dtype=opts.precision,
                                           allow_other_weights=opts.allow_other_weights)
@@ -106,9 +107,6 @@ class EncoderReplica:
                 "pid": os.getpid()}
 
     def _prepare(self, items: list[tuple[bytes, str]]) -> list[Any]:
-        from phiclip.images import ImageDecodeError
-        from phiclip.serve.collections import decode_upload
-
         out = []
         for data, name in items:
             try:
@@ -302,8 +300,6 @@ def deploy(paths: list[str | Path], opts: ServeOptions) -> tuple[list[Any], dict
     Returns ``(collections, encoders, shutdown)``: ``encoders`` maps each spec to a
     :class:`RemoteEncoder`; ``shutdown()`` deletes the applications (and stops Ray if this call started it).
     """
-    from phiclip.serve.collections import collection_names, open_collection
-
     ray, serve = _ray()
     if not paths:
         raise ValueError("give at least one output directory of `phiclip embed`")
