@@ -16,6 +16,7 @@ Importing this module does not import torch (the functions that take tensors get
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -27,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from phiclip.atomic import atomic_write_json
+from phiclip.cache import cache_root
 from phiclip.hub import CheckpointError, Location, resolve_file
-from phiclip.precision import cache_dir, write_cache_json
 
 if TYPE_CHECKING:
     import torch
@@ -306,7 +308,7 @@ class WeightsHasher:
     def add_file(self, path: str | Path, names: Iterable[str] | None = None) -> None:
         """Add tensors of a safetensors file (all of them, or ``names``), streaming their bytes.
 
-        The digests of a file are kept in :func:`phiclip.precision.cache_dir` ``/fingerprints``
+        The digests of a file are kept in :func:`phiclip.cache.cache_root` ``/fingerprints``
         under the file's identity (real path, device, inode, size, modification and change times):
         a later load of the same, untouched file reads them back instead of hashing every byte again
         (about 1 s per GB). Any write to the file changes its change time (which no user call can
@@ -372,7 +374,7 @@ def _file_identity(path: str | Path, header: dict[str, dict[str, Any]], wanted: 
 
 
 def _digest_file(key: str) -> Path:
-    return cache_dir() / "fingerprints" / f"{key}.json"
+    return cache_root() / "fingerprints" / f"{key}.json"
 
 
 def _read_digests(key: str) -> dict[str, tuple[str, list[int], str]] | None:
@@ -385,7 +387,10 @@ def _read_digests(key: str) -> dict[str, tuple[str, list[int], str]] | None:
 
 def _write_digests(key: str, digests: dict[str, tuple[str, list[int], str]]) -> None:
     """Keep the digests (atomic; an unwritable cache folder only means hashing again next time)."""
-    write_cache_json(_digest_file(key), {n: list(v) for n, v in digests.items()})
+    path = _digest_file(key)
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {n: list(v) for n, v in digests.items()}, durable=False)
 
 
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], int]:
