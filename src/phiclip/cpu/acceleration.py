@@ -105,7 +105,7 @@ def accelerate(
     record = dict(record)
     choice = None
     if runtime is not None:
-        from phiclip.cpu import runtimes  # lazy: imports torch (and a compiled runtime only when chosen)
+        from phiclip.cpu import runtimes  # lazy: imports torch
 
         choice = runtimes.choose_runtime(runtime, precision, device_type, calibrated=calibration is not None)
     compiled = None
