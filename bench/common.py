@@ -136,7 +136,7 @@ class Report:
 def cpu_description() -> str:
     """The CPU model and the instruction sets that decide 16-bit and int8 speed (AMX, AVX512-BF16,
     VNNI...), as every benchmark table records them."""
-    from phiclip.precision import cpu_isa_flags, cpu_name
+    from phiclip.cpu.precision import cpu_isa_flags, cpu_name
 
     return f"{cpu_name()}; ISA: {' '.join(cpu_isa_flags()) or 'none of note'}"
 
@@ -145,7 +145,7 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
-    from phiclip.precision import cpu_isa_flags, cpu_name
+    from phiclip.cpu.precision import cpu_isa_flags, cpu_name
 
     cpu = cpu_name() or platform.processor() or ""
     env = {"cpu": cpu, "isa": " ".join(cpu_isa_flags()), "cores": os.cpu_count(), "torch threads": torch.get_num_threads(),

@@ -47,7 +47,7 @@ def child(ckpt: Path, repeats: int, variants: list[str]) -> dict[str, float]:
     from common import photo_like_images, time_interleaved
     from cpu import MIXED
 
-    from phiclip.cpu_threads import adaptive_threads_disabled
+    from phiclip.cpu.threads import adaptive_threads_disabled
     from phiclip.phi3v import Phi3VImageEmbedding, Phi3VImageProcessor
 
     images = photo_like_images(len(MIXED), sizes=MIXED)

@@ -1,4 +1,4 @@
-"""The fused bfloat16 CPU tower (phiclip.models.cpu_fused) against phiclip's plain bfloat16 copy
+"""The fused bfloat16 CPU tower (phiclip.cpu.fused) against phiclip's plain bfloat16 copy
 (``quantize.float_copy``) and float32, model only, interleaved in one process (rotating order).
 
     python bench/cpu_fused.py                    # both parts
@@ -49,9 +49,9 @@ def _table(title: str, times: dict[str, list[float]], cosines: dict[str, float],
 def bench_clip(repeats: int, images: int) -> None:
     from transformers import CLIPModel
 
+    from phiclip.cpu.fused import fused_cpu_copy
+    from phiclip.cpu.int8 import float_copy
     from phiclip.models.clip_vision import CLIPImageFeatures
-    from phiclip.models.cpu_fused import fused_cpu_copy
-    from phiclip.quantize import float_copy
     from phiclip.testing import build_tiny_clip
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +76,7 @@ def bench_clip(repeats: int, images: int) -> None:
 
 
 def bench_tower(repeats: int, crops: int, layers: int) -> None:
-    from phiclip.models.cpu_fused import fuse_phi3v_tower_
+    from phiclip.cpu.fused import fuse_phi3v_tower_
     from phiclip.phi3v import Phi3VImageEmbedding
     from phiclip.testing import build_tiny_phi3v
 

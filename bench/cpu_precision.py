@@ -47,8 +47,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from phiclip.cpu.runtimes import NEEDS_CALIBRATION, missing_packages
 from phiclip.pipeline.step import encode_images
-from phiclip.runtimes import NEEDS_CALIBRATION, missing_packages
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -112,8 +112,8 @@ class Table:
 
 # --------------------------------------------------------------------------------------------------
 def bench_matmul(tables: list[Table]) -> None:
-    from phiclip import precision as P
-    from phiclip import quantize as Q
+    from phiclip.cpu import int8 as Q
+    from phiclip.cpu import precision as P
 
     rates = P.measure_matmul_rates()
     kernels = Q.available_kernels()
@@ -354,8 +354,8 @@ def bench_tower(tables: list[Table], tmp: Path, repeats: int) -> None:
     from baselines import ReleasedImageEmbedding
     from cpu import BENCH_TOWER, MIXED
 
+    from phiclip.cpu.int8 import int8_plan, quantize_phi3v_
     from phiclip.phi3v import Phi3VImageEmbedding, Phi3VImageProcessor
-    from phiclip.quantize import int8_plan, quantize_phi3v_
     from phiclip.testing import build_tiny_phi3v
 
     ckpt = build_tiny_phi3v(tmp / "phi3v-bench", vision_config=BENCH_TOWER, hidden_size=768)

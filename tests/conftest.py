@@ -13,7 +13,7 @@ def _cpu_precision(tmp_path_factory: pytest.TempPathFactory):
     """Exact float32 for ``precision=auto`` on the CPU, whatever this CPU's bfloat16 measures (the
     suite compares against float32 references), and measurements cached in a temporary folder,
     never in the user's cache. Session-wide, so that module-scoped encoders see it too;
-    tests/test_precision.py unsets it where it tests the measured choice."""
+    tests/cpu/test_precision.py unsets it where it tests the measured choice."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PHICLIP_CPU_PRECISION", "float32")
         mp.setenv("PHICLIP_CACHE_DIR", str(tmp_path_factory.mktemp("phiclip-cache")))
@@ -47,7 +47,7 @@ def unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
-# --- shared by tests/test_precision.py and tests/test_quantize.py ------------------------------------------
+# --- shared by tests/cpu/test_precision.py and tests/cpu/test_int8.py ------------------------------------------
 @pytest.fixture(scope="module")
 def precision_images(tmp_path_factory: pytest.TempPathFactory) -> list:
     """Eight labelled sample images (PIL, RGB)."""
@@ -70,7 +70,7 @@ def precision_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 
 
 class _FixedBusy:
-    """Stands for phiclip.cpu_threads.OthersBusy with a fixed reading of the cores others kept busy."""
+    """Stands for phiclip.cpu.threads.OthersBusy with a fixed reading of the cores others kept busy."""
 
     def __init__(self, cores: float | None) -> None:
         self._cores = cores
@@ -87,7 +87,7 @@ class _FixedBusy:
 
 @pytest.fixture
 def fixed_busy() -> type:
-    """``fixed_busy(cores)``: an ``OthersBusy`` stand-in to monkeypatch into phiclip.precision / phiclip.quantize."""
+    """``fixed_busy(cores)``: an ``OthersBusy`` stand-in to monkeypatch into phiclip.cpu.precision / phiclip.cpu.int8."""
     return _FixedBusy
 
 

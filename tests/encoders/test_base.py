@@ -125,7 +125,7 @@ def test_load_encoder_unreachable_hub_id(monkeypatch) -> None:
 
 # --- 16-bit compute slower than float32 on this CPU (measured, not guessed from flags): say so ----------------
 def _measured(monkeypatch: pytest.MonkeyPatch, bf16: float, fp16: float) -> None:
-    import phiclip.precision as P
+    import phiclip.cpu.precision as P
 
     info = {"speedups": {"float32": 1.0, "bfloat16": bf16, "float16": fp16}, "cpu": "Test CPU", "rates": {}}
     monkeypatch.setattr(P, "cpu_matmul_rates", lambda refresh=False: info)

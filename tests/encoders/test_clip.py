@@ -679,9 +679,10 @@ def test_share_model_weights_refuses_an_image_path_that_cannot_follow_training(t
 def test_a_packed_bfloat16_image_path_goes_back_to_the_models_weights(tmp_path, monkeypatch, fused):
     """A bfloat16 encoder's image path is a packed copy (fused oneDNN or 16-bit): before training,
     share_model_weights_ puts the model's own weights back; int8 quantises from those weights."""
-    from phiclip.models import cpu_fused
+    from phiclip.cpu import accelerate
+    from phiclip.cpu import fused as cpu_fused
+    from phiclip.cpu.int8 import Int8Linear
     from phiclip.models.clip_vision import CLIPImageFeatures
-    from phiclip.quantize import Int8Linear, quantize_contrastive_encoder_
     from phiclip.testing import build_tiny_clip
 
     if not fused:  # a torch without oneDNN's fused ops: the plain bfloat16 copy (a CLIPImageFeatures too)
@@ -689,10 +690,11 @@ def test_a_packed_bfloat16_image_path_goes_back_to_the_models_weights(tmp_path, 
     ckpt = build_tiny_clip(tmp_path / "clip", image_size=64, patch_size=16)
     enc = load_encoder(f"clip:{ckpt}", device="cpu", dtype="bfloat16")
     assert not isinstance(enc.image_features, CLIPImageFeatures) or enc.image_features.visual_projection.weight.dtype == torch.bfloat16
-    quantize_contrastive_encoder_(enc)  # from a packed copy: starts again from the model's float32 weights
-    assert any(isinstance(m, Int8Linear) for m in enc.image_features.modules())
+    # int8 for it: from the model's float32 weights (the image module built again on them), not the packed copy
+    int8 = accelerate(enc.model, precision="int8", record={}, image_features=enc._fast_image_features)
+    assert any(isinstance(m, Int8Linear) for m in int8.image_features.modules())
     direct = load_encoder(f"clip:{ckpt}", device="cpu", dtype="int8")  # quantised from the float32 weights
-    ours, want = enc.image_features.state_dict(), direct.image_features.state_dict()
+    ours, want = int8.image_features.state_dict(), direct.image_features.state_dict()
     assert set(ours) == set(want)
     for k, v in want.items():
         assert ours[k].dtype == v.dtype and torch.equal(ours[k], v), k  # the same int8 weights and scales

@@ -60,7 +60,7 @@ class EncoderDescription:
     ``dtype`` is the compute precision (``float32``, ``bfloat16``, ``float16``, ``int8``);
     ``parameters`` counts those that turn an image into its vector; ``options`` are the spec's
     options as parsed (defaults filled in); ``precision`` says what was asked for and why this
-    precision runs (:func:`phiclip.precision.describe_precision`); ``details`` holds what only this
+    precision runs (:func:`phiclip.cpu.precision.describe_precision`); ``details`` holds what only this
     kind has (model class, text settings...). :meth:`to_dict` is what ``describe()`` returns.
     """
 
@@ -131,7 +131,7 @@ class Encoder(abc.ABC):
     device: Any
     dtype: Any
     #: The registry kind (``clip``, ``phi3v``...), the weights fingerprint (``sha256:...``) and what
-    #: decided the precision (:func:`phiclip.precision.describe_precision`), set by each encoder.
+    #: decided the precision (:func:`phiclip.cpu.precision.describe_precision`), set by each encoder.
     kind: str
     weights_fingerprint: str | None = None
     precision: dict[str, Any]

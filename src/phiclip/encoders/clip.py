@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from phiclip.checkpoints import open_checkpoint
+from phiclip.cpu import accelerate
 from phiclip.encoders.base import EncodedBatch, Encoder, EncoderDescription, count_parameters, dtype_name
 from phiclip.encoders.clip_preprocessing import (
     ImagePreprocessor,
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     import torch
 
     from phiclip.checkpoints import Checkpoint
+    from phiclip.cpu.runtimes import CompiledImagePath
 
 def _load_error(spec: EncoderSpec, what: str, error: BaseException) -> ValueError:
     location = spec.location
@@ -128,57 +130,20 @@ class _ContrastiveEncoder(Encoder):
         self.dim = self._image_dim(model.config)
         self.modalities = frozenset({"image", "text"} if tokenizer is not None else {"image"})
         self.text_max_length = self._text_max_length()
-        # OpenVINO / ONNX Runtime in place of torch for the image side (phiclip.runtimes), when chosen.
-        from phiclip.runtimes import choose_runtime  # delayed on purpose: imports torch
-
-        runtime = choose_runtime(options.runtime, placement.precision, self.device.type,
-                                 calibrated=options.calibration is not None)
-        self.compiled: Any = None
-        # phiclip's faster image path where it reproduces the model exactly (CLIP), else transformers'
-        # (neither runs the image side when a compiled runtime does).
-        self.image_features = self._fast_image_features() if options.fast and runtime.runtime == "torch" else None
-        # What runs and why (phiclip.precision); int8 quantises the image side (phiclip.quantize).
-        self.precision = placement.record()
-        if runtime.runtime != "torch":
-            pass  # compiled below from the float32 weights, once they are fingerprinted
-        elif placement.precision == "int8":
-            from phiclip.quantize import quantize_contrastive_encoder_  # delayed on purpose: imports torch
-
-            self.precision["int8"] = quantize_contrastive_encoder_(self)
-        elif self.image_features is not None and self.device.type == "cpu" and placement.precision in ("bfloat16", "float16"):
-            # 16-bit weights once: autocast would convert every float32 weight again on every call.
-            # bfloat16: oneDNN's prepacked products with fused bias/activation/residual where this
-            # torch has them (phiclip.models.cpu_fused), else the plain 16-bit copy. (float32 stays on
-            # the model's own weights: the fused float32 copy measured 1.03-1.15x for a second copy
-            # of the image tower, see BENCHMARKS.md.)
-            from phiclip.models.cpu_fused import KERNELS_FUSED, KERNELS_TORCH, fused_cpu_copy
-            from phiclip.quantize import float_copy
-
-            fused = fused_cpu_copy(self.image_features, placement.dtype)
-            self.image_features = fused if fused is not None else float_copy(self.image_features, placement.dtype)
-            self.precision["cpu_kernels"] = KERNELS_FUSED if fused is not None else KERNELS_TORCH
         self.weights_fingerprint: str = weights_fingerprint or fingerprint_module(model)
-        if runtime.runtime != "torch":
-            from phiclip import runtimes  # delayed on purpose: imports torch
-
-            calibration = None
-            if (runtime.runtime, placement.precision) in runtimes.NEEDS_CALIBRATION:
-                from phiclip.calibration import calibration_set  # delayed on purpose: static int8 only
-
-                calibration = calibration_set(str(options.calibration), options.calibration_images,
-                                              salt=json.dumps(self.preprocessor.describe(), sort_keys=True, default=str))
-            self.compiled = runtimes.compile_image_path(
-                runtimes.ImageSide(model), runtime=runtime.runtime, precision=placement.precision,
-                fingerprint=self.weights_fingerprint, image_size=int(model.config.vision_config.image_size),
-                calibration=calibration, preprocess=self.preprocess, keep_alpha=self.keeps_alpha)
-            if placement.precision == "int8":
-                self.precision["reason"] = f"int8 asked for: {self.compiled.scheme()}"
-        if options.calibration is not None and placement.precision == "int8" and (
-                self.compiled is None or self.compiled.calibration is None):
-            warnings.warn(f"{spec}: calibration= is used only by int8 through OpenVINO (runtime=openvino or auto, "
-                          f"precision int8); here {runtime.runtime} runs {placement.precision}, so it is ignored",
-                          stacklevel=3)
-        self.precision["runtime"] = {**runtime.to_dict(), **(self.compiled.describe() if self.compiled is not None else {})}
+        # What runs the image side, and why (phiclip.cpu.accelerate): a compiled runtime (OpenVINO / ONNX
+        # Runtime), or phiclip's image path where it reproduces the model exactly (CLIP; fast=true), in
+        # int8 or 16-bit on the CPU, else transformers' get_image_features.
+        path = accelerate(
+            model, precision=placement.precision, record=placement.record(), device_type=self.device.type,
+            image_features=self._fast_image_features if options.fast else None, runtime=options.runtime,
+            calibration=options.calibration, calibration_images=options.calibration_images,
+            fingerprint=self.weights_fingerprint, image_size=int(model.config.vision_config.image_size),
+            preprocess=self.preprocess, preprocess_key=json.dumps(self.preprocessor.describe(), sort_keys=True, default=str),
+            keep_alpha=self.keeps_alpha, name=str(spec))
+        self.compiled: CompiledImagePath | None = path.compiled
+        self.image_features: Any = path.image_features
+        self.precision = path.record
 
     def share_model_weights_(self) -> None:
         """Make the image path read ``self.model``'s own weights again, dropping a packed inference
@@ -198,7 +163,7 @@ class _ContrastiveEncoder(Encoder):
     def build(cls, spec: EncoderSpec, options: ContrastiveOptions, placement: Placement) -> _ContrastiveEncoder:
         """Load the checkpoint a spec names (``kind:hub-id-or-directory[?options]``): the builder of
         the registry (:func:`phiclip.encoders.load_encoder`). The weights stay float32; 16-bit
-        precisions run under autocast; int8 quantises the image side (:mod:`phiclip.quantize`).
+        precisions run under autocast; int8 quantises the image side (:mod:`phiclip.cpu.int8`).
 
         Raises:
             ValueError: a missing or incomplete directory, an unreachable hub id, or a checkpoint of
@@ -439,7 +404,7 @@ class CLIPEncoder(_ContrastiveEncoder):
         return (self.model.vision_model, self.model.visual_projection)
 
     def _fast_image_features(self) -> Any:
-        from phiclip.models.clip_vision import CLIPImageFeatures  # delayed on purpose: imports torch
+        from phiclip.models.clip_vision import CLIPImageFeatures  # lazy: imports torch
 
         return CLIPImageFeatures.from_clip_model(self.model)
 

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from phiclip.precision import (
+from phiclip.cpu.precision import (
     PrecisionDecision,
     decide_cpu_precision,
     describe_precision,
@@ -50,7 +50,7 @@ def resolve_placement(device: str = "auto", precision: str = "auto") -> Placemen
 
     ``device``: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:1``, ``mps``...
     ``precision``: ``auto`` -> bfloat16 on CUDA, on the CPU the faster of float32 and bfloat16
-    (measured: :func:`phiclip.precision.decide_cpu_precision`), float32 elsewhere; ``float32``,
+    (measured: :func:`phiclip.cpu.precision.decide_cpu_precision`), float32 elsewhere; ``float32``,
     ``bfloat16``, ``float16`` (or ``fp32``, ``bf16``, ``fp16``); ``int8`` (CPU only) -> ``torch.int8``.
 
     Raises:
@@ -101,7 +101,7 @@ def precision_record(device: Any, requested: str) -> dict[str, Any]:
 
 def slow_cpu_dtype_reason(device: Any, dtype: Any) -> str | None:
     """Why ``dtype`` would be slower than float32 on this CPU, or None: from a short measurement of
-    this CPU's matrix products in each precision (:func:`phiclip.precision.cpu_matmul_rates`,
+    this CPU's matrix products in each precision (:func:`phiclip.cpu.precision.cpu_matmul_rates`,
     cached per CPU model and torch version), not from instruction-set flags: bfloat16 runs at
     0.5x float32 on one AVX512-BF16 CPU without AMX and at 2x on another."""
     import torch

@@ -7,6 +7,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
+from phiclip.cpu.calibration import DEFAULT_CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES
 from phiclip.encoders.spec import (
     EncoderSpec,
     SpecOptions,
@@ -21,11 +22,6 @@ from phiclip.phi3v.prompts import DEFAULT_PRESET, POOLINGS, PRESETS, check_templ
 #: Most images (or texts) per CLIP / SigLIP model call, by default.
 DEFAULT_MAX_BATCH = 256
 
-#: Calibration images for static int8 (phiclip.calibration), by default (NNCF's own default is 300;
-#: 128 measured as accurate, see BENCHMARKS.md "CPU precision"), and the fewest accepted: scales
-#: from a handful of images clip real inputs.
-DEFAULT_CALIBRATION_IMAGES = 128
-MIN_CALIBRATION_IMAGES = 8
 
 
 def _input_option(help: str) -> Any:

@@ -16,15 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from phiclip import quantize
 from phiclip.checkpoints import open_checkpoint
+from phiclip.cpu import accelerate
 from phiclip.encoders.base import EncodedBatch, Encoder, EncoderDescription, dtype_name
 from phiclip.encoders.device import Placement
 from phiclip.encoders.options import Phi3VOptions
 from phiclip.encoders.spec import EncoderSpec
 from phiclip.images import load_image
 from phiclip.models.checkpoint import fingerprint_module
-from phiclip.models.cpu_fused import KERNELS_FUSED, KERNELS_TORCH, fuse_phi3v_tower_
 from phiclip.models.ops import l2_normalize
 from phiclip.phi3v.modeling import Phi3VImageEmbedding
 from phiclip.phi3v.processing import Phi3VImageProcessor, num_image_tokens
@@ -57,7 +56,7 @@ class Phi3VEncoder(Encoder):
         self.dim = model.hidden_size if self.pooling == "mean" else model.image_dim_out
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        # What runs and why (phiclip.precision); int8: the tower was quantised (phiclip.quantize).
+        # What runs and why (phiclip.cpu.precision); int8: the tower was quantised (phiclip.cpu.int8).
         self.precision = dict(precision or {"requested": dtype_name(self.dtype), "dtype": dtype_name(self.dtype)})
         if self.precision["dtype"] == "int8":
             self.dtype = torch.int8
@@ -81,16 +80,11 @@ class Phi3VEncoder(Encoder):
         # int8: loaded in float32, then the tower's products quantised from those weights.
         model = Phi3VImageEmbedding.from_pretrained(checkpoint, torch_dtype=torch.float32 if int8 else placement.dtype,
                                                     device=placement.device, max_crops_per_batch=options.max_crops)
-        precision = placement.record()
-        if int8:
-            plan = quantize.int8_plan()
-            precision["int8"] = quantize.int8_description(plan, quantize.quantize_phi3v_(model, plan))
-        elif placement.device.type == "cpu" and placement.dtype == torch.bfloat16:
-            # oneDNN's prepacked products with fused bias/activation/residual where this torch has
-            # them (the tower is replaced by its fused copy), else the plain bfloat16 tower.
-            fused = fuse_phi3v_tower_(model)
-            precision["cpu_kernels"] = KERNELS_FUSED if fused else KERNELS_TORCH
-        return cls(model, processor, name=str(spec), options=options, precision=precision)
+        # int8: the tower's products quantised in place; bfloat16 on the CPU: the tower replaced by its
+        # fused oneDNN copy where this torch has those kernels (phiclip.cpu.accelerate).
+        path = accelerate(model, precision=placement.precision, record=placement.record(),
+                          device_type=placement.device.type)
+        return cls(model, processor, name=str(spec), options=options, precision=path.record)
 
     # --- pipeline steps -----------------------------------------------------------------------
     def preprocess(self, image: Any) -> dict[str, Any]:

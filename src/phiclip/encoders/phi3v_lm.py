@@ -118,7 +118,7 @@ class Phi3VLMEncoder(Encoder):
         self.padding_side = padding_side
         self.dim = int(model.hidden_size)
         self.device, self.dtype = model.device, model.dtype
-        #: What runs and why (``phiclip.precision``), as the other encoders record it.
+        #: What runs and why (``phiclip.cpu.precision``), as the other encoders record it.
         self.precision = dict(precision or {"requested": dtype_name(self.dtype), "dtype": dtype_name(self.dtype)})
         max_tokens = options.max_tokens
         if max_tokens is not None and int(max_tokens) < 1:

@@ -216,8 +216,8 @@ def load_encoder(spec: str | EncoderSpec, *, device: str = "auto", dtype: str = 
             ``kind:``, the kind is found from the checkpoint's ``config.json`` (:func:`resolve_spec`).
         device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
         dtype: the compute precision: ``auto`` (bfloat16 on CUDA; on the CPU the faster of float32
-            and bfloat16, measured: see :mod:`phiclip.precision`), ``float32``, ``bfloat16``,
-            ``float16``, or ``int8`` (CPU; the kinds in :data:`INT8_KINDS`: see :mod:`phiclip.quantize`).
+            and bfloat16, measured: see :mod:`phiclip.cpu.precision`), ``float32``, ``bfloat16``,
+            ``float16``, or ``int8`` (CPU; the kinds in :data:`INT8_KINDS`: see :mod:`phiclip.cpu.int8`).
 
     Raises:
         ValueError: a bad spec, option, device or precision (before anything loads), or a

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from phiclip.checkpoints import Checkpoint, open_checkpoint
-from phiclip.cpu_threads import threads_for_free_cores
+from phiclip.cpu.threads import threads_for_free_cores
 from phiclip.hub import CheckpointError, Location
 from phiclip.models.clip_config import CLIPVisionConfig
 from phiclip.models.clip_vision import CLIPVisionTransformer
@@ -229,7 +229,7 @@ class Phi3VImageEmbedding(nn.Module):
     # --- shapes and validation ---------------------------------------------------------------
     def image_path_parameters(self) -> int:
         """Parameters of the image path (the text embedding ``wte`` left out; a fused CPU tower's
-        prepacked weights, :mod:`phiclip.models.cpu_fused`, counted in)."""
+        prepacked weights, :mod:`phiclip.cpu.fused`, counted in)."""
         packed = sum(getattr(m, "packed_parameters", 0) for m in self.img_processor.modules())
         return packed + sum(p.numel() for n, p in self.named_parameters() if not n.startswith("wte."))
 
@@ -294,7 +294,7 @@ class Phi3VImageEmbedding(nn.Module):
     def crop_features(self, crops: torch.Tensor) -> torch.Tensor:
         """``(C, 3, 336, 336)`` -> the hidden state at ``layer_idx``: ``(C, 576, D)`` for ``patch``
         (CLS dropped) or ``(C, 577, D)`` for ``cls_patch``. Runs in chunks of ``max_crops_per_batch``.
-        On the CPU each chunk runs on as many threads as cores are free (:mod:`phiclip.cpu_threads`)."""
+        On the CPU each chunk runs on as many threads as cores are free (:mod:`phiclip.cpu.threads`)."""
         param = self.img_processor.vision_model.pre_layrnorm.weight  # also in the fused CPU tower
         step = self.max_crops_per_batch or (4 if param.device.type == "cpu" else 64)
         outs = []

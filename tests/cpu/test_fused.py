@@ -1,4 +1,4 @@
-"""The fused bfloat16 CPU tower (phiclip.models.cpu_fused): within the bfloat16 bound of float32
+"""The fused bfloat16 CPU tower (phiclip.cpu.fused): within the bfloat16 bound of float32
 for every activation, every path (all tokens, CLS only, image features), odd batch sizes; the
 source untouched; None where fusion does not apply; the CLIP and Phi-3-vision encoders use it."""
 
@@ -11,17 +11,17 @@ from PIL import Image
 from torch import nn
 
 from phiclip import load_encoder
-from phiclip.models import cpu_fused
-from phiclip.models.clip_config import CLIPVisionConfig
-from phiclip.models.clip_vision import CLIPImageFeatures, CLIPVisionTransformer
-from phiclip.models.cpu_fused import (
+from phiclip.cpu import fused as cpu_fused
+from phiclip.cpu.fused import (
     FusedCLIPImageFeatures,
     FusedCLIPVisionTransformer,
     fused_cpu_copy,
     fusion_available,
 )
+from phiclip.cpu.precision import ERROR_BOUNDS
+from phiclip.models.clip_config import CLIPVisionConfig
+from phiclip.models.clip_vision import CLIPImageFeatures, CLIPVisionTransformer
 from phiclip.pipeline.step import encode_images
-from phiclip.precision import ERROR_BOUNDS
 from phiclip.testing import build_tiny_clip, build_tiny_phi3v
 
 BOUND = ERROR_BOUNDS["bfloat16"]

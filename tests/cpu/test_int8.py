@@ -1,4 +1,4 @@
-"""phiclip.quantize: the int8 arithmetic against its definition, each kernel, the cached kernel
+"""phiclip.cpu.int8: the int8 arithmetic against its definition, each kernel, the cached kernel
 choice, and int8 encoders (CLIP, SigLIP, Phi-3-vision) within their stated bound of float32."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-import phiclip.precision as P
-import phiclip.quantize as Q
+import phiclip.cpu.int8 as Q
+import phiclip.cpu.precision as P
 from phiclip import load_encoder
+from phiclip.cache import CACHE_ENV
 from phiclip.pipeline.step import encode_images
 from phiclip.testing import make_sample_images
 
@@ -112,7 +113,7 @@ def test_fused_qkv_attention_matches_float() -> None:
 # --- which kernel: measured once, cached ----------------------------------------------------------------
 @pytest.fixture()
 def fresh_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    monkeypatch.setenv(P.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     Q.clear_memo()
     P.clear_memo()
     yield tmp_path
@@ -192,7 +193,8 @@ def test_int8_clip_keeps_text_and_the_shared_weights_float32(precision_checkpoin
     assert np.allclose(enc.encode_texts(texts), f32.encode_texts(texts), atol=1e-6)
     # the int8 image path is a copy: the CLIPModel it was built from still holds its float32 tower
     before = {k: v.clone() for k, v in f32.model.vision_model.state_dict().items()}
-    Q.quantize_contrastive_encoder_(f32)
+    int8, _ = Q.quantize_image_side(f32.model, f32.image_features)
+    assert any(isinstance(m, Q.Int8Linear) for m in int8.modules())
     after = f32.model.vision_model.state_dict()
     assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in before.items())
 

@@ -27,10 +27,15 @@ from typing import Any
 
 from PIL import Image
 
-from phiclip.encoders.options import DEFAULT_CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES
 from phiclip.images import try_load_image
 from phiclip.inputs.listing import list_inputs
 from phiclip.inputs.records import InputError, PayloadReader, Record
+
+#: Calibration images for static int8, by default (NNCF's own default is 300; 128 measured as accurate,
+#: see BENCHMARKS.md "CPU precision"), and the fewest accepted: scales from a handful of images clip
+#: real inputs. The spec options ``calibration_images=`` (:mod:`phiclip.encoders.options`) default to these.
+DEFAULT_CALIBRATION_IMAGES = 128
+MIN_CALIBRATION_IMAGES = 8
 
 
 def _evenly(n: int, count: int) -> list[int]:

@@ -24,7 +24,7 @@ q, k and v are one product on a weight concatenated once. Layer norms and attent
 (:class:`~phiclip.models.clip_vision.CLIPVisionTransformer`,
 :class:`~phiclip.models.clip_vision.CLIPImageFeatures`), copying the weights (the source module is
 left as it is), or answers ``None`` where fusion is unavailable: callers then fall back to
-:func:`phiclip.quantize.float_copy`. The prepacked weights are opaque oneDNN tensors held as plain
+:func:`phiclip.cpu.int8.float_copy`. The prepacked weights are opaque oneDNN tensors held as plain
 attributes (not parameters, buffers or state-dict entries): these modules cannot be moved, saved or
 trained. Shapes use ``C`` for crops (or images), ``L`` for tokens, ``D`` for the tower width and
 ``I`` for the MLP width.
@@ -367,7 +367,7 @@ def fused_cpu_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module | None:
     unavailable: ``dtype`` other than bfloat16, a torch build without these oneDNN ops (or whose
     tiny check call fails), a layout this module does not know (another module class, other
     linears or activations, weights not on the CPU). Callers fall back to
-    :func:`phiclip.quantize.float_copy` on ``None``."""
+    :func:`phiclip.cpu.int8.float_copy` on ``None``."""
     if dtype != FUSED_DTYPE:
         return None
     if isinstance(module, CLIPImageFeatures):

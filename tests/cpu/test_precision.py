@@ -1,4 +1,4 @@
-"""phiclip.precision: the measured CPU precision choice, its cache, and every precision's output
+"""phiclip.cpu.precision: the measured CPU precision choice, its cache, and every precision's output
 within its stated bound of float32 on tiny models (CLIP, SigLIP, Phi-3-vision)."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import phiclip.precision as P
+import phiclip.cpu.precision as P
 from phiclip import load_encoder
+from phiclip.cache import CACHE_ENV, LEGACY_CACHE_ENV
 from phiclip.pipeline.step import encode_images
 from phiclip.schema import MANIFEST_FILE
 from phiclip.testing import make_sample_images
@@ -20,7 +21,7 @@ from phiclip.testing import make_sample_images
 def measured_here(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """auto decides by measurement (the suite fixes it to float32) into an empty cache folder."""
     monkeypatch.delenv(P.AUTO_ENV, raising=False)
-    monkeypatch.setenv(P.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     P.clear_memo()
     yield tmp_path / "cache"
     P.clear_memo()
@@ -32,15 +33,19 @@ def _fake_rates(monkeypatch: pytest.MonkeyPatch, bf16: float, fp16: float = 1.0)
 
 
 # --- where the cache lives -----------------------------------------------------------------------------
-def test_cache_dir_env_xdg_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(P.CACHE_DIR_ENV, str(tmp_path / "mine"))
-    assert P.cache_dir() == tmp_path / "mine"
-    monkeypatch.delenv(P.CACHE_DIR_ENV)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert P.cache_dir() == tmp_path / "xdg" / "phiclip"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert P.cache_dir() == tmp_path / "home" / ".cache" / "phiclip"
+def test_the_measurements_are_kept_in_the_cache_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """cpu-precision.json in phiclip's one cache root: $PHICLIP_CACHE, the deprecated $PHICLIP_CACHE_DIR,
+    $XDG_CACHE_HOME/phiclip, ~/.cache/phiclip."""
+    cases = [(CACHE_ENV, "mine", "mine"), (LEGACY_CACHE_ENV, "old", "old"), ("XDG_CACHE_HOME", "xdg", "xdg/phiclip"),
+             ("HOME", "home", "home/.cache/phiclip")]
+    for env, value, root in cases:
+        for other in (CACHE_ENV, LEGACY_CACHE_ENV, "XDG_CACHE_HOME"):
+            monkeypatch.delenv(other, raising=False)
+        monkeypatch.setenv(env, str(tmp_path / value))
+        P.write_cache_entry(env, {"rates": {}})
+        assert json.loads((tmp_path / root / P.CACHE_FILE).read_text()) == {env: {"rates": {}}}
+        assert P.read_cache() == {env: {"rates": {}}}
+        assert [f.name for f in (tmp_path / root).iterdir()] == [P.CACHE_FILE]  # written whole: no temporary file left
 
 
 def test_cpu_identity_names_model_flags_and_torch() -> None:
@@ -80,7 +85,7 @@ def test_measured_once_then_read_from_the_cache(measured_here: Path, monkeypatch
 def test_unwritable_cache_still_decides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    monkeypatch.setenv(P.CACHE_DIR_ENV, str(blocker / "sub"))
+    monkeypatch.setenv(CACHE_ENV, str(blocker / "sub"))
     monkeypatch.delenv(P.AUTO_ENV, raising=False)
     monkeypatch.setattr(P, "measure_matmul_rates", lambda *a, **k: {"float32": 1.0, "bfloat16": 0.5, "float16": 1.0})
     P.clear_memo()
@@ -197,7 +202,7 @@ def test_a_measurement_taken_under_load_is_measured_again(measured_here: Path, m
 def test_others_busy_reads_proc_stat_over_a_long_enough_block() -> None:
     import time
 
-    from phiclip.cpu_threads import MIN_WINDOW, OthersBusy
+    from phiclip.cpu.threads import MIN_WINDOW, OthersBusy
 
     with OthersBusy() as short:
         pass

@@ -12,7 +12,7 @@ both MLP products) becomes an :class:`Int8Linear`:
 
 Everything else (patch embedding, norms, attention's softmax products, the final projection, and
 the last CLIP layer's attention, which reads its weights directly) runs in the fastest float
-precision this CPU measured (:func:`phiclip.precision.decide_cpu_precision`: bfloat16 where it
+precision this CPU measured (:func:`phiclip.cpu.precision.decide_cpu_precision`: bfloat16 where it
 measured faster, else float32).
 
 Two kernels compute the same quantisation, and the faster one on this CPU's tower shapes is taken
@@ -25,7 +25,7 @@ Two kernels compute the same quantisation, and the faster one on this CPU's towe
   quantises the float32 activation itself, with torch's own parameters for the same scheme (no
   range margin: a few values land one level apart); float32 in and out.
 
-Error against float32: :data:`phiclip.precision.ERROR_BOUNDS` ``["int8"]`` (tested on tiny models);
+Error against float32: :data:`phiclip.cpu.precision.ERROR_BOUNDS` ``["int8"]`` (tested on tiny models);
 real-size numbers in BENCHMARKS.md.
 """
 
@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phiclip import precision as P
-from phiclip.cpu_threads import OthersBusy
-from phiclip.models.clip_vision import CLIPAttention, CLIPImageFeatures
+from phiclip.cpu import precision as P
+from phiclip.cpu.threads import OthersBusy
+from phiclip.models.clip_vision import CLIPAttention
 
 KERNELS = ("onednn", "quantized")
 INT8_CACHE_KEY = "int8"
@@ -349,20 +349,27 @@ def quantize_phi3v_(model: nn.Module, plan: dict[str, Any] | None = None) -> int
     return n
 
 
-def quantize_contrastive_encoder_(encoder: Any, plan: dict[str, Any] | None = None) -> dict[str, Any]:
-    """int8 for a CLIP / SigLIP encoder's image side, in place: its phiclip ``image_features``
-    (CLIP's fast path) is replaced by an int8 copy, or, on transformers' path (SigLIP, or
-    ``fast=false``), the model's vision tower is quantised. The text side stays float32. Returns
-    :func:`int8_description`."""
+def quantize_image_side(model: nn.Module, image_features: nn.Module | None = None,
+                        plan: dict[str, Any] | None = None) -> tuple[nn.Module | None, dict[str, Any]]:
+    """int8 for an encoder's image side. With ``image_features`` (phiclip's float32
+    ``CLIPImageFeatures`` on the model's own weights: CLIP's fast path) an int8 copy of it is made
+    and the model is left as it is; without, the model's own tower is quantised in place: a
+    Phi-3-vision image embedding's ``img_processor`` (:func:`quantize_phi3v_`), else a transformers
+    model's ``vision_model`` (:func:`quantize_hf_vision_`). A text side stays float32.
+
+    Returns:
+        The image module to run (the int8 copy, or None: the model's own forward) and
+        :func:`int8_description`.
+    """
     plan = plan or int8_plan()
-    if getattr(encoder, "image_features", None) is not None:
-        # From the model's own float32 weights (shared, not copied): the image path may be a packed
-        # or 16-bit copy made for inference.
-        encoder.image_features = quantize_clip_image_features(CLIPImageFeatures.from_clip_model(encoder.model), plan)
-        n = sum(isinstance(m, Int8Linear) for m in encoder.image_features.modules())
+    if image_features is not None:
+        image_features = quantize_clip_image_features(image_features, plan)
+        n = sum(isinstance(m, Int8Linear) for m in image_features.modules())
+    elif getattr(model, "img_processor", None) is not None:
+        n = quantize_phi3v_(model, plan)
     else:
-        n = quantize_hf_vision_(encoder.model, plan)
-    return int8_description(plan, n)
+        n = quantize_hf_vision_(model, plan)
+    return image_features, int8_description(plan, n)
 
 
 def int8_description(plan: dict[str, Any], quantized_products: int) -> dict[str, Any]:
@@ -373,6 +380,5 @@ def int8_description(plan: dict[str, Any], quantized_products: int) -> dict[str,
 
 
 __all__ = ["Int8CLIPAttention", "Int8Linear", "KERNELS", "activation_qparams", "available_kernels", "float_copy", "int8_description",
-           "int8_plan", "measure_kernel_rates", "quantize_activation", "quantize_clip_image_features", "quantize_contrastive_encoder_",
-           "quantize_hf_vision_",
-           "quantize_linears_", "quantize_phi3v_", "quantize_weight"]
+           "int8_plan", "measure_kernel_rates", "quantize_activation", "quantize_clip_image_features", "quantize_hf_vision_",
+           "quantize_image_side", "quantize_linears_", "quantize_phi3v_", "quantize_weight"]

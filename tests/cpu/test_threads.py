@@ -1,4 +1,4 @@
-"""phiclip.cpu_threads: torch threads sized from the cores other processes leave free."""
+"""phiclip.cpu.threads: torch threads sized from the cores other processes leave free."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-import phiclip.cpu_threads as T
+import phiclip.cpu.threads as T
 
 
 class FakeClock:

@@ -5,8 +5,9 @@ and later) bfloat16 matrix products run at several times the float32 rate; with 
 (AMD Zen 4) at about 2-2.7x; with AVX512-BF16 but AMX switched off (some virtual machines) at half
 the float32 rate. No flag tells these apart reliably, so phiclip measures: a short run of the
 tower's own matrix products in float32, bfloat16 and float16 (:data:`MEASURE_SHAPES`, about a
-second), cached per CPU model, instruction set and torch version in
-``$PHICLIP_CACHE_DIR`` (default ``$XDG_CACHE_HOME/phiclip``, else ``~/.cache/phiclip``).
+second), cached per CPU model, instruction set and torch version in ``cpu-precision.json`` under
+phiclip's cache root (:func:`phiclip.cache.cache_root`: ``$PHICLIP_CACHE``, else
+``$XDG_CACHE_HOME/phiclip``, else ``~/.cache/phiclip``).
 
 ``precision="auto"`` on the CPU (:func:`decide_cpu_precision`) then takes bfloat16 when its
 products measured at least :data:`AUTO_MIN_SPEEDUP` times the float32 rate, else float32. It only
@@ -25,19 +26,19 @@ import contextlib
 import json
 import os
 import platform
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phiclip.cpu_threads import OthersBusy
+from phiclip.atomic import atomic_write_json
+from phiclip.cache import cache_root
+from phiclip.cpu.threads import OthersBusy
 
-#: Environment variable: the cache folder (default ``$XDG_CACHE_HOME/phiclip`` or ``~/.cache/phiclip``).
-CACHE_DIR_ENV = "PHICLIP_CACHE_DIR"
 #: Environment variable: fix ``auto``'s CPU choice (``float32`` or ``bfloat16``) without measuring.
 AUTO_ENV = "PHICLIP_CPU_PRECISION"
+#: The measurements' file in the cache root (the int8 kernel choice, :mod:`phiclip.cpu.int8`, is kept there too).
 CACHE_FILE = "cpu-precision.json"
 #: Bumped when the measurement changes, so that old cache entries are measured again.
 MEASURE_VERSION = 1
@@ -65,7 +66,7 @@ class ErrorBound:
     """How far a precision's output may be from float32's on the same weights and inputs:
     every L2-normalised vector has cosine >= ``min_cosine`` to the float32 one, the mean over
     vectors >= ``mean_cosine``, and no component of a normalised vector differs by more than
-    ``max_abs``. Checked on tiny models by ``tests/test_precision.py`` / ``tests/test_quantize.py``;
+    ``max_abs``. Checked on tiny models by ``tests/cpu/test_precision.py`` / ``tests/cpu/test_int8.py``;
     real-size numbers are in BENCHMARKS.md ("CPU precision")."""
 
     min_cosine: float
@@ -146,44 +147,35 @@ def cpu_key() -> str:
     return f"{cpu_name()} | {' '.join(cpu_isa_flags())} | torch {torch.__version__} | v{MEASURE_VERSION}"
 
 
-def cache_dir() -> Path:
-    """``$PHICLIP_CACHE_DIR``, else ``$XDG_CACHE_HOME/phiclip``, else ``~/.cache/phiclip``."""
-    if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "phiclip"
-
-
 def read_cache(name: str = CACHE_FILE) -> dict[str, Any]:
-    """The cache file's entries (``{}`` when absent or unreadable)."""
+    """The entries of the cache file ``name`` in the cache root (``{}`` when absent or unreadable)."""
     try:
-        data = json.loads((cache_dir() / name).read_text())
+        data = json.loads((cache_root() / name).read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
 def write_cache_json(path: Path, data: Any, **dump_kwargs: Any) -> None:
-    """Write ``data`` as JSON to ``path`` in the cache folder, atomically (a temporary file renamed
-    into place). An unwritable folder is ignored: what was to be cached is computed again next time."""
+    """Write ``data`` as JSON to ``path`` in the cache (:func:`phiclip.atomic.atomic_write_json`, not
+    fsync'ed: a cache can be computed again). An unwritable folder is ignored: what was to be cached
+    is computed again next time."""
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, **dump_kwargs)
-            os.replace(tmp, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        atomic_write_json(path, data, durable=False, **dump_kwargs)
+
+
+_write_lock = threading.Lock()
 
 
 def write_cache_entry(key: str, value: dict[str, Any], name: str = CACHE_FILE) -> None:
-    """Add ``key: value`` to the cache file (:func:`write_cache_json`: atomic; an unwritable folder
-    is ignored, the measurement then runs again in the next process)."""
-    data = read_cache(name)
-    data[key] = value
-    write_cache_json(cache_dir() / name, data, indent=1, sort_keys=True)
+    """Add ``key: value`` to the cache file ``name`` (read, updated and written under one lock, so that
+    this process's threads do not drop each other's entries; :func:`write_cache_json`: an unwritable
+    folder is ignored, the measurement then runs again in the next process)."""
+    with _write_lock:
+        data = read_cache(name)
+        data[key] = value
+        write_cache_json(cache_root() / name, data, indent=1, sort_keys=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,7 +322,7 @@ def decide_cpu_precision(requested: str = "auto") -> PrecisionDecision:
     sp = {k: float(v) for k, v in info["speedups"].items()}
     if requested != "auto":
         if requested == "int8":
-            reason = "int8 asked for: int8 weights per output channel, activations quantised per call (phiclip.quantize)"
+            reason = "int8 asked for: int8 weights per output channel, activations quantised per call (phiclip.cpu.int8)"
         else:
             reason = f"{requested} asked for; its matrix products measured at {_speedup_text(sp, requested)} on this CPU"
         return PrecisionDecision(requested, requested, reason, sp, info["cpu"])
@@ -365,7 +357,7 @@ def describe_precision(decision: PrecisionDecision) -> dict[str, Any]:
             "measured_speedups": dict(decision.speedups), "cpu": decision.cpu}
 
 
-__all__ = ["AUTO_ENV", "AUTO_MIN_COSINE", "AUTO_MIN_SPEEDUP", "CACHE_DIR_ENV", "ERROR_BOUNDS", "ErrorBound", "MEASURE_SHAPES",
-           "PRECISIONS", "PrecisionDecision", "cache_dir", "cpu_isa_flags", "cpu_key", "cpu_matmul_rates", "cpu_name",
+__all__ = ["AUTO_ENV", "AUTO_MIN_COSINE", "AUTO_MIN_SPEEDUP", "CACHE_FILE", "ERROR_BOUNDS", "ErrorBound", "MEASURE_SHAPES",
+           "PRECISIONS", "PrecisionDecision", "cpu_isa_flags", "cpu_key", "cpu_matmul_rates", "cpu_name",
            "decide_cpu_precision", "describe_precision", "keep_quieter", "measure_matmul_rates", "measured_under_load",
-           "slow_precision_reason", "write_cache_json"]
+           "read_cache", "slow_precision_reason", "write_cache_entry", "write_cache_json"]

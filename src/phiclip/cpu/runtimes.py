@@ -8,10 +8,10 @@ encoder (pixel values in, image features out) can run through one of them instea
   the torch module with ``openvino.convert_model``;
 * ``openvino`` at int8: static quantisation (NNCF's post-training quantisation, transformer preset:
   int8 weights per output channel, int8 activations with scales fixed from calibration images,
-  :mod:`phiclip.calibration`, named by the spec's ``calibration=``); every product then runs on
+  :mod:`phiclip.cpu.calibration`, named by the spec's ``calibration=``); every product then runs on
   int8 without measuring scales per call (1.8x ONNX Runtime's dynamic int8 on ViT-B/32 measured);
 * ``onnxruntime``: float32, or int8 (``onnxruntime.quantization.quantize_dynamic``: int8 weights
-  per output channel, activations quantised per call, the same scheme as :mod:`phiclip.quantize`;
+  per output channel, activations quantised per call, the same scheme as :mod:`phiclip.cpu.int8`;
   no calibration), exported with ``torch.onnx.export``.
 
 ``runtime=auto`` takes OpenVINO for float32 and bfloat16, OpenVINO for int8 when calibration images
@@ -20,7 +20,7 @@ were the faster way, see BENCHMARKS.md "CPU precision"), and torch otherwise (fl
 ``ERROR_BOUNDS["float32"]`` of torch's, like any other summation order).
 
 Converting takes seconds (about 5 s for ViT-B/32); the result is cached on disk under
-:func:`phiclip.precision.cache_dir` ``/runtimes``, keyed by the weights' fingerprint, the
+``runtimes/`` in phiclip's cache (:func:`phiclip.cache.cache_dir`), keyed by the weights' fingerprint, the
 precision, the input size, the calibration images (their ids, sizes and modification times) and
 the runtime's and torch's versions, so a later load reads it back in
 well under a second. The cached files are OpenVINO IR / ONNX protobuf written by phiclip (no
@@ -35,7 +35,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import warnings
@@ -48,11 +47,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from phiclip import precision as P
-from phiclip.encoders.options import DEFAULT_CALIBRATION_IMAGES
+from phiclip.atomic import atomic_directory
+from phiclip.cache import cache_dir
+from phiclip.cpu.calibration import DEFAULT_CALIBRATION_IMAGES
 
 if TYPE_CHECKING:
-    from phiclip.calibration import CalibrationSet
+    from phiclip.cpu.calibration import CalibrationSet
 
 #: What ``runtime=`` accepts.
 RUNTIMES = ("torch", "auto", "openvino", "onnxruntime")
@@ -295,6 +295,9 @@ class CompiledImagePath:
         return out
 
 
+_converting = threading.Lock()
+
+
 def compile_image_path(module: nn.Module, *, runtime: str, precision: str, fingerprint: str, image_size: int,
                        threads: int | None = None, cache: bool = True, calibration: CalibrationSet | None = None,
                        preprocess: Callable[[Any], torch.Tensor] | None = None, keep_alpha: bool = False) -> CompiledImagePath:
@@ -316,45 +319,34 @@ def compile_image_path(module: nn.Module, *, runtime: str, precision: str, finge
     calibration = calibration if static else None
     described = calibration.describe() if calibration is not None else None
     threads = int(threads or torch.get_num_threads())
-    root = P.cache_dir() / "runtimes"
+    root = cache_dir("runtimes")
     final = root / cache_key(runtime, precision, fingerprint, image_size, calibration.key if calibration else None)
     name = "model.xml" if runtime == "openvino" else "model.onnx"
-    if cache and (final / name).is_file() and (final / "done").is_file():
-        return CompiledImagePath(runtime, precision, final / name, threads, converted=False, calibration=described)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
-    except OSError:  # an unwritable cache folder: convert into a temporary folder, used by this load only
-        root = Path(tempfile.mkdtemp(prefix="phiclip-runtime-"))
-        final = root / final.name
-        work = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
-    try:
+    with _converting:  # one conversion at a time in this process: a second load of the same one reads it back
+        if cache and (final / name).is_file() and (final / "done").is_file():
+            return CompiledImagePath(runtime, precision, final / name, threads, converted=False, calibration=described)
+        with contextlib.suppress(OSError):
+            root.mkdir(parents=True, exist_ok=True)
+        if not (root.is_dir() and os.access(root, os.W_OK)):
+            # an unwritable cache folder: convert into a temporary folder, used by this load only
+            final = Path(tempfile.mkdtemp(prefix="phiclip-runtime-")) / final.name
         example = torch.zeros(2, 3, image_size, image_size)
         module = module.eval()
         pixels = calibration.pixels(preprocess, keep_alpha=keep_alpha) if calibration is not None else None  # static: preprocess given
-        try:
-            if runtime == "openvino":
-                _convert_openvino(module, example, work, pixels)
-            else:
-                _convert_onnxruntime(module, example, work, precision)
-        except Exception as e:  # noqa: BLE001 - any exporter failure becomes one message with the way back
-            raise ValueError(f"runtime {runtime}: converting the image side for {precision} failed "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); use runtime=torch") from e
-        (work / "done").write_text(json.dumps({"fingerprint": fingerprint, "versions": _versions(runtime, precision),
-                                               "calibration": described}))
-        if final.exists():
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.replace(work, final)
-        except OSError:  # another process put its conversion there first: use that one
-            shutil.rmtree(work, ignore_errors=True)
-            if not (final / "done").is_file():
-                raise
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        # Filled beside its final name and renamed into place (another process loading the same
+        # conversion finds one whole folder or the other); a failed conversion leaves nothing behind.
+        with atomic_directory(final) as work:
+            try:
+                if runtime == "openvino":
+                    _convert_openvino(module, example, work, pixels)
+                else:
+                    _convert_onnxruntime(module, example, work, precision)
+            except Exception as e:  # noqa: BLE001 - any exporter failure becomes one message with the way back
+                raise ValueError(f"runtime {runtime}: converting the image side for {precision} failed "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); use runtime=torch") from e
+            (work / "done").write_text(json.dumps({"fingerprint": fingerprint, "versions": _versions(runtime, precision),
+                                                   "calibration": described}))
     return CompiledImagePath(runtime, precision, final / name, threads, converted=True, calibration=described)
-
 
 __all__ = ["AUTO_CHOICES", "CACHE_VERSION", "NEEDS_CALIBRATION", "PRECISION_PACKAGES", "RUNTIMES", "RUNTIME_PACKAGES",
            "RUNTIME_PRECISIONS", "CompiledImagePath",

@@ -1,4 +1,4 @@
-"""phiclip.runtimes: which runtime runs the image side (and the errors for impossible asks), and CLIP /
+"""phiclip.cpu.runtimes: which runtime runs the image side (and the errors for impossible asks), and CLIP /
 SigLIP encoders through OpenVINO and ONNX Runtime within their precision's bound of float32, converted
 once and read back from the cache."""
 
@@ -9,15 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-import phiclip.runtimes as R
+import phiclip.cpu.runtimes as R
 from phiclip import load_encoder
-from phiclip.precision import ERROR_BOUNDS
+from phiclip.cache import CACHE_ENV
+from phiclip.cpu.precision import ERROR_BOUNDS
 from phiclip.testing import build_tiny_clip, build_tiny_siglip
 
 
 @pytest.fixture()
 def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PHICLIP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
@@ -152,7 +153,7 @@ def test_an_unwritable_cache_folder_still_converts(tmp_path, monkeypatch) -> Non
         pytest.skip("onnxruntime is not installed (phiclip[cpu-runtimes])")
     blocker = tmp_path / "cache-is-a-file"
     blocker.write_text("")
-    monkeypatch.setenv("PHICLIP_CACHE_DIR", str(blocker))
+    monkeypatch.setenv(CACHE_ENV, str(blocker))
     ckpt = build_tiny_clip(tmp_path / "clip")
     enc = load_encoder(f"clip:{ckpt}?runtime=onnxruntime", device="cpu", dtype="float32")
     assert enc.describe()["precision"]["runtime"]["converted_now"] is True
@@ -205,7 +206,7 @@ def test_calibration_is_checked_where_it_is_used(tmp_path, cache, recwarn) -> No
 
 
 def test_calibration_set_spreads_over_the_input_and_its_key_follows_the_files(tmp_path) -> None:
-    from phiclip.calibration import calibration_set
+    from phiclip.cpu.calibration import calibration_set
 
     folder = _write_images(tmp_path / "cal", 30)
     cal = calibration_set(str(folder), 10)
@@ -227,7 +228,7 @@ def test_calibration_key_follows_the_bytes_of_a_table(tmp_path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from phiclip.calibration import calibration_set
+    from phiclip.cpu.calibration import calibration_set
 
     def table(seed: int) -> None:
         rng = np.random.default_rng(seed)
@@ -245,7 +246,7 @@ def test_calibration_key_follows_the_bytes_of_a_table(tmp_path) -> None:
 
 
 def test_calibration_images_that_do_not_decode_are_left_out_and_too_few_is_an_error(tmp_path) -> None:
-    from phiclip.calibration import calibration_set
+    from phiclip.cpu.calibration import calibration_set
 
     folder = _write_images(tmp_path / "cal", 9)
     (folder / "img_004.png").write_bytes(b"not a png")

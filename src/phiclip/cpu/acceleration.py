@@ -1,0 +1,176 @@
+"""The one call an encoder makes for its image side's CPU speed: :func:`accelerate`.
+
+Given the model, the precision that runs (decided by :func:`phiclip.cpu.precision.decide_cpu_precision`
+through the encoder's placement) and the spec's ``runtime=`` / ``calibration=``, it decides, in this
+order, and applies:
+
+1. the runtime (:func:`phiclip.cpu.runtimes.choose_runtime`): OpenVINO or ONNX Runtime compile the
+   image side from the model's float32 weights (static int8 calibrated on ``calibration=`` images,
+   :mod:`phiclip.cpu.calibration`); otherwise torch runs it:
+2. ``int8``: the image side quantised (:func:`phiclip.cpu.int8.quantize_image_side`: an int8 copy of
+   phiclip's CLIP image module, or the model's own tower in place);
+3. ``bfloat16`` / ``float16`` on the CPU: 16-bit weights once (autocast would convert every float32
+   weight again on every call): for bfloat16 oneDNN's prepacked products with fused
+   bias/activation/residual where this torch has them (:mod:`phiclip.cpu.fused`), else a plain
+   16-bit copy; a Phi-3-vision tower (bfloat16 only) is fused in place;
+4. ``float32`` stays on the model's own weights (a fused float32 copy measured 1.03-1.15x for a second
+   copy of the image tower, see BENCHMARKS.md).
+
+:class:`AcceleratedPath` holds what runs and the record of what was chosen and why, which the
+encoder puts under ``describe()["precision"]`` (and so in a run's manifest). Nothing here knows an
+encoder: the encoder passes its model, a factory of its float image module, its preprocessing.
+Torch is imported only when a model is accelerated.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from phiclip.cpu.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_set
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from phiclip.cpu.runtimes import CompiledImagePath
+
+
+@dataclass
+class AcceleratedPath:
+    """What runs an encoder's image side, as :func:`accelerate` chose it.
+
+    ``compiled``: a compiled runtime's image side (OpenVINO / ONNX Runtime), or None.
+    ``image_features``: the torch module that turns pixels into image vectors (phiclip's CLIP image
+    module, or its int8, fused or 16-bit copy), or None: the model's own forward runs (its tower
+    quantised or fused in place where the precision asked for it).
+    ``record``: ``describe()["precision"]``: requested, dtype, reason, measured speedups, cpu, and
+    where they apply ``runtime`` (the runtime chosen, and the compiled model), ``int8`` (kernel,
+    scheme, products quantised) and ``cpu_kernels`` (``onednn-fused`` or ``torch``).
+    """
+
+    compiled: CompiledImagePath | None
+    image_features: nn.Module | None
+    record: dict[str, Any]
+
+    @property
+    def image_path(self) -> Callable[[Any], Any] | None:
+        """The callable ``pixel_values (n, 3, S, S) -> features (n, d)`` to run, or None (the model's own forward)."""
+        return self.compiled if self.compiled is not None else self.image_features
+
+
+def accelerate(
+    model: nn.Module,
+    *,
+    precision: str,
+    record: dict[str, Any],
+    device_type: str = "cpu",
+    image_features: Callable[[], nn.Module | None] | None = None,
+    runtime: str | None = None,
+    calibration: str | None = None,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    fingerprint: str | None = None,
+    image_size: int | None = None,
+    preprocess: Callable[[Any], Any] | None = None,
+    preprocess_key: str = "",
+    keep_alpha: bool = False,
+    name: str = "",
+) -> AcceleratedPath:
+    """Decide and build what runs ``model``'s image side (see the module's docstring for the order).
+
+    Args:
+        model: the loaded model (float32 weights, or the placement's dtype for Phi-3-vision).
+        precision: the compute precision that runs: ``float32``, ``bfloat16``, ``float16`` or ``int8``.
+        record: the precision record so far (the placement's: requested, dtype, reason...); a copy is
+            completed and returned in :attr:`AcceleratedPath.record`.
+        device_type: where the model runs (``cpu``, ``cuda``...).
+        image_features: builds phiclip's float image module on the model's own weights (CLIP's fast
+            path), or None where there is none; called only when torch runs the image side.
+        runtime: the spec's ``runtime=`` (``torch``, ``auto``, ``openvino``, ``onnxruntime``); None for
+            an encoder without that option (torch runs, and no runtime is recorded).
+        calibration: the spec's ``calibration=`` input (static int8 through OpenVINO), or None.
+        calibration_images: how many images to take from it.
+        fingerprint: the weights' fingerprint (names a compiled runtime's cache entry).
+        image_size: the side the image tower takes (a compiled runtime's example input).
+        preprocess: the encoder's one-image preprocessing (decodes calibration images).
+        preprocess_key: what else the calibration pixels depend on (the preprocessing's settings).
+        keep_alpha: whether ``preprocess`` takes images with their alpha band.
+        name: the encoder's name, for warnings.
+
+    Raises:
+        ValueError: an impossible runtime ask (:func:`~phiclip.cpu.runtimes.choose_runtime`), calibration
+            images that cannot be read, a failed conversion, or no int8 kernel in this torch build.
+    """
+    record = dict(record)
+    choice = None
+    if runtime is not None:
+        from phiclip.cpu import runtimes  # lazy: imports torch
+
+        choice = runtimes.choose_runtime(runtime, precision, device_type, calibrated=calibration is not None)
+    compiled = None
+    features = None
+    if choice is not None and choice.runtime != "torch":
+        compiled = _compile(model, choice.runtime, precision, calibration, calibration_images, fingerprint, image_size,
+                            preprocess, preprocess_key, keep_alpha)
+        if precision == "int8":
+            record["reason"] = f"int8 asked for: {compiled.scheme()}"
+    else:
+        features = image_features() if image_features is not None else None
+        if precision == "int8":
+            from phiclip.cpu import int8  # lazy: imports torch
+
+            features, record["int8"] = int8.quantize_image_side(model, features)
+        elif device_type == "cpu" and precision in ("bfloat16", "float16"):
+            features = _sixteen_bit(model, features, precision, record)
+    if calibration is not None and precision == "int8" and (compiled is None or compiled.calibration is None):
+        warnings.warn(f"{name}: calibration= is used only by int8 through OpenVINO (runtime=openvino or auto, "
+                      f"precision int8); here {choice.runtime if choice else 'torch'} runs {precision}, so it is ignored",
+                      stacklevel=4)
+    if choice is not None:
+        record["runtime"] = {**choice.to_dict(), **(compiled.describe() if compiled is not None else {})}
+    return AcceleratedPath(compiled=compiled, image_features=features, record=record)
+
+
+def _sixteen_bit(model: nn.Module, features: nn.Module | None, precision: str, record: dict[str, Any]) -> nn.Module | None:
+    """16-bit weights once for the CPU (records ``cpu_kernels``): a fused or plain copy of
+    ``features``; without it, a Phi-3-vision tower fused in place (bfloat16). A transformers model
+    without phiclip's image module is left to autocast."""
+    import torch  # lazy: keeps the CLI start-up free of torch
+
+    from phiclip.cpu import fused  # lazy: imports torch
+
+    dtype = getattr(torch, precision)
+    if features is not None:
+        packed = fused.fused_cpu_copy(features, dtype)
+        if packed is None:
+            from phiclip.cpu.int8 import float_copy  # lazy: imports torch
+
+            packed = float_copy(features, dtype)
+            record["cpu_kernels"] = fused.KERNELS_TORCH
+        else:
+            record["cpu_kernels"] = fused.KERNELS_FUSED
+        return packed
+    if precision == "bfloat16" and getattr(model, "img_processor", None) is not None:
+        record["cpu_kernels"] = fused.KERNELS_FUSED if fused.fuse_phi3v_tower_(model) else fused.KERNELS_TORCH
+    return None
+
+
+def _compile(model: nn.Module, runtime: str, precision: str, calibration: str | None, calibration_images: int,
+             fingerprint: str | None, image_size: int | None, preprocess: Callable[[Any], Any] | None,
+             preprocess_key: str, keep_alpha: bool) -> CompiledImagePath:
+    """The image side compiled by ``runtime`` from the model's float32 weights (static int8:
+    calibrated on ``calibration_images`` images of ``calibration``)."""
+    from phiclip.cpu import runtimes  # lazy: imports torch
+
+    if fingerprint is None or image_size is None:
+        raise ValueError(f"runtime {runtime}: compiling the image side needs the weights' fingerprint and the image size")
+    cal = None
+    if (runtime, precision) in runtimes.NEEDS_CALIBRATION:
+        cal = calibration_set(str(calibration), calibration_images, salt=preprocess_key)
+    return runtimes.compile_image_path(runtimes.ImageSide(model), runtime=runtime, precision=precision,
+                                       fingerprint=fingerprint, image_size=int(image_size), calibration=cal,
+                                       preprocess=preprocess, keep_alpha=keep_alpha)
+
+
+__all__ = ["AcceleratedPath", "accelerate"]
