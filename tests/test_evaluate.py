@@ -345,7 +345,7 @@ def test_evaluate_argument_errors(tmp_path):
 
 
 def test_evaluate_accepts_paths_and_loaded_data(tmp_path):
-    from phiclip.datasets_io import load_data
+    from phiclip.inputs import load_data
 
     data = _solid_folder(tmp_path / "d")
     assert E.evaluate(ColourEncoder(), "zeroshot", data)["metrics"]["acc1"] == 1.0  # a Path

@@ -13,7 +13,7 @@ from phiclip.cli import app
 from phiclip.comparison import CompareError, compare
 from phiclip.comparison.report import render_html
 from phiclip.comparison.runner import choose_queries, short_names, spread_indices
-from phiclip.datasets_io import LabelledData
+from phiclip.inputs import LabelledData
 
 
 def test_short_names() -> None:

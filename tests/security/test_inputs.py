@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline._helpers import MeanColourEncoder
 
 from phiclip import schema
-from phiclip.datasets_io import load_table
+from phiclip.inputs import load_data as load_table
 from phiclip.manifest import read_manifest
 from phiclip.pipeline import InputError, OutputError, embed
 from phiclip.pipeline import runner as runner_mod

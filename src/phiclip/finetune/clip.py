@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from phiclip.datasets_io import LabelledData
 from phiclip.encoders import Encoder, EncoderSpec, load_encoder, parse_spec
 from phiclip.encoders.clip import _pooled as _pooled_output
 from phiclip.encoders.clip_preprocessing import pil_backend_kwarg
@@ -51,6 +50,7 @@ from phiclip.finetune.data import (
     train_eval_split,
 )
 from phiclip.finetune.loop import LoopSettings, TrainingMode, finish_run, run_training
+from phiclip.inputs import LabelledData
 
 FREEZE_CHOICES = ("none", "vision", "text", "projections")
 #: The options that do not change the loss curve (left out of the identity compared on resume).

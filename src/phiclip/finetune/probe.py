@@ -33,12 +33,12 @@ import numpy as np
 
 from phiclip import cache, schema
 from phiclip.atomic import atomic_path, atomic_write_json
-from phiclip.datasets_io import DataError, LabelledData
 from phiclip.encoders import Encoder, load_encoder, parse_spec
 from phiclip.evaluate import mean_per_class_recall, stratified_split
 from phiclip.finetune.common import TrainingError, progress_bar
 from phiclip.finetune.data import SkippedImages, _item_digest, load_training_data
 from phiclip.images import describe_source
+from phiclip.inputs import DataError, LabelledData
 from phiclip.pipeline.runner import embed
 from phiclip.pipeline.step import embed_payloads
 from phiclip.store import open_embeddings

@@ -1,5 +1,5 @@
 """Labelled data from the one input layer (phiclip.inputs.load_data): folders, CSV/Parquet tables,
-Hugging Face datasets; phiclip.datasets_io keeps the old names importable."""
+Hugging Face datasets."""
 
 from __future__ import annotations
 
@@ -224,12 +224,3 @@ def test_texts_and_owners_needs_captions():
         LabelledData(images=["x"], labels=np.array([0]), source="d").texts_and_owners()
 
 
-def test_the_old_module_names_the_same_objects(tmp_path):
-    from phiclip import datasets_io, inputs
-
-    assert datasets_io.load_data is inputs.load_data and datasets_io.LabelledData is inputs.LabelledData
-    assert datasets_io.DataError is inputs.InputError
-    make_sample_images(tmp_path, per_class=1)
-    assert datasets_io.load_table(tmp_path / "labels.csv").classnames == ["blue", "green", "red", "yellow"]
-    with pytest.raises(DataError, match="not a .csv, .tsv or .parquet file"):
-        datasets_io.load_table(tmp_path / "red")
