@@ -301,7 +301,7 @@ class Service:
         return await self.vectors(target, IMAGE, [item], deadline)
 
 
-def _precision_name(encoder: Any) -> str:
+def _precision_name(encoder: Encoder) -> str:
     dtype = getattr(encoder, "dtype", None)
     return str(dtype).replace("torch.", "") if dtype is not None else "unknown"
 

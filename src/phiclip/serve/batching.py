@@ -44,7 +44,7 @@ class InputError(ValueError):
     (raised by engines that prepare inputs where the model runs, e.g. Ray Serve replicas)."""
 
 
-def warm_up_encoder(encoder: Any) -> None:
+def warm_up_encoder(encoder: Encoder) -> None:
     """One small batch through the model (an image when it has an image side, else a text), so that the
     first request does not pay for lazy initialisation (kernels, allocator, tokenizer)."""
     if "image" in encoder.modalities:
