@@ -208,7 +208,12 @@ def dedup_collection(
             "exact duplicates not checked)" if exact else f"{len(vs):,} items of dim {vs.dim}: near duplicates "
             f"at cosine >= {threshold:g}")
     t0 = time.perf_counter()
-    report = find_duplicates(vs.ids, vs.vectors, threshold=threshold, read_bytes=read_bytes)
+    # normalised in place: the vector set is ours, and a copy would double the memory of a large collection
+    if not vs.vectors.flags.writeable:  # a zero-copy view of Arrow's buffer
+        vs.vectors = np.array(vs.vectors, dtype=np.float32)
+    norms = np.linalg.norm(vs.vectors, axis=1, keepdims=True)
+    np.divide(vs.vectors, norms, out=vs.vectors, where=norms > 0)
+    report = find_duplicates(vs.ids, vs.vectors, threshold=threshold, read_bytes=read_bytes, normalized=True)
     seconds = time.perf_counter() - t0
     say(f"found {report.n_groups:,} groups in {seconds:.1f} s ({report.method}); writing {out}")
     paths = write_duplicates(report, out)
