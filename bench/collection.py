@@ -63,9 +63,11 @@ def _unit_vectors(n: int, dim: int, seed: int, block: int = 200_000) -> np.ndarr
     return out
 
 
-def case_dedup(n: int, dim: int, copies: float = 0.01, threshold: float = 0.95, seed: int = 0) -> dict[str, Any]:
+def case_dedup(n: int, dim: int, copies: float = 0.01, threshold: float = 0.95, seed: int = 0,
+               exact_limit: int | None = None) -> dict[str, Any]:
     from phiclip.collection.dedup import EXACT_LIMIT, find_duplicates
 
+    exact_limit = EXACT_LIMIT if exact_limit is None else exact_limit
     t0 = time.perf_counter()
     x = _unit_vectors(n, dim, seed)
     rng = np.random.default_rng(seed + 1)
@@ -78,14 +80,14 @@ def case_dedup(n: int, dim: int, copies: float = 0.01, threshold: float = 0.95, 
     made_s = time.perf_counter() - t0
     rss_data = _rss_bytes()
     t1 = time.perf_counter()
-    report = find_duplicates(ids, x, threshold=threshold, normalized=True)
+    report = find_duplicates(ids, x, threshold=threshold, normalized=True, exact_limit=exact_limit)
     seconds = time.perf_counter() - t1
     pairs = {(int(g[1]), int(g[2])) for g in report.groups if g[1] != g[2]}
     planted = {(int(d), int(s)) for s, d in zip(src, dst)}
     found = sum(1 for d, s in planted if (d, s) in pairs or (s, d) in pairs)
     return {
         "case": "dedup", "n": n, "dim": dim, "threshold": threshold, "planted_pairs": m,
-        "method": report.method, "exact_limit": EXACT_LIMIT, "seconds": round(seconds, 2),
+        "method": report.method, "exact_limit": exact_limit, "seconds": round(seconds, 2),
         "make_data_s": round(made_s, 2), "peak_rss_gb": round(_rss_bytes() / GB, 3),
         "rss_after_data_gb": round(rss_data / GB, 3), "groups": report.n_groups,
         "planted_found": found, "recall": round(found / m, 4) if m else None,
@@ -98,6 +100,7 @@ def _copies(path: Path, out: Path) -> dict[str, Path]:
 
     img = Image.open(path).convert("RGB")
     w, h = img.size
+    out.mkdir(parents=True, exist_ok=True)
     made = {}
     made["jpeg60"] = out / f"{path.stem}_jpeg60.jpg"
     img.save(made["jpeg60"], quality=60)
@@ -145,7 +148,10 @@ def case_planted(images: int, model: str | None, threshold: float, seed: int = 0
     groups: dict[int, list[str]] = {}
     for g in report.groups:
         groups.setdefault(g[0], []).append(g[1])
-    group_of = {item: gid for gid, members in groups.items() for item in members}
+    groups_of: dict[str, set[int]] = {}
+    for gid, members in groups.items():
+        for item in members:
+            groups_of.setdefault(item, set()).add(gid)
     # near-duplicate pairs: every two members of one group (exact groups included: a byte copy is a copy)
     predicted = {(a, b) for members in groups.values() for a in members for b in members if a < b}
     true_pairs = set()
@@ -158,7 +164,7 @@ def case_planted(images: int, model: str | None, threshold: float, seed: int = 0
     per_kind = {}
     for kind in ("jpeg60", "half", "crop10", "bytes"):
         copies = [i for i in ids if i.endswith(f"_{kind}.jpg") or (kind == "bytes" and i.endswith("_bytecopy.jpg"))]
-        hit = sum(1 for c in copies if c in group_of and group_of[c] == group_of.get(truth[c]))
+        hit = sum(1 for c in copies if groups_of.get(c, set()) & groups_of.get(truth[c], set()))
         per_kind[kind] = round(hit / len(copies), 4) if copies else None
     exact_found = all(
         any(g[4] == "exact" and g[1] == c for g in report.groups) for c in ids if c.endswith("_bytecopy.jpg")
@@ -216,12 +222,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--model", default=None, help="planted: an encoder spec instead of the tiny random CLIP")
     ap.add_argument("--threshold", type=float, default=0.95)
+    ap.add_argument("--exact-limit", type=int, default=None, help="dedup: items searched exactly (else HNSW)")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         if a.case == "dedup":
-            result = case_dedup(a.n, a.dim, threshold=a.threshold)
+            result = case_dedup(a.n, a.dim, threshold=a.threshold, exact_limit=a.exact_limit)
         elif a.case == "planted":
             result = case_planted(a.images, a.model, a.threshold)
         else:
@@ -230,13 +237,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.case == "smoke":
         _run_child(["dedup", "--n", "20000", "--dim", "64"], a.json_out)
-        _run_child(["dedup", "--n", "400000", "--dim", "32"], a.json_out)  # the HNSW path (above EXACT_LIMIT)
+        _run_child(["dedup", "--n", "30000", "--dim", "64", "--exact-limit", "10000"], a.json_out)  # the HNSW path
         _run_child(["planted", "--images", "20"], a.json_out)
         _run_child(["map", "--n", "5000", "--dim", "64"], a.json_out)
         return
     extra = ["--threshold", str(a.threshold)]
     if a.case == "dedup":
-        _run_child(["dedup", "--n", str(a.n), "--dim", str(a.dim), *extra], a.json_out)
+        limit = ["--exact-limit", str(a.exact_limit)] if a.exact_limit is not None else []
+        _run_child(["dedup", "--n", str(a.n), "--dim", str(a.dim), *extra, *limit], a.json_out)
     elif a.case == "planted":
         _run_child(["planted", "--images", str(a.images), *extra] + (["--model", a.model] if a.model else []),
                    a.json_out)
