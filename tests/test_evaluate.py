@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from _embdir import ColourEncoder
@@ -405,3 +407,107 @@ def test_prompt_names_are_words():
     assert E.prompt_name("blue_circle") == "blue circle"
     assert E.prompt_name("dark-blue__circle ") == "dark blue circle"
     assert E.prompt_name("_") == "_"
+
+
+# --- the protocols: metrics scikit-learn has are equal to scikit-learn's ------------------------------
+
+
+def _blobs(n: int = 120, d: int = 12, c: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, size=n)
+    centres = rng.normal(size=(c, d))
+    return (centres[y] + 0.9 * rng.normal(size=(n, d))).astype(np.float32), y
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_knn_protocol_equals_sklearn_with_the_same_weights(seed):
+    neighbors = pytest.importorskip("sklearn.neighbors", reason="scikit-learn is not installed (dev extra)")
+    x, y = _blobs(seed=seed)
+    tr, te = E.stratified_split(y, 0.3, seed)
+    for weighting, k in (("similarity", 10), ("majority", 7)):
+        p = E.KnnProtocol(k=k, weighting=weighting)
+        ours = E.knn_predict(x[tr], y[tr], x[te], k, weighting=weighting, temperature=p.temperature)
+        weights = (lambda dist, t=p.temperature: np.exp(-dist / t)) if weighting == "similarity" else "uniform"
+        ref = neighbors.KNeighborsClassifier(k, metric="cosine", algorithm="brute", weights=weights)
+        expected = ref.fit(x[tr], y[tr]).predict(x[te])
+        if weighting == "majority":  # sklearn breaks a tied vote by the lower class; ours by similarity
+            votes = np.stack([np.bincount(r, minlength=4) for r in y[tr][ref.kneighbors(x[te], return_distance=False)]])
+            clear = np.sort(votes, axis=1)[:, -1] > np.sort(votes, axis=1)[:, -2]
+            ours, expected = ours[clear], expected[clear]
+        assert np.array_equal(ours, expected), weighting
+        assert p.run(x[tr], y[tr], x[te], y[te])["acc1"] == pytest.approx(
+            float(np.mean(E.knn_predict(x[tr], y[tr], x[te], k, weighting=weighting) == y[te]))
+        )
+
+
+def test_accuracy_and_balanced_accuracy_equal_sklearn():
+    metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn is not installed (dev extra)")
+    rng = np.random.default_rng(0)
+    y, pred = rng.integers(0, 5, 200), rng.integers(0, 5, 200)
+    assert E.mean_per_class_recall(y, pred) == pytest.approx(metrics.balanced_accuracy_score(y, pred), abs=1e-12)
+    x, labels = _blobs()
+    tr, te = E.stratified_split(labels, 0.3, 0)
+    got = E.KnnProtocol(k=5).run(x[tr], labels[tr], x[te], labels[te])
+    pred = E.knn_predict(x[tr], labels[tr], x[te], 5)
+    assert got["acc1"] == pytest.approx(metrics.accuracy_score(labels[te], pred), abs=1e-12)
+    assert got["mean_per_class_recall"] == pytest.approx(metrics.balanced_accuracy_score(labels[te], pred), abs=1e-12)
+
+
+def test_zero_shot_and_retrieval_equal_sklearn_top_k_accuracy():
+    metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn is not installed (dev extra)")
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=(40, 8)).astype(np.float32)
+    classes = rng.normal(size=(9, 8)).astype(np.float32)
+    labels = rng.integers(0, 9, 40)
+    zs = E.ZeroShotProtocol().run(img, classes, labels)
+    logits = E.l2_normalize(img) @ E.l2_normalize(classes).T
+    assert zs["acc1"] == pytest.approx(metrics.top_k_accuracy_score(labels, logits, k=1, labels=range(9)))
+    assert zs["acc5"] == pytest.approx(metrics.top_k_accuracy_score(labels, logits, k=5, labels=range(9)))
+    txt = rng.normal(size=(60, 8)).astype(np.float32)
+    owner = rng.integers(0, 40, 60)
+    r = E.RetrievalProtocol().run(img, txt, owner)
+    scores = E.l2_normalize(txt) @ E.l2_normalize(img).T
+    for k in (1, 5, 10):
+        ref = metrics.top_k_accuracy_score(owner, scores, k=k, labels=range(40))
+        assert r[f"image_retrieval_recall@{k}"] == pytest.approx(ref), k
+
+
+def test_clustering_protocol_equals_sklearn_on_its_assignment():
+    metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn is not installed (dev extra)")
+    from phiclip.collection import kmeans
+
+    x, y = _blobs(n=200)
+    p = E.ClusteringProtocol(seed=3)
+    got = p.run(x, y)
+    assign = kmeans(x, 4, seed=3, niter=p.niter, nredo=p.nredo).assignment
+    assert got["v_measure"] == pytest.approx(metrics.v_measure_score(y, assign), abs=1e-12)
+    assert got["nmi"] == pytest.approx(metrics.normalized_mutual_info_score(y, assign), abs=1e-12)
+    assert "k = number of classes" in p.describe() and "V-measure" in p.describe()
+
+
+def test_linear_probe_k_shot_draws_and_protocol_record():
+    x, y = _blobs(n=160)
+    tr, te = E.stratified_split(y, 0.3, 0)
+    p = E.LinearProbeProtocol(shots=4, seeds=3, weight_decays=(1e-3,))
+    metrics, details = p.run(x[tr], y[tr], x[te], y[te])
+    assert len(details["acc1_per_draw"]) == 3 and metrics["acc1"] == pytest.approx(np.mean(details["acc1_per_draw"]))
+    assert "acc1_std" in metrics and "4 per class x 3 seeded draws" in p.describe()
+    assert E._k_shot(y[tr], 4, 0).size == 16 and not np.array_equal(E._k_shot(y[tr], 4, 0), E._k_shot(y[tr], 4, 1))
+    mieb = E.LinearProbeProtocol.mieb()
+    assert (mieb.shots, mieb.seeds) == (16, 5)
+    full, _ = E.LinearProbeProtocol().run(x[tr], y[tr], x[te], y[te])
+    assert full == E.linear_probe(x[tr], y[tr], x[te], y[te])  # the protocol is the function, not a copy
+    rec = E.protocol_record(p, "stratified 70%/30%, seed 0", {"train": len(tr), "test": len(te)})
+    assert rec["name"] == "linear-probe" and rec["settings"]["shots"] == 4 and rec["n"]["test"] == len(te)
+    assert json.loads(json.dumps(rec)) == rec
+
+
+def test_classification_split_uses_given_splits_else_stratified():
+    labels = np.array([0, 1] * 10)
+    splits = ["train"] * 14 + ["test"] * 6
+    tr, te, how = E.classification_split(labels, E.SplitProtocol(), splits)
+    assert how == "given (train / test)" and list(te) == list(range(14, 20))
+    tr, te, how = E.classification_split(labels, E.SplitProtocol(0.3, 2))
+    assert how == "stratified 70%/30%, seed 2" and len(te) == 6
+    rows, where = E.scored_rows(20, splits)
+    assert where == "the test split" and len(rows) == 6

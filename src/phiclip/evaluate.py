@@ -50,7 +50,7 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 )
 
 #: Task names accepted by :func:`evaluate` and ``phiclip eval --task``.
-TASKS: tuple[str, ...] = ("zeroshot", "knn", "linear-probe", "retrieval")
+TASKS: tuple[str, ...] = ("zeroshot", "knn", "linear-probe", "retrieval", "clustering")
 
 #: Weight decays searched by :func:`linear_probe` (on standardised features, mean cross-entropy).
 DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -510,6 +510,217 @@ def retrieval_metrics(
     return out
 
 
+# --- protocols: one implementation per task, shared by `eval` and `compare` -------------------
+
+#: Neighbours of the kNN classifier by default (``eval --k`` and ``compare --k``).
+DEFAULT_KNN_K = 10
+#: Share of the images held out for testing when the data has no train/test splits (both commands).
+DEFAULT_TEST_FRACTION = 0.3
+
+
+def _protocol_dict(p: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {"name": p.name, "description": p.describe(), "settings": json_ready(asdict(p))}
+
+
+def json_ready(value: Any) -> Any:
+    """Tuples as lists, recursively (what JSON gives back)."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class SplitProtocol:
+    """Where kNN, linear probe and (with splits) the other tasks get their train and test images.
+
+    The data's own splits when it has a ``train`` split and a ``test`` / ``validation`` one; otherwise a
+    stratified split (:func:`stratified_split`) holding out ``test_fraction`` of each class, seeded.
+    """
+
+    test_fraction: float = DEFAULT_TEST_FRACTION
+    seed: int = 0
+    name: str = "split"
+
+    def describe(self) -> str:
+        return f"stratified {1 - self.test_fraction:.0%}/{self.test_fraction:.0%}, seed {self.seed}"
+
+
+def classification_split(
+    labels: Sequence[Any] | np.ndarray, protocol: SplitProtocol, splits: Sequence[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """``(train_rows, test_rows, how)`` by :class:`SplitProtocol`: the given splits (``splits[i]`` the split of
+    row i) when they hold ``train`` and a test split, else the stratified split."""
+    if splits is not None:
+        names = set(splits)
+        test_name = _pick_test_split(names)
+        if "train" in names and test_name:
+            sp = np.asarray(splits, dtype=object)
+            return (np.flatnonzero(sp == "train").astype(np.int64), np.flatnonzero(sp == test_name).astype(np.int64),
+                    f"given (train / {test_name})")
+    tr, te = stratified_split(labels, protocol.test_fraction, protocol.seed)
+    return tr, te, protocol.describe()
+
+
+def scored_rows(n: int, splits: Sequence[str] | None) -> tuple[np.ndarray, str]:
+    """The rows zero-shot, retrieval and clustering are scored on: the test split when the data has one,
+    else every row."""
+    if splits is not None:
+        name = _pick_test_split(set(splits))
+        if name is not None:
+            return np.flatnonzero(np.asarray(splits, dtype=object) == name).astype(np.int64), f"the {name} split"
+    return np.arange(n, dtype=np.int64), "every image"
+
+
+@dataclass(frozen=True)
+class KnnProtocol:
+    """kNN classification on frozen embeddings: cosine, ``k`` neighbours, each voting ``exp(cos / T)``
+    (``weighting="similarity"``, DINO's weighted kNN) or once (``"majority"``); accuracy and balanced
+    accuracy on the test images."""
+
+    k: int = DEFAULT_KNN_K
+    weighting: str = "similarity"
+    temperature: float = 0.07
+    name: str = "knn"
+
+    def describe(self) -> str:
+        vote = f"votes weighted exp(cos/{self.temperature:g})" if self.weighting == "similarity" else "one vote each"
+        return f"kNN: cosine, k={self.k}, {vote}"
+
+    def run(self, train_x: np.ndarray, train_y: Sequence[Any], test_x: np.ndarray, test_y: Sequence[Any]
+            ) -> dict[str, float]:
+        return knn_classify(train_x, train_y, test_x, test_y, k=self.k, weighting=self.weighting,
+                            temperature=self.temperature)
+
+
+@dataclass(frozen=True)
+class LinearProbeProtocol:
+    """A linear probe: multinomial logistic regression (L-BFGS) on standardised frozen embeddings, its L2
+    weight decay chosen from ``weight_decays`` on a stratified ``val_fraction`` of the training images.
+
+    ``shots``: ``None`` trains on every training image; a number trains on that many per class, drawn
+    ``seeds`` times (seeds ``seed``, ``seed + 1``, ...), scoring the mean (MIEB's k-shot protocol:
+    :meth:`mieb` gives 16 per class x 5 draws).
+    """
+
+    weight_decays: tuple[float, ...] = DEFAULT_WEIGHT_DECAYS
+    val_fraction: float = 0.2
+    max_iter: int = 100
+    shots: int | None = None
+    seeds: int = 1
+    seed: int = 0
+    name: str = "linear-probe"
+
+    @classmethod
+    def mieb(cls, seed: int = 0) -> LinearProbeProtocol:
+        """16 training images per class, drawn 5 times (MIEB's linear-probe setting)."""
+        return cls(shots=16, seeds=5, seed=seed)
+
+    def describe(self) -> str:
+        wd = ", ".join(f"{v:g}" for v in self.weight_decays)
+        draw = ("every training image" if self.shots is None
+                else f"{self.shots} per class x {self.seeds} seeded draws, mean")
+        return (f"linear probe: logistic regression (L-BFGS, {self.max_iter} iterations) on standardised vectors, "
+                f"L2 weight decay from {{{wd}}} chosen on {self.val_fraction:.0%} of the training images; {draw}")
+
+    def run(self, train_x: np.ndarray, train_y: Sequence[Any], test_x: np.ndarray, test_y: Sequence[Any]
+            ) -> tuple[dict[str, float], dict[str, Any]]:
+        tr, te = _check_pair(train_x, train_y, test_x, test_y)
+        classes, ytr, yte = _label_space(train_y, test_y)
+        draws = [None] if self.shots is None else [self.seed + i for i in range(max(1, self.seeds))]
+        accs, recalls, decays, val = [], [], [], []
+        for draw in draws:
+            rows = np.arange(len(tr)) if draw is None else _k_shot(ytr, self.shots or 1, draw)
+            model = fit_linear_probe(tr[rows], ytr[rows], len(classes), weight_decays=self.weight_decays,
+                                     val_fraction=self.val_fraction, seed=self.seed if draw is None else draw,
+                                     max_iter=self.max_iter)
+            pred = model.predict(te)
+            accs.append(float(np.mean(pred == yte)))
+            recalls.append(mean_per_class_recall(yte, pred))
+            decays.append(model.weight_decay)
+            val.append(model.val_acc1)
+        metrics = {"acc1": float(np.mean(accs)), "mean_per_class_recall": float(np.mean(recalls))}
+        details: dict[str, Any] = {"weight_decay": decays[0] if len(decays) == 1 else decays,
+                                   "val_acc1": val[0] if len(val) == 1 else val}
+        if len(accs) > 1:
+            metrics["acc1_std"] = float(np.std(accs))
+            details["acc1_per_draw"] = accs
+        return metrics, details
+
+
+def _k_shot(y: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """``shots`` rows of each class (all of a smaller class), drawn with ``seed``; sorted."""
+    rng = np.random.default_rng(seed)
+    out = [rng.permutation(np.flatnonzero(y == c))[:shots] for c in np.unique(y)]
+    return np.sort(np.concatenate(out)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class ClusteringProtocol:
+    """k-means clustering scored against the labels (MIEB / MTEB's clustering task): FAISS k-means with k =
+    the number of classes on L2-normalised vectors (seeded), V-measure and NMI as scikit-learn defines them."""
+
+    seed: int = 0
+    niter: int = 20
+    nredo: int = 1
+    name: str = "clustering"
+
+    def describe(self) -> str:
+        return (f"clustering: k-means (FAISS, k = number of classes, seed {self.seed}, {self.niter} iterations) on "
+                "L2-normalised vectors; V-measure and NMI against the labels")
+
+    def run(self, x: np.ndarray, labels: Sequence[Any]) -> dict[str, float]:
+        # lazy: the collection package loads FAISS; only the clustering task needs it
+        from phiclip.collection.cluster import kmeans, label_scores
+
+        arr = _matrix(x, "embeddings")
+        lab = np.asarray(labels)
+        k = len(np.unique(lab))
+        if k > len(arr):
+            raise ValueError(f"{k} classes but {len(arr)} images; clustering needs at least one image per cluster")
+        result = kmeans(arr, k, seed=self.seed, niter=self.niter, nredo=self.nredo)
+        scores = label_scores(lab, result.assignment)
+        return {"v_measure": scores.v_measure, "nmi": scores.nmi}
+
+
+@dataclass(frozen=True)
+class ZeroShotProtocol:
+    """Zero-shot classification: each class's vector is the mean of its L2-normalised prompt embeddings
+    (``templates`` with the class name), renormalised; images go to the most cosine-similar class."""
+
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    name: str = "zeroshot"
+
+    def describe(self) -> str:
+        shown = "; ".join(self.templates[:3]) + ("; ..." if len(self.templates) > 3 else "")
+        return f"zero-shot: {len(self.templates)} prompt templates per class ({shown}), cosine"
+
+    def run(self, image_emb: np.ndarray, classifier: np.ndarray, labels: Sequence[int]) -> dict[str, float]:
+        return zero_shot_metrics(image_emb, classifier, labels)
+
+
+@dataclass(frozen=True)
+class RetrievalProtocol:
+    """Image-text retrieval recall@k (cosine; a hit when any positive is in the top k), CLIP_benchmark's."""
+
+    ks: tuple[int, ...] = (1, 5, 10)
+    name: str = "retrieval"
+
+    def describe(self) -> str:
+        return f"retrieval: recall@{{{', '.join(str(k) for k in self.ks)}}}, cosine, any positive caption counts"
+
+    def run(self, image_emb: np.ndarray, text_emb: np.ndarray, owners: Sequence[int]) -> dict[str, float]:
+        return retrieval_metrics(image_emb, text_emb, owners, ks=self.ks)
+
+
+def protocol_record(protocol: Any, split: str, n: dict[str, int]) -> dict[str, Any]:
+    """What every reported number carries: ``{"name", "description", "settings", "split", "n"}``."""
+    return {**_protocol_dict(protocol), "split": split, "n": dict(n)}
+
+
 # --- the runner: options, then one function per step and per task ------------------------------
 
 
@@ -526,6 +737,8 @@ class EvalOptions:
     ``max_pixels``: images with more pixels are left out (decompression bombs); ``None``: no limit. It is
     also the encoder's preprocessing budget (:meth:`~phiclip.encoders.base.Encoder.set_max_pixels`).
     ``progress``: a bar (on stderr) over the images being embedded, then a line per step of the task.
+    ``k``, ``test_fraction``, ``seed``, ``shots``, ``probe_seeds`` and ``templates`` make the task's
+    protocol (:meth:`protocol`), the same objects ``phiclip compare`` uses.
     """
 
     split: str | None = None
@@ -533,9 +746,11 @@ class EvalOptions:
     train_split: str | None = None
     templates: Sequence[str] | str | None = None
     classnames: Sequence[str] | str | None = None
-    k: int = 20
-    test_fraction: float = 0.3
+    k: int = DEFAULT_KNN_K
+    test_fraction: float = DEFAULT_TEST_FRACTION
     seed: int = 0
+    shots: int | None = None
+    probe_seeds: int = 1
     batch_size: int = 32
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     device: str = "auto"
@@ -544,6 +759,24 @@ class EvalOptions:
     label_column: str | None = None
     caption_column: str | None = None
     progress: bool = False
+
+    def split_protocol(self) -> SplitProtocol:
+        """Where kNN and linear-probe training and test images come from."""
+        return SplitProtocol(test_fraction=self.test_fraction, seed=self.seed)
+
+    def protocol(self, task: str) -> Any:
+        """The named protocol object of ``task``."""
+        if task == "knn":
+            return KnnProtocol(k=self.k)
+        if task == "linear-probe":
+            return LinearProbeProtocol(shots=self.shots, seeds=self.probe_seeds, seed=self.seed)
+        if task == "clustering":
+            return ClusteringProtocol(seed=self.seed)
+        if task == "retrieval":
+            return RetrievalProtocol()
+        if task == "zeroshot":
+            return ZeroShotProtocol(tuple(_read_lines(self.templates) or DEFAULT_TEMPLATES))
+        raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
 
 
 @dataclass
@@ -625,6 +858,7 @@ class _Run:
     split: str | None
     encoder: Encoder | None = None
     left_out: list[dict[str, str]] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)
 
     def step(self, message: str) -> None:
         """Say which step of the task runs now (on stderr, with ``progress``)."""
@@ -657,7 +891,7 @@ def load_eval_data(task: str, data: str | Path | LabelledData, opts: EvalOptions
         src = opts.train_data if opts.train_data is not None else data
         train = src if isinstance(src, LabelledData) else load_data(src, split=opts.train_split, **cols)
     used_split = opts.split
-    if task in ("zeroshot", "retrieval") and opts.split is None and ds.splits is not None:
+    if task in ("zeroshot", "retrieval", "clustering") and opts.split is None and ds.splits is not None:
         used_split = _pick_test_split(set(ds.splits))
         if used_split is not None:
             ds = ds.select_split(used_split)
@@ -672,20 +906,14 @@ def _train_test(run: _Run) -> tuple[LabelledData, LabelledData, str]:
     if train is not None:
         train, data = align_label_spaces(train, data)
         return train, data, "given (separate train data)"
-    if data.splits is not None:
-        names = set(data.splits)
-        test_name = _pick_test_split(names)
-        if "train" in names and test_name:
-            return data.select_split("train"), data.select_split(test_name), f"given (train / {test_name})"
     if data.labels is None:
         raise ValueError(f"{data.source}: has no labels; kNN and linear probe need (image, label) data")
-    tr, te = stratified_split(data.labels, opts.test_fraction, opts.seed)
+    tr, te, how = classification_split(data.labels, opts.split_protocol(), data.splits)
     if len(te) == 0:
         raise ValueError(
             f"{data.source}: every class has a single image, so no test images can be held out; "
             "add images or give separate train data"
         )
-    how = f"stratified {1 - opts.test_fraction:.0%}/{opts.test_fraction:.0%}, seed {opts.seed}"
     return data.subset(tr), data.subset(te), how
 
 
@@ -704,14 +932,34 @@ def run_zeroshot(run: _Run) -> tuple[dict[str, float], dict[str, Any]]:
         raise ValueError(f"{len(names)} class names given but {ds.source} has {len(ds.classnames)} classes")
     if len(names) <= int(ds.labels.max()):
         raise ValueError(f"{len(names)} class names given but the labels go up to {int(ds.labels.max())}")
-    templates = _read_lines(run.opts.templates) or list(DEFAULT_TEMPLATES)
+    protocol: ZeroShotProtocol = run.opts.protocol("zeroshot")
+    templates = list(protocol.templates)
     run.step(f"class prompts: {len(names)} classes x {len(templates)} templates")
     classifier = zero_shot_classifier(run.encoder, names, templates)
     img, kept = run.embed(ds)
     assert kept.labels is not None
     run.step("scoring")
-    metrics = zero_shot_metrics(img, classifier, kept.labels)
+    metrics = protocol.run(img, classifier, kept.labels)
+    run.record = protocol_record(protocol, _scored_on(run), {"test": len(img)})
     return metrics, {"num_classes": len(names), "num_images": len(img), "num_templates": len(templates)}
+
+
+def _scored_on(run: _Run) -> str:
+    return f"the {run.split} split" if run.split else "every image"
+
+
+def run_clustering(run: _Run) -> tuple[dict[str, float], dict[str, Any]]:
+    """k-means with k = the number of classes, scored by V-measure and NMI."""
+    ds = run.data
+    if ds.labels is None:
+        raise ValueError(f"{ds.source}: has no labels; clustering is scored against (image, label) data")
+    protocol: ClusteringProtocol = run.opts.protocol("clustering")
+    img, kept = run.embed(ds)
+    assert kept.labels is not None
+    run.step("k-means")
+    metrics = protocol.run(img, kept.labels)
+    run.record = protocol_record(protocol, _scored_on(run), {"test": len(img)})
+    return metrics, {"num_classes": int(len(np.unique(kept.labels))), "num_images": len(img)}
 
 
 def run_retrieval(run: _Run) -> tuple[dict[str, float], dict[str, Any]]:
@@ -723,7 +971,9 @@ def run_retrieval(run: _Run) -> tuple[dict[str, float], dict[str, Any]]:
     texts, owner = kept.texts_and_owners()
     run.step(f"embedding {len(texts)} captions, then ranking")
     txt = _matrix(run.encoder.encode_texts(texts), "text embeddings")
-    return retrieval_metrics(img, txt, owner), {"num_images": len(img), "num_texts": len(texts)}
+    protocol: RetrievalProtocol = run.opts.protocol("retrieval")
+    run.record = protocol_record(protocol, _scored_on(run), {"images": len(img), "texts": len(texts)})
+    return protocol.run(img, txt, owner), {"num_images": len(img), "num_texts": len(texts)}
 
 
 def _classify_frozen(run: _Run, fit: Callable[..., tuple[dict[str, float], dict[str, Any]]]) -> tuple[dict[str, float], dict[str, Any]]:
@@ -736,31 +986,25 @@ def _classify_frozen(run: _Run, fit: Callable[..., tuple[dict[str, float], dict[
     run.step("kNN vote" if run.task == "knn" else "fitting the linear probe (weight decay chosen on validation)")
     metrics, details = fit(xtr, tr.labels, xte, te.labels)
     details.update(split=how, num_train=len(xtr), num_test=len(xte), num_classes=int(len(np.unique(tr.labels))))
+    run.record = protocol_record(run.opts.protocol(run.task), how, {"train": len(xtr), "test": len(xte)})
     return metrics, details
 
 
 def run_knn(run: _Run) -> tuple[dict[str, float], dict[str, Any]]:
-    """kNN on frozen embeddings (similarity-weighted vote)."""
-    k = run.opts.k
+    """kNN on frozen embeddings (:class:`KnnProtocol`)."""
+    protocol: KnnProtocol = run.opts.protocol("knn")
 
     def fit(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray) -> tuple[dict[str, float], dict[str, Any]]:
-        return knn_classify(xtr, ytr, xte, yte, k=k), {"k": k, "weighting": "similarity", "temperature": 0.07}
+        details = {"k": protocol.k, "weighting": protocol.weighting, "temperature": protocol.temperature}
+        return protocol.run(xtr, ytr, xte, yte), details
 
     return _classify_frozen(run, fit)
 
 
 def run_linear_probe(run: _Run) -> tuple[dict[str, float], dict[str, Any]]:
-    """A logistic-regression probe on frozen embeddings (weight decay chosen on validation)."""
-    seed = run.opts.seed
-
-    def fit(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray) -> tuple[dict[str, float], dict[str, Any]]:
-        classes, itr, ite = _label_space(ytr, yte)
-        probe = fit_linear_probe(xtr, itr, len(classes), seed=seed)
-        pred = probe.predict(xte)
-        metrics = {"acc1": float(np.mean(pred == ite)), "mean_per_class_recall": mean_per_class_recall(ite, pred)}
-        return metrics, {"weight_decay": probe.weight_decay, "val_acc1": probe.val_acc1}
-
-    return _classify_frozen(run, fit)
+    """A logistic-regression probe on frozen embeddings (:class:`LinearProbeProtocol`)."""
+    protocol: LinearProbeProtocol = run.opts.protocol("linear-probe")
+    return _classify_frozen(run, protocol.run)
 
 
 #: The function of each task.
@@ -769,6 +1013,7 @@ TASK_RUNNERS: dict[str, Callable[[_Run], tuple[dict[str, float], dict[str, Any]]
     "knn": run_knn,
     "linear-probe": run_linear_probe,
     "retrieval": run_retrieval,
+    "clustering": run_clustering,
 }
 
 
@@ -790,8 +1035,10 @@ def evaluate(
         options: an :class:`EvalOptions`; ``settings`` (its field names) override its fields.
 
     Returns:
-        ``{"task", "model", "encoder", "data", "split", "metrics", "details", "left_out", "seconds"}``
-        (JSON-ready); ``left_out`` is ``{"count", "items": [{"source", "stage", "reason"}]}``.
+        ``{"task", "model", "encoder", "data", "split", "protocol", "metrics", "details", "left_out", "seconds"}``
+        (JSON-ready); ``protocol`` is ``{"name", "description", "settings", "split", "n"}`` (what the metrics
+        were computed by, on what, on how many); ``left_out`` is ``{"count", "items": [{"source", "stage",
+        "reason"}]}``.
     """
     opts = replace(options or EvalOptions(), **settings)
     t0 = time.perf_counter()
@@ -813,6 +1060,7 @@ def evaluate(
         "encoder": describe,
         "data": run.data.source,
         "split": run.split,
+        "protocol": run.record,
         "metrics": {k_: round(float(v), 6) for k_, v in metrics.items()},
         "details": details,
         "left_out": {"count": len(run.left_out), "items": run.left_out},
@@ -825,7 +1073,18 @@ def evaluate(
 
 
 __all__ = [
+    "DEFAULT_KNN_K",
     "DEFAULT_TEMPLATES",
+    "DEFAULT_TEST_FRACTION",
+    "ClusteringProtocol",
+    "KnnProtocol",
+    "LinearProbeProtocol",
+    "RetrievalProtocol",
+    "SplitProtocol",
+    "ZeroShotProtocol",
+    "classification_split",
+    "protocol_record",
+    "scored_rows",
     "DEFAULT_WEIGHT_DECAYS",
     "TASKS",
     "EmbeddedImages",

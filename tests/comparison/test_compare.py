@@ -62,7 +62,7 @@ def test_unlabelled_images(tiny_clip_specs: list[str], sample_dir: Path, tmp_pat
     report = compare(tiny_clip_specs, data, tmp_path / "out", k=3, queries=3, isolate=False)
     for m in report.models:
         assert m.quality.metrics == {}
-        assert set(m.quality.skipped) == {"knn", "linear_probe", "zero_shot", "retrieval"}
+        assert set(m.quality.skipped) == {"knn", "linear_probe", "zero_shot", "clustering", "retrieval"}
         assert m.similarity.same is None and m.similarity.same_mean is None
     assert report.queries == [0, 4, 9]
     assert all(im.label is None for im in report.images)

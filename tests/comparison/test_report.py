@@ -167,10 +167,12 @@ def test_quality_numbers(compare_run: CompareRun, report_dict: dict[str, Any]) -
     from phiclip import evaluate
 
     labels = np.array([report_dict["data"]["classnames"].index(im["label"]) for im in report_dict["images"]])
-    train, test = evaluate.stratified_split(labels, 0.5, 0)
+    fraction = report_dict["settings"]["test_fraction"]
+    assert fraction == evaluate.DEFAULT_TEST_FRACTION and report_dict["settings"]["k"] == 5
+    train, test = evaluate.stratified_split(labels, fraction, 0)
     for m in report_dict["models"]:
         q = m["quality"]["metrics"]
-        expected = {"knn_accuracy", "linear_probe_accuracy", "zero_shot_top1"}
+        expected = {"knn_accuracy", "linear_probe_accuracy", "zero_shot_top1", "clustering_v_measure"}
         expected |= {f"{d}_recall@{k}" for d in ("text_to_image", "image_to_text") for k in (1, 5, 10)}
         # 4 classes: the true one is always in the top 5, so top-5 accuracy is left out, with the reason.
         assert set(q) == expected and set(m["quality"]["skipped"]) == {"zero_shot_top5"}
@@ -179,6 +181,41 @@ def test_quality_numbers(compare_run: CompareRun, report_dict: dict[str, Any]) -
         x = np.load(compare_run.output / "embeddings" / f"{m['key']}.npy")
         knn = evaluate.knn_classify(x[train], labels[train], x[test], labels[test], k=5)
         assert q["knn_accuracy"] == pytest.approx(knn["acc1"])
+        # every number says its protocol, split and n
+        protocols = m["quality"]["protocols"]
+        assert set(protocols) == set(q)
+        knn_p = protocols["knn_accuracy"]
+        assert knn_p["name"] == "knn" and "k=5" in knn_p["description"] and knn_p["settings"]["k"] == 5
+        assert knn_p["split"] == "stratified 70%/30%, seed 0" and knn_p["n"] == {"train": len(train), "test": len(test)}
+        assert protocols["clustering_v_measure"]["n"] == {"test": 24}
+        assert protocols["text_to_image_recall@1"]["n"] == {"images": 24, "texts": 24}
+        assert "split: stratified 70%/30%" in (compare_run.output / "report.html").read_text()
+
+
+def test_alignment_of_every_pair_is_phiclip_aligns(compare_run: CompareRun, report_dict: dict[str, Any]) -> None:
+    from phiclip.collection import alignment, vector_set
+
+    (pair,) = report_dict["pairs"]
+    a = np.load(compare_run.output / "embeddings" / "A.npy")
+    b = np.load(compare_run.output / "embeddings" / "B.npy")
+    ids = [str(i) for i in range(len(a))]
+    ref = alignment(vector_set(ids, a), vector_set(ids, b), k=pair["k"]).scores
+    assert set(pair["alignment"]) == set(ref)
+    for name, value in ref.items():
+        assert pair["alignment"][name] == pytest.approx(value, abs=1e-9), name
+    assert pair["alignment"]["mutual_knn"] == pytest.approx(pair["knn_overlap_mean"])
+    page = (compare_run.output / "report.html").read_text()
+    assert 'id="alignment-0-1"' in page and "CKNNA" in page
+
+
+def test_the_report_links_a_map_per_model(compare_run: CompareRun, report_dict: dict[str, Any]) -> None:
+    page = (compare_run.output / "report.html").read_text()
+    for m in report_dict["models"]:
+        info = report_dict["maps"][m["key"]]
+        assert info["method"] in ("pca", "umap") and info["description"]
+        assert f'href="{info["file"]}"' in page
+        map_html = (compare_run.output / info["file"]).read_text()
+        assert 'data-points="24"' in map_html and "coloured by label" in map_html
 
 
 def test_every_number_in_the_page_is_in_report_json(page: str, report_dict: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ One module per command group, each command calling its API function directly:
 - :mod:`.info`: ``info`` (:mod:`phiclip.output_summary`);
 - :mod:`.evaluate`: ``eval`` (:mod:`phiclip.evaluate`);
 - :mod:`.compare`: ``compare`` (:mod:`phiclip.comparison.runner`);
+- :mod:`.collection`: ``dedup``, ``cluster``, ``map``, ``align`` (:mod:`phiclip.collection.commands`);
 - :mod:`.serve`: ``serve`` (:mod:`phiclip.serve`);
 - :mod:`.finetune`: ``finetune clip|probe|phi3v-adapter``, ``classify`` (:mod:`phiclip.finetune`);
 - :mod:`.demo`: ``demo`` (:mod:`phiclip.demo`), ``tiny-model`` (:mod:`phiclip.testing`);
@@ -28,7 +29,7 @@ from rich.console import Console
 from rich.text import Text
 from typer.core import TyperGroup
 
-from phiclip.cli import compare, demo, embed, evaluate, finetune, info, search, serve
+from phiclip.cli import collection, compare, demo, embed, evaluate, finetune, info, search, serve
 from phiclip.console import safe_text
 from phiclip.version import __version__
 
@@ -114,6 +115,10 @@ app.command("search")(search.search)
 app.command("info")(info.info)
 app.command("eval")(evaluate.evaluate)
 app.command("compare")(compare.compare)
+app.command("dedup")(collection.dedup)
+app.command("cluster")(collection.cluster)
+app.command("map")(collection.map_cmd)
+app.command("align")(collection.align)
 app.command("demo")(demo.demo)
 app.command("tiny-model")(demo.tiny_model)
 app.command("serve")(serve.serve)

@@ -35,8 +35,13 @@ def compare(
         "Images to compare on: a folder per class, a CSV/Parquet table (image, label and/or caption "
         "columns; captions enable retrieval), hf:DATASET[?config=CFG&split=SPLIT], or a quoted glob."))],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for report.html, report.json and embeddings/.")],
-    k: Annotated[int, typer.Option("--k", min=1, help="Neighbours for the k-NN overlap and the kNN classifier.")]
+    k: Annotated[int, typer.Option("--k", min=1, help=(
+        "Neighbours for the k-NN overlap, the alignment scores and the kNN classifier (eval's --k default too)."))]
     = runner.DEFAULT_K,
+    shots: Annotated[int | None, typer.Option("--shots", min=1, help=(
+        "Linear probe: train on this many images per class (MIEB: 16) instead of every training image."))] = None,
+    probe_seeds: Annotated[int, typer.Option("--probe-seeds", min=1, help=(
+        "Linear probe with --shots: seeded draws of the training images, the mean reported (MIEB: 5)."))] = 1,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     precision: QueryPrecisionOpt = QueryPrecision.auto,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
@@ -68,7 +73,7 @@ def compare(
                 k=k, device=device, dtype=precision.value, batch_size=batch_size, passes=passes,
                 max_pixels=max_pixels or None, max_images=max_images, templates=tuple(template or ()) or None,
                 isolate=not in_process, split=split, image_column=image_column, label_column=label_column,
-                caption_column=caption_column,
+                caption_column=caption_column, shots=shots, probe_seeds=probe_seeds,
             )
             report = runner.compare(model, data, output, options,
                                     progress=say_dim(Console(stderr=True)) if progress and not as_json else None)

@@ -40,12 +40,14 @@ class EvalTask(str, enum.Enum):
     knn = "knn"
     linear_probe = "linear-probe"
     retrieval = "retrieval"
+    clustering = "clustering"
 
 
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="Encoder spec: clip:DIR_OR_HUB_ID, siglip:..., phi3v:...")],
     task: Annotated[EvalTask, typer.Option("--task", help=(
-        "zeroshot (CLIP-like), knn or linear-probe (any encoder), retrieval (image-text, CLIP-like)."))],
+        "zeroshot (CLIP-like), knn or linear-probe (any encoder), retrieval (image-text, CLIP-like), "
+        "clustering (k-means V-measure, any encoder)."))],
     data: Annotated[str, typer.Option("--data", "-d", help=(
         "A folder per class (optionally under train/ and test/), a CSV/Parquet table with image and "
         "label or caption columns, or hf:DATASET[?config=CFG&split=SPLIT] (hub id, local folder, save_to_disk "
@@ -60,7 +62,14 @@ def evaluate(
     templates_file: Annotated[Path | None, typer.Option("--templates", help="A file of templates, one per line.")] = None,
     classnames: Annotated[Path | None, typer.Option("--classnames", help=(
         "Zero-shot: a file of class names in label order, one per line (default: the data's names)."))] = None,
-    k: Annotated[int, typer.Option("--k", min=1, help="Neighbours for knn.")] = _DEFAULTS.k,
+    k: Annotated[int, typer.Option("--k", min=1, help="Neighbours for knn (the same default as compare's --k).")]
+    = _DEFAULTS.k,
+    shots: Annotated[int | None, typer.Option("--shots", min=1, help=(
+        "linear-probe: train on this many images per class (MIEB: 16) instead of every training image."))]
+    = _DEFAULTS.shots,
+    probe_seeds: Annotated[int, typer.Option("--probe-seeds", min=1, help=(
+        "linear-probe with --shots: seeded draws of the training images, the mean reported (MIEB: 5)."))]
+    = _DEFAULTS.probe_seeds,
     test_fraction: Annotated[float, typer.Option("--test-fraction", min=0.01, max=0.99, help=(
         "knn/linear-probe without given splits: the share held out for testing."))] = _DEFAULTS.test_fraction,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the stratified split and of the probe's validation split.")]
@@ -85,6 +94,7 @@ def evaluate(
             model, task.value, data, split=split, train_split=train_split,
             templates=template or (str(templates_file) if templates_file else None),
             classnames=str(classnames) if classnames else None, k=k, test_fraction=test_fraction, seed=seed,
+            shots=shots, probe_seeds=probe_seeds,
             batch_size=batch_size, max_pixels=max_pixels or None, device=device, dtype=precision.value,
             image_column=image_column, label_column=label_column, caption_column=caption_column,
             progress=progress_wanted(progress),
@@ -103,6 +113,10 @@ def evaluate(
         table.add_row(safe_text(name), f"{value:.4f}")
     for name, value in result["details"].items():
         table.add_row(safe_text(name, "dim"), safe_text(value, "dim"))
+    protocol = result.get("protocol") or {}
+    if protocol:
+        n = ", ".join(f"{key} {value}" for key, value in protocol["n"].items())
+        table.caption = safe_text(f"protocol: {protocol['description']}; split: {protocol['split']}; n: {n}")
     out = Console()
     out.print(table)
     print_left_out_items(result["left_out"]["items"], out)

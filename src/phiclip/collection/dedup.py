@@ -320,6 +320,7 @@ def find_duplicates(
     read_bytes: Callable[[str], bytes] | None = None,
     max_neighbors: int = 64,
     exact_limit: int = EXACT_LIMIT,
+    normalized: bool = False,
 ) -> DuplicateReport:
     """Exact duplicates (when ``read_bytes`` is given) and near duplicates (when ``vectors`` is given).
 
@@ -330,6 +331,8 @@ def find_duplicates(
         read_bytes: ``read_bytes(id) -> bytes`` for exact duplicates (e.g. :func:`source_reader`); its
             failures are reported in ``unreadable``.
         max_neighbors, exact_limit: see :func:`near_duplicate_pairs`.
+        normalized: the rows of ``vectors`` (float32, C-contiguous) are L2-normalised already, so no
+            normalised copy is made (for a million vectors of dim 512, 2 GB less).
 
     Returns:
         A :class:`DuplicateReport`. Nothing is deleted or moved.
@@ -357,9 +360,10 @@ def find_duplicates(
             gid += 1
     method = "none"
     if vectors is not None and n > 1:
-        x = l2_normalize(np.asarray(vectors, dtype=np.float32))
+        given = np.asarray(vectors, dtype=np.float32)
+        x = np.ascontiguousarray(given) if normalized else l2_normalize(given)
         part = np.array([r for r in range(n) if r not in exact_copies], dtype=np.int64)
-        sub = np.ascontiguousarray(x[part])
+        sub = x if len(part) == n else np.ascontiguousarray(x[part])  # no copy when there is no exact copy
         i, j, _ = near_duplicate_pairs(sub, threshold, max_neighbors=max_neighbors, exact_limit=exact_limit)
         method = (
             "exact range search (IndexFlatIP)" if len(part) <= exact_limit else "approximate HNSW kNN graph"

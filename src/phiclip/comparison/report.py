@@ -14,6 +14,7 @@ each drawn bar carries the same attributes. Charts are ``<svg class="chart ...">
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,15 @@ QUALITY_TITLES: dict[str, str] = {
     "image_to_text_recall@1": "Image→text R@1",
     "image_to_text_recall@5": "Image→text R@5",
     "image_to_text_recall@10": "Image→text R@10",
+    "clustering_v_measure": "k-means V-measure",
+}
+#: The alignment scores of a pair (``phiclip align``), in the order shown.
+ALIGNMENT_TITLES: dict[str, str] = {
+    "mutual_knn": "Mutual k-NN",
+    "cknna": "CKNNA",
+    "cknna_biased": "CKNNA (biased)",
+    "cka": "CKA",
+    "cka_unbiased": "CKA (unbiased)",
 }
 
 
@@ -310,12 +320,25 @@ def _quality_section(report: dict[str, Any]) -> str:
         for metric, reason in m["quality"]["skipped"].items():
             skipped.setdefault(metric, []).append(f"{m['key']}: {reason}")
     notes = "".join(f"<li><b>{esc(metric.replace('_', ' '))}</b> skipped: {esc('; '.join(r))}</li>" for metric, r in skipped.items())
-    settings = report["settings"]
     split_note = (
-        f"kNN (k={settings['k']}, cosine, similarity-weighted vote) and the linear probe (logistic regression) "
-        f"train on a stratified {1 - settings['test_fraction']:.0%} of the images and are scored on the rest "
-        f"(seed {settings['seed']}); zero-shot classifies every image from prompts of its class name; retrieval uses the captions."
+        "Each number comes from the protocol of `phiclip eval` named below (the same code, so the same data and "
+        "options give the same number there), with its split and n."
     )
+    protocols: dict[str, dict[str, Any]] = {}
+    for m in models:
+        for metric, rec in (m["quality"].get("protocols") or {}).items():
+            protocols.setdefault(rec["description"] + "|" + rec["split"] + "|" + json.dumps(rec["n"], sort_keys=True),
+                                 {**rec, "metrics": []})
+            entry = protocols[rec["description"] + "|" + rec["split"] + "|" + json.dumps(rec["n"], sort_keys=True)]
+            title = QUALITY_TITLES.get(metric, metric)
+            if title not in entry["metrics"]:
+                entry["metrics"].append(title)
+    protocol_items = "".join(
+        f"<li data-protocol=\"{esc(rec['name'])}\"><b>{esc(', '.join(rec['metrics']))}</b>: {esc(rec['description'])}; "
+        f"split: {esc(rec['split'])}; n: {esc(', '.join(f'{k} {v}' for k, v in rec['n'].items()))}</li>"
+        for rec in protocols.values()
+    )
+    protocol_list = f'<ul class="note" id="quality-protocols">{protocol_items}</ul>' if protocol_items else ""
     if not names:
         return (
             '<section id="quality"><h2>Quality</h2><p class="note">No quality metric could be computed.</p>'
@@ -351,6 +374,7 @@ def _quality_section(report: dict[str, Any]) -> str:
         f'<figure id="figure-quality">{grouped_bar_chart("chart-quality", "Quality metrics", groups)}'
         f'<div class="legend">{legend}</div><figcaption>Fractions in [0, 1]; higher is better.</figcaption></figure>'
         f'<table id="quality-table" style="margin-top:12px"><tr><th></th>{head}</tr>{rows}</table>'
+        + protocol_list
         + (f"<ul class='note'>{notes}</ul>" if notes else "")
         + "</section>"
     )
@@ -379,7 +403,8 @@ def _structure_section(report: dict[str, Any]) -> str:
             f'<div class="stat"><div class="note">Linear CKA</div><div class="headline">{_num(p["linear_cka"], f"pairs.{pi}.linear_cka", kind="fraction")}</div></div>'
             f'<div class="stat"><div class="note">k-NN overlap (k={k})</div><div class="headline">{_num(p["knn_overlap_mean"], f"pairs.{pi}.knn_overlap_mean", kind="fraction")}</div></div>'
             f'<div class="stat"><div class="note">Chance overlap</div><div class="headline">{_num(p["knn_overlap_chance"], f"pairs.{pi}.knn_overlap_chance", kind="fraction")}</div></div>'
-            f"<figure>{chart}<figcaption>How many images share how much of their {k} nearest neighbours in the two spaces "
+            + _alignment_table(p, pi)
+            +             f"<figure>{chart}<figcaption>How many images share how much of their {k} nearest neighbours in the two spaces "
             "(dashed: the mean, and the overlap two unrelated spaces would give).</figcaption></figure></div>"
         )
     sims = []
@@ -417,6 +442,24 @@ def _structure_section(report: dict[str, Any]) -> str:
     )
 
 
+def _alignment_table(p: dict[str, Any], pi: int) -> str:
+    """The alignment scores of pair ``pi`` (``phiclip align``'s), a row each."""
+    scores = p.get("alignment") or {}
+    if not scores:
+        return ""
+    rows = "".join(
+        f"<tr><th>{esc(title)}</th><td class='n'>{_num(scores.get(key), f'pairs.{pi}.alignment.{key}', kind='fraction')}</td></tr>"
+        for key, title in ALIGNMENT_TITLES.items()
+        if key in scores
+    )
+    why = "".join(f"<li>{esc(k)}: {esc(v)}</li>" for k, v in (p.get("alignment_skipped") or {}).items())
+    return (
+        f'<table class="alignment" id="alignment-{p["a"]}-{p["b"]}"><tr><th colspan="2">Alignment (k={p["k"]}, '
+        f"L2-normalised; as <code>phiclip align</code>)</th></tr>{rows}</table>"
+        + (f"<ul class='note'>{why}</ul>" if why else "")
+    )
+
+
 def _projection_section(report: dict[str, Any]) -> str:
     models = report["models"]
     images = report["images"]
@@ -446,10 +489,17 @@ def _projection_section(report: dict[str, Any]) -> str:
             f'<span data-label="{esc(c)}"><span class="sw" style="background:{colours[c]}"></span>{esc(c)} ({counts[c]})</span>'
             for c in classnames
         ) + "</div>"
+    maps = report.get("maps") or {}
+    links = "".join(
+        f'<li><a href="{esc(info["file"])}" data-map="{esc(key)}">{esc(key)}: interactive map</a> '
+        f'<span class="note">({esc(info["description"])}; pan, zoom, hover for the image)</span></li>'
+        for key, info in maps.items()
+    )
     return (
         '<section id="projection"><h2>Maps of the spaces</h2>'
         '<p class="note">Each point is an image, coloured by its label; images close together are alike to the encoder.</p>'
-        f'{legend}<div class="grid">{"".join(figs)}</div></section>'
+        + (f'<ul id="map-links">{links}</ul>' if links else "")
+        + f'{legend}<div class="grid">{"".join(figs)}</div></section>'
     )
 
 
@@ -586,17 +636,31 @@ def terminal_tables(report: CompareReport | dict[str, Any]) -> list[Any]:
         quality = table("Quality")
         for n in names:
             quality.add_row(QUALITY_TITLES[n], *[format_number(m["quality"]["metrics"].get(n), kind="fraction") for m in models])
+        seen: dict[str, list[str]] = {}
+        for m in models:
+            for metric, rec in (m["quality"].get("protocols") or {}).items():
+                n_text = ", ".join(f"{k} {v}" for k, v in rec["n"].items())
+                line = f"{rec['description']}; split: {rec['split']}; n: {n_text}"
+                titles = seen.setdefault(line, [])
+                if QUALITY_TITLES.get(metric, metric) not in titles:
+                    titles.append(QUALITY_TITLES.get(metric, metric))
+        if seen:
+            quality.caption = safe_text("\n".join(f"{', '.join(t)}: {line}" for line, t in seen.items()))
+            quality.caption_justify = "left"
         tables.append(quality)
     if r["pairs"]:
         s = Table(title="Structure", title_justify="left", header_style="bold")
-        for col in ("Pair", "Linear CKA", "k-NN overlap", "Chance"):
+        for col in ("Pair", "Linear CKA", "k-NN overlap", "Chance", "CKNNA", "CKA (unbiased)"):
             s.add_column(col, justify="right" if col != "Pair" else "left")
         for p in r["pairs"]:
+            al = p.get("alignment") or {}
             s.add_row(
                 safe_text(f"{models[p['a']]['key']} vs {models[p['b']]['key']} (k={p['k']})"),
                 format_number(p["linear_cka"], kind="fraction"),
                 format_number(p["knn_overlap_mean"], kind="fraction"),
                 format_number(p["knn_overlap_chance"], kind="fraction"),
+                format_number(al.get("cknna"), kind="fraction"),
+                format_number(al.get("cka_unbiased"), kind="fraction"),
             )
         tables.append(s)
     return tables

@@ -19,7 +19,9 @@ from phiclip.pipeline.writer import atomic_write
 
 #: Version of the report.json layout; bump when a field changes meaning.
 #: 2: speed from repeated timed passes (``passes``, ``encode_s_passes``, the min/max rates), ``warnings``.
-REPORT_FORMAT = 2
+#: 3: ``Quality.protocols`` (each metric's protocol, split and n), the alignment scores of every pair
+#: (mutual-kNN, CKNNA, CKA biased and unbiased), ``maps`` (one interactive map page per model).
+REPORT_FORMAT = 3
 #: A timed pass with less model time than this (seconds) is too short for its speed to mean much.
 MIN_TIMED_SECONDS = 1.0
 
@@ -100,10 +102,13 @@ class Quality:
     """Quality where labels or captions allow it. ``metrics`` holds fractions in [0, 1] under
     stable names (``knn_accuracy``, ``linear_probe_accuracy``, ``zero_shot_top1``, ``zero_shot_top5``,
     ``text_to_image_recall@1``, ``image_to_text_recall@5``, ...); ``skipped`` says, for each metric
-    that could not be computed, why (no labels, no text side, too few images, ...)."""
+    that could not be computed, why (no labels, no text side, too few images, ...). ``protocols[metric]``
+    says how each number was made (:func:`phiclip.evaluate.protocol_record`: ``name``, ``description``,
+    ``settings``, ``split``, ``n``), the same protocol objects ``phiclip eval`` uses."""
 
     metrics: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    protocols: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -155,7 +160,10 @@ class PairResult:
 
     ``knn_overlap_per_image[i]`` is the shared fraction of image i's k nearest neighbours;
     ``knn_overlap_counts[c]`` how many images share exactly c of k; ``knn_overlap_chance`` the
-    expected overlap of unrelated spaces, k / (n - 1).
+    expected overlap of unrelated spaces, k / (n - 1). ``alignment`` holds the scores of
+    :func:`phiclip.collection.align.alignment` on L2-normalised vectors with ``k`` neighbours
+    (``mutual_knn``, ``cknna``, ``cknna_biased``, ``cka``, ``cka_unbiased``; ``None`` where too few images,
+    the reason in ``alignment_skipped``), as ``phiclip align`` gives them.
     """
 
     a: int
@@ -166,6 +174,8 @@ class PairResult:
     knn_overlap_chance: float
     knn_overlap_per_image: list[float]
     knn_overlap_counts: list[int]
+    alignment: dict[str, float | None] = field(default_factory=dict)
+    alignment_skipped: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -195,6 +205,7 @@ class CompareReport:
     models: list[ModelResult]
     pairs: list[PairResult]
     warnings: list[str] = field(default_factory=list)
+    maps: dict[str, dict[str, Any]] = field(default_factory=dict)
     format: int = REPORT_FORMAT
 
     def to_dict(self) -> dict[str, Any]:

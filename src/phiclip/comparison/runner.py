@@ -65,7 +65,9 @@ DEFAULT_BATCH_SIZE = 16
 DEFAULT_QUERIES = 6
 DEFAULT_SHOWN_NEIGHBOURS = 5
 DEFAULT_MAX_POINTS = 2000
-DEFAULT_TEST_FRACTION = 0.5
+#: ``phiclip.evaluate.DEFAULT_TEST_FRACTION`` (and ``DEFAULT_K`` its ``DEFAULT_KNN_K``): one protocol for
+#: ``eval`` and ``compare``; a test checks they agree (importing evaluate here would load torch for --help).
+DEFAULT_TEST_FRACTION = 0.3
 DEFAULT_PASSES = 3
 RETRIEVAL_KS = (1, 5, 10)
 THUMBNAIL_PX = 112
@@ -85,7 +87,8 @@ class CompareOptions:
     compare at most this many images, spread evenly over the data (so over its classes).
     ``templates``: zero-shot prompt templates with ``{c}`` (default:
     :data:`phiclip.evaluate.DEFAULT_TEMPLATES`). ``test_fraction``, ``seed``: the stratified split
-    for kNN and linear probe. ``queries``, ``shown_neighbours``: the neighbour grid. ``max_points``:
+    for kNN and linear probe (the data's own train/test splits when it has them, as ``phiclip eval``);
+    ``shots``, ``probe_seeds``: the linear probe's k-shot draws (:class:`phiclip.evaluate.LinearProbeProtocol`). ``queries``, ``shown_neighbours``: the neighbour grid. ``max_points``:
     points per 2-D projection. ``isolate``: measure each encoder in its own subprocess (clean peak
     memory; ``False`` runs them in this process). ``split`` and the column options: how the data is
     read (see :func:`phiclip.inputs.load_data`).
@@ -101,6 +104,8 @@ class CompareOptions:
     templates: Sequence[str] | None = None
     test_fraction: float = DEFAULT_TEST_FRACTION
     seed: int = 0
+    shots: int | None = None
+    probe_seeds: int = 1
     queries: int = DEFAULT_QUERIES
     shown_neighbours: int = DEFAULT_SHOWN_NEIGHBOURS
     max_points: int = DEFAULT_MAX_POINTS
@@ -315,47 +320,74 @@ def _rows_of(m: Measured, rows: Sequence[int]) -> Measured:
 
 
 # --- step 4: the numbers ------------------------------------------------------------------------------
-def quality(measured: Measured, labels: np.ndarray | None, owners: np.ndarray | None, opts: CompareOptions) -> Quality:
-    """kNN / linear probe / zero-shot / retrieval for one encoder; each computed or skipped with a reason."""
+def quality(measured: Measured, labels: np.ndarray | None, owners: np.ndarray | None, opts: CompareOptions,
+            splits: Sequence[str] | None = None) -> Quality:
+    """kNN / linear probe / zero-shot / clustering / retrieval for one encoder, each computed by the protocol
+    object ``phiclip eval`` uses (:mod:`phiclip.evaluate`) and recorded with its split and n, or skipped
+    with a reason. ``splits``: each image's split, when the data has splits (then kNN and the probe train
+    on ``train`` and the other tasks score the test split, as in ``eval``)."""
     # lazy: `phiclip --help` imports this module; phiclip.evaluate is loaded on first use
     from phiclip import evaluate
 
     q = Quality()
     x = measured.image_embeddings
+    rows, where = evaluate.scored_rows(len(x), splits)
     if labels is None:
-        for name in ("knn", "linear_probe", "zero_shot"):
+        for name in ("knn", "linear_probe", "zero_shot", "clustering"):
             q.skipped[name] = "the data has no labels"
     else:
-        train, test = evaluate.stratified_split(labels, opts.test_fraction, opts.seed)
+        train, test, how = evaluate.classification_split(labels, evaluate.SplitProtocol(opts.test_fraction, opts.seed),
+                                                         splits)
         if len(test) == 0 or len(np.unique(labels[train])) < 2:
             reason = "too few images per class for a train/test split (need 2+ classes with 2+ images each)"
             q.skipped["knn"] = q.skipped["linear_probe"] = reason
         else:
-            knn = evaluate.knn_classify(x[train], labels[train], x[test], labels[test], k=opts.k)
-            q.metrics["knn_accuracy"] = knn["acc1"]
-            probe = evaluate.linear_probe(x[train], labels[train], x[test], labels[test], seed=opts.seed)
+            n_split = {"train": len(train), "test": len(test)}
+            knn_p = evaluate.KnnProtocol(k=opts.k)
+            q.metrics["knn_accuracy"] = knn_p.run(x[train], labels[train], x[test], labels[test])["acc1"]
+            q.protocols["knn_accuracy"] = evaluate.protocol_record(knn_p, how, n_split)
+            probe_p = evaluate.LinearProbeProtocol(shots=opts.shots, seeds=opts.probe_seeds, seed=opts.seed)
+            probe, _ = probe_p.run(x[train], labels[train], x[test], labels[test])
             q.metrics["linear_probe_accuracy"] = probe["acc1"]
+            q.protocols["linear_probe_accuracy"] = evaluate.protocol_record(probe_p, how, n_split)
         weights = measured.zero_shot_weights
         if weights is not None:
-            zs = evaluate.zero_shot_metrics(x, weights, labels)
+            zs_p = evaluate.ZeroShotProtocol(tuple(opts.template_list()))
+            zs = zs_p.run(x[rows], weights, labels[rows])
+            record = evaluate.protocol_record(zs_p, where, {"test": len(rows)})
             q.metrics["zero_shot_top1"] = zs["acc1"]
+            q.protocols["zero_shot_top1"] = record
             if len(weights) >= TOP5_MIN_CLASSES:
                 q.metrics["zero_shot_top5"] = zs["acc5"]
+                q.protocols["zero_shot_top5"] = record
             else:
                 q.skipped["zero_shot_top5"] = (f"only {len(weights)} classes: the true class is always among the "
                                                "top 5, so top-5 accuracy would be 1")
         else:
             q.skipped["zero_shot"] = measured.skipped.get("zero_shot", "the data has no class names")
+        n_classes = len(np.unique(labels[rows]))
+        if n_classes < 2 or n_classes > len(rows):
+            q.skipped["clustering"] = f"{n_classes} class(es) among {len(rows)} images: nothing to cluster"
+        else:
+            cl_p = evaluate.ClusteringProtocol(seed=opts.seed)
+            q.metrics["clustering_v_measure"] = cl_p.run(x[rows], labels[rows])["v_measure"]
+            q.protocols["clustering_v_measure"] = evaluate.protocol_record(cl_p, where, {"test": len(rows)})
     if owners is None:
         q.skipped["retrieval"] = "the data has no captions"
     elif measured.text_embeddings is None:
         q.skipped["retrieval"] = measured.skipped.get("retrieval", "no text embeddings")
     else:
-        ks = [kk for kk in RETRIEVAL_KS if kk <= len(x)]
-        r = evaluate.retrieval_metrics(x, measured.text_embeddings, owners, ks=ks)
+        at = np.full(len(x), -1, dtype=np.int64)
+        at[rows] = np.arange(len(rows))
+        keep = at[owners] >= 0
+        ks = tuple(kk for kk in RETRIEVAL_KS if kk <= len(rows))
+        ret_p = evaluate.RetrievalProtocol(ks)
+        r = ret_p.run(x[rows], measured.text_embeddings[keep], at[owners[keep]])
+        record = evaluate.protocol_record(ret_p, where, {"images": len(rows), "texts": int(keep.sum())})
         for kk in ks:
             q.metrics[f"text_to_image_recall@{kk}"] = r[f"image_retrieval_recall@{kk}"]
             q.metrics[f"image_to_text_recall@{kk}"] = r[f"text_retrieval_recall@{kk}"]
+            q.protocols[f"text_to_image_recall@{kk}"] = q.protocols[f"image_to_text_recall@{kk}"] = record
     q.metrics = {name: float(v) for name, v in q.metrics.items()}
     return q
 
@@ -409,13 +441,41 @@ def _projections(embeddings: list[np.ndarray], max_points: int) -> list[Projecti
     return out
 
 
+def alignment_scores(a: np.ndarray, b: np.ndarray, k: int) -> tuple[dict[str, float | None], dict[str, str]]:
+    """The scores of ``phiclip align`` (:mod:`phiclip.collection.align`) for two spaces of the same images
+    (row i the same image), on L2-normalised vectors; each ``None`` with a reason where it cannot be computed."""
+    # lazy: `phiclip --help` imports this module; the collection package loads FAISS and PIL
+    from phiclip.collection.align import cka, cknna, mutual_knn
+    from phiclip.collection.vectors import l2_normalize
+
+    xa, xb = l2_normalize(np.asarray(a, np.float32)), l2_normalize(np.asarray(b, np.float32))
+    n = xa.shape[0]
+    scores: dict[str, float | None] = {}
+    skipped: dict[str, str] = {}
+    scores["mutual_knn"] = mutual_knn(xa, xb, k)
+    if k >= 2 and n >= 4:
+        scores["cknna"] = cknna(xa, xb, k, unbiased=True)
+        scores["cknna_biased"] = cknna(xa, xb, k, unbiased=False)
+    else:
+        scores["cknna"] = scores["cknna_biased"] = None
+        skipped["cknna"] = f"CKNNA needs k >= 2 and 4 images (k={k}, {n} images)"
+    scores["cka"] = cka(xa, xb)
+    if n >= 4:
+        scores["cka_unbiased"] = cka(xa, xb, unbiased=True)
+    else:
+        scores["cka_unbiased"] = None
+        skipped["cka_unbiased"] = f"the unbiased HSIC needs 4 images ({n} here)"
+    return {key: finite_or_none(v) for key, v in scores.items()}, skipped
+
+
 def pair_results(embeddings: Sequence[np.ndarray], k: int) -> list[PairResult]:
-    """k-NN overlap and linear CKA of every pair of spaces."""
+    """k-NN overlap, linear CKA and the alignment scores (mutual-kNN, CKNNA, CKA) of every pair of spaces."""
     pairs: list[PairResult] = []
     for a in range(len(embeddings)):
         for b in range(a + 1, len(embeddings)):
             ov = structure.knn_overlap(embeddings[a], embeddings[b], k)
             shared = np.rint(ov.per_image * k).astype(np.int64)
+            scores, skipped = alignment_scores(embeddings[a], embeddings[b], k)
             pairs.append(
                 PairResult(
                     a=a,
@@ -426,6 +486,8 @@ def pair_results(embeddings: Sequence[np.ndarray], k: int) -> list[PairResult]:
                     knn_overlap_chance=ov.chance,
                     knn_overlap_per_image=[float(v) for v in ov.per_image],
                     knn_overlap_counts=[int(c) for c in np.bincount(shared, minlength=k + 1)],
+                    alignment=scores,
+                    alignment_skipped=skipped,
                 )
             )
     return pairs
@@ -474,7 +536,7 @@ def build_report(specs: Sequence[str], keys: Sequence[str], ds: LabelledData, me
         nn = structure.knn_indices(m.image_embeddings, n_show)
         results.append(ModelResult(
             key=key, spec=spec, name=name, description=m.description, cost=m.cost,
-            quality=quality(m, labels, owners, opts),
+            quality=quality(m, labels, owners, opts, ds.splits),
             similarity=_similarity(m.image_embeddings, labels, sim_range),
             projection=projections[i],
             neighbours=[[int(j) for j in nn[q]] for q in query_idx],
@@ -551,6 +613,29 @@ def compare(
     return report
 
 
+def write_maps(
+    report: CompareReport, output: Path, images: Sequence[Any], embeddings: Sequence[np.ndarray]
+) -> dict[str, Path]:
+    """``map-<key>.html`` per model: the interactive map of ``phiclip map`` (UMAP when umap-learn is
+    installed, else PCA, coloured by label), recorded in ``report.maps`` (file and method)."""
+    # lazy: `phiclip --help` imports this module; the collection package loads PIL and FAISS
+    from phiclip.collection.layout import layout_2d
+    from phiclip.collection.pages import map_page, write_page
+
+    sources = [os.fspath(im) if isinstance(im, (str, os.PathLike)) else "" for im in images]
+    ids = [im.source for im in report.images]
+    labels = [im.label or "" for im in report.images] if report.data.has_labels else None
+    paths: dict[str, Path] = {}
+    for m, x in zip(report.models, embeddings):
+        layout = layout_2d(np.asarray(x, dtype=np.float32), seed=report.settings.get("seed", 0))
+        page = map_page(layout, ids, sources=sources, labels=labels, colour_by="labels" if labels else None,
+                        title=f"Map of {m.key}: {m.name}")
+        name = f"map-{m.key}.html"
+        paths[f"map_{m.key}"] = write_page(page, output / name)
+        report.maps[m.key] = {"file": name, "method": layout.method, "description": layout.description}
+    return paths
+
+
 def write_outputs(
     report: CompareReport, output: str | Path, images: Sequence[Any], embeddings: Sequence[np.ndarray]
 ) -> dict[str, Path]:
@@ -568,7 +653,8 @@ def write_outputs(
         for row in m.neighbours:
             shown.update(row)
     thumbs = {i: _thumbnail_uri(images[i]) for i in sorted(shown)}
-    paths = write_report(report, out, thumbs)
+    paths = write_maps(report, out, images, embeddings)
+    paths.update(write_report(report, out, thumbs))
     emb_dir = out / "embeddings"
     emb_dir.mkdir(exist_ok=True)
     for m, x in zip(report.models, embeddings):
@@ -591,5 +677,6 @@ __all__ = [
     "short_names",
     "spread_indices",
     "timing_warnings",
+    "write_maps",
     "write_outputs",
 ]
