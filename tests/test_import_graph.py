@@ -62,6 +62,15 @@ def _walk(node: ast.AST, in_function: bool, found: list[tuple[ast.Import | ast.I
         _walk(child, in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef), found)
 
 
+def _comment_block(lines: list[str], lineno: int) -> str:
+    """The import's line and the lines above it up to the start of its block of imports (a ``# lazy:``
+    comment above a group of function-level imports covers the group)."""
+    first = lineno - 1
+    while first > 0 and lines[first - 1].strip().startswith(("from ", "import ", "#")):
+        first -= 1
+    return "\n".join(lines[first:lineno])
+
+
 def _graph() -> tuple[dict[str, set[str]], list[tuple[str, int, str, str]]]:
     mods = _modules()
     edges: dict[str, set[str]] = defaultdict(set)
@@ -77,8 +86,7 @@ def _graph() -> tuple[dict[str, set[str]], list[tuple[str, int, str, str]]]:
                     continue  # a package's own __init__ is already running when its module loads
                 edges[module].add(target)
                 if in_function:
-                    above = lines[node.lineno - 2] if node.lineno >= 2 else ""
-                    lazy.append((module, node.lineno, target, above + "\n" + lines[node.lineno - 1]))
+                    lazy.append((module, node.lineno, target, _comment_block(lines, node.lineno)))
     return edges, lazy
 
 

@@ -870,7 +870,7 @@ def search(
         encoder = load_query_encoder(root, manifest, model, device=device, dtype=dtype,
                                      allow_other_weights=allow_other_weights)
     else:
-        check_encoder(encoder, manifest, root)
+        check_query_encoder(encoder, manifest, root, allow_other_weights=allow_other_weights)
     if text is not None:
         require_text_side(encoder, root)  # before a possibly long index build
     index = open_index(root, allow_incomplete=allow_incomplete)
