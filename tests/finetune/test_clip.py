@@ -210,3 +210,72 @@ def test_cli_states_how_many_images_were_held_out(tiny_clip_dir: Path, colour_fo
     assert data["split"] == ("held out 4 of 49 images (8%; stratified by label; 10% asked, rounded per class, at least "
                              "one of each class of two or more images; seed 0)")
     assert data["eval_images"] == 4 and data["before"]["images"] == data["after"]["images"] <= 4
+
+
+# --- open_clip checkpoints: trained on transformers' CLIPModel, saved as open_clip again -----------------------
+def _tiny_open_clip(folder: Path, **model_cfg: Any) -> Path:
+    from phiclip.testing import build_tiny_open_clip
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}, **model_cfg}
+    return build_tiny_open_clip(folder, model_cfg=cfg, preprocess_cfg={"interpolation": "bilinear", "resize_mode": "squash",
+                                                                       "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]})
+
+
+def test_open_clip_is_saved_as_open_clip_with_its_preprocessing_and_tokenizer(caption_csv: Path, tmp_path: Path) -> None:
+    """The output is an open_clip folder (the source's open_clip_config.json unchanged, new weights); phiclip loads
+    it (spec with or without the kind) with the source's preprocessing and tokenizer, and ``phiclip eval`` on the
+    files gives the recall measured in memory at the end of training."""
+    from phiclip.encoders import load_encoder
+    from phiclip.evaluate import evaluate
+
+    source = _tiny_open_clip(tmp_path / "src", quick_gelu=True)
+    r = finetune_clip(str(source), caption_csv, tmp_path / "out", steps=40, batch_size=24, lr=1e-3, warmup=0.1,
+                      weight_decay=0.0, **FAST)  # the kind found from open_clip_config.json
+    assert r.model == f"open_clip:{source}" and r.before is not None and r.after is not None
+    losses = [m["loss"] for m in read_metrics(r.output) if "loss" in m]
+    assert len(losses) == 40 and np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10]), losses  # it learns
+    assert r.after["recall@5"] >= r.before["recall@5"] + 0.15, (r.before, r.after)
+    assert sorted(p.name for p in r.output.iterdir()) == ["metrics.json", "metrics.jsonl", "open_clip_config.json",
+                                                          "open_clip_model.safetensors"]
+    config = json.loads((r.output / "open_clip_config.json").read_text())
+    assert config == json.loads((source / "open_clip_config.json").read_text())
+    before, after = load_encoder(f"open_clip:{source}", device="cpu"), load_encoder(str(r.output), device="cpu")
+    assert after.kind == "open_clip" and after.weights_fingerprint != before.weights_fingerprint
+    assert after.preprocessor.describe() == before.preprocessor.describe()
+    assert after.describe()["details"]["open_clip"]["tokenizer"] == before.describe()["details"]["open_clip"]["tokenizer"]
+    result = evaluate(str(r.output), "retrieval", caption_csv, split="val", device="cpu", dtype="float32")
+    for k in (1, 5, 10):
+        for side in ("image", "text"):
+            key = f"{side}_retrieval_recall@{k}"
+            assert result["metrics"][key] == pytest.approx(r.after[key], abs=1e-6)
+
+
+def test_open_clip_with_lora_and_a_custom_text_tower_layout(caption_csv: Path, tmp_path: Path) -> None:
+    """LoRA is merged; a CustomTextCLIP config (text tower under ``text.``) keeps its layout."""
+    from safetensors.torch import load_file, save_file
+
+    from phiclip.encoders import load_encoder
+
+    source = _tiny_open_clip(tmp_path / "src", custom_text=True)
+    state = load_file(str(source / "open_clip_model.safetensors"))  # as open_clip's CustomTextCLIP saves it
+    save_file({k if k.startswith(("visual.", "logit_")) else f"text.{k}": v for k, v in state.items()},
+              str(source / "open_clip_model.safetensors"))
+    finetune_clip(f"open_clip:{source}", caption_csv, tmp_path / "out", steps=3, batch_size=12, lr=1e-2, lora_rank=4,
+                  lora_targets=("q_proj",), eval_fraction=0.0, **FAST)
+    old, new = load_file(str(source / "open_clip_model.safetensors")), load_file(str(tmp_path / "out" / "open_clip_model.safetensors"))
+    assert set(new) == set(old) and any(k.startswith("text.transformer.") for k in new)  # merged, same layout
+    w = "visual.transformer.resblocks.0.attn.in_proj_weight"  # q, k, v stacked: only q trained
+    assert not torch.equal(new[w][:32], old[w][:32]) and torch.equal(new[w][32:], old[w][32:])
+    assert torch.equal(new["text.token_embedding.weight"], old["text.token_embedding.weight"])  # LoRA only
+    assert load_encoder(f"open_clip:{tmp_path / 'out'}", device="cpu").kind == "open_clip"
+
+
+def test_open_clip_with_a_logit_bias_is_refused(caption_csv: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    source = _tiny_open_clip(tmp_path / "src")
+    state = load_file(str(source / "open_clip_model.safetensors"))
+    save_file({**state, "logit_bias": torch.tensor(-10.0)}, str(source / "open_clip_model.safetensors"))
+    with pytest.raises(TrainingError, match="logit_bias.*softmax loss only"):
+        finetune_clip(f"open_clip:{source}", caption_csv, tmp_path / "out", steps=1, batch_size=12, **FAST)

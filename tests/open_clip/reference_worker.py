@@ -2,7 +2,8 @@
 imported by the tests: open_clip and torchvision live in tests/.reference only).
 
 ``python reference_worker.py JOB.json``; the job names:
-  ``archs``: {name: model_cfg}: build open_clip's ``CLIP`` of each config with random weights (seeded),
+  ``archs``: {name: model_cfg}: build open_clip's ``CLIP`` of each config with random weights (seeded;
+      the names in ``own_init``: open_clip's own initialisation, norms and biases moved off 1 and 0),
       save it as open_clip's push_to_hf_hub layout under ``out/NAME/``, and store open_clip's
       transform of ``images``, its tokens of ``texts``, ``encode_image`` and ``encode_text``;
   ``load``: {name: folder}: ``open_clip.create_model_from_pretrained("local-dir:FOLDER")`` (a folder
@@ -53,6 +54,18 @@ def _randomize(model, seed: int) -> None:
         model.logit_scale.fill_(4.6052)
 
 
+def _perturb_own_init(model, seed: int) -> None:
+    """Keep open_clip's own initialisation (real-size activations stay as in training) but move what it
+    leaves at 1 or 0 (LayerNorm weights and biases, every bias), so that a wrong mapping of those shows."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or (("ln_" in name) and name.endswith("weight")):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
 def _outputs(model, preprocess, tokenizer, images, texts):
     import numpy as np
     import torch
@@ -85,7 +98,10 @@ def main(job_path: str) -> None:
         cfg = dict(cfg)
         model = open_clip.model.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"],
                                      text_cfg=cfg["text_cfg"], quick_gelu=cfg.get("quick_gelu", False)).eval()
-        _randomize(model, 1000 + i)
+        if name in job.get("own_init", ()):
+            _perturb_own_init(model, 1000 + i)
+        else:
+            _randomize(model, 1000 + i)
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))

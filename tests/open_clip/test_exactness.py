@@ -3,6 +3,7 @@ embeddings of every supported architecture (shrunk), tokens, preprocessing, expo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,32 @@ def _images(folder: Path) -> list[str]:
     return paths
 
 
+def _finetuned(work: Path) -> dict[str, Path]:
+    """``phiclip finetune clip`` outputs (3 steps) of two tiny open_clip checkpoints: a CLIP and a
+    CustomTextCLIP (text tower saved under ``text.``, as open_clip lays it out)."""
+    from safetensors.torch import load_file, save_file
+
+    from phiclip.finetune.clip import finetune_clip
+    from phiclip.testing import make_caption_images
+
+    csv = make_caption_images(work / "captions", size=(48, 40))
+    out = {}
+    for name, custom in (("finetuned", False), ("finetuned_custom_text", True)):
+        cfg = shrink_open_clip_config("ViT-B-16")
+        if custom:
+            cfg["custom_text"] = True
+        src = build_tiny_open_clip(work / f"{name}_src", model_cfg=cfg, seed=7,
+                                   preprocess_cfg={"resize_mode": "squash", "interpolation": "bilinear"})
+        if custom:
+            weights = src / "open_clip_model.safetensors"
+            state = load_file(str(weights))
+            save_file({k if k.startswith(("visual.", "logit_")) else f"text.{k}": v for k, v in state.items()}, str(weights))
+        finetune_clip(f"open_clip:{src}", csv, work / name, steps=3, batch_size=12, lr=1e-3, eval_fraction=0.0,
+                      device="cpu", progress=False, num_threads=1, tensorboard=False)
+        out[name] = work / name
+    return out
+
+
 @pytest.fixture(scope="module")
 def reference(open_clip_reference, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One run of open_clip over every architecture, preprocessing config, and a folder phiclip
@@ -69,8 +96,10 @@ def reference(open_clip_reference, tmp_path_factory: pytest.TempPathFactory) -> 
     ours = build_tiny_open_clip(work / "ours", arch="ViT-L-14-quickgelu", seed=3)
     export_to_hf(f"open_clip:{ours}", work / "ours_hf")
     export_to_open_clip(f"clip:{work / 'ours_hf'}", work / "ours_back")
+    finetuned = _finetuned(work)
     job = {"out": str(work / "out"), "images": images, "texts": TEXTS,
-           "archs": {a: shrink_open_clip_config(a) for a in ARCHS}, "load": {"phiclip_export": str(work / "ours_back")},
+           "archs": {a: shrink_open_clip_config(a) for a in ARCHS},
+           "load": {"phiclip_export": str(work / "ours_back"), **{k: str(v) for k, v in finetuned.items()}},
            "preprocess": PREPROCESS}
     out = open_clip_reference(job, work)
     return {"out": out, "images": images, "work": work}
@@ -163,3 +192,44 @@ def test_exported_open_clip_folder_loads_in_open_clip(reference: dict) -> None:
     assert np.array_equal(pixels, ref["pixels"])
     assert np.abs(_embed(encoder, reference["images"]) - ref["image"]).max() <= TOL
     assert np.abs(encoder.encode_texts(TEXTS) - ref["text"]).max() <= TOL
+
+
+@pytest.mark.parametrize("name", ["finetuned", "finetuned_custom_text"])
+def test_finetuned_open_clip_loads_in_open_clip(reference: dict, name: str) -> None:
+    """``phiclip finetune clip`` on an open_clip: model writes an open_clip folder that
+    open_clip.create_model_from_pretrained loads (a CustomTextCLIP too), with phiclip's preprocessing,
+    tokens and embeddings."""
+    ref = np.load(reference["out"] / f"{name}.npz")
+    encoder = _load(str(reference["work"] / name))
+    pixels = np.stack([encoder.preprocess(Image.open(p)).numpy() for p in reference["images"]])
+    assert np.array_equal(pixels, ref["pixels"])
+    assert np.array_equal(encoder.tokenizer.tokenize(TEXTS).numpy(), ref["tokens"])
+    assert np.abs(_embed(encoder, reference["images"]) - ref["image"]).max() <= TOL
+    assert np.abs(encoder.encode_texts(TEXTS) - ref["text"]).max() <= TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["ViT-B-32", pytest.param("ViT-L-14", marks=pytest.mark.skipif(
+    os.environ.get("PHICLIP_SLOW") != "1", reason="real-size ViT-L/14 (428M parameters, 2-3 min): PHICLIP_SLOW=1"))])
+def test_real_size_equals_open_clip(open_clip_reference, tmp_path: Path, arch: str) -> None:
+    """Real-size ViT-B/32 (151M parameters; about 30-40 s on 2 cores, so part of ``make test``) and, with
+    PHICLIP_SLOW=1, ViT-L/14: open_clip's own config and initialisation (norms and biases perturbed off 1 and
+    0), preprocessing, tokens and float32 embeddings against open_clip."""
+    from phiclip.testing import OPEN_CLIP_ARCHS
+
+    images = _images(tmp_path)
+    job = {"out": str(tmp_path / "out"), "images": images, "texts": TEXTS, "archs": {arch: OPEN_CLIP_ARCHS[arch]},
+           "own_init": [arch]}
+    out = open_clip_reference(job, tmp_path)
+    ref = np.load(out / f"{arch}.npz")
+    encoder = _load(str(out / arch))
+    assert encoder.describe()["details"]["total_parameters"] > 150_000_000  # both towers, real size
+    pixels = np.stack([encoder.preprocess(Image.open(p)).numpy() for p in images])
+    assert np.array_equal(pixels, ref["pixels"])
+    assert np.array_equal(encoder.tokenizer.tokenize(TEXTS).numpy(), ref["tokens"])
+    image, text = _embed(encoder, images), encoder.encode_texts(TEXTS)
+    assert np.abs(ref["image"]).max() > 0.05 and np.abs(ref["text"]).max() > 0.05  # not vanishing outputs
+    errors = {"image": float(np.abs(image - ref["image"]).max()), "text": float(np.abs(text - ref["text"]).max())}
+    print(f"{arch}: max abs difference from open_clip {errors}, output scale "
+          f"{float(np.abs(ref['image']).max()):.3g} / {float(np.abs(ref['text']).max()):.3g}")
+    assert max(errors.values()) <= TOL, errors

@@ -10,6 +10,7 @@ One module per command group, each command calling its API function directly:
 - :mod:`.collection`: ``dedup``, ``cluster``, ``map``, ``align`` (:mod:`phiclip.collection.commands`);
 - :mod:`.serve`: ``serve`` (:mod:`phiclip.serve`);
 - :mod:`.finetune`: ``finetune clip|probe|phi3v-adapter``, ``classify`` (:mod:`phiclip.finetune`);
+- :mod:`.export`: ``export`` (:mod:`phiclip.open_clip.export`);
 - :mod:`.demo`: ``demo`` (:mod:`phiclip.demo`), ``tiny-model`` (:mod:`phiclip.testing`);
 - :mod:`.common`: shared option types, error printing, summary tables.
 
@@ -29,7 +30,7 @@ from rich.console import Console
 from rich.text import Text
 from typer.core import TyperGroup
 
-from phiclip.cli import collection, compare, demo, embed, evaluate, finetune, info, search, serve
+from phiclip.cli import collection, compare, demo, embed, evaluate, export, finetune, info, search, serve
 from phiclip.console import safe_text
 from phiclip.version import __version__
 
@@ -124,6 +125,7 @@ app.command("tiny-model")(demo.tiny_model)
 app.command("serve")(serve.serve)
 app.add_typer(finetune.finetune_app, name="finetune")
 app.command("classify")(finetune.classify_cmd)
+app.command("export")(export.export)
 
 
 def _quiet_libraries() -> None:

@@ -36,6 +36,32 @@ class QueryPrecision(str, enum.Enum):
     float16 = "float16"
 
 
+# --- encoder specs ---------------------------------------------------------------------------------
+def _with_kind(spec: str) -> str:
+    head, sep, _ = spec.partition(":")
+    if not spec.strip() or (sep and len(head.strip()) > 1):
+        return spec  # has a kind (or names an unknown one, or is empty): the API checks and says what is wrong
+    # lazy: the registry reads the checkpoint's config (phiclip.hub, no torch); not for --help
+    from phiclip.encoders.registry import resolve_spec
+
+    try:
+        return str(resolve_spec(spec))
+    except ValueError as e:  # CheckpointError too: no config file, a model_type no kind loads
+        raise typer.BadParameter(str(e)) from None
+
+
+def spec_with_kind(value: T) -> T:
+    """Option callback for encoder specs: a spec written without ``KIND:`` (``/models/dinov2``,
+    ``laion/CLIP-ViT-B-32-laion2B-s34B-b79K``, ``DIR?normalize=false``) gets the kind its checkpoint's
+    ``config.json`` (or ``open_clip_config.json``) names (:func:`phiclip.encoders.registry.resolve_spec`);
+    specs with a kind pass unchanged. A list (an option given several times) is resolved item by item."""
+    if value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_with_kind(v) for v in value)  # type: ignore[return-value]
+    return _with_kind(value)  # type: ignore[arg-type,return-value]
+
+
 # --- option types shared by several commands -------------------------------------------------------
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1,
                                        help="Batch budget: images (CLIP/SigLIP) or crops (Phi-3-vision).")]
@@ -55,7 +81,7 @@ QueryPrecisionOpt = Annotated[QueryPrecision, typer.Option("--precision", help=(
     "Compute dtype (auto: bfloat16 on CUDA, float32 on CPU)."))]
 AllowIncompleteOpt = Annotated[bool, typer.Option("--allow-incomplete", help=(
     "Use the shards of an unfinished `phiclip embed` run (manifest 'complete' false) instead of refusing it."))]
-ModelOverrideOpt = Annotated[str | None, typer.Option("--model", "-m", help=(
+ModelOverrideOpt = Annotated[str | None, typer.Option("--model", "-m", callback=spec_with_kind, help=(
     "The encoder spec to use in place of the one the output records (its checkpoint moved): "
     "clip:NEW_PATH ...; refused when its weights differ from the recorded ones."))]
 AllowOtherWeightsOpt = Annotated[bool, typer.Option("--allow-other-weights", help=(

@@ -21,6 +21,7 @@ from phiclip.cli.common import (
     echo_json,
     interrupted,
     say_dim,
+    spec_with_kind,
 )
 from phiclip.comparison import runner
 from phiclip.comparison.report import print_report
@@ -28,7 +29,7 @@ from phiclip.console import safe_text
 
 
 def compare(
-    model: Annotated[list[str], typer.Option("--model", "-m", help=(
+    model: Annotated[list[str], typer.Option("--model", "-m", callback=spec_with_kind, help=(
         "Encoder spec, given two or more times: clip:DIR_OR_HUB_ID, phi3v:...?num_crops=4, ...; "
         "the first is A, the second B."))],
     data: Annotated[str, typer.Option("--data", "-d", help=(

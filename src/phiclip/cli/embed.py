@@ -30,6 +30,7 @@ from phiclip.cli.common import (
     enum_values,
     fail_cli,
     left_out_table,
+    spec_with_kind,
 )
 from phiclip.console import safe_text
 from phiclip.pipeline import runner
@@ -60,8 +61,9 @@ class Engine(str, enum.Enum):
     ray = "ray"
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help=(
-    "Encoder spec: clip:DIR_OR_HUB_ID, siglip:..., phi3v:...?num_crops=4."))]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", callback=spec_with_kind, help=(
+    "Encoder spec: clip:DIR_OR_HUB_ID, siglip:..., open_clip:..., phi3v:...?num_crops=4; without KIND:, the kind "
+    "is found from the checkpoint's config.json (or open_clip_config.json)."))]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output folder (rerun the same command to resume).")]
 _TextBatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Texts per model call.")]
 _ShardOpt = Annotated[int, typer.Option("--shard-size", min=1, help="Inputs per output shard (the unit of resume).")]

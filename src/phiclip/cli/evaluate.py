@@ -29,6 +29,7 @@ from phiclip.cli.common import (
     fail_cli,
     print_left_out_items,
     progress_wanted,
+    spec_with_kind,
 )
 from phiclip.console import safe_text
 
@@ -44,7 +45,9 @@ class EvalTask(str, enum.Enum):
 
 
 def evaluate(
-    model: Annotated[str, typer.Option("--model", "-m", help="Encoder spec: clip:DIR_OR_HUB_ID, siglip:..., phi3v:...")],
+    model: Annotated[str, typer.Option("--model", "-m", callback=spec_with_kind, help=(
+        "Encoder spec: clip:DIR_OR_HUB_ID, siglip:..., open_clip:..., phi3v:... (without KIND:, found from the "
+        "checkpoint's config file)."))],
     task: Annotated[EvalTask, typer.Option("--task", help=(
         "zeroshot (CLIP-like), knn or linear-probe (any encoder), retrieval (image-text, CLIP-like), "
         "clustering (k-means V-measure, any encoder)."))],

@@ -25,6 +25,7 @@ from phiclip.cli.common import (
     echo_json,
     interrupted,
     print_rows,
+    spec_with_kind,
     split_csv,
 )
 from phiclip.finetune.adapter import TEACHER_TOKENS_CACHE, AdapterOptions, distill_phi3v_adapter
@@ -110,7 +111,9 @@ def _before_after(before: dict[str, Any] | None, after: dict[str, Any] | None, k
 
 @finetune_app.command("clip")
 def clip_cmd(
-    model: Annotated[str, typer.Option("--model", "-m", help="The checkpoint: clip:DIR_OR_HUB_ID or siglip:...")],
+    model: Annotated[str, typer.Option("--model", "-m", callback=spec_with_kind, help=(
+        "The checkpoint: clip:DIR_OR_HUB_ID, siglip:... or open_clip:... (saved as open_clip again); without "
+        "KIND:, found from its config file."))],
     data: Annotated[str, typer.Option("--data", "-d", help=(
         "(image, caption) data: a CSV/Parquet with image and caption columns (a split column gives the evaluation "
         "split), a folder per class (captions from --template), or hf:DATASET."))],
@@ -158,7 +161,8 @@ def clip_cmd(
     tensorboard: _TbOpt = _FT_CLIP.tensorboard,
     as_json: _FtJsonOpt = False,
 ) -> None:
-    """Contrastive fine-tuning of a CLIP (or SigLIP, sigmoid loss) checkpoint on (image, caption) data."""
+    """Contrastive fine-tuning of a CLIP, open_clip (saved as open_clip again) or SigLIP (sigmoid loss) checkpoint
+    on (image, caption) data."""
     opts = ClipFinetuneOptions(
         steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
         min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm, freeze=freeze.value,
@@ -179,7 +183,8 @@ def clip_cmd(
 
 @finetune_app.command("probe")
 def probe_cmd(
-    model: Annotated[str, typer.Option("--model", "-m", help="Encoder spec (any kind: clip:, siglip:, phi3v:...).")],
+    model: Annotated[str, typer.Option("--model", "-m", callback=spec_with_kind, help=(
+        "Encoder spec (any kind: clip:, siglip:, phi3v:...; without KIND:, found from the checkpoint's config)."))],
     data: Annotated[str, typer.Option("--data", "-d", help=(
         "(image, label) data: a folder per class (optionally train/val/test split folders), a CSV/Parquet with "
         "image and label columns, or hf:DATASET."))],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,10 @@ class EncoderKind:
     #: checkpoints, saved in SigLIP's layout); the kind found for a kindless spec is the first row
     #: that names a ``model_type`` (:func:`kind_for_location`).
     also_loads: tuple[str, ...] = ()
+    #: Whether its encoders embed text (``embed-text``, text queries, zero-shot); ``text_when`` qualifies it
+    #: where only some checkpoints of the kind have a text side (:func:`text_kinds`).
+    text: bool = False
+    text_when: str = ""
 
     @property
     def model_types(self) -> tuple[str, ...]:
@@ -100,24 +105,25 @@ KINDS: dict[str, EncoderKind] = {
     k.name: k
     for k in (
         EncoderKind("clip", "clip", "phiclip.encoders.clip", "CLIPEncoder", ContrastiveOptions, int8=True,
-                    summary="CLIP through transformers (image and text)", transformers_config=True),
+                    summary="CLIP through transformers (image and text)", transformers_config=True, text=True),
         EncoderKind("siglip", "siglip", "phiclip.encoders.clip", "SigLIPEncoder", ContrastiveOptions, int8=True,
-                    summary="SigLIP through transformers (image and text)", transformers_config=True),
+                    summary="SigLIP through transformers (image and text)", transformers_config=True, text=True),
         EncoderKind("phi3v", "phi3_v", "phiclip.encoders.phi3v", "Phi3VEncoder", Phi3VOptions, int8=True,
                     summary="Phi-3-vision's image path, pooled (images)"),
         EncoderKind("phi3v-lm", "phi3_v", "phiclip.encoders.phi3v_lm", "Phi3VLMEncoder", Phi3VLMOptions, int8=False,
-                    summary="Phi-3-vision's image path and language model, pooled (image, text, both)"),
+                    summary="Phi-3-vision's image path and language model, pooled (image, text, both)", text=True),
         EncoderKind("open_clip", "open_clip", "phiclip.encoders.open_clip", "OpenCLIPEncoder", ContrastiveOptions,
                     int8=True, summary="open_clip CLIP checkpoints (ViT towers) as transformers CLIP, without open_clip",
-                    config_file="open_clip_config.json"),
+                    config_file="open_clip_config.json", text=True),
         EncoderKind("siglip2", "siglip2", "phiclip.encoders.siglip2", "Siglip2Encoder", Siglip2Options, int8=False,
                     summary="SigLIP 2 through transformers, NaFlex and fixed resolution (image and text)",
-                    transformers_config=True, also_loads=("siglip",)),
+                    transformers_config=True, also_loads=("siglip",), text=True),
         EncoderKind("metaclip2", "metaclip_2", "phiclip.encoders.metaclip2", "MetaClip2Encoder", FamilyOptions,
-                    int8=False, summary="MetaCLIP 2 through transformers (image and text)", transformers_config=True),
+                    int8=False, summary="MetaCLIP 2 through transformers (image and text)", transformers_config=True,
+                    text=True),
         EncoderKind("aimv2", "aimv2", "phiclip.encoders.aimv2", "Aimv2Encoder", FamilyOptions, int8=False,
                     summary="AIMv2 through transformers (images; LiT checkpoints: image and text)",
-                    transformers_config=True, also_loads=("aimv2_vision_model",)),
+                    transformers_config=True, also_loads=("aimv2_vision_model",), text=True, text_when="LiT checkpoints"),
         EncoderKind("dinov2", "dinov2", "phiclip.encoders.dino", "Dinov2Encoder", DinoOptions, int8=False,
                     summary="DINOv2 with or without registers through transformers (images)",
                     transformers_config=True, also_loads=("dinov2_with_registers",)),
@@ -129,6 +135,16 @@ KINDS: dict[str, EncoderKind] = {
 SPEC_KINDS: tuple[str, ...] = tuple(KINDS)
 #: Kinds whose encoders run ``precision="int8"`` (on the CPU).
 INT8_KINDS: tuple[str, ...] = tuple(k for k, v in KINDS.items() if v.int8)
+
+
+def text_kinds() -> tuple[str, ...]:
+    """The kinds whose encoders embed text, from :data:`KINDS` (``aimv2 (LiT checkpoints)``: only some)."""
+    return tuple(f"{k.name} ({k.text_when})" if k.text_when else k.name for k in KINDS.values() if k.text)
+
+
+def needs_text_message(name: str) -> str:
+    """Why an image-only encoder (``name``) cannot embed texts, naming the kinds that can."""
+    return f"{name} embeds images only; embed-text needs a model with a text side: {', '.join(text_kinds())}"
 
 
 def kinds_for_model_type(model_type: str) -> tuple[EncoderKind, ...]:
@@ -172,7 +188,9 @@ def kind_for_location(location: str | Path, *, revision: str | None = None) -> s
 def resolve_spec(spec: str | EncoderSpec) -> EncoderSpec:
     """:func:`parse_spec`, and for a spec without a kind (``/models/dinov2``, ``google/siglip2-base-patch16-naflex``,
     ``DIR?pool=mean``) the kind found from the checkpoint's ``config.json`` (:func:`kind_for_location`).
-    A spec whose text before the first ``:`` is a known kind is read as ``kind:location``.
+    A spec whose text before the first ``:`` is a known kind is read as ``kind:location``; one whose text
+    before it looks like a kind but is none (``clp:/models/x``), and that names no existing path, is refused
+    as an unknown kind.
 
     Raises:
         ValueError: a malformed spec; CheckpointError: a kindless spec whose checkpoint names no known kind.
@@ -183,6 +201,8 @@ def resolve_spec(spec: str | EncoderSpec) -> EncoderSpec:
     if head in KINDS or not isinstance(spec, str) or not spec.strip():
         return parse_spec(spec)
     location = spec.partition("?")[0].strip()
+    if head is not None and re.fullmatch(r"[a-z][a-z0-9_.-]+", head) and not Path(location).expanduser().exists():
+        return parse_spec(spec)  # 'clp:/models/x': a mistyped kind, named as such (no hub id or folder has a ':')
     return parse_spec(f"{kind_for_location(location)}:{spec.strip()}")
 
 
@@ -250,6 +270,8 @@ __all__ = [
     "kinds_for_model_type",
     "known_model_types",
     "load_encoder",
+    "needs_text_message",
     "parse_spec",
     "resolve_spec",
+    "text_kinds",
 ]

@@ -1,10 +1,13 @@
-"""Contrastive image-text fine-tuning of a CLIP (softmax loss) or SigLIP (sigmoid loss) checkpoint.
+"""Contrastive image-text fine-tuning of a CLIP or open_clip CLIP (softmax loss) or SigLIP (sigmoid loss)
+checkpoint.
 
 :func:`finetune_clip` loads the checkpoint through :func:`phiclip.encoders.load_encoder` (so the
 preprocessing is exactly the one ``phiclip embed`` applies, and weights come from safetensors only),
 reads (image, caption) data through :mod:`phiclip.finetune.data`, trains, and writes a
 ``save_pretrained`` folder that ``phiclip embed --model clip:OUT`` and ``CLIPModel.from_pretrained``
-load as they are, with ``metrics.json`` (retrieval recall@1/5/10 before and after, loss, steps, time)
+load as they are (an ``open_clip:`` model: an open_clip folder again, ``open_clip_model.safetensors`` and
+the source's ``open_clip_config.json``, that ``open_clip:OUT`` loads with the same preprocessing and
+tokenizer and open_clip's ``create_model_from_pretrained("local-dir:OUT")`` loads too), with ``metrics.json`` (retrieval recall@1/5/10 before and after, loss, steps, time)
 and ``metrics.jsonl`` (one line per step).
 
 The loss of a batch of n (image, caption) pairs: CLIP's symmetric cross-entropy over the n x n
@@ -29,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from phiclip.encoders import Encoder, EncoderSpec, load_encoder, parse_spec
+from phiclip.encoders import Encoder, EncoderSpec, load_encoder
 from phiclip.encoders.clip import _pooled as _pooled_output
 from phiclip.encoders.clip_preprocessing import pil_backend_kwarg
+from phiclip.encoders.registry import resolve_spec
 from phiclip.evaluate import retrieval_metrics
 from phiclip.finetune.common import (
     TrainingError,
@@ -53,6 +57,8 @@ from phiclip.finetune.loop import LoopSettings, TrainingMode, finish_run, run_tr
 from phiclip.inputs import LabelledData
 
 FREEZE_CHOICES = ("none", "vision", "text", "projections")
+#: The kinds :func:`finetune_clip` trains (``open_clip``: on transformers' CLIPModel, saved as open_clip again).
+CONTRASTIVE_KINDS = ("clip", "siglip", "open_clip")
 #: The options that do not change the loss curve (left out of the identity compared on resume).
 _NOT_IDENTITY = frozenset({"resume", "progress", "tensorboard", "save_every", "keep_checkpoints", "num_threads",
                            "device", "eval_every"})
@@ -348,6 +354,16 @@ def save_model(model: Any, encoder_location: str, tokenizer: Any, output: Path) 
     tokenizer.save_pretrained(str(output))
 
 
+def save_open_clip_model(model: Any, encoder: Encoder, output: Path) -> None:
+    """Merge LoRA (if any) and write an ``open_clip:`` checkpoint again: ``open_clip_model.safetensors``
+    and the source's ``open_clip_config.json`` unchanged (its ``preprocess_cfg`` and tokenizer settings:
+    ``open_clip:OUT`` preprocesses and tokenizes as the source did; open_clip itself loads it too)."""
+    from phiclip.open_clip.export import save_finetuned_open_clip  # lazy: loads torch and safetensors
+
+    base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    save_finetuned_open_clip(base, dict(encoder.checkpoint.config), output)
+
+
 # --- the run -------------------------------------------------------------------------------------
 class ClipTraining(TrainingMode):
     """Contrastive training of a CLIP/SigLIP model as a :class:`~phiclip.finetune.loop.TrainingMode`:
@@ -360,6 +376,7 @@ class ClipTraining(TrainingMode):
         self.opts, self.train, self.held, self.spec, self.device, self.amp = opts, train, held, spec, device, amp
         self.location = str(encoder.checkpoint.location)  # the opened checkpoint (a hub id: its pinned snapshot)
         self.tokenizer = encoder.tokenizer
+        self.encoder = encoder
         net = encoder.model
         apply_freeze(net, opts.freeze)
         if opts.lora_rank:
@@ -410,7 +427,10 @@ class ClipTraining(TrainingMode):
         return {"epoch": round(epoch, 4), "images": images}
 
     def export(self, output: Path) -> None:
-        save_model(self.net, self.location, self.tokenizer, output)
+        if self.spec.kind == "open_clip":
+            save_open_clip_model(self.net, self.encoder, output)
+        else:
+            save_model(self.net, self.location, self.tokenizer, output)
 
     def close(self) -> None:
         self.loader.close()
@@ -430,7 +450,12 @@ def finetune_clip(
     """Fine-tune a CLIP or SigLIP checkpoint on (image, caption) data.
 
     Args:
-        model: ``clip:HUB_ID_OR_DIR`` or ``siglip:...``.
+        model: ``clip:HUB_ID_OR_DIR``, ``siglip:...`` or ``open_clip:...`` (without ``KIND:``, the
+            kind found from the checkpoint's config file). A ``clip:`` / ``siglip:`` model is saved with
+            ``save_pretrained`` (model, image processor, tokenizer); an ``open_clip:`` model as an
+            open_clip checkpoint again (``open_clip_model.safetensors`` and the source's
+            ``open_clip_config.json``), which ``open_clip:OUTPUT`` loads with the same preprocessing
+            and tokenizer.
         data: a CSV/Parquet with image and caption columns (a ``split`` column gives the
             evaluation split), a folder per class (captions from ``templates``), ``hf:NAME``.
         output: the folder for the fine-tuned checkpoint, ``metrics.json``, ``metrics.jsonl`` and
@@ -443,9 +468,10 @@ def finetune_clip(
     """
     opts = dataclasses.replace(options or ClipFinetuneOptions(), **settings).validate()
     t_start = time.perf_counter()
-    spec = parse_spec(model)
-    if spec.kind not in ("clip", "siglip"):
-        raise TrainingError(f"{model}: contrastive fine-tuning takes a clip: or siglip: checkpoint, not {spec.kind}:")
+    spec = resolve_spec(model)
+    if spec.kind not in CONTRASTIVE_KINDS:
+        raise TrainingError(f"{model}: contrastive fine-tuning takes a {', '.join(k + ':' for k in CONTRASTIVE_KINDS)} "
+                            f"checkpoint, not {spec.kind}:")
     output = Path(output)
     device = resolve_device(opts.device)
     amp = autocast_for(device, opts.precision)
@@ -462,6 +488,9 @@ def finetune_clip(
     encoder = load_encoder(str(spec), device=str(device), dtype="float32")
     if encoder.tokenizer is None:
         raise TrainingError(f"{model}: no tokenizer could be loaded ({encoder.text_unavailable}); contrastive training needs text")
+    if (getattr(encoder, "open_clip_info", None) or {}).get("logit_bias") is not None:
+        raise TrainingError(f"{model}: this open_clip checkpoint has a logit_bias (trained with a sigmoid loss); "
+                            "phiclip fine-tunes open_clip checkpoints with CLIP's softmax loss only")
     encoder.share_model_weights_()  # the image path follows training (and no packed inference copy is held)
     seed_everything(opts.seed)
     skipped = SkippedImages()
@@ -480,4 +509,5 @@ def finetune_clip(
     return result
 
 
-__all__ = ["FREEZE_CHOICES", "ClipFinetuneOptions", "ClipFinetuneResult", "ClipTraining", "contrastive_loss", "finetune_clip"]
+__all__ = ["CONTRASTIVE_KINDS", "FREEZE_CHOICES", "ClipFinetuneOptions", "ClipFinetuneResult", "ClipTraining",
+           "contrastive_loss", "finetune_clip"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from phiclip.checkpoints import open_checkpoint
 from phiclip.hub import CheckpointError
@@ -31,6 +31,9 @@ from phiclip.open_clip.config import CONFIG_FILE, SAFETENSORS_FILE, PreprocessCo
 from phiclip.open_clip.convert import from_hf_state_dict
 from phiclip.open_clip.loading import load_open_clip
 from phiclip.open_clip.tokenizer import save_hf_tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 _RESAMPLE = {"bicubic": 3, "bilinear": 2}
 _INTERPOLATION = {3: "bicubic", 2: "bilinear"}
@@ -69,6 +72,38 @@ def _publish(tmp: Path, out: Path) -> list[str]:
 
 def _strip(location: str, prefix: str) -> str:
     return location[len(prefix):] if location.startswith(prefix) else location
+
+
+def write_open_clip(folder: str | Path, state: dict[str, torch.Tensor], config: dict[str, Any]) -> list[str]:
+    """Write an open_clip checkpoint into ``folder``: ``open_clip_model.safetensors`` (``state``, open_clip's
+    names: :func:`~phiclip.open_clip.convert.from_hf_state_dict`) and ``open_clip_config.json`` (``config``,
+    ``{"model_cfg", "preprocess_cfg"}``). A ``CustomTextCLIP`` config (``model_cfg.custom_text``) gets its
+    text tower under ``text.``, as open_clip keeps it. Returns the file names."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if (config.get("model_cfg") or {}).get("custom_text"):
+        top = ("visual.", "logit_scale", "logit_bias")
+        state = {k if k.startswith(top) else f"text.{k}": v for k, v in state.items()}
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / SAFETENSORS_FILE),
+              metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return [CONFIG_FILE, SAFETENSORS_FILE]
+
+
+def save_finetuned_open_clip(model: Any, config: dict[str, Any], out_dir: str | Path,
+                             logit_bias: torch.Tensor | None = None) -> list[str]:
+    """Save a (fine-tuned) transformers ``CLIPModel`` that was loaded from an open_clip checkpoint as
+    an open_clip checkpoint again, with the source's ``open_clip_config.json`` ``config`` unchanged
+    (so the same architecture, ``preprocess_cfg`` and tokenizer settings: ``open_clip:OUT`` loads with
+    the preprocessing and tokenizer of the source, and ``open_clip.create_model_from_pretrained
+    ("local-dir:OUT")`` loads it too). Writes into ``out_dir`` (an existing folder; files replaced).
+
+    Raises:
+        CheckpointError: a tensor with no open_clip counterpart.
+    """
+    state = from_hf_state_dict(model.state_dict(), logit_bias)
+    return write_open_clip(out_dir, state, {k: v for k, v in config.items() if k != "model_type"})
 
 
 def export_to_hf(spec: str | Path, out_dir: str | Path, *, revision: str | None = None) -> ExportResult:
@@ -133,7 +168,6 @@ def export_to_open_clip(hf_spec: str | Path, out_dir: str | Path, *, revision: s
     import tempfile
 
     import torch
-    from safetensors.torch import save_file
     from transformers import CLIPModel
 
     out = _claim(out_dir)
@@ -167,12 +201,11 @@ def export_to_open_clip(hf_spec: str | Path, out_dir: str | Path, *, revision: s
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp_name:
         tmp = Path(tmp_name) / "out"
         tmp.mkdir()
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_open_clip(tmp, state, config)
         files = _publish(tmp, out)
     if model.config.vision_config.image_size != pp.size:
         raise CheckpointError("internal: image size mismatch")
     return ExportResult(out, "open_clip", str(hf_spec), files, fingerprint, notes)
 
 
-__all__ = ["ExportResult", "export_to_hf", "export_to_open_clip"]
+__all__ = ["ExportResult", "export_to_hf", "export_to_open_clip", "save_finetuned_open_clip", "write_open_clip"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phiclip import schema
+from phiclip.encoders.registry import needs_text_message
 from phiclip.manifest import differences, recorded_description, resolve_older_spec, same_spec
 from phiclip.pipeline.engine import Engine, EngineJob
 from phiclip.pipeline.output import OutputDir
@@ -140,7 +141,7 @@ def run_locked(model: Any, listing: InputListing, out: OutputDir, opts: EmbedOpt
 
         encoder = engine.load(model, opts.max_pixels)
         if kind == "text" and "text" not in encoder.modalities:
-            raise InputError(f"{encoder.name} embeds images only; embed-text needs a model with a text side (CLIP, SigLIP)")
+            raise InputError(needs_text_message(encoder.name))
     timings["setup"] = timings.get("setup", 0.0) + time.perf_counter() - t0
     manifest = _manifest(__version__, identity, listing, plan, existing, encoder, out)  # checks the encoder
     if was_complete:  # unfinished until this run commits (a repair, an update, a prune)
