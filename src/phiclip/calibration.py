@@ -30,7 +30,7 @@ from PIL import Image
 from phiclip.encoders.options import DEFAULT_CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES
 from phiclip.images import try_load_image
 from phiclip.inputs.listing import list_inputs
-from phiclip.inputs.records import InputError, PayloadReader, Record
+from phiclip.inputs.records import InputError, PayloadReader, Record, Unreadable
 
 
 def _evenly(n: int, count: int) -> list[int]:
@@ -68,6 +68,9 @@ class CalibrationSet:
         items: list[Any] = []
         failed: list[str] = []
         for rec, payload in zip(self.records, payloads):
+            if isinstance(payload, Unreadable):  # the record's source could not read it
+                failed.append(f"{rec.source}: {payload.reason}")
+                continue
             if rec.error is not None or payload is None:
                 failed.append(f"{rec.source}: {rec.error or 'no image'}")
                 continue
@@ -100,6 +103,8 @@ def _payload_identity(payload: Any) -> str:
     if isinstance(payload, dict):
         data = payload.get("bytes")
         return _payload_identity(data if data is not None else payload.get("path") or "")
+    if isinstance(payload, Unreadable):
+        return f"unreadable:{payload.stage}:{payload.reason}"
     if isinstance(payload, Image.Image):
         return f"{payload.mode}:{payload.size}:{hashlib.blake2b(payload.tobytes(), digest_size=16).hexdigest()}"
     return type(payload).__name__

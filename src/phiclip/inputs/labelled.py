@@ -36,6 +36,7 @@ from phiclip.inputs.records import (
     DataError,
     InputListing,
     Record,
+    Unreadable,
 )
 from phiclip.inputs.tables import list_table
 from phiclip.schema import path_to_source
@@ -158,11 +159,15 @@ def from_listing(
     """
     lost = list(left_out)
     good: list[Record] = []
-    for r in listing.records:
-        if r.error is not None:
-            lost.append(_left(r.source, r.error, "read"))
+    images: list[Any] = []
+    listed = [r for r in listing.records if r.error is None]
+    lost += [_left(r.source, r.error, "read") for r in listing.records if r.error is not None]
+    for r, payload in zip(listed, listing.reader.read(listed)):  # each record read by its kind's source
+        if isinstance(payload, Unreadable):
+            lost.append(_left(r.source, payload.reason, payload.stage))
         else:
             good.append(r)
+            images.append(payload)
     if not good:
         raise DataError(f"{source}: no images" + (f" ({len(lost)} left out: {lost[0]['source']}: {lost[0]['reason']})"
                                                   if lost else ""))
@@ -176,7 +181,7 @@ def from_listing(
     has_captions = listing.description.get("caption_column") is not None
     split_names = [r.split or "" for r in good]
     return LabelledData(
-        images=listing.reader.read(good),
+        images=images,
         labels=labels,
         classnames=names,
         captions=[list(r.captions) for r in good] if has_captions else None,

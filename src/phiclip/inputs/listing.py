@@ -37,6 +37,8 @@ class InputOptions:
     label_column: str | None = None
     caption_column: str | None = None
     metadata_columns: tuple[str, ...] = ()
+    #: How URLs are fetched (``None``: :class:`phiclip.fetch.FetchOptions` defaults).
+    fetch: Any = None
 
 
 def _refuse_other_data(p: Path) -> None:
@@ -62,8 +64,16 @@ def list_inputs(
         InputError: the input does not exist, or a table/dataset column cannot be found.
     """
     opts = options or InputOptions()
-    col = column if column is not None else opts.column
-    sp = split if split is not None else opts.split
+    listing = _list_inputs(input, opts, column if column is not None else opts.column,
+                           split if split is not None else opts.split)
+    if opts.fetch is not None:
+        from phiclip.inputs.urls import URLSource
+
+        listing.reader.sources["url"] = URLSource(opts.fetch)  # type: ignore[attr-defined]
+    return listing
+
+
+def _list_inputs(input: str | os.PathLike[str], opts: InputOptions, col: str | None, sp: str | None) -> InputListing:
     s = os.fspath(input)
     if s.startswith("hf:"):
         return list_hf(s, split=sp, column=col, label_column=opts.label_column, caption_column=opts.caption_column,
@@ -115,6 +125,6 @@ def list_texts(input: str | os.PathLike[str], *, column: str | None = None, spli
             ignored += 1
             continue
         t = str(text).strip()
-        records.append(Record(id=record_id(t), source=source, locator=t))
+        records.append(Record(id=record_id(t), source=source, locator=t, kind="text"))
     records, dup = merge_repeats(records)
     return InputListing(desc, records, duplicates=dup, ignored=ignored)
