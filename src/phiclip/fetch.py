@@ -139,16 +139,24 @@ class Fetcher:
             return []
         return asyncio.run_coroutine_threadsafe(self._many(list(urls)), self.loop).result()
 
-    async def _many(self, urls: list[str]) -> list[bytes | Unreadable]:
-        return list(await asyncio.gather(*(self._guarded(u) for u in urls)))
+    def fetch_ranges(self, parts: Sequence[tuple[str, int, int]]) -> list[bytes | Unreadable]:
+        """``(url, offset, size)`` -> those bytes of each URL (``Range`` requests), in order."""
+        if not parts:
+            return []
+        return asyncio.run_coroutine_threadsafe(self._many([u for u, _, _ in parts], [(o, n) for _, o, n in parts]),
+                                                self.loop).result()
 
-    async def _guarded(self, url: str) -> bytes | Unreadable:
+    async def _many(self, urls: list[str], ranges: list[tuple[int, int]] | None = None) -> list[bytes | Unreadable]:
+        spans: list[tuple[int, int] | None] = list(ranges) if ranges is not None else [None] * len(urls)
+        return list(await asyncio.gather(*(self._guarded(u, r) for u, r in zip(urls, spans))))
+
+    async def _guarded(self, url: str, span: tuple[int, int] | None = None) -> bytes | Unreadable:
         try:
-            return await self._one(url)
+            return await self._one(url, span)
         except Exception as e:  # noqa: BLE001 - a failure is a value
             return Unreadable(STAGE_FETCH, f"cannot fetch ({type(e).__name__}: {e})")
 
-    async def _one(self, url: str) -> bytes | Unreadable:
+    async def _one(self, url: str, span: tuple[int, int] | None = None) -> bytes | Unreadable:
         o = self.opts
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -162,7 +170,7 @@ class Fetcher:
         for attempt in range(tries):
             try:
                 async with self.gate, gate:
-                    return await asyncio.wait_for(self._attempt(url), o.deadline)
+                    return await asyncio.wait_for(self._attempt(url, span), o.deadline)
             except _Retry as r:
                 last, wait = r.reason, r.wait
             except asyncio.TimeoutError:
@@ -174,13 +182,17 @@ class Fetcher:
                 await asyncio.sleep(max(backoff, wait or 0.0))
         return Unreadable(STAGE_FETCH, f"{last} after {tries} tries" if tries > 1 else last)
 
-    async def _attempt(self, url: str) -> bytes | Unreadable:
+    async def _attempt(self, url: str, span: tuple[int, int] | None = None) -> bytes | Unreadable:
         import httpx
 
         o = self.opts
+        headers = {"Range": f"bytes={span[0]}-{span[0] + span[1] - 1}"} if span is not None else None
         try:
-            async with self.client.stream("GET", url) as r:
+            async with self.client.stream("GET", url, headers=headers) as r:
                 status = r.status_code
+                if span is not None and status == 200:
+                    return Unreadable(STAGE_FETCH, "the server does not answer Range requests (needed to read one "
+                                      "sample of a shard URL); download the shards and give local paths")
                 if status in RETRY_STATUSES:
                     wait = retry_after_seconds(r.headers.get("retry-after")) if status in (429, 503) else None
                     raise _Retry(f"HTTP {status} {r.reason_phrase}".strip(), wait)
@@ -189,7 +201,7 @@ class Fetcher:
                 if not 200 <= status < 300:
                     return Unreadable(STAGE_FETCH, f"HTTP {status} {r.reason_phrase} (not an image)".strip())
                 ctype = r.headers.get("content-type", "").split(";")[0].strip().lower()
-                if ctype.startswith(_TEXT_TYPES):
+                if span is None and ctype.startswith(_TEXT_TYPES):
                     return Unreadable(STAGE_FETCH, f"not an image (Content-Type {ctype})")
                 length = r.headers.get("content-length")
                 if length is not None and length.isdigit() and int(length) > o.max_bytes:
@@ -236,6 +248,11 @@ def fetch_many(urls: Sequence[str], opts: FetchOptions | None = None) -> list[by
     return fetcher(opts).fetch_many(urls)
 
 
+def fetch_ranges(parts: Sequence[tuple[str, int, int]], opts: FetchOptions | None = None) -> list[bytes | Unreadable]:
+    """``(url, offset, size)`` -> those bytes of each URL (``Range`` requests), or an :class:`Unreadable`."""
+    return fetcher(opts).fetch_ranges(parts)
+
+
 def is_url(text: str) -> bool:
     """Whether a text is an ``http(s)://`` URL (what a list line or a table cell may hold instead of a path)."""
     head = text[:8].lower()
@@ -276,5 +293,5 @@ def shown_uri(uri: str, limit: int = 80) -> str:
     return f"{head},...({len(uri)} characters)"
 
 
-__all__ = ["STAGE_FETCH", "FetchOptions", "Fetcher", "decode_data_uri", "fetch_many", "fetcher", "is_data_uri",
+__all__ = ["STAGE_FETCH", "FetchOptions", "Fetcher", "decode_data_uri", "fetch_many", "fetch_ranges", "fetcher", "is_data_uri",
            "is_url", "retry_after_seconds", "shown_uri"]

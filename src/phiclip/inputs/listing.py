@@ -20,11 +20,12 @@ from phiclip.inputs.records import (
     record_id,
 )
 from phiclip.inputs.tables import list_table, table_texts
+from phiclip.inputs.webdataset import is_webdataset, list_webdataset
 from phiclip.schema import path_to_source
 
 #: What every "cannot read this input" message says can be given.
-INPUT_KINDS = ("a folder, a glob in quotes ('imgs/**/*.jpg'), a .txt list of paths, a Parquet/CSV table or "
-               "hf:DATASET[?config=CFG&split=SPLIT]")
+INPUT_KINDS = ("a folder, a glob in quotes ('imgs/**/*.jpg'), a .txt list of paths or URLs, a Parquet/CSV table, "
+               "WebDataset shards ('shards/{000..099}.tar') or hf:DATASET[?config=CFG&split=SPLIT]")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ def list_inputs(
 
 def _list_inputs(input: str | os.PathLike[str], opts: InputOptions, col: str | None, sp: str | None) -> InputListing:
     s = os.fspath(input)
+    if is_webdataset(s):
+        return list_webdataset(s, opts.fetch)
     if s.startswith("hf:"):
         return list_hf(s, split=sp, column=col, label_column=opts.label_column, caption_column=opts.caption_column,
                        metadata_columns=opts.metadata_columns)

@@ -149,11 +149,11 @@ def run_locked(model: Any, listing: InputListing, out: OutputDir, opts: EmbedOpt
     if existing is None or plan.new_generation:
         out.write_manifest(manifest)  # first, so that a rerun can always compare (and find the generation)
 
-    writer = out.writer(int(manifest["dim"]))
+    writer = out.writer(int(manifest["dim"]), annotations=bool(manifest.get("annotations")))
     writer.prepare([s for s, _ in pending], abandoned=plan.abandoned)
     writer.write_skipped(_skipped_rows(listing))
     sink = ShardSink(writer, plan.records, pending, with_tokens=opts.tokens, flush_seconds=opts.flush_seconds,
-                     timings=timings)
+                     timings=timings, classnames=listing.classnames)
     skipped += sink.flushed
     processed = 0
     if pending:
@@ -208,6 +208,8 @@ def _manifest(version: str, identity: dict[str, Any], listing: InputListing, pla
         "input": identity["input"],
         "settings": {**identity["settings"], "num_shards": num_shards},
         "generations": plan.generations,
+        # An output made before the annotation columns keeps its layout (every shard has one schema).
+        "annotations": identity["kind"] == "image" if existing is None else bool(existing.get("annotations")),
         "counts": {"inputs": len(listing.records), "duplicates": listing.duplicates, "ignored": listing.ignored,
                    "embedded": 0, "failed": 0},
         "complete": False,
