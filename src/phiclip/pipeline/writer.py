@@ -409,6 +409,20 @@ class ShardWriter:
                         out[i] = (s, src)
         return out
 
+    def failure_reasons(self, shards: Sequence[int], top: int = 10) -> list[tuple[str, str, int]]:
+        """``(stage, reason, count)`` of the failed inputs of the given committed shards, most frequent first."""
+        import pyarrow.parquet as pq
+
+        groups: dict[tuple[str, str], int] = {}
+        for s in shards:
+            path = self.path(schema.ERRORS_DIR, s)
+            if path.exists():
+                t = pq.read_table(path, columns=[schema.COL_STAGE, schema.COL_REASON])
+                for key in zip(t.column(0).to_pylist(), t.column(1).to_pylist()):
+                    groups[key] = groups.get(key, 0) + 1
+        ranked = sorted(groups.items(), key=lambda kv: (-kv[1], kv[0]))
+        return [(stage, reason, n) for (stage, reason), n in ranked[:top]]
+
     def counts(self, shards: Sequence[int]) -> dict[str, int]:
         """Rows committed in the given shards: ``{"embedded": ..., "failed": ...}`` (from Parquet footers)."""
         import pyarrow.parquet as pq
