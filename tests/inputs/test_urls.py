@@ -56,7 +56,7 @@ def test_fetches_run_concurrently_within_the_per_host_limit() -> None:
         got = fetch_many(urls, FetchOptions(per_host=16, trust_env=False))
         took = time.perf_counter() - t0
         assert all(isinstance(g, bytes) for g in got)
-        assert 0.35 < took < 1.5, took  # two waves of 16, not 32 x 0.2 s
+        assert 0.35 < took < 4.0, took  # two waves of 16 (0.4 s), not 32 x 0.2 s (6.4 s)
     finally:
         server.close()
 
