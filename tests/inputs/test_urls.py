@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import time
 
-import pytest
-
 from phiclip.fetch import FetchOptions, decode_data_uri, fetch_many, retry_after_seconds
 from phiclip.inputs import list_inputs
 from phiclip.inputs.records import Unreadable
@@ -84,7 +82,7 @@ def test_a_list_of_urls_paths_and_data_uris(tmp_path, http_server: FaultServer) 
 
 
 def test_a_table_url_column_keeps_its_captions(tmp_path, http_server: FaultServer) -> None:
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     t = pa.table({"url": [http_server.url("/img/a.jpg"), http_server.url("/img/b.jpg")], "caption": ["a cat", "a dog"]})

@@ -27,13 +27,8 @@ from phiclip.inputs.records import (
     resolve_against,
     skip_reason,
 )
+from phiclip.inputs.urls import remote_record
 from phiclip.schema import path_to_source
-
-
-def remote_record(text: str) -> Record | None:
-    from phiclip.inputs.urls import remote_record as make
-
-    return make(text)
 
 
 def path_unreadable(path: str) -> Unreadable | None:

@@ -20,6 +20,7 @@ from phiclip.inputs.records import (
     record_id,
 )
 from phiclip.inputs.tables import list_table, table_texts
+from phiclip.inputs.urls import URLSource
 from phiclip.inputs.webdataset import is_webdataset, list_webdataset
 from phiclip.schema import path_to_source
 
@@ -68,8 +69,6 @@ def list_inputs(
     listing = _list_inputs(input, opts, column if column is not None else opts.column,
                            split if split is not None else opts.split)
     if opts.fetch is not None:
-        from phiclip.inputs.urls import URLSource
-
         listing.reader.sources["url"] = URLSource(opts.fetch)  # type: ignore[attr-defined]
     return listing
 

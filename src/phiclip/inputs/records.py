@@ -108,6 +108,16 @@ class Source(PayloadReader):
         raise NotImplementedError
 
 
+#: How to build the source of each kind: :data:`phiclip.inputs.sources.SOURCES`, registered here when that module
+#: is imported (``phiclip.inputs`` imports it), so that this module needs none of the sources' modules.
+_REGISTRY: dict[str, Any] = {}
+
+
+def register_sources(table: Mapping[str, Any]) -> None:
+    """Make ``table`` (kind -> a callable building its source) the registry :class:`RecordReader` builds from."""
+    _REGISTRY.update(table)
+
+
 class RecordReader(PayloadReader):
     """The reader of a listing: each record read by the :class:`Source` of its ``kind`` (``sources``
     holds the listing's own, stateful ones: a table's file, a dataset; the others are built from the
@@ -126,9 +136,10 @@ class RecordReader(PayloadReader):
         """The source of ``kind`` (built from the registry the first time)."""
         got = self.sources.get(kind)
         if got is None:
-            from phiclip.inputs.sources import source_for
-
-            got = self.sources[kind] = source_for(kind)
+            build = _REGISTRY.get(kind)
+            if build is None:
+                raise ValueError(f"no input source of kind {kind!r}; kinds: {', '.join(_REGISTRY)}")
+            got = self.sources[kind] = build()
         return got
 
     def read(self, records: Sequence[Record]) -> list[Any]:

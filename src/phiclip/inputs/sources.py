@@ -31,8 +31,10 @@ from typing import Any
 
 from phiclip.inputs.files import FileSource, checked_payload
 from phiclip.inputs.hf import HFDatasetReader
-from phiclip.inputs.records import PayloadReader, Record, Source, Unreadable
+from phiclip.inputs.records import PayloadReader, Record, Source, Unreadable, register_sources
 from phiclip.inputs.tables import ParquetBytesReader
+from phiclip.inputs.urls import DataURISource, URLSource
+from phiclip.inputs.webdataset import WebDatasetSource
 
 
 class TextSource(Source):
@@ -56,24 +58,6 @@ class MemorySource(Source):
         return [checked_payload(r.locator) for r in records]
 
 
-def _url_source() -> Source:
-    from phiclip.inputs.urls import URLSource
-
-    return URLSource()
-
-
-def _data_source() -> Source:
-    from phiclip.inputs.urls import DataURISource
-
-    return DataURISource()
-
-
-def _wds_source() -> Source:
-    from phiclip.inputs.webdataset import WebDatasetSource
-
-    return WebDatasetSource()
-
-
 def _needs_listing(kind: str) -> Callable[[], Source]:
     def refuse() -> Source:
         raise ValueError(f"records of kind {kind!r} are read by the source their listing built; this reader has none")
@@ -86,18 +70,22 @@ SOURCES: dict[str, Callable[[], Source]] = {
     "file": FileSource,
     "table": _needs_listing("table"),
     "hf": _needs_listing("hf"),
-    "url": _url_source,
-    "data": _data_source,
-    "wds": _wds_source,
+    "url": URLSource,
+    "data": DataURISource,
+    "wds": WebDatasetSource,
     "text": TextSource,
     "memory": MemorySource,
 }
 #: The source class of each kind, for documentation and checks.
 SOURCE_CLASSES: dict[str, str] = {
     "file": FileSource.__qualname__, "table": ParquetBytesReader.__qualname__, "hf": HFDatasetReader.__qualname__,
-    "url": "URLSource", "data": "DataURISource", "wds": "WebDatasetSource", "text": TextSource.__qualname__,
+    "url": URLSource.__qualname__, "data": DataURISource.__qualname__, "wds": WebDatasetSource.__qualname__,
+    "text": TextSource.__qualname__,
     "memory": MemorySource.__qualname__,
 }
+
+
+register_sources(SOURCES)
 
 
 def source_for(kind: str) -> PayloadReader:

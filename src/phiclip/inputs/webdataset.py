@@ -25,7 +25,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
-from phiclip.fetch import FetchOptions, is_url
+from phiclip.fetch import FetchOptions, fetch_ranges, is_url
 from phiclip.inputs.records import InputError, InputListing, Record, Source, Unreadable, record_id
 from phiclip.schema import path_to_source
 
@@ -266,8 +266,6 @@ class WebDatasetSource(Source):
         out: list[Any] = [None] * len(records)
         remote = [j for j, r in enumerate(records) if is_url(r.locator[0])]
         if remote:
-            from phiclip.fetch import fetch_ranges
-
             got = fetch_ranges([(records[j].locator[0], records[j].locator[1], records[j].locator[2]) for j in remote],
                                self.options)
             for j, g in zip(remote, got):
