@@ -39,6 +39,7 @@ import io
 import os
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,17 @@ DEFAULT_MAX_PIXELS: int = 89_478_485
 HEADER_READ_LIMIT: int = 64 * 1024 * 1024
 #: Read-ahead of an image file, filled before PIL parses the header (one read for most files).
 _READ_AHEAD = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """An input that could not be read, as a value (what an input source gives instead of its bytes): the
+    ``stage`` (``read``, ``fetch``) and the ``reason``, written to ``errors/`` as they are (reasons name
+    no input, so that they group). Defined here, with the other data helpers, so that
+    :mod:`phiclip.fetch` and :mod:`phiclip.inputs` share it; :mod:`phiclip.inputs.records` exports it."""
+
+    stage: str
+    reason: str
 
 
 class ImageDecodeError(ValueError):

@@ -5,7 +5,8 @@ agree::
 
     OUT/
       manifest.json                 what produced the vectors and how many (see ``MANIFEST_*``)
-      embeddings/part-00000.parquet id, source, width, height, embedding  (one row per embedded input)
+      embeddings/part-00000.parquet id, source, width, height, embedding, label, captions, split, metadata
+                                    (one row per embedded input; the annotations null where the input has none)
       errors/part-00000.parquet     id, source, stage, reason             (one row per failed input)
       errors/skipped.parquet        id, source, stage, reason             (one row per file not taken as an input)
       tokens/part-00000.parquet     id, num_tokens, tokens                (Phi-3-vision with --tokens)
@@ -47,9 +48,15 @@ COL_WIDTH = "width"  # int32: width of the decoded image, pixels (0 for text)
 COL_HEIGHT = "height"  # int32: height of the decoded image, pixels (0 for text)
 COL_EMBEDDING = "embedding"  # fixed_size_list<float16|float32>[dim]
 COL_TEXT = "text"  # string: the text, for embed-text outputs (instead of width/height)
+# Annotations of image outputs (manifest["annotations"] true; every column nullable, null when the input has none):
+COL_LABEL = "label"  # string: the input's label (a class name; an integer label, e.g. a WebDataset cls, as text)
+COL_CAPTIONS = "captions"  # list<string>: its captions (a table's caption column, a WebDataset txt member)
+COL_SPLIT = "split"  # string: its split (a dataset's split, a table's split column)
+COL_METADATA = "metadata"  # string: JSON object of its metadata (--metadata-column values, a WebDataset json member)
+ANNOTATION_COLUMNS = (COL_LABEL, COL_CAPTIONS, COL_SPLIT, COL_METADATA)
 
 # Columns of errors/*.parquet
-COL_STAGE = "stage"  # string: read | decode | preprocess | encode | skip (in SKIPPED_FILE)
+COL_STAGE = "stage"  # string: read | fetch (a URL) | decode | preprocess | encode | skip (in SKIPPED_FILE)
 COL_REASON = "reason"  # string: human-readable reason
 
 # Columns of tokens/*.parquet
@@ -70,6 +77,7 @@ MANIFEST_KEYS = (
     "settings",  # dict: the run settings that decide the output (compared on rerun)
     "timings",  # dict: seconds per stage of the last run
     "generations",  # list of dict: one per run that added inputs (first_shard, num_shards, num_inputs, fingerprint)
+    "annotations",  # bool: embeddings/ has the ANNOTATION_COLUMNS (outputs made before them do not)
 )
 
 

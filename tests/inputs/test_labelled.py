@@ -104,8 +104,8 @@ def test_csv_errors(tmp_path):
         load_data(tmp_path / "c.csv")
     with pytest.raises(DataError, match="no column 'lbl'"):
         load_data(tmp_path / "c.csv", label_column="lbl")
-    (tmp_path / "d.csv").write_text("image,label\nhttp://x/y.png,a\n")
-    with pytest.raises(DataError, match="is a URL"):
+    (tmp_path / "d.csv").write_text("image,label\nftp://x/y.png,a\n")  # http(s) URLs are fetched (tests/inputs)
+    with pytest.raises(DataError, match="a scheme phiclip does not fetch"):
         load_data(tmp_path / "d.csv")
     Image.new("RGB", (4, 4)).save(tmp_path / "e.png")
     (tmp_path / "e.csv").write_text("image,label\ne.png,a\ne.png,\n")

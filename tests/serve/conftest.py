@@ -53,7 +53,11 @@ def add_columns(out_dir: Path, by_source: dict[str, dict[str, Any]]) -> None:
         sources = table.column("source").to_pylist()
         names = sorted({k for v in by_source.values() for k in v})
         for name in names:
-            table = table.append_column(name, pa.array([by_source.get(s, {}).get(name) for s in sources], pa.string()))
+            column = pa.array([by_source.get(s, {}).get(name) for s in sources], pa.string())
+            if name in table.column_names:  # embed writes an (empty) label column itself
+                table = table.set_column(table.column_names.index(name), name, column)
+            else:
+                table = table.append_column(name, column)
         pq.write_table(table, shard)
 
 

@@ -33,14 +33,21 @@ from phiclip.cli.common import (
     spec_with_kind,
 )
 from phiclip.console import safe_text
+from phiclip.fetch import FetchOptions
 from phiclip.pipeline import runner
+from phiclip.pipeline.engine import TooManyFailures
 from phiclip.pipeline.runner import EmbedOptions, EmbedResult
 from phiclip.store import count_errors, iter_errors
 
 _DEFAULTS = EmbedOptions()
+_FETCH = FetchOptions()
 #: Exit codes of a run stopped by Ctrl-C (SIGINT) and by SIGTERM: 128 + the signal's number, as shells report.
 EXIT_SIGINT = 128 + signal.SIGINT
 EXIT_SIGTERM = 128 + signal.SIGTERM
+#: Exit code of a run in which no input could be embedded (every one failed).
+EXIT_NOTHING_EMBEDDED = 3
+#: Exit code of a run stopped by --max-failures.
+EXIT_TOO_MANY_FAILURES = 4
 
 
 class VectorDtype(str, enum.Enum):
@@ -87,12 +94,23 @@ _GpusPerActorOpt = Annotated[float | None, typer.Option("--gpus-per-actor", min=
 _ActorsOpt = Annotated[int | None, typer.Option("--num-actors", min=1, help=(
     "--engine ray: encoding actors (default: one per GPU, or one without GPUs)."))]
 _InputOpt = Annotated[str, typer.Option("--input", "-i", help=(
-    "A folder (recursive), a quoted glob ('imgs/**/*.jpg'), a .txt list of paths, a Parquet/CSV table "
-    "with a path or bytes column, or hf:DATASET (hub id, data folder or save_to_disk folder)."))]
+    "A folder (recursive), a quoted glob ('imgs/**/*.jpg'), a .txt list of paths or URLs, a Parquet/CSV table "
+    "with a path, URL or bytes column, WebDataset shards ('shards/{000..099}.tar', shard URLs), or hf:DATASET "
+    "(hub id, data folder or save_to_disk folder)."))]
 _TextInputOpt = Annotated[str, typer.Option("--input", "-i", help=(
     "A .txt file (one text per line), a Parquet/CSV table with a text column, or hf:DATASET."))]
 _MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=0, help=(
     "Refuse images with more pixels (decompression bombs); 0 = no limit."))]
+_RetryOpt = Annotated[bool, typer.Option("--retry-failed", help=(
+    "Embed again only the failed inputs of OUTPUT (same model, settings and input), replacing their error rows."))]
+_MaxFailuresOpt = Annotated[str | None, typer.Option("--max-failures", help=(
+    "Stop early (exit 4) when more inputs fail than N, or than P% of those done (judged after 100)."))]
+_FetchTimeoutOpt = Annotated[float, typer.Option("--fetch-timeout", min=0.01, help=(
+    "URLs: seconds without a byte before a fetch fails (retried; connect timeout the same, at most 10 s)."))]
+_FetchConcurrencyOpt = Annotated[int, typer.Option("--fetch-concurrency", min=1, help="URLs: fetches in flight.")]
+_FetchRetriesOpt = Annotated[int, typer.Option("--fetch-retries", min=0, help=(
+    "URLs: retries on timeouts, 5xx and 429 (with backoff; Retry-After honoured)."))]
+_MaxBytesOpt = Annotated[int, typer.Option("--max-image-bytes", min=1, help="URLs: largest body fetched (bytes).")]
 _TokensOpt = Annotated[bool, typer.Option("--tokens", help="Phi-3-vision: also write full token sequences to tokens/.")]
 
 
@@ -130,12 +148,17 @@ def _run(fn: Callable[..., EmbedResult], model: str, input: str, output: Path, s
             f": the shards already written in {output} are kept; rerun the same command to resume")),
             highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT) from None
+    except TooManyFailures as e:
+        fail_cli(e, EXIT_TOO_MANY_FAILURES)
     except (ValueError, RuntimeError, OSError) as e:
         fail_cli(e)
     if as_json:
         echo_json(result.to_dict())
-        return
-    print_embed_summary(result)
+    else:
+        print_embed_summary(result)
+    if result.inputs and result.embedded == 0 and result.failed:
+        top = "; ".join(f"{n} x {stage}: {reason}" for stage, reason, n in result.failure_reasons[:3])
+        fail_cli(f"no input could be embedded ({result.failed} failed; top reasons: {top})", EXIT_NOTHING_EMBEDDED)
 
 
 def print_embed_summary(result: EmbedResult) -> None:
@@ -153,7 +176,7 @@ def print_embed_summary(result: EmbedResult) -> None:
     table.add_row("inputs", str(result.inputs))
     table.add_row("embedded (in the output)", str(result.embedded))
     table.add_row("failed (in the output)", f"{result.failed}" + (" (see errors/)" if result.failed else ""))
-    table.add_row("done by this run", str(result.processed))
+    table.add_row("retried by this run" if result.status == "retried" else "done by this run", str(result.processed))
     if result.skipped:
         table.add_row("done by an earlier run (kept)", str(result.skipped))
     if result.duplicates:
@@ -168,7 +191,21 @@ def print_embed_summary(result: EmbedResult) -> None:
     table.add_row("stages", stages)
     out.print(table)
     _print_disappeared(result, out)
+    print_failure_reasons(result, out)
     print_left_out(Path(result.output), out)
+
+
+def print_failure_reasons(result: EmbedResult, out: Console) -> None:
+    """The failed inputs of the output counted by (stage, reason), most frequent first."""
+    if not result.failure_reasons:
+        return
+    table = Table(title=f"Failures by reason ({result.failed} in all)", title_justify="left")
+    table.add_column("count", justify="right")
+    table.add_column("stage")
+    table.add_column("reason")
+    for stage, reason, n in result.failure_reasons:
+        table.add_row(str(n), safe_text(stage), safe_text(reason))
+    out.print(table)
 
 
 def _print_disappeared(result: EmbedResult, out: Console) -> None:
@@ -215,14 +252,29 @@ def embed(
     column: ColumnOpt = _DEFAULTS.column,
     split: SplitOpt = _DEFAULTS.split,
     progress: ProgressOpt = _DEFAULTS.progress,
+    retry_failed: _RetryOpt = False,
+    max_failures: _MaxFailuresOpt = None,
+    fetch_timeout: _FetchTimeoutOpt = _FETCH.read_timeout,
+    fetch_concurrency: _FetchConcurrencyOpt = _FETCH.concurrency,
+    fetch_retries: _FetchRetriesOpt = _FETCH.retries,
+    max_image_bytes: _MaxBytesOpt = _FETCH.max_bytes,
     as_json: JsonOpt = False,
 ) -> None:
-    """Embed every image of INPUT into Parquet shards in OUTPUT (resumable; bad inputs go to errors/)."""
+    """Embed every image of INPUT into Parquet shards in OUTPUT (resumable; bad inputs go to errors/).
+
+    Exit codes: 0 done; 1 an error; 3 no input could be embedded; 4 stopped by --max-failures; 130/143 interrupted.
+    """
+    fetch = FetchOptions(read_timeout=fetch_timeout, connect_timeout=min(10.0, fetch_timeout),
+                         deadline=max(_FETCH.deadline, 4 * fetch_timeout), concurrency=fetch_concurrency,
+                         per_host=min(_FETCH.per_host, fetch_concurrency), retries=fetch_retries,
+                         max_bytes=max_image_bytes)
     settings = enum_values(batch_size=batch_size, num_workers=num_workers, shard_size=shard_size, dtype=dtype,
                            device=device, precision=precision, max_pixels=max_pixels or None, tokens=tokens,
                            column=column, split=split, progress=progress, update=update, prune=prune,
                            flush_seconds=flush_seconds or None, engine=engine, ray_address=ray_address,
-                           gpus_per_actor=gpus_per_actor, num_actors=num_actors)
+                           gpus_per_actor=gpus_per_actor, num_actors=num_actors, retry_failed=retry_failed,
+                           max_failures=max_failures)
+    settings["fetch"] = fetch
     _run(runner.embed, model, input, output, settings, as_json)
 
 

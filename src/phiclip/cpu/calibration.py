@@ -29,7 +29,7 @@ from PIL import Image
 
 from phiclip.images import try_load_image
 from phiclip.inputs.listing import list_inputs
-from phiclip.inputs.records import InputError, PayloadReader, Record
+from phiclip.inputs.records import InputError, PayloadReader, Record, Unreadable
 
 #: Calibration images for static int8, by default (NNCF's own default is 300; 128 measured as accurate,
 #: see BENCHMARKS.md "CPU precision"), and the fewest accepted: scales from a handful of images clip
@@ -73,6 +73,9 @@ class CalibrationSet:
         items: list[Any] = []
         failed: list[str] = []
         for rec, payload in zip(self.records, payloads):
+            if isinstance(payload, Unreadable):  # the record's source could not read it
+                failed.append(f"{rec.source}: {payload.reason}")
+                continue
             if rec.error is not None or payload is None:
                 failed.append(f"{rec.source}: {rec.error or 'no image'}")
                 continue
@@ -105,6 +108,8 @@ def _payload_identity(payload: Any) -> str:
     if isinstance(payload, dict):
         data = payload.get("bytes")
         return _payload_identity(data if data is not None else payload.get("path") or "")
+    if isinstance(payload, Unreadable):
+        return f"unreadable:{payload.stage}:{payload.reason}"
     if isinstance(payload, Image.Image):
         return f"{payload.mode}:{payload.size}:{hashlib.blake2b(payload.tobytes(), digest_size=16).hexdigest()}"
     return type(payload).__name__

@@ -59,6 +59,7 @@ from phiclip.finetune.data import ImageBatchLoader, SkippedImages
 from phiclip.finetune.loop import LoopSettings, TrainingMode, finish_run, run_training
 from phiclip.finetune.probe import encoder_identity
 from phiclip.hub import resolve_file
+from phiclip.inputs.records import Unreadable
 from phiclip.phi3v.weights import VISION_PREFIX
 from phiclip.pipeline.sources import list_inputs
 
@@ -556,8 +557,12 @@ def distill_phi3v_adapter(
     records = [r for r in listing.records if r.error is None]
     if len(records) < 2:
         raise TrainingError(f"{data}: found {len(records)} images; distillation needs at least 2")
+    payloads = listing.reader.read(records)  # each record read by its kind's source; unreadable ones left out
+    kept = [j for j, p in enumerate(payloads) if not isinstance(p, Unreadable)]
+    records, images = [records[j] for j in kept], [payloads[j] for j in kept]
+    if len(records) < 2:
+        raise TrainingError(f"{data}: {len(records)} images could be read; distillation needs at least 2")
     ids = [r.id for r in records]
-    images = listing.reader.read(records)
     order = np.random.default_rng(opts.seed).permutation(len(records))
     n_eval = 0 if opts.eval_fraction <= 0 else min(opts.max_eval, max(1, round(len(records) * opts.eval_fraction)), len(records) - 1)
     eval_rows, train_rows = np.sort(order[:n_eval]), np.sort(order[n_eval:])

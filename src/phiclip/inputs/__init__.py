@@ -42,6 +42,7 @@ from phiclip.inputs.records import (
     guess_column,
     record_id,
 )
+from phiclip.inputs.sources import SOURCES
 from phiclip.inputs.tables import list_table, read_csv_table
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "InputListing",
     "InputOptions",
     "LabelledData",
+    "SOURCES",
     "PayloadReader",
     "Record",
     "align_label_spaces",

@@ -10,19 +10,61 @@ from __future__ import annotations
 import codecs
 import glob as globlib
 import os
+import stat
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from phiclip.inputs.records import (
     InputError,
     InputListing,
     Record,
+    Source,
+    Unreadable,
     is_image_name,
     merge_repeats,
     path_record,
     resolve_against,
     skip_reason,
 )
+from phiclip.inputs.urls import remote_record
 from phiclip.schema import path_to_source
+
+
+def path_unreadable(path: str) -> Unreadable | None:
+    """Why a path cannot be read, checked before opening it (a FIFO would block forever), or None."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            target = path_to_source(os.readlink(path))
+            return Unreadable("read", f"a broken symbolic link (its target {target} does not exist); fix or remove the link")
+        return Unreadable("read", "no such file; check the path")
+    except PermissionError as e:
+        return Unreadable("read", f"cannot read ({e.strerror}); check its permissions")
+    except OSError as e:
+        return Unreadable("read", f"cannot read ({e.strerror or e})")
+    if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+        return None  # load_image names the problems of these (a folder, an empty or unreadable file)
+    return Unreadable("read", "not a regular file (a FIFO, socket or device); remove it from the input")
+
+
+def checked_payload(value: Any) -> Any:
+    """A payload, with a path (``str``) checked by :func:`path_unreadable` first."""
+    if isinstance(value, str):
+        return path_unreadable(value) or value
+    return value
+
+
+class FileSource(Source):
+    """The source of kind ``file``: a path on this machine (folder, glob, list, a table's path column). The
+    payload is the path itself, checked (missing, broken link, FIFO...); decoding opens it."""
+
+    kind = "file"
+
+    def read(self, records: Sequence[Record]) -> list[Any]:
+        """The checked path of each record."""
+        return [checked_payload(r.locator) for r in records]
 
 
 def list_folder(root: str | os.PathLike[str]) -> InputListing:
@@ -82,7 +124,8 @@ def list_glob(pattern: str) -> InputListing:
 
 def list_path_file(path: str | os.PathLike[str]) -> InputListing:
     """A text file of image paths, one per line, in file order (blank and ``#`` lines skipped);
-    relative paths are read from the list's folder.
+    relative paths are read from the list's folder. A line may be an ``http(s)://`` URL or a ``data:``
+    URI instead (records of kind ``url`` / ``data``, :mod:`phiclip.inputs.urls`).
 
     Lines are file names as bytes (POSIX paths need not be UTF-8): a line that is not UTF-8 names the
     file with exactly those bytes. A file holding NUL bytes (binary, or UTF-16 text) is refused.
@@ -104,7 +147,8 @@ def list_path_file(path: str | os.PathLike[str]) -> InputListing:
         if not s or s.startswith("#"):
             ignored += 1
             continue
-        records.append(path_record(resolve_against(p.parent, s)))
+        remote = remote_record(s)  # a URL or data: URI where a path could be
+        records.append(remote if remote is not None else path_record(resolve_against(p.parent, s)))
     records, dup = merge_repeats(records)
     return InputListing({"kind": "list", "location": path_to_source(p)}, records, duplicates=dup, ignored=ignored)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from phiclip.inputs.files import checked_payload
 from phiclip.inputs.records import (
     CAPTION_COLUMNS,
     IMAGE_COLUMNS,
@@ -27,8 +28,8 @@ from phiclip.inputs.records import (
     TEXT_COLUMNS,
     InputError,
     InputListing,
-    PayloadReader,
     Record,
+    Source,
     guess_column,
     record_id,
 )
@@ -167,9 +168,11 @@ def _feature_kind(feature: Any) -> str | None:
     return None
 
 
-class HFDatasetReader(PayloadReader):
-    """Reads one column of Arrow-backed ``datasets.Dataset`` splits (memory-mapped, so cheap to share);
+class HFDatasetReader(Source):
+    """The source of kind ``hf``: reads one column of Arrow-backed ``datasets.Dataset`` splits (memory-mapped, so cheap to share);
     a record's locator is ``(part, row)``, or a row of the first part."""
+
+    kind = "hf"
 
     def __init__(self, dataset: Any, column: str) -> None:
         self.parts = dataset if isinstance(dataset, list) else [dataset]
@@ -183,7 +186,7 @@ class HFDatasetReader(PayloadReader):
             at = [j for j, w in enumerate(where) if w[0] == part]
             values = self.parts[part][[int(where[j][1]) for j in at]][self.column]
             for j, v in zip(at, values):
-                out[j] = unpack_image_struct(v, None)
+                out[j] = checked_payload(unpack_image_struct(v, None))
         return out
 
 
@@ -244,7 +247,8 @@ def list_hf(
                 ann["captions"] = caption_list(values[caption_col][i], where)
             if metadata_columns:
                 ann["metadata"] = {m: values[m][i] for m in metadata_columns}
-            records.append(Record(id=record_id(source), source=source, locator=(p, i) if len(parts) > 1 else i, **ann))
+            records.append(Record(id=record_id(source), source=source, locator=(p, i) if len(parts) > 1 else i, kind="hf",
+                                  **ann))
     desc: dict[str, Any] = {"kind": "hf", "location": src.key[len("hf:"):], "split": ",".join(s for s, _ in parts),
                             "column": col}
     if src.config:

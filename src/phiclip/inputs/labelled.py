@@ -36,6 +36,7 @@ from phiclip.inputs.records import (
     DataError,
     InputListing,
     Record,
+    Unreadable,
 )
 from phiclip.inputs.tables import list_table
 from phiclip.schema import path_to_source
@@ -158,11 +159,19 @@ def from_listing(
     """
     lost = list(left_out)
     good: list[Record] = []
-    for r in listing.records:
-        if r.error is not None:
-            lost.append(_left(r.source, r.error, "read"))
+    images: list[Any] = []
+    listed = [r for r in listing.records if r.error is None]
+    lost += [_left(r.source, r.error, "read") for r in listing.records if r.error is not None]
+    # Each record read by its kind's source; a file stays its path (checked when it is opened), so that the
+    # missing files of a table are refused as a whole (_strict).
+    remote = [r for r in listed if r.kind != "file"]
+    read = dict(zip((r.id for r in remote), listing.reader.read(remote)))
+    for r, payload in ((r, read[r.id] if r.kind != "file" else r.locator) for r in listed):
+        if isinstance(payload, Unreadable):
+            lost.append(_left(r.source, payload.reason, payload.stage))
         else:
             good.append(r)
+            images.append(payload)
     if not good:
         raise DataError(f"{source}: no images" + (f" ({len(lost)} left out: {lost[0]['source']}: {lost[0]['reason']})"
                                                   if lost else ""))
@@ -176,7 +185,7 @@ def from_listing(
     has_captions = listing.description.get("caption_column") is not None
     split_names = [r.split or "" for r in good]
     return LabelledData(
-        images=listing.reader.read(good),
+        images=images,
         labels=labels,
         classnames=names,
         captions=[list(r.captions) for r in good] if has_captions else None,
@@ -260,8 +269,8 @@ def load_data(
         listing = list_table(path, image_column, split=split, keep_repeats=True, **cols)
         _need_annotations(listing, str(path))
         for r in listing.records:
-            if r.error is not None:  # a URL
-                raise DataError(f"{path}: image {r.source!r} is a URL; download the images and list local paths")
+            if r.error is not None:  # a URL of a scheme that is not fetched (http, https and data: are)
+                raise DataError(f"{path}: image {r.source!r}: {r.error}")
         name = str(path) if split is None else f"{path} [{split}]"
         return _strict(from_listing(listing, source=name, splits=split is None), str(path))
     if not path.exists() and not has_glob(text):

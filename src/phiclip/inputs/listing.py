@@ -20,11 +20,13 @@ from phiclip.inputs.records import (
     record_id,
 )
 from phiclip.inputs.tables import list_table, table_texts
+from phiclip.inputs.urls import URLSource
+from phiclip.inputs.webdataset import is_webdataset, list_webdataset
 from phiclip.schema import path_to_source
 
 #: What every "cannot read this input" message says can be given.
-INPUT_KINDS = ("a folder, a glob in quotes ('imgs/**/*.jpg'), a .txt list of paths, a Parquet/CSV table or "
-               "hf:DATASET[?config=CFG&split=SPLIT]")
+INPUT_KINDS = ("a folder, a glob in quotes ('imgs/**/*.jpg'), a .txt list of paths or URLs, a Parquet/CSV table, "
+               "WebDataset shards ('shards/{000..099}.tar') or hf:DATASET[?config=CFG&split=SPLIT]")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class InputOptions:
     label_column: str | None = None
     caption_column: str | None = None
     metadata_columns: tuple[str, ...] = ()
+    #: How URLs are fetched (``None``: :class:`phiclip.fetch.FetchOptions` defaults).
+    fetch: Any = None
 
 
 def _refuse_other_data(p: Path) -> None:
@@ -62,9 +66,17 @@ def list_inputs(
         InputError: the input does not exist, or a table/dataset column cannot be found.
     """
     opts = options or InputOptions()
-    col = column if column is not None else opts.column
-    sp = split if split is not None else opts.split
+    listing = _list_inputs(input, opts, column if column is not None else opts.column,
+                           split if split is not None else opts.split)
+    if opts.fetch is not None:
+        listing.reader.sources["url"] = URLSource(opts.fetch)  # type: ignore[attr-defined]
+    return listing
+
+
+def _list_inputs(input: str | os.PathLike[str], opts: InputOptions, col: str | None, sp: str | None) -> InputListing:
     s = os.fspath(input)
+    if is_webdataset(s):
+        return list_webdataset(s, opts.fetch)
     if s.startswith("hf:"):
         return list_hf(s, split=sp, column=col, label_column=opts.label_column, caption_column=opts.caption_column,
                        metadata_columns=opts.metadata_columns)
@@ -115,6 +127,6 @@ def list_texts(input: str | os.PathLike[str], *, column: str | None = None, spli
             ignored += 1
             continue
         t = str(text).strip()
-        records.append(Record(id=record_id(t), source=source, locator=t))
+        records.append(Record(id=record_id(t), source=source, locator=t, kind="text"))
     records, dup = merge_repeats(records)
     return InputListing(desc, records, duplicates=dup, ignored=ignored)

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from phiclip.images import Unreadable
 from phiclip.schema import path_to_source
 
 #: File extensions taken as images (compared lower-case), by every source and every command.
@@ -33,7 +34,8 @@ OTHER_DATA_SUFFIXES = frozenset(
 )
 
 #: Column names tried, in order (case-insensitive), for each role a table or dataset column can play.
-IMAGE_COLUMNS = ("image", "img", "path", "image_path", "filepath", "file", "filename", "file_name", "bytes")
+IMAGE_COLUMNS = ("image", "img", "path", "image_path", "filepath", "file", "filename", "file_name", "bytes", "url",
+                 "image_url", "img_url", "photo_url")
 TEXT_COLUMNS = ("text", "caption", "prompt", "sentence", "query")
 LABEL_COLUMNS = ("label", "labels", "class", "category", "fine_label")
 CAPTION_COLUMNS = ("caption", "captions", "text", "sentence", "sentences")
@@ -64,8 +66,10 @@ def record_id(source: str | bytes) -> str:
 
 @dataclass(frozen=True)
 class Record:
-    """One input. ``locator`` is what :class:`PayloadReader` needs to fetch it (a path, a row number,
-    or the text itself); ``error`` is set when the input already failed while listing (an unreadable
+    """One input. ``kind`` names the :class:`Source` that reads it (a key of
+    :data:`phiclip.inputs.sources.SOURCES`: ``file``, ``table``, ``hf``, ``url``, ``data``, ``wds``...);
+    ``locator`` is what that source needs to fetch it (a path, a row number, a URL, a shard member, or
+    the text itself); ``error`` is set when the input already failed while listing (an unreadable
     folder), so that it is reported instead of vanishing. ``label`` (a name or an integer),
     ``captions``, ``split`` and ``metadata`` (``{column: value}``) are the annotations the source has
     for it, when it has them."""
@@ -78,6 +82,7 @@ class Record:
     captions: tuple[str, ...] = ()
     split: str | None = None
     metadata: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
+    kind: str = "file"
 
 
 class PayloadReader:
@@ -87,6 +92,73 @@ class PayloadReader:
     def read(self, records: Sequence[Record]) -> list[Any]:
         """One payload per record, in order."""
         return [r.locator for r in records]
+
+
+class Source(PayloadReader):
+    """How the records of one input kind are read: :meth:`read` turns each record's ``locator`` into a
+    payload (encoded bytes, or a path :func:`phiclip.images.load_image` opens) or an :class:`Unreadable`
+    (never an exception for one bad record). One class per kind, registered in
+    :data:`phiclip.inputs.sources.SOURCES`; picklable (worker processes, Ray tasks) and cheap to copy.
+    ``prefetch``: how many chunks ahead the step may read (a network source: reads overlap encoding)."""
+
+    kind: str = ""
+    prefetch: int = 0
+
+    def read(self, records: Sequence[Record]) -> list[Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+#: How to build the source of each kind: :data:`phiclip.inputs.sources.SOURCES`, registered here when that module
+#: is imported (``phiclip.inputs`` imports it), so that this module needs none of the sources' modules.
+_REGISTRY: dict[str, Any] = {}
+
+
+def register_sources(table: Mapping[str, Any]) -> None:
+    """Make ``table`` (kind -> a callable building its source) the registry :class:`RecordReader` builds from."""
+    _REGISTRY.update(table)
+
+
+class RecordReader(PayloadReader):
+    """The reader of a listing: each record read by the :class:`Source` of its ``kind`` (``sources``
+    holds the listing's own, stateful ones: a table's file, a dataset; the others are built from the
+    registry). A record that failed while listing, or has no payload, comes back :class:`Unreadable`;
+    a source that raises fails only its own records."""
+
+    def __init__(self, sources: Mapping[str, PayloadReader] | None = None) -> None:
+        self.sources: dict[str, PayloadReader] = dict(sources or {})
+
+    @property
+    def prefetch(self) -> int:
+        """The most chunks ahead any of its sources asks to be read."""
+        return max((int(getattr(s, "prefetch", 0)) for s in self.sources.values()), default=0)
+
+    def source(self, kind: str) -> PayloadReader:
+        """The source of ``kind`` (built from the registry the first time)."""
+        got = self.sources.get(kind)
+        if got is None:
+            build = _REGISTRY.get(kind)
+            if build is None:
+                raise ValueError(f"no input source of kind {kind!r}; kinds: {', '.join(_REGISTRY)}")
+            got = self.sources[kind] = build()
+        return got
+
+    def read(self, records: Sequence[Record]) -> list[Any]:
+        """One payload or :class:`Unreadable` per record, in order."""
+        out: list[Any] = [None] * len(records)
+        by_kind: dict[str, list[int]] = {}
+        for j, r in enumerate(records):
+            if r.error is not None:
+                out[j] = Unreadable("read", r.error)
+            else:
+                by_kind.setdefault(getattr(r, "kind", "file"), []).append(j)
+        for kind, at in by_kind.items():
+            try:
+                got = self.source(kind).read([records[j] for j in at])
+            except Exception as e:  # noqa: BLE001 - one unreadable block must not stop the run
+                got = [Unreadable("read", f"cannot read ({type(e).__name__}: {e})")] * len(at)
+            for j, payload in zip(at, got):
+                out[j] = Unreadable("read", "no image in this row (null)") if payload is None else payload
+        return out
 
 
 @dataclass
@@ -101,11 +173,18 @@ class InputListing:
 
     description: dict[str, Any]
     records: list[Record]
-    reader: PayloadReader = field(default_factory=PayloadReader)
+    reader: PayloadReader = field(default_factory=RecordReader)
     duplicates: int = 0
     ignored: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     classnames: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.reader) is PayloadReader:
+            self.reader = RecordReader()
+        elif not isinstance(self.reader, RecordReader):  # one source given: the reader of its kind
+            kind = getattr(self.reader, "kind", "") or "file"
+            self.reader = RecordReader({kind: self.reader})
 
     def fingerprint(self) -> str:
         """A hash of every id in order: two listings with the same fingerprint shard identically."""

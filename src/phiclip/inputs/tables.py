@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from phiclip.inputs.files import checked_payload
 from phiclip.inputs.records import (
     CAPTION_COLUMNS,
     IMAGE_COLUMNS,
@@ -23,14 +24,15 @@ from phiclip.inputs.records import (
     TEXT_COLUMNS,
     InputError,
     InputListing,
-    PayloadReader,
     Record,
+    Source,
     guess_column,
     merge_repeats,
     path_record,
     record_id,
     resolve_against,
 )
+from phiclip.inputs.urls import remote_record
 from phiclip.schema import path_to_source
 
 #: The largest block pyarrow's CSV reader accepts (an int32): no cell can be longer.
@@ -155,9 +157,12 @@ def unpack_image_struct(value: Any, base_dir: str | None) -> Any:
     return resolve_against(base_dir, str(path)) if base_dir else str(path)
 
 
-class ParquetBytesReader(PayloadReader):
-    """Reads a bytes or ``{bytes, path}`` column of a Parquet file row group by row group, keeping the
-    last row group read (workers get neighbouring chunks, so most reads hit it)."""
+class ParquetBytesReader(Source):
+    """The source of kind ``table`` (image bytes in a table): reads a bytes or ``{bytes, path}`` column of
+    a Parquet file row group by row group, keeping the last row group read (workers get neighbouring
+    chunks, so most reads hit it). A path found in a struct is read as a file afterwards."""
+
+    kind = "table"
 
     def __init__(self, path: str, column: str, base_dir: str) -> None:
         self.path = path
@@ -192,7 +197,7 @@ class ParquetBytesReader(PayloadReader):
             row = int(r.locator)
             group = bisect.bisect_right(self._offsets, row) - 1
             value = self._group_values(group)[row - self._offsets[group]].as_py()
-            out.append(unpack_image_struct(value, self.base_dir))
+            out.append(checked_payload(unpack_image_struct(value, self.base_dir)))
         return out
 
 
@@ -280,16 +285,21 @@ def list_table(
                 ignored += 1
                 continue
             text = str(v).strip()
+            remote = remote_record(text, **annotations(i))  # a URL or data: URI (kind url / data)
+            if remote is not None:
+                records.append(remote)
+                continue
             if "://" in text:
                 records.append(Record(id=record_id(text), source=text, locator=text, error=(
-                    "a URL, not a file; download the images and list local paths"), **annotations(i)))
+                    "a URL of a scheme phiclip does not fetch (http, https and data: are read)"), **annotations(i)))
                 continue
             records.append(path_record(resolve_against(p.parent, text), **annotations(i)))
         if keep_repeats and caption_col is None:
             return InputListing(desc, records, ignored=ignored)
         records, dup = merge_repeats(records, at)
         return InputListing(desc, records, duplicates=dup, ignored=ignored)
-    records = [Record(id=record_id(f"{at}#row={i}"), source=f"{at}#row={i}", locator=i, **annotations(i)) for i in order]
+    records = [Record(id=record_id(f"{at}#row={i}"), source=f"{at}#row={i}", locator=i, kind="table", **annotations(i))
+               for i in order]
     return InputListing(desc, records, reader=ParquetBytesReader(str(p), col, str(p.parent)))
 
 

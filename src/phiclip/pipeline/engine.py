@@ -41,6 +41,18 @@ class EngineJob:
     precision: str
     timings: dict[str, float]
     bar: Any
+    #: Stop the run (:class:`TooManyFailures`) when this run's failures pass this (``None``: never); see
+    #: :meth:`phiclip.pipeline.runner.EmbedOptions.failure_limit`.
+    max_failures: Any = None
+
+
+class TooManyFailures(RuntimeError):
+    """The run stopped early: more inputs failed than ``max_failures`` allows. ``reasons`` holds ``((stage,
+    reason), count)`` of this run's failures, most frequent first."""
+
+    def __init__(self, message: str, reasons: list[tuple[tuple[str, str], int]]) -> None:
+        super().__init__(message)
+        self.reasons = reasons
 
 
 class Engine(Protocol):
@@ -100,4 +112,4 @@ class RayOptions:
     num_actors: int | None = None
 
 
-__all__ = ["Engine", "EngineJob", "LocalOptions", "RayOptions", "default_num_workers"]
+__all__ = ["Engine", "EngineJob", "TooManyFailures", "LocalOptions", "RayOptions", "default_num_workers"]

@@ -18,6 +18,7 @@ from phiclip.manifest import differences, recorded_description, resolve_older_sp
 from phiclip.pipeline.engine import Engine, EngineJob
 from phiclip.pipeline.output import OutputDir
 from phiclip.pipeline.plan import RunPlan, first_plan, resume_plan, update_plan
+from phiclip.pipeline.retry import RetrySink, failed_ids, roll_forward
 from phiclip.pipeline.sources import InputError, InputListing, record_id
 from phiclip.pipeline.writer import OutputError, ShardSink
 from phiclip.version import __version__
@@ -40,7 +41,7 @@ class EmbedResult:
     run (``prune``)."""
 
     output: Path
-    status: str  # "completed" | "already_complete"
+    status: str  # "completed" | "already_complete" | "retried"
     inputs: int
     embedded: int
     failed: int
@@ -53,6 +54,8 @@ class EmbedResult:
     disappeared: int = 0
     pruned: int = 0
     disappeared_sources: list[str] = field(default_factory=list)
+    #: ``(stage, reason, count)`` of the failed inputs in the output, most frequent first (the top 10).
+    failure_reasons: list[tuple[str, str, int]] = field(default_factory=list)
 
     @property
     def items_per_second(self) -> float:
@@ -118,6 +121,9 @@ def run_locked(model: Any, listing: InputListing, out: OutputDir, opts: EmbedOpt
     t0 = time.perf_counter()
     kind = identity["kind"]
     existing = out.existing()
+    roll_forward(out.root)  # a retry (--retry-failed) killed after its journal was ready
+    if opts.retry_failed:
+        return _retry_locked(model, listing, out, opts, identity, engine, timings, existing)
     plan = _plan(out, existing, listing, identity, opts)
     done = out.done_shards()
     pending = [(s, list(pos)) for s, pos in plan.units if s not in done]
@@ -150,11 +156,11 @@ def run_locked(model: Any, listing: InputListing, out: OutputDir, opts: EmbedOpt
     if existing is None or plan.new_generation:
         out.write_manifest(manifest)  # first, so that a rerun can always compare (and find the generation)
 
-    writer = out.writer(int(manifest["dim"]))
+    writer = out.writer(int(manifest["dim"]), annotations=bool(manifest.get("annotations")))
     writer.prepare([s for s, _ in pending], abandoned=plan.abandoned)
     writer.write_skipped(_skipped_rows(listing))
     sink = ShardSink(writer, plan.records, pending, with_tokens=opts.tokens, flush_seconds=opts.flush_seconds,
-                     timings=timings)
+                     timings=timings, classnames=listing.classnames)
     skipped += sink.flushed
     processed = 0
     if pending:
@@ -164,7 +170,8 @@ def run_locked(model: Any, listing: InputListing, out: OutputDir, opts: EmbedOpt
         try:
             job = EngineJob(kind=kind, records=plan.records, reader=listing.reader, units=sink.remaining(),
                             encoder=encoder, batch_size=opts.batch_size, max_pixels=opts.max_pixels, tokens=opts.tokens,
-                            precision=identity["settings"]["precision"], timings=timings, bar=bar)
+                            precision=identity["settings"]["precision"], timings=timings, bar=bar,
+                            max_failures=opts.failure_limit())
             processed = engine.run(job, sink)
         finally:
             bar.close()
@@ -183,7 +190,68 @@ def run_locked(model: Any, listing: InputListing, out: OutputDir, opts: EmbedOpt
     manifest["timings"] = {k: round(v, 4) for k, v in timings.items()}
     out.write_manifest(manifest)
     status = "completed" if processed or pruned or not was_complete else "already_complete"
-    return result(status, counts, processed, pruned)
+    res = result(status, counts, processed, pruned)
+    res.failure_reasons = writer.failure_reasons(plan.shards) if counts["failed"] else []
+    return res
+
+
+def _retry_locked(model: Any, listing: InputListing, out: OutputDir, opts: EmbedOptions, identity: dict[str, Any],
+                  engine: Engine, timings: dict[str, float], existing: dict[str, Any] | None) -> EmbedResult:
+    """``retry_failed``: embed again the failed inputs of this output's own run (see :mod:`.retry`)."""
+    if existing is None:
+        raise OutputError(f"{out.root}: no output to retry the failed inputs of; run phiclip embed without "
+                          "--retry-failed first")
+    old = {k: existing.get(k) for k in identity}
+    old["settings"] = _same_model_spelling(dict(old.get("settings") or {}), identity["settings"], out)
+    out.refuse_if_different(_WHAT, _without(old, inputs=False), _without(identity, inputs=False),
+                            hint=" --retry-failed reruns the failed inputs of the same run: give the same model, "
+                                 "settings and input.")
+    if not existing.get("complete"):
+        raise OutputError(f"{out.root}: the run is not finished; rerun the same command without --retry-failed to "
+                          "finish it first, then retry its failed inputs")
+    if opts.tokens:
+        raise OutputError("--retry-failed does not rewrite token sequences (--tokens); embed into a new --output")
+    t0 = time.perf_counter()
+    done = sorted(out.done_shards())
+    writer = out.writer(int(existing["dim"]), annotations=bool(existing.get("annotations")))
+    by_id = {r.id: r for r in listing.records}
+    failed = failed_ids(writer, done)
+    records: list[Any] = []
+    units: list[tuple[int, list[int]]] = []
+    for shard, ids in failed.items():
+        mine = [by_id[i] for i in ids if i in by_id]  # a failed input no longer listed stays as it is
+        if mine:
+            units.append((shard, list(range(len(records), len(records) + len(mine)))))
+            records += mine
+    processed = 0
+    if units:
+        encoder = engine.load(model, opts.max_pixels)
+        out.check_encoder(existing, recorded_description({**encoder.describe(), "spec": encoder.describe().get(
+            "spec", encoder.name)}))
+        timings["setup"] = timings.get("setup", 0.0) + time.perf_counter() - t0
+        order = {r.id: i for i, r in enumerate(listing.records)}
+        sink = RetrySink(writer, records, units, with_tokens=False, flush_seconds=None, timings=timings,
+                         classnames=listing.classnames, order=order)
+        bar = _progress(len(records), 0, "img", opts.progress)
+        t_loop = time.perf_counter()
+        try:
+            job = EngineJob(kind=identity["kind"], records=records, reader=listing.reader, units=sink.remaining(),
+                            encoder=encoder, batch_size=opts.batch_size, max_pixels=opts.max_pixels, tokens=False,
+                            precision=identity["settings"]["precision"], timings=timings, bar=bar,
+                            max_failures=opts.failure_limit(len(records)))
+            processed = engine.run(job, sink)
+        finally:
+            bar.close()
+        timings["loop"] = timings.get("loop", 0.0) + time.perf_counter() - t_loop
+    counts = out.counts(done)
+    manifest = {**existing, "counts": {**(existing.get("counts") or {}), **counts},
+                "timings": {k: round(v, 4) for k, v in timings.items()}}
+    out.write_manifest(manifest)
+    return EmbedResult(output=out.root, status="retried" if processed else "already_complete",
+                       inputs=len(listing.records), embedded=counts["embedded"], failed=counts["failed"],
+                       skipped=len(listing.records) - processed, duplicates=listing.duplicates, ignored=listing.ignored,
+                       processed=processed, timings=timings,
+                       failure_reasons=writer.failure_reasons(done) if counts["failed"] else [])
 
 
 def _manifest(version: str, identity: dict[str, Any], listing: InputListing, plan: RunPlan,
@@ -209,6 +277,8 @@ def _manifest(version: str, identity: dict[str, Any], listing: InputListing, pla
         "input": identity["input"],
         "settings": {**identity["settings"], "num_shards": num_shards},
         "generations": plan.generations,
+        # An output made before the annotation columns keeps its layout (every shard has one schema).
+        "annotations": identity["kind"] == "image" if existing is None else bool(existing.get("annotations")),
         "counts": {"inputs": len(listing.records), "duplicates": listing.duplicates, "ignored": listing.ignored,
                    "embedded": 0, "failed": 0},
         "complete": False,

@@ -24,7 +24,7 @@ from typing import Any
 from phiclip.encoders import Encoder, EncoderSpec, load_encoder
 from phiclip.encoders.base import default_prep_threads
 from phiclip.encoders.device import resolve_device_dtype
-from phiclip.pipeline.engine import EngineJob, LocalOptions
+from phiclip.pipeline.engine import EngineJob, LocalOptions, TooManyFailures
 from phiclip.pipeline.step import Chunk, ModelStep, Piece, Preparer, StepResult, TextStep
 from phiclip.pipeline.writer import ShardSink
 
@@ -54,6 +54,13 @@ def drive(results: Iterator[tuple[int, StepResult]], job: EngineJob, sink: Shard
             processed += n
             job.bar.update(n)
             job.bar.set_postfix(failed=sink.failed, refresh=False)
+            limit = getattr(job, "max_failures", None)
+            if limit is not None and limit.exceeded(sink.failed, processed):
+                top = sorted(sink.reasons.items(), key=lambda kv: -kv[1])
+                shown = "; ".join(f"{n} x {stage}: {reason}" for (stage, reason), n in top[:3])
+                raise TooManyFailures(f"stopped early: {sink.failed} of the {processed} inputs done by this run failed, "
+                                      f"more than --max-failures {limit.text} allows (top reasons: {shown}); what was "
+                                      "written is kept: fix the input and rerun the same command to resume", top)
     except BaseException:
         if sink.flush_seconds is not None:
             with contextlib.suppress(Exception):

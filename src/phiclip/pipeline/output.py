@@ -200,9 +200,9 @@ class OutputDir:
         manifests.check_encoder(existing, describe, where=self.root, purpose="add", error=OutputError)
 
     # --- progress -----------------------------------------------------------------------------
-    def writer(self, dim: int) -> ShardWriter:
-        """The shard writer of this folder for vectors of width ``dim``."""
-        return ShardWriter(self.root, kind=self.kind, dim=dim, dtype=self.dtype)
+    def writer(self, dim: int, annotations: bool = False) -> ShardWriter:
+        """The shard writer of this folder for vectors of width ``dim`` (with the annotation columns)."""
+        return ShardWriter(self.root, kind=self.kind, dim=dim, dtype=self.dtype, annotations=annotations)
 
     def done_shards(self) -> set[int]:
         """Shards whose embeddings file exists (committed)."""

@@ -38,7 +38,7 @@ from phiclip.pipeline.engine import Engine, LocalOptions, RayOptions, default_nu
 from phiclip.pipeline.job import EmbedResult, run_locked
 from phiclip.pipeline.output import LOCK_FILE, OutputDir
 from phiclip.pipeline.output import output_lock as _output_lock
-from phiclip.pipeline.sources import InputError, InputListing, list_inputs, list_texts
+from phiclip.pipeline.sources import InputError, InputListing, InputOptions, list_inputs, list_texts
 from phiclip.schema import VECTOR_DTYPES
 
 
@@ -65,6 +65,45 @@ ENGINES: dict[str, Callable[[EmbedOptions], Engine]] = {"local": _local_engine, 
 def engine_for(opts: EmbedOptions) -> Engine:
     """The engine ``opts.engine`` names (:data:`ENGINES`), built from ``opts``."""
     return ENGINES[opts.validate().engine](opts)
+
+
+@dataclass(frozen=True)
+class FailureLimit:
+    """``--max-failures``: a count (``count``) or a share of the inputs done so far (``share``, 0-1)."""
+
+    text: str
+    count: int | None = None
+    share: float | None = None
+    #: Inputs that must be done before a share is judged.
+    min_done: int = 100
+
+    @classmethod
+    def parse(cls, value: int | str, total: int | None = None) -> FailureLimit:
+        """``5`` / ``"5"`` -> at most 5 failures; ``"2.5%"`` -> at most 2.5 % of the inputs done.
+
+        Raises:
+            ValueError: not a count or a percentage.
+        """
+        text = str(value).strip()
+        try:
+            if text.endswith("%"):
+                share = float(text[:-1]) / 100
+                if not 0 <= share <= 1:
+                    raise ValueError
+                return cls(text, share=share, min_done=min(100, total) if total else 100)
+            count = int(text)
+            if count < 0:
+                raise ValueError
+            return cls(text, count=count)
+        except ValueError:
+            raise ValueError(f"max_failures {value!r} is not a count (10) or a percentage (5%)") from None
+
+    def exceeded(self, failed: int, done: int) -> bool:
+        """Whether ``failed`` of ``done`` inputs pass the limit."""
+        if self.count is not None:
+            return failed > self.count
+        assert self.share is not None
+        return done >= self.min_done and failed > self.share * done
 
 
 @dataclass(kw_only=True)
@@ -110,6 +149,17 @@ class EmbedOptions:
     gpus_per_actor: float | None = None
     #: Ray: encoding actors; ``None``: one per GPU (``GPUs / gpus_per_actor``), or one on a CPU-only cluster.
     num_actors: int | None = None
+    #: Embed again only the failed inputs of the output (same model, settings and input), replacing their rows.
+    retry_failed: bool = False
+    #: Stop early (non-zero) when failures pass ``N`` (a count) or ``"P%"`` (of the inputs done by this run,
+    #: judged once at least 100 of them, or all, are done); ``None``: never.
+    max_failures: int | str | None = None
+    #: How URLs are fetched (:class:`phiclip.fetch.FetchOptions`; ``None``: its defaults: 64 in flight...).
+    fetch: Any = None
+
+    def failure_limit(self, total: int | None = None) -> FailureLimit | None:
+        """``max_failures`` parsed (``None``: no limit)."""
+        return None if self.max_failures is None else FailureLimit.parse(self.max_failures, total)
 
     def validate(self) -> EmbedOptions:
         """Check ranges and choices; returns self. Raises ``ValueError`` naming the bad setting."""
@@ -134,6 +184,11 @@ class EmbedOptions:
             raise ValueError(f"gpus_per_actor must be 0 or more, got {self.gpus_per_actor}")
         if self.num_actors is not None and self.num_actors < 1:
             raise ValueError(f"num_actors must be at least 1, got {self.num_actors}")
+        self.failure_limit()  # validates
+        if self.retry_failed and self.update:
+            raise ValueError("retry_failed reruns the failed inputs of a finished run; run --update on its own first")
+        if self.fetch is not None:
+            self.fetch.validate()
         return self
 
     def workers(self, device: str) -> int:
@@ -188,12 +243,14 @@ def embed(model: Any, input: str | os.PathLike, output: str | os.PathLike, optio
     Args:
         model: an encoder spec (``clip:openai/clip-vit-base-patch32``, ``phi3v:DIR?num_crops=4``...)
             or a loaded :class:`phiclip.encoders.Encoder`.
-        input: a folder, a glob, a text file of paths, a Parquet/CSV table, or ``hf:DATASET``.
+        input: a folder, a glob, a text file of paths or URLs, a Parquet/CSV table (paths, URLs or
+            bytes), WebDataset shards (``shards/{000..099}.tar``, shard URLs), or ``hf:DATASET``.
         output: the output folder; rerunning the same call resumes an interrupted run.
         options: an :class:`EmbedOptions`; ``settings`` override its fields by name
             (``batch_size``, ``num_workers``, ``shard_size``, ``dtype``, ``device``, ``precision``,
             ``max_pixels``, ``tokens``, ``column``, ``split``, ``progress``, ``update``, ``prune``,
-            ``flush_seconds``, ``engine``, ``ray_address``, ``gpus_per_actor``, ``num_actors``).
+            ``flush_seconds``, ``engine``, ``ray_address``, ``gpus_per_actor``, ``num_actors``,
+            ``retry_failed``, ``max_failures``, ``fetch``).
 
     Returns:
         :class:`EmbedResult` with the output folder and the counts.
@@ -205,7 +262,7 @@ def embed(model: Any, input: str | os.PathLike, output: str | os.PathLike, optio
     """
     opts = make_options(options, **settings)
     t0 = time.perf_counter()
-    listing = list_inputs(input, column=opts.column, split=opts.split)
+    listing = list_inputs(input, column=opts.column, split=opts.split, options=InputOptions(fetch=opts.fetch))
     if not listing.records:
         shown = ", ".join(os.path.basename(schema.path_to_source(p)) for p, _ in listing.skipped[:3])
         raise InputError(
@@ -229,5 +286,5 @@ def embed_text(model: Any, input: str | os.PathLike, output: str | os.PathLike, 
     return _run(model, listing, output, opts, "text", list_seconds=time.perf_counter() - t0)
 
 
-__all__ = ["ENGINES", "LOCK_FILE", "EmbedOptions", "EmbedResult", "default_num_workers", "embed", "embed_text",
+__all__ = ["ENGINES", "LOCK_FILE", "EmbedOptions", "FailureLimit", "EmbedResult", "default_num_workers", "embed", "embed_text",
            "engine_for", "make_options"]

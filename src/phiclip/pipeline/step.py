@@ -3,7 +3,10 @@
 Every engine, and :func:`embed_payloads` for in-memory use, runs its inputs through the same two
 halves, so that an engine can run them in different places:
 
-1. **prepare** (CPU, :class:`Preparer`): read the payloads (``reader.read``), decode them
+1. **prepare** (CPU, :class:`Preparer`): read the payloads (``reader.read``: each record's
+   :class:`~phiclip.inputs.records.Source`, by its kind, gives a path or bytes, or an
+   :class:`~phiclip.inputs.records.Unreadable` with its stage and reason; see :mod:`phiclip.inputs.sources`;
+   a network source is read a few chunks ahead on a thread, so fetching overlaps encoding), decode them
    (:func:`phiclip.images.try_load_image`, refusing images over ``max_pixels``), ``encoder.preprocess``
    each (on a thread pool when given one: PIL releases the GIL), then pack consecutive good items into
    batches whose summed ``encoder.item_cost`` stays within the budget (:class:`CostPacker`) and
@@ -26,19 +29,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from phiclip import schema
 from phiclip.encoders.base import Encoder, default_prep_threads
 from phiclip.images import ImageDecodeError, ImageInput, describe_source, try_load_image
-from phiclip.pipeline.sources import PayloadReader, Record
+from phiclip.inputs.records import PayloadReader, Record, RecordReader, Unreadable
 
 #: ``(position, stage, reason)``: an input that failed, by its position in the step's records.
 Error = tuple[int, str, str]
@@ -181,26 +183,6 @@ class CostPacker:
         return group
 
 
-def _read_error(payload: Any) -> str | None:
-    """Why a path cannot be read, checked before opening it (a FIFO would block forever), or None."""
-    if not isinstance(payload, str):
-        return None
-    try:
-        st = os.stat(payload)
-    except FileNotFoundError:
-        if os.path.islink(payload):
-            target = schema.path_to_source(os.readlink(payload))
-            return f"a broken symbolic link (its target {target} does not exist); fix or remove the link"
-        return "no such file; check the path"
-    except PermissionError as e:
-        return f"cannot read ({e.strerror}); check its permissions"
-    except OSError as e:
-        return f"cannot read ({e.strerror or e})"
-    if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
-        return None  # load_image names the problems of these (a folder, an empty or unreadable file)
-    return "not a regular file (a FIFO, socket or device); remove it from the input"
-
-
 class Preparer:
     """The CPU half: records -> :class:`Piece` objects. Picklable with its encoder (worker processes
     and Ray tasks call only the encoder's CPU side: ``preprocess``, ``collate``, ``item_cost``)."""
@@ -224,12 +206,12 @@ class Preparer:
     def _prepare(self, rec: Record, payload: Any) -> tuple[Any, tuple[int, int], int] | tuple[str, str]:
         """One record -> (item, (width, height), cost), or (stage, reason). Safe on several threads."""
 
+        if isinstance(payload, Unreadable):  # the record's source said why (see phiclip.inputs.sources)
+            return payload.stage, payload.reason
         if rec.error is not None:
             return "read", rec.error
         if payload is None:
             return "read", "no image in this row (null)"
-        if (why := _read_error(payload)) is not None:
-            return "read", why
         try:
             img, err = try_load_image(payload, max_pixels=self.max_pixels, keep_alpha=self.keep_alpha)
         except Exception as e:  # noqa: BLE001 - decoder plugins raise many kinds
@@ -243,15 +225,26 @@ class Preparer:
             return "preprocess", f"{type(e).__name__}: {e}"
         return item, img.size, cost
 
-    def pieces(self, chunk: Chunk, pool: Executor | None = None) -> Iterator[Piece]:
+    def read(self, chunk: Chunk) -> list[Any] | BaseException:
+        """The payloads of a chunk's records (each a payload or an ``Unreadable``), or the exception the
+        reader raised."""
+        try:
+            return self.reader.read([self.records[p] for p in chunk.positions])
+        except Exception as e:  # noqa: BLE001 - one unreadable block must not stop the run
+            return e
+
+    def pieces(self, chunk: Chunk, pool: Executor | None = None,
+               payloads: list[Any] | BaseException | None = None) -> Iterator[Piece]:
         """Prepare a chunk, yielding a piece each time a batch is full (and one at the end). With a
         thread ``pool`` the chunk's records are all prepared in parallel first (a chunk is about one
-        batch), so that the model, which runs when a piece is yielded, does not compete with them."""
+        batch), so that the model, which runs when a piece is yielded, does not compete with them.
+        ``payloads``: the chunk already read (:meth:`read`, ahead of time)."""
         t0 = time.perf_counter()
         recs = [self.records[p] for p in chunk.positions]
-        try:
-            payloads = self.reader.read(recs)
-        except Exception as e:  # noqa: BLE001 - one unreadable block must not stop the run
+        if payloads is None:
+            payloads = self.read(chunk)
+        if isinstance(payloads, BaseException):
+            e = payloads
             reason = f"cannot read ({type(e).__name__}: {e})"
             yield Piece(shard=chunk.shard, positions=[], sizes=[], batch=None,
                         errors=[(p, "read", reason) for p in chunk.positions], seconds=time.perf_counter() - t0)
@@ -288,15 +281,35 @@ class Preparer:
                      seconds=time.perf_counter() - t0, first_source=first)
 
     def in_process(self, chunks: Sequence[Chunk], threads: int) -> Iterator[Piece]:
-        """The chunks prepared in this process, each on a pool of ``threads`` threads, in order. Closing
-        the iterator stops the threads."""
-        if threads <= 1:
-            for chunk in chunks:
-                yield from self.pieces(chunk)
-            return
-        with ThreadPoolExecutor(threads, thread_name_prefix="phiclip-prep") as pool:
-            for chunk in chunks:
-                yield from self.pieces(chunk, pool)
+        """The chunks prepared in this process, each on a pool of ``threads`` threads, in order. When the
+        reader asks for it (``reader.prefetch``: a network source), the next chunks are read on their own
+        threads while this one is prepared and encoded, at most ``prefetch`` chunks ahead (memory stays
+        bounded however long the input). Closing the iterator stops the threads."""
+        depth = int(getattr(self.reader, "prefetch", 0) or 0)
+        with contextlib.ExitStack() as stack:
+            pool = (stack.enter_context(ThreadPoolExecutor(threads, thread_name_prefix="phiclip-prep"))
+                    if threads > 1 else None)
+            if depth <= 0:
+                for chunk in chunks:
+                    yield from self.pieces(chunk, pool)
+                return
+            readers = ThreadPoolExecutor(depth, thread_name_prefix="phiclip-read")
+            stack.callback(readers.shutdown, wait=False, cancel_futures=True)
+            todo = iter(chunks)
+            ahead: deque[tuple[Chunk, Future[Any]]] = deque()
+
+            def submit() -> None:
+                chunk = next(todo, None)
+                if chunk is not None:
+                    ahead.append((chunk, readers.submit(self.read, chunk)))
+
+            for _ in range(depth + 1):
+                submit()
+            while ahead:
+                chunk, fut = ahead.popleft()
+                payloads = fut.result()
+                submit()
+                yield from self.pieces(chunk, pool, payloads)
 
 
 # --- encode -------------------------------------------------------------------------------------------
@@ -431,8 +444,8 @@ def embed_payloads(encoder: Encoder, payloads: Sequence[Any], *, batch_size: int
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     given = [os.fspath(p) if isinstance(p, os.PathLike) else p for p in payloads]
-    records = [Record(id=str(i), source=describe_source(p), locator=p) for i, p in enumerate(given)]
-    prep = Preparer(records, PayloadReader(), encoder, max_pixels=max_pixels, budget=batch_size)
+    records = [Record(id=str(i), source=describe_source(p), locator=p, kind="memory") for i, p in enumerate(given)]
+    prep = Preparer(records, RecordReader(), encoder, max_pixels=max_pixels, budget=batch_size)
     model = ModelStep(encoder, with_tokens=with_tokens, hint="if it ran out of memory, use a smaller batch size")
     n_threads = min(default_prep_threads() if threads is None else threads, batch_size, max(1, len(records)))
     out = StepResult(dim=int(encoder.dim), tokens=[] if with_tokens else None)

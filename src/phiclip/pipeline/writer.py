@@ -75,9 +75,18 @@ def _vector_type(dtype: str) -> Any:
     return pa.float16() if dtype == "float16" else pa.float32()
 
 
-def embeddings_schema(kind: str, dim: int, dtype: str) -> Any:
-    """Arrow schema of ``embeddings/*.parquet``: images (id, source, width, height, embedding) or
-    texts (id, source, text, embedding); ``embedding`` is ``fixed_size_list<dtype>[dim]``."""
+def annotation_fields() -> list[Any]:
+    """The nullable annotation columns of image shards (:data:`phiclip.schema.ANNOTATION_COLUMNS`)."""
+    import pyarrow as pa
+
+    return [pa.field(schema.COL_LABEL, pa.string()), pa.field(schema.COL_CAPTIONS, pa.list_(pa.string())),
+            pa.field(schema.COL_SPLIT, pa.string()), pa.field(schema.COL_METADATA, pa.string())]
+
+
+def embeddings_schema(kind: str, dim: int, dtype: str, annotations: bool = False) -> Any:
+    """Arrow schema of ``embeddings/*.parquet``: images (id, source, width, height, embedding, and with
+    ``annotations`` label, captions, split, metadata) or texts (id, source, text, embedding); ``embedding``
+    is ``fixed_size_list<dtype>[dim]``."""
     import pyarrow as pa
 
     vec = pa.list_(_vector_type(dtype), dim)
@@ -86,7 +95,22 @@ def embeddings_schema(kind: str, dim: int, dtype: str) -> Any:
     else:
         fields = [(schema.COL_ID, pa.string()), (schema.COL_SOURCE, pa.string()),
                   (schema.COL_WIDTH, pa.int32()), (schema.COL_HEIGHT, pa.int32())]
-    return pa.schema([pa.field(n, t, nullable=False) for n, t in fields] + [pa.field(schema.COL_EMBEDDING, vec, nullable=False)])
+    extra = annotation_fields() if annotations and kind != "text" else []
+    return pa.schema([pa.field(n, t, nullable=False) for n, t in fields] + [pa.field(schema.COL_EMBEDDING, vec, nullable=False)]
+                     + extra)
+
+
+def annotation_row(record: Any, classnames: Sequence[str] | None = None) -> tuple[Any, Any, Any, Any]:
+    """``(label, captions, split, metadata)`` of a record as the annotation columns hold them."""
+    import json
+
+    label = getattr(record, "label", None)
+    if label is not None and classnames is not None and isinstance(label, int) and 0 <= label < len(classnames):
+        label = classnames[label]
+    meta = getattr(record, "metadata", None)
+    captions = list(getattr(record, "captions", ()) or ())
+    return (None if label is None else str(label), captions or None, getattr(record, "split", None),
+            None if meta is None else json.dumps(meta, ensure_ascii=False, default=str, sort_keys=True))
 
 
 def errors_schema() -> Any:
@@ -146,6 +170,8 @@ class ShardResult:
     embeddings: np.ndarray | None = None
     tokens: list[np.ndarray] | None = None
     errors: list[tuple[str, str, str, str]] = field(default_factory=list)
+    #: ``(label, captions, split, metadata)`` per embedded row (:func:`annotation_row`), when the output has them.
+    annotations: list[tuple[Any, Any, Any, Any]] = field(default_factory=list)
 
 
 def merge_results(parts: Sequence[ShardResult], order: dict[str, int], kind: str, dim: int) -> ShardResult:
@@ -163,6 +189,8 @@ def merge_results(parts: Sequence[ShardResult], order: dict[str, int], kind: str
         out.widths = [parts[k].widths[j] for _, k, j in rows]
         out.heights = [parts[k].heights[j] for _, k, j in rows]
     out.embeddings = np.stack([blocks[k][j] for _, k, j in rows]) if rows else np.zeros((0, dim), np.float32)
+    if rows and all(len(p.annotations) == len(p.ids) for p in parts):
+        out.annotations = [parts[k].annotations[j] for _, k, j in rows]
     if any(p.tokens is not None for p in parts):
         out.tokens = [parts[k].tokens[j] for _, k, j in rows]  # type: ignore[index]
     out.errors = sorted((e for p in parts for e in p.errors), key=lambda e: order[e[0]])
@@ -172,9 +200,10 @@ def merge_results(parts: Sequence[ShardResult], order: dict[str, int], kind: str
 class ShardWriter:
     """Writes the shards of one output directory (see the module docstring for the commit order)."""
 
-    def __init__(self, root: str | os.PathLike, *, kind: str, dim: int, dtype: str) -> None:
+    def __init__(self, root: str | os.PathLike, *, kind: str, dim: int, dtype: str, annotations: bool = False) -> None:
         self.root = Path(root)
         self.kind = kind
+        self.annotations = annotations and kind != "text"
         self.dim = int(dim)
         self.dtype = dtype
         _vector_type(dtype)  # validates
@@ -253,9 +282,15 @@ class ShardWriter:
             middle = [_text_array(result.texts)]
         else:
             middle = [pa.array(result.widths, pa.int32()), pa.array(result.heights, pa.int32())]
+        extra = []
+        if self.annotations:
+            rows = result.annotations if len(result.annotations) == n else [(None, None, None, None)] * n
+            labels, captions, splits, metas = (list(c) for c in zip(*rows)) if rows else ([], [], [], [])
+            extra = [_text_array(labels), pa.array(captions, pa.list_(pa.string())), _text_array(splits),
+                     _text_array(metas)]
         table = pa.Table.from_arrays(
-            [_text_array(result.ids), _text_array(result.sources), *middle, _fixed_list(emb, self.dtype)],
-            schema=embeddings_schema(self.kind, self.dim, self.dtype),
+            [_text_array(result.ids), _text_array(result.sources), *middle, _fixed_list(emb, self.dtype), *extra],
+            schema=embeddings_schema(self.kind, self.dim, self.dtype, self.annotations),
         )
         return ttable, etable, table
 
@@ -302,6 +337,8 @@ class ShardWriter:
             else:
                 out.widths += table.column(schema.COL_WIDTH).to_pylist()
                 out.heights += table.column(schema.COL_HEIGHT).to_pylist()
+            if self.annotations and schema.COL_LABEL in table.column_names:
+                out.annotations += list(zip(*(table.column(c).to_pylist() for c in schema.ANNOTATION_COLUMNS)))
             blocks.append(_matrix(table.column(schema.COL_EMBEDDING), self.dim))
             if (d / f"{seq}.tokens.parquet").exists():
                 out.tokens = (out.tokens or []) + _token_arrays(pq.read_table(d / f"{seq}.tokens.parquet"))
@@ -372,6 +409,20 @@ class ShardWriter:
                         out[i] = (s, src)
         return out
 
+    def failure_reasons(self, shards: Sequence[int], top: int = 10) -> list[tuple[str, str, int]]:
+        """``(stage, reason, count)`` of the failed inputs of the given committed shards, most frequent first."""
+        import pyarrow.parquet as pq
+
+        groups: dict[tuple[str, str], int] = {}
+        for s in shards:
+            path = self.path(schema.ERRORS_DIR, s)
+            if path.exists():
+                t = pq.read_table(path, columns=[schema.COL_STAGE, schema.COL_REASON])
+                for key in zip(t.column(0).to_pylist(), t.column(1).to_pylist()):
+                    groups[key] = groups.get(key, 0) + 1
+        ranked = sorted(groups.items(), key=lambda kv: (-kv[1], kv[0]))
+        return [(stage, reason, n) for (stage, reason), n in ranked[:top]]
+
     def counts(self, shards: Sequence[int]) -> dict[str, int]:
         """Rows committed in the given shards: ``{"embedded": ..., "failed": ...}`` (from Parquet footers)."""
         import pyarrow.parquet as pq
@@ -413,8 +464,10 @@ class ShardSink:
 
     def __init__(self, writer: ShardWriter, records: Sequence[Any], units: Sequence[tuple[int, Sequence[int]]], *,
                  with_tokens: bool, flush_seconds: float | None, timings: dict[str, float],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, classnames: Sequence[str] | None = None) -> None:
         self.writer = writer
+        self.classnames = classnames
+        self.reasons: dict[tuple[str, str], int] = {}  # (stage, reason) -> failures seen by this run
         self.records = records
         self.with_tokens = with_tokens
         self.flush_seconds = flush_seconds
@@ -451,6 +504,8 @@ class ShardSink:
             return 0
         todo.difference_update(fresh)
         self.failed += len(result.errors)
+        for _, stage, reason in result.errors:
+            self.reasons[(stage, reason)] = self.reasons.get((stage, reason), 0) + 1
         self.held.setdefault(shard, []).append(result)
         t0 = time.perf_counter()
         if not todo:
@@ -483,6 +538,8 @@ class ShardSink:
                 else:
                     res.widths.append(size[0])
                     res.heights.append(size[1])
+                    if self.writer.annotations:
+                        res.annotations.append(annotation_row(rec, self.classnames))
             blocks.append(r.embeddings)
             if self.with_tokens:
                 res.tokens = (res.tokens or []) + list(r.tokens or [])
@@ -522,5 +579,7 @@ def _sorted(part: ShardResult, order: dict[str, int], kind: str, dim: int) -> Sh
         out.heights = [part.heights[i] for i in idx]
     if part.tokens is not None:
         out.tokens = [part.tokens[i] for i in idx]
+    if len(part.annotations) == len(part.ids):
+        out.annotations = [part.annotations[i] for i in idx]
     out.errors = sorted(part.errors, key=lambda e: order[e[0]])
     return out

@@ -276,7 +276,10 @@ def _read_fields(root: Path) -> Any:
         tables.append(pq.read_table(shard, columns=names))
     if not tables:
         return pa.table({})
-    return pa.concat_tables(tables, promote_options="default")
+    fields = pa.concat_tables(tables, promote_options="default")
+    # Annotation columns every row leaves empty (a folder has no labels) are no fields of this collection.
+    empty = [n for n in fields.column_names if fields.column(n).null_count == fields.num_rows and fields.num_rows]
+    return fields.drop_columns(empty) if empty else fields
 
 
 def _labels_of(fields: Any) -> list[str] | None:

@@ -1,0 +1,196 @@
+"""Inputs benchmark (issue 22): URL input against local files, WebDataset shards against a folder, and the
+memory of a long URL list, end to end through ``phiclip.pipeline.embed`` on the CPU.
+
+- ``url``: N photo-like JPEGs served by a local HTTP server (127.0.0.1) that adds ``--latency`` seconds
+  (default 0.1) to every response, against the same files read from disk; images/s of each and the ratio
+  (target >= 0.8), with a real-size CLIP ViT-B/32 (random weights: ``phiclip.testing.build_tiny_clip`` with
+  the ViT-B/32 sizes of transformers' ``CLIPConfig`` defaults, saved with ``save_pretrained``).
+- ``wds``: the same images as ``--shards`` x ``--per-shard`` WebDataset shards against a folder (target >= 0.9).
+- ``rss``: a ``--rss-lines`` URL list (default 100,000) of small images through a tiny CLIP: resident memory
+  sampled during the run (flat after warm-up: bounded queues).
+
+Each comparison runs in one process, the two contenders alternated. ``--smoke`` runs a small version of
+everything (a shared machine: a sanity check, not a figure). Results are printed as JSON.
+
+    python bench/inputs.py --smoke
+    python bench/inputs.py --which url,wds --images 2000 --shards 100 --per-shard 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tarfile
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from common import environment, photo_like_image
+
+
+class LatencyServer:
+    """Serves the files of a folder at ``/NAME`` (and ``/tiny.jpg?...`` for the RSS run) after ``latency`` s."""
+
+    def __init__(self, root: Path, latency: float) -> None:
+        self.root, self.latency = root, latency
+        buf = io.BytesIO()
+        photo_like_image(64, 48, 0).save(buf, format="JPEG")
+        tiny = buf.getvalue()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                if owner.latency:
+                    time.sleep(owner.latency)
+                name = self.path.split("?")[0].lstrip("/")
+                body = tiny if name == "tiny.jpg" else (owner.root / name).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _images(root: Path, n: int, size: tuple[int, int]) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        p = root / f"{i:06d}.jpg"
+        photo_like_image(size[0], size[1], i).save(p, format="JPEG", quality=90)
+        out.append(p)
+    return out
+
+
+def _rate(encoder: Any, src: Any, out: Path, **kw: Any) -> float:
+    from phiclip.pipeline import embed
+
+    res = embed(encoder, src, out, progress=False, **kw)
+    assert res.failed == 0, res.failure_reasons
+    return res.processed / res.seconds
+
+
+def _b32(work: Path) -> Any:
+    from phiclip.encoders import load_encoder
+    from phiclip.testing import build_tiny_clip
+
+    ckpt = build_tiny_clip(work / "vit-b-32", hidden_size=768, num_layers=12, num_heads=12, patch_size=32,
+                           projection_dim=512)
+    return load_encoder(f"clip:{ckpt}", device="cpu", dtype="float32")
+
+
+def bench_url(work: Path, n: int, latency: float, size: tuple[int, int], encoder: Any) -> dict[str, Any]:
+    files = _images(work / "url-imgs", n, size)
+    server = LatencyServer(work / "url-imgs", latency)
+    try:
+        lst = work / "urls.txt"
+        lst.write_text("\n".join(server.url(p.name) for p in files) + "\n")
+        rates: dict[str, list[float]] = {"local": [], "url": []}
+        for rep in range(2):
+            rates["local"].append(_rate(encoder, work / "url-imgs", work / f"o-local-{rep}"))
+            rates["url"].append(_rate(encoder, lst, work / f"o-url-{rep}"))
+    finally:
+        server.close()
+    best = {k: max(v) for k, v in rates.items()}
+    return {"images": n, "latency_s": latency, "images_per_s": best, "ratio_url_over_local": best["url"] / best["local"]}
+
+
+def bench_wds(work: Path, shards: int, per_shard: int, size: tuple[int, int], encoder: Any) -> dict[str, Any]:
+    files = _images(work / "wds-imgs", shards * per_shard, size)
+    (work / "shards").mkdir(exist_ok=True)
+    for s in range(shards):
+        with tarfile.open(work / "shards" / f"{s:05d}.tar", "w") as tf:
+            for p in files[s * per_shard : (s + 1) * per_shard]:
+                tf.add(p, arcname=p.name)
+    pattern = str(work / "shards" / f"{{00000..{shards - 1:05d}}}.tar")
+    rates: dict[str, list[float]] = {"folder": [], "webdataset": []}
+    for rep in range(2):
+        rates["folder"].append(_rate(encoder, work / "wds-imgs", work / f"w-folder-{rep}"))
+        rates["webdataset"].append(_rate(encoder, pattern, work / f"w-wds-{rep}"))
+    best = {k: max(v) for k, v in rates.items()}
+    return {"shards": shards, "per_shard": per_shard, "images_per_s": best,
+            "ratio_wds_over_folder": best["webdataset"] / best["folder"]}
+
+
+def bench_rss(work: Path, lines: int) -> dict[str, Any]:
+    from phiclip.encoders import load_encoder
+    from phiclip.pipeline import embed
+    from phiclip.testing import build_tiny_clip
+
+    server = LatencyServer(work, 0.0)
+    samples: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        t0 = time.perf_counter()
+        while not stop.wait(0.25):
+            rss = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS"))
+            samples.append((time.perf_counter() - t0, rss / 1024))
+
+    try:
+        lst = work / "many.txt"
+        lst.write_text("".join(server.url(f"tiny.jpg?{i}") + "\n" for i in range(lines)))
+        enc = load_encoder(f"clip:{build_tiny_clip(work / 'tiny')}", device="cpu", dtype="float32")
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        res = embed(enc, lst, work / "o-rss", progress=False, shard_size=4096)
+        stop.set()
+        th.join()
+    finally:
+        server.close()
+    mib = [m for _, m in samples]
+    k = max(1, len(mib) // 5)
+    return {"lines": lines, "embedded": res.embedded, "seconds": round(res.seconds, 1),
+            "rss_mib_after_warmup": round(mib[k] if len(mib) > k else mib[-1], 1), "rss_mib_max": round(max(mib), 1),
+            "rss_mib_end": round(mib[-1], 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--which", default="url,wds,rss")
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--latency", type=float, default=0.1)
+    ap.add_argument("--size", default="640x480", help="image size WxH")
+    ap.add_argument("--shards", type=int, default=100)
+    ap.add_argument("--per-shard", type=int, default=100)
+    ap.add_argument("--rss-lines", type=int, default=100_000)
+    ap.add_argument("--smoke", action="store_true", help="a small version of everything")
+    args = ap.parse_args()
+    if args.smoke:
+        args.images, args.shards, args.per_shard, args.rss_lines = 64, 4, 16, 3000
+    size = tuple(int(v) for v in args.size.split("x"))
+    which = set(args.which.split(","))
+    out: dict[str, Any] = {"environment": environment(), "smoke": args.smoke}
+    with tempfile.TemporaryDirectory(prefix="phiclip-bench-inputs-") as tmp:
+        work = Path(tmp)
+        encoder = _b32(work) if which & {"url", "wds"} else None
+        if "url" in which:
+            out["url"] = bench_url(work, args.images, args.latency, size, encoder)
+        if "wds" in which:
+            out["wds"] = bench_wds(work, args.shards, args.per_shard, size, encoder)
+        if "rss" in which:
+            out["rss"] = bench_rss(work, args.rss_lines)
+    print(json.dumps(out, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
