@@ -100,3 +100,16 @@ def colour_builder(monkeypatch: pytest.MonkeyPatch) -> None:
     from phiclip import encoders
 
     monkeypatch.setitem(encoders.KINDS, "clip", encoders.KINDS["clip"].with_builder(lambda spec, *_: ColourEncoder(str(spec))))
+
+
+#: Tests that compile models with OpenVINO in this process. After them, the process has crashed (SIGSEGV, in
+#: CPython's own dict code: heap corruption) in a later, unrelated test in some orders (found 2026-12-06: the
+#: OpenVINO tests, then tests/encoders/test_clip.py, then tests/models/test_models.py; the crash reproduces at
+#: 538ccca, before the cpu/ package move, which only changed the order). Not understood yet: copying the outputs and
+#: share_inputs=False do not prevent it. Until it is, they run last, so that nothing runs after them.
+RUN_LAST = ("tests/cpu/test_runtimes.py",)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the OpenVINO tests (:data:`RUN_LAST`) after every other test."""
+    items.sort(key=lambda item: item.nodeid.startswith(RUN_LAST))
