@@ -111,8 +111,6 @@ def test_kind_detection_errors(tmp_path: Path, dirs: dict[str, Path]) -> None:
     # The other kinds' model types are refused by name, with the kind that loads them.
     with pytest.raises(CheckpointError, match="use 'dinov2:"):
         load_encoder(f"dinov3:{dirs['dinov2']}", device="cpu", dtype="float32")
-    with pytest.raises(ValueError, match="precision int8 is available for"):
-        load_encoder(f"dinov2:{dirs['dinov2']}", device="cpu", dtype="int8")
 
 
 def test_a_kindless_spec_loads_and_names_its_kind(dirs: dict[str, Path]) -> None:
@@ -365,3 +363,38 @@ def test_code_and_absurd_sizes_in_config_are_refused(dirs: dict[str, Path], tmp_
         (path / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(CheckpointError, match=message):
             load_encoder(f"{name}:{path}", device="cpu", dtype="float32")
+
+
+# --- CPU precisions through phiclip.cpu.accelerate: each within its stated bound of float32 ------------
+
+
+#: (checkpoint, spec options): every family and layout; AIMv2's image-only layout with and without its head.
+PRECISION_CASES = ["siglip2", "siglip2-fixed", "metaclip2", "aimv2", "aimv2-vision", "aimv2-nohead", "dinov2",
+                   "dinov2-reg", "dinov3"]
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+@pytest.mark.parametrize("name", PRECISION_CASES)
+def test_each_precision_stays_within_its_bound(dirs: dict[str, Path], name: str, precision: str) -> None:
+    from phiclip.cpu.precision import ERROR_BOUNDS
+
+    kind = "siglip2" if name.startswith("siglip2") else kind_for_location(dirs[name])
+    spec = f"{kind}:{dirs[name]}" + ("?pool=cls+mean" if kind.startswith("dino") else "")
+    ref_enc = load_encoder(spec, device="cpu", dtype="float32")
+    enc = load_encoder(spec, device="cpu", dtype=precision)
+    images = _three_aspect_ratios() + [_image(40, 40, s) for s in range(4, 9)]
+    ERROR_BOUNDS[precision].check(encode_images(ref_enc, images), encode_images(enc, images))
+    record = enc.describe()["precision"]
+    assert record["dtype"] == precision and "in place" in record["image_weights"]
+    assert record["cpu_kernels"] == "torch"
+    if precision == "int8":
+        assert record["int8"]["quantized_products"] > 0
+    # The float32 encoder is the model as loaded; the parameter count is the loaded one at every precision.
+    assert "image_weights" not in ref_enc.describe()["precision"]
+    assert enc.describe()["parameters"] == ref_enc.describe()["parameters"]
+    if "text" in enc.modalities:  # the text side keeps float32 weights (16-bit: under autocast; int8: eager float32)
+        ref_text, text = ref_enc.encode_texts(TEXTS), enc.encode_texts(TEXTS)
+        if precision == "int8":
+            np.testing.assert_allclose(text, ref_text, atol=ATOL)
+        else:
+            ERROR_BOUNDS[precision].check(ref_text, text)
