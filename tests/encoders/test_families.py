@@ -398,3 +398,35 @@ def test_each_precision_stays_within_its_bound(dirs: dict[str, Path], name: str,
             np.testing.assert_allclose(text, ref_text, atol=ATOL)
         else:
             ERROR_BOUNDS[precision].check(ref_text, text)
+
+
+# --- compiled runtimes (OpenVINO / ONNX Runtime) for the fixed-shape image paths ---------------------
+
+
+@pytest.mark.parametrize(("name", "runtime", "precision"), [
+    ("siglip2-fixed", "openvino", "float32"), ("metaclip2", "onnxruntime", "int8"), ("aimv2", "openvino", "float32"),
+    ("aimv2-vision", "onnxruntime", "float32"), ("dinov2-reg", "onnxruntime", "int8"), ("dinov3", "openvino", "float32")])
+def test_a_compiled_runtime_stays_within_its_bound(dirs: dict[str, Path], name: str, runtime: str, precision: str,
+                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from phiclip.cpu.precision import ERROR_BOUNDS
+    from phiclip.cpu.runtimes import missing_packages
+
+    if missing_packages(runtime, precision):
+        pytest.skip(f"{runtime} is not installed")
+    monkeypatch.setenv("PHICLIP_CACHE", str(tmp_path / "cache"))
+    kind = "siglip2" if name.startswith("siglip2") else kind_for_location(dirs[name])
+    pool = "&pool=cls+mean" if kind.startswith("dino") else ""
+    images = _three_aspect_ratios() + [_image(40, 40, s) for s in range(4, 7)]
+    ref = encode_images(load_encoder(f"{kind}:{dirs[name]}?{pool[1:]}" if pool else f"{kind}:{dirs[name]}",
+                                     device="cpu", dtype="float32"), images)
+    enc = load_encoder(f"{kind}:{dirs[name]}?runtime={runtime}{pool}", device="cpu", dtype=precision)
+    ERROR_BOUNDS[precision].check(ref, encode_images(enc, images))
+    assert enc.describe()["precision"]["runtime"]["runtime"] == runtime and enc.image_path is not None
+    if kind.startswith("dino"):  # the pooling option names its own conversion: cls alone is not read back as cls+mean
+        cls_only = load_encoder(f"{kind}:{dirs[name]}?runtime={runtime}", device="cpu", dtype=precision)
+        assert encode_images(cls_only, images).shape[1] * 2 == ref.shape[1]
+
+
+def test_naflex_refuses_a_compiled_runtime(dirs: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="NaFlex checkpoint's number of patches varies"):
+        load_encoder(f"siglip2:{dirs['siglip2']}?runtime=openvino", device="cpu", dtype="float32")

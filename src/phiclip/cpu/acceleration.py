@@ -80,6 +80,7 @@ def accelerate(
     keep_alpha: bool = False,
     name: str = "",
     tower: Sequence[nn.Module] | None = None,
+    compile_module: Callable[[], nn.Module] | None = None,
 ) -> AcceleratedPath:
     """Decide and build what runs ``model``'s image side (see the module's docstring for the order).
 
@@ -104,6 +105,9 @@ def accelerate(
         tower: the modules that are the image side and nothing else (never a text tower), for an
             encoder without phiclip's image module: int8 and 16-bit change them in place (recorded
             as ``image_weights``).
+        compile_module: builds the float32 module a compiled runtime converts (``pixel_values (n, 3,
+            S, S) -> (n, d)``); None: transformers' ``get_image_features`` of ``model``. ``fingerprint``
+            must then also name whatever else changes its output (a pooling option).
 
     Raises:
         ValueError: an impossible runtime ask (:func:`~phiclip.cpu.runtimes.choose_runtime`), calibration
@@ -119,7 +123,7 @@ def accelerate(
     features = None
     if choice is not None and choice.runtime != "torch":
         compiled = _compile(model, choice.runtime, precision, calibration, calibration_images, fingerprint, image_size,
-                            preprocess, preprocess_key, keep_alpha)
+                            preprocess, preprocess_key, keep_alpha, compile_module)
         if precision == "int8":
             record["reason"] = f"int8 asked for: {compiled.scheme()}"
     else:
@@ -193,7 +197,8 @@ def _sixteen_bit(model: nn.Module, features: nn.Module | None, precision: str, r
 
 def _compile(model: nn.Module, runtime: str, precision: str, calibration: str | None, calibration_images: int,
              fingerprint: str | None, image_size: int | None, preprocess: Callable[[Any], Any] | None,
-             preprocess_key: str, keep_alpha: bool) -> CompiledImagePath:
+             preprocess_key: str, keep_alpha: bool,
+             compile_module: Callable[[], nn.Module] | None = None) -> CompiledImagePath:
     """The image side compiled by ``runtime`` from the model's float32 weights (static int8:
     calibrated on ``calibration_images`` images of ``calibration``)."""
     from phiclip.cpu import runtimes  # lazy: imports torch
@@ -203,7 +208,8 @@ def _compile(model: nn.Module, runtime: str, precision: str, calibration: str | 
     cal = None
     if (runtime, precision) in runtimes.NEEDS_CALIBRATION:
         cal = calibration_set(str(calibration), calibration_images, salt=preprocess_key)
-    return runtimes.compile_image_path(runtimes.ImageSide(model), runtime=runtime, precision=precision,
+    module = compile_module() if compile_module is not None else runtimes.ImageSide(model)
+    return runtimes.compile_image_path(module, runtime=runtime, precision=precision,
                                        fingerprint=fingerprint, image_size=int(image_size), calibration=cal,
                                        preprocess=preprocess, keep_alpha=keep_alpha)
 

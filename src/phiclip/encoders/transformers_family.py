@@ -82,9 +82,17 @@ class FamilyEncoder(Encoder):
         self._parameter_counts = (count_parameters(*self._image_modules()), count_parameters(self.model))
         # The CPU speed of the image side, the one way (phiclip.cpu.accelerate): the image tower's own
         # modules in place (int8 products, or 16-bit weights); the text tower is never among them.
+        # A fixed-shape image path may instead be compiled (runtime=: OpenVINO / ONNX Runtime) from the
+        # float32 weights; the cache entry is named by the weights and the options that change the vector.
+        size = self._fixed_image_size()
+        key = None if weights_fingerprint is None else f"{weights_fingerprint}|{self.kind}|{self._output_key()}"
         path = accelerate(model, precision=placement.precision, record=placement.record(),
-                          device_type=self.device.type, tower=self._image_modules(), name=str(spec))
+                          device_type=self.device.type, tower=self._image_modules(), name=str(spec),
+                          runtime=getattr(options, "runtime", "torch"), fingerprint=key, image_size=size,
+                          compile_module=self.image_module, preprocess=self.preprocess, keep_alpha=self.keeps_alpha)
         self.precision = path.record
+        if path.compiled is not None:
+            self.image_path = path.compiled
         #: The autocast dtype of the image and of the text side (None: none).
         self._image_autocast, self._text_autocast = self._autocast_dtypes(placement.precision)
 
@@ -223,13 +231,27 @@ class FamilyEncoder(Encoder):
                 super().__init__()
                 self.model = encoder.model
 
-            def forward(self, batch: Any) -> torch.Tensor:
-                return encoder._image_features(batch)
+            def forward(self, pixel_values: Any) -> torch.Tensor:  # the name a compiled runtime's export uses
+                return encoder._image_features(pixel_values)
 
         return ImagePath()
 
     def _text_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return _pooled(self.model.get_text_features(**inputs))
+
+    def _fixed_image_size(self) -> int | None:
+        """The side of the square pixels the image path takes (a compiled runtime's input), or None
+        where the shape varies (SigLIP 2 NaFlex)."""
+        pixels = self.preprocessor(Image.new("RGB", (32, 32)))
+        shape = tuple(getattr(pixels, "shape", ()))
+        return int(shape[-1]) if len(shape) == 3 and shape[-1] == shape[-2] else None
+
+    def _output_key(self) -> str:
+        """What besides the weights changes the image vector (names a compiled runtime's cache entry)."""
+        import json
+
+        return json.dumps({"details": self._details(), "preprocessing": self.preprocessor.describe()},
+                          sort_keys=True, default=str)
 
     def _autocast_dtypes(self, precision: str) -> tuple[Any, Any]:
         """(image, text) autocast dtypes: none for float32; the precision for 16-bit; for int8 the
