@@ -194,7 +194,7 @@ def test_every_kind_is_registered_once_with_its_module() -> None:
 
     from phiclip.encoders import INT8_KINDS
 
-    assert tuple(KINDS) == SPEC_KINDS and INT8_KINDS == ("clip", "siglip", "phi3v", "open_clip")
+    assert tuple(KINDS) == SPEC_KINDS and INT8_KINDS == ("clip", "siglip", "phi3v", "open_clip", "siglip2", "metaclip2", "aimv2", "dinov2", "dinov3")
     for name, kind in KINDS.items():
         assert kind.name == name and callable(kind.builder) and kind.summary
         assert importlib.import_module(kind.module)

@@ -111,8 +111,6 @@ def test_kind_detection_errors(tmp_path: Path, dirs: dict[str, Path]) -> None:
     # The other kinds' model types are refused by name, with the kind that loads them.
     with pytest.raises(CheckpointError, match="use 'dinov2:"):
         load_encoder(f"dinov3:{dirs['dinov2']}", device="cpu", dtype="float32")
-    with pytest.raises(ValueError, match="precision int8 is available for"):
-        load_encoder(f"dinov2:{dirs['dinov2']}", device="cpu", dtype="int8")
 
 
 def test_a_kindless_spec_loads_and_names_its_kind(dirs: dict[str, Path]) -> None:
@@ -365,3 +363,70 @@ def test_code_and_absurd_sizes_in_config_are_refused(dirs: dict[str, Path], tmp_
         (path / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(CheckpointError, match=message):
             load_encoder(f"{name}:{path}", device="cpu", dtype="float32")
+
+
+# --- CPU precisions through phiclip.cpu.accelerate: each within its stated bound of float32 ------------
+
+
+#: (checkpoint, spec options): every family and layout; AIMv2's image-only layout with and without its head.
+PRECISION_CASES = ["siglip2", "siglip2-fixed", "metaclip2", "aimv2", "aimv2-vision", "aimv2-nohead", "dinov2",
+                   "dinov2-reg", "dinov3"]
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+@pytest.mark.parametrize("name", PRECISION_CASES)
+def test_each_precision_stays_within_its_bound(dirs: dict[str, Path], name: str, precision: str) -> None:
+    from phiclip.cpu.precision import ERROR_BOUNDS
+
+    kind = "siglip2" if name.startswith("siglip2") else kind_for_location(dirs[name])
+    spec = f"{kind}:{dirs[name]}" + ("?pool=cls+mean" if kind.startswith("dino") else "")
+    ref_enc = load_encoder(spec, device="cpu", dtype="float32")
+    enc = load_encoder(spec, device="cpu", dtype=precision)
+    images = _three_aspect_ratios() + [_image(40, 40, s) for s in range(4, 9)]
+    ERROR_BOUNDS[precision].check(encode_images(ref_enc, images), encode_images(enc, images))
+    record = enc.describe()["precision"]
+    assert record["dtype"] == precision and "in place" in record["image_weights"]
+    assert record["cpu_kernels"] == "torch"
+    if precision == "int8":
+        assert record["int8"]["quantized_products"] > 0
+    # The float32 encoder is the model as loaded; the parameter count is the loaded one at every precision.
+    assert "image_weights" not in ref_enc.describe()["precision"]
+    assert enc.describe()["parameters"] == ref_enc.describe()["parameters"]
+    if "text" in enc.modalities:  # the text side keeps float32 weights (16-bit: under autocast; int8: eager float32)
+        ref_text, text = ref_enc.encode_texts(TEXTS), enc.encode_texts(TEXTS)
+        if precision == "int8":
+            np.testing.assert_allclose(text, ref_text, atol=ATOL)
+        else:
+            ERROR_BOUNDS[precision].check(ref_text, text)
+
+
+# --- compiled runtimes (OpenVINO / ONNX Runtime) for the fixed-shape image paths ---------------------
+
+
+@pytest.mark.parametrize(("name", "runtime", "precision"), [
+    ("siglip2-fixed", "openvino", "float32"), ("metaclip2", "onnxruntime", "int8"), ("aimv2", "openvino", "float32"),
+    ("aimv2-vision", "onnxruntime", "float32"), ("dinov2-reg", "onnxruntime", "int8"), ("dinov3", "openvino", "float32")])
+def test_a_compiled_runtime_stays_within_its_bound(dirs: dict[str, Path], name: str, runtime: str, precision: str,
+                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from phiclip.cpu.precision import ERROR_BOUNDS
+    from phiclip.cpu.runtimes import missing_packages
+
+    if missing_packages(runtime, precision):
+        pytest.skip(f"{runtime} is not installed")
+    monkeypatch.setenv("PHICLIP_CACHE", str(tmp_path / "cache"))
+    kind = "siglip2" if name.startswith("siglip2") else kind_for_location(dirs[name])
+    pool = "&pool=cls+mean" if kind.startswith("dino") else ""
+    images = _three_aspect_ratios() + [_image(40, 40, s) for s in range(4, 7)]
+    ref = encode_images(load_encoder(f"{kind}:{dirs[name]}?{pool[1:]}" if pool else f"{kind}:{dirs[name]}",
+                                     device="cpu", dtype="float32"), images)
+    enc = load_encoder(f"{kind}:{dirs[name]}?runtime={runtime}{pool}", device="cpu", dtype=precision)
+    ERROR_BOUNDS[precision].check(ref, encode_images(enc, images))
+    assert enc.describe()["precision"]["runtime"]["runtime"] == runtime and enc.image_path is not None
+    if kind.startswith("dino"):  # the pooling option names its own conversion: cls alone is not read back as cls+mean
+        cls_only = load_encoder(f"{kind}:{dirs[name]}?runtime={runtime}", device="cpu", dtype=precision)
+        assert encode_images(cls_only, images).shape[1] * 2 == ref.shape[1]
+
+
+def test_naflex_refuses_a_compiled_runtime(dirs: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="NaFlex checkpoint's number of patches varies"):
+        load_encoder(f"siglip2:{dirs['siglip2']}?runtime=openvino", device="cpu", dtype="float32")

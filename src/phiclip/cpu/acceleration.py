@@ -8,11 +8,14 @@ order, and applies:
    image side from the model's float32 weights (static int8 calibrated on ``calibration=`` images,
    :mod:`phiclip.cpu.calibration`); otherwise torch runs it:
 2. ``int8``: the image side quantised (:func:`phiclip.cpu.int8.quantize_image_side`: an int8 copy of
-   phiclip's CLIP image module, or the model's own tower in place);
+   phiclip's CLIP image module, or the model's own tower in place; for an encoder that passes
+   ``tower``, the SigLIP 2 / MetaCLIP 2 / AIMv2 / DINO families, those modules' products in place,
+   dynamic int8 from their float32 weights, the rest of them in the plan's float precision);
 3. ``bfloat16`` / ``float16`` on the CPU: 16-bit weights once (autocast would convert every float32
    weight again on every call): for bfloat16 oneDNN's prepacked products with fused
    bias/activation/residual where this torch has them (:mod:`phiclip.cpu.fused`), else a plain
-   16-bit copy; a Phi-3-vision tower (bfloat16 only) is fused in place;
+   16-bit copy; a Phi-3-vision tower (bfloat16 only) is fused in place; an encoder's ``tower``
+   modules are turned 16-bit in place (its text side keeps float32 weights under autocast);
 4. ``float32`` stays on the model's own weights (a fused float32 copy measured 1.03-1.15x for a second
    copy of the image tower, see BENCHMARKS.md).
 
@@ -25,7 +28,7 @@ Torch is imported only when a model is accelerated.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +79,8 @@ def accelerate(
     preprocess_key: str = "",
     keep_alpha: bool = False,
     name: str = "",
+    tower: Sequence[nn.Module] | None = None,
+    compile_module: Callable[[], nn.Module] | None = None,
 ) -> AcceleratedPath:
     """Decide and build what runs ``model``'s image side (see the module's docstring for the order).
 
@@ -97,6 +102,12 @@ def accelerate(
         preprocess_key: what else the calibration pixels depend on (the preprocessing's settings).
         keep_alpha: whether ``preprocess`` takes images with their alpha band.
         name: the encoder's name, for warnings.
+        tower: the modules that are the image side and nothing else (never a text tower), for an
+            encoder without phiclip's image module: int8 and 16-bit change them in place (recorded
+            as ``image_weights``).
+        compile_module: builds the float32 module a compiled runtime converts (``pixel_values (n, 3,
+            S, S) -> (n, d)``); None: transformers' ``get_image_features`` of ``model``. ``fingerprint``
+            must then also name whatever else changes its output (a pooling option).
 
     Raises:
         ValueError: an impossible runtime ask (:func:`~phiclip.cpu.runtimes.choose_runtime`), calibration
@@ -112,12 +123,14 @@ def accelerate(
     features = None
     if choice is not None and choice.runtime != "torch":
         compiled = _compile(model, choice.runtime, precision, calibration, calibration_images, fingerprint, image_size,
-                            preprocess, preprocess_key, keep_alpha)
+                            preprocess, preprocess_key, keep_alpha, compile_module)
         if precision == "int8":
             record["reason"] = f"int8 asked for: {compiled.scheme()}"
     else:
         features = image_features() if image_features is not None else None
-        if precision == "int8":
+        if tower is not None and features is None and device_type == "cpu" and precision != "float32":
+            _tower_in_place(tower, precision, record)
+        elif precision == "int8":
             from phiclip.cpu import int8  # lazy: imports torch
 
             features, record["int8"] = int8.quantize_image_side(model, features)
@@ -130,6 +143,32 @@ def accelerate(
     if choice is not None:
         record["runtime"] = {**choice.to_dict(), **(compiled.describe() if compiled is not None else {})}
     return AcceleratedPath(compiled=compiled, image_features=features, record=record)
+
+
+def _tower_in_place(tower: Sequence[nn.Module], precision: str, record: dict[str, Any]) -> None:
+    """int8 or 16-bit weights for an encoder's image-side modules, in place (records
+    ``image_weights``, ``cpu_kernels`` and for int8 ``int8``)."""
+    import torch  # lazy: keeps the CLI start-up free of torch
+
+    from phiclip.cpu import fused, int8  # lazy: imports torch
+
+    if precision == "int8":
+        plan = int8.int8_plan()
+        # The patch embedding stays float (SigLIP 2 NaFlex's is a Linear whose weight dtype it reads).
+        n = sum(int8.quantize_linears_(m, plan["kernel"], skip=_is_embedding) for m in tower)
+        for m in tower:
+            int8._convert_floats(m, getattr(torch, plan["float_dtype"]))
+        record["int8"] = int8.int8_description(plan, n)
+        record["image_weights"] = f"int8 products in place, other weights {plan['float_dtype']}"
+    else:
+        for m in tower:
+            int8._convert_floats(m, getattr(torch, precision))
+        record["image_weights"] = f"{precision} in place (converted once, not on every call)"
+    record["cpu_kernels"] = fused.KERNELS_TORCH
+
+
+def _is_embedding(name: str, module: nn.Module) -> bool:
+    return "embeddings" in name.split(".")
 
 
 def _sixteen_bit(model: nn.Module, features: nn.Module | None, precision: str, record: dict[str, Any]) -> nn.Module | None:
@@ -158,7 +197,8 @@ def _sixteen_bit(model: nn.Module, features: nn.Module | None, precision: str, r
 
 def _compile(model: nn.Module, runtime: str, precision: str, calibration: str | None, calibration_images: int,
              fingerprint: str | None, image_size: int | None, preprocess: Callable[[Any], Any] | None,
-             preprocess_key: str, keep_alpha: bool) -> CompiledImagePath:
+             preprocess_key: str, keep_alpha: bool,
+             compile_module: Callable[[], nn.Module] | None = None) -> CompiledImagePath:
     """The image side compiled by ``runtime`` from the model's float32 weights (static int8:
     calibrated on ``calibration_images`` images of ``calibration``)."""
     from phiclip.cpu import runtimes  # lazy: imports torch
@@ -168,7 +208,8 @@ def _compile(model: nn.Module, runtime: str, precision: str, calibration: str | 
     cal = None
     if (runtime, precision) in runtimes.NEEDS_CALIBRATION:
         cal = calibration_set(str(calibration), calibration_images, salt=preprocess_key)
-    return runtimes.compile_image_path(runtimes.ImageSide(model), runtime=runtime, precision=precision,
+    module = compile_module() if compile_module is not None else runtimes.ImageSide(model)
+    return runtimes.compile_image_path(module, runtime=runtime, precision=precision,
                                        fingerprint=fingerprint, image_size=int(image_size), calibration=cal,
                                        preprocess=preprocess, keep_alpha=keep_alpha)
 

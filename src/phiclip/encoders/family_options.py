@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 from phiclip.encoders.spec import SpecOptions, bool_option, choice_option, int_option
 
+#: What may run a family's image side (the fixed-shape ones; SigLIP 2 NaFlex: torch only).
+FAMILY_RUNTIMES = ("torch", "auto", "openvino", "onnxruntime")
+
 #: Most images (or texts) per model call, by default.
 DEFAULT_FAMILY_MAX_BATCH = 64
 #: The largest ``max_num_patches`` accepted (SigLIP 2 NaFlex was trained with up to 1024 patches).
@@ -27,6 +30,11 @@ class FamilyOptions(SpecOptions):
     normalize: bool = bool_option(True, "true|false: L2-normalise the vectors (default true)")
     max_batch: int = int_option(DEFAULT_FAMILY_MAX_BATCH,
                                 f"integer >= 1: most inputs per model call (default {DEFAULT_FAMILY_MAX_BATCH})")
+    runtime: str = choice_option(
+        "torch", FAMILY_RUNTIMES,
+        "torch|auto|openvino|onnxruntime: what runs the image side on the CPU (default torch; auto: OpenVINO for "
+        "float32/bfloat16, ONNX Runtime for int8 where installed; fixed-shape image paths only, not SigLIP 2 "
+        "NaFlex; phiclip[cpu-runtimes])")
 
 
 @dataclass(frozen=True)
@@ -50,5 +58,5 @@ class DinoOptions(FamilyOptions):
         "width)")
 
 
-__all__ = ["DEFAULT_FAMILY_MAX_BATCH", "DINO_POOLS", "MAX_NUM_PATCHES", "DinoOptions", "FamilyOptions",
+__all__ = ["DEFAULT_FAMILY_MAX_BATCH", "DINO_POOLS", "FAMILY_RUNTIMES", "MAX_NUM_PATCHES", "DinoOptions", "FamilyOptions",
            "Siglip2Options"]

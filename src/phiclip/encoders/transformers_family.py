@@ -6,7 +6,13 @@ vetted checkpoint, the family's own preprocessing, batching, and (where the fami
 ``config.json`` was checked, ``config.json`` vetted as data against the kind table, the image
 processor's values checked), then transformers reads it with ``trust_remote_code=False`` at that
 commit, weights from safetensors only, in float32; ``describe()["weights_fingerprint"]``
-fingerprints every tensor of the weight files. 16-bit precisions run under autocast. Each family's
+fingerprints every tensor of the weight files. On the CPU the image side is shaped once by
+:func:`phiclip.cpu.accelerate` (the one call the CLIP / SigLIP / Phi-3-vision encoders make too):
+``bfloat16`` / ``float16`` turn the image tower's weights 16-bit in place (under autocast, which
+would otherwise convert every float32 weight again on every call); ``int8`` quantises the image
+tower's products in place (dynamic int8 from the float32 weights loaded, the rest in the int8
+plan's float precision); a text side keeps its float32 weights (under autocast for 16-bit, plain
+float32 for int8). What runs is recorded in ``describe()["precision"]``. Each family's
 module says which transformers class loads which ``model_type``, how images are preprocessed
 (equal to the family's image processor) and what the image (and text) vector is.
 
@@ -25,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from phiclip.checkpoints import open_checkpoint
+from phiclip.cpu import accelerate
 from phiclip.encoders.base import EncodedBatch, Encoder, EncoderDescription, count_parameters, dtype_name
 from phiclip.encoders.clip import _dtype_kwarg, _load_error, _pooled
 from phiclip.encoders.clip_preprocessing import ImagePreprocessor, ProcessorPreprocessor, pil_backend_kwarg
@@ -67,11 +74,27 @@ class FamilyEncoder(Encoder):
         self.modalities = frozenset({"image", "text"} if tokenizer is not None else {"image"})
         self.dim = self._image_dim()
         self.text_max_length = self._text_max_length()
-        self.precision = placement.record()
         self.weights_fingerprint = weights_fingerprint
-        #: What ``encode_batch`` runs for a model call (None: :meth:`_image_features`). The hook for CPU
-        #: acceleration: replace it with an accelerated :meth:`image_module` (same inputs, same outputs).
+        #: What ``encode_batch`` runs for a model call (None: :meth:`_image_features`): a module with the
+        #: inputs and outputs of :meth:`image_module`.
         self.image_path: Any = None
+        # Counted before acceleration (an int8 product holds its weight as a buffer).
+        self._parameter_counts = (count_parameters(*self._image_modules()), count_parameters(self.model))
+        # The CPU speed of the image side, the one way (phiclip.cpu.accelerate): the image tower's own
+        # modules in place (int8 products, or 16-bit weights); the text tower is never among them.
+        # A fixed-shape image path may instead be compiled (runtime=: OpenVINO / ONNX Runtime) from the
+        # float32 weights; the cache entry is named by the weights and the options that change the vector.
+        size = self._fixed_image_size()
+        key = None if weights_fingerprint is None else f"{weights_fingerprint}|{self.kind}|{self._output_key()}"
+        path = accelerate(model, precision=placement.precision, record=placement.record(),
+                          device_type=self.device.type, tower=self._image_modules(), name=str(spec),
+                          runtime=getattr(options, "runtime", "torch"), fingerprint=key, image_size=size,
+                          compile_module=self.image_module, preprocess=self.preprocess, keep_alpha=self.keeps_alpha)
+        self.precision = path.record
+        if path.compiled is not None:
+            self.image_path = path.compiled
+        #: The autocast dtype of the image and of the text side (None: none).
+        self._image_autocast, self._text_autocast = self._autocast_dtypes(placement.precision)
 
     # --- loading ------------------------------------------------------------------------------
     @classmethod
@@ -208,22 +231,48 @@ class FamilyEncoder(Encoder):
                 super().__init__()
                 self.model = encoder.model
 
-            def forward(self, batch: Any) -> torch.Tensor:
-                return encoder._image_features(batch)
+            def forward(self, pixel_values: Any) -> torch.Tensor:  # the name a compiled runtime's export uses
+                return encoder._image_features(pixel_values)
 
         return ImagePath()
 
     def _text_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return _pooled(self.model.get_text_features(**inputs))
 
-    def _autocast(self) -> Any:
+    def _fixed_image_size(self) -> int | None:
+        """The side of the square pixels the image path takes (a compiled runtime's input), or None
+        where the shape varies (SigLIP 2 NaFlex)."""
+        pixels = self.preprocessor(Image.new("RGB", (32, 32)))
+        shape = tuple(getattr(pixels, "shape", ()))
+        return int(shape[-1]) if len(shape) == 3 and shape[-1] == shape[-2] else None
+
+    def _output_key(self) -> str:
+        """What besides the weights changes the image vector (names a compiled runtime's cache entry)."""
+        import json
+
+        return json.dumps({"details": self._details(), "preprocessing": self.preprocessor.describe()},
+                          sort_keys=True, default=str)
+
+    def _autocast_dtypes(self, precision: str) -> tuple[Any, Any]:
+        """(image, text) autocast dtypes: none for float32; the precision for 16-bit; for int8 the
+        plan's float precision on the image side (bfloat16 where it measured faster) and float32 text."""
+        import torch
+
+        if precision == "float32":
+            return None, None
+        if precision == "int8":
+            float_dtype = self.precision.get("int8", {}).get("float_dtype", "float32")
+            return (None if float_dtype == "float32" else getattr(torch, float_dtype)), None
+        return self.dtype, self.dtype
+
+    def _autocast(self, dtype: Any = None) -> Any:
         import contextlib
 
         import torch
 
-        if self.dtype == torch.float32:
+        if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _finish(self, features: torch.Tensor) -> np.ndarray:
         features = features.float()
@@ -243,7 +292,7 @@ class FamilyEncoder(Encoder):
             return EncodedBatch(embeddings=np.zeros((0, self.dim), dtype=np.float32))
         run = self.image_path or self._image_features
         out = []
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast(self._image_autocast):
             for start in range(0, n, self.max_batch):
                 out.append(self._finish(run(self._batch_slice(batch, start, start + self.max_batch))))
         return EncodedBatch(embeddings=np.concatenate(out, axis=0))
@@ -272,7 +321,7 @@ class FamilyEncoder(Encoder):
             return np.zeros((0, self.dim), dtype=np.float32)
         out = []
         step = max(1, min(batch_size, self.max_batch))
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast(self._text_autocast):
             for start in range(0, len(texts), step):
                 enc = self.tokenizer(list(texts[start:start + step]), padding=self.text_padding, truncation=True,
                                      max_length=self.text_max_length, return_tensors="pt")
@@ -296,7 +345,7 @@ class FamilyEncoder(Encoder):
         import transformers
 
         return self.described(
-            parameters=count_parameters(*self._image_modules()),
+            parameters=self._parameter_counts[0],
             preprocessing=self.preprocessor.describe(),
             options=self.options.to_dict(),
             details={
@@ -307,7 +356,7 @@ class FamilyEncoder(Encoder):
                     "tokenizer_class": type(self.tokenizer).__name__, "padding": self.text_padding,
                     "max_length": self.text_max_length, "truncation": True},
                 "text_unavailable": self.text_unavailable,
-                "total_parameters": count_parameters(self.model),
+                "total_parameters": self._parameter_counts[1],
                 "transformers_version": transformers.__version__,
                 "revision": self.checkpoint.revision if self.checkpoint is not None else None,
                 **self._details(),
