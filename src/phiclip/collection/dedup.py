@@ -67,8 +67,8 @@ DEFAULT_THRESHOLD = 0.95
 EXACT_LIMIT = 20_000
 #: Above ``EXACT_LIMIT``: each item is compared with the items of its this many nearest lists.
 DEFAULT_NPROBE = 8
-_KMEANS_ITER = 8
-_KMEANS_POINTS = 32
+_KMEANS_ITER = 5
+_KMEANS_POINTS = 24
 _ASSIGN_BLOCK = 65_536
 #: Results of one range_search block are at most about this many pairs (the query block shrinks with n).
 _PAIR_BUDGET = 1 << 24
