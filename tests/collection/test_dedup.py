@@ -197,12 +197,49 @@ def test_blocks_and_the_neighbour_cap_do_not_change_groups(monkeypatch):
     assert {f"same{i}" for i in range(30)} | {"img010"} in _groups(full)
 
 
-def test_above_the_exact_limit_the_hnsw_graph_finds_the_planted_copies():
+def test_above_the_exact_limit_the_inverted_lists_find_the_planted_copies():
     ids, vectors = _planted(n=300)
     exact = find_duplicates(ids, vectors, threshold=0.95)
     approx = find_duplicates(ids, vectors, threshold=0.95, exact_limit=100)
-    assert approx.method == "approximate HNSW kNN graph"
+    assert approx.method.startswith("inverted lists")
     assert _groups(approx) == _groups(exact)
+    assert approx.keep == exact.keep
+
+
+def _clustered(n: int, d: int, seed: int) -> np.ndarray:
+    """Unit vectors around 20 centres, plus near copies at cosines spread over 0.90..0.999."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(20, d))
+    base = l2_normalize(centres[rng.integers(0, 20, n)] + 0.6 * rng.normal(size=(n, d)))
+    src = rng.choice(n, n // 5, replace=False)
+    noise = rng.uniform(0.03, 0.5, size=(len(src), 1)) * l2_normalize(rng.normal(size=(len(src), d)))
+    copies = l2_normalize(base[src] + noise)
+    return np.vstack([base, copies, np.repeat(base[:1], 5, axis=0)]).astype(np.float32)
+
+
+@pytest.mark.parametrize("threshold", [0.9, 0.95, 0.99])
+def test_the_large_n_path_finds_the_same_pairs_and_groups_as_the_exact_path(threshold):
+    vectors = _clustered(3000, 48, seed=3)
+    ids = [f"v{i}" for i in range(len(vectors))]
+    ei, ej, es = near_duplicate_pairs(vectors, threshold)
+    ai, aj, as_ = near_duplicate_pairs(vectors, threshold, exact_limit=100)
+    assert len(ei) > 100
+    assert list(zip(ai.tolist(), aj.tolist())) == list(zip(ei.tolist(), ej.tolist()))
+    np.testing.assert_allclose(as_, es, atol=1e-5)
+    assert as_.min() >= threshold - dedup.SIM_TOLERANCE  # never a pair below the threshold
+    exact = find_duplicates(ids, vectors, threshold=threshold)
+    forced = find_duplicates(ids, vectors, threshold=threshold, exact_limit=100)
+    assert forced.method.startswith("inverted lists") and exact.method.startswith("exact")
+    assert _groups(forced) == _groups(exact) and forced.keep == exact.keep
+
+
+def test_the_large_n_path_with_one_probe_and_a_cap_keeps_only_true_pairs():
+    vectors = _clustered(2000, 32, seed=4)
+    i, j, s = near_duplicate_pairs(vectors, 0.9, exact_limit=10, nprobe=1, max_neighbors=3)
+    np.testing.assert_allclose(s, np.einsum("nd,nd->n", vectors[i], vectors[j]), atol=1e-5)
+    assert (s >= 0.9 - dedup.SIM_TOLERANCE).all() and (i < j).all()
+    ei, ej, _ = near_duplicate_pairs(vectors, 0.9, max_neighbors=10_000)
+    assert set(zip(i.tolist(), j.tolist())) <= set(zip(ei.tolist(), ej.tolist()))
 
 
 def test_outputs_are_parquet_and_nothing_is_deleted(tmp_path):

@@ -8,12 +8,16 @@ callable the caller gives (:func:`source_reader` reads the ``source`` paths of a
 item whose bytes cannot be read is reported in ``unreadable`` and takes no part in exact grouping.
 
 **Near duplicates** (:func:`near_duplicate_pairs`): pairs of L2-normalised vectors with inner product
-(cosine) ≥ ``threshold``. Up to ``exact_limit`` items (300 000) this is exact: a FAISS ``IndexFlatIP``
+(cosine) ≥ ``threshold``. Up to ``exact_limit`` items (20 000) this is exact: a FAISS ``IndexFlatIP``
 ``range_search`` in blocks of queries sized so that a block's results stay bounded even when everything
-is a duplicate. Above it, an HNSW graph (``IndexHNSWFlat``, inner product) gives each item its
-``graph_k`` approximate nearest neighbours and the pairs among them at or above the threshold are kept:
-approximate, and an item with more than ``graph_k`` near copies links only to ``graph_k`` of them
-(its group is still found through the others). Each item keeps at most ``max_neighbors`` pairs (its
+is a duplicate. Above it, inverted lists find the candidates (:func:`_ivf_pairs`): a spherical k-means
+of ``nlist ≈ 2·sqrt(n)`` centroids (trained on a sample), each item filed under its nearest centroid,
+and each item compared with the items of its ``nprobe`` (8) nearest lists by one float32 matrix product
+per list, straight from the given vectors (no index copy of them, no n x n). Every similarity reported
+is that exact product, so no pair below the threshold is ever kept; the approximation is only which
+pairs get compared: a pair is missed when neither item probes the other's list (measured in
+BENCHMARKS.md, "Know your collection"). Cost ``2·n·d·(nlist + nprobe·n/nlist)`` flops: about n^1.5.
+Each item keeps at most ``max_neighbors`` pairs (its
 most similar), so memory is O(n·max_neighbors) whatever the data.
 
 **Groups** (:func:`group_pairs`): connected components of the pairs, then the *star rule* against
@@ -59,8 +63,13 @@ __all__ = [
 #: Cosine at or above which two items are near duplicates by default.
 DEFAULT_THRESHOLD = 0.95
 #: Up to this many items near duplicates are searched exactly (IndexFlatIP range_search), above it
-#: through an approximate HNSW kNN graph.
-EXACT_LIMIT = 300_000
+#: through inverted lists (n^2 flops: 20 000 x 20 000 x 512 is 4e11, seconds on 2 cores).
+EXACT_LIMIT = 20_000
+#: Above ``EXACT_LIMIT``: each item is compared with the items of its this many nearest lists.
+DEFAULT_NPROBE = 8
+_KMEANS_ITER = 5
+_KMEANS_POINTS = 24
+_ASSIGN_BLOCK = 65_536
 #: Results of one range_search block are at most about this many pairs (the query block shrinks with n).
 _PAIR_BUDGET = 1 << 24
 _MAX_QUERY_BLOCK = 4096
@@ -125,13 +134,98 @@ def _cap_per_query(q: np.ndarray, j: np.ndarray, s: np.ndarray, max_neighbors: i
     return order[rank < max_neighbors]
 
 
+def _ivf_lists(x: np.ndarray, nlist: int, nprobe: int, seed: int) -> np.ndarray:
+    """Each row's ``nprobe`` nearest centroids (int32 (n, nprobe), nearest first) of a spherical k-means."""
+    import faiss
+
+    n, d = x.shape
+    km = faiss.Kmeans(d, nlist, niter=_KMEANS_ITER, spherical=True, seed=seed, verbose=False,
+                      max_points_per_centroid=_KMEANS_POINTS, min_points_per_centroid=1)
+    if n > nlist * _KMEANS_POINTS:  # sample here: faiss would copy all of x first
+        sample = np.sort(np.random.default_rng(seed).choice(n, nlist * _KMEANS_POINTS, replace=False))
+        km.train(np.ascontiguousarray(x[sample]))
+    else:
+        km.train(x)
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(km.centroids)
+    probes = np.empty((n, nprobe), dtype=np.int32)
+    for start in range(0, n, _ASSIGN_BLOCK):
+        stop = min(n, start + _ASSIGN_BLOCK)
+        _, labels = quantizer.search(x[start:stop], nprobe)
+        probes[start:stop] = labels
+    return probes
+
+
+def _ivf_pairs(
+    x: np.ndarray, floor: np.float32, max_neighbors: int, nlist: int | None, nprobe: int, seed: int = 0
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Candidate pairs through inverted lists, each scored exactly (float32 dot products of ``x``).
+
+    Row ``b`` lives in the list of its nearest centroid; row ``a`` is compared with every row of its
+    ``nprobe`` nearest lists: one matrix product per list (the rows probing it times the rows in it),
+    no index copy of ``x``. A pair is found when either row probes the other's list.
+    """
+    n = x.shape[0]
+    if nlist is None:
+        nlist = int(round(2 * np.sqrt(n)))
+    nlist = max(1, min(nlist, n // 16))
+    nprobe = max(1, min(nprobe, nlist))
+    probes = _ivf_lists(x, nlist, nprobe, seed)
+    home = probes[:, 0]
+    home_order = np.argsort(home, kind="stable")
+    home_bounds = np.searchsorted(home[home_order], np.arange(nlist + 1))
+    flat = probes.reshape(-1)
+    probe_order = np.argsort(flat, kind="stable")
+    probe_bounds = np.searchsorted(flat[probe_order], np.arange(nlist + 1))
+    probe_rows = (probe_order // nprobe).astype(np.int64)
+    del flat, probe_order, probes
+    qs: list[np.ndarray] = []
+    js: list[np.ndarray] = []
+    ss: list[np.ndarray] = []
+    held = 0
+    for lst in range(nlist):
+        members = home_order[home_bounds[lst]:home_bounds[lst + 1]].astype(np.int64)
+        if len(members) == 0:
+            continue
+        queries = probe_rows[probe_bounds[lst]:probe_bounds[lst + 1]]
+        xm = x[members]
+        block = max(1, _PAIR_BUDGET // 4 // len(members))
+        for start in range(0, len(queries), block):
+            qrows = queries[start:start + block]
+            sims = x[qrows] @ xm.T
+            qa, mb = np.nonzero(sims >= floor)
+            if len(qa) == 0:
+                continue
+            q, j, s = qrows[qa], members[mb], sims[qa, mb]
+            keep = j != q
+            q, j, s = q[keep], j[keep], s[keep]
+            if len(q) and np.bincount(qa[keep]).max() > max_neighbors:
+                sel = _cap_per_query(q, j, s, max_neighbors)
+                q, j, s = q[sel], j[sel], s[sel]
+            qs.append(q)
+            js.append(j)
+            ss.append(s)
+            held += len(q)
+        if held > _PAIR_BUDGET:  # bound memory: one query's results from all its lists, capped again
+            q, j, s = np.concatenate(qs), np.concatenate(js), np.concatenate(ss)
+            sel = _cap_per_query(q, j, s, max_neighbors)
+            qs, js, ss = [q[sel]], [j[sel]], [s[sel]]
+            held = len(qs[0])
+    if qs:
+        q, j, s = np.concatenate(qs), np.concatenate(js), np.concatenate(ss)
+        sel = _cap_per_query(q, j, s, max_neighbors)
+        qs, js, ss = [q[sel]], [j[sel]], [s[sel]]
+    return qs, js, ss
+
+
 def near_duplicate_pairs(
     vectors: np.ndarray,
     threshold: float = DEFAULT_THRESHOLD,
     *,
     max_neighbors: int = 64,
     exact_limit: int = EXACT_LIMIT,
-    graph_k: int = 32,
+    nlist: int | None = None,
+    nprobe: int = DEFAULT_NPROBE,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i, j), i < j, of rows with inner product ≥ ``threshold``, and their similarities.
 
@@ -139,8 +233,9 @@ def near_duplicate_pairs(
         vectors: (n, d), L2-normalised for cosine.
         threshold: the similarity at or above which a pair is kept (inclusive, within ``SIM_TOLERANCE``).
         max_neighbors: each row keeps at most this many partners, its most similar.
-        exact_limit: above this many rows an approximate HNSW kNN graph replaces the exact search.
-        graph_k: neighbours per row in the HNSW graph.
+        exact_limit: above this many rows inverted lists (:func:`_ivf_pairs`) replace the exact search.
+        nlist: inverted lists above ``exact_limit`` (default ``2·sqrt(n)``, at most ``n/16``).
+        nprobe: lists each row is compared with above ``exact_limit`` (its nearest centroids).
 
     Returns:
         ``(i, j, sim)`` arrays (int64, int64, float32), sorted by (i, j).
@@ -176,23 +271,8 @@ def near_duplicate_pairs(
             js.append(j[sel])
             ss.append(s[sel])
     else:
-        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = max(64, 2 * graph_k)
-        index.add(x)
-        kk = min(graph_k + 1, n)
         floor = np.float32(threshold - SIM_TOLERANCE)
-        for start in range(0, n, _MAX_QUERY_BLOCK):
-            stop = min(n, start + _MAX_QUERY_BLOCK)
-            dist, labels = index.search(x[start:stop], kk)
-            q = np.repeat(np.arange(start, stop, dtype=np.int64), kk)
-            j = labels.reshape(-1).astype(np.int64)
-            s = dist.reshape(-1).astype(np.float32)
-            keep = (j >= 0) & (j != q) & (s >= floor)
-            q, j, s = q[keep], j[keep], s[keep]
-            sel = _cap_per_query(q, j, s, max_neighbors)
-            qs.append(q[sel])
-            js.append(j[sel])
-            ss.append(s[sel])
+        qs, js, ss = _ivf_pairs(x, floor, max_neighbors, nlist, nprobe)
     q = np.concatenate(qs) if qs else empty[0]
     j = np.concatenate(js) if js else empty[1]
     s = np.concatenate(ss) if ss else empty[2]
@@ -320,6 +400,7 @@ def find_duplicates(
     read_bytes: Callable[[str], bytes] | None = None,
     max_neighbors: int = 64,
     exact_limit: int = EXACT_LIMIT,
+    nprobe: int = DEFAULT_NPROBE,
     normalized: bool = False,
 ) -> DuplicateReport:
     """Exact duplicates (when ``read_bytes`` is given) and near duplicates (when ``vectors`` is given).
@@ -330,7 +411,7 @@ def find_duplicates(
         threshold: cosine at or above which two items are near duplicates, in [-1, 1].
         read_bytes: ``read_bytes(id) -> bytes`` for exact duplicates (e.g. :func:`source_reader`); its
             failures are reported in ``unreadable``.
-        max_neighbors, exact_limit: see :func:`near_duplicate_pairs`.
+        max_neighbors, exact_limit, nprobe: see :func:`near_duplicate_pairs`.
         normalized: the rows of ``vectors`` (float32, C-contiguous) are L2-normalised already, so no
             normalised copy is made (for a million vectors of dim 512, 2 GB less).
 
@@ -364,9 +445,13 @@ def find_duplicates(
         x = np.ascontiguousarray(given) if normalized else l2_normalize(given)
         part = np.array([r for r in range(n) if r not in exact_copies], dtype=np.int64)
         sub = x if len(part) == n else np.ascontiguousarray(x[part])  # no copy when there is no exact copy
-        i, j, _ = near_duplicate_pairs(sub, threshold, max_neighbors=max_neighbors, exact_limit=exact_limit)
+        i, j, _ = near_duplicate_pairs(
+            sub, threshold, max_neighbors=max_neighbors, exact_limit=exact_limit, nprobe=nprobe
+        )
         method = (
-            "exact range search (IndexFlatIP)" if len(part) <= exact_limit else "approximate HNSW kNN graph"
+            "exact range search (IndexFlatIP)"
+            if len(part) <= exact_limit
+            else f"inverted lists (spherical k-means, nprobe {nprobe}), candidates scored exactly"
         )
         for rep, members, sims in group_pairs(sub, i, j, threshold):
             for m, s in zip(members, sims):
