@@ -236,3 +236,17 @@ def test_crops_come_from_item_crops_not_the_batching_cost() -> None:
             return 1 + (item[0] > 100)
 
     assert crops_of_sizes(TokenBatched(), [(64, 64), (200, 50), (64, 64)]) == [1, 2, 1]
+
+
+def test_an_image_only_family_side_by_side_with_clip(tiny_clip_specs: list[str], sample_dir: Path,
+                                                      tmp_path: Path) -> None:
+    """compare takes every kind of the kind table: a DINOv2 (image only; no zero-shot, said) beside a CLIP, the
+    DINOv2 given without its kind (found from config.json)."""
+    from phiclip.testing import build_tiny_dinov2
+
+    dino = build_tiny_dinov2(tmp_path / "dinov2")
+    report = compare([tiny_clip_specs[0], str(dino)], sample_dir, tmp_path / "out", k=3, isolate=False)
+    assert len(report.models) == 2 and len(report.pairs) == 1
+    assert (tmp_path / "out" / "report.html").is_file()
+    text = (tmp_path / "out" / "report.json").read_text()
+    assert "dinov2" in text

@@ -148,11 +148,11 @@ def _import_model_code(spec: str) -> float:
     import transformers
 
     # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
-    from phiclip.encoders import parse_spec
+    from phiclip.encoders.registry import KINDS, resolve_spec
 
     t = time.perf_counter()
-    kind = parse_spec(spec).kind
-    importlib.import_module("phiclip.encoders.phi3v" if kind == "phi3v" else "phiclip.encoders.clip")
+    kind = resolve_spec(spec).kind
+    importlib.import_module(KINDS[kind].module)  # the kind's module, from the one kind table
     for name in _MODEL_CODE.get(kind, ()):
         try:
             getattr(transformers, name)

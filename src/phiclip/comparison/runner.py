@@ -591,7 +591,12 @@ def compare(
     """
     opts = replace(options or CompareOptions(), **settings)
     say = progress or (lambda _msg: None)
-    specs = [str(m) for m in models]
+    if len(models) < 2:
+        opts.check([str(m) for m in models])  # the clear "at least two models" error
+    # lazy: `phiclip --help` imports this module; phiclip.encoders is loaded on first use
+    from phiclip.encoders.registry import resolve_spec
+
+    specs = [str(resolve_spec(str(m))) for m in models]  # a spec without kind: the kind from config.json
     opts.check(specs)
     say(f"reading {data}")
     ds = read_data(data, opts)
