@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from phiclip.open_clip.tokenizer import bytes_to_unicode
+
 # Colours and shapes of the generated labelled images ("a red circle", ...).
 SAMPLE_COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -26,19 +28,6 @@ SAMPLE_COLOURS: dict[str, tuple[int, int, int]] = {
 SAMPLE_SHAPES = ("circle", "square", "triangle")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """The byte -> printable character table of byte-level BPE (as GPT-2 and CLIP use)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
 def write_tiny_clip_tokenizer_files(out_dir: str | Path) -> tuple[Path, Path]:
     """Write a tiny byte-level BPE vocabulary (vocab.json, merges.txt) for ``CLIPTokenizer``.
 
@@ -46,7 +35,7 @@ def write_tiny_clip_tokenizer_files(out_dir: str | Path) -> tuple[Path, Path]:
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    chars = sorted(set(_bytes_to_unicode().values()))
+    chars = sorted(set(bytes_to_unicode().values()))
     vocab: dict[str, int] = {}
     for c in chars:
         vocab[c] = len(vocab)
