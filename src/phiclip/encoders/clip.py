@@ -50,6 +50,34 @@ if TYPE_CHECKING:
     from phiclip.checkpoints import Checkpoint
     from phiclip.cpu.runtimes import CompiledImagePath
 
+def open_transformers_checkpoint(spec: EncoderSpec, kind: str) -> tuple[Checkpoint, str, dict[str, Any], Any]:
+    """Open ``spec``'s checkpoint for a kind that transformers builds: located, pinned and vetted (config.json,
+    index, image processor values) before transformers reads anything, then its config read with no code from the
+    checkpoint (a hub id at the checked commit, from the cache alone while the hub is unreachable).
+
+    Returns:
+        ``(checkpoint, location, no_code, config)``: ``no_code`` are the keyword arguments every later
+        ``from_pretrained`` of this checkpoint takes.
+
+    Raises:
+        ValueError: ``spec`` is of another kind, or the checkpoint or its config cannot be read (naming which).
+    """
+    if spec.kind != kind:
+        raise ValueError(f"encoder spec {str(spec)!r} is not a {kind}: spec")
+    checkpoint = open_checkpoint(spec.location, kind=kind)
+    checkpoint.image_processor_config()
+    # Imported once the checkpoint passed its checks (seconds of import time a bad location need not pay).
+    from transformers import AutoConfig
+
+    location = str(checkpoint.location)
+    no_code = checkpoint.transformers_kwargs()
+    try:
+        config = AutoConfig.from_pretrained(location, **no_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(spec, "config", e) from None
+    return checkpoint, location, no_code, config
+
+
 def _load_error(spec: EncoderSpec, what: str, error: BaseException) -> ValueError:
     location = spec.location
     local = Path(location).expanduser().exists()
@@ -169,24 +197,11 @@ class _ContrastiveEncoder(Encoder):
             ValueError: a missing or incomplete directory, an unreachable hub id, or a checkpoint of
                 another model type.
         """
-        if spec.kind != cls.kind:
-            raise ValueError(f"encoder spec {str(spec)!r} is not a {cls.kind}: spec")
-        # Located, pinned and vetted (config.json, index, image processor values) before transformers reads anything.
-        checkpoint = open_checkpoint(spec.location, kind=cls.kind)
-        checkpoint.image_processor_config()
-        # Imported once the checkpoint passed its checks (seconds of import time a bad location need not pay).
+        checkpoint, location, no_code, config = open_transformers_checkpoint(spec, cls.kind)
         import torch
         import transformers
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+        from transformers import AutoImageProcessor, AutoTokenizer
 
-        location = str(checkpoint.location)
-        # No code from the checkpoint; a hub id at the checked commit, from the cache alone while the hub is unreachable.
-        no_code = checkpoint.transformers_kwargs()
-
-        try:
-            config = AutoConfig.from_pretrained(location, **no_code)
-        except (OSError, ValueError) as e:
-            raise _load_error(spec, "config", e) from None
         cls._check_config(spec, config)
 
         try:

@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from phiclip.checkpoints import open_checkpoint
 from phiclip.cpu import accelerate
 from phiclip.encoders.base import EncodedBatch, Encoder, EncoderDescription, count_parameters, dtype_name
-from phiclip.encoders.clip import _dtype_kwarg, _load_error, _pooled
+from phiclip.encoders.clip import _dtype_kwarg, _load_error, _pooled, open_transformers_checkpoint
 from phiclip.encoders.clip_preprocessing import ImagePreprocessor, ProcessorPreprocessor, pil_backend_kwarg
 from phiclip.encoders.device import Placement
 from phiclip.encoders.family_options import FamilyOptions
@@ -105,21 +104,10 @@ class FamilyEncoder(Encoder):
             ValueError: a missing or incomplete checkpoint, another model type, settings the family
                 does not embed with (each says which).
         """
-        if spec.kind != cls.kind:
-            raise ValueError(f"encoder spec {str(spec)!r} is not a {cls.kind}: spec")
-        checkpoint = open_checkpoint(spec.location, kind=cls.kind)
-        checkpoint.image_processor_config()
-        # Imported once the checkpoint passed its checks (seconds of import time a bad location need not pay).
+        checkpoint, location, no_code, config = open_transformers_checkpoint(spec, cls.kind)
         import torch
         import transformers
-        from transformers import AutoConfig
 
-        location = str(checkpoint.location)
-        no_code = checkpoint.transformers_kwargs()
-        try:
-            config = AutoConfig.from_pretrained(location, **no_code)
-        except (OSError, ValueError) as e:
-            raise _load_error(spec, "config", e) from None
         cls._check_config(spec, config, options)
         preprocessor = cls._preprocessor(spec, checkpoint, config, options, no_code)
         tokenizer, text_unavailable = cls._tokenizer(spec, checkpoint, config, no_code)
