@@ -53,6 +53,16 @@ def count_parameters(*modules: Any) -> int:
     return total
 
 
+def check_texts(name: str, texts: Sequence[str]) -> None:
+    """Refuse what ``encode_texts`` cannot take, naming the encoder: one string instead of a list, or an item
+    that is not a string."""
+    if isinstance(texts, str):
+        raise ValueError(f"{name}: encode_texts takes a list of texts, got one string; wrap it in a list")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise ValueError(f"{name}: encode_texts takes strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+
+
 @dataclass(frozen=True)
 class EncoderDescription:
     """What decides an encoder's vectors, with the same fields for every encoder.

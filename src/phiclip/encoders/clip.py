@@ -32,7 +32,14 @@ from PIL import Image
 
 from phiclip.checkpoints import open_checkpoint
 from phiclip.cpu import accelerate
-from phiclip.encoders.base import EncodedBatch, Encoder, EncoderDescription, count_parameters, dtype_name
+from phiclip.encoders.base import (
+    EncodedBatch,
+    Encoder,
+    EncoderDescription,
+    check_texts,
+    count_parameters,
+    dtype_name,
+)
 from phiclip.encoders.clip_preprocessing import (
     ImagePreprocessor,
     ProcessorPreprocessor,
@@ -341,11 +348,7 @@ class _ContrastiveEncoder(Encoder):
         if self.tokenizer is None:
             raise ValueError(f"{self.name}: this checkpoint's tokenizer could not be loaded, so it cannot "
                              f"embed text ({self.text_unavailable})")
-        if isinstance(texts, str):
-            raise ValueError(f"{self.name}: encode_texts takes a list of texts, got one string; wrap it in a list")
-        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-        if bad:
-            raise ValueError(f"{self.name}: encode_texts takes strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+        check_texts(self.name, texts)
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = []

@@ -31,7 +31,14 @@ import numpy as np
 from PIL import Image
 
 from phiclip.cpu import accelerate
-from phiclip.encoders.base import EncodedBatch, Encoder, EncoderDescription, count_parameters, dtype_name
+from phiclip.encoders.base import (
+    EncodedBatch,
+    Encoder,
+    EncoderDescription,
+    check_texts,
+    count_parameters,
+    dtype_name,
+)
 from phiclip.encoders.clip import _dtype_kwarg, _load_error, _pooled, open_transformers_checkpoint
 from phiclip.encoders.clip_preprocessing import ImagePreprocessor, ProcessorPreprocessor, pil_backend_kwarg
 from phiclip.encoders.device import Placement
@@ -300,11 +307,7 @@ class FamilyEncoder(Encoder):
         if self.tokenizer is None:
             raise ValueError(f"{self.name}: this checkpoint's tokenizer could not be loaded, so it cannot embed "
                              f"text ({self.text_unavailable})")
-        if isinstance(texts, str):
-            raise ValueError(f"{self.name}: encode_texts takes a list of texts, got one string; wrap it in a list")
-        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-        if bad:
-            raise ValueError(f"{self.name}: encode_texts takes strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+        check_texts(self.name, texts)
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = []
