@@ -1,4 +1,4 @@
-"""Know your collection: the computations behind the collection commands (issue 24).
+"""Know your collection: the computations behind the collection commands.
 
 * :mod:`~phiclip.collection.vectors`: :func:`read_vectors` reads ids and vectors (plus sources or
   labels) from an embed output folder or a Parquet file, refusing bad input with a message that names
