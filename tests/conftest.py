@@ -11,11 +11,14 @@ import pytest
 @pytest.fixture(scope="session", autouse=True)
 def _cpu_precision(tmp_path_factory: pytest.TempPathFactory):
     """Exact float32 for ``precision=auto`` on the CPU, whatever this CPU's bfloat16 measures (the
-    suite compares against float32 references), and measurements cached in a temporary folder,
-    never in the user's cache. Session-wide, so that module-scoped encoders see it too;
-    tests/cpu/test_precision.py unsets it where it tests the measured choice."""
+    suite compares against float32 references), torch for a spec's default runtime (``auto`` would
+    measure and compile OpenVINO / ONNX Runtime models for every tiny encoder a test loads; the tests
+    of ``auto`` itself, marked ``compiled_runtime``, unset it), and measurements cached in a temporary
+    folder, never in the user's cache. Session-wide, so that module-scoped encoders see it too;
+    tests/cpu/test_precision.py unsets the precision where it tests the measured choice."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PHICLIP_CPU_PRECISION", "float32")
+        mp.setenv("PHICLIP_RUNTIME", "torch")
         mp.setenv("PHICLIP_CACHE_DIR", str(tmp_path_factory.mktemp("phiclip-cache")))
         yield
 

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 #: measurement that may be redone), while the dtype itself, which decides the vectors, is ``dtype``;
 #: ``spec_as_typed`` is how the model was named on the command line (``spec`` is compared instead).
 VOLATILE_ENCODER_KEYS = frozenset({"device", "precision", "spec_as_typed"})
+#: Options (``describe()["options"]``) that may change between runs like the precision's reason: what
+#: runs a tower (``runtime``: torch or a compiled runtime, within the same precision's bound; its
+#: default became ``auto`` after outputs were made with ``torch``).
+VOLATILE_OPTION_KEYS = frozenset({"runtime"})
 #: Key of ``Encoder.describe()`` (and so of ``manifest["encoder"]``) that identifies the weights.
 WEIGHTS_KEY = "weights_fingerprint"
 #: Key of ``manifest["encoder"]`` with the model spec as it was typed (``spec`` holds absolute paths).
@@ -179,7 +183,10 @@ def differences(old: Any, new: Any, prefix: str = "", form: str = "{key}: {old!r
 def stable_description(describe: dict[str, Any]) -> dict[str, Any]:
     """An encoder description without the keys that may change between runs (device, precision reason,
     the spec as typed)."""
-    return {k: v for k, v in describe.items() if k not in VOLATILE_ENCODER_KEYS}
+    out = {k: v for k, v in describe.items() if k not in VOLATILE_ENCODER_KEYS}
+    if isinstance(out.get("options"), dict):
+        out["options"] = {k: v for k, v in out["options"].items() if k not in VOLATILE_OPTION_KEYS}
+    return out
 
 
 # --- what the manifest records of its encoder -------------------------------------------------------

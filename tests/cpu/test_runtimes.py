@@ -13,7 +13,7 @@ import phiclip.cpu.runtimes as R
 from phiclip import load_encoder
 from phiclip.cache import CACHE_ENV
 from phiclip.cpu.precision import ERROR_BOUNDS
-from phiclip.testing import build_tiny_clip, build_tiny_siglip
+from phiclip.testing import build_tiny_clip, build_tiny_open_clip, build_tiny_siglip
 
 #: These tests compile models with OpenVINO / ONNX Runtime: `make test` runs them in a process of their own
 #: (see tests/conftest.py).
@@ -120,8 +120,10 @@ def test_siglip_int8_through_onnxruntime(tmp_path, cache) -> None:
     assert enc.describe()["precision"]["runtime"]["runtime"] == "onnxruntime"
     assert "dynamic int8 through onnxruntime" in enc.describe()["precision"]["reason"]
     ERROR_BOUNDS["int8"].check(ref_enc.encode_batch(pixels).embeddings, enc.encode_batch(pixels).embeddings)
-    # The text side is untouched by the runtime.
-    np.testing.assert_allclose(enc.encode_texts(["a cat"]), ref_enc.encode_texts(["a cat"]), atol=1e-6)
+    # The text side through a runtime too (auto: measured; dynamic int8, no calibration texts needed).
+    texts = ["a cat", "a photo of two dogs on a beach"]
+    ERROR_BOUNDS["int8"].check(ref_enc.encode_texts(texts), enc.encode_texts(texts))
+    assert enc.describe()["precision"]["text"]["runtime"] in ("onnxruntime", "torch")
 
 
 def test_other_weights_are_converted_again(tmp_path, cache) -> None:
@@ -285,13 +287,16 @@ def test_clip_int8_through_openvino_is_calibrated_within_the_bound_and_cached(tm
     assert again.describe()["precision"]["runtime"]["converted_now"] is False
     np.testing.assert_allclose(again.encode_batch(pixels).embeddings, out, atol=1e-6)
     # other calibration images: quantised again
-    other = load_encoder(f"clip:{ckpt}?runtime=auto&calibration={_write_images(tmp_path / 'cal2', 12, seed=4)}",
+    other = load_encoder(f"clip:{ckpt}?runtime=openvino&calibration={_write_images(tmp_path / 'cal2', 12, seed=4)}",
                          device="cpu", dtype="int8")
     assert other.describe()["precision"]["runtime"]["runtime"] == "openvino"
     assert other.describe()["precision"]["runtime"]["converted_now"] is True
     ERROR_BOUNDS["int8"].check(ref, other.encode_batch(pixels).embeddings)
-    # the text side is untouched
-    np.testing.assert_allclose(enc.encode_texts(["a cat"]), ref_enc.encode_texts(["a cat"]), atol=1e-6)
+    # The text side has no calibration texts: dynamic int8 through ONNX Runtime where installed.
+    texts = ["a cat", "a photo of two dogs"]
+    ERROR_BOUNDS["int8"].check(ref_enc.encode_texts(texts), enc.encode_texts(texts))
+    expected = "torch" if R.missing_packages("onnxruntime") else "onnxruntime"
+    assert enc.describe()["precision"]["text"]["runtime"] == expected
 
 
 def test_calibration_where_nothing_uses_it_is_said(tmp_path, cache) -> None:
@@ -307,8 +312,121 @@ def test_siglip_int8_through_openvino_is_calibrated_within_the_bound(tmp_path, c
     ckpt = build_tiny_siglip(tmp_path / "siglip")
     ref_enc = load_encoder(f"siglip:{ckpt}", device="cpu", dtype="float32")
     pixels = _pixels(ref_enc)
-    enc = load_encoder(f"siglip:{ckpt}?runtime=auto&calibration={_write_images(tmp_path / 'cal', 10)}", device="cpu",
-                       dtype="int8")
+    folder = _write_images(tmp_path / 'cal', 10)
+    enc = load_encoder(f"siglip:{ckpt}?runtime=openvino&calibration={folder}", device="cpu", dtype="int8")
     info = enc.describe()["precision"]["runtime"]
     assert info["runtime"] == "openvino" and info["calibration"]["images"] == 10
     ERROR_BOUNDS["int8"].check(ref_enc.encode_batch(pixels).embeddings, enc.encode_batch(pixels).embeddings)
+    # auto with calibration images measures the static int8 model among the others (and reads its
+    # conversion back from the cache).
+    auto = load_encoder(f"siglip:{ckpt}?runtime=auto&calibration={folder}", device="cpu", dtype="int8")
+    measured = auto.describe()["precision"]["auto"]
+    assert "openvino" in measured["seconds"] and "torch" in measured["seconds"]
+    ERROR_BOUNDS["int8"].check(ref_enc.encode_batch(pixels).embeddings, auto.encode_batch(pixels).embeddings)
+
+
+# --- runtime=auto, the default: measured on this CPU, both towers ---------------------------------------
+TEXTS = ["a cat", "a photo of two dogs running on a beach at sunset", "x", "the Eiffel Tower"]
+
+
+@pytest.fixture()
+def default_auto(monkeypatch):
+    """The suite runs with PHICLIP_RUNTIME=torch (tests/conftest.py); these tests test the real default."""
+    monkeypatch.delenv("PHICLIP_RUNTIME", raising=False)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
+def test_the_default_is_auto_measured_once_per_cpu_within_the_bound(tmp_path, cache, default_auto, precision) -> None:
+    if R.missing_packages("openvino") and R.missing_packages("onnxruntime"):
+        pytest.skip("no compiled runtime installed (phiclip[cpu-runtimes])")
+    ckpt = build_tiny_clip(tmp_path / "clip")
+    ref_enc = load_encoder(f"clip:{ckpt}?runtime=torch", device="cpu", dtype="float32")
+    pixels = _pixels(ref_enc)
+    enc = load_encoder(f"clip:{ckpt}", device="cpu", dtype=precision)
+    record = enc.describe()["precision"]
+    assert record["runtime"]["requested"] == "auto" and enc.options.runtime == "auto"
+    measured = record["auto"]
+    assert measured["from_cache"] is False and "torch" in measured["seconds"]
+    installed, _ = R.auto_candidates(precision)
+    assert set(measured["seconds"]) | set(measured["passed_over"]) == {*installed, "torch"}
+    assert record["runtime"]["runtime"] == measured["chosen"]
+    ERROR_BOUNDS[precision].check(ref_enc.encode_batch(pixels).embeddings, enc.encode_batch(pixels).embeddings)
+    ERROR_BOUNDS[precision].check(ref_enc.encode_texts(TEXTS), enc.encode_texts(TEXTS))
+    text = enc.describe()["precision"]["text"]
+    assert text["auto"]["from_cache"] is False and "torch" in text["auto"]["seconds"]
+    # A second load on this CPU reads both choices back: no measurement, no conversion.
+    again = load_encoder(f"clip:{ckpt}", device="cpu", dtype=precision)
+    assert again.describe()["precision"]["auto"]["from_cache"] is True
+    assert again.describe()["precision"]["runtime"]["runtime"] == record["runtime"]["runtime"]
+    assert again.describe()["precision"]["runtime"].get("converted_now", False) is False
+    ERROR_BOUNDS[precision].check(ref_enc.encode_texts(TEXTS), again.encode_texts(TEXTS))
+    assert again.describe()["precision"]["text"]["auto"]["from_cache"] is True
+
+
+@pytest.mark.parametrize(("runtime", "precision"), [*CASES, ("onnxruntime", "int8")])
+@pytest.mark.parametrize("kind", ["clip", "siglip", "open_clip"])
+def test_the_text_tower_through_a_runtime_stays_within_the_bound(tmp_path, cache, kind, runtime, precision) -> None:
+    if R.missing_packages(runtime):
+        pytest.skip(f"{runtime} is not installed (phiclip[cpu-runtimes])")
+    build = {"clip": build_tiny_clip, "siglip": build_tiny_siglip, "open_clip": build_tiny_open_clip}[kind]
+    ckpt = build(tmp_path / kind)
+    ref = load_encoder(f"{kind}:{ckpt}?runtime=torch", device="cpu", dtype="float32").encode_texts(TEXTS)
+    enc = load_encoder(f"{kind}:{ckpt}?runtime={runtime}", device="cpu", dtype=precision)
+    out = enc.encode_texts(TEXTS)
+    text = enc.describe()["precision"]["text"]
+    assert text["runtime"] == runtime and text["part"] == "text" and text["precision"] == precision
+    ERROR_BOUNDS[precision].check(ref, out)
+    # One text alone and texts of other lengths than the example traced (the length axis is dynamic).
+    ERROR_BOUNDS[precision].check(ref[1:2], enc.encode_texts(TEXTS[1:2]))
+    if precision != "float32":
+        assert not np.array_equal(out, ref)  # the runtime really ran at its precision
+
+
+def test_a_text_run_records_what_ran_the_text_tower(tmp_path, cache, default_auto) -> None:
+    if R.missing_packages("onnxruntime"):
+        pytest.skip("onnxruntime is not installed (phiclip[cpu-runtimes])")
+    import json
+
+    from phiclip.pipeline.runner import embed_text
+
+    ckpt = build_tiny_clip(tmp_path / "clip")
+    (tmp_path / "texts.txt").write_text("\n".join(TEXTS) + "\n")
+    embed_text(f"clip:{ckpt}", tmp_path / "texts.txt", tmp_path / "out", device="cpu", precision="int8")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    text = manifest["encoder"]["precision"]["text"]
+    assert text["runtime"] in ("onnxruntime", "torch") and "auto" in text
+
+
+@pytest.mark.parametrize("change", ["cpu", "runtime version"])
+def test_a_new_cpu_or_runtime_version_converts_again(tmp_path, cache, monkeypatch, change) -> None:
+    if R.missing_packages("onnxruntime"):
+        pytest.skip("onnxruntime is not installed (phiclip[cpu-runtimes])")
+    import phiclip.cpu.precision as P
+
+    ckpt = build_tiny_clip(tmp_path / "clip")
+    load_encoder(f"clip:{ckpt}?runtime=onnxruntime", device="cpu", dtype="float32")
+    same = load_encoder(f"clip:{ckpt}?runtime=onnxruntime", device="cpu", dtype="float32")
+    assert same.describe()["precision"]["runtime"]["converted_now"] is False
+    if change == "cpu":
+        monkeypatch.setattr(P, "cpu_name", lambda: "Another CPU (family 25, model 17)")
+    else:
+        versions = R._versions
+        monkeypatch.setattr(R, "_versions", lambda rt, p=None: versions(rt, p) + ",onnxruntime-next")
+    other = load_encoder(f"clip:{ckpt}?runtime=onnxruntime", device="cpu", dtype="float32")
+    assert other.describe()["precision"]["runtime"]["converted_now"] is True
+    assert len(list((cache / "runtimes").iterdir())) == 2
+
+
+def test_without_the_runtimes_auto_is_torch_for_both_towers_and_says_how_to_install(tmp_path, cache, monkeypatch,
+                                                                                      default_auto) -> None:
+    _installed(monkeypatch)
+    ckpt = build_tiny_clip(tmp_path / "clip")
+    ref_enc = load_encoder(f"clip:{ckpt}?runtime=torch", device="cpu", dtype="float32")
+    enc = load_encoder(f"clip:{ckpt}", device="cpu", dtype="int8")
+    record = enc.describe()["precision"]
+    assert record["runtime"]["runtime"] == "torch" and "phiclip[cpu-runtimes]" in record["runtime"]["reason"]
+    ERROR_BOUNDS["int8"].check(ref_enc.encode_texts(TEXTS), enc.encode_texts(TEXTS))
+    text = enc.describe()["precision"]["text"]
+    assert text["runtime"] == "torch" and "phiclip[cpu-runtimes]" in text["reason"]
+    assert not (cache / "runtimes").exists() or not any((cache / "runtimes").iterdir())
+

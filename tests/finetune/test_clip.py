@@ -279,3 +279,18 @@ def test_open_clip_with_a_logit_bias_is_refused(caption_csv: Path, tmp_path: Pat
     save_file({**state, "logit_bias": torch.tensor(-10.0)}, str(source / "open_clip_model.safetensors"))
     with pytest.raises(TrainingError, match="logit_bias.*softmax loss only"):
         finetune_clip(f"open_clip:{source}", caption_csv, tmp_path / "out", steps=1, batch_size=12, **FAST)
+
+
+@pytest.mark.compiled_runtime
+def test_fine_tuning_runs_torch_whatever_the_default_runtime(tiny_clip_dir: Path, caption_csv: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled runtime cannot follow training: a spec that names no runtime trains on torch even where
+    the default runtime is a compiled one."""
+    from phiclip.cpu.runtimes import missing_packages
+
+    if missing_packages("onnxruntime"):
+        pytest.skip("onnxruntime is not installed (phiclip[cpu-runtimes])")
+    monkeypatch.setenv("PHICLIP_RUNTIME", "onnxruntime")
+    monkeypatch.setenv("PHICLIP_CACHE", str(tmp_path / "cache"))
+    result = finetune_clip(f"clip:{tiny_clip_dir}", caption_csv, tmp_path / "out", steps=2, batch_size=8, **FAST)
+    assert result.after is not None

@@ -114,11 +114,23 @@ def accelerate(
             images that cannot be read, a failed conversion, or no int8 kernel in this torch build.
     """
     record = dict(record)
+    if runtime == "auto" and device_type == "cpu" and fingerprint is not None and image_size is not None:
+        from phiclip.cpu import runtimes  # lazy: imports torch
+
+        if runtimes.auto_candidates(precision, calibrated=calibration is not None)[0]:
+            return _measured(model, precision=precision, record=record, image_features=image_features,
+                             calibration=calibration, calibration_images=calibration_images, fingerprint=fingerprint,
+                             image_size=image_size, preprocess=preprocess, preprocess_key=preprocess_key,
+                             keep_alpha=keep_alpha, tower=tower, compile_module=compile_module)
     choice = None
     if runtime is not None:
         from phiclip.cpu import runtimes  # lazy: imports torch
 
-        choice = runtimes.choose_runtime(runtime, precision, device_type, calibrated=calibration is not None)
+        if runtime == "auto" and device_type == "cpu" and (fingerprint is None or image_size is None):
+            choice = runtimes.RuntimeChoice("auto", "torch", "auto: torch (this image side's input shape varies "
+                                            "with each image, so it is not compiled)")
+        else:
+            choice = runtimes.choose_runtime(runtime, precision, device_type, calibrated=calibration is not None)
     compiled = None
     features = None
     if choice is not None and choice.runtime != "torch":
@@ -127,22 +139,132 @@ def accelerate(
         if precision == "int8":
             record["reason"] = f"int8 asked for: {compiled.scheme()}"
     else:
-        features = image_features() if image_features is not None else None
-        if tower is not None and features is None and device_type == "cpu" and precision != "float32":
-            _tower_in_place(tower, precision, record)
-        elif precision == "int8":
-            from phiclip.cpu import int8  # lazy: imports torch
-
-            features, record["int8"] = int8.quantize_image_side(model, features)
-        elif device_type == "cpu" and precision in ("bfloat16", "float16"):
-            features = _sixteen_bit(model, features, precision, record)
+        features = _torch_image_side(model, precision, record, device_type, image_features, tower)
     if calibration is not None and precision == "int8" and (compiled is None or compiled.calibration is None):
         warnings.warn(f"{name}: calibration= is used only by int8 through OpenVINO (runtime=openvino or auto, "
                       f"precision int8); here {choice.runtime if choice else 'torch'} runs {precision}, so it is ignored",
-                      stacklevel=4)
+                      stacklevel=3)
     if choice is not None:
         record["runtime"] = {**choice.to_dict(), **(compiled.describe() if compiled is not None else {})}
     return AcceleratedPath(compiled=compiled, image_features=features, record=record)
+
+
+#: Images ``auto`` times the ways of an image side on (random pixel values of the tower's size).
+AUTO_IMAGE_BATCH = 8
+
+
+def _example_pixels(preprocess: Callable[[Any], Any] | None, image_size: int, keep_alpha: bool) -> Any:
+    """:data:`AUTO_IMAGE_BATCH` pixel batches ``auto`` times an image side on: smooth random pictures
+    (low-frequency colour fields with some noise, like photos rather than white noise: static int8
+    scales were calibrated on photos) through the encoder's preprocessing; random normal pixel values
+    where there is none."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    if preprocess is not None:
+        out = []
+        for i in range(AUTO_IMAGE_BATCH):
+            coarse = rng.integers(0, 256, (4 + i % 3, 5 + i % 4, 3), dtype=np.uint8)
+            field = np.asarray(Image.fromarray(coarse).resize((320 - 16 * i, 240 + 8 * i), Image.BICUBIC), dtype=np.int16)
+            noisy = np.clip(field + rng.integers(-12, 13, field.shape), 0, 255).astype(np.uint8)
+            image = Image.fromarray(noisy)
+            out.append(preprocess(image.convert("RGBA") if keep_alpha else image))
+        pixels = torch.stack(out).float()
+        if tuple(pixels.shape[1:]) == (3, image_size, image_size):
+            return pixels
+    return torch.from_numpy(rng.standard_normal((AUTO_IMAGE_BATCH, 3, image_size, image_size)).astype(np.float32))
+
+
+def _torch_image_side(model: nn.Module, precision: str, record: dict[str, Any], device_type: str,
+                      image_features: Callable[[], nn.Module | None] | None,
+                      tower: Sequence[nn.Module] | None) -> nn.Module | None:
+    """Torch's image side at ``precision`` (records what it did in ``record``): phiclip's image module
+    (int8, fused or 16-bit copy), or None with the ``tower`` changed in place / the model's own forward."""
+    features = image_features() if image_features is not None else None
+    if tower is not None and features is None and device_type == "cpu" and precision != "float32":
+        _tower_in_place(tower, precision, record)
+    elif precision == "int8":
+        from phiclip.cpu import int8  # lazy: imports torch
+
+        features, record["int8"] = int8.quantize_image_side(model, features)
+    elif device_type == "cpu" and precision in ("bfloat16", "float16"):
+        features = _sixteen_bit(model, features, precision, record)
+    return features
+
+
+def _measured(model: nn.Module, *, precision: str, record: dict[str, Any],
+              image_features: Callable[[], nn.Module | None] | None, calibration: str | None, calibration_images: int,
+              fingerprint: str, image_size: int, preprocess: Callable[[Any], Any] | None, preprocess_key: str,
+              keep_alpha: bool, tower: Sequence[nn.Module] | None,
+              compile_module: Callable[[], nn.Module] | None) -> AcceleratedPath:
+    """``runtime=auto`` on the CPU: the installed runtimes and torch measured on this CPU, the fastest
+    within the precision's bound kept (:func:`phiclip.cpu.autotune.fastest`; decided once per CPU, weights,
+    precision and shape)."""
+    import contextlib
+
+    import torch
+
+    from phiclip.cpu import autotune, runtimes  # lazy: imports torch
+
+    def float_module() -> nn.Module:
+        return compile_module() if compile_module is not None else runtimes.ImageSide(model)
+
+    pixels = _example_pixels(preprocess, int(image_size), keep_alpha)
+    torch_record = dict(record)
+    compiled: dict[str, runtimes.CompiledPath] = {}
+    candidates, skipped = runtimes.auto_candidates(precision, calibrated=calibration is not None)
+    if any((name, precision) in runtimes.NEEDS_CALIBRATION for name in candidates):
+        # Images that cannot be read are the user's error to fix, not a way to pass over quietly.
+        calibration_set(str(calibration), calibration_images, salt=preprocess_key)
+
+    def build_compiled(name: str) -> Callable[..., Any]:
+        compiled[name] = _compile(model, name, precision, calibration, calibration_images, fingerprint, image_size,
+                                  preprocess, preprocess_key, keep_alpha, compile_module)
+        return compiled[name]
+
+    def build_torch() -> Callable[..., Any]:
+        features = _torch_image_side(model, precision, torch_record, "cpu", image_features, tower)
+        torch_record["_features"] = features
+        module = features if features is not None else float_module()
+        dtype = precision if precision in ("bfloat16", "float16") else None
+        if precision == "int8" and tower is not None and features is None:
+            dtype = torch_record.get("int8", {}).get("float_dtype")
+        autocast = (lambda: torch.autocast("cpu", dtype=getattr(torch, dtype))) if dtype and dtype != "float32" \
+            else contextlib.nullcontext
+
+        def run(x: Any) -> Any:
+            with autocast():
+                return module(x)
+
+        return run
+
+    ways = [autotune.Way(name, lambda name=name: build_compiled(name)) for name in candidates]
+    ways.append(autotune.Way("torch", build_torch))  # last: it may change the tower in place
+    key_fields = {"part": "image", "fingerprint": fingerprint, "preprocess": preprocess_key,
+                  "calibration": calibration, "calibration_images": calibration_images if calibration else None}
+    # The float32 reference is computed before any way changes the tower in place.
+    tuned = autotune.fastest(ways, (pixels,), precision=precision, key_fields=key_fields,
+                             reference=lambda: float_module()(pixels).float().numpy())
+    how = "read back from this CPU's earlier measurement" if tuned.record.get("from_cache") else "measured now"
+    times = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in tuned.record.get("seconds", {}).items())
+    reason = f"auto: {tuned.name} measured fastest on this CPU at {precision} ({times}; {how})"
+    if skipped:
+        reason += f"; not measured: {'; '.join(skipped)}"
+    if tuned.name == "torch":
+        features = torch_record.pop("_features", None)
+        out = dict(torch_record)
+        out["runtime"] = {"requested": "auto", "runtime": "torch", "reason": reason}
+        out["auto"] = tuned.record
+        return AcceleratedPath(compiled=None, image_features=features, record=out)
+    path = compiled[tuned.name]
+    out = dict(record)
+    if precision == "int8":
+        out["reason"] = f"int8 asked for: {path.scheme()}"
+    out["runtime"] = {"requested": "auto", "runtime": tuned.name, "reason": reason, **path.describe()}
+    out["auto"] = tuned.record
+    return AcceleratedPath(compiled=path, image_features=None, record=out)
 
 
 def _tower_in_place(tower: Sequence[nn.Module], precision: str, record: dict[str, Any]) -> None:
@@ -214,4 +336,98 @@ def _compile(model: nn.Module, runtime: str, precision: str, calibration: str | 
                                        preprocess=preprocess, keep_alpha=keep_alpha)
 
 
-__all__ = ["AcceleratedPath", "accelerate"]
+# --------------------------------------------------------------------------------------------------
+# The text side
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TextPath:
+    """What runs an encoder's text side: ``compiled`` (a compiled runtime's text tower, called with
+    the tokenizer's tensors in the order of its ``input_names``) or None (torch: the model's own
+    ``get_text_features``), and the record of the choice (``describe()["precision"]["text"]``)."""
+
+    compiled: CompiledImagePath | None
+    record: dict[str, Any]
+
+
+def accelerate_text(model: nn.Module, *, precision: str, runtime: str | None, fingerprint: str | None,
+                    example: dict[str, Any], device_type: str = "cpu",
+                    text_module: Callable[[], nn.Module] | None = None) -> TextPath:
+    """Decide what runs ``model``'s text side at ``precision``: a compiled runtime (``runtime=`` names
+    it; ``auto`` measures the installed ones against torch on ``example``, the tokenizer's tensors for a
+    few sentences, and keeps the fastest within the bound, :mod:`phiclip.cpu.autotune`) or torch.
+
+    The text side is never statically quantised (that needs calibration texts): at int8 a runtime
+    runs ONNX Runtime's dynamic int8 where installed (``runtime=openvino`` included), else torch runs
+    it in float32 as before. A precision no runtime runs (float16), a GPU, or a failed conversion
+    under ``auto``: torch, with the reason recorded.
+
+    Args:
+        text_module: builds the float32 module ``(input_ids[, attention_mask]) -> (n, d)``; None:
+            transformers' ``get_text_features`` of ``model``.
+    """
+    from phiclip.cpu import autotune, runtimes  # lazy: imports torch
+
+    def torch_path(reason: str) -> TextPath:
+        return TextPath(None, {"runtime": "torch", "reason": reason})
+
+    if runtime in (None, "torch"):
+        return torch_path("runtime torch" + (" (the default)" if runtime is None else ""))
+    if device_type != "cpu":
+        return torch_path(f"compiled runtimes are for the CPU; this runs on {device_type}")
+    if fingerprint is None:
+        return torch_path("a model without a weights fingerprint is not compiled")
+    names = tuple(n for n in ("input_ids", "attention_mask") if n in example)
+    inputs = runtimes.text_inputs(names)
+    tensors = tuple(example[n] for n in names)
+
+    def module() -> nn.Module:
+        return text_module() if text_module is not None else runtimes.TextSide(model)
+
+    def build(name: str) -> runtimes.CompiledPath:
+        return runtimes.compile_path(module(), runtime=name, precision=precision, fingerprint=fingerprint,
+                                     inputs=inputs, part="text")
+
+    if runtime != "auto":
+        name = runtime
+        if precision == "int8" and (runtime, precision) in runtimes.NEEDS_CALIBRATION:
+            name = "onnxruntime"  # static int8 needs calibration texts: dynamic int8 instead
+        if precision not in runtimes.RUNTIME_PRECISIONS.get(name, ()) or runtimes.missing_packages(name, precision):
+            return torch_path(f"runtime {runtime} asked for, but {name} does not run the text side at {precision} here "
+                              f"({', '.join(runtimes.missing_packages(name, precision)) or 'precision'}): torch")
+        compiled = build(name)
+        return TextPath(compiled, {"runtime": name, "reason": f"runtime {runtime} asked for", **compiled.describe()})
+    candidates, skipped = runtimes.auto_candidates(precision, calibrated=False)
+    if not candidates:
+        return torch_path(f"auto: torch ({'; '.join(skipped) or f'no compiled runtime runs {precision}'})")
+    import contextlib
+
+    import torch
+
+    float_module = module()
+    sixteen = precision in ("bfloat16", "float16")
+
+    def build_torch() -> Callable[..., Any]:
+        def run(*xs: Any) -> Any:
+            with torch.autocast("cpu", dtype=getattr(torch, precision)) if sixteen else contextlib.nullcontext():
+                return float_module(*xs)
+        return run
+
+    built: dict[str, runtimes.CompiledPath] = {}
+
+    def build_compiled(name: str) -> Callable[..., Any]:
+        built[name] = build(name)
+        return built[name]
+
+    ways = [autotune.Way(n, lambda n=n: build_compiled(n)) for n in candidates] + [autotune.Way("torch", build_torch)]
+    tuned = autotune.fastest(ways, tensors, precision=precision, key_fields={"part": "text", "fingerprint": fingerprint},
+                             reference=lambda: float_module(*tensors).float().numpy())
+    how = "read back from this CPU's earlier measurement" if tuned.record.get("from_cache") else "measured now"
+    times = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in tuned.record.get("seconds", {}).items())
+    reason = f"auto: {tuned.name} measured fastest on this CPU at {precision} ({times}; {how})"
+    if tuned.name == "torch":
+        return TextPath(None, {"runtime": "torch", "reason": reason, "auto": tuned.record})
+    compiled = built[tuned.name]
+    return TextPath(compiled, {"runtime": tuned.name, "reason": reason, **compiled.describe(), "auto": tuned.record})
+
+
+__all__ = ["AcceleratedPath", "TextPath", "accelerate", "accelerate_text"]

@@ -180,6 +180,12 @@ class Encoder(abc.ABC):
         """What an item usually costs, before any is preprocessed (to size the work per worker)."""
         return 1
 
+    def prepare_texts(self) -> None:
+        """Decide and build what runs the text side before the first text (an encoder whose text
+        tower may be compiled records the choice in ``describe()``); a text run calls it before it
+        writes its manifest. The default: nothing to decide."""
+        return None
+
     # --- convenience ---------------------------------------------------------------------------
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Texts -> (n, dim) float32 embeddings, for encoders with a text side. An encoder without one

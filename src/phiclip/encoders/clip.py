@@ -48,6 +48,7 @@ from phiclip.encoders.clip_preprocessing import (
 from phiclip.encoders.device import Placement
 from phiclip.encoders.options import ContrastiveOptions
 from phiclip.encoders.spec import EncoderSpec
+from phiclip.encoders.text_side import TextSideRunner, tokenizer_call
 from phiclip.models.checkpoint import fingerprint_module
 from phiclip.models.ops import l2_normalize
 
@@ -179,6 +180,11 @@ class _ContrastiveEncoder(Encoder):
         self.compiled: CompiledImagePath | None = path.compiled
         self.image_features: Any = path.image_features
         self.precision = path.record
+        # What runs the text tower: decided on its first use (phiclip.encoders.text_side).
+        self.text_side = None if tokenizer is None else TextSideRunner(
+            model, precision=placement.precision, runtime=options.runtime, fingerprint=self.weights_fingerprint,
+            device_type=self.device.type, record=self.precision,
+            tokenize=tokenizer_call(tokenizer, self.text_padding, self.text_max_length))
 
     def share_model_weights_(self) -> None:
         """Make the image path read ``self.model``'s own weights again, dropping a packed inference
@@ -192,6 +198,15 @@ class _ContrastiveEncoder(Encoder):
         if self.image_features is not None:
             self.image_features = self._fast_image_features()
             self.precision["cpu_kernels"] = "torch"
+        if self.text_side is not None and self.text_side.runtime != "torch":  # torch's text tower follows training
+            self.text_side = TextSideRunner(self.model, precision=self.text_side.precision, runtime="torch",
+                                            fingerprint=self.weights_fingerprint, device_type=self.device.type,
+                                            record=self.precision, tokenize=self.text_side.tokenize)
+
+    def prepare_texts(self) -> None:
+        """Decide what runs the text tower now (a text run calls this before writing its manifest)."""
+        if self.text_side is not None:
+            self.text_side.prepare()
 
     # --- loading ------------------------------------------------------------------------------
     @classmethod
@@ -355,16 +370,9 @@ class _ContrastiveEncoder(Encoder):
         step = max(1, min(batch_size, self.max_batch))
         with torch.inference_mode(), self._autocast():
             for start in range(0, len(texts), step):
-                chunk = list(texts[start : start + step])
-                enc = self.tokenizer(
-                    chunk,
-                    padding=self.text_padding,
-                    truncation=True,
-                    max_length=self.text_max_length,
-                    return_tensors="pt",
-                )
+                enc = self.text_side.tokenize(list(texts[start : start + step]))
                 inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-                out.append(self._finish(_pooled(self.model.get_text_features(**inputs))))
+                out.append(self._finish(self.text_side(inputs, lambda x: _pooled(self.model.get_text_features(**x)))))
         return np.concatenate(out, axis=0)
 
     # --- description --------------------------------------------------------------------------

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from phiclip.encoders.spec import SpecOptions, bool_option, choice_option, int_option
+from phiclip.cpu.autotune import RUNTIME_NAMES
+from phiclip.encoders.spec import SpecOptions, bool_option, choice_option, int_option, runtime_option
 
 #: What may run a family's image side (the fixed-shape ones; SigLIP 2 NaFlex: torch only).
-FAMILY_RUNTIMES = ("torch", "auto", "openvino", "onnxruntime")
+FAMILY_RUNTIMES = RUNTIME_NAMES
 
 #: Most images (or texts) per model call, by default.
 DEFAULT_FAMILY_MAX_BATCH = 64
@@ -30,11 +31,10 @@ class FamilyOptions(SpecOptions):
     normalize: bool = bool_option(True, "true|false: L2-normalise the vectors (default true)")
     max_batch: int = int_option(DEFAULT_FAMILY_MAX_BATCH,
                                 f"integer >= 1: most inputs per model call (default {DEFAULT_FAMILY_MAX_BATCH})")
-    runtime: str = choice_option(
-        "torch", FAMILY_RUNTIMES,
-        "torch|auto|openvino|onnxruntime: what runs the image side on the CPU (default torch; auto: OpenVINO for "
-        "float32/bfloat16, ONNX Runtime for int8 where installed; fixed-shape image paths only, not SigLIP 2 "
-        "NaFlex; phiclip[cpu-runtimes])")
+    runtime: str = runtime_option(
+        "auto|torch|openvino|onnxruntime: what runs the image side on the CPU (default auto, or $PHICLIP_RUNTIME: "
+        "torch and each installed runtime measured once on this CPU, the fastest within the precision's bound "
+        "kept; fixed-shape image paths only: SigLIP 2 NaFlex runs torch; phiclip[cpu-runtimes])")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from phiclip.encoders.spec import (
     choice_option,
     int_option,
     option_choice,
+    runtime_option,
 )
 from phiclip.phi3v.config import MAX_NUM_CROPS
 from phiclip.phi3v.prompts import DEFAULT_PRESET, POOLINGS, PRESETS, check_template, default_preset
@@ -50,11 +51,10 @@ class ContrastiveOptions(SpecOptions):
     max_batch: int = int_option(DEFAULT_MAX_BATCH, "integer >= 1: most inputs per model call (default 256)")
     fast: bool = bool_option(
         True, "true|false: phiclip's CLIP image tower (default true; false: transformers' get_image_features)")
-    runtime: str = choice_option(
-        "torch", ("torch", "auto", "openvino", "onnxruntime"),
-        "torch|auto|openvino|onnxruntime: what runs the image side on the CPU (default torch; auto: OpenVINO for "
-        "float32/bfloat16, ONNX Runtime for int8 where installed, or OpenVINO for int8 given calibration=; "
-        "phiclip[cpu-runtimes])")
+    runtime: str = runtime_option(
+        "auto|torch|openvino|onnxruntime: what runs the image and text towers on the CPU (default auto, or "
+        "$PHICLIP_RUNTIME: torch and each installed runtime measured once on this CPU, the fastest within the "
+        "precision's bound kept; OpenVINO's int8 needs calibration=; phiclip[cpu-runtimes])")
     calibration: str | None = _input_option(
         "images like the ones you embed (a folder, a glob, a list of paths, a table or hf:NAME): int8 through "
         "OpenVINO quantises statically, calibrated on them (runtime=openvino or auto, precision int8)")

@@ -50,9 +50,9 @@ class Siglip2Encoder(FamilyEncoder):
         if getattr(config.vision_config, "vision_use_head", True) is False:
             raise ValueError(f"encoder spec {str(spec)!r}: the vision model has no pooling head (vision_use_head=false), "
                              "so it gives no image vector; use a SigLIP 2 checkpoint with its head")
-        if config.model_type == "siglip2" and options.runtime != "torch":
+        if config.model_type == "siglip2" and options.runtime not in ("torch", "auto"):
             raise ValueError(f"encoder spec {str(spec)!r}: runtime={options.runtime} compiles fixed-shape image paths; "
-                             "a NaFlex checkpoint's number of patches varies with each image: leave runtime out "
+                             "a NaFlex checkpoint's number of patches varies with each image: use runtime=torch or auto "
                              "(torch runs it, in int8 or bfloat16 too)")
         if config.model_type == "siglip" and options.max_num_patches is not None:
             raise ValueError(f"encoder spec {str(spec)!r}: max_num_patches is for NaFlex checkpoints (model_type "

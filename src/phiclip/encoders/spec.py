@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from phiclip.cpu.autotune import RUNTIME_NAMES, default_runtime
+
 Self = TypeVar("Self", bound="SpecOptions")
 
 
@@ -149,6 +151,15 @@ def choice_option(default: str, choices: Sequence[str], help: str) -> Any:
                                             "help": help})
 
 
+def runtime_option(help: str) -> Any:
+    """A :class:`SpecOptions` field: what runs a tower on the CPU (``torch``, ``auto``, ``openvino``,
+    ``onnxruntime``); left out, :func:`phiclip.cpu.autotune.default_runtime` (``$PHICLIP_RUNTIME``, else ``auto``)."""
+    def parse(spec: EncoderSpec, key: str) -> str:
+        return option_choice(spec, key, default_runtime(), RUNTIME_NAMES)
+
+    return field(default_factory=default_runtime, metadata={"parse": parse, "help": help})
+
+
 @dataclass(frozen=True)
 class SpecOptions:
     """Base of the per-kind option dataclasses: each field is declared with :func:`bool_option`,
@@ -188,5 +199,6 @@ __all__ = [
     "option_bool",
     "option_choice",
     "option_int",
+    "runtime_option",
     "split_spec",
 ]

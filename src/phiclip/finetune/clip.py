@@ -485,7 +485,9 @@ def finetune_clip(
     ckpt = prepare_output(output, opts.resume, identity)
     output.mkdir(parents=True, exist_ok=True)
 
-    encoder = load_encoder(str(spec), device=str(device), dtype="float32")
+    # Torch runs both towers unless the spec says otherwise: a compiled runtime cannot follow training.
+    runs = spec if "runtime" in spec.options else EncoderSpec(spec.kind, spec.location, {**spec.options, "runtime": "torch"})
+    encoder = load_encoder(str(runs), device=str(device), dtype="float32")
     if encoder.tokenizer is None:
         raise TrainingError(f"{model}: no tokenizer could be loaded ({encoder.text_unavailable}); contrastive training needs text")
     if (getattr(encoder, "open_clip_info", None) or {}).get("logit_bias") is not None:

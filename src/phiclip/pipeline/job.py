@@ -148,6 +148,8 @@ def run_locked(model: Any, listing: InputListing, out: OutputDir, opts: EmbedOpt
         encoder = engine.load(model, opts.max_pixels)
         if kind == "text" and "text" not in encoder.modalities:
             raise InputError(needs_text_message(encoder.name))
+        if kind == "text" and callable(getattr(encoder, "prepare_texts", None)):
+            encoder.prepare_texts()  # what runs the text tower, decided now, is in the manifest
     timings["setup"] = timings.get("setup", 0.0) + time.perf_counter() - t0
     manifest = _manifest(__version__, identity, listing, plan, existing, encoder, out)  # checks the encoder
     if was_complete:  # unfinished until this run commits (a repair, an update, a prune)
