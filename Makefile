@@ -15,7 +15,13 @@ $(BIN)/phiclip: pyproject.toml
 	# NVIDIA driver is present, else the CPU build from PyTorch's CPU index (about 200 MB instead of
 	# several GB). Where that index cannot be reached, pip's own configuration decides (TORCH_INDEX overrides).
 	$(BIN)/python -c "import torch" 2>/dev/null || $(MAKE) --no-print-directory torch
-	$(BIN)/pip install -q -e ".[dev]"
+	# Without an NVIDIA driver, the compiled CPU runtimes too (OpenVINO, ONNX Runtime: about 100 MB of wheels,
+	# 310 MB installed), which the default runtime=auto measures against torch (docs/reference.md#cpu-runtimes).
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/pip install -q -e ".[dev]"; \
+	else \
+	  $(BIN)/pip install -q -e ".[dev,cpu-runtimes]"; \
+	fi
 	touch $(BIN)/phiclip
 
 venv: $(BIN)/phiclip

@@ -65,7 +65,7 @@ CALIBRATION_IMAGES = 128
 def runtime_spec(ckpt: Any, runtime: str, precision: str, calibration: Path | None) -> str:
     """The spec of phiclip through ``runtime`` (``calibration=`` where that runtime needs it)."""
     if runtime == "torch":
-        return f"clip:{ckpt}"
+        return f"clip:{ckpt}?runtime=torch"
     extra = f"&calibration={calibration}" if (runtime, precision) in NEEDS_CALIBRATION and calibration else ""
     return f"clip:{ckpt}?runtime={runtime}{extra}"
 
@@ -350,6 +350,222 @@ def bench_embed(tables: list[Table], tmp: Path, n_images: int, repeats: int, cli
 
 
 # --------------------------------------------------------------------------------------------------
+#: CLIP ViT-B/32's real text tower (the image tower is 768 wide): 12 layers of 512, 8 heads.
+B32_TEXT = dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8)
+
+
+def build_b32(folder: Path) -> Path:
+    """A real-size CLIP ViT-B/32 (random weights): 12 x 768 image tower, 12 x 512 text tower."""
+    from phiclip.testing import build_tiny_clip
+
+    if (folder / "config.json").exists():
+        return folder
+    return build_tiny_clip(folder, image_size=224, patch_size=32, hidden_size=768, num_layers=12, num_heads=12,
+                           projection_dim=512, text_overrides=B32_TEXT)
+
+
+def caption_texts(n: int, seed: int = 0) -> list[str]:
+    """``n`` caption-like sentences of 3 to 20 words."""
+    rng = np.random.default_rng(seed)
+    words = ("a photo of the dog cat red blue small large running sitting on in with near beach city street park "
+             "two people woman man child car tree house mountain river at night sunset morning close-up old new").split()
+    return [" ".join(rng.choice(words, size=int(rng.integers(3, 21)))) for _ in range(n)]
+
+
+class _TextSide(torch.nn.Module):
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return getattr(out, "pooler_output", out)
+
+
+def openvino_text_contender(ckpt: Path, precision: str, tmp: Path) -> Callable[[list[str]], np.ndarray] | None:
+    """The CLIP text tower converted by OpenVINO itself (``convert_model`` of transformers' model, batch and
+    length dynamic), compiled at ``precision`` with its CACHE_DIR, behind the checkpoint's tokenizer."""
+    if missing_packages("openvino") or precision not in ("float32", "bfloat16"):
+        return None
+    import openvino as ov
+    from transformers import CLIPModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(ckpt)
+    xml = tmp / "ov-text" / "model.xml"
+    if not xml.exists():
+        model = CLIPModel.from_pretrained(ckpt).eval()
+        ex = tok(["a photo of a dog", "a cat"], padding="longest", return_tensors="pt")
+        with torch.no_grad():
+            converted = ov.convert_model(_TextSide(model), example_input=(ex["input_ids"], ex["attention_mask"]),
+                                         input=[ov.PartialShape([-1, -1]), ov.PartialShape([-1, -1])])
+        ov.save_model(converted, str(xml), compress_to_fp16=False)
+    core = ov.Core()
+    compiled = core.compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": {"float32": "f32", "bfloat16": "bf16"}[precision],
+                                                    "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                                                    "CACHE_DIR": str(tmp / f"ov-text-cache-{precision}")})
+    req = compiled.create_infer_request()
+
+    def run(texts: list[str]) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), 256):
+            enc = tok(texts[i:i + 256], padding="longest", truncation=True, max_length=77, return_tensors="np")
+            out.append(req.infer({0: enc["input_ids"].astype(np.int64), 1: enc["attention_mask"].astype(np.int64)})[0].copy())
+        return np.concatenate(out)
+    return run
+
+
+TEXT_CONTENDER_SCRIPT = """
+import sys, time, numpy as np, pyarrow as pa, pyarrow.parquet as pq
+sys.path.insert(0, {bench!r})
+from pathlib import Path
+from cpu_precision import openvino_text_contender
+texts = [t for t in Path(sys.argv[1]).read_text().splitlines() if t.strip()]
+run = openvino_text_contender(Path({ckpt!r}), {precision!r}, Path({tmp!r}))
+v = run(texts)
+v = v / np.linalg.norm(v, axis=1, keepdims=True)
+pq.write_table(pa.table({{"text": texts, "embedding": pa.FixedSizeListArray.from_arrays(v.astype(np.float32).ravel(), v.shape[1])}}),
+               sys.argv[2])
+"""
+
+
+def bench_text(tables: list[Table], tmp: Path, n_texts: int, repeats: int) -> None:
+    """CLIP ViT-B/32's text tower: the default ``encode_texts`` / ``phiclip embed-text`` (no flags) against
+    OpenVINO's own conversion at the precision the default runs, in process and as fresh processes."""
+    import os
+    import shutil
+    import subprocess
+
+    from phiclip import load_encoder
+
+    ckpt = build_b32(tmp / "clip-b32")
+    texts = caption_texts(n_texts)
+    default = load_encoder(f"clip:{ckpt}", device="cpu")
+    precision = default.describe()["precision"]["dtype"]
+    t0 = time.perf_counter()
+    default.prepare_texts()
+    text_record = default.describe()["precision"]["text"]
+    print(f"default text side: {text_record['runtime']} at {precision} ({text_record['reason']}); decided in "
+          f"{time.perf_counter() - t0:.1f} s")
+    torch_only = load_encoder(f"clip:{ckpt}?runtime=torch", device="cpu", dtype=precision)
+    ref = load_encoder(f"clip:{ckpt}?runtime=torch", device="cpu", dtype="float32").encode_texts(texts)
+    fns: dict[str, Callable[[], Any]] = {"phiclip default encode_texts (no flags)": lambda: default.encode_texts(texts),
+                                         f"phiclip runtime=torch {precision}": lambda: torch_only.encode_texts(texts)}
+    contender = openvino_text_contender(ckpt, precision, tmp)
+    if contender is not None:
+        fns[f"OpenVINO text tower {precision} (own conversion)"] = lambda: contender(texts)
+    outs = {k: np.asarray(f()) for k, f in fns.items()}
+    times = time_interleaved(fns, repeats)
+    best = times.get(f"OpenVINO text tower {precision} (own conversion)")
+    t = Table(f"CLIP ViT-B/32 text tower (12 x 512), {n_texts} caption-like texts, tokenizer included, in process",
+              ["what", "s", "texts/s", "phiclip default vs this", "vs float32 output"])
+    for name, sec in times.items():
+        t.add(name, f"{sec:.2f}", f"{n_texts / sec:.0f}", f"{sec / times['phiclip default encode_texts (no flags)']:.2f}x",
+              closeness(ref, outs[name]))
+    tables.append(t)
+    if best is None:
+        return
+    # Fresh processes, as a user runs them: `phiclip embed-text` against a script that tokenizes, runs
+    # OpenVINO's compiled text tower and writes Parquet (both with their compiled models cached).
+    (tmp / "texts.txt").write_text("\n".join(texts) + "\n")
+    script = tmp / "ov_text.py"
+    script.write_text(TEXT_CONTENDER_SCRIPT.format(bench=str(Path(__file__).resolve().parent), ckpt=str(ckpt),
+                                                   precision=precision, tmp=str(tmp)))
+    phiclip_bin = str(Path(sys.executable).with_name("phiclip"))
+    env = {**os.environ}
+
+    def ours() -> None:
+        shutil.rmtree(tmp / "text-out", ignore_errors=True)
+        subprocess.run([phiclip_bin, "embed-text", "-m", f"clip:{ckpt}", "-i", str(tmp / "texts.txt"), "-o",
+                        str(tmp / "text-out"), "--no-progress"], check=True, env=env, capture_output=True)
+
+    def theirs() -> None:
+        subprocess.run([sys.executable, str(script), str(tmp / "texts.txt"), str(tmp / "ov.parquet")], check=True, env=env,
+                       capture_output=True)
+
+    e2e = time_interleaved({"phiclip embed-text (no flags), fresh process": ours,
+                            f"OpenVINO text tower {precision} script, fresh process": theirs}, repeats, warmup=1)
+    t = Table(f"embed-text end to end, {n_texts} texts, fresh processes (load, tokenizer, model, Parquet)",
+              ["what", "s", "texts/s", "phiclip vs this"])
+    mine = e2e["phiclip embed-text (no flags), fresh process"]
+    for name, sec in e2e.items():
+        t.add(name, f"{sec:.2f}", f"{n_texts / sec:.0f}", f"{sec / mine:.2f}x")
+    tables.append(t)
+
+
+def bench_default(tables: list[Table], tmp: Path, n_images: int, repeats: int) -> None:
+    """The default image path (no runtime or precision flags) against the best of OpenVINO's and ONNX
+    Runtime's own conversions at the precision the default runs, model only, for CLIP ViT-B/32 and a
+    real-size SigLIP base; and the second load's start-up against runtime=torch's load."""
+    from phiclip.testing import build_tiny_siglip
+
+    models = {"CLIP ViT-B/32": ("clip", build_b32(tmp / "clip-b32"))}
+    sig = tmp / "siglip-b16"
+    if not (sig / "config.json").exists():
+        build_tiny_siglip(sig, image_size=224, patch_size=16, hidden_size=768, num_layers=12, num_heads=12)
+    models["SigLIP base/16 (224)"] = ("siglip", sig)
+    images = photo_like_images(n_images, seed=1)
+    for title, (kind, ckpt) in models.items():
+        _bench_default_model(tables, tmp, title, kind, ckpt, images, repeats)
+
+
+def _bench_default_model(tables: list[Table], tmp: Path, title: str, kind: str, ckpt: Path, images: list[Any],
+                         repeats: int) -> None:
+    import subprocess
+
+    from baselines import load_clip_users
+
+    from phiclip import load_encoder
+
+    n_images = len(images)
+    default = load_encoder(f"{kind}:{ckpt}", device="cpu")
+    record = default.describe()["precision"]
+    precision = record["dtype"]
+    print(f"{title}: default runs {record['runtime']['runtime']} at {precision} ({record['runtime']['reason']})")
+    pixels = torch.stack([default.preprocess(im) for im in images])
+    torch_only = load_encoder(f"{kind}:{ckpt}?runtime=torch", device="cpu", dtype=precision)
+    f32 = load_encoder(f"{kind}:{ckpt}?runtime=torch", device="cpu", dtype="float32")
+    ref = _batched(lambda x: f32.encode_batch(x).embeddings, pixels)
+    if kind == "clip":
+        hf_model, _ = load_clip_users(ckpt)
+    else:
+        from transformers import SiglipModel
+        hf_model = SiglipModel.from_pretrained(ckpt).eval()
+    work = tmp / f"{kind}-contenders"
+    work.mkdir(exist_ok=True)
+    onnx_path = export_clip_onnx(hf_model, work / "model.onnx")
+    contenders = [c for c in onnx_contenders(onnx_path, torch.get_num_threads(), work) if c.precision == precision]
+    fns = {"phiclip default (no flags)": lambda d=default: _batched(lambda x: d.encode_batch(x).embeddings, pixels),
+           f"phiclip runtime=torch {precision}": lambda: _batched(lambda x: torch_only.encode_batch(x).embeddings, pixels)}
+    for c in contenders:
+        fns[c.name] = lambda c=c: _batched(c.fn, pixels)
+    outs = {k: f() for k, f in fns.items()}
+    times = time_interleaved(fns, repeats)
+    best = min((times[c.name] for c in contenders), default=None)
+    t = Table(f"{title} (random weights), model only, {n_images} images, batch 32, at the default's precision ({precision})",
+              ["what", "s", "images/s", "phiclip default vs this", "vs float32 output"])
+    for name, sec in times.items():
+        t.add(name, f"{sec:.2f}", f"{n_images / sec:.1f}", f"{sec / times['phiclip default (no flags)']:.2f}x",
+              closeness(ref, outs[name]))
+    if best is not None:
+        t.add("phiclip default vs the best runtime", "", "", f"{best / times['phiclip default (no flags)']:.2f}x", "")
+    tables.append(t)
+    # Start-up of a second run, fresh processes: load (and for the default, read the choice and the
+    # compiled model back) against runtime=torch's load.
+    code = ("import time, sys; t=time.perf_counter(); from phiclip import load_encoder; "
+            "e=load_encoder(sys.argv[1], device='cpu'); print(time.perf_counter()-t)")
+    start = {}
+    for spec in (f"{kind}:{ckpt}", f"{kind}:{ckpt}?runtime=torch"):
+        runs = [float(subprocess.run([sys.executable, "-c", code, spec], check=True, capture_output=True,
+                                     text=True).stdout.split()[-1]) for _ in range(max(3, repeats))]
+        start[spec] = float(np.median(runs))
+    t = Table(f"{title}: start-up of a second run (fresh process, import + load, median)", ["what", "s", "vs runtime=torch"])
+    base = start[f"{kind}:{ckpt}?runtime=torch"]
+    for spec, sec in start.items():
+        t.add("default (auto, cached)" if "runtime=torch" not in spec else "runtime=torch", f"{sec:.2f}", f"{sec / base:.2f}x")
+    tables.append(t)
+
+
+# --------------------------------------------------------------------------------------------------
 def bench_tower(tables: list[Table], tmp: Path, repeats: int) -> None:
     from baselines import ReleasedImageEmbedding
     from cpu import BENCH_TOWER, MIXED
@@ -448,7 +664,8 @@ def bench_knn(tables: list[Table], tmp: Path, steps: int = 200) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="+", choices=["matmul", "clip", "embed", "tower", "knn"])
+    ap.add_argument("--only", nargs="+", choices=["matmul", "clip", "embed", "tower", "knn", "text", "default"])
+    ap.add_argument("--texts", type=int, default=512, help="texts of the text part")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--clip-images", type=int, default=64)
     ap.add_argument("--embed-images", type=int, default=128)
@@ -457,7 +674,7 @@ def main() -> None:
                     help="end-to-end rows (phiclip and contenders) for these precisions only; phiclip float32 always runs")
     ap.add_argument("--log-dir", default=None, help="write results.md/results.json here")
     args = ap.parse_args()
-    parts = args.only or ["matmul", "clip", "embed", "tower", "knn"]
+    parts = args.only or ["matmul", "clip", "embed", "tower", "knn", "text", "default"]
     tables: list[Table] = []
 
     class Printing(list):  # each table is printed as soon as it is complete (a long run shows progress)
@@ -478,6 +695,10 @@ def main() -> None:
             bench_embed(tables, tmp, args.embed_images, args.repeats, clip, tuple(args.embed_precisions))
         if "tower" in parts:
             bench_tower(tables, tmp, args.repeats)
+        if "text" in parts:
+            bench_text(tables, tmp, args.texts, args.repeats)
+        if "default" in parts:
+            bench_default(tables, tmp, args.clip_images, args.repeats)
         if "knn" in parts:
             bench_knn(tables, tmp)
     env = environment()

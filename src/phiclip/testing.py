@@ -63,12 +63,15 @@ def build_tiny_clip(
     text_max_length: int = 77,
     seed: int = 0,
     vision_overrides: dict[str, Any] | None = None,
+    text_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Save a random-weight ``CLIPModel`` with its ``CLIPProcessor`` as ``from_pretrained`` expects.
 
     The layout is the hub's: ``config.json``, ``model.safetensors``, ``preprocessor_config.json``
     and the tokenizer files. Pass ``hidden_size=768, num_layers=12, num_heads=12,
-    patch_size=32, projection_dim=512`` (and an MLP of 3072) for a real-size ViT-B/32 architecture.
+    patch_size=32, projection_dim=512`` (and an MLP of 3072) for a real-size ViT-B/32 image tower, and
+    ``text_overrides=dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8)`` for its
+    real-size text tower (both towers take ``hidden_size`` and ``num_layers`` otherwise).
     """
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
@@ -98,6 +101,7 @@ def build_tiny_clip(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    text.update(text_overrides or {})
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()

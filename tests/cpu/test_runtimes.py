@@ -13,7 +13,14 @@ import phiclip.cpu.runtimes as R
 from phiclip import load_encoder
 from phiclip.cache import CACHE_ENV
 from phiclip.cpu.precision import ERROR_BOUNDS
-from phiclip.testing import build_tiny_clip, build_tiny_open_clip, build_tiny_siglip
+from phiclip.testing import (
+    build_tiny_aimv2,
+    build_tiny_clip,
+    build_tiny_metaclip2,
+    build_tiny_open_clip,
+    build_tiny_siglip,
+    build_tiny_siglip2,
+)
 
 #: These tests compile models with OpenVINO / ONNX Runtime: `make test` runs them in a process of their own
 #: (see tests/conftest.py).
@@ -363,12 +370,17 @@ def test_the_default_is_auto_measured_once_per_cpu_within_the_bound(tmp_path, ca
     assert again.describe()["precision"]["text"]["auto"]["from_cache"] is True
 
 
-@pytest.mark.parametrize(("runtime", "precision"), [*CASES, ("onnxruntime", "int8")])
-@pytest.mark.parametrize("kind", ["clip", "siglip", "open_clip"])
+BUILDERS = {"clip": build_tiny_clip, "siglip": build_tiny_siglip, "open_clip": build_tiny_open_clip,
+            "siglip2": lambda out: build_tiny_siglip2(out, naflex=False), "metaclip2": build_tiny_metaclip2, "aimv2": build_tiny_aimv2}
+TEXT_CASES = [(kind, rt, p) for kind in ("clip", "siglip", "open_clip") for rt, p in CASES] + [
+    (kind, rt, p) for kind in ("siglip2", "metaclip2", "aimv2") for rt, p in (("openvino", "bfloat16"), ("onnxruntime", "int8"))]
+
+
+@pytest.mark.parametrize(("kind", "runtime", "precision"), TEXT_CASES)
 def test_the_text_tower_through_a_runtime_stays_within_the_bound(tmp_path, cache, kind, runtime, precision) -> None:
     if R.missing_packages(runtime):
         pytest.skip(f"{runtime} is not installed (phiclip[cpu-runtimes])")
-    build = {"clip": build_tiny_clip, "siglip": build_tiny_siglip, "open_clip": build_tiny_open_clip}[kind]
+    build = BUILDERS[kind]
     ckpt = build(tmp_path / kind)
     ref = load_encoder(f"{kind}:{ckpt}?runtime=torch", device="cpu", dtype="float32").encode_texts(TEXTS)
     enc = load_encoder(f"{kind}:{ckpt}?runtime={runtime}", device="cpu", dtype=precision)

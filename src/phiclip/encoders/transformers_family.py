@@ -44,6 +44,7 @@ from phiclip.encoders.clip_preprocessing import ImagePreprocessor, ProcessorPrep
 from phiclip.encoders.device import Placement
 from phiclip.encoders.family_options import FamilyOptions
 from phiclip.encoders.spec import EncoderSpec
+from phiclip.encoders.text_side import TextSideRunner, tokenizer_call
 from phiclip.models.ops import l2_normalize
 
 if TYPE_CHECKING:
@@ -101,6 +102,16 @@ class FamilyEncoder(Encoder):
             self.image_path = path.compiled
         #: The autocast dtype of the image and of the text side (None: none).
         self._image_autocast, self._text_autocast = self._autocast_dtypes(placement.precision)
+        # What runs the text tower: decided on its first use (phiclip.encoders.text_side).
+        self.text_side = None if tokenizer is None else TextSideRunner(
+            model, precision=placement.precision, runtime=getattr(options, "runtime", "torch"),
+            fingerprint=weights_fingerprint, device_type=self.device.type, record=self.precision,
+            tokenize=tokenizer_call(tokenizer, self.text_padding, self.text_max_length))
+
+    def prepare_texts(self) -> None:
+        """Decide what runs the text tower now (a text run calls this before writing its manifest)."""
+        if self.text_side is not None:
+            self.text_side.prepare()
 
     # --- loading ------------------------------------------------------------------------------
     @classmethod
@@ -314,10 +325,9 @@ class FamilyEncoder(Encoder):
         step = max(1, min(batch_size, self.max_batch))
         with torch.inference_mode(), self._autocast(self._text_autocast):
             for start in range(0, len(texts), step):
-                enc = self.tokenizer(list(texts[start:start + step]), padding=self.text_padding, truncation=True,
-                                     max_length=self.text_max_length, return_tensors="pt")
+                enc = self.text_side.tokenize(list(texts[start:start + step]))
                 inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-                out.append(self._finish(self._text_features(inputs)))
+                out.append(self._finish(self.text_side(inputs, self._text_features)))
         return np.concatenate(out, axis=0)
 
     # --- description --------------------------------------------------------------------------
