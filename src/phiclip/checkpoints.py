@@ -15,8 +15,10 @@ fingerprinted.
    ``auto_map`` where transformers builds the model; its sizes are checked for type, range and the
    parameters they imply (:func:`~phiclip.models.checkpoint.check_config_sizes`); an index names
    plain shard files inside the checkpoint. Weights are read from safetensors only.
-4. **Fingerprinted.** The tensors read (:meth:`Checkpoint.read_tensors`) or the weight files
-   hashed (:meth:`Checkpoint.hash_weight_files`) make :attr:`Checkpoint.fingerprint`.
+4. **Fingerprinted.** The tensors read (:meth:`Checkpoint.read_tensors`), the weight files
+   hashed (:meth:`Checkpoint.hash_weight_files`) or the tensors a kind read itself, hashed in the
+   background while it builds its model (:meth:`Checkpoint.hash_loaded_file`) make
+   :attr:`Checkpoint.fingerprint`.
 
 Nothing here imports torch; file-level reading is :mod:`phiclip.models.checkpoint`, where files
 come from is :mod:`phiclip.hub`.
@@ -24,7 +26,7 @@ come from is :mod:`phiclip.hub`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,10 +130,20 @@ class Checkpoint:
             self._hasher.add_file(path)
         return self.fingerprint
 
+    def hash_loaded_file(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Add ``tensors``, just read from the checkpoint's safetensors file ``name`` (e.g. by
+        safetensors' ``load_file``), to :attr:`fingerprint` with the entries :meth:`hash_weight_files`
+        would give them, hashing their own memory in the background while the caller builds its model
+        (:meth:`~phiclip.models.checkpoint.WeightsHasher.add_loaded_file`): :attr:`fingerprint` waits
+        for it, and the tensors must not be changed in place before it is read."""
+        path = self.file(name)
+        assert path is not None
+        self._hasher.add_loaded_file(path, tensors)
+
     @property
     def fingerprint(self) -> str:
         """``"sha256:<hex>"`` over the tensors read or hashed so far
-        (:class:`~phiclip.models.checkpoint.WeightsHasher`)."""
+        (:class:`~phiclip.models.checkpoint.WeightsHasher`; waits for any hashing in the background)."""
         return self._hasher.fingerprint()
 
     # --- for the libraries that read the folder themselves ------------------------------------

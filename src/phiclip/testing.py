@@ -688,7 +688,7 @@ OPEN_CLIP_ARCHS: dict[str, dict[str, Any]] = {
                                                       "mlp_ratio": 4.9231, "patch_size": 14},
                     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1280, "heads": 20, "layers": 32}},
 }
-for _name in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-H-14"):
+for _name in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "ViT-bigG-14"):  # open_clip has no g-14 one
     OPEN_CLIP_ARCHS[_name + "-quickgelu"] = {**OPEN_CLIP_ARCHS[_name], "quick_gelu": True}
 
 

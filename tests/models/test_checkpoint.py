@@ -72,3 +72,91 @@ def test_a_truncated_file_is_still_named(tmp_path) -> None:
     path.write_bytes(data[:-16])
     with pytest.raises(C.CheckpointError, match="truncated"):
         C.fingerprint_files([path])
+
+
+# --- hashing on several threads, and from the tensors just read (each byte read once) ---------------
+
+
+def _mixed(path: Path) -> Path:
+    gen = torch.Generator().manual_seed(5)
+    save_file({"big": torch.randn(300, 1000, generator=gen), "half": torch.randn(17, 3, generator=gen).to(torch.bfloat16),
+               "ids": torch.arange(11, dtype=torch.int64), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
+               "mask": torch.tensor([True, False, True])}, str(path))
+    return path
+
+
+def test_threads_hash_what_one_thread_hashes(tmp_path) -> None:
+    path = _mixed(tmp_path / "w.safetensors")
+    header, start = C.read_safetensors_header(path)
+    one = C._hash_tensors(path, header, start, set(header), workers=1)
+    assert C._hash_tensors(path, header, start, set(header), workers=3) == one
+    # ...and what hashlib makes of each tensor's bytes, sliced out of the file by hand.
+    data = path.read_bytes()
+    import hashlib
+
+    for name, (dtype, shape, digest) in one.items():
+        begin, end = header[name]["data_offsets"]
+        assert (dtype, shape) == (header[name]["dtype"], header[name]["shape"])
+        assert digest == hashlib.sha256(data[start + begin:start + end]).hexdigest()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_truncated_file_is_named_by_either_path(tmp_path, workers: int) -> None:
+    path = _mixed(tmp_path / "w.safetensors")
+    header, start = C.read_safetensors_header(path)
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size - 8)
+    with pytest.raises(C.CheckpointError, match="truncated"):
+        C._hash_tensors(path, header, start, set(header), workers=workers)
+
+
+def test_loaded_tensors_give_the_fingerprint_of_the_file(tmp_path, monkeypatch) -> None:
+    from safetensors.torch import load_file
+
+    path = _mixed(tmp_path / "w.safetensors")
+    from_file = C.fingerprint_files([path])
+    for entry in (C._digest_file("x").parent).glob("*.json"):
+        entry.unlink()  # hash from the tensors, not from the cache
+    hasher = C.WeightsHasher()
+    hasher.add_loaded_file(path, load_file(str(path)))
+    assert hasher.fingerprint() == from_file
+    # The digests it made are the cache's: the file is not hashed again.
+    monkeypatch.setattr(C, "_hash_tensors", _no_hashing)
+    assert C.fingerprint_files([path]) == from_file
+    again = C.WeightsHasher()
+    again.add_loaded_file(path, load_file(str(path)))
+    assert again.fingerprint() == from_file
+    # Some of the tensors: the fingerprint add_file gives those names.
+    monkeypatch.undo()
+    part, by_name = C.WeightsHasher(), C.WeightsHasher()
+    part.add_loaded_file(path, {k: v for k, v in load_file(str(path)).items() if k in ("big", "ids")})
+    by_name.add_file(path, ["big", "ids"])
+    assert part.fingerprint() == by_name.fingerprint() != from_file
+
+
+def test_loaded_tensors_of_a_rewritten_file_are_hashed_again(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    path = _write(tmp_path / "model.safetensors", 0)
+    first = C.WeightsHasher()
+    first.add_loaded_file(path, load_file(str(path)))
+    st = os.stat(path)
+    other = _write(tmp_path / "other.safetensors", 1)
+    with open(path, "r+b") as f:  # the same inode and size, new bytes, the modification time put back
+        f.write(other.read_bytes())
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = C.WeightsHasher()
+    second.add_loaded_file(path, load_file(str(path)))
+    assert second.fingerprint() == C.fingerprint_files([other]) != first.fingerprint()
+
+
+def test_tensors_that_are_not_the_files_are_refused(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    path = _write(tmp_path / "model.safetensors", 0)
+    tensors = load_file(str(path))
+    for bad in ({**tensors, "a.weight": tensors["a.weight"].double()}, {**tensors, "a.weight": tensors["a.weight"].t()},
+                {**tensors, "extra": torch.zeros(2)}):
+        with pytest.raises(C.CheckpointError, match="header"):
+            C.WeightsHasher().add_loaded_file(path, bad)

@@ -72,6 +72,23 @@ def test_bin_weights_load_weights_only_with_the_same_fingerprint(tiny: Path, tmp
     assert b.describe()["details"]["open_clip"]["weights_file"] == "open_clip_pytorch_model.bin"
 
 
+def test_fingerprint_is_the_files_hashed_the_straightforward_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The safetensors weights are hashed from the tensors load_file gave, in the background while the
+    model is built: the fingerprint is the one of the file hashed tensor by tensor on one thread."""
+    import phiclip.models.checkpoint as C
+    from phiclip.open_clip.loading import load_open_clip
+
+    path = build_tiny_open_clip(tmp_path / "m", seed=4)
+    monkeypatch.setenv("PHICLIP_CACHE", str(tmp_path / "cache-a"))
+    loaded = load_open_clip(f"open_clip:{path}")
+    assert loaded.checkpoint._hasher._pending  # hashed from the tensors read, in the background
+    fingerprint = loaded.checkpoint.fingerprint
+    monkeypatch.setenv("PHICLIP_CACHE", str(tmp_path / "cache-b"))  # no digests cached
+    monkeypatch.setattr(C, "hash_workers", lambda: 1)
+    assert fingerprint == C.fingerprint_files([path / "open_clip_model.safetensors"])
+    assert _load(path).weights_fingerprint == fingerprint
+
+
 class _Boom:
     def __reduce__(self):
         return (print, ("pickle code ran",))

@@ -396,13 +396,22 @@ class WeightsHasher:
     name, so it depends on the weights only, not on how they are split into shards or in which
     order they were read. Tensors that are never read (for Phi-3-vision, the language model) do
     not count.
+
+    Tensors are hashed on :func:`hash_workers` threads at once (hashlib lets go of the GIL while it
+    hashes a large buffer). :meth:`add_loaded_file` hashes in the background: :meth:`fingerprint`
+    (and :meth:`wait`) waits for it.
     """
 
     def __init__(self) -> None:
         self._entries: dict[str, str] = {}
+        self._pending: list[_PendingDigests] = []
 
     def _add(self, name: str, dtype: str, shape: Iterable[int], digest: str) -> None:
         self._entries[name] = json.dumps([name, dtype, [int(d) for d in shape], digest])
+
+    def _add_digests(self, digests: Mapping[str, tuple[str, list[int], str]]) -> None:
+        for name, (dtype, shape, digest) in digests.items():
+            self._add(name, dtype, shape, digest)
 
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """Add a tensor as read from a safetensors file (its bytes hashed in place, no copy)."""
@@ -410,14 +419,9 @@ class WeightsHasher:
         if t.device.type != "cpu":
             t = t.cpu()
         flat = t.contiguous().reshape(-1)
-        digest = hashlib.sha256()
-        if flat.numel():
-            import torch  # delayed on purpose: reading checkpoint files needs no torch
-
-            digest.update(memoryview(flat.view(torch.uint8).numpy()))
         name_of = str(t.dtype).replace("torch.", "")
         dtype = _SAFETENSORS_CODES.get(name_of, name_of)
-        self._add(name, dtype, t.shape, digest.hexdigest())
+        self._add(name, dtype, t.shape, _sha256_hex(_tensor_bytes(flat)))
 
     def add_file(self, path: str | Path, names: Iterable[str] | None = None) -> None:
         """Add tensors of a safetensors file (all of them, or ``names``), streaming their bytes.
@@ -425,8 +429,8 @@ class WeightsHasher:
         The digests of a file are kept in :func:`phiclip.cache.cache_dir` ``("fingerprints")``
         under the file's identity (real path, device, inode, size, modification and change times):
         a later load of the same, untouched file reads them back instead of hashing every byte again
-        (about 1 s per GB). Any write to the file changes its change time (which no user call can
-        set back), so a changed file is hashed again."""
+        (about 1 s per GB and core). Any write to the file changes its change time (which no user
+        call can set back), so a changed file is hashed again."""
         header, data_start = read_safetensors_header(path)
         wanted = set(header) if names is None else set(names)
         unknown = wanted - set(header)
@@ -438,42 +442,184 @@ class WeightsHasher:
             cached = _hash_tensors(path, header, data_start, wanted)
             if key:
                 _write_digests(key, cached)
-        for name, (dtype, shape, digest) in cached.items():
-            self._add(name, dtype, shape, digest)
+        self._add_digests(cached)
+
+    def add_loaded_file(self, path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Add the tensors just read from the safetensors file ``path`` (``tensors``: name -> tensor as
+        stored, e.g. from safetensors' ``load_file``, all of the file's or some), with the same
+        entries as :meth:`add_file` of those names, reading each byte once: the tensors' own memory
+        is hashed (for ``load_file``'s memory-mapped tensors, the file's bytes themselves; the pages
+        the model will use are brought in on the way), on :func:`hash_workers` threads **in the
+        background**, so the caller can build its model meanwhile. :meth:`fingerprint` waits for it;
+        the tensors must not be changed in place before.
+
+        The digest cache is used as :meth:`add_file` uses it (its key taken now, before any byte is
+        hashed; the digests written once hashed).
+
+        Raises:
+            CheckpointError: a tensor the file's header does not hold, or holds with another dtype,
+                shape or size.
+        """
+        header, _ = read_safetensors_header(path)
+        for name, tensor in tensors.items():
+            entry = header.get(name)
+            begin, end = entry["data_offsets"] if entry else (0, 0)
+            name_of = str(tensor.dtype).replace("torch.", "")
+            if (entry is None or _SAFETENSORS_CODES.get(name_of) != entry["dtype"]
+                    or list(tensor.shape) != list(entry["shape"])
+                    or tensor.numel() * tensor.element_size() != end - begin):
+                raise CheckpointError(f"{path}: tensor {name!r} ({name_of}, {tuple(tensor.shape)}) is not the one "
+                                      f"its header describes ({entry!r:.200})")
+        wanted = set(tensors)
+        key = _file_identity(path, header, wanted)
+        cached = _read_digests(key) if key else None
+        if cached is not None:
+            self._add_digests(cached)
+            return
+        meta = {n: (header[n]["dtype"], [int(d) for d in header[n]["shape"]]) for n in wanted}
+        buffers = {n: _tensor_bytes(t.detach().reshape(-1)) for n, t in tensors.items()}
+        self._pending.append(_PendingDigests(key, meta, _start_hashing(buffers)))
+
+    def wait(self) -> None:
+        """Wait for the background hashing of :meth:`add_loaded_file` and add its digests."""
+        while self._pending:
+            pending = self._pending.pop(0)
+            digests = pending.result()
+            if pending.key:
+                _write_digests(pending.key, digests)
+            self._add_digests(digests)
 
     def __len__(self) -> int:
+        self.wait()
         return len(self._entries)
 
     def fingerprint(self) -> str:
-        """``"sha256:<hex>"`` over everything added."""
+        """``"sha256:<hex>"`` over everything added (waiting for any background hashing)."""
+        self.wait()
         outer = hashlib.sha256()
         for name in sorted(self._entries):
             outer.update(self._entries[name].encode("utf-8") + b"\n")
         return "sha256:" + outer.hexdigest()
 
 
+#: The most threads that hash tensors at once.
+MAX_HASH_WORKERS = 4
+
+
+def hash_workers() -> int:
+    """Threads that hash tensors at once: the cores this process may run on, at most
+    :data:`MAX_HASH_WORKERS` (SHA-256 runs about 1.6 GB/s a core with the CPU's SHA instructions)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_HASH_WORKERS))
+
+
+def _tensor_bytes(flat: torch.Tensor) -> memoryview:
+    """The bytes of a flat CPU tensor, without a copy (a contiguous copy first when it is not)."""
+    import torch  # delayed on purpose: reading checkpoint files needs no torch
+
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    flat = flat.contiguous()
+    if not flat.numel():
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _sha256_hex(data: Any) -> str:
+    digest = hashlib.sha256()
+    if len(data):
+        digest.update(data)
+    return digest.hexdigest()
+
+
+@dataclass
+class _PendingDigests:
+    """Digests being computed in the background (:meth:`WeightsHasher.add_loaded_file`)."""
+
+    key: str | None
+    meta: dict[str, tuple[str, list[int]]]
+    futures: dict[str, Any]
+
+    def result(self) -> dict[str, tuple[str, list[int], str]]:
+        return {name: (*self.meta[name], future.result()) for name, future in self.futures.items()}
+
+
+def _start_hashing(buffers: Mapping[str, Any]) -> dict[str, Any]:
+    """Start hashing each buffer on :func:`hash_workers` threads, the largest first (so the threads
+    finish together); name -> future of its SHA-256 hex digest. The pool's threads end once the
+    work is done."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=hash_workers(), thread_name_prefix="phiclip-hash")
+    try:
+        futures = {name: pool.submit(_sha256_hex, buffers[name])
+                   for name in sorted(buffers, key=lambda n: -len(buffers[n]))}
+    finally:
+        pool.shutdown(wait=False)  # no more work: the threads end when the queue is empty
+    return futures
+
+
 def _hash_tensors(path: str | Path, header: dict[str, dict[str, Any]], data_start: int,
-                  wanted: set[str]) -> dict[str, tuple[str, list[int], str]]:
-    """``name -> (dtype, shape, sha256 of its bytes)`` for the ``wanted`` tensors of a safetensors file."""
+                  wanted: set[str], *, workers: int | None = None) -> dict[str, tuple[str, list[int], str]]:
+    """``name -> (dtype, shape, sha256 of its bytes)`` for the ``wanted`` tensors of a safetensors file,
+    the tensors hashed on ``workers`` threads at once (default :func:`hash_workers`; 1: one after
+    the other, in file order, on this thread)."""
     size = Path(path).stat().st_size
-    out: dict[str, tuple[str, list[int], str]] = {}
-    with open(path, "rb") as f:
-        for name in sorted(wanted, key=lambda n: header[n]["data_offsets"][0]):  # read in file order
-            entry = header[name]
-            begin, end = entry["data_offsets"]
-            if data_start + end > size:
-                raise CheckpointError(f"{path} is truncated: tensor {name} ends past the end of the file")
-            f.seek(data_start + begin)
-            digest = hashlib.sha256()
-            left = end - begin
-            while left:
-                chunk = f.read(min(left, _HASH_CHUNK))
-                if not chunk:
-                    raise CheckpointError(f"{path} is truncated: tensor {name} ends past the end of the file")
-                digest.update(chunk)
-                left -= len(chunk)
-            out[name] = (entry["dtype"], [int(d) for d in entry["shape"]], digest.hexdigest())
-    return out
+    order = sorted(wanted, key=lambda n: header[n]["data_offsets"][0])  # file order
+    for name in order:
+        if data_start + header[name]["data_offsets"][1] > size:
+            raise CheckpointError(f"{path} is truncated: tensor {name} ends past the end of the file")
+    workers = hash_workers() if workers is None else max(1, int(workers))
+    if not hasattr(os, "preadv"):
+        workers = 1  # no positional reads here: one thread, seek and read
+    with open(path, "rb", buffering=0) as f:
+        if workers == 1 or len(order) < 2:
+            buffer = bytearray(_HASH_CHUNK)
+
+            def read_at(offset: int, view: memoryview) -> int:
+                f.seek(offset)
+                return f.readinto(view) or 0
+
+            digests = {name: _hash_span(read_at, path, name, header[name], data_start, buffer) for name in order}
+        else:
+            import threading
+            from concurrent.futures import ThreadPoolExecutor
+
+            local = threading.local()
+
+            def pread_at(offset: int, view: memoryview) -> int:
+                return os.preadv(f.fileno(), [view], offset)  # positional: safe from several threads
+
+            def one(name: str) -> str:
+                if not hasattr(local, "buffer"):
+                    local.buffer = bytearray(_HASH_CHUNK)
+                return _hash_span(pread_at, path, name, header[name], data_start, local.buffer)
+
+            largest_first = sorted(order, key=lambda n: header[n]["data_offsets"][0] - header[n]["data_offsets"][1])
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="phiclip-hash") as pool:
+                futures = {name: pool.submit(one, name) for name in largest_first}
+                digests = {name: futures[name].result() for name in order}
+    return {name: (header[name]["dtype"], [int(d) for d in header[name]["shape"]], digests[name]) for name in order}
+
+
+def _hash_span(read_at: Callable[[int, memoryview], int], path: str | Path, name: str, entry: dict[str, Any],
+               data_start: int, buffer: bytearray) -> str:
+    """SHA-256 of one tensor's bytes, read by ``read_at(offset, view) -> bytes read`` into ``buffer``."""
+    begin, end = entry["data_offsets"]
+    view = memoryview(buffer)
+    digest = hashlib.sha256()
+    offset, left = data_start + begin, end - begin
+    while left:
+        n = read_at(offset, view[: min(left, len(buffer))])
+        if not n:
+            raise CheckpointError(f"{path} is truncated: tensor {name} ends past the end of the file")
+        digest.update(view[:n])
+        offset += n
+        left -= n
+    return digest.hexdigest()
 
 
 def _file_identity(path: str | Path, header: dict[str, dict[str, Any]], wanted: set[str]) -> str | None:
@@ -570,6 +716,7 @@ __all__ = [
     "SINGLE_FILE",
     "CheckpointError",
     "LoadReport",
+    "MAX_HASH_WORKERS",
     "WeightsHasher",
     "MAX_IMAGE_SIDE",
     "MAX_PARAMETERS",
@@ -581,6 +728,7 @@ __all__ = [
     "check_shard_name",
     "fingerprint_files",
     "fingerprint_module",
+    "hash_workers",
     "load_json_file",
     "load_tensors",
     "read_index",

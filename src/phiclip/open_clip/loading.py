@@ -6,7 +6,9 @@ once, a hub id pinned to the commit of its ``open_clip_config.json``), the confi
 as data (:func:`phiclip.open_clip.config.parse_config`, then the sizes of the transformers config
 it becomes by :func:`~phiclip.models.checkpoint.check_config_sizes`), the weights read from
 ``open_clip_model.safetensors`` (preferred) or ``open_clip_pytorch_model.bin`` with
-``torch.load(weights_only=True)`` only (never pickle code), every tensor fingerprinted as read.
+``torch.load(weights_only=True)`` only (never pickle code), every tensor fingerprinted as read
+(from safetensors: in the background while the model is built; ``checkpoint.fingerprint`` waits
+for it).
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def open_open_clip(location: str | Path | Checkpoint, revision: str | None = Non
 
 def read_state_dict(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], str]:
     """The open_clip state dict (safetensors preferred; a ``.bin`` through weights-only loading),
-    fingerprinted as read; and the file name it came from."""
+    fingerprinted as read (safetensors: hashed in the background, see
+    :meth:`~phiclip.checkpoints.Checkpoint.hash_loaded_file`); and the file name it came from."""
     import torch
 
     if checkpoint.file(SAFETENSORS_FILE, required=False) is not None:
@@ -62,8 +65,10 @@ def read_state_dict(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], st
             state = load_file(str(path), device="cpu")
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for damaged files
             raise CheckpointError(f"{path}: damaged safetensors file ({e}); download it again") from None
-        # Every tensor of the file; digests cached per file identity, like every other kind's.
-        checkpoint.hash_weight_files()
+        # Every tensor of the file, as hash_weight_files would (digests cached per file identity, like
+        # every other kind's), but hashed from the tensors' own (memory-mapped) bytes, on other threads
+        # while the model is built: checkpoint.fingerprint waits for it.
+        checkpoint.hash_loaded_file(SAFETENSORS_FILE, state)
         return state, SAFETENSORS_FILE
     path = checkpoint.file(BIN_FILE, required=False)
     if path is None:
