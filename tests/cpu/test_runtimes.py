@@ -413,14 +413,13 @@ def test_a_text_run_records_what_ran_the_text_tower(tmp_path, cache, default_aut
 def test_a_new_cpu_or_runtime_version_converts_again(tmp_path, cache, monkeypatch, change) -> None:
     if R.missing_packages("onnxruntime"):
         pytest.skip("onnxruntime is not installed (phiclip[cpu-runtimes])")
-    import phiclip.cpu.precision as P
 
     ckpt = build_tiny_clip(tmp_path / "clip")
     load_encoder(f"clip:{ckpt}?runtime=onnxruntime", device="cpu", dtype="float32")
     same = load_encoder(f"clip:{ckpt}?runtime=onnxruntime", device="cpu", dtype="float32")
     assert same.describe()["precision"]["runtime"]["converted_now"] is False
     if change == "cpu":
-        monkeypatch.setattr(P, "cpu_name", lambda: "Another CPU (family 25, model 17)")
+        monkeypatch.setattr(R, "cpu_name", lambda: "Another CPU (family 25, model 17)")
     else:
         versions = R._versions
         monkeypatch.setattr(R, "_versions", lambda rt, p=None: versions(rt, p) + ",onnxruntime-next")
