@@ -6,6 +6,8 @@ memory of a long URL list, end to end through ``phiclip.pipeline.embed`` on the 
   (target >= 0.8), with a real-size CLIP ViT-B/32 (random weights: ``phiclip.testing.build_tiny_clip`` with
   the ViT-B/32 sizes of transformers' ``CLIPConfig`` defaults, saved with ``save_pretrained``).
 - ``wds``: the same images as ``--shards`` x ``--per-shard`` WebDataset shards against a folder (target >= 0.9).
+- ``prep`` (not in the default ``--which``): the input side alone (list, read, decode, preprocess; no model),
+  folder against shards: a gap there would be the input code's, not the machine's.
 - ``rss``: a ``--rss-lines`` URL list (default 100,000) of small images through a tiny CLIP, one URL in 100
   answering 404 and one an HTML page: URLs/s, the failures by reason (checked: exactly those), and resident
   memory sampled during the run (flat after warm-up: bounded queues).
@@ -153,15 +155,50 @@ def bench_url(work: Path, n: int, latency: float, size: tuple[int, int], encoder
 def bench_wds(work: Path, shards: int, per_shard: int, size: tuple[int, int], encoder: Any,
               repeats: int) -> dict[str, Any]:
     files = _images(work / "wds-imgs", shards * per_shard, size)
-    (work / "shards").mkdir(exist_ok=True)
+    pattern = _shards_of(work, files, shards, per_shard)
+    rates = _compare({"folder": lambda rep: _rate(encoder, work / "wds-imgs", work / f"w-folder-{rep}"),
+                      "webdataset": lambda rep: _rate(encoder, pattern, work / f"w-wds-{rep}")}, repeats)
+    return {"shards": shards, "per_shard": per_shard, **_ratio(rates, "webdataset", "folder")}
+
+
+def _shards_of(work: Path, files: list[Path], shards: int, per_shard: int) -> str:
+    """The files as ``shards`` tar shards of ``per_shard`` (jpg members only); returns the brace pattern."""
+    (work / "shards").mkdir(parents=True, exist_ok=True)
     for s in range(shards):
         with tarfile.open(work / "shards" / f"{s:05d}.tar", "w") as tf:
             for p in files[s * per_shard : (s + 1) * per_shard]:
                 tf.add(p, arcname=p.name)
-    pattern = str(work / "shards" / f"{{00000..{shards - 1:05d}}}.tar")
-    rates = _compare({"folder": lambda rep: _rate(encoder, work / "wds-imgs", work / f"w-folder-{rep}"),
-                      "webdataset": lambda rep: _rate(encoder, pattern, work / f"w-wds-{rep}")}, repeats)
-    return {"shards": shards, "per_shard": per_shard, **_ratio(rates, "webdataset", "folder")}
+    return str(work / "shards" / f"{{00000..{shards - 1:05d}}}.tar")
+
+
+def _prepare_only(src: Any, encoder: Any, n: int) -> dict[str, float]:
+    """List, read, decode and preprocess every image of ``src`` as ``embed`` does (no model): seconds."""
+    from phiclip.inputs import list_inputs
+    from phiclip.pipeline.step import Preparer
+
+    t0 = time.perf_counter()
+    listing = list_inputs(src)
+    t1 = time.perf_counter()
+    prep = Preparer(listing.records, listing.reader, encoder, max_pixels=None, budget=64)
+    done = sum(len(p.positions) for p in prep.in_process(prep.chunks([(0, range(len(listing.records)))]), threads=2))
+    assert done == n, done
+    return {"list_s": round(t1 - t0, 3), "prepare_s": round(time.perf_counter() - t1, 3)}
+
+
+def bench_prep(work: Path, shards: int, per_shard: int, size: tuple[int, int], encoder: Any,
+               repeats: int) -> dict[str, Any]:
+    """The input side alone (listing, reading, decoding, preprocessing), a folder against the same images
+    as WebDataset shards: where a gap between the two would be ours."""
+    n = shards * per_shard
+    files = _images(work / "prep-imgs", n, size)
+    pattern = _shards_of(work / "prep", files, shards, per_shard)
+    runs: dict[str, list[dict[str, float]]] = {"folder": [], "webdataset": []}
+    for rep in range(repeats):
+        for name in (["folder", "webdataset"] if rep % 2 == 0 else ["webdataset", "folder"]):
+            runs[name].append(_prepare_only(work / "prep-imgs" if name == "folder" else pattern, encoder, n))
+    best = {k: min(r["list_s"] + r["prepare_s"] for r in v) for k, v in runs.items()}
+    return {"shards": shards, "per_shard": per_shard, "runs": runs,
+            "ratio_webdataset_over_folder": round(best["folder"] / best["webdataset"], 3)}
 
 
 def bench_rss(work: Path, lines: int) -> dict[str, Any]:
@@ -222,12 +259,14 @@ def main() -> None:
     out: dict[str, Any] = {"environment": environment(), "smoke": args.smoke}
     with tempfile.TemporaryDirectory(prefix="phiclip-bench-inputs-") as tmp:
         work = Path(tmp)
-        encoder = _encoder(work, args.encoder) if which & {"url", "wds"} else None
+        encoder = _encoder(work, args.encoder) if which & {"url", "wds", "prep"} else None
         out["encoder"] = args.encoder
         if "url" in which:
             out["url"] = bench_url(work, args.images, args.latency, size, encoder, args.repeats)
         if "wds" in which:
             out["wds"] = bench_wds(work, args.shards, args.per_shard, size, encoder, args.repeats)
+        if "prep" in which:
+            out["prep"] = bench_prep(work, args.shards, args.per_shard, size, encoder, args.repeats)
         if "rss" in which:
             out["rss"] = bench_rss(work, args.rss_lines)
     print(json.dumps(out, indent=2, default=str))
