@@ -135,3 +135,12 @@ def test_a_shard_download_cut_short_fails_the_rest_with_a_reason(tmp_path, http_
     assert bad[-1][0].source.endswith("#<truncated>") and "download stopped" in bad[-1][1].reason
     with pytest.raises(InputError, match="HTTP 404"):
         list_inputs(http_server.url("/shard/404.tar"))
+
+
+def test_the_stream_of_a_shard_url_reads_across_any_chunking() -> None:
+    data = bytes(range(256)) * 100
+    for size in (1, 7, 512, 70_000):
+        stream = webdataset._ChunkStream(iter([data[i : i + size] for i in range(0, len(data), size)]))
+        got = [stream.read(n) for n in (1, 511, 10_240, 3)] + [stream.read()]
+        assert b"".join(got) == data and [len(g) for g in got[:4]] == [1, 511, 10_240, 3]
+        assert stream.read(5) == b"" and stream.read() == b""

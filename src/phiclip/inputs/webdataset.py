@@ -113,23 +113,25 @@ def _split_name(name: str) -> tuple[str, str]:
     return key, ext.lower() if dot else ""
 
 
-class _Counting:
-    """A read-only stream wrapper (for tarfile's stream mode over HTTP)."""
+class _ChunkStream:
+    """A read-only file over an iterator of byte chunks (for tarfile's stream mode over HTTP); each byte is
+    copied a bounded number of times, whatever the chunk size."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self.chunks = chunks
         self.buf = b""
+        self.pos = 0
 
     def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self.buf) < n:
+        while n < 0 or len(self.buf) - self.pos < n:
             nxt = next(self.chunks, None)
             if nxt is None:
                 break
-            self.buf += nxt
-        if n < 0:
-            out, self.buf = self.buf, b""
-        else:
-            out, self.buf = self.buf[:n], self.buf[n:]
+            self.buf = self.buf[self.pos:] + nxt
+            self.pos = 0
+        end = len(self.buf) if n < 0 else min(len(self.buf), self.pos + n)
+        out = self.buf[self.pos:end]
+        self.pos = end
         return out
 
 
@@ -359,7 +361,7 @@ def list_webdataset(text: str, fetch: FetchOptions | None = None) -> InputListin
         with _shard_response(name, fetch) as resp:
             got = _spool_shard(resp, spool, index) if spool is not None else resp.iter_bytes()
             if not isinstance(got, tuple):  # not spooled: listed from the stream, its images read by Range later
-                records += _shard_records(name, _samples(_Counting(got), "r|"), None, None)  # type: ignore[arg-type]
+                records += _shard_records(name, _samples(_ChunkStream(got), "r|"), None, None)  # type: ignore[arg-type]
                 continue
         local, stopped = got
         spooled[name] = (local, os.path.getsize(local))
