@@ -6,14 +6,20 @@ memory of a long URL list, end to end through ``phiclip.pipeline.embed`` on the 
   (target >= 0.8), with a real-size CLIP ViT-B/32 (random weights: ``phiclip.testing.build_tiny_clip`` with
   the ViT-B/32 sizes of transformers' ``CLIPConfig`` defaults, saved with ``save_pretrained``).
 - ``wds``: the same images as ``--shards`` x ``--per-shard`` WebDataset shards against a folder (target >= 0.9).
-- ``rss``: a ``--rss-lines`` URL list (default 100,000) of small images through a tiny CLIP: resident memory
-  sampled during the run (flat after warm-up: bounded queues).
+- ``prep`` (not in the default ``--which``): the input side alone (list, read, decode, preprocess; no model),
+  folder against shards: a gap there would be the input code's, not the machine's.
+- ``rss``: a ``--rss-lines`` URL list (default 100,000) of small images through a tiny CLIP, one URL in 100
+  answering 404 and one an HTML page: URLs/s, the failures by reason (checked: exactly those), and resident
+  memory sampled during the run (flat after warm-up: bounded queues).
 
-Each comparison runs in one process, the two contenders alternated. ``--smoke`` runs a small version of
+Each comparison runs in one process, the two contenders alternated ``--repeats`` times (the order rotated);
+the ratio of the best rates and the ratio of each repeat are printed. ``--smoke`` runs a small version of
 everything (a shared machine: a sanity check, not a figure). Results are printed as JSON.
 
     python bench/inputs.py --smoke
-    python bench/inputs.py --which url,wds --images 2000 --shards 100 --per-shard 100
+    python bench/inputs.py --which url --images 2000 --repeats 2
+    python bench/inputs.py --which wds --shards 100 --per-shard 100 --encoder tiny --repeats 3
+    python bench/inputs.py --which rss --rss-lines 100000
 """
 
 from __future__ import annotations
@@ -31,9 +37,14 @@ from typing import Any
 
 from common import environment, photo_like_image
 
+#: The RSS run's faults: ``/tiny.jpg?N`` answers by ``N % FAULT_EVERY`` (else the tiny JPEG).
+FAULT_EVERY = 100
+FAULTS = {0: (404, "text/plain", b"not found"), 50: (200, "text/html", b"<html>not an image</html>")}
+
 
 class LatencyServer:
-    """Serves the files of a folder at ``/NAME`` (and ``/tiny.jpg?...`` for the RSS run) after ``latency`` s."""
+    """Serves the files of a folder at ``/NAME`` (and ``/tiny.jpg?N`` for the RSS run: :data:`FAULTS`) after
+    ``latency`` s."""
 
     def __init__(self, root: Path, latency: float) -> None:
         self.root, self.latency = root, latency
@@ -51,10 +62,18 @@ class LatencyServer:
             def do_GET(self) -> None:  # noqa: N802
                 if owner.latency:
                     time.sleep(owner.latency)
-                name = self.path.split("?")[0].lstrip("/")
-                body = tiny if name == "tiny.jpg" else (owner.root / name).read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
+                name, _, query = self.path.partition("?")
+                name = name.lstrip("/")
+                code, ctype = 200, "image/jpeg"
+                if name == "tiny.jpg":
+                    body = tiny
+                    fault = FAULTS.get(int(query) % FAULT_EVERY) if query.isdigit() else None
+                    if fault is not None:
+                        code, ctype, body = fault
+                else:
+                    body = (owner.root / name).read_bytes()
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -89,46 +108,97 @@ def _rate(encoder: Any, src: Any, out: Path, **kw: Any) -> float:
     return res.processed / res.seconds
 
 
-def _b32(work: Path) -> Any:
+def _encoder(work: Path, which: str) -> Any:
+    """``b32``: a real-size CLIP ViT-B/32 (random weights); ``tiny``: the tests' tiny CLIP (hidden 32), with
+    which the input side is nearly all the work (the strictest comparison of two inputs)."""
     from phiclip.encoders import load_encoder
     from phiclip.testing import build_tiny_clip
 
+    if which == "tiny":
+        return load_encoder(f"clip:{build_tiny_clip(work / 'tiny-cmp')}", device="cpu", dtype="float32")
     ckpt = build_tiny_clip(work / "vit-b-32", hidden_size=768, num_layers=12, num_heads=12, patch_size=32,
                            projection_dim=512)
     return load_encoder(f"clip:{ckpt}", device="cpu", dtype="float32")
 
 
-def bench_url(work: Path, n: int, latency: float, size: tuple[int, int], encoder: Any) -> dict[str, Any]:
+def _compare(runs: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """Every images/s of each contender (``runs``: name -> a function of the repeat number giving one
+    rate), alternated and the order rotated each repeat (a slow spell of a shared machine hits both)."""
+    names = list(runs)
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(repeats):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            rates[name].append(round(runs[name](rep), 2))
+    return rates
+
+
+def _ratio(rates: dict[str, list[float]], over: str, under: str) -> dict[str, Any]:
+    best = {k: max(v) for k, v in rates.items()}
+    pairs = [a / b for a, b in zip(rates[over], rates[under])]
+    return {"images_per_s": rates, "best": best, f"ratio_{over}_over_{under}": round(best[over] / best[under], 3),
+            "ratio_per_repeat": [round(x, 3) for x in pairs]}
+
+
+def bench_url(work: Path, n: int, latency: float, size: tuple[int, int], encoder: Any, repeats: int) -> dict[str, Any]:
     files = _images(work / "url-imgs", n, size)
     server = LatencyServer(work / "url-imgs", latency)
     try:
         lst = work / "urls.txt"
         lst.write_text("\n".join(server.url(p.name) for p in files) + "\n")
-        rates: dict[str, list[float]] = {"local": [], "url": []}
-        for rep in range(2):
-            rates["local"].append(_rate(encoder, work / "url-imgs", work / f"o-local-{rep}"))
-            rates["url"].append(_rate(encoder, lst, work / f"o-url-{rep}"))
+        rates = _compare({"local": lambda rep: _rate(encoder, work / "url-imgs", work / f"o-local-{rep}"),
+                          "url": lambda rep: _rate(encoder, lst, work / f"o-url-{rep}")}, repeats)
     finally:
         server.close()
-    best = {k: max(v) for k, v in rates.items()}
-    return {"images": n, "latency_s": latency, "images_per_s": best, "ratio_url_over_local": best["url"] / best["local"]}
+    return {"images": n, "latency_s": latency, **_ratio(rates, "url", "local")}
 
 
-def bench_wds(work: Path, shards: int, per_shard: int, size: tuple[int, int], encoder: Any) -> dict[str, Any]:
+def bench_wds(work: Path, shards: int, per_shard: int, size: tuple[int, int], encoder: Any,
+              repeats: int) -> dict[str, Any]:
     files = _images(work / "wds-imgs", shards * per_shard, size)
-    (work / "shards").mkdir(exist_ok=True)
+    pattern = _shards_of(work, files, shards, per_shard)
+    rates = _compare({"folder": lambda rep: _rate(encoder, work / "wds-imgs", work / f"w-folder-{rep}"),
+                      "webdataset": lambda rep: _rate(encoder, pattern, work / f"w-wds-{rep}")}, repeats)
+    return {"shards": shards, "per_shard": per_shard, **_ratio(rates, "webdataset", "folder")}
+
+
+def _shards_of(work: Path, files: list[Path], shards: int, per_shard: int) -> str:
+    """The files as ``shards`` tar shards of ``per_shard`` (jpg members only); returns the brace pattern."""
+    (work / "shards").mkdir(parents=True, exist_ok=True)
     for s in range(shards):
         with tarfile.open(work / "shards" / f"{s:05d}.tar", "w") as tf:
             for p in files[s * per_shard : (s + 1) * per_shard]:
                 tf.add(p, arcname=p.name)
-    pattern = str(work / "shards" / f"{{00000..{shards - 1:05d}}}.tar")
-    rates: dict[str, list[float]] = {"folder": [], "webdataset": []}
-    for rep in range(2):
-        rates["folder"].append(_rate(encoder, work / "wds-imgs", work / f"w-folder-{rep}"))
-        rates["webdataset"].append(_rate(encoder, pattern, work / f"w-wds-{rep}"))
-    best = {k: max(v) for k, v in rates.items()}
-    return {"shards": shards, "per_shard": per_shard, "images_per_s": best,
-            "ratio_wds_over_folder": best["webdataset"] / best["folder"]}
+    return str(work / "shards" / f"{{00000..{shards - 1:05d}}}.tar")
+
+
+def _prepare_only(src: Any, encoder: Any, n: int) -> dict[str, float]:
+    """List, read, decode and preprocess every image of ``src`` as ``embed`` does (no model): seconds."""
+    from phiclip.inputs import list_inputs
+    from phiclip.pipeline.step import Preparer
+
+    t0 = time.perf_counter()
+    listing = list_inputs(src)
+    t1 = time.perf_counter()
+    prep = Preparer(listing.records, listing.reader, encoder, max_pixels=None, budget=64)
+    done = sum(len(p.positions) for p in prep.in_process(prep.chunks([(0, range(len(listing.records)))]), threads=2))
+    assert done == n, done
+    return {"list_s": round(t1 - t0, 3), "prepare_s": round(time.perf_counter() - t1, 3)}
+
+
+def bench_prep(work: Path, shards: int, per_shard: int, size: tuple[int, int], encoder: Any,
+               repeats: int) -> dict[str, Any]:
+    """The input side alone (listing, reading, decoding, preprocessing), a folder against the same images
+    as WebDataset shards: where a gap between the two would be ours."""
+    n = shards * per_shard
+    files = _images(work / "prep-imgs", n, size)
+    pattern = _shards_of(work / "prep", files, shards, per_shard)
+    runs: dict[str, list[dict[str, float]]] = {"folder": [], "webdataset": []}
+    for rep in range(repeats):
+        for name in (["folder", "webdataset"] if rep % 2 == 0 else ["webdataset", "folder"]):
+            runs[name].append(_prepare_only(work / "prep-imgs" if name == "folder" else pattern, encoder, n))
+    best = {k: min(r["list_s"] + r["prepare_s"] for r in v) for k, v in runs.items()}
+    return {"shards": shards, "per_shard": per_shard, "runs": runs,
+            "ratio_webdataset_over_folder": round(best["folder"] / best["webdataset"], 3)}
 
 
 def bench_rss(work: Path, lines: int) -> dict[str, Any]:
@@ -148,7 +218,7 @@ def bench_rss(work: Path, lines: int) -> dict[str, Any]:
 
     try:
         lst = work / "many.txt"
-        lst.write_text("".join(server.url(f"tiny.jpg?{i}") + "\n" for i in range(lines)))
+        lst.write_text("".join(server.url(f"tiny.jpg?{i}") + "\n" for i in range(lines)))  # ?N: FAULTS
         enc = load_encoder(f"clip:{build_tiny_clip(work / 'tiny')}", device="cpu", dtype="float32")
         th = threading.Thread(target=sample, daemon=True)
         th.start()
@@ -159,9 +229,14 @@ def bench_rss(work: Path, lines: int) -> dict[str, Any]:
         server.close()
     mib = [m for _, m in samples]
     k = max(1, len(mib) // 5)
-    return {"lines": lines, "embedded": res.embedded, "seconds": round(res.seconds, 1),
+    faults = sum(1 for i in range(lines) if i % FAULT_EVERY in FAULTS)
+    assert res.failed == faults and res.embedded == lines - faults, (res.failed, res.failure_reasons)
+    return {"lines": lines, "embedded": res.embedded, "failed": res.failed,
+            "failure_reasons": [list(r) for r in res.failure_reasons], "seconds": round(res.seconds, 1),
+            "urls_per_s": round(lines / res.seconds, 1),
             "rss_mib_after_warmup": round(mib[k] if len(mib) > k else mib[-1], 1), "rss_mib_max": round(max(mib), 1),
-            "rss_mib_end": round(mib[-1], 1)}
+            "rss_mib_end": round(mib[-1], 1),
+            "rss_mib_by_fifth": [round(mib[min(len(mib) - 1, j * len(mib) // 5)], 1) for j in range(1, 6)]}
 
 
 def main() -> None:
@@ -173,6 +248,8 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=100)
     ap.add_argument("--per-shard", type=int, default=100)
     ap.add_argument("--rss-lines", type=int, default=100_000)
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each contender (alternated, order rotated)")
+    ap.add_argument("--encoder", choices=("b32", "tiny"), default="b32", help="the model of the url and wds runs")
     ap.add_argument("--smoke", action="store_true", help="a small version of everything")
     args = ap.parse_args()
     if args.smoke:
@@ -182,11 +259,14 @@ def main() -> None:
     out: dict[str, Any] = {"environment": environment(), "smoke": args.smoke}
     with tempfile.TemporaryDirectory(prefix="phiclip-bench-inputs-") as tmp:
         work = Path(tmp)
-        encoder = _b32(work) if which & {"url", "wds"} else None
+        encoder = _encoder(work, args.encoder) if which & {"url", "wds", "prep"} else None
+        out["encoder"] = args.encoder
         if "url" in which:
-            out["url"] = bench_url(work, args.images, args.latency, size, encoder)
+            out["url"] = bench_url(work, args.images, args.latency, size, encoder, args.repeats)
         if "wds" in which:
-            out["wds"] = bench_wds(work, args.shards, args.per_shard, size, encoder)
+            out["wds"] = bench_wds(work, args.shards, args.per_shard, size, encoder, args.repeats)
+        if "prep" in which:
+            out["prep"] = bench_prep(work, args.shards, args.per_shard, size, encoder, args.repeats)
         if "rss" in which:
             out["rss"] = bench_rss(work, args.rss_lines)
     print(json.dumps(out, indent=2, default=str))

@@ -6,6 +6,7 @@ Everything phiclip caches lives in a named folder under it (:func:`cache_dir`):
 ``embeddings/``     embeddings of fine-tuning / probe images (``finetune probe``)
 ``teacher-tokens/`` Phi-3-vision teacher tokens (``finetune phi3v-adapter``)
 ``runtimes/``       models compiled by OpenVINO / ONNX Runtime
+``spool/``          WebDataset shard URLs of a running listing (removed with it)
 (files)             CPU precision and int8 measurements, tensor digests
 ==================  ===========================================================
 

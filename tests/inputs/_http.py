@@ -12,6 +12,8 @@ Paths:
     /page.jpg         an HTML page
     /trunc.jpg        a truncated JPEG
     /shard/NAME.tar   a file under ``files`` (WebDataset shards), Range requests honoured
+    /cut/NAME.tar     the first half of the ``files`` entry ``/shard/NAME.tar`` with the whole one's
+                      Content-Length, then the connection closed (a download cut short)
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ def jpeg(name: str, size: tuple[int, int] = (40, 30)) -> bytes:
 
 
 class FaultServer:
-    """The server; ``url(path)`` gives a full URL; ``hits[path]`` counts requests; ``latency`` adds seconds
-    before each answer; ``files`` maps ``/shard/...`` paths to local files."""
+    """The server; ``url(path)`` gives a full URL; ``hits[path]`` counts requests and ``served[path]`` the
+    body bytes sent; ``latency`` adds seconds before each answer; ``files`` maps ``/shard/...`` paths to
+    local files."""
 
     def __init__(self, latency: float = 0.0) -> None:
         self.latency = latency
         self.hits: dict[str, int] = {}
+        self.served: dict[str, int] = {}
         self.files: dict[str, Path] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -82,6 +86,9 @@ class FaultServer:
             h.send_header(k, v)
         h.end_headers()
         h.wfile.write(body)
+        path = h.path.split("?")[0]
+        with self.lock:
+            self.served[path] = self.served.get(path, 0) + len(body)
 
     def _serve(self, h: BaseHTTPRequestHandler) -> None:
         path = h.path.split("?")[0]
@@ -137,6 +144,14 @@ class FaultServer:
                 self._send(h, 200, b"<html><body>Not here</body></html>", "text/html; charset=utf-8")
             elif path == "/trunc.jpg":
                 self._send(h, 200, jpeg("trunc", (200, 150))[:400])
+            elif path.startswith("/cut/") and "/shard/" + name in self.files:
+                data = self.files["/shard/" + name].read_bytes()
+                h.send_response(200)
+                h.send_header("Content-Type", "application/x-tar")
+                h.send_header("Content-Length", str(len(data)))
+                h.end_headers()
+                h.wfile.write(data[: len(data) // 2])
+                h.close_connection = True
             elif path in self.files:
                 data = self.files[path].read_bytes()
                 rng = h.headers.get("Range")

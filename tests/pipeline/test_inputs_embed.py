@@ -93,6 +93,20 @@ def test_shards_embed_with_annotations_and_failures(tmp_path: Path, mean_colour)
     assert res.embedded + res.failed == res.inputs
 
 
+def test_shard_urls_embed_from_one_download(tmp_path: Path, server: FaultServer, mean_colour) -> None:
+    for i in range(2):
+        write_shard(tmp_path / f"{i:03d}.tar", [f"u{i}a", f"u{i}b", f"u{i}c"], damaged={"u1b"})
+        server.files[f"/shard/{i:03d}.tar"] = tmp_path / f"{i:03d}.tar"
+    res = runner.embed(mean_colour, server.url("/shard/{000..001}.tar"), tmp_path / "out", fetch=FAST, progress=False,
+                       shard_size=2, batch_size=2)
+    assert (res.embedded, res.failed) == (5, 1)
+    emb = _table(tmp_path / "out", "embeddings")
+    assert sorted(emb.source) == sorted(server.url(f"/shard/{i:03d}.tar#u{i}{k}") for i in range(2) for k in "abc"
+                                        if (i, k) != (1, "b"))
+    sizes = [(tmp_path / f"{i:03d}.tar").stat().st_size for i in range(2)]
+    assert [server.served[f"/shard/{i:03d}.tar"] for i in range(2)] == sizes  # listed and read from one download
+
+
 def test_retry_failed_replaces_only_the_failures(tmp_path: Path, server: FaultServer, mean_colour) -> None:
     lst = tmp_path / "urls.txt"
     lst.write_text("\n".join(server.url(p) for p in ["/img/a.jpg", "/flaky/b.jpg", "/missing.jpg"]) + "\n")
