@@ -12,6 +12,8 @@ import typer
 
 from phiclip.cli.common import (
     AllowOtherWeightsOpt,
+    FetchRetriesOpt,
+    FetchTimeoutOpt,
     ModelOverrideOpt,
     QueryDeviceOpt,
     QueryPrecision,
@@ -82,6 +84,11 @@ def serve(
         "--engine ray: GPUs per replica (default: 1 where the cluster has GPUs and --device is not cpu)."))] = None,
     cpus_per_replica: Annotated[float, typer.Option("--cpus-per-replica", min=0.01, help=(
         "--engine ray: CPUs Ray reserves per replica."))] = _DEFAULTS.cpus_per_replica,
+    allow_private_urls: Annotated[bool, typer.Option("--allow-private-urls", help=(
+        "Fetch images by URL from private, loopback and link-local addresses too (default: public addresses "
+        "only, checked after DNS and on every redirect: server-side request forgery)."))] = _DEFAULTS.allow_private_urls,
+    fetch_timeout: FetchTimeoutOpt = _DEFAULTS.fetch_timeout_s,
+    fetch_retries: FetchRetriesOpt = _DEFAULTS.fetch_retries,
 ) -> None:
     """Serve a search page and an embeddings API (OpenAI-style /v1/embeddings) over EMB_DIRS."""
     options = dataclasses.replace(
@@ -91,7 +98,8 @@ def serve(
         allow_incomplete=allow_incomplete, model=model, allow_other_weights=allow_other_weights,
         metrics_open=metrics_open, drain_s=drain_seconds, engine=engine.value, replicas=replicas,
         min_replicas=min_replicas, max_replicas=max_replicas, ray_address=ray_address,
-        gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
+        gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica, allow_private_urls=allow_private_urls,
+        fetch_timeout_s=fetch_timeout, fetch_retries=fetch_retries,
     )
     try:
         # lazy: optional dependency (starlette, uvicorn: phiclip[serve])

@@ -8,7 +8,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from phiclip.fetch import FetchOptions
 from phiclip.images import DEFAULT_MAX_PIXELS
+from phiclip.netguard import AddressGuard
 
 MIB = 1024 * 1024
 
@@ -76,6 +78,21 @@ class ServeOptions:
     #: CPUs per replica (what Ray reserves; torch in a replica uses as many threads).
     gpus_per_replica: float | None = None
     cpus_per_replica: float = 1.0
+    #: Images by URL (``/v1/embeddings`` inputs, ``image_url`` of ``/api/search``) are fetched only from
+    #: public addresses, checked after resolving the host and on every redirect
+    #: (:mod:`phiclip.netguard`); True also allows private, loopback and link-local ones.
+    allow_private_urls: bool = False
+    #: Fetching those URLs (:mod:`phiclip.fetch`, as ``embed`` fetches its URL inputs): seconds without a
+    #: byte before an attempt fails, and retries (on timeouts, 5xx, 429). The request's ``timeout_s``
+    #: bounds the whole fetch; the body's limit is ``max_upload_bytes``.
+    fetch_timeout_s: float = 10.0
+    fetch_retries: int = 1
+
+    def fetch_options(self) -> FetchOptions:
+        """How this server fetches images by URL (the address guard unless ``allow_private_urls``)."""
+        return FetchOptions.for_timeout(self.fetch_timeout_s, retries=self.fetch_retries,
+                                        max_bytes=self.max_upload_bytes,
+                                        guard=None if self.allow_private_urls else AddressGuard())
 
     def validate(self) -> ServeOptions:
         """Check ranges and the host/token rule; returns self. Raises ``ValueError`` naming the setting."""
@@ -93,6 +110,9 @@ class ServeOptions:
             raise ValueError("the token is empty; give a long random string (e.g. `openssl rand -hex 32`)")
         if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
             raise ValueError(f"root_path {self.root_path!r} must start with '/' and not end with one (e.g. /phiclip)")
+        if self.fetch_timeout_s <= 0 or self.fetch_retries < 0:
+            raise ValueError(f"fetch_timeout_s must be > 0 and fetch_retries >= 0 (got {self.fetch_timeout_s}, "
+                             f"{self.fetch_retries})")
         if self.drain_s < 0:
             raise ValueError(f"drain_s must be >= 0, got {self.drain_s}")
         if self.engine not in ("local", "ray"):
