@@ -84,7 +84,7 @@ def refusal(address: IPAddress | str) -> str | None:
         if carried is not None:
             why = refusal(carried)
             form = "IPv4-mapped" if ip in _MAPPED else "6to4" if ip.sixtofour else "NAT64"
-            return None if why is None else f"{why} ({form} IPv6 form of {carried})"
+            return None if why is None else f"{why}, in its {form} IPv6 form ({carried})"
         table = _V6
     else:
         table = _V4
