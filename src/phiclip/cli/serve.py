@@ -51,7 +51,10 @@ def serve(
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Most inputs waiting; beyond: 503.")]
     = _DEFAULTS.max_queue,
     timeout: Annotated[float, typer.Option("--timeout", min=0.001, help=(
-        "Seconds a request may wait for the encoder (503 after)."))] = _DEFAULTS.timeout_s,
+        "Seconds from a request's arrival to its answer: decoding, fetching and the encoder (503 after)."))]
+    = _DEFAULTS.timeout_s,
+    max_in_flight: Annotated[int, typer.Option("--max-in-flight", min=1, help=(
+        "Most /api and /v1 requests answered at once; beyond: 503 + Retry-After at once."))] = _DEFAULTS.max_in_flight,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest uploaded image (413 beyond).")]
     = _DEFAULTS.max_upload_bytes / 2**20,
     max_inputs: Annotated[int, typer.Option("--max-inputs", min=1, help=(
@@ -93,7 +96,8 @@ def serve(
     """Serve a search page and an embeddings API (OpenAI-style /v1/embeddings) over EMB_DIRS."""
     options = dataclasses.replace(
         _DEFAULTS, host=host, port=port, token=token, device=device, precision=precision.value, max_batch=max_batch,
-        batch_wait_ms=batch_wait_ms, max_queue=max_queue, timeout_s=timeout, max_upload_bytes=int(max_upload_mb * 2**20),
+        batch_wait_ms=batch_wait_ms, max_queue=max_queue, timeout_s=timeout, max_in_flight=max_in_flight,
+        max_upload_bytes=int(max_upload_mb * 2**20),
         max_inputs=max_inputs, allowed_hosts=tuple(allowed_host or ()), root_path=root_path,
         allow_incomplete=allow_incomplete, model=model, allow_other_weights=allow_other_weights,
         metrics_open=metrics_open, drain_s=drain_seconds, engine=engine.value, replicas=replicas,

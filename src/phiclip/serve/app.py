@@ -99,6 +99,8 @@ STATIC_DIR = Path(__file__).parent / "static"
 #: The cookie the page authenticates with after ``/?token=...``.
 TOKEN_COOKIE = "phiclip_token"
 _OPEN_PATHS = ("/healthz", "/readyz")
+#: The ASGI scope key holding when a request arrived (``time.monotonic()``): its deadline counts from it.
+ARRIVED = "phiclip.arrived"
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 _DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
 #: An input that is an image's URL (no whitespace), and one shaped as a ``data:`` URI (no whitespace
@@ -234,25 +236,36 @@ class Service:
         except asyncio.TimeoutError:
             if isinstance(future, concurrent.futures.Future):
                 future.cancel()
-            raise ApiError(503, f"timed out after {self.options.timeout_s:g} s waiting for the encoder; the server "
-                           "is busy, retry shortly", "timeout_error", {"Retry-After": "1"}) from None
+            raise self.timed_out("waiting for the encoder") from None
         except Overloaded as e:
             raise ApiError(503, str(e), "overloaded_error", {"Retry-After": "1"}) from None
         except InputError as e:
             raise ApiError(400, str(e)) from None
 
-    async def run_cpu(self, fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` on a worker thread, at most as many at once as the CPU limiter allows."""
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self.cpu_limiter)
+    def timed_out(self, doing: str) -> ApiError:
+        """The 503 of a request that reached its deadline (``--timeout`` from its arrival)."""
+        return ApiError(503, f"timed out after {self.options.timeout_s:g} s {doing}; the server is busy, retry shortly",
+                        "timeout_error", {"Retry-After": "1"})
 
-    async def prepare_image(self, coll: Collection, data: bytes | str, name: str) -> Any:
+    async def run_cpu(self, fn: Any, *args: Any, deadline: float | None = None) -> Any:
+        """``fn(*args)`` on a worker thread, at most as many at once as the CPU limiter allows; with a
+        ``deadline``, a 503 when it passes while waiting for a thread (work started is finished first)."""
+        if deadline is None:
+            return await anyio.to_thread.run_sync(fn, *args, limiter=self.cpu_limiter)
+        try:
+            with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                return await anyio.to_thread.run_sync(fn, *args, limiter=self.cpu_limiter)
+        except TimeoutError:
+            raise self.timed_out("waiting to decode") from None
+
+    async def prepare_image(self, coll: Collection, data: bytes | str, name: str, deadline: float | None = None) -> Any:
         """Decode (pixel limit, ``embed``'s messages) and preprocess one image for ``coll``'s encoder."""
 
         encoder = self.encoder_of(coll)
         max_pixels = self.options.max_pixels
         if getattr(encoder, "remote", False):  # decoded and preprocessed where the model runs (a replica)
             if isinstance(data, str):
-                data = await self.run_cpu(Path(data).read_bytes)
+                data = await self.run_cpu(Path(data).read_bytes, deadline=deadline)
             return (bytes(data), name)
 
         def work() -> Any:
@@ -263,7 +276,7 @@ class Service:
             return encoder.preprocess(img)
 
         try:
-            return await self.run_cpu(work)
+            return await self.run_cpu(work, deadline=deadline)
         except ImageDecodeError as e:
             raise ApiError(400, str(e)) from None
         except (ValueError, RuntimeError) as e:
@@ -351,7 +364,7 @@ class Service:
             payload = owner.image_payload(row)
         except NoImage as e:
             raise ApiError(404, str(e)) from None
-        item = await self.prepare_image(target, payload, f"item {owner.record(row)['id']}")
+        item = await self.prepare_image(target, payload, f"item {owner.record(row)['id']}", deadline)
         return await self.vectors(target, IMAGE, [item], deadline)
 
 
@@ -479,6 +492,11 @@ def _resolve_item(service: Service, request: Request, image_url: str | None, ite
 # === routes ====================================================================================
 
 
+def _deadline(request: Request, service: Service) -> float:
+    """When the request must be answered by: ``timeout_s`` after it arrived (stamped by :class:`_Guard`)."""
+    return float(request.scope.get(ARRIVED, time.monotonic())) + service.options.timeout_s
+
+
 def _service(request: Request) -> Service:
     service = request.app.state.service
     if service is None:
@@ -547,7 +565,7 @@ async def search_get(request: Request) -> Response:
     coll = service.collection(q.get("collection"))
     k = _int_param(q.get("k"), "k", 10, 1, service.options.max_k)
     label = q.get("label") or None
-    deadline = time.monotonic() + service.options.timeout_s
+    deadline = _deadline(request, service)
     if (q.get("text") is None) == (q.get("id") is None):
         raise ApiError(400, "give one query: /api/search?text=a+red+car, or ?id=ITEM for items like one of the "
                        "collection (POST an image to search with it)")
@@ -589,7 +607,8 @@ async def search_post(request: Request) -> Response:
         if fields.get("image") is not None:
             if not isinstance(fields["image"], str) or _input_kind(fields["image"]) != "data":
                 raise ApiError(400, "'image' must be a data:image/...;base64, URI (send an image's URL as 'image_url')")
-            upload = await service.run_cpu(_decode_data_uri, fields["image"], opts.max_upload_bytes, "image")
+            upload = await service.run_cpu(_decode_data_uri, fields["image"], opts.max_upload_bytes, "image",
+                                           deadline=_deadline(request, service))
             upload_name = "image"
     else:
         raise ApiError(400, "send multipart/form-data with an 'image' file, or JSON with 'image', 'image_url' or 'id' "
@@ -603,7 +622,7 @@ async def search_post(request: Request) -> Response:
     given = [x for x in (upload, image_url, item_id) if x is not None]
     if len(given) != 1:
         raise ApiError(400, "give exactly one of: an 'image' file, 'image_url' (an image's URL, or an item's) or 'id'")
-    deadline = time.monotonic() + opts.timeout_s
+    deadline = _deadline(request, service)
     if upload is None and not isinstance(image_url if image_url is not None else item_id, str):
         raise ApiError(400, "image_url and id must be strings")
     query: dict[str, Any] = {"image": upload_name}
@@ -613,12 +632,13 @@ async def search_post(request: Request) -> Response:
             upload = (await service.fetch_images([("image_url", image_url)], deadline))[0]
             upload_name = f"image_url {_shown_url(image_url)}"
         else:
-            upload = await service.run_cpu(_decode_data_uri, image_url, opts.max_upload_bytes, "image_url")
+            upload = await service.run_cpu(_decode_data_uri, image_url, opts.max_upload_bytes, "image_url",
+                                           deadline=deadline)
             upload_name = "image_url"
     if upload is not None:
         if not upload:
             raise ApiError(400, f"{upload_name}: empty (0 bytes)")
-        item = await service.prepare_image(coll, upload, upload_name)
+        item = await service.prepare_image(coll, upload, upload_name, deadline)
         vector = await service.vectors(coll, IMAGE, [item], deadline)
         return await service.search(request, coll, vector, k, label, query, t0)
     owner, row = _resolve_item(service, request, image_url, item_id, coll.name if item_id is not None else None)
@@ -650,7 +670,7 @@ async def thumbnail(request: Request) -> Response:
             return render_thumbnail(coll.image_payload(row), size, max_pixels=service.options.max_pixels)
 
         try:
-            data = await service.run_cpu(make)
+            data = await service.run_cpu(make, deadline=_deadline(request, service))
         except (NoImage, ImageDecodeError) as e:
             raise ApiError(404, f"no thumbnail: {e}") from None
         service.thumbnails.put(key, data)
@@ -701,13 +721,14 @@ async def embeddings(request: Request) -> Response:
     data_pos = [i for i, kind in enumerate(kinds) if kind == "data"]
     url_pos = [i for i, kind in enumerate(kinds) if kind == "url"]
     texts = [service.check_text(coll, inputs[i], f"input[{i}]") for i in text_pos]
-    deadline = time.monotonic() + opts.timeout_s  # the fetches and the wait for the encoder
+    deadline = _deadline(request, service)  # decoding, fetching and the wait for the encoder
     raw = await service.run_cpu(lambda: [_decode_data_uri(inputs[i], opts.max_upload_bytes, f"input[{i}]")
-                                         for i in data_pos])
+                                         for i in data_pos], deadline=deadline)
     raw += await service.fetch_images([(f"input[{i}]", inputs[i]) for i in url_pos], deadline)
     image_pos = data_pos + url_pos
     names = [f"input[{i}]" for i in data_pos] + [f"input[{i}] {_shown_url(inputs[i])}" for i in url_pos]
-    items = list(await asyncio.gather(*(service.prepare_image(coll, data, name) for data, name in zip(raw, names))))
+    items = list(await asyncio.gather(*(service.prepare_image(coll, data, name, deadline)
+                                        for data, name in zip(raw, names))))
     jobs = []
     if texts:
         jobs.append(service.vectors(coll, TEXT, texts, deadline))
@@ -751,13 +772,18 @@ def _route_path(scope: Any) -> str:
 
 class _Guard:
     """Pure ASGI middleware in front of every route: ``Host`` check (without a token), bearer token
-    (or the page's cookie), a limit on the request body, and security headers on every response."""
+    (or the page's cookie), admission (at most ``max_in_flight`` requests to ``/api/`` and ``/v1/`` being
+    answered: 503 + ``Retry-After`` beyond, at once), a limit on the request body, and security headers
+    on every response. It stamps each request's arrival time (:data:`ARRIVED`), from which
+    ``timeout_s`` bounds every wait of the request (a thread to decode on, a fetch, the encoder)."""
 
     def __init__(self, app: Any, options: ServeOptions) -> None:
         self.app = app
         self.token = options.token.encode() if options.token else None
         self.max_body = options.max_body_bytes
         self.open_paths = _OPEN_PATHS + (("/metrics",) if options.metrics_open else ())
+        self.max_in_flight = options.max_in_flight
+        self.in_flight = 0
         names = {h.lower().strip("[]") for h in options.allowed_hosts}
         self.hosts = None if (self.token and not names) else {*names, *_LOOPBACK_NAMES}
 
@@ -790,6 +816,7 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope[ARRIVED] = time.monotonic()
         headers = Headers(scope=scope)
         if not self._host_ok(headers):
             await self._send_error(scope, receive, send, 400, f"host {headers.get('host', '')!r} is not accepted; add it with "
@@ -809,6 +836,11 @@ class _Guard:
                 return
             await self._send_error(scope, receive, send, 401, "missing or wrong token: send 'Authorization: Bearer TOKEN' "
                                    "(open the page once as /?token=TOKEN)", {"WWW-Authenticate": "Bearer"})
+            return
+        admitted = path.startswith("/api/") or path.startswith("/v1/")  # the routes that work; the rest is cheap
+        if admitted and self.in_flight >= self.max_in_flight:
+            await self._send_error(scope, receive, send, 503, f"the server is answering {self.in_flight} requests, its "
+                                   f"limit (--max-in-flight {self.max_in_flight}); retry shortly", {"Retry-After": "1"})
             return
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
@@ -833,7 +865,14 @@ class _Guard:
                 message = {**message, "headers": raw}
             await send(message)
 
-        await self.app(scope, limited_receive, send_with_headers)
+        if not admitted:
+            await self.app(scope, limited_receive, send_with_headers)
+            return
+        self.in_flight += 1  # one event loop: no lock needed
+        try:
+            await self.app(scope, limited_receive, send_with_headers)
+        finally:
+            self.in_flight -= 1
 
 
 class _Metered:

@@ -34,8 +34,12 @@ class ServeOptions:
     batch_wait_ms: float = 5.0
     #: The most items waiting for an encoder; beyond it requests get 503 at once.
     max_queue: int = 256
-    #: Seconds a request may wait for the encoder before it gets 503.
+    #: Seconds from a request's arrival until it gets 503 if not answered: every wait (a thread to decode
+    #: on, fetching its URLs, the encoder) ends by then.
     timeout_s: float = 30.0
+    #: The most requests to ``/api/`` and ``/v1/`` answered at once; beyond, 503 with ``Retry-After`` at
+    #: once (what bounds the work before the encoder queue: reading, decoding, fetching).
+    max_in_flight: int = 128
     #: The largest uploaded image (bytes) and the largest request body (bytes): 413 beyond.
     max_upload_bytes: int = 16 * MIB
     max_body_bytes: int = 48 * MIB
@@ -96,7 +100,7 @@ class ServeOptions:
 
     def validate(self) -> ServeOptions:
         """Check ranges and the host/token rule; returns self. Raises ``ValueError`` naming the setting."""
-        for name in ("max_batch", "max_queue", "max_upload_bytes", "max_body_bytes", "max_inputs", "max_text_chars",
+        for name in ("max_batch", "max_queue", "max_in_flight", "max_upload_bytes", "max_body_bytes", "max_inputs", "max_text_chars",
                      "max_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
