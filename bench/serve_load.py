@@ -18,7 +18,9 @@ the batcher's counters (mean batch size, rejected requests).
     python bench/serve_load.py --replicas 2 --clients 32 --seconds 20 --kill-replica-at 5
     # 4x overload for 10 minutes: after the closed-loop run, requests arrive at 4x the rate it achieved
     # (open loop); every answer must be 200 or 503 with Retry-After, none slower than --timeout + 1 s, and
-    # the server's RSS (sampled every --rss-every s) flat after the first --warmup-share of the run
+    # the server's RSS (sampled every --rss-every s) flat after the first --warmup-share of the run.
+    # (The open loop writes pre-built requests on raw keep-alive connections: on a small machine shared
+    # with the server, httpx's own CPU per request made the generator, not the server, the queue.)
     python bench/serve_load.py --mix one-image --clients 64 --seconds 30 --overload 4 --overload-seconds 600
 
 ``--model b32-random`` builds a real-size CLIP ViT-B/32 (224 px, patch 32, width 768, 12 layers,
@@ -224,28 +226,79 @@ async def run_clients(base: str, clients: int, seconds: float, requests: dict[st
     return results
 
 
-async def run_open_loop(base: str, rate: float, seconds: float, requests: dict[str, list[dict[str, Any]]],
-                        mix: str) -> tuple[list[Result], float]:
-    """Requests sent at ``rate`` per second for ``seconds`` whatever the answers (open loop: what an
-    overload is), each on a connection of its own when needed (no client-side queue); returns the
-    answers and the rate actually offered (below ``rate`` when this process could not keep up)."""
-    import httpx
+def raw_request(req: dict[str, Any], port: int) -> bytes:
+    """The bytes of one HTTP/1.1 request (keep-alive) for a GET with ``params`` or a POST with ``json``."""
+    from urllib.parse import urlencode
 
+    head = f"Host: 127.0.0.1:{port}\r\nUser-Agent: serve_load\r\n"
+    if "json" in req:
+        body = json.dumps(req["json"]).encode()
+        return (f"{req['method']} {req['url']} HTTP/1.1\r\n{head}Content-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    if set(req) <= {"method", "url", "params"}:
+        query = ("?" + urlencode(req["params"])) if req.get("params") else ""
+        return f"{req['method']} {req['url']}{query} HTTP/1.1\r\n{head}\r\n".encode()
+    raise ValueError("the open-loop phase sends GET ?params and JSON requests only (use --mix one-image)")
+
+
+async def run_open_loop(port: int, rate: float, seconds: float, requests: dict[str, list[dict[str, Any]]],
+                        mix: str) -> tuple[list[Result], dict[str, Any]]:
+    """Requests sent at ``rate`` per second for ``seconds`` whatever the answers (open loop: what an
+    overload is), over raw keep-alive connections (a new one whenever none is idle: no client-side
+    queue) with pre-built request bytes, so that this process spends little CPU per request on a
+    machine it shares with the server. Latency counts from the request's write; ``lag`` says how late
+    the writes were against the schedule (this process starved of CPU)."""
     order = [k for k, share in MIXES[mix] for _ in range(share)]
+    payloads = {k: [raw_request(r, port) for r in requests[k]] for k in dict(MIXES[mix])}
     results: list[Result] = []
+    failures: Counter[str] = Counter()
+    lags: list[float] = []
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def send(kind: str, payload: bytes, due: float) -> None:
+        conn = None
+        status, retry_after, t0 = -1, False, time.perf_counter()
+        try:
+            conn = idle.pop() if idle else await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = conn
+            t0 = time.perf_counter()
+            lags.append(time.monotonic() - due)
+            writer.write(payload)
+            await writer.drain()
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+            status = int(head.split(" ", 2)[1])
+            fields = dict(line.split(":", 1) for line in head.split("\r\n")[1:] if ":" in line)
+            await reader.readexactly(int(fields.get("content-length", "0").strip()))
+            retry_after = "retry-after" in fields
+            if fields.get("connection", "").strip() == "close":
+                writer.close()
+            else:
+                idle.append(conn)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
+            failures[type(e).__name__] += 1
+            status = -1
+            if conn is not None:
+                conn[1].close()
+        results.append((kind, status, time.perf_counter() - t0, retry_after))
+
     tasks = []
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
-    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as c:
-        t0 = time.monotonic()
-        n = int(rate * seconds)
-        for i in range(n):
-            delay = t0 + i / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_send(c, *_request_of(requests, order, i), results)))
-        offered = n / max(1e-9, time.monotonic() - t0)
-        await asyncio.gather(*tasks)
-    return results, offered
+    t_start = time.monotonic()
+    n = int(rate * seconds)
+    for i in range(n):
+        due = t_start + i / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        kind = order[i % len(order)]
+        variants = payloads[kind]
+        tasks.append(asyncio.create_task(send(kind, variants[(i // len(order)) % len(variants)], due)))
+    offered = n / max(1e-9, time.monotonic() - t_start)
+    await asyncio.gather(*tasks)
+    for _, writer in idle:
+        writer.close()
+    return results, {"rate_offered": round(offered, 1), "client_failures": dict(failures),
+                     "write_lag_p50_ms": round(percentile(lags, 50) * 1000, 1),
+                     "write_lag_max_ms": round(max(lags, default=0.0) * 1000, 1)}
 
 
 class RssSampler:
@@ -362,6 +415,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.kill_replica_at is not None and not args.replicas:
         ap.error("--kill-replica-at needs --replicas N")
+    if args.overload and args.mix != "one-image":
+        ap.error("--overload sends /v1/embeddings requests: use it with --mix one-image")
 
     import httpx
 
@@ -397,10 +452,10 @@ def main() -> None:
             sampler = RssSampler(server.pid, args.rss_every)
             before = counted_requests(base)
             t1 = time.monotonic()
-            answers, offered = asyncio.run(run_open_loop(base, rate, args.overload_seconds, requests, args.mix))
+            answers, sending = asyncio.run(run_open_loop(port, rate, args.overload_seconds, requests, args.mix))
             took = time.monotonic() - t1
             samples = sampler.finish()
-            overload = {"factor": args.overload, "rate_asked": round(rate, 1), "rate_offered": round(offered, 1),
+            overload = {"factor": args.overload, "rate_asked": round(rate, 1), **sending,
                         "seconds": round(took, 1), **summarize(answers, took),
                         "metrics_counted": counted_requests(base) - before,
                         "over_timeout_plus_1s": sum(1 for a in answers if a[2] > args.timeout + 1),
