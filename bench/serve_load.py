@@ -259,13 +259,26 @@ async def run_open_loop(port: int, rate: float, seconds: float, requests: dict[s
         conn = None
         status, retry_after, t0 = -1, False, time.perf_counter()
         try:
+            reused = bool(idle)
             conn = idle.pop() if idle else await asyncio.open_connection("127.0.0.1", port)
             reader, writer = conn
             t0 = time.perf_counter()
             lags.append(time.monotonic() - due)
             writer.write(payload)
             await writer.drain()
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+            try:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+            except (asyncio.IncompleteReadError, ConnectionResetError) as e:
+                if not reused or (isinstance(e, asyncio.IncompleteReadError) and e.partial):
+                    raise
+                # a kept-alive connection the server had closed as idle: the request never reached it;
+                # sent again on a new connection, as HTTP clients do
+                writer.close()
+                failures["stale keep-alive connection (sent again)"] += 1
+                conn = reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(payload)
+                await writer.drain()
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
             status = int(head.split(" ", 2)[1])
             fields = dict(line.split(":", 1) for line in head.split("\r\n")[1:] if ":" in line)
             await reader.readexactly(int(fields.get("content-length", "0").strip()))
