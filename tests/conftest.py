@@ -50,6 +50,61 @@ def unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
+class OffMachine(AssertionError):
+    """A test tried to resolve or connect beyond this machine (see :func:`loopback_only`)."""
+
+
+@pytest.fixture
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A tripwire for the tests of the address guard: while it is on, resolving any name but ``localhost``
+    (or a loopback literal) and connecting a socket to any address that is not loopback raise
+    :class:`OffMachine` instead of sending a packet, and are listed in the returned list (which the
+    test checks is empty). So a test whose guard had a bug fails here, and no traffic leaves the machine."""
+    import ipaddress
+    import socket
+
+    attempts: list[str] = []
+    real_getaddrinfo = socket.getaddrinfo
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def loopback(host: object) -> bool:
+        if host in ("localhost", "localhost.localdomain"):
+            return True
+        try:
+            ip = ipaddress.ip_address(str(host).split("%", 1)[0].strip("[]"))
+            return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+        except ValueError:
+            pass
+        try:  # the numeric forms the C library reads without asking DNS (2130706433, 0x7f.1)
+            return ipaddress.ip_address(socket.inet_aton(str(host))).is_loopback
+        except OSError:
+            return False
+
+    def getaddrinfo(host: object, *args: object, **kw: object) -> object:
+        if host is not None and not loopback(host.decode() if isinstance(host, bytes) else host):
+            attempts.append(f"resolve {host!r}")
+            raise OffMachine(f"a test tried to resolve {host!r}")
+        return real_getaddrinfo(host, *args, **kw)
+
+    def checked(address: object) -> None:
+        if isinstance(address, tuple) and not loopback(address[0]):
+            attempts.append(f"connect {address!r}")
+            raise OffMachine(f"a test tried to connect to {address!r}")
+
+    def connect(self: socket.socket, address: object) -> None:
+        checked(address)
+        return real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: object) -> int:
+        checked(address)
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    return attempts
+
+
 # --- shared by tests/cpu/test_precision.py and tests/cpu/test_int8.py ------------------------------------------
 @pytest.fixture(scope="module")
 def precision_images(tmp_path_factory: pytest.TempPathFactory) -> list:

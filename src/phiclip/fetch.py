@@ -16,12 +16,17 @@ How (:class:`FetchOptions`):
 - the size limit enforced while streaming (``Content-Length`` checked first; the body is never buffered
   beyond ``max_bytes``); redirects followed up to ``max_redirects``;
 - a body whose ``Content-Type`` is text (an HTML error page) fails as not an image; decoding is left to
-  the caller's threads (never on the event loop).
+  the caller's threads (never on the event loop);
+- with ``guard`` (:class:`phiclip.netguard.AddressGuard`, what a server sets for URLs its clients name),
+  every connection, redirect hops included, goes only to public addresses checked after resolving the
+  host (a refused one fails at once, not retried, with a reason starting ``refused (not a public
+  address)``); proxies from the environment are then not used.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import email.utils
 import os
 import random
@@ -29,9 +34,11 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from phiclip.images import Unreadable
+from phiclip.netguard import AddressGuard, AddressRefused
 
 #: The stage of every fetch failure in ``errors/``.
 STAGE_FETCH = "fetch"
@@ -68,6 +75,18 @@ class FetchOptions:
     #: Use the proxy settings of the environment (``HTTPS_PROXY``...).
     trust_env: bool = True
     user_agent: str = "phiclip (+https://github.com/phiclip)"
+    #: Connect only to public addresses (see the module docstring); ``None``: any address.
+    guard: AddressGuard | None = None
+
+    @classmethod
+    def for_timeout(cls, timeout: float, **settings: Any) -> FetchOptions:
+        """Options from one timeout (what ``--fetch-timeout`` sets): seconds without a byte before an attempt
+        fails, the connect timeout the same (at most 10 s), an attempt's deadline 4x (at least the default
+        ``deadline``); ``settings``: other fields (``per_host`` at most ``concurrency``)."""
+        base = cls()
+        concurrency = int(settings.pop("concurrency", base.concurrency))
+        return cls(read_timeout=timeout, connect_timeout=min(10.0, timeout), deadline=max(base.deadline, 4 * timeout),
+                   concurrency=concurrency, per_host=min(base.per_host, concurrency), **settings)
 
     def validate(self) -> FetchOptions:
         """Check ranges; returns self. Raises ``ValueError`` naming the bad setting."""
@@ -122,10 +141,11 @@ class Fetcher:
 
         asyncio.set_event_loop(self.loop)
         o = self.opts
+        limits = httpx.Limits(max_connections=o.concurrency, max_keepalive_connections=o.concurrency)
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=o.connect_timeout, read=o.read_timeout, write=o.read_timeout, pool=None),
-            limits=httpx.Limits(max_connections=o.concurrency, max_keepalive_connections=o.concurrency),
-            follow_redirects=True, max_redirects=o.max_redirects, trust_env=o.trust_env,
+            limits=limits, transport=o.guard.transport(limits=limits) if o.guard is not None else None,
+            follow_redirects=True, max_redirects=o.max_redirects, trust_env=o.trust_env and o.guard is None,
             headers={"User-Agent": o.user_agent, "Accept": "image/*,*/*;q=0.5"},
         )
         self.gate = asyncio.Semaphore(o.concurrency)
@@ -137,7 +157,11 @@ class Fetcher:
         """Each URL's body or why it failed, in order (blocks until all are done)."""
         if not urls:
             return []
-        return asyncio.run_coroutine_threadsafe(self._many(list(urls)), self.loop).result()
+        return self.submit_many(urls).result()
+
+    def submit_many(self, urls: Sequence[str]) -> concurrent.futures.Future[list[bytes | Unreadable]]:
+        """:meth:`fetch_many` without blocking: a future of its answer (cancelling it stops the fetches)."""
+        return asyncio.run_coroutine_threadsafe(self._many(list(urls)), self.loop)
 
     def fetch_ranges(self, parts: Sequence[tuple[str, int, int]]) -> list[bytes | Unreadable]:
         """``(url, offset, size)`` -> those bytes of each URL (``Range`` requests), in order."""
@@ -214,6 +238,8 @@ class Fetcher:
                 if not body:
                     return Unreadable(STAGE_FETCH, "empty body (0 bytes)")
                 return bytes(body)
+        except AddressRefused as e:
+            return Unreadable(STAGE_FETCH, str(e))
         except httpx.TooManyRedirects:
             return Unreadable(STAGE_FETCH, f"too many redirects (more than {o.max_redirects}; a redirect loop?)")
         except httpx.TimeoutException as e:

@@ -14,17 +14,23 @@ Paths:
     /shard/NAME.tar   a file under ``files`` (WebDataset shards), Range requests honoured
     /cut/NAME.tar     the first half of the ``files`` entry ``/shard/NAME.tar`` with the whole one's
                       Content-Length, then the connection closed (a download cut short)
+    /redirect?to=URL  a redirect (302) to URL
+
+``host``: the loopback address to listen on (``127.0.0.2``, ``::1``...); ``seen_hosts`` lists the ``Host``
+header of every request.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from PIL import Image
 
@@ -42,8 +48,10 @@ class FaultServer:
     body bytes sent; ``latency`` adds seconds before each answer; ``files`` maps ``/shard/...`` paths to
     local files."""
 
-    def __init__(self, latency: float = 0.0) -> None:
+    def __init__(self, latency: float = 0.0, host: str = "127.0.0.1") -> None:
         self.latency = latency
+        self.host = host
+        self.seen_hosts: list[str] = []
         self.hits: dict[str, int] = {}
         self.served: dict[str, int] = {}
         self.files: dict[str, Path] = {}
@@ -60,14 +68,18 @@ class FaultServer:
             def do_GET(self) -> None:  # noqa: N802
                 owner._serve(self)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        self.httpd = Server((host, 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.httpd.server_address[1]}"
 
     def url(self, path: str) -> str:
         return self.base + path
@@ -94,6 +106,7 @@ class FaultServer:
         path = h.path.split("?")[0]
         with self.lock:
             n = self.hits[path] = self.hits.get(path, 0) + 1
+            self.seen_hosts.append(h.headers.get("Host", ""))
         if self.latency:
             time.sleep(self.latency)
         name = path.rsplit("/", 1)[-1]
@@ -138,6 +151,11 @@ class FaultServer:
             elif path == "/loop.jpg":
                 h.send_response(302)
                 h.send_header("Location", "/loop.jpg")
+                h.send_header("Content-Length", "0")
+                h.end_headers()
+            elif path == "/redirect":
+                h.send_response(302)
+                h.send_header("Location", parse_qs(urlsplit(h.path).query)["to"][0])
                 h.send_header("Content-Length", "0")
                 h.end_headers()
             elif path == "/page.jpg":

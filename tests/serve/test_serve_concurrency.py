@@ -159,6 +159,65 @@ def test_request_timeout_is_503_and_drops_the_job(colour_collection: Built) -> N
         assert ok.status_code == 200 and ok.json()["results"][0]["label"] == "green"
 
 
+def test_requests_beyond_max_in_flight_get_503_at_once(colour_collection: Built) -> None:
+    # the encoder queue is roomy: what turns requests away here is the bound on requests being answered
+    app, service, gate, entered = _gated_app(colour_collection, max_in_flight=3, max_queue=100, max_batch=1,
+                                             batch_wait_ms=0)
+    with live_server(app) as base, ThreadPoolExecutor(12) as pool:
+        def ask(i: int) -> httpx.Response:
+            return httpx.get(base + "/api/search", params={"text": f"red {i}", "k": 1}, timeout=30)
+
+        held = [pool.submit(ask, 0)]
+        assert entered.wait(10)
+        held += [pool.submit(ask, i) for i in (1, 2)]
+        while service.batchers[colour_collection.spec].queue_depth() < 2:
+            threading.Event().wait(0.02)
+        turned_away = [ask(i) for i in range(3, 8)]  # answered while 3 are in flight, without waiting
+        assert [r.status_code for r in turned_away] == [503] * 5
+        assert all(r.headers["retry-after"] == "1" and "--max-in-flight 3" in r.json()["error"]["message"]
+                   for r in turned_away)
+        assert httpx.get(base + "/readyz").status_code == 200  # probes are not counted
+        gate.set()
+        assert [f.result(30).status_code for f in held] == [200] * 3
+        assert ask(9).status_code == 200
+
+
+def test_a_request_waiting_for_a_decoding_thread_ends_at_its_deadline(colour_collection: Built) -> None:
+    release, started, armed = threading.Event(), threading.Event(), threading.Event()
+
+    def load(spec: str, **kw: Any) -> Any:
+        enc = colour_loader()(spec)
+        inner = enc.preprocess
+
+        def preprocess(img: Any) -> Any:
+            if armed.is_set() and not started.is_set():  # the first upload holds the only decoding thread
+                started.set()
+                assert release.wait(30)
+            return inner(img)
+
+        enc.preprocess = preprocess
+        return enc
+
+    app, service = make_app([colour_collection.path], serve_options(timeout_s=0.5), load=load)
+    png = Path(colour_collection.records[0]["path"]).read_bytes()
+    with live_server(app) as base, ThreadPoolExecutor(2) as pool:
+        while httpx.get(base + "/readyz").status_code != 200:  # the warm-up batch preprocesses too
+            threading.Event().wait(0.02)
+        service.cpu_limiter.total_tokens = 1
+        armed.set()
+
+        def upload() -> httpx.Response:
+            return httpx.post(base + "/api/search", files={"image": ("a.png", png, "image/png")}, timeout=30)
+
+        first = pool.submit(upload)
+        assert started.wait(10)
+        late = upload()
+        assert late.status_code == 503 and late.headers["retry-after"] == "1"
+        assert "timed out after 0.5 s waiting to decode" in late.json()["error"]["message"]
+        release.set()
+        assert first.result(30).status_code == 503  # its own deadline passed while it was held
+
+
 def test_behind_a_proxy_prefix(colour_collection: Built) -> None:
     """--root-path /phiclip, as behind `location /phiclip/ { proxy_pass http://127.0.0.1:PORT/; }`:
     requests arrive without the prefix, URLs in answers carry it, the token cookie is scoped to it."""

@@ -92,6 +92,10 @@ ImageColumnOpt = Annotated[str | None, typer.Option("--image-column", "--column"
     "Table/dataset column of the images (default: guessed from names and types)."))]
 LabelColumnOpt = Annotated[str | None, typer.Option("--label-column", help="Table/dataset column of the labels.")]
 CaptionColumnOpt = Annotated[str | None, typer.Option("--caption-column", help="Table/dataset column of the captions.")]
+FetchTimeoutOpt = Annotated[float, typer.Option("--fetch-timeout", min=0.01, help=(
+    "URLs: seconds without a byte before a fetch fails (retried; connect timeout the same, at most 10 s)."))]
+FetchRetriesOpt = Annotated[int, typer.Option("--fetch-retries", min=0, help=(
+    "URLs: retries on timeouts, 5xx and 429 (with backoff; Retry-After honoured)."))]
 TemplateOpt = Annotated[list[str] | None, typer.Option("--template", help=(
     "Zero-shot prompt template with {c} for the class name; repeat for several (default: a generic set)."))]
 

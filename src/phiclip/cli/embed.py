@@ -22,6 +22,8 @@ from phiclip.cli.common import (
     LEFT_OUT_SHOWN,
     BatchOpt,
     ColumnOpt,
+    FetchRetriesOpt,
+    FetchTimeoutOpt,
     JsonOpt,
     ProgressOpt,
     SplitOpt,
@@ -105,11 +107,7 @@ _RetryOpt = Annotated[bool, typer.Option("--retry-failed", help=(
     "Embed again only the failed inputs of OUTPUT (same model, settings and input), replacing their error rows."))]
 _MaxFailuresOpt = Annotated[str | None, typer.Option("--max-failures", help=(
     "Stop early (exit 4) when more inputs fail than N, or than P% of those done (judged after 100)."))]
-_FetchTimeoutOpt = Annotated[float, typer.Option("--fetch-timeout", min=0.01, help=(
-    "URLs: seconds without a byte before a fetch fails (retried; connect timeout the same, at most 10 s)."))]
 _FetchConcurrencyOpt = Annotated[int, typer.Option("--fetch-concurrency", min=1, help="URLs: fetches in flight.")]
-_FetchRetriesOpt = Annotated[int, typer.Option("--fetch-retries", min=0, help=(
-    "URLs: retries on timeouts, 5xx and 429 (with backoff; Retry-After honoured)."))]
 _MaxBytesOpt = Annotated[int, typer.Option("--max-image-bytes", min=1, help="URLs: largest body fetched (bytes).")]
 _TokensOpt = Annotated[bool, typer.Option("--tokens", help="Phi-3-vision: also write full token sequences to tokens/.")]
 
@@ -254,9 +252,9 @@ def embed(
     progress: ProgressOpt = _DEFAULTS.progress,
     retry_failed: _RetryOpt = False,
     max_failures: _MaxFailuresOpt = None,
-    fetch_timeout: _FetchTimeoutOpt = _FETCH.read_timeout,
+    fetch_timeout: FetchTimeoutOpt = _FETCH.read_timeout,
     fetch_concurrency: _FetchConcurrencyOpt = _FETCH.concurrency,
-    fetch_retries: _FetchRetriesOpt = _FETCH.retries,
+    fetch_retries: FetchRetriesOpt = _FETCH.retries,
     max_image_bytes: _MaxBytesOpt = _FETCH.max_bytes,
     as_json: JsonOpt = False,
 ) -> None:
@@ -264,10 +262,8 @@ def embed(
 
     Exit codes: 0 done; 1 an error; 3 no input could be embedded; 4 stopped by --max-failures; 130/143 interrupted.
     """
-    fetch = FetchOptions(read_timeout=fetch_timeout, connect_timeout=min(10.0, fetch_timeout),
-                         deadline=max(_FETCH.deadline, 4 * fetch_timeout), concurrency=fetch_concurrency,
-                         per_host=min(_FETCH.per_host, fetch_concurrency), retries=fetch_retries,
-                         max_bytes=max_image_bytes)
+    fetch = FetchOptions.for_timeout(fetch_timeout, concurrency=fetch_concurrency, retries=fetch_retries,
+                                     max_bytes=max_image_bytes)
     settings = enum_values(batch_size=batch_size, num_workers=num_workers, shard_size=shard_size, dtype=dtype,
                            device=device, precision=precision, max_pixels=max_pixels or None, tokens=tokens,
                            column=column, split=split, progress=progress, update=update, prune=prune,

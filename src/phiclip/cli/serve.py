@@ -12,6 +12,8 @@ import typer
 
 from phiclip.cli.common import (
     AllowOtherWeightsOpt,
+    FetchRetriesOpt,
+    FetchTimeoutOpt,
     ModelOverrideOpt,
     QueryDeviceOpt,
     QueryPrecision,
@@ -49,7 +51,10 @@ def serve(
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Most inputs waiting; beyond: 503.")]
     = _DEFAULTS.max_queue,
     timeout: Annotated[float, typer.Option("--timeout", min=0.001, help=(
-        "Seconds a request may wait for the encoder (503 after)."))] = _DEFAULTS.timeout_s,
+        "Seconds from a request's arrival to its answer: decoding, fetching and the encoder (503 after)."))]
+    = _DEFAULTS.timeout_s,
+    max_in_flight: Annotated[int, typer.Option("--max-in-flight", min=1, help=(
+        "Most /api and /v1 requests answered at once; beyond: 503 + Retry-After at once."))] = _DEFAULTS.max_in_flight,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest uploaded image (413 beyond).")]
     = _DEFAULTS.max_upload_bytes / 2**20,
     max_inputs: Annotated[int, typer.Option("--max-inputs", min=1, help=(
@@ -82,16 +87,23 @@ def serve(
         "--engine ray: GPUs per replica (default: 1 where the cluster has GPUs and --device is not cpu)."))] = None,
     cpus_per_replica: Annotated[float, typer.Option("--cpus-per-replica", min=0.01, help=(
         "--engine ray: CPUs Ray reserves per replica."))] = _DEFAULTS.cpus_per_replica,
+    allow_private_urls: Annotated[bool, typer.Option("--allow-private-urls", help=(
+        "Fetch images by URL from private, loopback and link-local addresses too (default: public addresses "
+        "only, checked after DNS and on every redirect: server-side request forgery)."))] = _DEFAULTS.allow_private_urls,
+    fetch_timeout: FetchTimeoutOpt = _DEFAULTS.fetch_timeout_s,
+    fetch_retries: FetchRetriesOpt = _DEFAULTS.fetch_retries,
 ) -> None:
     """Serve a search page and an embeddings API (OpenAI-style /v1/embeddings) over EMB_DIRS."""
     options = dataclasses.replace(
         _DEFAULTS, host=host, port=port, token=token, device=device, precision=precision.value, max_batch=max_batch,
-        batch_wait_ms=batch_wait_ms, max_queue=max_queue, timeout_s=timeout, max_upload_bytes=int(max_upload_mb * 2**20),
+        batch_wait_ms=batch_wait_ms, max_queue=max_queue, timeout_s=timeout, max_in_flight=max_in_flight,
+        max_upload_bytes=int(max_upload_mb * 2**20),
         max_inputs=max_inputs, allowed_hosts=tuple(allowed_host or ()), root_path=root_path,
         allow_incomplete=allow_incomplete, model=model, allow_other_weights=allow_other_weights,
         metrics_open=metrics_open, drain_s=drain_seconds, engine=engine.value, replicas=replicas,
         min_replicas=min_replicas, max_replicas=max_replicas, ray_address=ray_address,
-        gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
+        gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica, allow_private_urls=allow_private_urls,
+        fetch_timeout_s=fetch_timeout, fetch_retries=fetch_retries,
     )
     try:
         # lazy: optional dependency (starlette, uvicorn: phiclip[serve])

@@ -12,15 +12,26 @@ status: 400 bad input, 401 no or wrong token, 404 unknown collection/item/route,
   ``metrics_open``);
 - ``GET /api/collections``: each collection's encoder, size, width, completeness, labels;
 - ``GET /api/search?text=...&k=N[&collection=NAME][&label=L]`` (or ``id=ITEM`` instead of ``text``);
-- ``POST /api/search``: multipart with an ``image`` file, or ``image_url`` / ``id`` of an item
-  already in a collection ("more like this"), or JSON with the same fields (``image`` as a
+- ``POST /api/search``: multipart with an ``image`` file, or ``image_url`` (an image's ``http(s)`` URL,
+  fetched; a ``data:image/...;base64,`` URI; or the URL of an item already in a collection: "more
+  like this"), or ``id`` of an item, or JSON with the same fields (``image`` as a
   ``data:image/...;base64,`` URI);
 - ``GET /api/items/{collection}/{id}/thumbnail[?size=128|256|512]``: a JPEG thumbnail;
-- ``POST /v1/embeddings``: the OpenAI embeddings request and response shape; ``GET /v1/models``;
+- ``POST /v1/embeddings``: the OpenAI embeddings request and response shape, each input a text, an
+  image's ``http(s)`` URL (fetched) or a ``data:image/...;base64,`` URI; ``GET /v1/models``;
 - ``GET /api/stats``: batcher, queue and thumbnail cache counters.
 
 CPU work (decoding, preprocessing, thumbnails, FAISS) runs on worker threads, never on the event
 loop; the models run only on their batcher's thread.
+
+Images by URL are fetched by :mod:`phiclip.fetch` (``embed``'s fetcher: its timeouts, retries, redirect
+limit; the body limited to ``max_upload_bytes``), from public addresses only unless
+``allow_private_urls`` (:mod:`phiclip.netguard`: checked after resolving the host, on every redirect
+hop, connecting to the address checked); a refused URL is a 400 naming it, the reason and the flag.
+The request's ``timeout_s`` bounds the fetch. An input is a URL when it is ``http(s)://`` followed by no
+whitespace, and a ``data:`` URI when it starts ``data:`` with no whitespace before its first comma:
+only ``data:image/<type>;base64,`` is accepted (decoded here, never fetched), any other is a 400 rather
+than a text; every other string is a text.
 """
 
 from __future__ import annotations
@@ -47,7 +58,9 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import numpy as np
 
 from phiclip.encoders.base import Encoder
-from phiclip.images import ImageDecodeError, load_image
+from phiclip.fetch import fetcher
+from phiclip.images import ImageDecodeError, Unreadable, load_image
+from phiclip.netguard import is_refusal
 from phiclip.retrieval import SearchError, require_text_side
 from phiclip.serve.batching import IMAGE, TEXT, DynamicBatcher, InputError, Overloaded, warm_up_encoder
 from phiclip.serve.collections import (
@@ -86,8 +99,16 @@ STATIC_DIR = Path(__file__).parent / "static"
 #: The cookie the page authenticates with after ``/?token=...``.
 TOKEN_COOKIE = "phiclip_token"
 _OPEN_PATHS = ("/healthz", "/readyz")
+#: The ASGI scope key holding when a request arrived (``time.monotonic()``): its deadline counts from it.
+ARRIVED = "phiclip.arrived"
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 _DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
+#: An input that is an image's URL (no whitespace), and one shaped as a ``data:`` URI (no whitespace
+#: before its first comma); any other string is a text.
+_URL_INPUT = re.compile(r"https?://\S+", re.IGNORECASE)
+_DATA_INPUT = re.compile(r"data:[^\s,]*,", re.IGNORECASE)
+_PRIVATE_HINT = ("this server fetches images only from public addresses (start phiclip serve with "
+                 "--allow-private-urls to allow private, loopback and link-local ones)")
 _ITEM_PATH = re.compile(r"/api/items/([^/]+)/([^/]+)(?:/thumbnail)?/?")
 _PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
              "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -135,6 +156,7 @@ class Service:
                 enc, max_batch=options.max_batch, max_wait_s=options.batch_wait_ms / 1000,
                 max_queue=options.max_queue, name=f"phiclip-encoder-{i}")
         self.thumbnails = ThumbnailCache(options.thumbnail_cache_bytes)
+        self.fetch_options = options.fetch_options()
         self.cpu_limiter: Any = None  # an anyio CapacityLimiter, made in the event loop at startup
         self.metrics: ServeMetrics | None = None
         #: Set on SIGTERM: /readyz answers 503 while requests in flight finish.
@@ -214,25 +236,36 @@ class Service:
         except asyncio.TimeoutError:
             if isinstance(future, concurrent.futures.Future):
                 future.cancel()
-            raise ApiError(503, f"timed out after {self.options.timeout_s:g} s waiting for the encoder; the server "
-                           "is busy, retry shortly", "timeout_error", {"Retry-After": "1"}) from None
+            raise self.timed_out("waiting for the encoder") from None
         except Overloaded as e:
             raise ApiError(503, str(e), "overloaded_error", {"Retry-After": "1"}) from None
         except InputError as e:
             raise ApiError(400, str(e)) from None
 
-    async def run_cpu(self, fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` on a worker thread, at most as many at once as the CPU limiter allows."""
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self.cpu_limiter)
+    def timed_out(self, doing: str) -> ApiError:
+        """The 503 of a request that reached its deadline (``--timeout`` from its arrival)."""
+        return ApiError(503, f"timed out after {self.options.timeout_s:g} s {doing}; the server is busy, retry shortly",
+                        "timeout_error", {"Retry-After": "1"})
 
-    async def prepare_image(self, coll: Collection, data: bytes | str, name: str) -> Any:
+    async def run_cpu(self, fn: Any, *args: Any, deadline: float | None = None) -> Any:
+        """``fn(*args)`` on a worker thread, at most as many at once as the CPU limiter allows; with a
+        ``deadline``, a 503 when it passes while waiting for a thread (work started is finished first)."""
+        if deadline is None:
+            return await anyio.to_thread.run_sync(fn, *args, limiter=self.cpu_limiter)
+        try:
+            with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                return await anyio.to_thread.run_sync(fn, *args, limiter=self.cpu_limiter)
+        except TimeoutError:
+            raise self.timed_out("waiting to decode") from None
+
+    async def prepare_image(self, coll: Collection, data: bytes | str, name: str, deadline: float | None = None) -> Any:
         """Decode (pixel limit, ``embed``'s messages) and preprocess one image for ``coll``'s encoder."""
 
         encoder = self.encoder_of(coll)
         max_pixels = self.options.max_pixels
         if getattr(encoder, "remote", False):  # decoded and preprocessed where the model runs (a replica)
             if isinstance(data, str):
-                data = await self.run_cpu(Path(data).read_bytes)
+                data = await self.run_cpu(Path(data).read_bytes, deadline=deadline)
             return (bytes(data), name)
 
         def work() -> Any:
@@ -243,11 +276,45 @@ class Service:
             return encoder.preprocess(img)
 
         try:
-            return await self.run_cpu(work)
+            return await self.run_cpu(work, deadline=deadline)
         except ImageDecodeError as e:
             raise ApiError(400, str(e)) from None
         except (ValueError, RuntimeError) as e:
             raise ApiError(400, f"{name}: cannot be prepared for {coll.spec} ({e})") from None
+
+    async def fetch_images(self, urls: list[tuple[str, str]], deadline: float) -> list[bytes]:
+        """The bodies of ``(where, url)`` pairs, fetched concurrently (:mod:`phiclip.fetch`, with the address
+        guard unless ``allow_private_urls``) until ``deadline``; a 400 (413: too large) naming the first
+        URL that failed, and why."""
+        if not urls:
+            return []
+        future = fetcher(self.fetch_options).submit_many([u for _, u in urls])
+        try:
+            got = await asyncio.wait_for(asyncio.wrap_future(future), timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:  # the fetches are cancelled with the wrapped future
+            self._count_fetches("failed", len(urls))
+            names = ", ".join(f"{where} {_shown_url(url)}" for where, url in urls)
+            raise ApiError(400, f"{names}: not fetched within {self.options.timeout_s:g} s (the request's timeout)") \
+                from None
+        error: ApiError | None = None
+        for (where, url), body in zip(urls, got):
+            if not isinstance(body, Unreadable):
+                self._count_fetches("fetched")
+                continue
+            refused = is_refusal(body.reason)
+            self._count_fetches("refused" if refused else "failed")
+            if error is None:
+                status = 413 if body.reason.startswith("too large") else 400
+                message = f"{where} {_shown_url(url)}: " + (f"{body.reason}; {_PRIVATE_HINT}" if refused
+                                                              else f"cannot fetch the image: {body.reason}")
+                error = ApiError(status, message)
+        if error is not None:
+            raise error
+        return [bytes(b) for b in got if not isinstance(b, Unreadable)]
+
+    def _count_fetches(self, outcome: str, n: int = 1) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_fetches(outcome, n)
 
     def check_text(self, coll: Collection, text: Any, what: str = "text") -> str:
         """A usable text query for ``coll``'s encoder (400 / 413 otherwise)."""
@@ -297,7 +364,7 @@ class Service:
             payload = owner.image_payload(row)
         except NoImage as e:
             raise ApiError(404, str(e)) from None
-        item = await self.prepare_image(target, payload, f"item {owner.record(row)['id']}")
+        item = await self.prepare_image(target, payload, f"item {owner.record(row)['id']}", deadline)
         return await self.vectors(target, IMAGE, [item], deadline)
 
 
@@ -356,10 +423,23 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
+def _shown_url(url: str, limit: int = 200) -> str:
+    """A URL as an error message shows it (shortened past ``limit`` characters)."""
+    return url if len(url) <= limit else url[:limit] + "..."
+
+
+def _input_kind(value: str) -> str:
+    """``url`` (an image's ``http(s)`` URL), ``data`` (shaped as a ``data:`` URI) or ``text``."""
+    if _URL_INPUT.fullmatch(value):
+        return "url"
+    return "data" if _DATA_INPUT.match(value) else "text"
+
+
 def _decode_data_uri(value: str, max_bytes: int, where: str) -> bytes:
     m = _DATA_URI.match(value)
     if m is None:
-        raise ApiError(400, f"{where}: images must be data:image/...;base64, URIs")
+        raise ApiError(400, f"{where}: a data: URI must hold an image as data:image/<type>;base64,... (other data: "
+                       "URIs are not read, nor embedded as text)")
     b64 = value[m.end():]
     if len(b64) * 3 // 4 > max_bytes + 2:
         raise ApiError(413, f"{where}: the image is about {len(b64) * 3 // 4} bytes, over the limit of {max_bytes}")
@@ -372,20 +452,35 @@ def _decode_data_uri(value: str, max_bytes: int, where: str) -> bytes:
     return data
 
 
+def _item_of_url(service: Service, request: Request, image_url: str) -> tuple[str, str] | None:
+    """``(collection, id)`` when ``image_url`` is the URL of an item of this server (a path, or a URL whose
+    host is the request's ``Host``, a loopback name or an ``--allowed-host``), else None."""
+    parts = urlsplit(image_url)
+    if parts.netloc:
+        host = (parts.hostname or "").lower()
+        ours = {request.headers.get("host", "").lower(), *_LOOPBACK_NAMES, *(h.lower() for h in service.options.allowed_hosts)}
+        if parts.scheme.lower() not in ("http", "https") or (parts.netloc.lower() not in ours and host not in ours):
+            return None
+    elif parts.scheme:
+        return None
+    path = parts.path
+    root = request.scope.get("root_path", "")
+    if root and path.startswith(root + "/"):
+        path = path[len(root):]
+    m = _ITEM_PATH.fullmatch(path)
+    return None if m is None else (unquote(m.group(1)), unquote(m.group(2)))
+
+
 def _resolve_item(service: Service, request: Request, image_url: str | None, item_id: str | None,
                   collection: str | None) -> tuple[Collection, int]:
     """An item named by ``image_url`` (a URL of this server's item routes) or by ``id`` -> (collection, row)."""
     if image_url is not None:
-        path = urlsplit(str(image_url)).path
-        root = request.scope.get("root_path", "")
-        if root and path.startswith(root + "/"):
-            path = path[len(root):]
-        m = _ITEM_PATH.fullmatch(path)
-        if m is None:
-            raise ApiError(400, "image_url must be the URL of an item of a collection (.../api/items/NAME/ID/thumbnail); "
-                           "the server does not fetch other URLs: upload the image instead")
-        owner = service.collection(unquote(m.group(1)))
-        item_id = unquote(m.group(2))
+        named = _item_of_url(service, request, image_url)
+        if named is None:
+            raise ApiError(400, "image_url must be an image's http(s) URL, a data:image/...;base64, URI or the URL "
+                           "of an item of a collection (.../api/items/NAME/ID/thumbnail)")
+        owner = service.collection(named[0])
+        item_id = named[1]
     else:
         owner = service.collection(collection)
     try:
@@ -395,6 +490,11 @@ def _resolve_item(service: Service, request: Request, image_url: str | None, ite
 
 
 # === routes ====================================================================================
+
+
+def _deadline(request: Request, service: Service) -> float:
+    """When the request must be answered by: ``timeout_s`` after it arrived (stamped by :class:`_Guard`)."""
+    return float(request.scope.get(ARRIVED, time.monotonic())) + service.options.timeout_s
 
 
 def _service(request: Request) -> Service:
@@ -465,7 +565,7 @@ async def search_get(request: Request) -> Response:
     coll = service.collection(q.get("collection"))
     k = _int_param(q.get("k"), "k", 10, 1, service.options.max_k)
     label = q.get("label") or None
-    deadline = time.monotonic() + service.options.timeout_s
+    deadline = _deadline(request, service)
     if (q.get("text") is None) == (q.get("id") is None):
         raise ApiError(400, "give one query: /api/search?text=a+red+car, or ?id=ITEM for items like one of the "
                        "collection (POST an image to search with it)")
@@ -479,7 +579,8 @@ async def search_get(request: Request) -> Response:
 
 
 async def search_post(request: Request) -> Response:
-    """``POST /api/search``: an uploaded image, or an item's URL or id ("more like this")."""
+    """``POST /api/search``: an uploaded image, an image's URL (or ``data:`` URI), or an item's URL or id
+    ("more like this")."""
     t0 = time.perf_counter()
     service = _service(request)
     opts = service.options
@@ -504,12 +605,13 @@ async def search_post(request: Request) -> Response:
     elif "json" in ctype:
         fields = await _json_body(request)
         if fields.get("image") is not None:
-            if not isinstance(fields["image"], str):
-                raise ApiError(400, "'image' must be a data:image/...;base64, URI")
-            upload = await service.run_cpu(_decode_data_uri, fields["image"], opts.max_upload_bytes, "image")
+            if not isinstance(fields["image"], str) or _input_kind(fields["image"]) != "data":
+                raise ApiError(400, "'image' must be a data:image/...;base64, URI (send an image's URL as 'image_url')")
+            upload = await service.run_cpu(_decode_data_uri, fields["image"], opts.max_upload_bytes, "image",
+                                           deadline=_deadline(request, service))
             upload_name = "image"
     else:
-        raise ApiError(400, "send multipart/form-data with an 'image' file, or JSON with 'image_url' or 'id' "
+        raise ApiError(400, "send multipart/form-data with an 'image' file, or JSON with 'image', 'image_url' or 'id' "
                        "(GET /api/search?text=... for text)")
     coll = service.collection(fields.get("collection") or None)
     k = _int_param(fields.get("k"), "k", 10, 1, opts.max_k)
@@ -519,16 +621,26 @@ async def search_post(request: Request) -> Response:
     image_url, item_id = fields.get("image_url"), fields.get("id")
     given = [x for x in (upload, image_url, item_id) if x is not None]
     if len(given) != 1:
-        raise ApiError(400, "give exactly one of: an 'image' file, 'image_url' (an item of a collection) or 'id'")
-    deadline = time.monotonic() + opts.timeout_s
+        raise ApiError(400, "give exactly one of: an 'image' file, 'image_url' (an image's URL, or an item's) or 'id'")
+    deadline = _deadline(request, service)
+    if upload is None and not isinstance(image_url if image_url is not None else item_id, str):
+        raise ApiError(400, "image_url and id must be strings")
+    query: dict[str, Any] = {"image": upload_name}
+    if image_url is not None and _item_of_url(service, request, image_url) is None and _input_kind(image_url) != "text":
+        query = {"image_url": _shown_url(image_url)}  # an image by URL (fetched) or a data: URI, not an item
+        if _input_kind(image_url) == "url":
+            upload = (await service.fetch_images([("image_url", image_url)], deadline))[0]
+            upload_name = f"image_url {_shown_url(image_url)}"
+        else:
+            upload = await service.run_cpu(_decode_data_uri, image_url, opts.max_upload_bytes, "image_url",
+                                           deadline=deadline)
+            upload_name = "image_url"
     if upload is not None:
         if not upload:
             raise ApiError(400, f"{upload_name}: empty (0 bytes)")
-        item = await service.prepare_image(coll, upload, upload_name)
+        item = await service.prepare_image(coll, upload, upload_name, deadline)
         vector = await service.vectors(coll, IMAGE, [item], deadline)
-        return await service.search(request, coll, vector, k, label, {"image": upload_name}, t0)
-    if not isinstance(image_url if image_url is not None else item_id, str):
-        raise ApiError(400, "image_url and id must be strings")
+        return await service.search(request, coll, vector, k, label, query, t0)
     owner, row = _resolve_item(service, request, image_url, item_id, coll.name if item_id is not None else None)
     if image_url is not None and not fields.get("collection"):
         coll = owner  # "more like this" searches the item's own collection unless told otherwise
@@ -558,7 +670,7 @@ async def thumbnail(request: Request) -> Response:
             return render_thumbnail(coll.image_payload(row), size, max_pixels=service.options.max_pixels)
 
         try:
-            data = await service.run_cpu(make)
+            data = await service.run_cpu(make, deadline=_deadline(request, service))
         except (NoImage, ImageDecodeError) as e:
             raise ApiError(404, f"no thumbnail: {e}") from None
         service.thumbnails.put(key, data)
@@ -582,7 +694,8 @@ def _model_collection(service: Service, model: Any) -> Collection:
 
 
 async def embeddings(request: Request) -> Response:
-    """``POST /v1/embeddings`` in the OpenAI shape: ``input`` strings or ``data:image/...;base64,`` URIs."""
+    """``POST /v1/embeddings`` in the OpenAI shape: ``input`` texts, images' ``http(s)`` URLs or
+    ``data:image/...;base64,`` URIs (see the module docstring for which is which)."""
     service = _service(request)
     opts = service.options
     body = await _json_body(request)
@@ -595,22 +708,27 @@ async def embeddings(request: Request) -> Response:
     if len(inputs) > opts.max_inputs:
         raise ApiError(413, f"input has {len(inputs)} entries, over the limit of {opts.max_inputs}; split the request")
     if not all(isinstance(x, str) for x in inputs):
-        raise ApiError(400, "every input must be a string (token arrays are not supported): a text or a "
-                       "data:image/...;base64, URI")
+        raise ApiError(400, "every input must be a string (token arrays are not supported): a text, an image's "
+                       "http(s) URL or a data:image/...;base64, URI")
     fmt = body.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise ApiError(400, f"encoding_format must be 'float' or 'base64', got {fmt!r}")
     dim = int(coll.index.info.dim)
     if body.get("dimensions") not in (None, dim):
         raise ApiError(400, f"{coll.spec} makes {dim}-d vectors; dimensions={body.get('dimensions')!r} is not available")
-    image_pos = [i for i, x in enumerate(inputs) if x[:11].lower() == "data:image/"]
-    text_pos = [i for i, x in enumerate(inputs) if x[:11].lower() != "data:image/"]
+    kinds = [_input_kind(x) for x in inputs]
+    text_pos = [i for i, kind in enumerate(kinds) if kind == "text"]
+    data_pos = [i for i, kind in enumerate(kinds) if kind == "data"]
+    url_pos = [i for i, kind in enumerate(kinds) if kind == "url"]
     texts = [service.check_text(coll, inputs[i], f"input[{i}]") for i in text_pos]
+    deadline = _deadline(request, service)  # decoding, fetching and the wait for the encoder
     raw = await service.run_cpu(lambda: [_decode_data_uri(inputs[i], opts.max_upload_bytes, f"input[{i}]")
-                                         for i in image_pos])
-    items = list(await asyncio.gather(*(service.prepare_image(coll, data, f"input[{i}]")
-                                        for i, data in zip(image_pos, raw))))
-    deadline = time.monotonic() + opts.timeout_s
+                                         for i in data_pos], deadline=deadline)
+    raw += await service.fetch_images([(f"input[{i}]", inputs[i]) for i in url_pos], deadline)
+    image_pos = data_pos + url_pos
+    names = [f"input[{i}]" for i in data_pos] + [f"input[{i}] {_shown_url(inputs[i])}" for i in url_pos]
+    items = list(await asyncio.gather(*(service.prepare_image(coll, data, name, deadline)
+                                        for data, name in zip(raw, names))))
     jobs = []
     if texts:
         jobs.append(service.vectors(coll, TEXT, texts, deadline))
@@ -654,13 +772,18 @@ def _route_path(scope: Any) -> str:
 
 class _Guard:
     """Pure ASGI middleware in front of every route: ``Host`` check (without a token), bearer token
-    (or the page's cookie), a limit on the request body, and security headers on every response."""
+    (or the page's cookie), admission (at most ``max_in_flight`` requests to ``/api/`` and ``/v1/`` being
+    answered: 503 + ``Retry-After`` beyond, at once), a limit on the request body, and security headers
+    on every response. It stamps each request's arrival time (:data:`ARRIVED`), from which
+    ``timeout_s`` bounds every wait of the request (a thread to decode on, a fetch, the encoder)."""
 
     def __init__(self, app: Any, options: ServeOptions) -> None:
         self.app = app
         self.token = options.token.encode() if options.token else None
         self.max_body = options.max_body_bytes
         self.open_paths = _OPEN_PATHS + (("/metrics",) if options.metrics_open else ())
+        self.max_in_flight = options.max_in_flight
+        self.in_flight = 0
         names = {h.lower().strip("[]") for h in options.allowed_hosts}
         self.hosts = None if (self.token and not names) else {*names, *_LOOPBACK_NAMES}
 
@@ -693,6 +816,7 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope[ARRIVED] = time.monotonic()
         headers = Headers(scope=scope)
         if not self._host_ok(headers):
             await self._send_error(scope, receive, send, 400, f"host {headers.get('host', '')!r} is not accepted; add it with "
@@ -712,6 +836,11 @@ class _Guard:
                 return
             await self._send_error(scope, receive, send, 401, "missing or wrong token: send 'Authorization: Bearer TOKEN' "
                                    "(open the page once as /?token=TOKEN)", {"WWW-Authenticate": "Bearer"})
+            return
+        admitted = path.startswith("/api/") or path.startswith("/v1/")  # the routes that work; the rest is cheap
+        if admitted and self.in_flight >= self.max_in_flight:
+            await self._send_error(scope, receive, send, 503, f"the server is answering {self.in_flight} requests, its "
+                                   f"limit (--max-in-flight {self.max_in_flight}); retry shortly", {"Retry-After": "1"})
             return
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
@@ -736,7 +865,14 @@ class _Guard:
                 message = {**message, "headers": raw}
             await send(message)
 
-        await self.app(scope, limited_receive, send_with_headers)
+        if not admitted:
+            await self.app(scope, limited_receive, send_with_headers)
+            return
+        self.in_flight += 1  # one event loop: no lock needed
+        try:
+            await self.app(scope, limited_receive, send_with_headers)
+        finally:
+            self.in_flight -= 1
 
 
 class _Metered:

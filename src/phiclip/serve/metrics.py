@@ -13,6 +13,8 @@ process, as in the tests, count apart). What it holds:
   process records them here, so they add up over every replica;
 - ``phiclip_queue_depth{encoder}``: inputs waiting now (read at scrape time);
 - ``phiclip_thumbnails_total`` (served) and ``phiclip_thumbnail_cache_hits_total``;
+- ``phiclip_url_fetches_total{outcome}``: images by URL, ``fetched``, ``refused`` (not a public address)
+  or ``failed`` (HTTP error, timeout, too large...);
 - ``phiclip_model_info{collection,encoder,precision,fingerprint}`` (value 1), ``phiclip_ready`` (0/1),
   ``phiclip_replicas{encoder}`` (replicas running, Ray engine only).
 """
@@ -89,6 +91,8 @@ class ServeMetrics:
                               registry=r)
         self.thumbnails = Counter("phiclip_thumbnails", "Thumbnails served.", registry=r)
         self.thumbnail_hits = Counter("phiclip_thumbnail_cache_hits", "Thumbnails served from the cache.", registry=r)
+        self.url_fetches = Counter("phiclip_url_fetches", "Images by URL: fetched, refused (not a public address) "
+                                   "or failed.", ["outcome"], registry=r)
         self.model_info = Gauge("phiclip_model_info", "The encoder of each collection (value 1).",
                                 ["collection", "encoder", "precision", "fingerprint"], registry=r)
         self.live = _LiveGauges()
@@ -118,6 +122,10 @@ class ServeMetrics:
         self.thumbnails.inc()
         if cache_hit:
             self.thumbnail_hits.inc()
+
+    def observe_fetches(self, outcome: str, n: int = 1) -> None:
+        """``n`` image URLs ended as ``outcome`` (``fetched``, ``refused``, ``failed``)."""
+        self.url_fetches.labels(outcome).inc(n)
 
     def set_model_info(self, collection: str, encoder: str, precision: str, fingerprint: str) -> None:
         self.model_info.labels(collection, encoder, precision, fingerprint).set(1)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from phiclip.fetch import FetchOptions
 from phiclip.images import DEFAULT_MAX_PIXELS
+from phiclip.netguard import AddressGuard
 
 MIB = 1024 * 1024
 
@@ -32,8 +34,12 @@ class ServeOptions:
     batch_wait_ms: float = 5.0
     #: The most items waiting for an encoder; beyond it requests get 503 at once.
     max_queue: int = 256
-    #: Seconds a request may wait for the encoder before it gets 503.
+    #: Seconds from a request's arrival until it gets 503 if not answered: every wait (a thread to decode
+    #: on, fetching its URLs, the encoder) ends by then.
     timeout_s: float = 30.0
+    #: The most requests to ``/api/`` and ``/v1/`` answered at once; beyond, 503 with ``Retry-After`` at
+    #: once (what bounds the work before the encoder queue: reading, decoding, fetching).
+    max_in_flight: int = 128
     #: The largest uploaded image (bytes) and the largest request body (bytes): 413 beyond.
     max_upload_bytes: int = 16 * MIB
     max_body_bytes: int = 48 * MIB
@@ -76,10 +82,25 @@ class ServeOptions:
     #: CPUs per replica (what Ray reserves; torch in a replica uses as many threads).
     gpus_per_replica: float | None = None
     cpus_per_replica: float = 1.0
+    #: Images by URL (``/v1/embeddings`` inputs, ``image_url`` of ``/api/search``) are fetched only from
+    #: public addresses, checked after resolving the host and on every redirect
+    #: (:mod:`phiclip.netguard`); True also allows private, loopback and link-local ones.
+    allow_private_urls: bool = False
+    #: Fetching those URLs (:mod:`phiclip.fetch`, as ``embed`` fetches its URL inputs): seconds without a
+    #: byte before an attempt fails, and retries (on timeouts, 5xx, 429). The request's ``timeout_s``
+    #: bounds the whole fetch; the body's limit is ``max_upload_bytes``.
+    fetch_timeout_s: float = 10.0
+    fetch_retries: int = 1
+
+    def fetch_options(self) -> FetchOptions:
+        """How this server fetches images by URL (the address guard unless ``allow_private_urls``)."""
+        return FetchOptions.for_timeout(self.fetch_timeout_s, retries=self.fetch_retries,
+                                        max_bytes=self.max_upload_bytes,
+                                        guard=None if self.allow_private_urls else AddressGuard())
 
     def validate(self) -> ServeOptions:
         """Check ranges and the host/token rule; returns self. Raises ``ValueError`` naming the setting."""
-        for name in ("max_batch", "max_queue", "max_upload_bytes", "max_body_bytes", "max_inputs", "max_text_chars",
+        for name in ("max_batch", "max_queue", "max_in_flight", "max_upload_bytes", "max_body_bytes", "max_inputs", "max_text_chars",
                      "max_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -93,6 +114,9 @@ class ServeOptions:
             raise ValueError("the token is empty; give a long random string (e.g. `openssl rand -hex 32`)")
         if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
             raise ValueError(f"root_path {self.root_path!r} must start with '/' and not end with one (e.g. /phiclip)")
+        if self.fetch_timeout_s <= 0 or self.fetch_retries < 0:
+            raise ValueError(f"fetch_timeout_s must be > 0 and fetch_retries >= 0 (got {self.fetch_timeout_s}, "
+                             f"{self.fetch_retries})")
         if self.drain_s < 0:
             raise ValueError(f"drain_s must be >= 0, got {self.drain_s}")
         if self.engine not in ("local", "ray"):
