@@ -441,3 +441,20 @@ def test_without_the_runtimes_auto_is_torch_for_both_towers_and_says_how_to_inst
     assert text["runtime"] == "torch" and "phiclip[cpu-runtimes]" in text["reason"]
     assert not (cache / "runtimes").exists() or not any((cache / "runtimes").iterdir())
 
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "metaclip2"])
+def test_a_family_image_side_int8_through_openvino_is_calibrated_within_the_bound(tmp_path, cache, kind) -> None:
+    if R.missing_packages("openvino", "int8"):
+        pytest.skip("openvino or nncf is not installed (phiclip[cpu-runtimes])")
+    from phiclip.testing import build_tiny_dinov2
+
+    ckpt = (build_tiny_dinov2 if kind == "dinov2" else build_tiny_metaclip2)(tmp_path / kind)
+    ref_enc = load_encoder(f"{kind}:{ckpt}?runtime=torch", device="cpu", dtype="float32")
+    pixels = _pixels(ref_enc)
+    folder = _write_images(tmp_path / "cal", 10)
+    enc = load_encoder(f"{kind}:{ckpt}?runtime=openvino&calibration={folder}", device="cpu", dtype="int8")
+    info = enc.describe()["precision"]["runtime"]
+    assert info["runtime"] == "openvino" and info["calibration"]["images"] == 10
+    assert "static int8 through openvino" in enc.describe()["precision"]["reason"]
+    ERROR_BOUNDS["int8"].check(ref_enc.encode_batch(pixels).embeddings, enc.encode_batch(pixels).embeddings)

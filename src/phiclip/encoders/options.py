@@ -25,7 +25,7 @@ DEFAULT_MAX_BATCH = 256
 
 
 
-def _input_option(help: str) -> Any:
+def input_option(help: str) -> Any:
     """A field naming an input (a path, a glob or ``hf:NAME``; ``&``, ``,`` and ``%`` percent-encoded
     in a spec). Only its form is checked here: whether it exists is checked where it is used (a
     spec saved in a manifest is read again elsewhere, where it may not be needed)."""
@@ -55,7 +55,7 @@ class ContrastiveOptions(SpecOptions):
         "auto|torch|openvino|onnxruntime: what runs the image and text towers on the CPU (default auto, or "
         "$PHICLIP_RUNTIME: torch and each installed runtime measured once on this CPU, the fastest within the "
         "precision's bound kept; OpenVINO's int8 needs calibration=; phiclip[cpu-runtimes])")
-    calibration: str | None = _input_option(
+    calibration: str | None = input_option(
         "images like the ones you embed (a folder, a glob, a list of paths, a table or hf:NAME): int8 through "
         "OpenVINO quantises statically, calibrated on them (runtime=openvino or auto, precision int8)")
     calibration_images: int = int_option(
@@ -148,4 +148,4 @@ class Phi3VLMOptions(SpecOptions):
     revision: str | None = _text_option("a hub revision (branch, tag or commit) for a hub id (default: main)")
 
 
-__all__ = ["DEFAULT_MAX_BATCH", "ContrastiveOptions", "Phi3VLMOptions", "Phi3VOptions"]
+__all__ = ["DEFAULT_MAX_BATCH", "ContrastiveOptions", "Phi3VLMOptions", "Phi3VOptions", "input_option"]

@@ -23,6 +23,7 @@ Image-only families say so the way the :class:`~phiclip.encoders.base.Encoder` c
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -31,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from phiclip.cpu import accelerate
+from phiclip.cpu.calibration import DEFAULT_CALIBRATION_IMAGES
 from phiclip.encoders.base import (
     EncodedBatch,
     Encoder,
@@ -96,7 +98,10 @@ class FamilyEncoder(Encoder):
         path = accelerate(model, precision=placement.precision, record=placement.record(),
                           device_type=self.device.type, tower=self._image_modules(), name=str(spec),
                           runtime=getattr(options, "runtime", "torch"), fingerprint=key, image_size=size,
-                          compile_module=self.image_module, preprocess=self.preprocess, keep_alpha=self.keeps_alpha)
+                          compile_module=self.image_module, preprocess=self.preprocess, keep_alpha=self.keeps_alpha,
+                          calibration=getattr(options, "calibration", None),
+                          calibration_images=getattr(options, "calibration_images", DEFAULT_CALIBRATION_IMAGES),
+                          preprocess_key=json.dumps(self.preprocessor.describe(), sort_keys=True, default=str))
         self.precision = path.record
         if path.compiled is not None:
             self.image_path = path.compiled
