@@ -434,9 +434,11 @@ def clusters_page(
 
 
 _MAP_CSS = """
-body { padding: 14px 18px; }
-#map-wrap { position: relative; }
-#map { width: 100%; height: 78vh; border: 1px solid var(--line); border-radius: 6px; display: block;
+html { height: 100%; }
+body { padding: 14px 18px; height: 100%; display: flex; flex-direction: column; }
+body > * { flex: 0 0 auto; }
+#map-wrap { position: relative; flex: 1 1 auto; min-height: 320px; }
+#map { width: 100%; height: 100%; border: 1px solid var(--line); border-radius: 6px; display: block;
        cursor: grab; background: #fff; touch-action: none; }
 #map.dragging { cursor: grabbing; }
 #tip { position: absolute; pointer-events: none; background: rgba(255,255,255,0.97); border: 1px solid #aab;
