@@ -17,6 +17,8 @@ Each case runs in a fresh Python process, so its peak resident set (``ru_maxrss`
   and whether every exact copy is found.
 * ``map``: :func:`phiclip.collection.layout.layout_2d` of ``--n`` vectors (UMAP when umap-learn is
   installed, else PCA: the method is printed) and the page. Target: 100,000 points in 3 minutes on 2 cores.
+* ``map-page``: that page (PCA layout) in headless Chromium through Selenium: load to first draw, one
+  full redraw (a pan or zoom step) with every point in view and zoomed 4x, one hover hit test.
 
 ``python bench/collection.py smoke`` runs all three small (a minute on 2 cores); the full runs are
 
@@ -24,6 +26,7 @@ Each case runs in a fresh Python process, so its peak resident set (``ru_maxrss`
     python bench/collection.py dedup --n 2000000 --dim 512
     python bench/collection.py planted --images 500
     python bench/collection.py map --n 100000
+    python bench/collection.py map-page --n 100000
     python bench/collection.py dedup-disk --n 2000000 --dim 512 --compare
 
 * ``dedup-disk``: the same vectors written to a Parquet file (id, vector), then ``phiclip dedup FILE``
@@ -457,6 +460,63 @@ def case_map(n: int, dim: int, seed: int = 0) -> dict[str, Any]:
     }
 
 
+_PAGE_TIMINGS = """
+    const m = window.phiclipMap, v = m.view(), out = {first_draw_ms: m.firstDrawMs};
+    function per(fn, times) { const t = performance.now(); for (let k = 0; k < times; k++) fn(k);
+                              return (performance.now() - t) / times; }
+    out.draw_ms_whole_view = per(() => m.draw(), 20);
+    out.drawn_whole_view = Number(document.body.getAttribute('data-drawn'));
+    m.zoom(4);
+    out.draw_ms_zoom_4x = per(() => m.draw(), 20);
+    out.drawn_zoom_4x = Number(document.body.getAttribute('data-drawn'));
+    m.zoom(0.25);
+    let seed = 1;
+    function rnd() { seed = (seed * 16807) % 2147483647; return seed / 2147483647; }
+    out.hover_hit_test_ms = per(() => m.nearest(rnd() * v.width, rnd() * v.height), 2000);
+    return out;"""
+
+
+def case_map_page(n: int, dim: int, seed: int = 0) -> dict[str, Any]:
+    """The map page of ``n`` points (20 labelled clusters, PCA layout) in headless Chromium through
+    Selenium: load to first draw, one full redraw (what a pan or zoom step costs) with every point in
+    view and zoomed 4x, and one hover hit test, timed in the page (``performance.now()``)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    from phiclip.collection.layout import layout_2d
+    from phiclip.collection.pages import map_page, write_page
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((20, dim)).astype(np.float32)
+    labels = rng.integers(0, 20, n)
+    x = centres[labels] + 0.7 * rng.standard_normal((n, dim), dtype=np.float32)
+    layout = layout_2d(x, method="pca", seed=seed)
+    with tempfile.TemporaryDirectory(prefix="phiclip-bench-mappage-") as tmp:
+        page = write_page(map_page(layout, [f"item{i}" for i in range(n)], labels=[f"c{v}" for v in labels],
+                                   colour_by="labels"), Path(tmp) / "map.html")
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = "/usr/bin/chromium"
+        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1280,1000", "--force-device-scale-factor=1", f"--user-data-dir={tmp}/profile"):
+            opts.add_argument(flag)
+        driver = webdriver.Chrome(service=Service(executable_path="/usr/bin/chromedriver"), options=opts)
+        try:
+            driver.set_page_load_timeout(120)
+            t0 = time.perf_counter()
+            driver.get(page.resolve().as_uri())
+            load_s = time.perf_counter() - t0
+            timings = driver.execute_script(_PAGE_TIMINGS)
+            version = driver.capabilities.get("browserVersion")
+        finally:
+            driver.quit()
+        size = page.stat().st_size
+    return {"case": "map-page", "n": n, "page_mb": round(size / 1e6, 2),
+            "browser": f"headless Chromium {version} (software rendering, --disable-gpu)",
+            "selenium_get_s": round(load_s, 2), **{k: (round(v, 4) if isinstance(v, float) else v)
+                                                    for k, v in timings.items()},
+            "loadavg_1_5_15": [round(v, 2) for v in os.getloadavg()]}
+
+
 def _run_child(args: list[str], json_out: str | None) -> dict[str, Any]:
     """Run one case in a fresh process (its own peak memory); print and return its JSON line."""
     env = dict(os.environ)
@@ -500,7 +560,8 @@ def _dedup_disk(a: argparse.Namespace, extra: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("case", choices=("dedup", "dedup-disk", "make-parquet", "dedup-file", "planted", "map", "smoke"))
+    ap.add_argument("case", choices=("dedup", "dedup-disk", "make-parquet", "dedup-file", "planted", "map", "map-page",
+                                     "smoke"))
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--images", type=int, default=200)
@@ -531,6 +592,8 @@ def main(argv: list[str] | None = None) -> None:
             result = case_make_parquet(a.n, a.dim, a.file)
         elif a.case == "dedup-file":
             result = case_dedup_file(a.file, a.out, a.memmap_dir, a.threshold)
+        elif a.case == "map-page":
+            result = case_map_page(a.n, a.dim)
         else:
             result = case_map(a.n, a.dim)
         print(json.dumps(result), flush=True)
@@ -553,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
         _run_child(["planted", "--images", str(a.images), "--features", a.features, "--thresholds", a.thresholds]
                    + (["--model", a.model] if a.model else []), a.json_out)
     else:
-        _run_child(["map", "--n", str(a.n), "--dim", str(a.dim)], a.json_out)
+        _run_child([a.case, "--n", str(a.n), "--dim", str(a.dim)], a.json_out)
 
 
 if __name__ == "__main__":

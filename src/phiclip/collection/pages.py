@@ -621,9 +621,14 @@ _MAP_JS = r"""
   // for scripts and tests: the view (screen = (x * scale + tx, (1 - y) * scale + ty)) and the hit test
   window.phiclipMap = {
     view: function () { return { scale: scale, tx: tx, ty: ty, width: w, height: h, fitScale: fitScale }; },
-    nearest: nearest
+    nearest: nearest,
+    draw: draw,  // synchronous, for timing
+    zoom: function (factor) { var cx = w / 2, cy = h / 2; tx = cx - (cx - tx) * factor; ty = cy - (cy - ty) * factor;
+      scale *= factor; },
+    firstDrawMs: null
   };
   resize(); fit(); draw();
+  window.phiclipMap.firstDrawMs = performance.now();  // since the navigation started
 })();
 """
 
