@@ -183,6 +183,8 @@ def test_memmap_reader_equals_the_in_memory_reader(tmp_path, chunk_rows):
         assert mapped.ids == whole.ids and mapped.sources == whole.sources
         assert np.array_equal(mapped.vectors, normalize_in_place(np.array(whole.vectors)))
         assert np.array_equal(mapped.vectors, whole.normalized())  # l2_normalize's values exactly
+        in_ram = read_vectors_into_memmap(path, None, chunk_rows=chunk_rows)  # one array in memory, same values
+        assert not isinstance(in_ram.vectors, np.memmap) and np.array_equal(in_ram.vectors, mapped.vectors)
     assert list((tmp_path / "maps").iterdir()) == []  # unlinked once mapped
     raw = read_vectors_into_memmap(table, tmp_path / "maps", normalize=False)
     assert np.array_equal(raw.vectors, read_vectors(table).vectors)

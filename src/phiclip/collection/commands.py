@@ -44,7 +44,6 @@ from phiclip.collection.pages import clusters_page, duplicates_page, map_page, w
 from phiclip.collection.vectors import (
     CollectionInputError,
     VectorSet,
-    normalize_in_place,
     read_vectors,
     read_vectors_into_memmap,
 )
@@ -206,12 +205,9 @@ def dedup_collection(
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold {threshold}: a cosine threshold lies in [-1, 1] (0.95 finds near copies)")
     say(f"reading {input}" + (f" into a memory map in {memmap_dir}" if memmap_dir is not None else ""))
-    if memmap_dir is not None:
-        vs = read_vectors_into_memmap(input, memmap_dir, vector_column=vector_column, id_column=id_column,
-                                      allow_incomplete=allow_incomplete)
-    else:
-        vs = load_collection(input, vector_column=vector_column, id_column=id_column,
-                             allow_incomplete=allow_incomplete)
+    # read in chunks, normalised as they are read: into one array, or a memory map with memmap_dir
+    vs = read_vectors_into_memmap(input, memmap_dir, vector_column=vector_column, id_column=id_column,
+                                  allow_incomplete=allow_incomplete)
     out = _prepare_output(output)
     read_bytes = None
     if exact and vs.sources and any(vs.sources):
@@ -224,11 +220,6 @@ def dedup_collection(
             "exact duplicates not checked)" if exact else f"{len(vs):,} items of dim {vs.dim}: near duplicates "
             f"at cosine >= {threshold:g}")
     t0 = time.perf_counter()
-    # normalised in place: the vector set is ours, and a copy would double the memory of a large collection
-    if memmap_dir is None:  # (the memory map is normalised as it is read)
-        if not vs.vectors.flags.writeable:  # a zero-copy view of Arrow's buffer
-            vs.vectors = np.array(vs.vectors, dtype=np.float32)
-        normalize_in_place(vs.vectors)
     report = find_duplicates(vs.ids, vs.vectors, threshold=threshold, read_bytes=read_bytes, normalized=True,
                              overwrite=True)
     seconds = time.perf_counter() - t0

@@ -305,7 +305,7 @@ def _batches(
             raise CollectionInputError(f"{p}: no embedding shards under {schema.EMBEDDINGS_DIR}/; embed into it first")
         files = [pq.ParquetFile(s) for s in shards]
         columns = [schema.COL_ID, schema.COL_SOURCE, schema.COL_EMBEDDING]
-        batches = (b for f in files for b in f.iter_batches(batch_size=chunk_rows, columns=columns))
+        batches = (b for f in files for b in _row_group_batches(f, columns, chunk_rows))
         return sum(f.metadata.num_rows for f in files), schema.COL_EMBEDDING, True, batches, int(manifest["dim"])
     if not p.exists():
         raise CollectionInputError(
@@ -327,12 +327,45 @@ def _batches(
     vname = _vector_column_name(f.schema_arrow.empty_table(), p, vector_column)
     sources = schema.COL_SOURCE in names and schema.COL_SOURCE != vname
     columns = [id_column, vname] + ([schema.COL_SOURCE] if sources else [])
-    return f.metadata.num_rows, vname, sources, f.iter_batches(batch_size=chunk_rows, columns=columns), None
+    return f.metadata.num_rows, vname, sources, _row_group_batches(f, columns, chunk_rows), None
+
+
+def _row_group_batches(f: Any, columns: list[str], chunk_rows: int) -> Any:
+    """The record batches of a Parquet file, one row group at a time, Arrow's pool told to give freed
+    memory back after each batch: without that its allocator keeps what it freed (measured: about the size
+    of the file read), so reading in chunks would hold as much memory as reading whole."""
+    import pyarrow as pa
+
+    pool = pa.default_memory_pool()
+    for g in range(f.metadata.num_row_groups):
+        for batch in f.iter_batches(batch_size=chunk_rows, row_groups=[g], columns=columns, use_threads=False):
+            yield batch
+            del batch
+            pool.release_unused()
+
+
+def _mapped_file(out: Path, n: int, d: int) -> np.memmap:
+    """A writeable float32 (n, d) memory map of a new file in ``out``, unlinked once mapped."""
+    import os
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="phiclip-vectors-", suffix=".f32", dir=out)
+        os.close(fd)
+        mm = np.memmap(name, dtype=np.float32, mode="w+", shape=(n, d))
+        os.unlink(name)  # mapped: the space is freed when the map is
+    except OSError as e:
+        raise CollectionInputError(
+            f"{out}: cannot hold the memory-mapped vectors ({n:,} x {d} float32 = {n * d * 4 / 1e9:.2f} GB): "
+            f"{e.strerror or e}; give a folder on a disk with room (--memmap-dir)"
+        ) from None
+    return mm
 
 
 def read_vectors_into_memmap(
     path: str | Path,
-    folder: str | Path,
+    folder: str | Path | None,
     *,
     vector_column: str | None = None,
     id_column: str = schema.COL_ID,
@@ -340,7 +373,8 @@ def read_vectors_into_memmap(
     normalize: bool = True,
     chunk_rows: int = 65_536,
 ) -> VectorSet:
-    """Read ids and vectors like :func:`read_vectors`, the vectors into a float32 memory map instead of memory.
+    """Read ids and vectors like :func:`read_vectors`, the vectors into a float32 memory map instead of memory
+    (or, with ``folder=None``, into one array in memory, read the same way).
 
     The vectors are read ``chunk_rows`` rows at a time (Parquet record batches), checked (widths, nulls,
     NaN / infinity), L2-normalised when ``normalize`` (:func:`normalize_in_place`, so the values equal
@@ -348,14 +382,13 @@ def read_vectors_into_memmap(
     mapped: it takes disk space while the returned ``VectorSet.vectors`` (a writeable ``np.memmap``) lives
     and never outlives the process. The resident memory is then the pages the kernel keeps cached (file
     pages, given back under memory pressure), not a copy of every vector: a collection larger than RAM can
-    be read. Ids and sources are Python lists, as :func:`read_vectors` gives them.
+    be read. With ``folder=None`` the vectors go into one array in memory: the matrix and one chunk at a
+    time, where :func:`read_vectors` holds the whole Arrow table besides. Ids and sources are Python lists,
+    as :func:`read_vectors` gives them.
 
     Raises:
         CollectionInputError: as :func:`read_vectors`, and for a ``folder`` that cannot hold the file.
     """
-    import os
-    import tempfile
-
     p = Path(path).expanduser()
     n, vname, has_sources, batches, width = _batches(p, vector_column, id_column, allow_incomplete, chunk_rows)
     id_name = schema.COL_ID if p.is_dir() else id_column
@@ -363,7 +396,7 @@ def read_vectors_into_memmap(
         raise CollectionInputError(f"{p}: no rows")
     ids: list[str] = []
     sources: list[str] | None = [] if has_sources else None
-    mm: np.memmap | None = None
+    mm: np.ndarray | None = None
     start = 0
     for batch in batches:
         id_arr = batch.column(id_name)
@@ -375,18 +408,10 @@ def read_vectors_into_memmap(
             d = block.shape[1]
             if width is not None and d != width:
                 raise CollectionInputError(f"{p}: the shards hold {d}-d vectors but the manifest says {width}")
-            out = Path(folder).expanduser()
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                fd, name = tempfile.mkstemp(prefix="phiclip-vectors-", suffix=".f32", dir=out)
-                os.close(fd)
-                mm = np.memmap(name, dtype=np.float32, mode="w+", shape=(n, d))
-                os.unlink(name)  # mapped: the space is freed when the map is
-            except OSError as e:
-                raise CollectionInputError(
-                    f"{out}: cannot hold the memory-mapped vectors ({n:,} x {d} float32 = {n * d * 4 / 1e9:.2f} GB): "
-                    f"{e.strerror or e}; give a folder on a disk with room (--memmap-dir)"
-                ) from None
+            if folder is None:
+                mm = np.empty((n, d), dtype=np.float32)
+            else:
+                mm = _mapped_file(Path(folder).expanduser(), n, d)
         elif block.shape[1] != mm.shape[1]:
             raise CollectionInputError(
                 f"{p}: vectors of width {block.shape[1]} after {start:,} rows of width {mm.shape[1]}; every row "
@@ -403,7 +428,8 @@ def read_vectors_into_memmap(
             sources.extend("" if v is None else str(v) for v in batch.column(schema.COL_SOURCE).to_pylist())
     if mm is None or start != n:
         raise CollectionInputError(f"{p}: the metadata says {n:,} rows but {start:,} were read")
-    mm.flush()
+    if isinstance(mm, np.memmap):
+        mm.flush()
     _check_unique_ids(ids, p)
     return VectorSet(p, ids, mm, sources=sources, manifest=read_manifest(p) if p.is_dir() else None)
 
