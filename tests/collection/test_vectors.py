@@ -200,6 +200,9 @@ def test_memmap_reader_refuses_what_read_vectors_refuses(tmp_path):
     dup = write_embedding_dir(tmp_path / "dup", _vectors(3), ids=["a", "b", "a"])
     with pytest.raises(CollectionInputError, match=r"dup.*'a'"):
         read_vectors_into_memmap(dup, tmp_path / "m")
+    short = write_embedding_dir(tmp_path / "short", _vectors(3), embedded_count=4)
+    with pytest.raises(CollectionInputError, match="counts 4 embedded inputs but the shards hold 3 rows"):
+        read_vectors_into_memmap(short, None)
     with pytest.raises(CollectionInputError, match="not finished"):
         read_vectors_into_memmap(write_embedding_dir(tmp_path / "unfinished", _vectors(3), complete=False), tmp_path / "m")
     ragged = _parquet(tmp_path / "ragged.parquet", {"id": ["a", "b", "c"], "v": [[1.0, 2.0], [1.0, 2.0], [1.0]]})

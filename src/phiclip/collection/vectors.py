@@ -304,9 +304,16 @@ def _batches(
         if not shards:
             raise CollectionInputError(f"{p}: no embedding shards under {schema.EMBEDDINGS_DIR}/; embed into it first")
         files = [pq.ParquetFile(s) for s in shards]
+        rows = sum(f.metadata.num_rows for f in files)
+        expected = (manifest.get("counts") or {}).get("embedded")  # as open_embeddings checks it
+        if manifest.get("complete") is not False and isinstance(expected, int) and expected != rows:
+            raise CollectionInputError(
+                f"{p}: the manifest counts {expected} embedded inputs but the shards hold {rows} rows; "
+                "a shard is missing or extra, rerun `phiclip embed` into an empty directory"
+            )
         columns = [schema.COL_ID, schema.COL_SOURCE, schema.COL_EMBEDDING]
         batches = (b for f in files for b in _row_group_batches(f, columns, chunk_rows))
-        return sum(f.metadata.num_rows for f in files), schema.COL_EMBEDDING, True, batches, int(manifest["dim"])
+        return rows, schema.COL_EMBEDDING, True, batches, int(manifest["dim"])
     if not p.exists():
         raise CollectionInputError(
             f"{p}: no such file or folder; give the --output folder of `phiclip embed` or a Parquet file"
