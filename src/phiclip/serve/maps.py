@@ -33,7 +33,7 @@ import numpy as np
 
 from phiclip.collection.layout import Layout, layout_2d
 from phiclip.collection.pages import map_page
-from phiclip.collection.vectors import read_vectors
+from phiclip.collection.vectors import read_vectors_into_memmap
 from phiclip.serve.collections import LABEL_COLUMN, Collection
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,8 @@ def collection_map(coll: Collection, *, seed: int = 0, max_points: int = MAX_SER
     path = coll.path / MAP_FOLDER / MAP_FILE
     found, why = _from_file(path, ids) if path.is_file() else (None, f"no {MAP_FOLDER}/{MAP_FILE} in {coll.path}")
     if found is None:
-        vs = read_vectors(coll.path, allow_incomplete=True)
+        # in chunks: the matrix and one chunk at a time, not an Arrow table of the whole collection besides
+        vs = read_vectors_into_memmap(coll.path, None, allow_incomplete=True, normalize=False)
         if vs.ids != ids:  # the index's row order, whatever order the shards were read in
             row_of = vs.index_of()
             vectors = vs.vectors[np.fromiter((row_of[v] for v in ids), dtype=np.int64, count=len(ids))]
