@@ -168,6 +168,52 @@ def photo_like_image(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
 
 
+def structured_photo(width: int, height: int, seed: int) -> Image.Image:
+    """A distinct photo-like image with structure (for planted-copy benchmarks): a two-colour gradient at
+    a random angle, a multi-octave value-noise texture, then 6-14 random shapes (ellipses, rectangles,
+    polygons, thick lines) in random colours and opacities, slightly blurred. Every seed gives a different
+    layout and palette, so two images are not near copies of each other."""
+    from PIL import ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    t = (np.cos(angle) * xx / width + np.sin(angle) * yy / height)
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    img = c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]
+    noise = np.zeros((height, width), np.float32)
+    for octave in range(4):  # value noise: random grids upsampled, finer grids weaker
+        cells = 3 * 2 ** octave
+        grid = rng.uniform(-1, 1, (cells + 1, cells + 1)).astype(np.float32)
+        up = Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC)
+        noise += np.asarray(up, np.float32) / 2 ** octave
+    img += rng.uniform(10, 45) * noise[..., None] * rng.uniform(0.5, 1.0, 3)[None, None, :]
+    canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).convert("RGBA")
+    for _ in range(int(rng.integers(6, 15))):
+        layer = Image.new("RGBA", (width, height), (0, 0, 0, 0))
+        draw = ImageDraw.Draw(layer)
+        colour = (*(int(v) for v in rng.integers(0, 256, 3)), int(rng.integers(120, 256)))
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        r = rng.uniform(0.05, 0.3) * min(width, height)
+        kind = int(rng.integers(0, 4))
+        if kind == 0:
+            draw.ellipse([cx - r, cy - r * rng.uniform(0.4, 1.6), cx + r, cy + r * rng.uniform(0.4, 1.6)], fill=colour)
+        elif kind == 1:
+            draw.rectangle([cx - r, cy - r * rng.uniform(0.3, 1.5), cx + r * rng.uniform(0.5, 1.5), cy + r], fill=colour)
+        elif kind == 2:
+            k = int(rng.integers(3, 8))
+            angles = np.sort(rng.uniform(0, 2 * np.pi, k))
+            radii = r * rng.uniform(0.5, 1.3, k)
+            draw.polygon([(float(cx + q * np.cos(a)), float(cy + q * np.sin(a))) for a, q in zip(angles, radii)],
+                         fill=colour)
+        else:
+            draw.line([(cx, cy), (cx + rng.uniform(-2, 2) * r, cy + rng.uniform(-2, 2) * r)], fill=colour,
+                      width=int(max(2, r / 4)))
+        canvas = Image.alpha_composite(canvas, layer)
+    return canvas.convert("RGB").filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+
+
 def write_photo_jpegs(out_dir: str | Path, n: int, size: tuple[int, int] = (1920, 1080), seed: int = 0,
                       quality: int = 90, threads: int | None = None) -> list[Path]:
     """Write ``n`` photo-like JPEGs of ``size`` to ``out_dir`` (in parallel threads); returns their paths."""

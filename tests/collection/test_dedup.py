@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -252,3 +253,45 @@ def test_outputs_are_parquet_and_nothing_is_deleted(tmp_path):
     assert pq.read_table(paths["keep"]).column("id").to_pylist() == report.keep
     assert "unreadable" not in paths
     assert sorted(p.name for p in (tmp_path / "dups").iterdir()) == ["duplicates.parquet", "keep.parquet"]
+
+
+# --- memory-mapped vectors (dedup --memmap-dir): the same groups as in memory ------------------------------
+
+
+@pytest.mark.parametrize("exact_limit", [100, dedup.EXACT_LIMIT])
+def test_memory_mapped_vectors_give_the_same_groups(tmp_path, exact_limit):
+    """Exact copies squeezed out of a memory map in place, the inverted lists (exact_limit 100) and the
+    exact search on it: the report equals the one from the same vectors in memory."""
+    from phiclip.collection.vectors import read_vectors_into_memmap
+
+    vectors = _clustered(1200, 24, seed=5)
+    ids = [f"v{i}" for i in range(len(vectors))]
+    content = {i: i.encode() for i in ids}
+    for a, b in ((10, 11), (12, 13), (500, 501), (1200, 1201)):  # byte copies (the last: equal vectors too)
+        content[ids[b]] = content[ids[a]]
+    path = tmp_path / "v.parquet"
+    pq.write_table(pa.table({"id": ids, "vec": pa.array(list(vectors), pa.list_(pa.float32()))}), path)
+    mapped = read_vectors_into_memmap(path, tmp_path, chunk_rows=256)
+    in_memory = l2_normalize(vectors)
+    kw = dict(threshold=0.93, read_bytes=content.__getitem__, exact_limit=exact_limit, normalized=True)
+    want = find_duplicates(ids, in_memory, **kw)
+    got = find_duplicates(mapped.ids, mapped.vectors, overwrite=True, **kw)
+    assert isinstance(mapped.vectors, np.memmap)
+    assert got.groups == want.groups and got.keep == want.keep and got.method == want.method
+    assert len(_groups(want, "exact")) == 4 and len(_groups(want, "near")) > 50
+
+
+def test_dedup_command_with_a_memory_map_writes_the_same_files(tmp_path):
+    from phiclip.collection.commands import dedup_collection
+
+    vectors = _clustered(400, 16, seed=6)
+    ids = [f"v{i}" for i in range(len(vectors))]
+    path = tmp_path / "v.parquet"
+    pq.write_table(pa.table({"id": ids, "vec": pa.array(list(vectors * 5), pa.list_(pa.float32()))}), path)
+    a = dedup_collection(path, tmp_path / "a", threshold=0.95)
+    b = dedup_collection(path, tmp_path / "b", threshold=0.95, memmap_dir=tmp_path / "maps")
+    assert a.summary["vectors"] == "in memory" and b.summary["vectors"] == "memory-mapped"
+    assert a.summary["groups"] > 10
+    for name in ("duplicates.parquet", "keep.parquet"):
+        assert pq.read_table(tmp_path / "a" / name).equals(pq.read_table(tmp_path / "b" / name)), name
+    assert list((tmp_path / "maps").iterdir()) == []

@@ -161,3 +161,57 @@ def test_vector_set_in_memory_and_normalisation():
     with pytest.raises(CollectionInputError, match="shape"):
         vector_set(["a"], np.ones((2, 2)))
     assert l2_normalize(np.array([[1, 1]])).dtype == np.float64
+
+
+# --- read_vectors_into_memmap: the same ids and (normalised) vectors, chunk by chunk into a memory map -------
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 1000])
+def test_memmap_reader_equals_the_in_memory_reader(tmp_path, chunk_rows):
+    from phiclip.collection.vectors import normalize_in_place, read_vectors_into_memmap
+
+    vec = _vectors(11, 5) * 3
+    vec[4] = 0.0  # an all-zero row stays zero
+    sources = [f"/data/{i}.jpg" for i in range(11)]
+    folder = write_embedding_dir(tmp_path / "out", vec, shard_rows=3, normalized=False, sources=sources)
+    table = _parquet(tmp_path / "v.parquet", {"id": [f"r{i}" for i in range(11)], "source": sources,
+                                              "emb": pa.array(list(vec.astype(np.float16)), pa.list_(pa.float16()))})
+    for path in (folder, table):
+        whole = read_vectors(path)
+        mapped = read_vectors_into_memmap(path, tmp_path / "maps", chunk_rows=chunk_rows)
+        assert isinstance(mapped.vectors, np.memmap) and mapped.vectors.dtype == np.float32
+        assert mapped.ids == whole.ids and mapped.sources == whole.sources
+        assert np.array_equal(mapped.vectors, normalize_in_place(np.array(whole.vectors)))
+        assert np.array_equal(mapped.vectors, whole.normalized())  # l2_normalize's values exactly
+        in_ram = read_vectors_into_memmap(path, None, chunk_rows=chunk_rows)  # one array in memory, same values
+        assert not isinstance(in_ram.vectors, np.memmap) and np.array_equal(in_ram.vectors, mapped.vectors)
+    assert list((tmp_path / "maps").iterdir()) == []  # unlinked once mapped
+    raw = read_vectors_into_memmap(table, tmp_path / "maps", normalize=False)
+    assert np.array_equal(raw.vectors, read_vectors(table).vectors)
+
+
+def test_memmap_reader_refuses_what_read_vectors_refuses(tmp_path):
+    from phiclip.collection.vectors import read_vectors_into_memmap
+
+    bad = _vectors(6)
+    bad[5, 1] = np.inf
+    with pytest.raises(CollectionInputError, match=r"1 vectors contain NaN.*'id00005'"):
+        read_vectors_into_memmap(write_embedding_dir(tmp_path / "inf", bad), tmp_path / "m", chunk_rows=2)
+    dup = write_embedding_dir(tmp_path / "dup", _vectors(3), ids=["a", "b", "a"])
+    with pytest.raises(CollectionInputError, match=r"dup.*'a'"):
+        read_vectors_into_memmap(dup, tmp_path / "m")
+    short = write_embedding_dir(tmp_path / "short", _vectors(3), embedded_count=4)
+    with pytest.raises(CollectionInputError, match="counts 4 embedded inputs but the shards hold 3 rows"):
+        read_vectors_into_memmap(short, None)
+    with pytest.raises(CollectionInputError, match="not finished"):
+        read_vectors_into_memmap(write_embedding_dir(tmp_path / "unfinished", _vectors(3), complete=False), tmp_path / "m")
+    ragged = _parquet(tmp_path / "ragged.parquet", {"id": ["a", "b", "c"], "v": [[1.0, 2.0], [1.0, 2.0], [1.0]]})
+    with pytest.raises(CollectionInputError, match="width 1 after 2 rows of width 2"):
+        read_vectors_into_memmap(ragged, tmp_path / "m", chunk_rows=2)
+    with pytest.raises(CollectionInputError, match="no 'id' column"):
+        read_vectors_into_memmap(_parquet(tmp_path / "noid.parquet", {"v": [[1.0]]}), tmp_path / "m")
+    with pytest.raises(CollectionInputError, match="no such file"):
+        read_vectors_into_memmap(tmp_path / "absent.parquet", tmp_path / "m")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CollectionInputError, match="cannot hold the memory-mapped vectors"):
+        read_vectors_into_memmap(_parquet(tmp_path / "ok.parquet", {"id": ["a"], "v": [[1.0]]}), tmp_path / "file" / "sub")

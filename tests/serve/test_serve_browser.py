@@ -81,7 +81,7 @@ def _wait(driver: Any, what: str, check: Any, timeout: float = 30) -> Any:
         if last and not isinstance(last, Exception):
             return last
         time.sleep(0.05)
-    status = driver.execute_script("return document.querySelector('#status').textContent")
+    status = driver.execute_script("const s = document.querySelector('#status'); return s && s.textContent")
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}; status: {status!r}")
 
 
@@ -173,6 +173,55 @@ def test_search_page_end_to_end(browser: Any, site: str, clip_collection: Built,
     screenshot = os.environ.get("PHICLIP_SERVE_SCREENSHOT")
     if screenshot:
         _docs_screenshots(d, site, Path(screenshot))
+
+
+_POINT_ON_SCREEN = """
+    const d = JSON.parse(document.getElementById('map-data').textContent);
+    const bin = atob(d.xy), bytes = new Uint8Array(bin.length);
+    for (let k = 0; k < bin.length; k++) bytes[k] = bin.charCodeAt(k);
+    const xy = new Float32Array(bytes.buffer), v = window.phiclipMap.view();
+    for (let i = 0; i < d.ids.length; i++) {
+      const sx = xy[2 * i] * v.scale + v.tx, sy = (1 - xy[2 * i + 1]) * v.scale + v.ty;
+      if (window.phiclipMap.nearest(sx, sy) === i) return {id: d.ids[i], x: sx - v.width / 2, y: sy - v.height / 2};
+    }
+    return null;"""
+
+
+def test_map_panel(browser: Any, site: str) -> None:
+    """The Map button frames GET /map: every item drawn, hover shows the server's thumbnail, a click on a
+    point runs "more like this" for it in the search page."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    d = browser
+    d.get(site + "/")
+    _wait(d, "the page", lambda d: "ready" in d.find_element(By.TAG_NAME, "body").get_attribute("class"))
+    assert not d.find_element(By.ID, "map-panel").is_displayed()
+    d.find_element(By.ID, "map-toggle").click()
+    frame = _wait(d, "the map frame", lambda d: (f := d.find_element(By.ID, "map-frame")).is_displayed() and f)
+    assert frame.get_attribute("src").endswith("/map?collection=shapes")
+    d.execute_script("arguments[0].scrollIntoView()", frame)  # the whole map on the screen
+    d.switch_to.frame(frame)
+    try:
+        _wait(d, "24 points drawn", lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-drawn") == "24")
+        assert "computed by the server" in d.find_element(By.ID, "layout-method").text
+        point = d.execute_script(_POINT_ON_SCREEN)
+        assert point is not None
+        canvas = d.find_element(By.ID, "map")
+        ActionChains(d).move_to_element_with_offset(canvas, round(point["x"]), round(point["y"])).perform()
+        tip = d.find_element(By.ID, "tip")
+        _wait(d, "the hover card", lambda d: tip.is_displayed() and point["id"] in tip.text)
+        img = tip.find_element(By.TAG_NAME, "img")
+        assert "/thumbnail?size=128" in img.get_attribute("src")
+        _wait(d, "the thumbnail from the server", lambda d: d.execute_script(
+            "const i = document.querySelector('#tip img'); return i && i.complete && i.naturalWidth > 0"))
+        ActionChains(d).click().perform()
+    finally:
+        d.switch_to.default_content()
+    _wait(d, "more like the clicked point", lambda d: (rs := _results(d)) and rs[0]["id"] == point["id"] and rs)
+    assert f"like={point['id']}" in d.current_url
+    severe = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, severe
 
 
 def test_phone_width(browser: Any, site: str) -> None:

@@ -71,6 +71,9 @@ def dedup(
     vector_column: VectorColumnOpt = None,
     id_column: IdColumnOpt = "id",
     allow_incomplete: AllowIncompleteOpt = False,
+    memmap_dir: Annotated[Path | None, typer.Option("--memmap-dir", help=(
+        "Read the vectors into a memory-mapped file in this folder (removed when done) instead of into "
+        "memory: for collections whose vectors do not fit in RAM (n x dim x 4 bytes of disk)."))] = None,
     progress: ProgressOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
@@ -81,7 +84,7 @@ def dedup(
 
     with api_errors():
         r = dedup_collection(input, output, threshold=threshold, exact=exact, vector_column=vector_column,
-                             id_column=id_column, allow_incomplete=allow_incomplete,
+                             id_column=id_column, allow_incomplete=allow_incomplete, memmap_dir=memmap_dir,
                              progress=_progress(progress, as_json))
     if as_json:
         echo_json({**r.summary, "files": {k: str(v) for k, v in r.paths.items()}})

@@ -41,7 +41,12 @@ from phiclip.collection.dedup import (
 )
 from phiclip.collection.layout import Layout, layout_2d
 from phiclip.collection.pages import clusters_page, duplicates_page, map_page, write_page
-from phiclip.collection.vectors import CollectionInputError, VectorSet, read_vectors
+from phiclip.collection.vectors import (
+    CollectionInputError,
+    VectorSet,
+    read_vectors,
+    read_vectors_into_memmap,
+)
 
 __all__ = [
     "FOLDER_LABELS",
@@ -181,6 +186,7 @@ def dedup_collection(
     id_column: str = schema.COL_ID,
     max_groups: int = 50,
     allow_incomplete: bool = False,
+    memmap_dir: str | Path | None = None,
     progress: Progress = None,
 ) -> DedupResult:
     """Exact duplicates (same bytes, when the input records image paths and ``exact``) and near duplicates
@@ -190,12 +196,18 @@ def dedup_collection(
     ``keep.parquet`` (the ids to keep: each group's representative and every item in no group),
     ``unreadable.parquet`` when some bytes could not be read, ``duplicates.html`` and ``summary.json``.
     Nothing is deleted or moved.
+
+    ``memmap_dir``: read the vectors in chunks into a float32 memory-mapped file in this folder
+    (:func:`~phiclip.collection.vectors.read_vectors_into_memmap`, removed when done) instead of into
+    memory, for a collection whose vectors do not fit in RAM; the groups are the same either way.
     """
     say = _say(progress)
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold {threshold}: a cosine threshold lies in [-1, 1] (0.95 finds near copies)")
-    say(f"reading {input}")
-    vs = load_collection(input, vector_column=vector_column, id_column=id_column, allow_incomplete=allow_incomplete)
+    say(f"reading {input}" + (f" into a memory map in {memmap_dir}" if memmap_dir is not None else ""))
+    # read in chunks, normalised as they are read: into one array, or a memory map with memmap_dir
+    vs = read_vectors_into_memmap(input, memmap_dir, vector_column=vector_column, id_column=id_column,
+                                  allow_incomplete=allow_incomplete)
     out = _prepare_output(output)
     read_bytes = None
     if exact and vs.sources and any(vs.sources):
@@ -208,12 +220,8 @@ def dedup_collection(
             "exact duplicates not checked)" if exact else f"{len(vs):,} items of dim {vs.dim}: near duplicates "
             f"at cosine >= {threshold:g}")
     t0 = time.perf_counter()
-    # normalised in place: the vector set is ours, and a copy would double the memory of a large collection
-    if not vs.vectors.flags.writeable:  # a zero-copy view of Arrow's buffer
-        vs.vectors = np.array(vs.vectors, dtype=np.float32)
-    norms = np.linalg.norm(vs.vectors, axis=1, keepdims=True)
-    np.divide(vs.vectors, norms, out=vs.vectors, where=norms > 0)
-    report = find_duplicates(vs.ids, vs.vectors, threshold=threshold, read_bytes=read_bytes, normalized=True)
+    report = find_duplicates(vs.ids, vs.vectors, threshold=threshold, read_bytes=read_bytes, normalized=True,
+                             overwrite=True)
     seconds = time.perf_counter() - t0
     say(f"found {report.n_groups:,} groups in {seconds:.1f} s ({report.method}); writing {out}")
     paths = write_duplicates(report, out)
@@ -234,6 +242,7 @@ def dedup_collection(
         "drop_candidates": len(vs) - len(report.keep),
         "unreadable": len(report.unreadable),
         "seconds": round(seconds, 3),
+        "vectors": "memory-mapped" if memmap_dir is not None else "in memory",
         "deleted": 0,
     }
     page = duplicates_page(report, _sources_by_id(vs), title=f"Duplicates in {vs.path}", max_groups=max_groups)

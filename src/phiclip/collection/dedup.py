@@ -282,6 +282,16 @@ def near_duplicate_pairs(
     return lo[first], hi[first], s[first]
 
 
+def _squeeze_rows(x: np.ndarray, rows: np.ndarray, block: int = _ASSIGN_BLOCK) -> np.ndarray:
+    """``x[rows]`` (``rows`` increasing) moved to the top of ``x`` in place, block by block; returns that
+    view. Row k's source ``rows[k] >= k``, and each block is gathered before it is written, so no row is
+    overwritten before it is read."""
+    for start in range(0, len(rows), block):
+        stop = min(len(rows), start + block)
+        x[start:stop] = x[rows[start:stop]]
+    return x[: len(rows)]
+
+
 class _UnionFind:
     def __init__(self, n: int) -> None:
         self.parent = np.arange(n, dtype=np.int64)
@@ -402,6 +412,7 @@ def find_duplicates(
     exact_limit: int = EXACT_LIMIT,
     nprobe: int = DEFAULT_NPROBE,
     normalized: bool = False,
+    overwrite: bool = False,
 ) -> DuplicateReport:
     """Exact duplicates (when ``read_bytes`` is given) and near duplicates (when ``vectors`` is given).
 
@@ -414,6 +425,9 @@ def find_duplicates(
         max_neighbors, exact_limit, nprobe: see :func:`near_duplicate_pairs`.
         normalized: the rows of ``vectors`` (float32, C-contiguous) are L2-normalised already, so no
             normalised copy is made (for a million vectors of dim 512, 2 GB less).
+        overwrite: with ``normalized``, the rows of ``vectors`` may be overwritten: the rows left out of
+            the near-duplicate search (exact copies) are then squeezed out in place instead of into a
+            copy of the others (a memory-mapped matrix stays the only one). The results are the same.
 
     Returns:
         A :class:`DuplicateReport`. Nothing is deleted or moved.
@@ -444,7 +458,12 @@ def find_duplicates(
         given = np.asarray(vectors, dtype=np.float32)
         x = np.ascontiguousarray(given) if normalized else l2_normalize(given)
         part = np.array([r for r in range(n) if r not in exact_copies], dtype=np.int64)
-        sub = x if len(part) == n else np.ascontiguousarray(x[part])  # no copy when there is no exact copy
+        if len(part) == n:
+            sub = x  # no copy when there is no exact copy
+        elif normalized and overwrite and x.flags.writeable:
+            sub = _squeeze_rows(x, part)
+        else:
+            sub = np.ascontiguousarray(x[part])
         i, j, _ = near_duplicate_pairs(
             sub, threshold, max_neighbors=max_neighbors, exact_limit=exact_limit, nprobe=nprobe
         )

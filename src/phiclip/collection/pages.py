@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import html
 import io
 import json
@@ -46,6 +47,7 @@ __all__ = [
     "clusters_page",
     "duplicates_page",
     "map_page",
+    "map_page_csp",
     "placeholder_uri",
     "thumbnail_uri",
     "write_page",
@@ -108,11 +110,11 @@ def _esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _page(title: str, body: str, *, head: str = "", script: str = "") -> str:
+def _page(title: str, body: str, *, head: str = "", script: str = "", csp: str = _CSP) -> str:
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{csp}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{_esc(title)}</title>\n<style>{_CSS}{head}</style>\n</head>\n<body>\n"
         f"{body}\n" + (f"<script>\n{script}\n</script>\n" if script else "") + "</body>\n</html>\n"
@@ -432,9 +434,11 @@ def clusters_page(
 
 
 _MAP_CSS = """
-body { padding: 14px 18px; }
-#map-wrap { position: relative; }
-#map { width: 100%; height: 78vh; border: 1px solid var(--line); border-radius: 6px; display: block;
+html { height: 100%; }
+body { padding: 14px 18px; height: 100%; display: flex; flex-direction: column; }
+body > * { flex: 0 0 auto; }
+#map-wrap { position: relative; flex: 1 1 auto; min-height: 320px; }
+#map { width: 100%; height: 100%; border: 1px solid var(--line); border-radius: 6px; display: block;
        cursor: grab; background: #fff; touch-action: none; }
 #map.dragging { cursor: grabbing; }
 #tip { position: absolute; pointer-events: none; background: rgba(255,255,255,0.97); border: 1px solid #aab;
@@ -463,6 +467,9 @@ _MAP_JS = r"""
   var slot = decode(data.slot, Uint8Array);
   var cat = data.cat ? decode(data.cat, Uint32Array) : null;
   var ids = data.ids, n = ids.length, colours = data.colours, names = data.names, thumbs = data.thumbs;
+  // served pages: hover thumbnails and a click's target from URL templates ("{id}" replaced)
+  var thumbUrl = data.thumb_url || null, link = data.link || null;
+  function fill(template, i) { return template.split("{id}").join(encodeURIComponent(ids[i])); }
   var canvas = document.getElementById("map"), ctx = canvas.getContext("2d");
   var tip = document.getElementById("tip"), status = document.getElementById("map-status");
   var hidden = new Uint8Array(colours.length), hover = -1;
@@ -551,7 +558,7 @@ _MAP_JS = r"""
   function showTip(i, mx, my) {
     tip.textContent = "";
     if (i < 0) { tip.style.display = "none"; return; }
-    var uri = thumbs[String(i)];
+    var uri = thumbs[String(i)] || (thumbUrl ? fill(thumbUrl, i) : null);
     if (uri) { var img = document.createElement("img"); img.src = uri; img.alt = ""; tip.appendChild(img); }
     var idLine = document.createElement("div"); idLine.textContent = ids[i]; tip.appendChild(idLine);
     if (names) {
@@ -574,7 +581,12 @@ _MAP_JS = r"""
     try { canvas.setPointerCapture(ev.pointerId); } catch (err) { /* a synthetic pointer */ }
   });
   canvas.addEventListener("pointerup", function (ev) {
+    var p = pos(ev), still = drag && Math.abs(p[0] - drag.x) + Math.abs(p[1] - drag.y) < 4;
     drag = null; canvas.classList.remove("dragging");
+    if (still && link) {  // a click (not a drag) on a point opens its link in the whole window
+      var i = nearest(p[0], p[1]);
+      if (i >= 0) window.top.location.href = fill(link, i);
+    }
     try { canvas.releasePointerCapture(ev.pointerId); } catch (err) { /* not captured */ }
   });
   canvas.addEventListener("pointermove", function (ev) {
@@ -609,9 +621,14 @@ _MAP_JS = r"""
   // for scripts and tests: the view (screen = (x * scale + tx, (1 - y) * scale + ty)) and the hit test
   window.phiclipMap = {
     view: function () { return { scale: scale, tx: tx, ty: ty, width: w, height: h, fitScale: fitScale }; },
-    nearest: nearest
+    nearest: nearest,
+    draw: draw,  // synchronous, for timing
+    zoom: function (factor) { var cx = w / 2, cy = h / 2; tx = cx - (cx - tx) * factor; ty = cy - (cy - ty) * factor;
+      scale *= factor; },
+    firstDrawMs: null
   };
   resize(); fit(); draw();
+  window.phiclipMap.firstDrawMs = performance.now();  // since the navigation started
 })();
 """
 
@@ -650,6 +667,9 @@ def map_page(
     thumb_px: int = MAP_THUMB_PX,
     seed: int = 0,
     title: str = "Collection map",
+    thumbnail_url: str | None = None,
+    item_link: str | None = None,
+    item_link_hint: str = "click a point to open it",
 ) -> str:
     """An interactive scatter of 2-D coordinates on a ``<canvas>`` (pan: drag, zoom: wheel, reset: double
     click; hover: id, category and, for a sample, the thumbnail; click a legend entry to hide it).
@@ -669,6 +689,13 @@ def map_page(
         thumb_px: longest side of those thumbnails.
         seed: seed of the thumbnail sample.
         title: the page title.
+        thumbnail_url: for a page served over HTTP (``phiclip serve``): a URL, relative to the page, of
+            any point's thumbnail with ``{id}`` standing for the point's URL-encoded id. Points without an
+            embedded thumbnail show that image on hover, and the page's Content-Security-Policy allows
+            images from its own origin (``'self'``) besides ``data:``.
+        item_link: a URL with ``{id}`` (as ``thumbnail_url``) that a click on a point (not a drag) opens
+            in the whole window (the top frame when the page is framed); ``None``: clicks do nothing.
+        item_link_hint: what the toolbar says a click does when ``item_link`` is given.
 
     Returns:
         The HTML page; every point's id and coordinates are embedded (as JSON and base64 float32).
@@ -761,6 +788,10 @@ def map_page(
     }
     if codes is not None:
         payload["cat"] = base64.b64encode(codes.astype("<u4").tobytes()).decode("ascii")
+    if thumbnail_url:
+        payload["thumb_url"] = thumbnail_url
+    if item_link:
+        payload["link"] = item_link
 
     legend_html = "".join(
         f'<span class="entry" data-slot="{legend_slot[colour]}"><span class="sw" style="background:{colour}">'
@@ -771,16 +802,33 @@ def map_page(
         f"<h1>{_esc(title)}</h1>",
         f'<p id="layout-method">Layout: {_esc(method)}. <span class="muted">{_fmt_int(n)} points'
         + (f", coloured by {legend_title}" if legend_title else "")
-        + f"; thumbnails for {_fmt_int(len(thumbs))} of them (hover a point).</span></p>",
+        + (
+            "; hover a point for its thumbnail.</span></p>"
+            if thumbnail_url
+            else f"; thumbnails for {_fmt_int(len(thumbs))} of them (hover a point).</span></p>"
+        ),
         f'<div id="legend" aria-label="legend">{legend_html}</div>',
         '<div id="toolbar"><button id="reset" type="button">Reset view</button> '
         '<span class="muted">drag to pan, wheel to zoom, double click to reset, click a legend entry to hide '
-        'it</span> · <span id="map-status" class="muted">drawing…</span></div>',
+        f"it{', ' + _esc(item_link_hint) if item_link else ''}</span> · "
+        '<span id="map-status" class="muted">drawing…</span></div>',
         f'<div id="map-wrap"><canvas id="map" data-points="{n}"></canvas><div id="tip"></div></div>',
         f'<script type="application/json" id="map-data">{_json_for_script(payload)}</script>',
         "<noscript><p>The map needs JavaScript.</p></noscript>",
     ]
-    return _page(title, "\n".join(body), head=_MAP_CSS, script=_MAP_JS)
+    csp = _CSP.replace("img-src data:", "img-src data: 'self'") if thumbnail_url else _CSP
+    return _page(title, "\n".join(body), head=_MAP_CSS, script=_MAP_JS, csp=csp)
+
+
+def map_page_csp(*, frame_ancestors: str = "'none'") -> str:
+    """A Content-Security-Policy for serving a :func:`map_page` over HTTP (as a response header): nothing
+    outside the page but images from its own origin, and of scripts only the map's own (by its SHA-256,
+    not ``'unsafe-inline'``); ``frame_ancestors`` says who may frame it (``"'self'"``: its own site)."""
+    digest = base64.b64encode(hashlib.sha256(f"\n{_MAP_JS}\n".encode()).digest()).decode("ascii")
+    return (
+        "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
+        f"script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'; frame-ancestors {frame_ancestors}"
+    )
 
 
 def write_page(html_text: str, path: str | os.PathLike[str]) -> Path:

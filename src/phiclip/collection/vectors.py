@@ -22,13 +22,30 @@ from typing import Any
 import numpy as np
 
 from phiclip import schema
-from phiclip.store import EmbeddingStoreError, open_embeddings
+from phiclip.store import EmbeddingStoreError, check_complete, open_embeddings, read_manifest, shard_files
 
-__all__ = ["CollectionInputError", "VectorSet", "l2_normalize", "read_vectors", "vector_set"]
+__all__ = [
+    "CollectionInputError",
+    "VectorSet",
+    "l2_normalize",
+    "normalize_in_place",
+    "read_vectors",
+    "read_vectors_into_memmap",
+    "vector_set",
+]
 
 
 class CollectionInputError(ValueError):
     """The input of a collection command is missing, malformed or inconsistent."""
+
+
+def normalize_in_place(vectors: np.ndarray) -> np.ndarray:
+    """Divide each row of a writeable float matrix by its L2 norm, in place (all-zero rows stay zero);
+    row by row the same arithmetic as :func:`l2_normalize`, so a matrix normalised in chunks of rows
+    equals one normalised whole. Returns ``vectors``."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    np.divide(vectors, norms, out=vectors, where=norms > 0)
+    return vectors
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
@@ -86,15 +103,23 @@ def _where(path: Path | None) -> str:
 
 def _check_vectors(vectors: np.ndarray, ids: list[str], path: Path | None) -> None:
     """Refuse NaN / infinite values and duplicate ids, naming the first offenders."""
-    where = _where(path)
+    _check_finite(vectors, ids, path)
+    _check_unique_ids(ids, path)
+
+
+def _check_finite(vectors: np.ndarray, ids: list[str], path: Path | None) -> None:
     bad = ~np.isfinite(vectors).all(axis=1)
     if bad.any():
         rows = np.flatnonzero(bad)
         names = ", ".join(repr(ids[r]) for r in rows[:5])
         raise CollectionInputError(
-            f"{where}: {len(rows)} vectors contain NaN or infinite values (ids {names}"
+            f"{_where(path)}: {len(rows)} vectors contain NaN or infinite values (ids {names}"
             f"{', ...' if len(rows) > 5 else ''}); embed those inputs again or drop their rows"
         )
+
+
+def _check_unique_ids(ids: list[str], path: Path | None) -> None:
+    where = _where(path)
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
         dups: list[str] = []
@@ -260,6 +285,160 @@ def _read_parquet(
         raise CollectionInputError(f"{path}: no rows")
     _check_vectors(vectors, ids, path)
     return VectorSet(path, ids, vectors, sources=sources, labels=labels)
+
+
+def _batches(
+    p: Path, vector_column: str | None, id_column: str, allow_incomplete: bool, chunk_rows: int
+) -> tuple[int, str, bool, Any, int | None]:
+    """``(rows, vector column, has sources, batches, expected width)`` of an embed output folder or a
+    Parquet file, its vectors read ``chunk_rows`` rows at a time (:func:`read_vectors_into_memmap`)."""
+    import pyarrow.parquet as pq
+
+    if p.is_dir():
+        try:
+            manifest = read_manifest(p)
+            check_complete(p, manifest, allow_incomplete)
+        except EmbeddingStoreError as e:
+            raise CollectionInputError(str(e)) from None
+        shards = shard_files(p)
+        if not shards:
+            raise CollectionInputError(f"{p}: no embedding shards under {schema.EMBEDDINGS_DIR}/; embed into it first")
+        files = [pq.ParquetFile(s) for s in shards]
+        rows = sum(f.metadata.num_rows for f in files)
+        expected = (manifest.get("counts") or {}).get("embedded")  # as open_embeddings checks it
+        if manifest.get("complete") is not False and isinstance(expected, int) and expected != rows:
+            raise CollectionInputError(
+                f"{p}: the manifest counts {expected} embedded inputs but the shards hold {rows} rows; "
+                "a shard is missing or extra, rerun `phiclip embed` into an empty directory"
+            )
+        columns = [schema.COL_ID, schema.COL_SOURCE, schema.COL_EMBEDDING]
+        batches = (b for f in files for b in _row_group_batches(f, columns, chunk_rows))
+        return rows, schema.COL_EMBEDDING, True, batches, int(manifest["dim"])
+    if not p.exists():
+        raise CollectionInputError(
+            f"{p}: no such file or folder; give the --output folder of `phiclip embed` or a Parquet file"
+        )
+    try:
+        f = pq.ParquetFile(p)
+        names = f.schema_arrow.names
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for damaged files
+        raise CollectionInputError(
+            f"{p}: not a readable Parquet file ({type(e).__name__}: {e}); give an embed output folder or a "
+            "Parquet file with an id column and a vector column"
+        ) from None
+    if id_column not in names:
+        raise CollectionInputError(
+            f"{p}: no {id_column!r} column (columns: {', '.join(names)}); add a column {id_column!r} with "
+            "one unique text id per row, or name the id column with id_column= (--id-column)"
+        )
+    vname = _vector_column_name(f.schema_arrow.empty_table(), p, vector_column)
+    sources = schema.COL_SOURCE in names and schema.COL_SOURCE != vname
+    columns = [id_column, vname] + ([schema.COL_SOURCE] if sources else [])
+    return f.metadata.num_rows, vname, sources, _row_group_batches(f, columns, chunk_rows), None
+
+
+def _row_group_batches(f: Any, columns: list[str], chunk_rows: int) -> Any:
+    """The record batches of a Parquet file, one row group at a time, Arrow's pool told to give freed
+    memory back after each batch: without that its allocator keeps what it freed (measured: about the size
+    of the file read), so reading in chunks would hold as much memory as reading whole."""
+    import pyarrow as pa
+
+    pool = pa.default_memory_pool()
+    for g in range(f.metadata.num_row_groups):
+        for batch in f.iter_batches(batch_size=chunk_rows, row_groups=[g], columns=columns, use_threads=False):
+            yield batch
+            del batch
+            pool.release_unused()
+
+
+def _mapped_file(out: Path, n: int, d: int) -> np.memmap:
+    """A writeable float32 (n, d) memory map of a new file in ``out``, unlinked once mapped."""
+    import os
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="phiclip-vectors-", suffix=".f32", dir=out)
+        os.close(fd)
+        mm = np.memmap(name, dtype=np.float32, mode="w+", shape=(n, d))
+        os.unlink(name)  # mapped: the space is freed when the map is
+    except OSError as e:
+        raise CollectionInputError(
+            f"{out}: cannot hold the memory-mapped vectors ({n:,} x {d} float32 = {n * d * 4 / 1e9:.2f} GB): "
+            f"{e.strerror or e}; give a folder on a disk with room (--memmap-dir)"
+        ) from None
+    return mm
+
+
+def read_vectors_into_memmap(
+    path: str | Path,
+    folder: str | Path | None,
+    *,
+    vector_column: str | None = None,
+    id_column: str = schema.COL_ID,
+    allow_incomplete: bool = False,
+    normalize: bool = True,
+    chunk_rows: int = 65_536,
+) -> VectorSet:
+    """Read ids and vectors like :func:`read_vectors`, the vectors into a float32 memory map instead of memory
+    (or, with ``folder=None``, into one array in memory, read the same way).
+
+    The vectors are read ``chunk_rows`` rows at a time (Parquet record batches), checked (widths, nulls,
+    NaN / infinity), L2-normalised when ``normalize`` (:func:`normalize_in_place`, so the values equal
+    :func:`l2_normalize`'s) and written into a file in ``folder``, which is unlinked as soon as it is
+    mapped: it takes disk space while the returned ``VectorSet.vectors`` (a writeable ``np.memmap``) lives
+    and never outlives the process. The resident memory is then the pages the kernel keeps cached (file
+    pages, given back under memory pressure), not a copy of every vector: a collection larger than RAM can
+    be read. With ``folder=None`` the vectors go into one array in memory: the matrix and one chunk at a
+    time, where :func:`read_vectors` holds the whole Arrow table besides. Ids and sources are Python lists,
+    as :func:`read_vectors` gives them.
+
+    Raises:
+        CollectionInputError: as :func:`read_vectors`, and for a ``folder`` that cannot hold the file.
+    """
+    p = Path(path).expanduser()
+    n, vname, has_sources, batches, width = _batches(p, vector_column, id_column, allow_incomplete, chunk_rows)
+    id_name = schema.COL_ID if p.is_dir() else id_column
+    if n == 0:
+        raise CollectionInputError(f"{p}: no rows")
+    ids: list[str] = []
+    sources: list[str] | None = [] if has_sources else None
+    mm: np.ndarray | None = None
+    start = 0
+    for batch in batches:
+        id_arr = batch.column(id_name)
+        if id_arr.null_count:
+            raise CollectionInputError(f"{p}: {id_arr.null_count} rows have no {id_column!r}; every row needs an id")
+        chunk_ids = [str(x) for x in id_arr.to_pylist()]
+        block = _matrix(batch.column(vname), p, vname, chunk_ids)
+        if mm is None:
+            d = block.shape[1]
+            if width is not None and d != width:
+                raise CollectionInputError(f"{p}: the shards hold {d}-d vectors but the manifest says {width}")
+            if folder is None:
+                mm = np.empty((n, d), dtype=np.float32)
+            else:
+                mm = _mapped_file(Path(folder).expanduser(), n, d)
+        elif block.shape[1] != mm.shape[1]:
+            raise CollectionInputError(
+                f"{p}: vectors of width {block.shape[1]} after {start:,} rows of width {mm.shape[1]}; every row "
+                "needs the same width"
+            )
+        _check_finite(block, chunk_ids, p)
+        rows = mm[start:start + len(block)]
+        rows[...] = block
+        if normalize:
+            normalize_in_place(rows)
+        start += len(block)
+        ids.extend(chunk_ids)
+        if sources is not None:
+            sources.extend("" if v is None else str(v) for v in batch.column(schema.COL_SOURCE).to_pylist())
+    if mm is None or start != n:
+        raise CollectionInputError(f"{p}: the metadata says {n:,} rows but {start:,} were read")
+    if isinstance(mm, np.memmap):
+        mm.flush()
+    _check_unique_ids(ids, p)
+    return VectorSet(p, ids, mm, sources=sources, manifest=read_manifest(p) if p.is_dir() else None)
 
 
 def read_vectors(

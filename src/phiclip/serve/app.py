@@ -17,6 +17,8 @@ status: 400 bad input, 401 no or wrong token, 404 unknown collection/item/route,
   like this"), or ``id`` of an item, or JSON with the same fields (``image`` as a
   ``data:image/...;base64,`` URI);
 - ``GET /api/items/{collection}/{id}/thumbnail[?size=128|256|512]``: a JPEG thumbnail;
+- ``GET /map[?collection=NAME]``: the collection's 2-D map, an HTML page (:mod:`phiclip.serve.maps`: a
+  ``phiclip map`` output in ``OUT/map/`` or a PCA made at the first request), framed by the search page;
 - ``POST /v1/embeddings``: the OpenAI embeddings request and response shape, each input a text, an
   image's ``http(s)`` URL (fetched) or a ``data:image/...;base64,`` URI; ``GET /v1/models``;
 - ``GET /api/stats``: batcher, queue and thumbnail cache counters.
@@ -57,6 +59,8 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import numpy as np
 
+from phiclip.collection.pages import map_page_csp
+from phiclip.collection.vectors import CollectionInputError
 from phiclip.encoders.base import Encoder
 from phiclip.fetch import fetcher
 from phiclip.images import ImageDecodeError, Unreadable, load_image
@@ -72,10 +76,11 @@ from phiclip.serve.collections import (
     load_collections,
 )
 from phiclip.serve.listener import bind_listener
+from phiclip.serve.maps import MapCache
 from phiclip.serve.metrics import ServeMetrics
 from phiclip.serve.options import ServeOptions, is_loopback
 from phiclip.serve.thumbnails import DEFAULT_THUMBNAIL_SIZE, THUMBNAIL_SIZES, ThumbnailCache, render_thumbnail
-from phiclip.store import read_manifest
+from phiclip.store import EmbeddingStoreError, read_manifest
 from phiclip.version import __version__
 
 try:
@@ -157,6 +162,7 @@ class Service:
                 max_queue=options.max_queue, name=f"phiclip-encoder-{i}")
         self.thumbnails = ThumbnailCache(options.thumbnail_cache_bytes)
         self.fetch_options = options.fetch_options()
+        self.maps = MapCache()
         self.cpu_limiter: Any = None  # an anyio CapacityLimiter, made in the event loop at startup
         self.metrics: ServeMetrics | None = None
         #: Set on SIGTERM: /readyz answers 503 while requests in flight finish.
@@ -679,6 +685,19 @@ async def thumbnail(request: Request) -> Response:
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
+async def map_view(request: Request) -> Response:
+    """``GET /map?collection=NAME``: the collection's 2-D map page (made at its first request, then kept)."""
+    service = _service(request)
+    coll = service.collection(request.query_params.get("collection"))
+    try:
+        page = await service.run_cpu(service.maps.page, coll)
+    except (CollectionInputError, EmbeddingStoreError) as e:
+        raise ApiError(404, f"no map of collection {coll.name!r}: {e}") from None
+    return Response(page, media_type="text/html; charset=utf-8", headers={
+        "Content-Security-Policy": map_page_csp(frame_ancestors="'self'"), "X-Frame-Options": "SAMEORIGIN",
+        "Cache-Control": "no-cache"})
+
+
 def _model_collection(service: Service, model: Any) -> Collection:
     if model is None or model == "":
         return service.collection(None)
@@ -860,8 +879,9 @@ class _Guard:
         async def send_with_headers(message: Any) -> None:
             if message["type"] == "http.response.start":
                 raw = list(message.get("headers", []))
-                raw += [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
-                        (b"x-frame-options", b"DENY")]
+                raw += [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+                if not any(name.lower() == b"x-frame-options" for name, _ in raw):  # the map: SAMEORIGIN
+                    raw.append((b"x-frame-options", b"DENY"))
                 message = {**message, "headers": raw}
             await send(message)
 
@@ -1001,6 +1021,7 @@ def create_app(service: Service | Callable[[], Service], *, options: ServeOption
         Route("/api/search", search_get, methods=["GET"]),
         Route("/api/search", search_post, methods=["POST"]),
         Route("/api/items/{collection}/{item_id}/thumbnail", thumbnail, methods=["GET"]),
+        Route("/map", map_view, methods=["GET"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),

@@ -8,7 +8,8 @@
     form: $("#search-form"), q: $("#q"), label: $("#label-filter"), collection: $("#collection"),
     collectionName: $("#collection-name"), meta: $("#collection-meta"), file: $("#file"), drop: $("#drop"),
     query: $("#query"), queryImage: $("#query-image"), queryText: $("#query-text"), clear: $("#clear"),
-    status: $("#status"), results: $("#results"),
+    status: $("#status"), results: $("#results"), mapToggle: $("#map-toggle"), mapPanel: $("#map-panel"),
+    mapFrame: $("#map-frame"),
   };
   const K = 24;
   const state = { collections: [], current: null, busy: 0, lastBlob: null };
@@ -67,6 +68,19 @@
       els.label.hidden = true;
       els.label.value = "";
     }
+  }
+
+  // The map (GET map?collection=NAME, made by the server at its first request): shown in a frame on demand.
+  // A click on a point there opens "more like this" for it in this page (?like=ID).
+  function mapSrc() {
+    return "map?" + new URLSearchParams({ collection: state.current || "" }).toString();
+  }
+
+  function showMap(open) {
+    els.mapPanel.hidden = !open;
+    els.mapToggle.setAttribute("aria-expanded", String(open));
+    els.mapToggle.classList.toggle("on", open);
+    if (open && els.mapFrame.getAttribute("src") !== mapSrc()) els.mapFrame.setAttribute("src", mapSrc());
   }
 
   function showQuery(text, imageSrc) {
@@ -275,9 +289,11 @@
     ev.preventDefault();
     searchText(els.q.value, true);
   });
+  els.mapToggle.addEventListener("click", () => showMap(els.mapPanel.hidden));
   els.collection.addEventListener("change", () => {
     state.current = els.collection.value;
     showCollection();
+    if (!els.mapPanel.hidden) showMap(true);
     if (els.q.value.trim()) searchText(els.q.value, true);
   });
   els.label.addEventListener("change", () => {
