@@ -61,7 +61,8 @@ class CalibrationSet:
 
     def pixels(self, preprocess: Callable[[Any], Any], *, keep_alpha: bool = False) -> Any:
         """Decode and preprocess the chosen images: a float32 tensor ``(n, 3, S, S)``. Images that
-        fail to decode are left out.
+        fail to decode are left out. A ``preprocess`` that gives each image several crops ``(k, 3,
+        S, S)`` (Phi-3-vision's HD crops) gives all of them, one after the other.
 
         Raises:
             ValueError: fewer than :data:`MIN_CALIBRATION_IMAGES` images could be used (naming the
@@ -90,7 +91,7 @@ class CalibrationSet:
                 f"(at least {MIN_CALIBRATION_IMAGES} are needed: add decodable images to it, or raise calibration_images=)"
                 + (f"; first failures: {'; '.join(failed[:3])}" if failed else "")
             )
-        return torch.stack(items).to(torch.float32)
+        return torch.cat([t if t.ndim == 4 else t[None] for t in items]).to(torch.float32)
 
 
 def _payload_identity(payload: Any) -> str:

@@ -455,7 +455,28 @@ def compile_image_path(module: nn.Module, *, runtime: str, precision: str, finge
 #: The name this class had while only image sides were compiled.
 CompiledImagePath = CompiledPath
 
+
+class CompiledModule(nn.Module):
+    """A compiled path in place of the torch module it was compiled from (a Phi-3-vision tower:
+    ``model.img_processor``): it takes float32 inputs on the CPU (``input_device``, ``input_dtype``,
+    which the caller reads to place its inputs) and gives the compiled output in ``output_dtype``
+    (the dtype of the torch code after it). ``packed_parameters`` counts the parameters of the module
+    it replaces (held by the runtime, not by torch), so that a model's parameter count stays the same."""
+
+    input_device = torch.device("cpu")
+    input_dtype = torch.float32
+
+    def __init__(self, path: CompiledPath, *, output_dtype: torch.dtype, parameters: int) -> None:
+        super().__init__()
+        self.path, self.output_dtype, self.packed_parameters = path, output_dtype, int(parameters)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.path(*inputs).to(self.output_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.path.runtime} {self.path.precision}, output {self.output_dtype}"
+
 __all__ = ["AUTO_CHOICES", "CACHE_VERSION", "NEEDS_CALIBRATION", "PRECISION_PACKAGES", "RUNTIMES", "RUNTIME_PACKAGES",
-           "RUNTIME_PRECISIONS", "CompiledImagePath", "CompiledPath", "ImageSide", "PathInputs", "RuntimeChoice",
+           "RUNTIME_PRECISIONS", "CompiledImagePath", "CompiledModule", "CompiledPath", "ImageSide", "PathInputs", "RuntimeChoice",
            "TextSide", "auto_candidates", "cache_key", "choose_runtime", "compile_image_path", "compile_path",
            "image_inputs", "missing_packages", "text_inputs"]
