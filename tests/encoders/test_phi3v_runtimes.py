@@ -135,10 +135,14 @@ def test_int8_through_openvino_is_calibrated_on_crops_within_the_bound(ckpt, ima
     folder = write_images(tmp_path / "cal", 8, seed=3, sizes=[(640, 480), (90, 300), (300, 300), (50, 40)])
     spec = f"phi3v:{ckpt}?runtime=openvino&calibration={folder}"
     enc = load_encoder(spec, device="cpu", dtype="int8")
-    # Calibrated on every crop of the calibration images, not on one per image.
-    crops = calibration_set(str(folder), 8).pixels(lambda im: enc.preprocess(im)["crops"])
-    assert crops.shape == (sum(enc.preprocess(Image.open(p).convert("RGB"))["crops"].shape[0]
-                               for p in sorted(folder.iterdir())), 3, 336, 336)
+    # Calibrated on every crop of the calibration images, not on one per image (at most
+    # runtimes.CALIBRATION_SAMPLES of them, spread evenly).
+    cal = calibration_set(str(folder), 8)
+    crops = cal.pixels(lambda im: enc.preprocess(im)["crops"])
+    counts = [enc.preprocess(Image.open(p).convert("RGB"))["crops"].shape[0] for p in sorted(folder.iterdir())]
+    assert crops.shape == (sum(counts), 3, 336, 336) and sum(counts) > 8
+    few = cal.pixels(lambda im: enc.preprocess(im)["crops"], most=5)
+    assert few.shape[0] == 5 and torch.equal(few[0], crops[0]) and torch.equal(few[-1], crops[-1])
     info = enc.describe()["precision"]["runtime"]
     assert info["runtime"] == "openvino" and info["part"] == "tower" and info["converted_now"] is True
     assert info["calibration"]["images"] == 8 and info["calibration"]["source"] == str(folder)

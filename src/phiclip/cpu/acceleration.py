@@ -4,9 +4,12 @@ Given the model, the precision that runs (decided by :func:`phiclip.cpu.precisio
 through the encoder's placement) and the spec's ``runtime=`` / ``calibration=``, it decides, in this
 order, and applies:
 
-1. the runtime (:func:`phiclip.cpu.runtimes.choose_runtime`): OpenVINO or ONNX Runtime compile the
-   image side from the model's float32 weights (static int8 calibrated on ``calibration=`` images,
-   :mod:`phiclip.cpu.calibration`); otherwise torch runs it:
+1. the runtime (:func:`phiclip.cpu.runtimes.choose_runtime`; ``auto``: measured against torch,
+   :mod:`phiclip.cpu.autotune`): OpenVINO or ONNX Runtime compile the image side (or a part of it:
+   Phi-3-vision's tower, ``part="tower"``, whose output the model's torch code goes on with) from the
+   model's float32 weights (static int8 calibrated on ``calibration=`` images, or their crops,
+   :mod:`phiclip.cpu.calibration`); otherwise torch runs it (a model loaded in float32 for a runtime
+   first made 16-bit by the encoder's ``torch_weights`` at a 16-bit precision):
 2. ``int8``: the image side quantised (:func:`phiclip.cpu.int8.quantize_image_side`: an int8 copy of
    phiclip's CLIP image module, or the model's own tower in place; for an encoder that passes
    ``tower``, the SigLIP 2 / MetaCLIP 2 / AIMv2 / DINO families, those modules' products in place,

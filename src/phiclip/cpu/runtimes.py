@@ -87,6 +87,11 @@ CACHE_VERSION = 2
 #: Images per calibration batch fed to NNCF.
 CALIBRATION_BATCH = 8
 
+#: Most calibration samples (NNCF's own default subset size) where the preprocessing gives several
+#: per image (Phi-3-vision's crops: 128 images at num_crops=16 cut about 1,700), spread evenly over
+#: them; never fewer than the images (one sample each, as for CLIP).
+CALIBRATION_SAMPLES = 300
+
 INSTALL_HINT = "pip install 'phiclip[cpu-runtimes]'"
 
 
@@ -426,7 +431,10 @@ def compile_path(module: nn.Module, *, runtime: str, precision: str, fingerprint
             # an unwritable cache folder: convert into a temporary folder, used by this load only
             final = Path(tempfile.mkdtemp(prefix="phiclip-runtime-")) / final.name
         module = module.eval()
-        pixels = calibration.pixels(preprocess, keep_alpha=keep_alpha) if calibration is not None else None  # static: preprocess given
+        pixels = None
+        if calibration is not None:  # static: preprocess given
+            most = max(len(calibration.records), CALIBRATION_SAMPLES)
+            pixels = calibration.pixels(preprocess, keep_alpha=keep_alpha, most=most)
         # Filled beside its final name and renamed into place (another process loading the same
         # conversion finds one whole folder or the other); a failed conversion leaves nothing behind.
         with atomic_directory(final) as work:
