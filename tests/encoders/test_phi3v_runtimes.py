@@ -221,3 +221,22 @@ def test_only_a_cpu_runtime_loads_the_tower_in_float32_for_a_runtime(ckpt) -> No
     assert not may_compile("torch", "int8") and not may_compile("auto", "float16")
     with pytest.raises(ValueError, match="runtime='tvm' must be one of"):
         load_encoder(f"phi3v:{ckpt}?runtime=tvm", device="cpu", dtype="float32")
+
+
+def test_auto_times_a_tower_on_crops_of_several_images() -> None:
+    from phiclip.cpu.acceleration import _example_pixels
+
+    seen: list[tuple[int, int]] = []
+
+    def crops(image: Image.Image) -> torch.Tensor:  # three crops per image, the first one says which image
+        seen.append(image.size)
+        out = torch.zeros(3, 3, 14, 14)
+        out[0] = len(seen)
+        return out
+
+    rows = _example_pixels(crops, 14, False, rows=7)
+    assert rows.shape == (7, 3, 14, 14) and len(seen) == 3 and len(set(seen)) == 3  # three images of other sizes
+    assert [int(r[0, 0, 0]) for r in rows[::3]] == [1, 2, 3]
+    one = _example_pixels(lambda im: torch.ones(3, 14, 14), 14, False, rows=5)  # one image, one row
+    assert one.shape == (5, 3, 14, 14) and bool((one == 1).all())
+    assert _example_pixels(lambda im: torch.ones(3, 10, 10), 14, False, rows=2).shape == (2, 3, 14, 14)  # other sizes: noise
