@@ -21,7 +21,11 @@ Parts (each table is printed with the CPU model and its instruction sets):
   a runtime's conversion is cached before timing), and the contenders loading their model file,
   behind the same decoding and preprocessing threads, writing their vectors to Parquet.
 * ``tower``: the Phi-3-vision image tokens of ``bench/cpu.py`` (tower 256 wide x 6 layers, 62 real
-  crops) at each precision against the released-code way.
+  crops) at each precision against the released-code way, in torch and with the tower compiled by
+  the runtimes, when installed (``runtime=openvino`` float32 / bfloat16, ``runtime=onnxruntime``
+  int8, ``runtime=openvino&calibration=`` 128 other photo-like images for int8), and phiclip's
+  default (``precision=auto``, ``runtime=auto``); then every int8 way's error against float32 on
+  tokens and pooled vectors at num_crops 1, 4 and 16.
 * ``knn``: a tiny CLIP fine-tuned here with ``phiclip.finetune.clip.finetune_clip`` (200 steps on 96
   captioned sample images, about 20 s on 2 cores), then loaded at each precision (and through the
   runtimes above): kNN (k=5) and zero-shot accuracy on 48 held-out images of 12 classes, the share of
@@ -62,12 +66,14 @@ RUNTIME_ROWS = (("float32", "openvino"), ("bfloat16", "openvino"), ("int8", "onn
 CALIBRATION_IMAGES = 128
 
 
-def runtime_spec(ckpt: Any, runtime: str, precision: str, calibration: Path | None) -> str:
-    """The spec of phiclip through ``runtime`` (``calibration=`` where that runtime needs it)."""
+def runtime_spec(ckpt: Any, runtime: str, precision: str, calibration: Path | None, kind: str = "clip",
+                 options: str = "") -> str:
+    """The spec of phiclip through ``runtime`` (``calibration=`` where that runtime needs it; ``options``:
+    more ``key=value&...``)."""
     if runtime == "torch":
-        return f"clip:{ckpt}?runtime=torch"
+        return f"{kind}:{ckpt}?runtime=torch" + (f"&{options}" if options else "")
     extra = f"&calibration={calibration}" if (runtime, precision) in NEEDS_CALIBRATION and calibration else ""
-    return f"clip:{ckpt}?runtime={runtime}{extra}"
+    return f"{kind}:{ckpt}?runtime={runtime}{extra}" + (f"&{options}" if options else "")
 
 
 def runtime_rows(calibration: Path | None) -> list[tuple[str, str]]:
@@ -566,35 +572,93 @@ def _bench_default_model(tables: list[Table], tmp: Path, title: str, kind: str, 
 
 
 # --------------------------------------------------------------------------------------------------
-def bench_tower(tables: list[Table], tmp: Path, repeats: int) -> None:
+def _within(precision: str, ref: Any, out: Any) -> str:
+    """``yes`` when ``out`` is within ``precision``'s stated bound of ``ref``, else ``no`` and why."""
+    from phiclip.cpu.precision import ERROR_BOUNDS
+
+    try:
+        ERROR_BOUNDS[precision].check(np.asarray(ref, dtype=np.float32), np.asarray(out, dtype=np.float32))
+    except AssertionError as e:
+        return f"no ({e})"
+    return "yes"
+
+
+def bench_tower(tables: list[Table], tmp: Path, repeats: int, calibration_images: int = CALIBRATION_IMAGES) -> None:
     from baselines import ReleasedImageEmbedding
     from cpu import BENCH_TOWER, MIXED
 
+    from phiclip import load_encoder
     from phiclip.cpu.int8 import int8_plan, quantize_phi3v_
     from phiclip.phi3v import Phi3VImageEmbedding, Phi3VImageProcessor
     from phiclip.testing import build_tiny_phi3v
 
     ckpt = build_tiny_phi3v(tmp / "phi3v-bench", vision_config=BENCH_TOWER, hidden_size=768)
-    inputs = Phi3VImageProcessor(num_crops=16)(photo_like_images(len(MIXED), sizes=MIXED))
+    images = photo_like_images(len(MIXED), sizes=MIXED)
+    inputs = Phi3VImageProcessor(num_crops=16)(images)
     pv, sizes = inputs.pixel_values, inputs.image_sizes
     models = {p: Phi3VImageEmbedding.from_pretrained(ckpt, torch_dtype=getattr(torch, p)).eval() for p in ("float32", "bfloat16", "float16")}
     models["int8"] = Phi3VImageEmbedding.from_pretrained(ckpt).eval()
     quantize_phi3v_(models["int8"], int8_plan())
+    rows = {f"phiclip {p}": (p, m) for p, m in models.items()}
+    # The tower compiled by each installed runtime (the HD merge and projection stay torch); the first
+    # load converts and caches (static int8: calibrated on the crops of other photo-like images).
+    calibration = write_calibration(tmp / "phi3v-calibration", calibration_images)
+    compiled: dict[tuple[str, str], Any] = {}
+    for p, rt in runtime_rows(calibration):
+        t0 = time.perf_counter()
+        enc = load_encoder(runtime_spec(ckpt, rt, p, calibration, kind="phi3v", options="num_crops=16"), device="cpu",
+                           dtype=p)
+        info = enc.describe()["precision"]["runtime"]
+        print(f"phi3v tower {p} runtime={rt}: loaded in {time.perf_counter() - t0:.1f} s "
+              f"({'converted now' if info['converted_now'] else 'read from the cache'})", flush=True)
+        compiled[(p, rt)] = enc.model
+        rows[f"phiclip {p} (runtime={rt})"] = (p, enc.model)
+    # phiclip's default: precision auto, runtime auto (measured once on this CPU, then cached).
+    default = load_encoder(f"phi3v:{ckpt}?num_crops=16", device="cpu")
+    record = default.describe()["precision"]
+    chosen = f"{record['dtype']}, {record.get('runtime', {}).get('runtime', 'torch')}"
+    rows[f"phiclip default (auto: {chosen})"] = (record["dtype"], default.model)
     baseline = ReleasedImageEmbedding.from_phiclip(models["float32"]).eval()
     with torch.inference_mode():
         ref = torch.cat(baseline.image_tokens(pv, sizes))
-        outs = {p: torch.cat(m.image_tokens(pv, sizes)).float() for p, m in models.items()}
+        outs = {name: torch.cat(m.image_tokens(pv, sizes)).float() for name, (_, m) in rows.items()}
         fns = {"released way (float32)": lambda: baseline.image_tokens(pv, sizes)}
-        fns.update({f"phiclip {p}": (lambda m=m: m.image_tokens(pv, sizes)) for p, m in models.items()})
+        fns.update({name: (lambda m=m: m.image_tokens(pv, sizes)) for name, (_, m) in rows.items()})
         times = time_interleaved(fns, repeats)
     t = Table(f"Phi-3-vision image tokens, {len(MIXED)} mixed images ({int(sum(inputs.num_crops_per_image))} real crops), "
-              "tower 256 wide x 6 layers", ["what", "s", "vs released way", "vs released-way output"])
+              "tower 256 wide x 6 layers", ["what", "precision", "s", "vs released way", "vs best runtime, same precision",
+                                            "vs released-way output"])
     base = times["released way (float32)"]
-    t.add("released way (float32)", f"{base:.2f}", "1.00x", "")
-    for p in models:
-        s = times[f"phiclip {p}"]
-        t.add(f"phiclip {p}", f"{s:.2f}", f"{base / s:.2f}x", closeness(ref, outs[p]))
+    t.add("released way (float32)", "float32", f"{base:.2f}", "1.00x", "", "")
+    best = {p: min((times[f"phiclip {p} (runtime={rt})"] for q, rt in compiled if q == p), default=None) for p in models}
+    for name, (p, _) in rows.items():
+        s = times[name]
+        vs_best = f"{best[p] / s:.2f}x" if best.get(p) else ""
+        t.add(name, p, f"{s:.2f}", f"{base / s:.2f}x", vs_best, closeness(ref, outs[name]))
     tables.append(t)
+
+    # int8's error per crop count: every int8 way against phiclip float32 on the same crops.
+    e = Table("Phi-3-vision int8 against float32 per crop count (the mixed images above), tokens and pooled vectors",
+              ["num_crops", "real crops", "int8 way", "tokens vs float32", "pooled vs float32", "within the int8 bound"])
+    per_count = {n: Phi3VImageProcessor(num_crops=n)(images) for n in (1, 4, 16)}  # outside inference mode
+    with torch.inference_mode():
+        for n, inp in per_count.items():
+            args = (inp.pixel_values, inp.image_sizes)
+            ref_tokens = torch.cat(models["float32"].image_tokens(*args)).numpy()
+            ref_pooled = models["float32"].pooled(*args).numpy()
+            ways = {"torch (dynamic)": models["int8"]}
+            if ("int8", "onnxruntime") in compiled:
+                ways["onnxruntime (dynamic)"] = compiled[("int8", "onnxruntime")]
+            if ("int8", "openvino") in compiled:  # calibrated on the crops this num_crops cuts
+                spec = runtime_spec(ckpt, "openvino", "int8", calibration, kind="phi3v", options=f"num_crops={n}")
+                ways[f"openvino (static, calibrated at num_crops={n})"] = load_encoder(spec, device="cpu", dtype="int8").model
+            for way, m in ways.items():
+                tokens = torch.cat(m.image_tokens(*args)).float().numpy()
+                pooled = m.pooled(*args).float().numpy()
+                e.add(str(n), str(int(sum(inp.num_crops_per_image))), way, closeness(ref_tokens, tokens),
+                      closeness(ref_pooled, pooled),
+                      f"tokens {_within('int8', ref_tokens, tokens)}, pooled {_within('int8', ref_pooled, pooled)}")
+    tables.append(e)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -669,6 +733,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--clip-images", type=int, default=64)
     ap.add_argument("--embed-images", type=int, default=128)
+    ap.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES,
+                    help="photo-like images static int8 is calibrated on (tower part)")
     ap.add_argument("--embed-precisions", nargs="+", default=["float32", "bfloat16", "int8", "auto"],
                     choices=["float32", "bfloat16", "int8", "auto"],
                     help="end-to-end rows (phiclip and contenders) for these precisions only; phiclip float32 always runs")
@@ -694,7 +760,7 @@ def main() -> None:
         if "embed" in parts:
             bench_embed(tables, tmp, args.embed_images, args.repeats, clip, tuple(args.embed_precisions))
         if "tower" in parts:
-            bench_tower(tables, tmp, args.repeats)
+            bench_tower(tables, tmp, args.repeats, args.calibration_images)
         if "text" in parts:
             bench_text(tables, tmp, args.texts, args.repeats)
         if "default" in parts:

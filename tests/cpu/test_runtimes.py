@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _runtimes import installed as _installed
+from _runtimes import write_images as _write_images
 from PIL import Image
 
 import phiclip.cpu.runtimes as R
@@ -31,15 +33,6 @@ pytestmark = pytest.mark.compiled_runtime
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-def _installed(monkeypatch, *names: str) -> None:
-    """Pretend that only the packages ``names`` are installed (runtimes, and nncf)."""
-    def missing(rt: str, precision: str | None = None) -> list[str]:
-        wanted = R.RUNTIME_PACKAGES.get(rt, ()) + R.PRECISION_PACKAGES.get((rt, precision or ""), ())
-        return [p for p in wanted if p not in names]
-
-    monkeypatch.setattr(R, "missing_packages", missing)
 
 
 # --- the choice ---------------------------------------------------------------------------------------
@@ -194,15 +187,6 @@ def test_openvino_int8_is_static_and_needs_calibration_images(monkeypatch) -> No
     assert "openvino needs nncf" in R.choose_runtime("auto", "int8", calibrated=True).reason
     with pytest.raises(ValueError, match=r"runtime openvino needs nncf.*phiclip\[cpu-runtimes\]"):
         R.choose_runtime("openvino", "int8", calibrated=True)
-
-
-def _write_images(folder, n: int, seed: int = 0):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        small = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((50 + i % 3, 40), Image.Resampling.BICUBIC).save(folder / f"img_{i:03d}.png")
-    return folder
 
 
 def test_calibration_is_checked_where_it_is_used(tmp_path, cache, recwarn) -> None:

@@ -184,9 +184,12 @@ def test_option_dataclasses_fill_defaults_and_read_values() -> None:
     assert ContrastiveOptions.from_spec(parse_spec("clip:/m")) == ContrastiveOptions(normalize=True, max_batch=256, fast=True)
     assert ContrastiveOptions.from_spec(parse_spec("clip:/m?normalize=off&max_batch=8&fast=no")) == ContrastiveOptions(
         normalize=False, max_batch=8, fast=False)
-    opts = Phi3VOptions.from_spec(parse_spec("phi3v:/m?num_crops=4&pooling=global&max_crops=2"))
-    assert opts.to_dict() == {"num_crops": 4, "pooling": "global", "normalize": True, "max_crops": 2}
-    assert set(Phi3VOptions.known()) == {"num_crops", "pooling", "normalize", "max_crops"}
+    opts = Phi3VOptions.from_spec(parse_spec("phi3v:/m?num_crops=4&pooling=global&max_crops=2&runtime=openvino"))
+    assert opts.to_dict() == {"num_crops": 4, "pooling": "global", "normalize": True, "max_crops": 2,
+                              "runtime": "openvino", "calibration": None, "calibration_images": 128}
+    assert set(Phi3VOptions.known()) == {"num_crops", "pooling", "normalize", "max_crops", "runtime", "calibration",
+                                         "calibration_images"}
+    assert Phi3VOptions.from_spec(parse_spec("phi3v:/m")).runtime == "torch"  # $PHICLIP_RUNTIME (tests/conftest.py)
 
 
 def test_every_kind_is_registered_once_with_its_module() -> None:

@@ -4,9 +4,12 @@ Given the model, the precision that runs (decided by :func:`phiclip.cpu.precisio
 through the encoder's placement) and the spec's ``runtime=`` / ``calibration=``, it decides, in this
 order, and applies:
 
-1. the runtime (:func:`phiclip.cpu.runtimes.choose_runtime`): OpenVINO or ONNX Runtime compile the
-   image side from the model's float32 weights (static int8 calibrated on ``calibration=`` images,
-   :mod:`phiclip.cpu.calibration`); otherwise torch runs it:
+1. the runtime (:func:`phiclip.cpu.runtimes.choose_runtime`; ``auto``: measured against torch,
+   :mod:`phiclip.cpu.autotune`): OpenVINO or ONNX Runtime compile the image side (or a part of it:
+   Phi-3-vision's tower, ``part="tower"``, whose output the model's torch code goes on with) from the
+   model's float32 weights (static int8 calibrated on ``calibration=`` images, or their crops,
+   :mod:`phiclip.cpu.calibration`); otherwise torch runs it (a model loaded in float32 for a runtime
+   first made 16-bit by the encoder's ``torch_weights`` at a 16-bit precision):
 2. ``int8``: the image side quantised (:func:`phiclip.cpu.int8.quantize_image_side`: an int8 copy of
    phiclip's CLIP image module, or the model's own tower in place; for an encoder that passes
    ``tower``, the SigLIP 2 / MetaCLIP 2 / AIMv2 / DINO families, those modules' products in place,
@@ -56,6 +59,10 @@ class AcceleratedPath:
     compiled: CompiledImagePath | None
     image_features: nn.Module | None
     record: dict[str, Any]
+    #: The float dtype the model's own torch code computes in at this precision (``bfloat16`` for
+    #: bfloat16; int8: the plan's ``float_dtype``): what runs after a compiled part (Phi-3-vision's HD
+    #: merge and projection after its compiled tower) runs in it, whichever way ran the part.
+    torch_dtype: str = "float32"
 
     @property
     def image_path(self) -> Callable[[Any], Any] | None:
@@ -81,6 +88,10 @@ def accelerate(
     name: str = "",
     tower: Sequence[nn.Module] | None = None,
     compile_module: Callable[[], nn.Module] | None = None,
+    part: str = "image",
+    example_rows: int | None = None,
+    torch_weights: Callable[[str], None] | None = None,
+    torch_input: Callable[[Any], Any] | None = None,
 ) -> AcceleratedPath:
     """Decide and build what runs ``model``'s image side (see the module's docstring for the order).
 
@@ -106,8 +117,20 @@ def accelerate(
             encoder without phiclip's image module: int8 and 16-bit change them in place (recorded
             as ``image_weights``).
         compile_module: builds the float32 module a compiled runtime converts (``pixel_values (n, 3,
-            S, S) -> (n, d)``); None: transformers' ``get_image_features`` of ``model``. ``fingerprint``
-            must then also name whatever else changes its output (a pooling option).
+            S, S) -> (n, d)``, or any output: Phi-3-vision's tower gives its hidden state); None:
+            transformers' ``get_image_features`` of ``model``. ``fingerprint`` must then also name
+            whatever else changes its output (a pooling option). ``auto`` times the torch way on it too.
+        part: what is compiled, in the cache keys and the record (``image``; ``tower``: a tower whose
+            output the model's own torch code goes on with).
+        example_rows: how many rows (images, or crops where ``preprocess`` gives several per image)
+            ``auto`` times the ways on: the batch the part is called with (default
+            :data:`AUTO_IMAGE_BATCH`).
+        torch_weights: puts the model's float weights in the named dtype; called with ``bfloat16`` /
+            ``float16`` before torch's way is built at that precision, for a model loaded in float32
+            so that a compiled runtime could convert it (Phi-3-vision's tower is fused or made 16-bit
+            from 16-bit weights). None: the model is left as it is.
+        torch_input: casts the example input of torch's way when ``auto`` times it (a tower with
+            16-bit weights takes 16-bit crops), called after that way is built; None: as it is.
 
     Raises:
         ValueError: an impossible runtime ask (:func:`~phiclip.cpu.runtimes.choose_runtime`), calibration
@@ -121,7 +144,9 @@ def accelerate(
             return _measured(model, precision=precision, record=record, image_features=image_features,
                              calibration=calibration, calibration_images=calibration_images, fingerprint=fingerprint,
                              image_size=image_size, preprocess=preprocess, preprocess_key=preprocess_key,
-                             keep_alpha=keep_alpha, tower=tower, compile_module=compile_module)
+                             keep_alpha=keep_alpha, tower=tower, compile_module=compile_module, part=part,
+                             example_rows=example_rows or AUTO_IMAGE_BATCH, torch_weights=torch_weights,
+                             torch_input=torch_input)
     choice = None
     if runtime is not None:
         from phiclip.cpu import runtimes  # lazy: imports torch
@@ -135,53 +160,79 @@ def accelerate(
     features = None
     if choice is not None and choice.runtime != "torch":
         compiled = _compile(model, choice.runtime, precision, calibration, calibration_images, fingerprint, image_size,
-                            preprocess, preprocess_key, keep_alpha, compile_module)
+                            preprocess, preprocess_key, keep_alpha, compile_module, part)
         if precision == "int8":
             record["reason"] = f"int8 asked for: {compiled.scheme()}"
     else:
-        features = _torch_image_side(model, precision, record, device_type, image_features, tower)
+        features = _torch_image_side(model, precision, record, device_type, image_features, tower, torch_weights)
     if calibration is not None and precision == "int8" and (compiled is None or compiled.calibration is None):
         warnings.warn(f"{name}: calibration= is used only by int8 through OpenVINO (runtime=openvino or auto, "
                       f"precision int8); here {choice.runtime if choice else 'torch'} runs {precision}, so it is ignored",
                       stacklevel=3)
     if choice is not None:
         record["runtime"] = {**choice.to_dict(), **(compiled.describe() if compiled is not None else {})}
-    return AcceleratedPath(compiled=compiled, image_features=features, record=record)
+    return AcceleratedPath(compiled=compiled, image_features=features, record=record,
+                           torch_dtype=_torch_dtype(precision, record, compiled is not None))
 
 
 #: Images ``auto`` times the ways of an image side on (random pixel values of the tower's size).
 AUTO_IMAGE_BATCH = 8
 
 
-def _example_pixels(preprocess: Callable[[Any], Any] | None, image_size: int, keep_alpha: bool) -> Any:
-    """:data:`AUTO_IMAGE_BATCH` pixel batches ``auto`` times an image side on: smooth random pictures
-    (low-frequency colour fields with some noise, like photos rather than white noise: static int8
-    scales were calibrated on photos) through the encoder's preprocessing; random normal pixel values
-    where there is none."""
+def may_compile(runtime: str | None, precision: str, device_type: str = "cpu", *, calibrated: bool = False) -> bool:
+    """Whether :func:`accelerate` may compile the image side for a spec's ``runtime=`` at ``precision``
+    on ``device_type``: a runtime named (compiled, or an error saying why not), or ``auto`` with a
+    runtime installed that runs the precision. A compiled runtime converts the model's float32
+    weights, so an encoder that loads its weights in its precision's dtype loads them in float32 then
+    (and passes ``torch_weights`` for torch's way)."""
+    if device_type != "cpu" or runtime in (None, "torch"):
+        return False
+    if runtime != "auto":
+        return True
+    from phiclip.cpu import runtimes  # lazy: imports torch
+
+    return bool(runtimes.auto_candidates(precision, calibrated=calibrated)[0])
+
+
+def _example_pixels(preprocess: Callable[[Any], Any] | None, image_size: int, keep_alpha: bool,
+                    rows: int = AUTO_IMAGE_BATCH) -> Any:
+    """``rows`` pixel values ``(rows, 3, S, S)`` that ``auto`` times an image side on: smooth random
+    pictures (low-frequency colour fields with some noise, like photos rather than white noise: static
+    int8 scales were calibrated on photos) through the encoder's preprocessing, which may give one
+    image (``(3, S, S)``) or several crops (``(k, 3, S, S)``: taken one after the other); random
+    normal pixel values where there is none."""
     import numpy as np
     import torch
     from PIL import Image
 
     rng = np.random.default_rng(0)
     if preprocess is not None:
-        out = []
-        for i in range(AUTO_IMAGE_BATCH):
+        out: list[Any] = []
+        i = 0
+        while sum(len(t) for t in out) < rows and i < 4 * rows:  # a preprocessing that gives nothing ends too
             coarse = rng.integers(0, 256, (4 + i % 3, 5 + i % 4, 3), dtype=np.uint8)
-            field = np.asarray(Image.fromarray(coarse).resize((320 - 16 * i, 240 + 8 * i), Image.BICUBIC), dtype=np.int16)
+            size = (320 - 16 * (i % AUTO_IMAGE_BATCH), 240 + 8 * (i % AUTO_IMAGE_BATCH))
+            field = np.asarray(Image.fromarray(coarse).resize(size, Image.BICUBIC), dtype=np.int16)
             noisy = np.clip(field + rng.integers(-12, 13, field.shape), 0, 255).astype(np.uint8)
             image = Image.fromarray(noisy)
-            out.append(preprocess(image.convert("RGBA") if keep_alpha else image))
-        pixels = torch.stack(out).float()
-        if tuple(pixels.shape[1:]) == (3, image_size, image_size):
+            one = preprocess(image.convert("RGBA") if keep_alpha else image)
+            out.append(one if one.ndim == 4 else one[None])
+            i += 1
+        pixels = torch.cat(out)[:rows].float() if out else None
+        if pixels is not None and tuple(pixels.shape) == (rows, 3, image_size, image_size):
             return pixels
-    return torch.from_numpy(rng.standard_normal((AUTO_IMAGE_BATCH, 3, image_size, image_size)).astype(np.float32))
+    return torch.from_numpy(rng.standard_normal((rows, 3, image_size, image_size)).astype(np.float32))
 
 
 def _torch_image_side(model: nn.Module, precision: str, record: dict[str, Any], device_type: str,
                       image_features: Callable[[], nn.Module | None] | None,
-                      tower: Sequence[nn.Module] | None) -> nn.Module | None:
+                      tower: Sequence[nn.Module] | None,
+                      torch_weights: Callable[[str], None] | None = None) -> nn.Module | None:
     """Torch's image side at ``precision`` (records what it did in ``record``): phiclip's image module
-    (int8, fused or 16-bit copy), or None with the ``tower`` changed in place / the model's own forward."""
+    (int8, fused or 16-bit copy), or None with the ``tower`` changed in place / the model's own forward.
+    ``torch_weights`` first puts a 16-bit precision's model in 16-bit weights."""
+    if torch_weights is not None and precision in ("bfloat16", "float16"):
+        torch_weights(precision)
     features = image_features() if image_features is not None else None
     if tower is not None and features is None and device_type == "cpu" and precision != "float32":
         _tower_in_place(tower, precision, record)
@@ -198,7 +249,9 @@ def _measured(model: nn.Module, *, precision: str, record: dict[str, Any],
               image_features: Callable[[], nn.Module | None] | None, calibration: str | None, calibration_images: int,
               fingerprint: str, image_size: int, preprocess: Callable[[Any], Any] | None, preprocess_key: str,
               keep_alpha: bool, tower: Sequence[nn.Module] | None,
-              compile_module: Callable[[], nn.Module] | None) -> AcceleratedPath:
+              compile_module: Callable[[], nn.Module] | None, part: str, example_rows: int,
+              torch_weights: Callable[[str], None] | None,
+              torch_input: Callable[[Any], Any] | None) -> AcceleratedPath:
     """``runtime=auto`` on the CPU: the installed runtimes and torch measured on this CPU, the fastest
     within the precision's bound kept (:func:`phiclip.cpu.autotune.fastest`; decided once per CPU, weights,
     precision and shape)."""
@@ -211,7 +264,7 @@ def _measured(model: nn.Module, *, precision: str, record: dict[str, Any],
     def float_module() -> nn.Module:
         return compile_module() if compile_module is not None else runtimes.ImageSide(model)
 
-    pixels = _example_pixels(preprocess, int(image_size), keep_alpha)
+    pixels = _example_pixels(preprocess, int(image_size), keep_alpha, example_rows)
     torch_record = dict(record)
     compiled: dict[str, runtimes.CompiledPath] = {}
     candidates, skipped = runtimes.auto_candidates(precision, calibrated=calibration is not None)
@@ -221,11 +274,11 @@ def _measured(model: nn.Module, *, precision: str, record: dict[str, Any],
 
     def build_compiled(name: str) -> Callable[..., Any]:
         compiled[name] = _compile(model, name, precision, calibration, calibration_images, fingerprint, image_size,
-                                  preprocess, preprocess_key, keep_alpha, compile_module)
+                                  preprocess, preprocess_key, keep_alpha, compile_module, part)
         return compiled[name]
 
     def build_torch() -> Callable[..., Any]:
-        features = _torch_image_side(model, precision, torch_record, "cpu", image_features, tower)
+        features = _torch_image_side(model, precision, torch_record, "cpu", image_features, tower, torch_weights)
         torch_record["_features"] = features
         module = features if features is not None else float_module()
         dtype = precision if precision in ("bfloat16", "float16") else None
@@ -236,13 +289,13 @@ def _measured(model: nn.Module, *, precision: str, record: dict[str, Any],
 
         def run(x: Any) -> Any:
             with autocast():
-                return module(x)
+                return module(torch_input(x) if torch_input is not None else x)
 
         return run
 
     ways = [autotune.Way(name, lambda name=name: build_compiled(name)) for name in candidates]
     ways.append(autotune.Way("torch", build_torch))  # last: it may change the tower in place
-    key_fields = {"part": "image", "fingerprint": fingerprint, "preprocess": preprocess_key,
+    key_fields = {"part": part, "fingerprint": fingerprint, "preprocess": preprocess_key,
                   "calibration": calibration, "calibration_images": calibration_images if calibration else None}
     # The float32 reference is computed before any way changes the tower in place.
     tuned = autotune.fastest(ways, (pixels,), precision=precision, key_fields=key_fields,
@@ -257,14 +310,30 @@ def _measured(model: nn.Module, *, precision: str, record: dict[str, Any],
         out = dict(torch_record)
         out["runtime"] = {"requested": "auto", "runtime": "torch", "reason": reason}
         out["auto"] = tuned.record
-        return AcceleratedPath(compiled=None, image_features=features, record=out)
+        return AcceleratedPath(compiled=None, image_features=features, record=out,
+                               torch_dtype=_torch_dtype(precision, out, False))
     path = compiled[tuned.name]
     out = dict(record)
     if precision == "int8":
         out["reason"] = f"int8 asked for: {path.scheme()}"
     out["runtime"] = {"requested": "auto", "runtime": tuned.name, "reason": reason, **path.describe()}
     out["auto"] = tuned.record
-    return AcceleratedPath(compiled=path, image_features=None, record=out)
+    return AcceleratedPath(compiled=path, image_features=None, record=out, torch_dtype=_torch_dtype(precision, out, True))
+
+
+def _torch_dtype(precision: str, record: dict[str, Any], compiled: bool) -> str:
+    """:attr:`AcceleratedPath.torch_dtype`: the precision's float dtype; int8: the plan's float dtype
+    (torch's way recorded it; after a compiled part, this CPU's int8 plan, float32 without int8 kernels)."""
+    if precision != "int8":
+        return precision
+    if not compiled:
+        return str(record.get("int8", {}).get("float_dtype", "float32"))
+    from phiclip.cpu import int8  # lazy: imports torch
+
+    try:
+        return str(int8.int8_plan()["float_dtype"])
+    except ValueError:  # no int8 kernel in this torch: the compiled runtime quantises, torch runs float32
+        return "float32"
 
 
 def _tower_in_place(tower: Sequence[nn.Module], precision: str, record: dict[str, Any]) -> None:
@@ -320,9 +389,9 @@ def _sixteen_bit(model: nn.Module, features: nn.Module | None, precision: str, r
 def _compile(model: nn.Module, runtime: str, precision: str, calibration: str | None, calibration_images: int,
              fingerprint: str | None, image_size: int | None, preprocess: Callable[[Any], Any] | None,
              preprocess_key: str, keep_alpha: bool,
-             compile_module: Callable[[], nn.Module] | None = None) -> CompiledImagePath:
-    """The image side compiled by ``runtime`` from the model's float32 weights (static int8:
-    calibrated on ``calibration_images`` images of ``calibration``)."""
+             compile_module: Callable[[], nn.Module] | None = None, part: str = "image") -> CompiledImagePath:
+    """The image side (``part``) compiled by ``runtime`` from the model's float32 weights (static
+    int8: calibrated on ``calibration_images`` images of ``calibration``)."""
     from phiclip.cpu import runtimes  # lazy: imports torch
 
     if fingerprint is None or image_size is None:
@@ -331,9 +400,9 @@ def _compile(model: nn.Module, runtime: str, precision: str, calibration: str | 
     if (runtime, precision) in runtimes.NEEDS_CALIBRATION:
         cal = calibration_set(str(calibration), calibration_images, salt=preprocess_key)
     module = compile_module() if compile_module is not None else runtimes.ImageSide(model)
-    return runtimes.compile_image_path(module, runtime=runtime, precision=precision,
-                                       fingerprint=fingerprint, image_size=int(image_size), calibration=cal,
-                                       preprocess=preprocess, keep_alpha=keep_alpha)
+    return runtimes.compile_path(module, runtime=runtime, precision=precision, fingerprint=fingerprint,
+                                 inputs=runtimes.image_inputs(int(image_size)), part=part, calibration=cal,
+                                 preprocess=preprocess, keep_alpha=keep_alpha)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,4 +531,4 @@ def _text_weights_once(model: nn.Module, precision: str, device_type: str) -> st
     return f"{precision} in place (converted once, not on every call)"
 
 
-__all__ = ["TEXT_MODULES", "AcceleratedPath", "TextPath", "accelerate", "accelerate_text"]
+__all__ = ["AUTO_IMAGE_BATCH", "TEXT_MODULES", "AcceleratedPath", "TextPath", "accelerate", "accelerate_text", "may_compile"]

@@ -87,6 +87,11 @@ CACHE_VERSION = 2
 #: Images per calibration batch fed to NNCF.
 CALIBRATION_BATCH = 8
 
+#: Most calibration samples (NNCF's own default subset size) where the preprocessing gives several
+#: per image (Phi-3-vision's crops: 128 images at num_crops=16 cut about 1,700), spread evenly over
+#: them; never fewer than the images (one sample each, as for CLIP).
+CALIBRATION_SAMPLES = 300
+
 INSTALL_HINT = "pip install 'phiclip[cpu-runtimes]'"
 
 
@@ -426,7 +431,10 @@ def compile_path(module: nn.Module, *, runtime: str, precision: str, fingerprint
             # an unwritable cache folder: convert into a temporary folder, used by this load only
             final = Path(tempfile.mkdtemp(prefix="phiclip-runtime-")) / final.name
         module = module.eval()
-        pixels = calibration.pixels(preprocess, keep_alpha=keep_alpha) if calibration is not None else None  # static: preprocess given
+        pixels = None
+        if calibration is not None:  # static: preprocess given
+            most = max(len(calibration.records), CALIBRATION_SAMPLES)
+            pixels = calibration.pixels(preprocess, keep_alpha=keep_alpha, most=most)
         # Filled beside its final name and renamed into place (another process loading the same
         # conversion finds one whole folder or the other); a failed conversion leaves nothing behind.
         with atomic_directory(final) as work:
@@ -455,7 +463,28 @@ def compile_image_path(module: nn.Module, *, runtime: str, precision: str, finge
 #: The name this class had while only image sides were compiled.
 CompiledImagePath = CompiledPath
 
+
+class CompiledModule(nn.Module):
+    """A compiled path in place of the torch module it was compiled from (a Phi-3-vision tower:
+    ``model.img_processor``): it takes float32 inputs on the CPU (``input_device``, ``input_dtype``,
+    which the caller reads to place its inputs) and gives the compiled output in ``output_dtype``
+    (the dtype of the torch code after it). ``packed_parameters`` counts the parameters of the module
+    it replaces (held by the runtime, not by torch), so that a model's parameter count stays the same."""
+
+    input_device = torch.device("cpu")
+    input_dtype = torch.float32
+
+    def __init__(self, path: CompiledPath, *, output_dtype: torch.dtype, parameters: int) -> None:
+        super().__init__()
+        self.path, self.output_dtype, self.packed_parameters = path, output_dtype, int(parameters)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.path(*inputs).to(self.output_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.path.runtime} {self.path.precision}, output {self.output_dtype}"
+
 __all__ = ["AUTO_CHOICES", "CACHE_VERSION", "NEEDS_CALIBRATION", "PRECISION_PACKAGES", "RUNTIMES", "RUNTIME_PACKAGES",
-           "RUNTIME_PRECISIONS", "CompiledImagePath", "CompiledPath", "ImageSide", "PathInputs", "RuntimeChoice",
+           "RUNTIME_PRECISIONS", "CompiledImagePath", "CompiledModule", "CompiledPath", "ImageSide", "PathInputs", "RuntimeChoice",
            "TextSide", "auto_candidates", "cache_key", "choose_runtime", "compile_image_path", "compile_path",
            "image_inputs", "missing_packages", "text_inputs"]

@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from phiclip.cpu.autotune import RUNTIME_NAMES
-from phiclip.cpu.calibration import DEFAULT_CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES
-from phiclip.encoders.options import input_option
+from phiclip.encoders.options import calibration_images_option, calibration_option
 from phiclip.encoders.spec import SpecOptions, bool_option, choice_option, int_option, runtime_option
 
 #: What may run a family's image side (the fixed-shape ones; SigLIP 2 NaFlex: torch only).
@@ -37,12 +36,8 @@ class FamilyOptions(SpecOptions):
         "auto|torch|openvino|onnxruntime: what runs the image side on the CPU (default auto, or $PHICLIP_RUNTIME: "
         "torch and each installed runtime measured once on this CPU, the fastest within the precision's bound "
         "kept; fixed-shape image paths only: SigLIP 2 NaFlex runs torch; phiclip[cpu-runtimes])")
-    calibration: str | None = input_option(
-        "images like the ones you embed (a folder, a glob, a list of paths, a table or hf:NAME): int8 through "
-        "OpenVINO quantises the image side statically, calibrated on them (runtime=openvino or auto, precision int8)")
-    calibration_images: int = int_option(
-        DEFAULT_CALIBRATION_IMAGES, f"integer >= {MIN_CALIBRATION_IMAGES}: images taken from calibration= "
-        f"(default {DEFAULT_CALIBRATION_IMAGES}, spread evenly over it)", minimum=MIN_CALIBRATION_IMAGES)
+    calibration: str | None = calibration_option()
+    calibration_images: int = calibration_images_option()
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,20 @@ def input_option(help: str) -> Any:
     return field(default=None, metadata={"parse": parse, "help": help})
 
 
+def calibration_option(what: str = "") -> Any:
+    """The ``calibration=`` field: the images static int8 through OpenVINO is calibrated on."""
+    return input_option(
+        "images like the ones you embed (a folder, a glob, a list of paths, a table or hf:NAME): int8 through "
+        f"OpenVINO quantises statically, calibrated on {what or 'them'} (runtime=openvino or auto, precision int8)")
+
+
+def calibration_images_option() -> Any:
+    """The ``calibration_images=`` field: how many images ``calibration=`` gives."""
+    return int_option(
+        DEFAULT_CALIBRATION_IMAGES, f"integer >= {MIN_CALIBRATION_IMAGES}: images taken from calibration= "
+        f"(default {DEFAULT_CALIBRATION_IMAGES}, spread evenly over it)", minimum=MIN_CALIBRATION_IMAGES)
+
+
 @dataclass(frozen=True)
 class ContrastiveOptions(SpecOptions):
     """``clip:`` and ``siglip:`` options."""
@@ -55,12 +69,8 @@ class ContrastiveOptions(SpecOptions):
         "auto|torch|openvino|onnxruntime: what runs the image and text towers on the CPU (default auto, or "
         "$PHICLIP_RUNTIME: torch and each installed runtime measured once on this CPU, the fastest within the "
         "precision's bound kept; OpenVINO's int8 needs calibration=; phiclip[cpu-runtimes])")
-    calibration: str | None = input_option(
-        "images like the ones you embed (a folder, a glob, a list of paths, a table or hf:NAME): int8 through "
-        "OpenVINO quantises statically, calibrated on them (runtime=openvino or auto, precision int8)")
-    calibration_images: int = int_option(
-        DEFAULT_CALIBRATION_IMAGES, f"integer >= {MIN_CALIBRATION_IMAGES}: images taken from calibration= "
-        f"(default {DEFAULT_CALIBRATION_IMAGES}, spread evenly over it)", minimum=MIN_CALIBRATION_IMAGES)
+    calibration: str | None = calibration_option()
+    calibration_images: int = calibration_images_option()
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,13 @@ class Phi3VOptions(SpecOptions):
         "mean|global: mean of the projected image tokens (default), or of the tower's global-view patches")
     normalize: bool = bool_option(True, "true|false: L2-normalise the vectors (default true)")
     max_crops: int | None = int_option(None, "integer >= 1: crops per tower call (default: 4 on the CPU, 64 on GPUs)")
+    runtime: str = runtime_option(
+        "auto|torch|openvino|onnxruntime: what runs the CLIP tower on the CPU (default auto, or $PHICLIP_RUNTIME: "
+        "torch and each installed runtime measured once on this CPU on a tower call's crops, the fastest within the "
+        "precision's bound kept; the HD crops, token merge and projection run on torch; OpenVINO's int8 needs "
+        "calibration=; phiclip[cpu-runtimes])")
+    calibration: str | None = calibration_option("their crops")
+    calibration_images: int = calibration_images_option()
 
 
 def _preset_option(help: str) -> Any:
@@ -148,4 +165,4 @@ class Phi3VLMOptions(SpecOptions):
     revision: str | None = _text_option("a hub revision (branch, tag or commit) for a hub id (default: main)")
 
 
-__all__ = ["DEFAULT_MAX_BATCH", "ContrastiveOptions", "Phi3VLMOptions", "Phi3VOptions", "input_option"]
+__all__ = ["DEFAULT_MAX_BATCH", "ContrastiveOptions", "Phi3VLMOptions", "Phi3VOptions", "calibration_images_option", "calibration_option", "input_option"]

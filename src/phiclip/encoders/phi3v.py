@@ -1,15 +1,23 @@
 """The Phi-3-vision encoder: pooled vectors (and, when asked, the full image-token sequences).
 
-Spec: ``phi3v:<hub id or directory>[?num_crops=16&pooling=mean&normalize=true&max_crops=4]``
+Spec: ``phi3v:<hub id or directory>[?num_crops=16&pooling=mean&normalize=true&max_crops=4&runtime=auto]``
 (:class:`~phiclip.encoders.options.Phi3VOptions`). ``num_crops`` (an integer from 1 to 64; the
 released models use 16 and 4) defaults to the checkpoint's ``preprocessor_config.json``;
 ``pooling`` is ``mean`` (mean of the projected image tokens, separators excluded;
 ``hidden_size``-wide) or ``global`` (mean of the tower's global-view patch features; 1024-wide, and
 only the global view is run).
+
+On the CPU the tower (``model.img_processor``: crops in, the hidden state at ``layer_idx`` out) runs
+the way ``runtime=`` says (:func:`phiclip.cpu.accelerate`): torch (fused bfloat16, int8 in place), or
+compiled by OpenVINO / ONNX Runtime from the float32 weights (``auto``: the fastest measured on this
+CPU within the precision's bound, on one tower call's crops); a compiled tower replaces
+``model.img_processor`` (:class:`~phiclip.cpu.runtimes.CompiledModule`). The HD crops, the 2x2
+merge, the separators and the projection always run on torch, in the precision's float dtype.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +25,9 @@ import numpy as np
 import torch
 
 from phiclip.checkpoints import open_checkpoint
-from phiclip.cpu import accelerate
+from phiclip.cpu import AcceleratedPath, accelerate
+from phiclip.cpu.acceleration import may_compile
+from phiclip.cpu.runtimes import CompiledModule
 from phiclip.encoders.base import EncodedBatch, Encoder, EncoderDescription, dtype_name
 from phiclip.encoders.device import Placement
 from phiclip.encoders.options import Phi3VOptions
@@ -76,14 +86,14 @@ class Phi3VEncoder(Encoder):
         checkpoint = open_checkpoint(spec.location, kind=cls.kind)
         overrides = {"num_crops": options.num_crops} if options.num_crops is not None else {}
         processor = Phi3VImageProcessor.from_pretrained(checkpoint, **overrides)
-        int8 = placement.precision == "int8"
-        # int8: loaded in float32, then the tower's products quantised from those weights.
-        model = Phi3VImageEmbedding.from_pretrained(checkpoint, torch_dtype=torch.float32 if int8 else placement.dtype,
+        # int8, or a tower a compiled runtime may convert: loaded in float32 (quantised or converted from
+        # those weights; torch's 16-bit way then makes them 16-bit: accelerate's torch_weights).
+        float32 = placement.precision == "int8" or may_compile(
+            options.runtime, placement.precision, placement.device.type, calibrated=options.calibration is not None)
+        model = Phi3VImageEmbedding.from_pretrained(checkpoint, torch_dtype=torch.float32 if float32 else placement.dtype,
                                                     device=placement.device, max_crops_per_batch=options.max_crops)
-        # int8: the tower's products quantised in place; bfloat16 on the CPU: the tower replaced by its
-        # fused oneDNN copy where this torch has those kernels (phiclip.cpu.accelerate).
-        path = accelerate(model, precision=placement.precision, record=placement.record(),
-                          device_type=placement.device.type)
+        path = accelerate_tower(model, processor, options=options, precision=placement.precision,
+                                record=placement.record(), device_type=placement.device.type, name=str(spec))
         return cls(model, processor, name=str(spec), options=options, precision=path.record)
 
     # --- pipeline steps -----------------------------------------------------------------------
@@ -158,3 +168,37 @@ class Phi3VEncoder(Encoder):
     def tokens_per_image(self, width: int, height: int) -> int:
         """Image tokens for an image of this size at this encoder's num_crops."""
         return num_image_tokens(width, height, self.processor.num_crops)
+
+
+def accelerate_tower(model: Phi3VImageEmbedding, processor: Any, *, options: Phi3VOptions, precision: str,
+                     record: dict[str, Any], device_type: str, name: str = "") -> AcceleratedPath:
+    """Decide and apply what runs ``model``'s tower at ``precision`` (:func:`phiclip.cpu.accelerate`):
+    torch (int8 products quantised in place; bfloat16 on the CPU: the tower fused in place where this
+    torch has oneDNN's kernels), or a compiled runtime, which then replaces ``model.img_processor``
+    while the rest of the model (separators, projection) is put in the precision's float dtype.
+    ``auto`` times the ways on one tower call's crops (:meth:`~Phi3VImageEmbedding.crops_per_call`) of
+    photo-like images cut by ``processor``; static int8 is calibrated on the crops of the
+    ``calibration=`` images."""
+    tower_parameters = sum(p.numel() for p in model.img_processor.parameters())
+
+    def crops(image: Any) -> torch.Tensor:
+        return processor.preprocess_image(image)[0]  # (1 + h*w, 3, S, S)
+
+    def torch_weights(dtype: str) -> None:
+        model.to(getattr(torch, dtype))
+
+    path = accelerate(
+        model, precision=precision, record=record, device_type=device_type, runtime=options.runtime,
+        calibration=options.calibration, calibration_images=options.calibration_images,
+        # The tower's output depends on its weights and on how many of its layers run.
+        fingerprint=f"{model.weights_fingerprint}:phi3v-tower:{model.num_layers_run}",
+        image_size=model.crop_size, preprocess=crops, preprocess_key=json.dumps(processor.to_dict(), sort_keys=True, default=str),
+        name=name, compile_module=lambda: model.img_processor, part="tower",
+        example_rows=model.crops_per_call(torch.device(device_type)), torch_weights=torch_weights,
+        torch_input=lambda x: x.to(model.img_processor.input_dtype))
+    if path.compiled is not None:
+        dtype = getattr(torch, path.torch_dtype)
+        model.img_processor = CompiledModule(path.compiled, output_dtype=dtype, parameters=tower_parameters)
+        model.to(dtype)
+        path.record["runtime"]["then_torch"] = f"HD merge, separators and projection on torch in {path.torch_dtype}"
+    return path

@@ -54,6 +54,7 @@ from phiclip.finetune.common import (
     progress_bar,
     resolve_device,
     seed_everything,
+    torch_runtime,
 )
 from phiclip.finetune.data import ImageBatchLoader, SkippedImages
 from phiclip.finetune.loop import LoopSettings, TrainingMode, finish_run, run_training
@@ -570,8 +571,9 @@ def distill_phi3v_adapter(
     ckpt = prepare_output(output, opts.resume, identity)
     output.mkdir(parents=True, exist_ok=True)
 
-    t_enc = load_encoder(str(t_spec), device=str(device), dtype="float32")
-    s_enc = load_encoder(str(s_spec), device="cpu", dtype="float32")
+    # Torch runs both (unless a spec names a runtime): the student is built from their modules.
+    t_enc = load_encoder(str(torch_runtime(t_spec)), device=str(device), dtype="float32")
+    s_enc = load_encoder(str(torch_runtime(s_spec)), device="cpu", dtype="float32")
     teacher_config = json.loads(Path(resolve_file(t_spec.location, "config.json")).read_text(encoding="utf-8"))  # type: ignore[arg-type]
     seed_everything(opts.seed)
     net = build_student(teacher_config, t_enc.model, s_enc, student_layer=opts.student_layer, spec=str(s_spec))

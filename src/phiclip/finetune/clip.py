@@ -45,6 +45,7 @@ from phiclip.finetune.common import (
     prepare_output,
     resolve_device,
     seed_everything,
+    torch_runtime,
 )
 from phiclip.finetune.data import (
     ImageBatchLoader,
@@ -486,8 +487,7 @@ def finetune_clip(
     output.mkdir(parents=True, exist_ok=True)
 
     # Torch runs both towers unless the spec says otherwise: a compiled runtime cannot follow training.
-    runs = spec if "runtime" in spec.options else EncoderSpec(spec.kind, spec.location, {**spec.options, "runtime": "torch"})
-    encoder = load_encoder(str(runs), device=str(device), dtype="float32")
+    encoder = load_encoder(str(torch_runtime(spec)), device=str(device), dtype="float32")
     if encoder.tokenizer is None:
         raise TrainingError(f"{model}: no tokenizer could be loaded ({encoder.text_unavailable}); contrastive training needs text")
     if (getattr(encoder, "open_clip_info", None) or {}).get("logit_bias") is not None:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from phiclip.atomic import atomic_directory, atomic_write_text
+from phiclip.encoders.spec import EncoderSpec
 from phiclip.manifest import differences
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -410,7 +411,16 @@ def autocast_for(device: Any, precision: str) -> Any:
     return contextlib.nullcontext()
 
 
+
+def torch_runtime(spec: EncoderSpec) -> EncoderSpec:
+    """``spec`` with ``runtime=torch`` unless it names a runtime: what training loads (a compiled tower
+    cannot follow training, and a model whose tower is replaced by a compiled one cannot be copied from)."""
+    if "runtime" in spec.options:
+        return spec
+    return EncoderSpec(spec.kind, spec.location, {**spec.options, "runtime": "torch"})
+
 __all__ = [
+    "torch_runtime",
     "CHECKPOINTS_DIR",
     "METRICS_JSON",
     "METRICS_JSONL",

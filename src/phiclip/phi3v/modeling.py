@@ -51,6 +51,16 @@ class Phi3VCLIPVisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision_model(pixel_values)
 
+    @property
+    def input_device(self) -> torch.device:
+        """Where the tower takes its crops (its weights' device)."""
+        return self.vision_model.pre_layrnorm.weight.device  # also in the fused CPU tower, float in the int8 one
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the tower takes its crops in (its float weights' dtype)."""
+        return self.vision_model.pre_layrnorm.weight.dtype
+
 
 # ==============================================================================================
 # The image embedding
@@ -107,6 +117,11 @@ def real_crops_per_image(pixel_values: torch.Tensor | Sequence[torch.Tensor], gr
 class Phi3VImageEmbedding(nn.Module):
     """Phi-3-vision's image embedding (``model.vision_embed_tokens``), without the language model.
 
+    ``img_processor`` is the tower: any module mapping crops ``(C, 3, S, S)`` to the hidden state
+    the HD transform reads, and saying where it takes them (``input_device``, ``input_dtype``): the
+    CLIP tower (:class:`Phi3VCLIPVisionTower`, possibly fused or quantised in place on the CPU), a
+    student tower, or a compiled runtime's (:class:`phiclip.cpu.runtimes.CompiledModule`).
+
     Args:
         config: a :class:`Phi3VVisionConfig`, a ``config.json`` dict, or a config object with
             ``img_processor``, ``embd_layer``, ``hidden_size`` and ``vocab_size``.
@@ -147,6 +162,7 @@ class Phi3VImageEmbedding(nn.Module):
 
         vcfg = cfg.vision_config
         self.image_size, self.patch_size = vcfg.image_size, vcfg.patch_size
+        self.crop_size = self.image_size  # the side of the crops the tower takes (a student's may differ)
         self.grid = vcfg.grid  # 24
         if self.use_hd_transform and (self.image_size != CROP_SIZE or self.grid % 2):
             raise ValueError(f"the HD transform needs 336-px crops and an even patch grid; got {self.image_size} px / patch {self.patch_size}")
@@ -281,8 +297,7 @@ class Phi3VImageEmbedding(nn.Module):
     def _real_crops(self, pixel_values: torch.Tensor | Sequence[torch.Tensor], grids: list[tuple[int, int]]) -> torch.Tensor:
         """Gather the real crops of every image (global view first): ``(sum_i 1 + h_i*w_i, 3, S, S)``."""
         per_image = real_crops_per_image(pixel_values, grids, self.image_size)
-        param = self.img_processor.vision_model.pre_layrnorm.weight  # also in the fused CPU tower
-        if param.device.type == "cuda" and all(t.device.type == "cpu" for t in per_image):
+        if self.img_processor.input_device.type == "cuda" and all(t.device.type == "cpu" for t in per_image):
             # Gather straight into page-locked memory: the tower's per-chunk host-to-device copies
             # (non_blocking) then overlap with the previous chunk's compute. Same single copy as cat.
             total = sum(t.shape[0] for t in per_image)
@@ -291,18 +306,22 @@ class Phi3VImageEmbedding(nn.Module):
         return torch.cat(per_image, dim=0)
 
     # --- the tower --------------------------------------------------------------------------
+    def crops_per_call(self, device: torch.device) -> int:
+        """Crops per tower call on ``device``: ``max_crops_per_batch``, else 4 on the CPU, 64 elsewhere."""
+        return self.max_crops_per_batch or (4 if device.type == "cpu" else 64)
+
     def crop_features(self, crops: torch.Tensor) -> torch.Tensor:
         """``(C, 3, 336, 336)`` -> the hidden state at ``layer_idx``: ``(C, 576, D)`` for ``patch``
         (CLS dropped) or ``(C, 577, D)`` for ``cls_patch``. Runs in chunks of ``max_crops_per_batch``.
         On the CPU each chunk runs on as many threads as cores are free (:mod:`phiclip.cpu.threads`)."""
-        param = self.img_processor.vision_model.pre_layrnorm.weight  # also in the fused CPU tower
-        step = self.max_crops_per_batch or (4 if param.device.type == "cpu" else 64)
+        device, dtype = self.img_processor.input_device, self.img_processor.input_dtype
+        step = self.crops_per_call(device)
         outs = []
         with threads_for_free_cores() as adapt:
             for start in range(0, crops.shape[0], step):
-                if param.device.type == "cpu":
+                if device.type == "cpu":
                     adapt()  # fewer threads while other processes hold cores: no thread waits on a time slice
-                chunk = crops[start : start + step].to(device=param.device, dtype=param.dtype, non_blocking=True)
+                chunk = crops[start : start + step].to(device=device, dtype=dtype, non_blocking=True)
                 hidden = self.img_processor(chunk)  # (c, 1 + g*g, D)
                 outs.append(hidden[:, 1:] if self.type_feature == "patch" else hidden)
         return torch.cat(outs, dim=0)
@@ -531,14 +550,17 @@ class StudentImageEmbedding(Phi3VImageEmbedding):
         self.crop_size = self.img_processor.image_size
         self.student = dict(student)
 
+    def crops_per_call(self, device: torch.device) -> int:
+        """Crops per tower call on ``device``: ``max_crops_per_batch``, else 16 on the CPU, 64 elsewhere."""
+        return self.max_crops_per_batch or (16 if device.type == "cpu" else 64)
+
     def crop_features(self, crops: torch.Tensor) -> torch.Tensor:
-        """``(C, 3, S, S)`` -> ``(C, 576, D)``, in chunks of ``max_crops_per_batch`` (default 16 on the
-        CPU, 64 on GPUs)."""
-        param = self.img_processor.vision_model.embeddings.patch_embedding.weight
-        step = self.max_crops_per_batch or (16 if param.device.type == "cpu" else 64)
+        """``(C, 3, S, S)`` -> ``(C, 576, D)``, in chunks of :meth:`crops_per_call`."""
+        device, dtype = self.img_processor.input_device, self.img_processor.input_dtype
+        step = self.crops_per_call(device)
         outs = []
         for start in range(0, crops.shape[0], step):
-            chunk = crops[start : start + step].to(device=param.device, dtype=param.dtype, non_blocking=True)
+            chunk = crops[start : start + step].to(device=device, dtype=dtype, non_blocking=True)
             outs.append(self.img_processor(chunk))
         return torch.cat(outs, dim=0)
 

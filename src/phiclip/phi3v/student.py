@@ -110,6 +110,16 @@ class StudentVisionTower(nn.Module):
                                  antialias=g > TARGET_GRID)  # (C, D, 24, 24)
         return grid.flatten(2).transpose(1, 2)  # (C, 576, D)
 
+    @property
+    def input_device(self) -> torch.device:
+        """Where the tower takes its crops (its weights' device)."""
+        return self.vision_model.embeddings.patch_embedding.weight.device
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the tower takes its crops in (its patch embedding's, kept float by int8)."""
+        return self.vision_model.embeddings.patch_embedding.weight.dtype
+
 
 def student_layers_run(num_hidden_layers: int, layer_idx: int) -> int:
     """Layers run for a hidden-states index (``-1``: all; ``-2``: all but the last; ``k >= 1``: k)."""
