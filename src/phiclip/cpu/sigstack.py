@@ -91,7 +91,7 @@ def current_signal_stack() -> SignalStack | None:
     if _sigaltstack is None:
         return None
     now = _StackT()
-    if _sigaltstack(None, ctypes.byref(now)) != 0:
+    if _sigaltstack(None, ctypes.pointer(now)) != 0:
         return None
     return SignalStack(int(now.ss_sp or 0), int(now.ss_flags), int(now.ss_size))
 
@@ -100,7 +100,7 @@ def _install(stack: SignalStack) -> int:
     """Make ``stack`` the calling thread's alternate stack: 0, or the errno the kernel answered."""
     assert _sigaltstack is not None
     new = _StackT(ctypes.c_void_p(stack.address or None), stack.flags & ~SS_ONSTACK, stack.size)
-    if _sigaltstack(ctypes.byref(new), None) == 0:
+    if _sigaltstack(ctypes.pointer(new), None) == 0:
         return 0
     return ctypes.get_errno() or errno.EINVAL
 
