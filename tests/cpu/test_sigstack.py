@@ -127,7 +127,7 @@ _PLUGINS_DESTROYED_IN_CREATION_ORDER = textwrap.dedent("""
 
 @pytest.mark.compiled_runtime
 def test_openvino_paths_dropped_in_creation_order_leave_signals_working(tmp_path: Path) -> None:
-    pytest.importorskip("openvino")
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (phiclip[cpu-runtimes])")
     if S.current_signal_stack() is None:
         pytest.skip("sigaltstack is read on Linux only")
     run = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _PLUGINS_DESTROYED_IN_CREATION_ORDER,
