@@ -15,8 +15,7 @@ from phiclip.cache import CACHE_ENV
 from phiclip.cpu.precision import ERROR_BOUNDS
 from phiclip.testing import build_tiny_clip, build_tiny_open_clip, build_tiny_siglip
 
-#: These tests compile models with OpenVINO / ONNX Runtime: `make test` runs them in a process of their own
-#: (see tests/conftest.py).
+#: These tests compile models with OpenVINO / ONNX Runtime (`-m compiled_runtime` selects them).
 pytestmark = pytest.mark.compiled_runtime
 
 
