@@ -38,11 +38,8 @@ torch:
 demo: venv
 	$(BIN)/phiclip demo --output $(DEMO_OUT)
 
-# The tests that compile models with OpenVINO / ONNX Runtime run in a pytest process of their own, after the
-# rest (a process that ran OpenVINO has crashed later: see tests/conftest.py).
 test: venv
-	$(BIN)/python -m pytest tests -m "not compiled_runtime"
-	$(BIN)/python -m pytest tests -m compiled_runtime
+	$(BIN)/python -m pytest tests
 
 lint: venv
 	$(BIN)/ruff check src tests bench

@@ -158,14 +158,3 @@ def colour_builder(monkeypatch: pytest.MonkeyPatch) -> None:
     from phiclip import encoders
 
     monkeypatch.setitem(encoders.KINDS, "clip", encoders.KINDS["clip"].with_builder(lambda spec, *_: ColourEncoder(str(spec))))
-
-
-#: Tests marked ``compiled_runtime`` compile models with OpenVINO / ONNX Runtime in this process. After the
-#: OpenVINO ones, the process has crashed (SIGSEGV in CPython's own dict code: heap corruption) in a later, unrelated
-#: test (found 2026-12-06: the OpenVINO tests, then tests/encoders/test_clip.py, then tests/models/test_models.py;
-#: it reproduces at 538ccca, before the cpu/ package move, which only changed the order; copying the outputs and
-#: share_inputs=False do not prevent it; not understood yet). So `make test` runs them in a pytest process of their
-#: own (`-m compiled_runtime`, after `-m "not compiled_runtime"`), and a plain `pytest tests` runs them last.
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the tests that compile a runtime model after every other test."""
-    items.sort(key=lambda item: item.get_closest_marker("compiled_runtime") is not None)

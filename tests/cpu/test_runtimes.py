@@ -24,8 +24,7 @@ from phiclip.testing import (
     build_tiny_siglip2,
 )
 
-#: These tests compile models with OpenVINO / ONNX Runtime: `make test` runs them in a process of their own
-#: (see tests/conftest.py).
+#: These tests compile models with OpenVINO / ONNX Runtime (`-m compiled_runtime` selects them).
 pytestmark = pytest.mark.compiled_runtime
 
 

@@ -403,7 +403,7 @@ def test_each_precision_stays_within_its_bound(dirs: dict[str, Path], name: str,
 # --- compiled runtimes (OpenVINO / ONNX Runtime) for the fixed-shape image paths ---------------------
 
 
-@pytest.mark.compiled_runtime  # run in a process of their own by `make test` (tests/conftest.py)
+@pytest.mark.compiled_runtime
 @pytest.mark.parametrize(("name", "runtime", "precision"), [
     ("siglip2-fixed", "openvino", "float32"), ("metaclip2", "onnxruntime", "int8"), ("aimv2", "openvino", "float32"),
     ("aimv2-vision", "onnxruntime", "float32"), ("dinov2-reg", "onnxruntime", "int8"), ("dinov3", "openvino", "float32")])

@@ -11,7 +11,9 @@ The modules behind it:
 * :mod:`phiclip.cpu.runtimes`: OpenVINO and ONNX Runtime for the image side (``runtime=``), compiled
   once and cached;
 * :mod:`phiclip.cpu.calibration`: the images static int8 is calibrated on (``calibration=``);
-* :mod:`phiclip.cpu.threads`: torch threads sized from the cores other processes leave free.
+* :mod:`phiclip.cpu.threads`: torch threads sized from the cores other processes leave free;
+* :mod:`phiclip.cpu.sigstack`: the thread's signal alternate stack kept across OpenVINO's compiles
+  (its CPU plugin could leave it unmapped, and the next signal killed the process).
 
 Nothing here imports phiclip's encoders or pipeline: callers pass what the decisions need. Importing
 this package does not import torch.

@@ -56,6 +56,7 @@ from phiclip.atomic import atomic_directory
 from phiclip.cache import cache_dir
 from phiclip.cpu.calibration import DEFAULT_CALIBRATION_IMAGES
 from phiclip.cpu.precision import cpu_isa_flags, cpu_name
+from phiclip.cpu.sigstack import keeping_signal_stack
 
 if TYPE_CHECKING:
     from phiclip.cpu.calibration import CalibrationSet
@@ -348,7 +349,8 @@ class CompiledPath:
                 # OpenVINO's own cache of compiled models (ViT-B/32 int8: 0.9 -> 0.26 s at load); given the
                 # file's path, a cache hit skips reading the IR.
                 config["CACHE_DIR"] = str(self.path.parent / "compiled")
-            compiled = core.compile_model(str(self.path), "CPU", config)
+            with keeping_signal_stack():  # OpenVINO's CPU plugin replaces it (phiclip.cpu.sigstack)
+                compiled = core.compile_model(str(self.path), "CPU", config)
             self._request = compiled.create_infer_request()
             self._run = lambda xs: self._request.infer(dict(enumerate(xs)), share_inputs=True)[0]
         else:
@@ -440,7 +442,8 @@ def compile_path(module: nn.Module, *, runtime: str, precision: str, fingerprint
         with atomic_directory(final) as work:
             try:
                 if runtime == "openvino":
-                    _convert_openvino(module, inputs, work, pixels)
+                    with keeping_signal_stack():  # NNCF compiles on OpenVINO's CPU plugin (phiclip.cpu.sigstack)
+                        _convert_openvino(module, inputs, work, pixels)
                 else:
                     _convert_onnxruntime(module, inputs, work, precision)
             except Exception as e:  # noqa: BLE001 - any exporter failure becomes one message with the way back
