@@ -54,10 +54,21 @@ class TextSideRunner:
         self._path: TextPath | None = None
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the model, the lock and the compiled path (a CPU-side copy of the encoder,
+        shipped to preprocessing workers, never runs the text tower)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("model", "_lock", "_path")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.model, self._path, self._lock = None, None, threading.Lock()
+
     def prepare(self) -> TextPath:
         """Decide (once) and build what runs the text tower; records it in ``record["text"]``."""
         with self._lock:
             if self._path is None:
+                if self.model is None:
+                    raise RuntimeError("this copy of the encoder was pickled without its model: it cannot embed text")
                 import torch
 
                 from phiclip.cpu.acceleration import accelerate_text  # lazy: imports torch
@@ -84,13 +95,20 @@ class TextSideRunner:
         return compiled(*(inputs[name] for name in compiled.input_names))
 
 
+class _Tokenize:
+    """The tokenization an encoder applies to texts (a class, not a closure: it pickles)."""
+
+    def __init__(self, tokenizer: Any, padding: str, max_length: int | None) -> None:
+        self.tokenizer, self.padding, self.max_length = tokenizer, padding, max_length
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, Any]:
+        return dict(self.tokenizer(list(texts), padding=self.padding, truncation=True, max_length=self.max_length,
+                                   return_tensors="pt"))
+
+
 def tokenizer_call(tokenizer: Any, padding: str, max_length: int | None) -> Callable[[Sequence[str]], dict[str, Any]]:
     """The tokenization an encoder applies to texts (padded, truncated to ``max_length``, torch tensors)."""
-
-    def tokenize(texts: Sequence[str]) -> dict[str, Any]:
-        return dict(tokenizer(list(texts), padding=padding, truncation=True, max_length=max_length, return_tensors="pt"))
-
-    return tokenize
+    return _Tokenize(tokenizer, padding, max_length)
 
 
 __all__ = ["SAMPLE_TEXTS", "TextSideRunner", "tokenizer_call"]
