@@ -571,6 +571,59 @@ def _bench_default_model(tables: list[Table], tmp: Path, title: str, kind: str, 
     tables.append(t)
 
 
+#: Phi-3-vision's real CLIP ViT-L/14-336 tower (24 layers of 1024; the image path reads layer -2).
+PHI3V_TOWER = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+               "image_size": 336, "patch_size": 14, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+               "projection_dim": 768}
+
+
+def bench_phi3v_default(tables: list[Table], tmp: Path, n_crops: int, repeats: int) -> None:
+    """The real-size Phi-3-vision tower, model only (``n_crops`` crops of 336 px through ``crop_features``): the
+    default encoder (no flags) against OpenVINO's own conversion of the same tower at the default's precision."""
+    from phiclip import load_encoder
+    from phiclip.testing import build_tiny_phi3v
+
+    ckpt = tmp / "phi3v-real-tower"
+    if not (ckpt / "config.json").exists():
+        build_tiny_phi3v(ckpt, vision_config=PHI3V_TOWER, hidden_size=3072)
+    t0 = time.perf_counter()
+    default = load_encoder(f"phi3v:{ckpt}", device="cpu")
+    record = default.describe()["precision"]
+    precision = record["dtype"]
+    print(f"Phi-3-vision tower: default loaded in {time.perf_counter() - t0:.1f} s, runs "
+          f"{record.get('runtime', {}).get('runtime')} at {precision} ({record.get('runtime', {}).get('reason')})")
+    ref_enc = load_encoder(f"phi3v:{ckpt}?runtime=torch", device="cpu", dtype="float32")
+    crops = torch.randn(n_crops, 3, 336, 336, generator=torch.Generator().manual_seed(0))
+    fns: dict[str, Callable[[], Any]] = {"phiclip default crop_features (no flags)": lambda: default.model.crop_features(crops)}
+    if not missing_packages("openvino") and precision in ("float32", "bfloat16"):
+        import openvino as ov
+
+        xml = tmp / "ov-phi3v-tower" / "model.xml"
+        if not xml.exists():
+            with torch.no_grad():
+                converted = ov.convert_model(ref_enc.model.img_processor.eval(), example_input=crops[:2],
+                                             input=[ov.PartialShape([-1, 3, 336, 336])])
+            ov.save_model(converted, str(xml), compress_to_fp16=False)
+        compiled = ov.Core().compile_model(str(xml), "CPU", {
+            "INFERENCE_PRECISION_HINT": {"float32": "f32", "bfloat16": "bf16"}[precision],
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(), "CACHE_DIR": str(tmp / "ov-phi3v-cache")})
+        req = compiled.create_infer_request()
+        step = default.model.crops_per_call(torch.device("cpu"))
+        fns[f"OpenVINO tower {precision} (own conversion, {step} crops per call)"] = lambda: np.concatenate(
+            [req.infer({0: crops[i:i + step].numpy()})[0][:, 1:].copy() for i in range(0, n_crops, step)])
+    with torch.inference_mode():
+        ref = ref_enc.model.crop_features(crops).float().numpy()
+        outs = {k: np.asarray(torch.as_tensor(f()).float()) for k, f in fns.items()}
+        times = time_interleaved(fns, repeats)
+    t = Table(f"Phi-3-vision tower (ViT-L/14-336, random weights), model only, {n_crops} crops, at the default's precision "
+              f"({precision})", ["what", "s", "crops/s", "phiclip default vs this", "vs float32 tokens"])
+    mine = times["phiclip default crop_features (no flags)"]
+    for name, sec in times.items():
+        t.add(name, f"{sec:.2f}", f"{n_crops / sec:.2f}", f"{sec / mine:.2f}x",
+              closeness(ref.reshape(-1, ref.shape[-1]), outs[name].reshape(-1, ref.shape[-1])))
+    tables.append(t)
+
+
 # --------------------------------------------------------------------------------------------------
 def _within(precision: str, ref: Any, out: Any) -> str:
     """``yes`` when ``out`` is within ``precision``'s stated bound of ``ref``, else ``no`` and why."""
@@ -728,7 +781,9 @@ def bench_knn(tables: list[Table], tmp: Path, steps: int = 200) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="+", choices=["matmul", "clip", "embed", "tower", "knn", "text", "default"])
+    ap.add_argument("--only", nargs="+", choices=["matmul", "clip", "embed", "tower", "knn", "text", "default",
+                                                  "phi3v-default"])
+    ap.add_argument("--phi3v-crops", type=int, default=8, help="crops of the phi3v-default part")
     ap.add_argument("--texts", type=int, default=512, help="texts of the text part")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--clip-images", type=int, default=64)
@@ -740,7 +795,7 @@ def main() -> None:
                     help="end-to-end rows (phiclip and contenders) for these precisions only; phiclip float32 always runs")
     ap.add_argument("--log-dir", default=None, help="write results.md/results.json here")
     args = ap.parse_args()
-    parts = args.only or ["matmul", "clip", "embed", "tower", "knn", "text", "default"]
+    parts = args.only or ["matmul", "clip", "embed", "tower", "knn", "text", "default", "phi3v-default"]
     tables: list[Table] = []
 
     class Printing(list):  # each table is printed as soon as it is complete (a long run shows progress)
@@ -765,6 +820,8 @@ def main() -> None:
             bench_text(tables, tmp, args.texts, args.repeats)
         if "default" in parts:
             bench_default(tables, tmp, args.clip_images, args.repeats)
+        if "phi3v-default" in parts:
+            bench_phi3v_default(tables, tmp, args.phi3v_crops, args.repeats)
         if "knn" in parts:
             bench_knn(tables, tmp)
     env = environment()
