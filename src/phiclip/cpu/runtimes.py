@@ -132,20 +132,14 @@ def choose_runtime(requested: str, precision: str, device_type: str = "cpu", *, 
         if requested == "auto":
             return RuntimeChoice(requested, "torch", f"auto on {device_type}: torch (compiled runtimes are for the CPU)")
         raise ValueError(f"runtime {requested} runs on the CPU only (device {device_type}); use runtime=torch")
-    if requested == "auto":
-        skipped = []
+    if requested == "auto":  # without measuring: the first installed runtime in the order of AUTO_CHOICES
+        installed, skipped = auto_candidates(precision, calibrated=calibrated)
         for name in AUTO_CHOICES.get(precision, ()):
-            if (name, precision) in NEEDS_CALIBRATION and not calibrated:
-                skipped.append(f"{name} runs {precision} calibrated only (calibration=IMAGES)")
-                continue
-            missing = missing_packages(name, precision)
-            if missing:
-                skipped.append(f"{name} needs {', '.join(missing)}")
-                continue
-            how = " (static, calibrated)" if (name, precision) in NEEDS_CALIBRATION else ""
-            return RuntimeChoice(requested, name, f"auto: {name} for {precision}{how} (installed)")
+            if name in installed:
+                how = " (static, calibrated)" if (name, precision) in NEEDS_CALIBRATION else ""
+                return RuntimeChoice(requested, name, f"auto: {name} for {precision}{how} (installed)")
         if precision in AUTO_CHOICES:
-            return RuntimeChoice(requested, "torch", f"auto: torch ({'; '.join(skipped)}: {INSTALL_HINT})")
+            return RuntimeChoice(requested, "torch", f"auto: torch ({'; '.join(skipped)})")
         return RuntimeChoice(requested, "torch", f"auto: torch for {precision}")
     if precision not in RUNTIME_PRECISIONS[requested]:
         raise ValueError(f"runtime {requested} runs precision {', '.join(RUNTIME_PRECISIONS[requested])}, not {precision}; "
