@@ -104,7 +104,8 @@ _MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=0, help=(
 _RetryOpt = Annotated[bool, typer.Option("--retry-failed", help=(
     "Embed again only the failed inputs of OUTPUT (same model, settings and input), replacing their error rows."))]
 _MaxFailuresOpt = Annotated[str | None, typer.Option("--max-failures", help=(
-    "Stop early (exit 4) when more inputs fail than N, or than P% of those done (judged after 100)."))]
+    "Stop early (exit 4) when more inputs fail than N, or than P% of those done (judged after 100, or all "
+    "when fewer)."))]
 _FetchTimeoutOpt = Annotated[float, typer.Option("--fetch-timeout", min=0.01, help=(
     "URLs: seconds without a byte before a fetch fails (retried; connect timeout the same, at most 10 s)."))]
 _FetchConcurrencyOpt = Annotated[int, typer.Option("--fetch-concurrency", min=1, help="URLs: fetches in flight.")]
