@@ -65,6 +65,32 @@ def test_url_list_with_every_fault(tmp_path: Path, server: FaultServer, mean_col
     assert ("fetch", "HTTP 404 Not Found", 1) in res.failure_reasons
 
 
+def test_urls_are_fetched_ahead_with_default_options(tmp_path: Path, server: FaultServer, mean_colour,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A URL list listed without fetch options (the Python API's default) is still read ahead: while the
+    first batch is held (encoded), the next chunks are fetched."""
+    from phiclip.inputs import list_inputs
+    from phiclip.pipeline.step import Preparer
+
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    lst = tmp_path / "urls.txt"
+    lst.write_text("\n".join(server.url(f"/img/{i}.jpg") for i in range(8)) + "\n")
+    listing = list_inputs(lst)
+    assert listing.reader.prefetch > 0
+    prep = Preparer(listing.records, listing.reader, mean_colour, max_pixels=None, budget=2)
+    pieces = prep.in_process(prep.chunks([(0, range(8))]), threads=1)
+    try:
+        first = next(pieces)
+        assert len(first.positions) == 2
+        deadline = time.monotonic() + 10
+        while sum(server.hits.values()) < 8 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sum(server.hits.values()) == 8  # the other three chunks fetched while the first is held
+    finally:
+        pieces.close()
+
+
 def test_table_annotations_reach_the_output(tmp_path: Path, server: FaultServer, mean_colour) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
