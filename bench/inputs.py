@@ -8,6 +8,11 @@ memory of a long URL list, end to end through ``phiclip.pipeline.embed`` on the 
 - ``wds``: the same images as ``--shards`` x ``--per-shard`` WebDataset shards against a folder (target >= 0.9).
 - ``prep`` (not in the default ``--which``): the input side alone (list, read, decode, preprocess; no model),
   folder against shards: a gap there would be the input code's, not the machine's.
+- ``overlap`` (not in the default ``--which``): whether fetching overlaps encoding, with a model that sleeps
+  ``--sleep-per-batch`` s per batch (no CPU: the machine's load stays out of it); the time the URL run's
+  model loop waited beyond the local run's is the fetching that did not overlap.
+- ``fetch`` (not in the default ``--which``): ``fetch_many`` of ``--images`` images alone: wall time and
+  the CPU this process spends per image (httpx, the event loop).
 - ``rss``: a ``--rss-lines`` URL list (default 100,000) of small images through a tiny CLIP, one URL in 100
   answering 404 and one an HTML page: URLs/s, the failures by reason (checked: exactly those), and resident
   memory sampled during the run (flat after warm-up: bounded queues).
@@ -23,6 +28,7 @@ everything (a shared machine: a sanity check, not a figure). Results are printed
     python bench/inputs.py --which url --images 2000 --repeats 2
     python bench/inputs.py --which wds --shards 100 --per-shard 100 --encoder tiny --repeats 3
     python bench/inputs.py --which rss --rss-lines 100000
+    python bench/inputs.py --which overlap,fetch --images 640 --repeats 2
 """
 
 from __future__ import annotations
@@ -196,6 +202,60 @@ def bench_url(work: Path, n: int, latency: float, size: tuple[int, int], encoder
     return {"images": n, "latency_s": latency, **_ratio(rates, "url", "local"), "runs": details}
 
 
+def bench_overlap(work: Path, n: int, latency: float, size: tuple[int, int], nap: float,
+                  repeats: int) -> dict[str, Any]:
+    """Whether fetching overlaps encoding, without the machine's load in the way: the tiny CLIP made to take
+    ``nap`` s per batch by sleeping (no CPU), URL against local files. ``fetch_stall_s``: the time the model
+    loop waited beyond the local run's (the fetches that did not overlap a batch)."""
+    from phiclip.encoders import load_encoder
+    from phiclip.testing import build_tiny_clip
+
+    encoder = load_encoder(f"clip:{build_tiny_clip(work / 'tiny-nap')}", device="cpu", dtype="float32")
+    encode = encoder.encode_batch
+
+    def slow(batch: Any, **kw: Any) -> Any:
+        time.sleep(nap)
+        return encode(batch, **kw)
+
+    encoder.encode_batch = slow  # type: ignore[method-assign]
+    files = _images(work / "nap-imgs", n, size)
+    server = LatencyServer(work / "nap-imgs", latency)
+    try:
+        lst = work / "nap-urls.txt"
+        lst.write_text("\n".join(server.url(p.name) for p in files) + "\n")
+        rates, details = _compare({"local": lambda rep: _run(encoder, work / "nap-imgs", work / f"n-local-{rep}"),
+                                   "url": lambda rep: _run(encoder, lst, work / f"n-url-{rep}", server)}, repeats)
+    finally:
+        server.close()
+    stall = [round(u["timings_s"]["wait"] - loc["timings_s"]["wait"], 2) for u, loc in zip(details["url"], details["local"])]
+    return {"images": n, "latency_s": latency, "sleep_per_batch_s": nap, **_ratio(rates, "url", "local"),
+            "fetch_stall_s": stall, "runs": details}
+
+
+def bench_fetch(work: Path, n: int, latency: float, size: tuple[int, int], repeats: int) -> dict[str, Any]:
+    """``fetch_many`` alone: ``n`` images in one call (the server in its own process), wall seconds and the CPU
+    seconds of this process (httpx and the event loop: what fetching takes from the model's cores)."""
+    from phiclip.fetch import FetchOptions, fetch_many
+
+    files = _images(work / "fetch-imgs", n, size)
+    server = LatencyServer(work / "fetch-imgs", latency)
+    opts = FetchOptions(trust_env=False)
+    runs = []
+    try:
+        fetch_many([server.url(files[0].name)], opts)  # the client and its event loop started
+        for rep in range(repeats):
+            cpu0, srv0, t0 = time.process_time(), server.cpu_seconds(), time.perf_counter()
+            got = fetch_many([server.url(p.name) + f"?{rep}" for p in files], opts)
+            assert all(isinstance(g, bytes) for g in got)
+            runs.append({"seconds": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - cpu0, 2),
+                         "server_cpu_s": round(server.cpu_seconds() - srv0, 2)})
+    finally:
+        server.close()
+    best = min(runs, key=lambda r: r["cpu_s"])
+    return {"images": n, "latency_s": latency, "bytes_per_image": round(sum(p.stat().st_size for p in files) / n),
+            "runs": runs, "client_cpu_ms_per_image": round(1000 * best["cpu_s"] / n, 2)}
+
+
 def bench_wds(work: Path, shards: int, per_shard: int, size: tuple[int, int], encoder: Any,
               repeats: int) -> dict[str, Any]:
     files = _images(work / "wds-imgs", shards * per_shard, size)
@@ -292,6 +352,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=100)
     ap.add_argument("--per-shard", type=int, default=100)
     ap.add_argument("--rss-lines", type=int, default=100_000)
+    ap.add_argument("--sleep-per-batch", type=float, default=2.0, help="overlap: seconds the model takes per batch")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each contender (alternated, order rotated)")
     ap.add_argument("--encoder", choices=("b32", "tiny"), default="b32", help="the model of the url and wds runs")
     ap.add_argument("--smoke", action="store_true", help="a small version of everything")
@@ -311,6 +372,10 @@ def main() -> None:
             out["wds"] = bench_wds(work, args.shards, args.per_shard, size, encoder, args.repeats)
         if "prep" in which:
             out["prep"] = bench_prep(work, args.shards, args.per_shard, size, encoder, args.repeats)
+        if "overlap" in which:
+            out["overlap"] = bench_overlap(work, args.images, args.latency, size, args.sleep_per_batch, args.repeats)
+        if "fetch" in which:
+            out["fetch"] = bench_fetch(work, args.images, args.latency, size, args.repeats)
         if "rss" in which:
             out["rss"] = bench_rss(work, args.rss_lines)
     print(json.dumps(out, indent=2, default=str))
