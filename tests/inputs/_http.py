@@ -60,8 +60,11 @@ class FaultServer:
             def do_GET(self) -> None:  # noqa: N802
                 owner._serve(self)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 1024  # socketserver's 5 drops handshakes of 16 connections opened at once
+            daemon_threads = True
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
