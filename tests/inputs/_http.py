@@ -70,9 +70,10 @@ class FaultServer:
 
         class Server(ThreadingHTTPServer):
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            request_queue_size = 1024  # socketserver's 5 drops handshakes of 16 connections opened at once
+            daemon_threads = True
 
         self.httpd = Server((host, 0), Handler)
-        self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 

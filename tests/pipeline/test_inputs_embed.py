@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from inputs._http import FaultServer
+from inputs._http import FaultServer, jpeg
 from inputs._shards import truncate, write_shard
 from typer.testing import CliRunner
 
@@ -22,6 +23,7 @@ from phiclip.fetch import FetchOptions
 from phiclip.inputs.records import record_id
 from phiclip.manifest import read_manifest
 from phiclip.pipeline import runner
+from phiclip.pipeline.engine import TooManyFailures
 from phiclip.schema import path_to_source
 
 FAST = FetchOptions(connect_timeout=2, read_timeout=0.5, deadline=3, retries=1, backoff=0.05, max_backoff=0.1,
@@ -61,6 +63,32 @@ def test_url_list_with_every_fault(tmp_path: Path, server: FaultServer, mean_col
     assert reasons["/trunc.jpg"][0] == "decode"
     assert res.failed == 6 and res.embedded == 4
     assert ("fetch", "HTTP 404 Not Found", 1) in res.failure_reasons
+
+
+def test_urls_are_fetched_ahead_with_default_options(tmp_path: Path, server: FaultServer, mean_colour,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A URL list listed without fetch options (the Python API's default) is still read ahead: while the
+    first batch is held (encoded), the next chunks are fetched."""
+    from phiclip.inputs import list_inputs
+    from phiclip.pipeline.step import Preparer
+
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    lst = tmp_path / "urls.txt"
+    lst.write_text("\n".join(server.url(f"/img/{i}.jpg") for i in range(8)) + "\n")
+    listing = list_inputs(lst)
+    assert listing.reader.prefetch > 0
+    prep = Preparer(listing.records, listing.reader, mean_colour, max_pixels=None, budget=2)
+    pieces = prep.in_process(prep.chunks([(0, range(8))]), threads=1)
+    try:
+        first = next(pieces)
+        assert len(first.positions) == 2
+        deadline = time.monotonic() + 10
+        while sum(server.hits.values()) < 8 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sum(server.hits.values()) == 8  # the other three chunks fetched while the first is held
+    finally:
+        pieces.close()
 
 
 def test_table_annotations_reach_the_output(tmp_path: Path, server: FaultServer, mean_colour) -> None:
@@ -166,6 +194,47 @@ def test_exit_codes(tmp_path: Path, server: FaultServer, tiny_clip_dir: Path) ->
                            "--device", "cpu", "--no-progress", "--fetch-retries", "0"])
     assert res.exit_code == 0, res.output
     assert "Failures by reason" in res.output
+
+
+def _data_list(path: Path, bad: set[int], n: int) -> Path:
+    """A list of ``n`` distinct data: URIs, those at ``bad`` an HTML page (fails: not an image)."""
+    lines = [f"data:text/html,<p>{i}</p>" if i in bad else
+             "data:image/jpeg;base64," + base64.b64encode(jpeg(f"g{i}")).decode() for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_max_failures_percent_stops_once_the_share_is_passed(tmp_path: Path, mean_colour) -> None:
+    lst = _data_list(tmp_path / "third.txt", {i for i in range(300) if i % 3 == 0}, 300)  # a third fail
+    with pytest.raises(TooManyFailures, match=r"more than --max-failures 20% allows") as e:
+        runner.embed(mean_colour, lst, tmp_path / "o1", progress=False, batch_size=4, max_failures="20%")
+    done = int(str(e.value).split(" of the ")[1].split()[0])
+    assert 100 <= done < 120, str(e.value)  # judged from the 100th input on, not at the end
+    assert e.value.reasons[0] == (("read", "not an image (data: URI of type text/html)"), e.value.reasons[0][1])
+    res = runner.embed(mean_colour, lst, tmp_path / "o2", progress=False, batch_size=4, max_failures="40%")
+    assert (res.embedded, res.failed) == (200, 100)  # a third is within 40 %
+
+
+def test_max_failures_percent_waits_for_100_inputs_or_the_whole_run(tmp_path: Path, mean_colour) -> None:
+    early = _data_list(tmp_path / "early.txt", {0, 1, 2, 3}, 300)  # 4 of the first 4 fail, then none
+    res = runner.embed(mean_colour, early, tmp_path / "o1", progress=False, batch_size=4, max_failures="5%")
+    assert (res.embedded, res.failed) == (296, 4)  # 4 of 100 is within 5 %: the first batch alone is not judged
+    small = _data_list(tmp_path / "small.txt", set(range(0, 20, 2)), 20)  # fewer than 100: judged when all are done
+    with pytest.raises(TooManyFailures, match="10 of the 20 inputs"):
+        runner.embed(mean_colour, small, tmp_path / "o2", progress=False, batch_size=4, max_failures="20%")
+    for bad in ("150%", "-1%", "x%", "2.5"):
+        with pytest.raises(ValueError, match="is not a count"):
+            runner.embed(mean_colour, small, tmp_path / "o3", progress=False, max_failures=bad)
+
+
+def test_max_failures_percent_on_the_command_line(tmp_path: Path, tiny_clip_dir: Path) -> None:
+    lst = _data_list(tmp_path / "half.txt", set(range(0, 120, 2)), 120)
+    args = ["embed", "-m", f"clip:{tiny_clip_dir}", "-i", str(lst), "--device", "cpu", "--no-progress", "-b", "8"]
+    res = cli.invoke(app, [*args, "-o", str(tmp_path / "o1"), "--max-failures", "25%"])
+    assert res.exit_code == 4, res.output
+    assert "stopped early" in res.output and "25%" in res.output
+    res = cli.invoke(app, [*args, "-o", str(tmp_path / "o2"), "--max-failures", "60%"])
+    assert res.exit_code == 0, res.output
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -106,7 +106,8 @@ _MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=0, help=(
 _RetryOpt = Annotated[bool, typer.Option("--retry-failed", help=(
     "Embed again only the failed inputs of OUTPUT (same model, settings and input), replacing their error rows."))]
 _MaxFailuresOpt = Annotated[str | None, typer.Option("--max-failures", help=(
-    "Stop early (exit 4) when more inputs fail than N, or than P% of those done (judged after 100)."))]
+    "Stop early (exit 4) when more inputs fail than N, or than P% of those done (judged after 100, or all "
+    "when fewer)."))]
 _FetchConcurrencyOpt = Annotated[int, typer.Option("--fetch-concurrency", min=1, help="URLs: fetches in flight.")]
 _MaxBytesOpt = Annotated[int, typer.Option("--max-image-bytes", min=1, help="URLs: largest body fetched (bytes).")]
 _TokensOpt = Annotated[bool, typer.Option("--tokens", help="Phi-3-vision: also write full token sequences to tokens/.")]

@@ -68,7 +68,9 @@ def list_inputs(
     opts = options or InputOptions()
     listing = _list_inputs(input, opts, column if column is not None else opts.column,
                            split if split is not None else opts.split)
-    if opts.fetch is not None:
+    if any(r.kind == "url" for r in listing.records):
+        # Built here, not on first read, so that the step sees the source's ``prefetch`` before it starts:
+        # without it no chunk is fetched while the previous one is encoded.
         listing.reader.sources["url"] = URLSource(opts.fetch)  # type: ignore[attr-defined]
     return listing
 

@@ -170,10 +170,11 @@ def run_locked(model: Any, listing: InputListing, out: OutputDir, opts: EmbedOpt
         bar = _progress(len(listing.records), skipped, "img" if kind == "image" else "text", opts.progress)
         t_loop = time.perf_counter()
         try:
-            job = EngineJob(kind=kind, records=plan.records, reader=listing.reader, units=sink.remaining(),
+            units = sink.remaining()
+            job = EngineJob(kind=kind, records=plan.records, reader=listing.reader, units=units,
                             encoder=encoder, batch_size=opts.batch_size, max_pixels=opts.max_pixels, tokens=opts.tokens,
                             precision=identity["settings"]["precision"], timings=timings, bar=bar,
-                            max_failures=opts.failure_limit())
+                            max_failures=opts.failure_limit(sum(len(p) for _, p in units)))
             processed = engine.run(job, sink)
         finally:
             bar.close()
