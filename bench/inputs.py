@@ -189,16 +189,23 @@ def _ratio(rates: dict[str, list[float]], over: str, under: str) -> dict[str, An
             "ratio_per_repeat": [round(x, 3) for x in pairs]}
 
 
-def bench_url(work: Path, n: int, latency: float, size: tuple[int, int], encoder: Any, repeats: int) -> dict[str, Any]:
-    files = _images(work / "url-imgs", n, size)
-    server = LatencyServer(work / "url-imgs", latency)
+def _url_against_local(work: Path, name: str, n: int, latency: float, size: tuple[int, int], encoder: Any,
+                       repeats: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``n`` images embedded from local files and as URLs of a server adding ``latency`` s, alternating."""
+    folder = work / f"{name}-imgs"
+    files = _images(folder, n, size)
+    server = LatencyServer(folder, latency)
     try:
-        lst = work / "urls.txt"
+        lst = work / f"{name}-urls.txt"
         lst.write_text("\n".join(server.url(p.name) for p in files) + "\n")
-        rates, details = _compare({"local": lambda rep: _run(encoder, work / "url-imgs", work / f"o-local-{rep}"),
-                                   "url": lambda rep: _run(encoder, lst, work / f"o-url-{rep}", server)}, repeats)
+        return _compare({"local": lambda rep: _run(encoder, folder, work / f"{name}-o-local-{rep}"),
+                         "url": lambda rep: _run(encoder, lst, work / f"{name}-o-url-{rep}", server)}, repeats)
     finally:
         server.close()
+
+
+def bench_url(work: Path, n: int, latency: float, size: tuple[int, int], encoder: Any, repeats: int) -> dict[str, Any]:
+    rates, details = _url_against_local(work, "url", n, latency, size, encoder, repeats)
     return {"images": n, "latency_s": latency, **_ratio(rates, "url", "local"), "runs": details}
 
 
@@ -218,15 +225,7 @@ def bench_overlap(work: Path, n: int, latency: float, size: tuple[int, int], nap
         return encode(batch, **kw)
 
     encoder.encode_batch = slow  # type: ignore[method-assign]
-    files = _images(work / "nap-imgs", n, size)
-    server = LatencyServer(work / "nap-imgs", latency)
-    try:
-        lst = work / "nap-urls.txt"
-        lst.write_text("\n".join(server.url(p.name) for p in files) + "\n")
-        rates, details = _compare({"local": lambda rep: _run(encoder, work / "nap-imgs", work / f"n-local-{rep}"),
-                                   "url": lambda rep: _run(encoder, lst, work / f"n-url-{rep}", server)}, repeats)
-    finally:
-        server.close()
+    rates, details = _url_against_local(work, "nap", n, latency, size, encoder, repeats)
     stall = [round(u["timings_s"]["wait"] - loc["timings_s"]["wait"], 2) for u, loc in zip(details["url"], details["local"])]
     return {"images": n, "latency_s": latency, "sleep_per_batch_s": nap, **_ratio(rates, "url", "local"),
             "fetch_stall_s": stall, "runs": details}

@@ -299,14 +299,7 @@ def test_calibration_where_nothing_uses_it_is_said(tmp_path, cache) -> None:
 def test_siglip_int8_through_openvino_is_calibrated_within_the_bound(tmp_path, cache) -> None:
     if R.missing_packages("openvino", "int8"):
         pytest.skip("openvino or nncf is not installed (phiclip[cpu-runtimes])")
-    ckpt = build_tiny_siglip(tmp_path / "siglip")
-    ref_enc = load_encoder(f"siglip:{ckpt}", device="cpu", dtype="float32")
-    pixels = _pixels(ref_enc)
-    folder = _write_images(tmp_path / 'cal', 10)
-    enc = load_encoder(f"siglip:{ckpt}?runtime=openvino&calibration={folder}", device="cpu", dtype="int8")
-    info = enc.describe()["precision"]["runtime"]
-    assert info["runtime"] == "openvino" and info["calibration"]["images"] == 10
-    ERROR_BOUNDS["int8"].check(ref_enc.encode_batch(pixels).embeddings, enc.encode_batch(pixels).embeddings)
+    ckpt, ref_enc, pixels, folder = _static_int8_within_the_bound(tmp_path, "siglip", build_tiny_siglip)
     # auto with calibration images measures the static int8 model among the others (and reads its
     # conversion back from the cache).
     auto = load_encoder(f"siglip:{ckpt}?runtime=auto&calibration={folder}", device="cpu", dtype="int8")
@@ -432,7 +425,13 @@ def test_a_family_image_side_int8_through_openvino_is_calibrated_within_the_boun
         pytest.skip("openvino or nncf is not installed (phiclip[cpu-runtimes])")
     from phiclip.testing import build_tiny_dinov2
 
-    ckpt = (build_tiny_dinov2 if kind == "dinov2" else build_tiny_metaclip2)(tmp_path / kind)
+    _static_int8_within_the_bound(tmp_path, kind, build_tiny_dinov2 if kind == "dinov2" else build_tiny_metaclip2)
+
+
+def _static_int8_within_the_bound(tmp_path, kind: str, build):
+    """``kind``'s image side at int8 through OpenVINO, calibrated on 10 images, within the int8 bound of
+    float32; returns the checkpoint, the float32 encoder, the pixels and the calibration folder."""
+    ckpt = build(tmp_path / kind)
     ref_enc = load_encoder(f"{kind}:{ckpt}?runtime=torch", device="cpu", dtype="float32")
     pixels = _pixels(ref_enc)
     folder = _write_images(tmp_path / "cal", 10)
@@ -441,3 +440,4 @@ def test_a_family_image_side_int8_through_openvino_is_calibrated_within_the_boun
     assert info["runtime"] == "openvino" and info["calibration"]["images"] == 10
     assert "static int8 through openvino" in enc.describe()["precision"]["reason"]
     ERROR_BOUNDS["int8"].check(ref_enc.encode_batch(pixels).embeddings, enc.encode_batch(pixels).embeddings)
+    return ckpt, ref_enc, pixels, folder
