@@ -183,8 +183,11 @@ class Encoder(abc.ABC):
     def prepare_texts(self) -> None:
         """Decide and build what runs the text side before the first text (an encoder whose text
         tower may be compiled records the choice in ``describe()``); a text run calls it before it
-        writes its manifest. The default: nothing to decide."""
-        return None
+        writes its manifest. Encoders holding a :class:`~phiclip.encoders.text_side.TextSideRunner` as
+        ``text_side`` decide it there; the others have nothing to decide."""
+        text_side = getattr(self, "text_side", None)
+        if text_side is not None:
+            text_side.prepare()
 
     # --- convenience ---------------------------------------------------------------------------
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:

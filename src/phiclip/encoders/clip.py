@@ -203,11 +203,6 @@ class _ContrastiveEncoder(Encoder):
                                             fingerprint=self.weights_fingerprint, device_type=self.device.type,
                                             record=self.precision, tokenize=self.text_side.tokenize)
 
-    def prepare_texts(self) -> None:
-        """Decide what runs the text tower now (a text run calls this before writing its manifest)."""
-        if self.text_side is not None:
-            self.text_side.prepare()
-
     # --- loading ------------------------------------------------------------------------------
     @classmethod
     def build(cls, spec: EncoderSpec, options: ContrastiveOptions, placement: Placement) -> _ContrastiveEncoder:

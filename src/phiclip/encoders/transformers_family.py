@@ -113,11 +113,6 @@ class FamilyEncoder(Encoder):
             fingerprint=weights_fingerprint, device_type=self.device.type, record=self.precision,
             tokenize=tokenizer_call(tokenizer, self.text_padding, self.text_max_length))
 
-    def prepare_texts(self) -> None:
-        """Decide what runs the text tower now (a text run calls this before writing its manifest)."""
-        if self.text_side is not None:
-            self.text_side.prepare()
-
     # --- loading ------------------------------------------------------------------------------
     @classmethod
     def build(cls, spec: EncoderSpec, options: FamilyOptions, placement: Placement) -> FamilyEncoder:
