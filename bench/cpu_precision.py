@@ -327,6 +327,17 @@ def bench_embed(tables: list[Table], tmp: Path, n_images: int, repeats: int, cli
             res = embed(runtime_spec(ckpt, rt, p, calibration), folder, out, device="cpu", precision=p, progress=False)
             assert res.embedded == n_images, res.to_dict()
         fns[f"phiclip embed {p}" + ("" if rt == "torch" else f" (runtime={rt})")] = ours
+    if "default" in precisions:  # what a user gets with no flags: precision auto, runtime auto
+        default_spec = f"clip:{ckpt}"
+        chosen = load_encoder(default_spec, device="cpu").describe()["precision"]  # decided (and cached) before timing
+        label = f"phiclip embed default ({chosen.get('dtype')}, {(chosen.get('runtime') or {}).get('runtime', 'torch')})"
+
+        def default() -> None:
+            out = tmp / "out-default"
+            shutil.rmtree(out, ignore_errors=True)
+            res = embed(default_spec, folder, out, device="cpu", progress=False)
+            assert res.embedded == n_images, res.to_dict()
+        fns[label] = default
     prep = load_encoder(f"clip:{ckpt}", device="cpu", dtype="float32").preprocess
     threads = torch.get_num_threads()
     for c in (clip or {}).get("contenders", []):
@@ -790,8 +801,8 @@ def main() -> None:
     ap.add_argument("--embed-images", type=int, default=128)
     ap.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES,
                     help="photo-like images static int8 is calibrated on (tower part)")
-    ap.add_argument("--embed-precisions", nargs="+", default=["float32", "bfloat16", "int8", "auto"],
-                    choices=["float32", "bfloat16", "int8", "auto"],
+    ap.add_argument("--embed-precisions", nargs="+", default=["float32", "bfloat16", "int8", "auto", "default"],
+                    choices=["float32", "bfloat16", "int8", "auto", "default"],
                     help="end-to-end rows (phiclip and contenders) for these precisions only; phiclip float32 always runs")
     ap.add_argument("--log-dir", default=None, help="write results.md/results.json here")
     args = ap.parse_args()

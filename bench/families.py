@@ -21,9 +21,12 @@ Contenders, timed on the same preprocessed batch (model only; preprocessing is t
 
 * ``transformers``: ``get_image_features`` (the pooled output for DINO), float32 weights; for bfloat16
   under ``torch.autocast`` (transformers' own way to run a precision on the CPU);
-* ``phiclip``: the encoder's ``encode_batch`` (normalisation included) at that precision, its image
-  side shaped by ``phiclip.cpu.accelerate`` (bfloat16: the tower's weights converted once; int8: dynamic
-  int8 products). transformers has no CPU int8 of its own: phiclip int8 is set against transformers float32.
+* ``phiclip``: the encoder's ``encode_batch`` (normalisation included) at that precision, as a user gets it
+  with no runtime named: ``runtime=auto`` (or ``$PHICLIP_RUNTIME``), i.e. ``phiclip.cpu.accelerate`` measures
+  torch (bfloat16: the tower's weights converted once; int8: dynamic int8 products) and every installed
+  compiled runtime (OpenVINO, ONNX Runtime) on this batch's shape and keeps the fastest within the
+  precision's bound; the ``ran`` column says which. transformers has no CPU int8 of its own: phiclip int8 is
+  set against transformers float32.
 
 Timings interleave the two contenders in a rotating order (``common.time_interleaved_all``), median of
 ``--repeats``; the load average and the CPU are printed with the table (the machine may be shared).
@@ -112,11 +115,13 @@ def _encoder(model: Any, pre: Any, module: str, cls_name: str, kind: str, precis
     from phiclip.encoders.device import resolve_placement
     from phiclip.encoders.family_options import DinoOptions, FamilyOptions, Siglip2Options
     from phiclip.encoders.spec import EncoderSpec
+    from phiclip.models.checkpoint import fingerprint_module
 
     options = {"siglip2": Siglip2Options(), "dinov2": DinoOptions(), "dinov3": DinoOptions()}.get(kind, FamilyOptions())
     cls = getattr(importlib.import_module(module), cls_name)
+    # A fingerprint as a loaded checkpoint has one: runtime=auto may then compile (and cache) the image path.
     return cls(EncoderSpec(kind, f"/bench/{kind}", {}), model, pre, None, placement=resolve_placement("cpu", precision),
-               options=options)
+               options=options, weights_fingerprint=fingerprint_module(model))
 
 
 def _cosine(a: Any, b: Any) -> float:
@@ -159,7 +164,8 @@ def run_family(name: str, precisions: tuple[str, ...], n_images: int, repeats: i
                      "transformers_ips": n_images / t_ref, "phiclip_ips": n_images / t_phi, "ratio": t_ref / t_phi,
                      "vs": "transformers float32" if precision == "int8" else f"transformers {precision}",
                      "min_cos_vs_f32": None if ref_f32 is None else _cosine(ref_f32, out),
-                     "image_weights": record.get("image_weights", "as loaded (float32)")})
+                     "image_weights": record.get("image_weights", "as loaded (float32)"),
+                     "ran": _ran(record.get("runtime"))})
         print(_row(rows[-1]), flush=True)
         del enc
         gc.collect()
@@ -168,10 +174,17 @@ def run_family(name: str, precisions: tuple[str, ...], n_images: int, repeats: i
     return rows
 
 
+def _ran(runtime: Any) -> str:
+    """What ran phiclip's image side, from its precision record's ``runtime`` entry."""
+    if not isinstance(runtime, dict):
+        return "torch"
+    return f"{runtime.get('runtime', 'torch')} ({runtime.get('requested', '?')})"
+
+
 def _row(r: dict[str, Any]) -> str:
     cos = "" if r["min_cos_vs_f32"] is None else f"{r['min_cos_vs_f32']:.5f}"
     return (f"| {r['family']} | {r['precision']} | {r['transformers_ips']:.2f} | {r['phiclip_ips']:.2f} | "
-            f"{r['ratio']:.2f}x (vs {r['vs']}) | {cos} |")
+            f"{r['ratio']:.2f}x (vs {r['vs']}) | {cos} | {r['ran']} |")
 
 
 def main() -> None:
@@ -192,8 +205,8 @@ def main() -> None:
           f"commit {commit}; load average before: {os.getloadavg()}")
     print(f"precision auto here: {auto.dtype} ({auto.reason})")
     print(f"{args.images} images, batch = all, median of {args.repeats} interleaved runs after one warm-up\n")
-    print("| family | precision | transformers img/s | phiclip img/s | phiclip / transformers | min cos vs float32 |")
-    print("|---|---|---|---|---|---|")
+    print("| family | precision | transformers img/s | phiclip img/s | phiclip / transformers | min cos vs float32 | ran |")
+    print("|---|---|---|---|---|---|---|")
     start = time.time()
     for name in args.only:
         run_family(name, tuple(args.precisions), args.images, args.repeats)

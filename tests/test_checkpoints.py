@@ -66,3 +66,37 @@ def test_the_kind_asked_for_must_load_the_model_type(checkpoints: dict[str, Path
         open_checkpoint(checkpoints["clip"], kind="phi3v")
     # Both phi3v kinds load phi3_v checkpoints.
     assert open_checkpoint(checkpoints["phi3v-lm"], kind="phi3v").model_type == "phi3_v"
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip2", "open_clip"])
+def test_a_load_returns_while_its_weights_are_still_hashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           kind: str) -> None:
+    """The weights are hashed in the background; the encoder waits for the fingerprint only where it is
+    read (describe(), a manifest), and then it is the fingerprint of the files."""
+    import threading
+
+    import phiclip.models.checkpoint as C
+    from phiclip.cache import CACHE_ENV
+    from phiclip.testing import build_tiny_open_clip, build_tiny_siglip2
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # no digests kept: every byte is hashed
+    folder = {"clip": build_tiny_clip, "siglip2": build_tiny_siglip2, "open_clip": build_tiny_open_clip}[kind](
+        tmp_path / kind)
+    weights = sorted(folder.glob("*.safetensors"))
+    hashing, release = threading.Event(), threading.Event()
+
+    def gated(real: Any) -> Any:
+        def hash_after_release(*args: Any, **kwargs: Any) -> Any:
+            hashing.set()
+            assert release.wait(15), "the load waited for the hashing"
+            return real(*args, **kwargs)
+        return hash_after_release
+
+    with monkeypatch.context() as patched:
+        patched.setattr(C, "_hash_span", gated(C._hash_span))  # a file read and hashed (clip:, siglip2:)
+        patched.setattr(C, "_sha256_hex", gated(C._sha256_hex))  # tensors already read (open_clip:)
+        enc = load_encoder(f"{kind}:{folder}", device="cpu", dtype="float32")
+        assert hashing.wait(5) and isinstance(enc._weights_fingerprint, C.LazyFingerprint)
+        release.set()
+        fingerprint = enc.describe()["weights_fingerprint"]
+    assert fingerprint == enc.weights_fingerprint == C.fingerprint_files(weights)

@@ -18,7 +18,9 @@ fingerprinted.
 4. **Fingerprinted.** The tensors read (:meth:`Checkpoint.read_tensors`), the weight files
    hashed (:meth:`Checkpoint.hash_weight_files`) or the tensors a kind read itself, hashed in the
    background while it builds its model (:meth:`Checkpoint.hash_loaded_file`) make
-   :attr:`Checkpoint.fingerprint`.
+   :attr:`Checkpoint.fingerprint`. An encoder takes it as :meth:`Checkpoint.fingerprint_later`: the
+   hashing goes on in the background after the load returns, until something reads the fingerprint
+   (a manifest, a compiled runtime's cache key): a first load waits for no hashing it does not use.
 
 Nothing here imports torch; file-level reading is :mod:`phiclip.models.checkpoint`, where files
 come from is :mod:`phiclip.hub`.
@@ -36,6 +38,7 @@ from phiclip.encoders.registry import KINDS, kinds_for_model_type, known_model_t
 from phiclip.hub import CheckpointError, Location
 from phiclip.models.checkpoint import (
     INDEX_FILE,
+    LazyFingerprint,
     WeightsHasher,
     check_config_sizes,
     check_field,
@@ -129,6 +132,17 @@ class Checkpoint:
         for path in self.weight_files():
             self._hasher.add_file(path)
         return self.fingerprint
+
+    def hash_weight_files_in_background(self) -> LazyFingerprint:
+        """Start hashing every weight file on a background thread, as :meth:`hash_weight_files` would
+        (for weights another library is about to read itself: both read the page-cached files at
+        once), and return :meth:`fingerprint_later`."""
+        self._hasher.add_files_in_background(self.weight_files())
+        return self.fingerprint_later()
+
+    def fingerprint_later(self) -> LazyFingerprint:
+        """:attr:`fingerprint` when first read, not now (the hashing in the background goes on meanwhile)."""
+        return LazyFingerprint(self._hasher.fingerprint)
 
     def hash_loaded_file(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
         """Add ``tensors``, just read from the checkpoint's safetensors file ``name`` (e.g. by

@@ -160,3 +160,38 @@ def test_tensors_that_are_not_the_files_are_refused(tmp_path) -> None:
                 {**tensors, "extra": torch.zeros(2)}):
         with pytest.raises(C.CheckpointError, match="header"):
             C.WeightsHasher().add_loaded_file(path, bad)
+
+
+def test_files_hashed_in_the_background_give_the_fingerprint_of_add_file(tmp_path) -> None:
+    paths = [_write(tmp_path / "a.safetensors", 0), _mixed(tmp_path / "b.safetensors")]
+    for entry in (C._digest_file("x").parent).glob("*.json"):
+        entry.unlink()  # hashed, not read back
+    hasher = C.WeightsHasher()
+    hasher.add_files_in_background(paths)
+    assert hasher.fingerprint() == C.fingerprint_files(paths)
+    # What the thread raised is raised where the fingerprint is read.
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(paths[0].read_bytes()[:-8])
+    late = C.WeightsHasher()
+    late.add_files_in_background([broken])
+    with pytest.raises(C.CheckpointError, match="truncated"):
+        late.fingerprint()
+
+
+def test_a_lazy_fingerprint_is_computed_once_and_pickles_as_its_string() -> None:
+    import pickle
+
+    calls: list[int] = []
+
+    def compute() -> str:
+        calls.append(1)
+        return "sha256:abc"
+
+    lazy = C.LazyFingerprint(compute)
+    assert calls == [] and "pending" in repr(lazy)
+    suffixed = C.fingerprint_with(lazy, "|dinov2|cls")
+    assert isinstance(suffixed, C.LazyFingerprint) and calls == []
+    assert suffixed.value() == "sha256:abc|dinov2|cls" and lazy.value() == "sha256:abc" and calls == [1]
+    assert pickle.loads(pickle.dumps(lazy)) == "sha256:abc"
+    assert C.resolve_fingerprint(lazy) == "sha256:abc" and C.resolve_fingerprint(None) is None
+    assert C.fingerprint_with("sha256:x", "|k") == "sha256:x|k" and C.fingerprint_with(None, "|k") is None

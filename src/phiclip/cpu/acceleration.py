@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from phiclip.cpu.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_set
+from phiclip.models.checkpoint import LazyFingerprint, resolve_fingerprint
 
 if TYPE_CHECKING:
     from torch import nn
@@ -80,7 +81,7 @@ def accelerate(
     runtime: str | None = None,
     calibration: str | None = None,
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
-    fingerprint: str | None = None,
+    fingerprint: str | LazyFingerprint | None = None,
     image_size: int | None = None,
     preprocess: Callable[[Any], Any] | None = None,
     preprocess_key: str = "",
@@ -107,7 +108,9 @@ def accelerate(
             an encoder without that option (torch runs, and no runtime is recorded).
         calibration: the spec's ``calibration=`` input (static int8 through OpenVINO), or None.
         calibration_images: how many images to take from it.
-        fingerprint: the weights' fingerprint (names a compiled runtime's cache entry).
+        fingerprint: the weights' fingerprint (names a compiled runtime's cache entry); a
+            :class:`~phiclip.models.checkpoint.LazyFingerprint` is waited for only where something is
+            compiled or measured.
         image_size: the side the image tower takes (a compiled runtime's example input).
         preprocess: the encoder's one-image preprocessing (decodes calibration images).
         preprocess_key: what else the calibration pixels depend on (the preprocessing's settings).
@@ -142,7 +145,8 @@ def accelerate(
 
         if runtimes.auto_candidates(precision, calibrated=calibration is not None)[0]:
             return _measured(model, precision=precision, record=record, image_features=image_features,
-                             calibration=calibration, calibration_images=calibration_images, fingerprint=fingerprint,
+                             calibration=calibration, calibration_images=calibration_images,
+                             fingerprint=resolve_fingerprint(fingerprint),
                              image_size=image_size, preprocess=preprocess, preprocess_key=preprocess_key,
                              keep_alpha=keep_alpha, tower=tower, compile_module=compile_module, part=part,
                              example_rows=example_rows or AUTO_IMAGE_BATCH, torch_weights=torch_weights,
@@ -159,7 +163,8 @@ def accelerate(
     compiled = None
     features = None
     if choice is not None and choice.runtime != "torch":
-        compiled = _compile(model, choice.runtime, precision, calibration, calibration_images, fingerprint, image_size,
+        compiled = _compile(model, choice.runtime, precision, calibration, calibration_images,
+                            resolve_fingerprint(fingerprint), image_size,
                             preprocess, preprocess_key, keep_alpha, compile_module, part)
         if precision == "int8":
             record["reason"] = f"int8 asked for: {compiled.scheme()}"
@@ -418,7 +423,8 @@ class TextPath:
     record: dict[str, Any]
 
 
-def accelerate_text(model: nn.Module, *, precision: str, runtime: str | None, fingerprint: str | None,
+def accelerate_text(model: nn.Module, *, precision: str, runtime: str | None,
+                    fingerprint: str | LazyFingerprint | None,
                     example: dict[str, Any], device_type: str = "cpu",
                     text_module: Callable[[], nn.Module] | None = None) -> TextPath:
     """Decide what runs ``model``'s text side at ``precision``: a compiled runtime (``runtime=`` names
@@ -449,6 +455,7 @@ def accelerate_text(model: nn.Module, *, precision: str, runtime: str | None, fi
         return torch_path(f"compiled runtimes are for the CPU; this runs on {device_type}")
     if fingerprint is None:
         return torch_path("a model without a weights fingerprint is not compiled")
+    fingerprint = resolve_fingerprint(fingerprint)
     names = tuple(n for n in ("input_ids", "attention_mask") if n in example)
     inputs = runtimes.text_inputs(names)
     tensors = tuple(example[n] for n in names)

@@ -25,6 +25,7 @@ import numpy as np
 from phiclip.encoders.registry import SPEC_KINDS, parse_spec
 from phiclip.encoders.spec import EncoderSpec, option_bool, option_int
 from phiclip.images import DEFAULT_MAX_PIXELS
+from phiclip.models.checkpoint import LazyFingerprint, resolve_fingerprint
 
 
 def default_prep_threads() -> int:
@@ -143,8 +144,22 @@ class Encoder(abc.ABC):
     #: The registry kind (``clip``, ``phi3v``...), the weights fingerprint (``sha256:...``) and what
     #: decided the precision (:func:`phiclip.cpu.precision.describe_precision`), set by each encoder.
     kind: str
-    weights_fingerprint: str | None = None
     precision: dict[str, Any]
+    #: What :attr:`weights_fingerprint` gives: a string, a fingerprint still being hashed, or None.
+    _weights_fingerprint: str | LazyFingerprint | None = None
+
+    @property
+    def weights_fingerprint(self) -> str | None:
+        """The weights fingerprint (``"sha256:<hex>"``), or None for an encoder without one. An encoder
+        loaded from a checkpoint may hold it as a :class:`~phiclip.models.checkpoint.LazyFingerprint`
+        (hashed in the background after the load): the first read waits for the hashing."""
+        fingerprint = resolve_fingerprint(self._weights_fingerprint)
+        self._weights_fingerprint = fingerprint
+        return fingerprint
+
+    @weights_fingerprint.setter
+    def weights_fingerprint(self, value: str | LazyFingerprint | None) -> None:
+        self._weights_fingerprint = value
 
     def set_max_pixels(self, max_pixels: int | None) -> None:
         """The pixel budget (``--max-pixels``; ``None``: no limit) for what ``preprocess`` builds from

@@ -49,7 +49,7 @@ from phiclip.encoders.device import Placement
 from phiclip.encoders.options import ContrastiveOptions
 from phiclip.encoders.spec import EncoderSpec
 from phiclip.encoders.text_side import TextSideRunner, tokenizer_call
-from phiclip.models.checkpoint import fingerprint_module
+from phiclip.models.checkpoint import LazyFingerprint, fingerprint_module
 from phiclip.models.ops import l2_normalize
 
 if TYPE_CHECKING:
@@ -149,7 +149,7 @@ class _ContrastiveEncoder(Encoder):
         placement: Placement,
         options: ContrastiveOptions | None = None,
         text_unavailable: str | None = None,
-        weights_fingerprint: str | None = None,
+        weights_fingerprint: str | LazyFingerprint | None = None,
     ) -> None:
         options = options or ContrastiveOptions()
         self.spec = spec
@@ -166,7 +166,8 @@ class _ContrastiveEncoder(Encoder):
         self.dim = self._image_dim(model.config)
         self.modalities = frozenset({"image", "text"} if tokenizer is not None else {"image"})
         self.text_max_length = self._text_max_length()
-        self.weights_fingerprint: str = weights_fingerprint or fingerprint_module(model)
+        # A checkpoint's fingerprint may still be hashing (LazyFingerprint): read only where it is used.
+        self.weights_fingerprint = weights_fingerprint or fingerprint_module(model)
         # What runs the image side, and why (phiclip.cpu.accelerate): a compiled runtime (OpenVINO / ONNX
         # Runtime), or phiclip's image path where it reproduces the model exactly (CLIP; fast=true), in
         # int8 or 16-bit on the CPU, else transformers' get_image_features.
@@ -174,7 +175,7 @@ class _ContrastiveEncoder(Encoder):
             model, precision=placement.precision, record=placement.record(), device_type=self.device.type,
             image_features=self._fast_image_features if options.fast else None, runtime=options.runtime,
             calibration=options.calibration, calibration_images=options.calibration_images,
-            fingerprint=self.weights_fingerprint, image_size=int(model.config.vision_config.image_size),
+            fingerprint=self._weights_fingerprint, image_size=int(model.config.vision_config.image_size),
             preprocess=self.preprocess, preprocess_key=json.dumps(self.preprocessor.describe(), sort_keys=True, default=str),
             keep_alpha=self.keeps_alpha, name=str(spec))
         self.compiled: CompiledImagePath | None = path.compiled
@@ -182,7 +183,7 @@ class _ContrastiveEncoder(Encoder):
         self.precision = path.record
         # What runs the text tower: decided on its first use (phiclip.encoders.text_side).
         self.text_side = None if tokenizer is None else TextSideRunner(
-            model, precision=placement.precision, runtime=options.runtime, fingerprint=self.weights_fingerprint,
+            model, precision=placement.precision, runtime=options.runtime, fingerprint=self._weights_fingerprint,
             device_type=self.device.type, record=self.precision,
             tokenize=tokenizer_call(tokenizer, self.text_padding, self.text_max_length))
 
@@ -191,6 +192,8 @@ class _ContrastiveEncoder(Encoder):
         copy (the fused CPU tower, a 16-bit copy): call before training ``self.model``, so that the
         trained weights show in ``encode_images`` and no second copy of the image tower is held.
         A compiled runtime (``runtime=``) or an int8 image path cannot follow training: refused."""
+        # The fingerprint names the weights as loaded: taken before training changes them in place.
+        _ = self.weights_fingerprint
         if self.compiled is not None or self.precision.get("dtype") == "int8":
             raise ValueError(f"{self.name}: the image path is compiled or quantised ({self.precision.get('dtype')}, "
                              f"runtime {self.precision.get('runtime', {}).get('runtime', 'torch')}); load it at "
@@ -263,8 +266,9 @@ class _ContrastiveEncoder(Encoder):
             raise _load_error(spec, "model weights", e) from None
         except Exception as e:  # noqa: BLE001 - corrupt files surface as many error types
             raise _load_error(spec, "model weights", e) from None
-        # Every tensor of the files just loaded (streamed, page-cache warm): text and image towers.
-        fingerprint = checkpoint.hash_weight_files()
+        # Every tensor of the files just loaded (streamed, page-cache warm): text and image towers, hashed
+        # in the background; the encoder waits for it where its fingerprint is first read.
+        fingerprint = checkpoint.hash_weight_files_in_background()
         model = model.to(placement.device).eval()
         encoder = cls(spec, model, preprocessor, tokenizer, placement=placement, options=options,
                       text_unavailable=text_unavailable, weights_fingerprint=fingerprint)

@@ -46,7 +46,7 @@ class OpenCLIPEncoder(CLIPEncoder):
         preprocessor = OpenCLIPPreprocessor(loaded.config.preprocess)
         tokenizer = OpenCLIPTokenizer(loaded.config.context_length, loaded.config.tokenizer_clean)
         encoder = cls(spec, model, preprocessor, tokenizer, placement=placement,  # type: ignore[arg-type]
-                      options=options, weights_fingerprint=loaded.checkpoint.fingerprint)
+                      options=options, weights_fingerprint=loaded.checkpoint.fingerprint_later())
         encoder.checkpoint = loaded.checkpoint
         encoder.open_clip_info = {
             "architecture": loaded.config.architecture, "weights_file": loaded.weights_file,

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
 
     from phiclip.cpu.acceleration import TextPath
+    from phiclip.models.checkpoint import LazyFingerprint
 
 #: Sentences of everyday lengths the text tower's ways are timed on (``runtime=auto``).
 SAMPLE_TEXTS: tuple[str, ...] = (
@@ -47,7 +48,8 @@ class TextSideRunner:
         record: the encoder's precision record; the text side's choice is added under ``"text"``.
     """
 
-    def __init__(self, model: Any, *, precision: str, runtime: str | None, fingerprint: str | None, device_type: str,
+    def __init__(self, model: Any, *, precision: str, runtime: str | None, fingerprint: str | LazyFingerprint | None,
+                 device_type: str,
                  tokenize: Callable[[list[str]], dict[str, torch.Tensor]], record: dict[str, Any]) -> None:
         self.model, self.precision, self.runtime = model, precision, runtime
         self.fingerprint, self.device_type, self.tokenize, self.record = fingerprint, device_type, tokenize, record

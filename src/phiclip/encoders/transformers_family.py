@@ -47,6 +47,7 @@ from phiclip.encoders.device import Placement
 from phiclip.encoders.family_options import FamilyOptions
 from phiclip.encoders.spec import EncoderSpec
 from phiclip.encoders.text_side import TextSideRunner, tokenizer_call
+from phiclip.models.checkpoint import LazyFingerprint, fingerprint_with
 from phiclip.models.ops import l2_normalize
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ class FamilyEncoder(Encoder):
     checkpoint: Checkpoint | None = None
 
     def __init__(self, spec: EncoderSpec, model: Any, preprocessor: Any, tokenizer: Any | None, *,
-                 placement: Placement, options: FamilyOptions, weights_fingerprint: str | None = None,
+                 placement: Placement, options: FamilyOptions, weights_fingerprint: str | LazyFingerprint | None = None,
                  text_unavailable: str | None = None) -> None:
         self.spec = spec
         self.name = str(spec)
@@ -94,7 +95,7 @@ class FamilyEncoder(Encoder):
         # A fixed-shape image path may instead be compiled (runtime=: OpenVINO / ONNX Runtime) from the
         # float32 weights; the cache entry is named by the weights and the options that change the vector.
         size = self._fixed_image_size()
-        key = None if weights_fingerprint is None else f"{weights_fingerprint}|{self.kind}|{self._output_key()}"
+        key = fingerprint_with(weights_fingerprint, f"|{self.kind}|{self._output_key()}")
         path = accelerate(model, precision=placement.precision, record=placement.record(),
                           device_type=self.device.type, tower=self._image_modules(), name=str(spec),
                           runtime=getattr(options, "runtime", "torch"), fingerprint=key, image_size=size,
@@ -141,7 +142,7 @@ class FamilyEncoder(Encoder):
             raise _load_error(spec, "model weights", e) from None
         except Exception as e:  # noqa: BLE001 - corrupt files surface as many error types
             raise _load_error(spec, "model weights", e) from None
-        fingerprint = checkpoint.hash_weight_files()
+        fingerprint = checkpoint.hash_weight_files_in_background()  # waited for where it is first read
         model = cls._prepare_model(model).to(placement.device).eval()
         encoder = cls(spec, model, preprocessor, tokenizer, placement=placement, options=options,
                       weights_fingerprint=fingerprint, text_unavailable=text_unavailable)

@@ -24,6 +24,7 @@ import math
 import os
 import re
 import struct
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -431,18 +432,22 @@ class WeightsHasher:
         a later load of the same, untouched file reads them back instead of hashing every byte again
         (about 1 s per GB and core). Any write to the file changes its change time (which no user
         call can set back), so a changed file is hashed again."""
-        header, data_start = read_safetensors_header(path)
-        wanted = set(header) if names is None else set(names)
-        unknown = wanted - set(header)
-        if unknown:
-            raise CheckpointError(f"{path} does not hold {sorted(unknown)[:4]}")
-        key = _file_identity(path, header, wanted)
-        cached = _read_digests(key) if key else None
-        if cached is None:
-            cached = _hash_tensors(path, header, data_start, wanted)
-            if key:
-                _write_digests(key, cached)
-        self._add_digests(cached)
+        self._add_digests(_file_digests(path, names))
+
+    def add_files_in_background(self, paths: Iterable[str | Path]) -> None:
+        """:meth:`add_file` of every tensor of each file, on a background thread (the caller goes on,
+        e.g. while another library reads the same files); :meth:`fingerprint` (and :meth:`wait`)
+        waits for it and raises what it raised. The files are read by position, so whatever the
+        caller does with its own copies of the tensors does not change what is hashed."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        files = [Path(p) for p in paths]
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phiclip-hash-files")
+        try:
+            future = pool.submit(lambda: {n: d for path in files for n, d in _file_digests(path).items()})
+        finally:
+            pool.shutdown(wait=False)
+        self._pending.append(_PendingDigests(None, {}, {}, whole=future))
 
     def add_loaded_file(self, path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
         """Add the tensors just read from the safetensors file ``path`` (``tensors``: name -> tensor as
@@ -502,6 +507,48 @@ class WeightsHasher:
         return "sha256:" + outer.hexdigest()
 
 
+class LazyFingerprint:
+    """A weights fingerprint still being computed (hashing in the background): :meth:`value` waits
+    for it the first time and then keeps it. An encoder holds one from its load until something
+    reads its fingerprint (a manifest, a compiled runtime's cache key, ``describe()``), so a load
+    whose fingerprint is never read does not wait for the hashing. It pickles as the fingerprint
+    string itself (waiting for it)."""
+
+    def __init__(self, compute: Callable[[], str]) -> None:
+        self._compute: Callable[[], str] | None = compute
+        self._value: str | None = None
+        self._lock = threading.Lock()
+
+    def value(self) -> str:
+        """The fingerprint (``"sha256:<hex>"``), waiting for the hashing the first time."""
+        with self._lock:
+            if self._compute is not None:
+                self._value, self._compute = self._compute(), None
+            assert self._value is not None
+            return self._value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (str, (self.value(),))
+
+    def __repr__(self) -> str:
+        return f"LazyFingerprint({self._value or 'pending'})"
+
+
+def resolve_fingerprint(fingerprint: str | LazyFingerprint | None) -> str | None:
+    """The fingerprint string of ``fingerprint`` (waiting for a :class:`LazyFingerprint`); None stays None."""
+    return fingerprint.value() if isinstance(fingerprint, LazyFingerprint) else fingerprint
+
+
+def fingerprint_with(fingerprint: str | LazyFingerprint | None, suffix: str) -> str | LazyFingerprint | None:
+    """``f"{fingerprint}{suffix}"`` (a key naming the weights and what else changes an output),
+    lazy while ``fingerprint`` is; None stays None."""
+    if fingerprint is None:
+        return None
+    if isinstance(fingerprint, LazyFingerprint):
+        return LazyFingerprint(lambda: f"{fingerprint.value()}{suffix}")
+    return f"{fingerprint}{suffix}"
+
+
 #: The most threads that hash tensors at once.
 MAX_HASH_WORKERS = 4
 
@@ -542,8 +589,12 @@ class _PendingDigests:
     key: str | None
     meta: dict[str, tuple[str, list[int]]]
     futures: dict[str, Any]
+    #: A future of the whole ``name -> (dtype, shape, digest)`` map instead (:meth:`WeightsHasher.add_files_in_background`).
+    whole: Any = None
 
     def result(self) -> dict[str, tuple[str, list[int], str]]:
+        if self.whole is not None:
+            return self.whole.result()
         return {name: (*self.meta[name], future.result()) for name, future in self.futures.items()}
 
 
@@ -560,6 +611,23 @@ def _start_hashing(buffers: Mapping[str, Any]) -> dict[str, Any]:
     finally:
         pool.shutdown(wait=False)  # no more work: the threads end when the queue is empty
     return futures
+
+
+def _file_digests(path: str | Path, names: Iterable[str] | None = None) -> dict[str, tuple[str, list[int], str]]:
+    """``name -> (dtype, shape, sha256)`` of a safetensors file's tensors (all, or ``names``): read back
+    from the digest cache under the file's identity, else hashed and kept there."""
+    header, data_start = read_safetensors_header(path)
+    wanted = set(header) if names is None else set(names)
+    unknown = wanted - set(header)
+    if unknown:
+        raise CheckpointError(f"{path} does not hold {sorted(unknown)[:4]}")
+    key = _file_identity(path, header, wanted)
+    cached = _read_digests(key) if key else None
+    if cached is None:
+        cached = _hash_tensors(path, header, data_start, wanted)
+        if key:
+            _write_digests(key, cached)
+    return cached
 
 
 def _hash_tensors(path: str | Path, header: dict[str, dict[str, Any]], data_start: int,
@@ -585,7 +653,6 @@ def _hash_tensors(path: str | Path, header: dict[str, dict[str, Any]], data_star
 
             digests = {name: _hash_span(read_at, path, name, header[name], data_start, buffer) for name in order}
         else:
-            import threading
             from concurrent.futures import ThreadPoolExecutor
 
             local = threading.local()
@@ -715,6 +782,7 @@ __all__ = [
     "INDEX_FILE",
     "SINGLE_FILE",
     "CheckpointError",
+    "LazyFingerprint",
     "LoadReport",
     "MAX_HASH_WORKERS",
     "WeightsHasher",
@@ -728,12 +796,14 @@ __all__ = [
     "check_shard_name",
     "fingerprint_files",
     "fingerprint_module",
+    "fingerprint_with",
     "hash_workers",
     "load_json_file",
     "load_tensors",
     "read_index",
     "read_safetensors_header",
     "read_weight_map",
+    "resolve_fingerprint",
     "select_shards",
     "strict_load",
 ]
