@@ -169,13 +169,59 @@ def test_files_hashed_in_the_background_give_the_fingerprint_of_add_file(tmp_pat
     hasher = C.WeightsHasher()
     hasher.add_files_in_background(paths)
     assert hasher.fingerprint() == C.fingerprint_files(paths)
-    # What the thread raised is raised where the fingerprint is read.
+    # A file shorter than its header says is named at once; what a hashing thread raises (here: the
+    # file cut short after the check) is raised where the fingerprint is read.
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(paths[0].read_bytes()[:-8])
-    late = C.WeightsHasher()
-    late.add_files_in_background([broken])
     with pytest.raises(C.CheckpointError, match="truncated"):
-        late.fingerprint()
+        C.WeightsHasher().add_files_in_background([broken])
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(paths[1].read_bytes())
+    header, start = C.read_safetensors_header(cut)
+    jobs = C._span_jobs(cut, header, start, set(header))
+    with open(cut, "r+b") as f:
+        f.truncate(start + 16)
+    with pytest.raises(C.CheckpointError, match="truncated"):
+        C._HashJobs(jobs, threads=2).result()
+
+
+def test_a_caller_waiting_for_background_hashing_hashes_too(tmp_path, monkeypatch) -> None:
+    """Background hashing leaves the caller's core free (one thread fewer); once the caller waits for
+    the fingerprint it takes jobs itself."""
+    import threading
+
+    monkeypatch.setattr(C, "hash_workers", lambda: 2)
+    assert C.background_hash_workers() == 1
+    path = _mixed(tmp_path / "w.safetensors")
+    for entry in (C._digest_file("x").parent).glob("*.json"):
+        entry.unlink()
+    expected = C._hash_tensors(path, *C.read_safetensors_header(path), set(C.read_safetensors_header(path)[0]),
+                               workers=1)
+    for entry in (C._digest_file("x").parent).glob("*.json"):
+        entry.unlink()
+    threads: set[str] = set()
+    gate = threading.Event()
+    real = C._hash_span
+
+    def recording(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        if threading.current_thread().name == "phiclip-hash":
+            gate.wait(10)  # the background thread holds its first job until the caller has taken some
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(C, "_hash_span", recording)
+    hasher = C.WeightsHasher()
+    hasher.add_files_in_background([path])
+    assert threads <= {"phiclip-hash"}  # nothing on the caller's thread until it waits
+    waiter = threading.Timer(1.0, gate.set)
+    waiter.start()
+    hasher.wait()
+    waiter.cancel()
+    gate.set()
+    assert threading.current_thread().name in threads and "phiclip-hash" in threads
+    by_file = C.WeightsHasher()
+    by_file._add_digests(expected)
+    assert hasher.fingerprint() == by_file.fingerprint()
 
 
 def test_a_lazy_fingerprint_is_computed_once_and_pickles_as_its_string() -> None:

@@ -42,8 +42,10 @@ def test_urls_and_shards_through_ray(tmp_path: Path) -> None:
         write_shard(tmp_path / "s" / "000.tar", ["a", "b", "c"], damaged={"b"})
         lst = tmp_path / "urls.txt"
         lst.write_text("\n".join(server.url(p) for p in ["/img/x.jpg", "/missing.jpg", "/img/y.jpg", "/page.jpg"]))
+        server.files["/shard/000.tar"] = tmp_path / "s" / "000.tar"  # the same shard by URL
         fetch = FetchOptions(retries=0, trust_env=False, read_timeout=2)
-        for name, src in (("urls", lst), ("shards", str(tmp_path / "s" / "000.tar"))):
+        for name, src in (("urls", lst), ("shards", str(tmp_path / "s" / "000.tar")),
+                          ("shard-urls", server.url("/shard/000.tar"))):
             settings = dict(shard_size=2, batch_size=2, num_workers=0, progress=False, fetch=fetch, dtype="float32")
             embed(MeanColourEncoder(), src, tmp_path / f"{name}-local", **settings)
             res = embed(MeanColourEncoder(), src, tmp_path / f"{name}-ray", engine="ray", **settings)
@@ -53,5 +55,6 @@ def test_urls_and_shards_through_ray(tmp_path: Path) -> None:
                 pd.testing.assert_frame_equal(got.drop(columns=["embedding"], errors="ignore"),
                                               ref.drop(columns=["embedding"], errors="ignore"))
         assert server.hits["/img/x.jpg"] == 2  # once per engine
+        assert server.hits["/shard/000.tar"] == 2  # downloaded once per run, read by the Ray tasks from there
     finally:
         server.close()

@@ -305,9 +305,7 @@ def _measured(model: nn.Module, *, precision: str, record: dict[str, Any],
     # The float32 reference is computed before any way changes the tower in place.
     tuned = autotune.fastest(ways, (pixels,), precision=precision, key_fields=key_fields,
                              reference=lambda: float_module()(pixels).float().numpy())
-    how = "read back from this CPU's earlier measurement" if tuned.record.get("from_cache") else "measured now"
-    times = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in tuned.record.get("seconds", {}).items())
-    reason = f"auto: {tuned.name} measured fastest on this CPU at {precision} ({times}; {how})"
+    reason = tuned.reason(precision)
     if skipped:
         reason += f"; not measured: {'; '.join(skipped)}"
     if tuned.name == "torch":
@@ -503,9 +501,7 @@ def accelerate_text(model: nn.Module, *, precision: str, runtime: str | None,
     ways = [autotune.Way(n, lambda n=n: build_compiled(n)) for n in candidates] + [autotune.Way("torch", build_torch)]
     tuned = autotune.fastest(ways, tensors, precision=precision, key_fields={"part": "text", "fingerprint": fingerprint},
                              reference=lambda: float_module(*tensors).float().numpy())
-    how = "read back from this CPU's earlier measurement" if tuned.record.get("from_cache") else "measured now"
-    times = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in tuned.record.get("seconds", {}).items())
-    reason = f"auto: {tuned.name} measured fastest on this CPU at {precision} ({times}; {how})"
+    reason = tuned.reason(precision)
     if tuned.name == "torch":
         record = {"runtime": "torch", "reason": reason, "auto": tuned.record}
         weights = _text_weights_once(model, precision, device_type)

@@ -86,6 +86,12 @@ class Tuned:
     run: Callable[..., Any]
     record: dict[str, Any]
 
+    def reason(self, precision: str) -> str:
+        """Why this way runs, for the precision record: each way's time, and whether it was measured now."""
+        how = "read back from this CPU's earlier measurement" if self.record.get("from_cache") else "measured now"
+        times = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in self.record.get("seconds", {}).items())
+        return f"auto: {self.name} measured fastest on this CPU at {precision} ({times}; {how})"
+
 
 def choice_key(fields: dict[str, Any]) -> str:
     """The cache key of one decision: ``fields`` (weights, part, precision, shape, versions) and this CPU."""

@@ -17,7 +17,9 @@ Importing this module does not import torch (the functions that take tensors get
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -399,8 +401,10 @@ class WeightsHasher:
     not count.
 
     Tensors are hashed on :func:`hash_workers` threads at once (hashlib lets go of the GIL while it
-    hashes a large buffer). :meth:`add_loaded_file` hashes in the background: :meth:`fingerprint`
-    (and :meth:`wait`) waits for it.
+    hashes a large buffer). :meth:`add_loaded_file` and :meth:`add_files_in_background` hash in the
+    background, on one thread fewer (the caller's core is left to it while it goes on); a caller
+    that then waits for the fingerprint (:meth:`fingerprint`, :meth:`wait`) hashes what is left beside
+    them, so a fingerprint wanted at once still takes every core.
     """
 
     def __init__(self) -> None:
@@ -435,19 +439,25 @@ class WeightsHasher:
         self._add_digests(_file_digests(path, names))
 
     def add_files_in_background(self, paths: Iterable[str | Path]) -> None:
-        """:meth:`add_file` of every tensor of each file, on a background thread (the caller goes on,
-        e.g. while another library reads the same files); :meth:`fingerprint` (and :meth:`wait`)
-        waits for it and raises what it raised. The files are read by position, so whatever the
-        caller does with its own copies of the tensors does not change what is hashed."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        files = [Path(p) for p in paths]
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phiclip-hash-files")
-        try:
-            future = pool.submit(lambda: {n: d for path in files for n, d in _file_digests(path).items()})
-        finally:
-            pool.shutdown(wait=False)
-        self._pending.append(_PendingDigests(None, {}, {}, whole=future))
+        """:meth:`add_file` of every tensor of each file, hashed **in the background** (the caller goes
+        on, e.g. while another library reads the same files); :meth:`fingerprint` (and :meth:`wait`)
+        waits for it and raises what it raised. Headers, truncation and the digest cache are checked
+        now. The files are read again by position, so whatever the caller does with its own copies
+        of the tensors does not change what is hashed."""
+        files: list[_FileDigests] = []
+        jobs: dict[tuple[int, str], tuple[int, Callable[[], str]]] = {}
+        for path in paths:
+            header, data_start = read_safetensors_header(path)
+            wanted = set(header)
+            key = _file_identity(path, header, wanted)
+            cached = _read_digests(key) if key else None
+            if cached is not None:
+                self._add_digests(cached)
+                continue
+            jobs.update({(len(files), name): job for name, job in _span_jobs(path, header, data_start, wanted).items()})
+            files.append(_FileDigests(key, _meta(header, wanted)))
+        if jobs:
+            self._pending.append(_PendingDigests(files, _HashJobs(jobs, background_hash_workers())))
 
     def add_loaded_file(self, path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
         """Add the tensors just read from the safetensors file ``path`` (``tensors``: name -> tensor as
@@ -481,18 +491,16 @@ class WeightsHasher:
         if cached is not None:
             self._add_digests(cached)
             return
-        meta = {n: (header[n]["dtype"], [int(d) for d in header[n]["shape"]]) for n in wanted}
         buffers = {n: _tensor_bytes(t.detach().reshape(-1)) for n, t in tensors.items()}
-        self._pending.append(_PendingDigests(key, meta, _start_hashing(buffers)))
+        jobs = {(0, n): (len(b), functools.partial(_sha256_hex, b)) for n, b in buffers.items()}
+        self._pending.append(_PendingDigests([_FileDigests(key, _meta(header, wanted))],
+                                             _HashJobs(jobs, background_hash_workers())))
 
     def wait(self) -> None:
-        """Wait for the background hashing of :meth:`add_loaded_file` and add its digests."""
+        """Wait for the background hashing (:meth:`add_loaded_file`, :meth:`add_files_in_background`),
+        hashing what is left on this thread too, and add its digests."""
         while self._pending:
-            pending = self._pending.pop(0)
-            digests = pending.result()
-            if pending.key:
-                _write_digests(pending.key, digests)
-            self._add_digests(digests)
+            self._add_digests(self._pending.pop(0).result())
 
     def __len__(self) -> int:
         self.wait()
@@ -563,6 +571,12 @@ def hash_workers() -> int:
     return max(1, min(cores, MAX_HASH_WORKERS))
 
 
+def background_hash_workers() -> int:
+    """Threads that hash in the background while the caller goes on: one fewer than
+    :func:`hash_workers` (the caller's core stays its own), at least one."""
+    return max(1, hash_workers() - 1)
+
+
 def _tensor_bytes(flat: torch.Tensor) -> memoryview:
     """The bytes of a flat CPU tensor, without a copy (a contiguous copy first when it is not)."""
     import torch  # delayed on purpose: reading checkpoint files needs no torch
@@ -582,35 +596,114 @@ def _sha256_hex(data: Any) -> str:
     return digest.hexdigest()
 
 
+class _HashJobs:
+    """SHA-256 digests of named jobs (``key -> (bytes, compute)``), taken from one queue in the order
+    given by ``threads`` background threads; a caller of :meth:`result` takes jobs too until none is
+    left, then waits for the ones in flight. The first error stops the rest and is raised by
+    :meth:`result`. The threads end when the queue is empty (not daemons: a process exiting waits for
+    them rather than unmapping memory they read)."""
+
+    def __init__(self, jobs: Mapping[Any, tuple[int, Callable[[], str]]], threads: int) -> None:
+        self._queue = collections.deque((key, compute) for key, (_, compute) in jobs.items())
+        self._left = len(self._queue)
+        self._digests: dict[Any, str] = {}
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+        for _ in range(min(max(0, threads), len(self._queue))):
+            threading.Thread(target=self._work, name="phiclip-hash").start()
+
+    def _work(self) -> None:
+        while True:
+            with self._changed:
+                if not self._queue:
+                    return
+                key, compute = self._queue.popleft()
+            try:
+                digest, error = compute(), None
+            except BaseException as e:  # noqa: BLE001 - handed to the caller of result()
+                digest, error = "", e
+            with self._changed:
+                self._left -= 1
+                if error is not None:
+                    self._error = self._error or error
+                    self._left -= len(self._queue)  # nothing more is started
+                    self._queue.clear()
+                else:
+                    self._digests[key] = digest
+                self._changed.notify_all()
+
+    def result(self) -> dict[Any, str]:
+        """Every job's digest (hashing on this thread too while jobs are left)."""
+        self._work()
+        with self._changed:
+            self._changed.wait_for(lambda: self._left == 0)
+            if self._error is not None:
+                raise self._error
+            return dict(self._digests)
+
+
 @dataclass
-class _PendingDigests:
-    """Digests being computed in the background (:meth:`WeightsHasher.add_loaded_file`)."""
+class _FileDigests:
+    """What a file's digests are filed under: its digest cache key, and ``name -> (dtype, shape)``."""
 
     key: str | None
     meta: dict[str, tuple[str, list[int]]]
-    futures: dict[str, Any]
-    #: A future of the whole ``name -> (dtype, shape, digest)`` map instead (:meth:`WeightsHasher.add_files_in_background`).
-    whole: Any = None
+
+
+@dataclass
+class _PendingDigests:
+    """Digests being computed in the background: :class:`_HashJobs` keyed ``(file index, tensor name)``."""
+
+    files: list[_FileDigests]
+    jobs: _HashJobs
 
     def result(self) -> dict[str, tuple[str, list[int], str]]:
-        if self.whole is not None:
-            return self.whole.result()
-        return {name: (*self.meta[name], future.result()) for name, future in self.futures.items()}
+        """``name -> (dtype, shape, digest)`` of every file (each kept in the digest cache)."""
+        digests = self.jobs.result()
+        out: dict[str, tuple[str, list[int], str]] = {}
+        for i, file in enumerate(self.files):
+            these = {name: (dtype, shape, digests[(i, name)]) for name, (dtype, shape) in file.meta.items()}
+            if file.key:
+                _write_digests(file.key, these)
+            out.update(these)
+        return out
 
 
-def _start_hashing(buffers: Mapping[str, Any]) -> dict[str, Any]:
-    """Start hashing each buffer on :func:`hash_workers` threads, the largest first (so the threads
-    finish together); name -> future of its SHA-256 hex digest. The pool's threads end once the
-    work is done."""
-    from concurrent.futures import ThreadPoolExecutor
+def _meta(header: dict[str, dict[str, Any]], names: Iterable[str]) -> dict[str, tuple[str, list[int]]]:
+    """``name -> (dtype, shape)`` of ``names`` in a safetensors header."""
+    return {n: (header[n]["dtype"], [int(d) for d in header[n]["shape"]]) for n in names}
 
-    pool = ThreadPoolExecutor(max_workers=hash_workers(), thread_name_prefix="phiclip-hash")
-    try:
-        futures = {name: pool.submit(_sha256_hex, buffers[name])
-                   for name in sorted(buffers, key=lambda n: -len(buffers[n]))}
-    finally:
-        pool.shutdown(wait=False)  # no more work: the threads end when the queue is empty
-    return futures
+
+#: A hashing thread's read buffer (one per thread, made on its first read).
+_READ_BUFFERS = threading.local()
+
+
+def _span_jobs(path: str | Path, header: dict[str, dict[str, Any]], data_start: int, wanted: Iterable[str], *,
+               largest_first: bool = True) -> dict[str, tuple[int, Callable[[], str]]]:
+    """A :class:`_HashJobs` job per ``wanted`` tensor of a safetensors file: its bytes read from the file
+    (its own handle, seek and read) and hashed; the largest first (threads finish together) or in file
+    order. Raises :class:`CheckpointError` now for a file too short for its header."""
+    size = Path(path).stat().st_size
+    order = sorted(wanted, key=lambda n: header[n]["data_offsets"][0])  # file order
+    for name in order:
+        if data_start + header[name]["data_offsets"][1] > size:
+            raise CheckpointError(f"{path} is truncated: tensor {name} ends past the end of the file")
+    if largest_first:
+        order.sort(key=lambda n: header[n]["data_offsets"][0] - header[n]["data_offsets"][1])
+
+    def job(name: str) -> str:
+        buffer = getattr(_READ_BUFFERS, "buffer", None)
+        if buffer is None:
+            buffer = _READ_BUFFERS.buffer = bytearray(_HASH_CHUNK)
+        with open(path, "rb", buffering=0) as f:
+            def read_at(offset: int, view: memoryview) -> int:
+                f.seek(offset)
+                return f.readinto(view) or 0
+
+            return _hash_span(read_at, path, name, header[name], data_start, buffer)
+
+    return {name: (header[name]["data_offsets"][1] - header[name]["data_offsets"][0], functools.partial(job, name))
+            for name in order}
 
 
 def _file_digests(path: str | Path, names: Iterable[str] | None = None) -> dict[str, tuple[str, list[int], str]]:
@@ -633,43 +726,13 @@ def _file_digests(path: str | Path, names: Iterable[str] | None = None) -> dict[
 def _hash_tensors(path: str | Path, header: dict[str, dict[str, Any]], data_start: int,
                   wanted: set[str], *, workers: int | None = None) -> dict[str, tuple[str, list[int], str]]:
     """``name -> (dtype, shape, sha256 of its bytes)`` for the ``wanted`` tensors of a safetensors file,
-    the tensors hashed on ``workers`` threads at once (default :func:`hash_workers`; 1: one after
-    the other, in file order, on this thread)."""
-    size = Path(path).stat().st_size
-    order = sorted(wanted, key=lambda n: header[n]["data_offsets"][0])  # file order
-    for name in order:
-        if data_start + header[name]["data_offsets"][1] > size:
-            raise CheckpointError(f"{path} is truncated: tensor {name} ends past the end of the file")
+    the tensors hashed on ``workers`` threads at once, this one included (default :func:`hash_workers`;
+    1: one after the other, in file order, on this thread)."""
     workers = hash_workers() if workers is None else max(1, int(workers))
-    if not hasattr(os, "preadv"):
-        workers = 1  # no positional reads here: one thread, seek and read
-    with open(path, "rb", buffering=0) as f:
-        if workers == 1 or len(order) < 2:
-            buffer = bytearray(_HASH_CHUNK)
-
-            def read_at(offset: int, view: memoryview) -> int:
-                f.seek(offset)
-                return f.readinto(view) or 0
-
-            digests = {name: _hash_span(read_at, path, name, header[name], data_start, buffer) for name in order}
-        else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            local = threading.local()
-
-            def pread_at(offset: int, view: memoryview) -> int:
-                return os.preadv(f.fileno(), [view], offset)  # positional: safe from several threads
-
-            def one(name: str) -> str:
-                if not hasattr(local, "buffer"):
-                    local.buffer = bytearray(_HASH_CHUNK)
-                return _hash_span(pread_at, path, name, header[name], data_start, local.buffer)
-
-            largest_first = sorted(order, key=lambda n: header[n]["data_offsets"][0] - header[n]["data_offsets"][1])
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="phiclip-hash") as pool:
-                futures = {name: pool.submit(one, name) for name in largest_first}
-                digests = {name: futures[name].result() for name in order}
-    return {name: (header[name]["dtype"], [int(d) for d in header[name]["shape"]], digests[name]) for name in order}
+    jobs = _span_jobs(path, header, data_start, wanted, largest_first=workers > 1)
+    digests = _HashJobs(jobs, workers - 1).result()
+    meta = _meta(header, sorted(wanted, key=lambda n: header[n]["data_offsets"][0]))  # file order
+    return {name: (dtype, shape, digests[name]) for name, (dtype, shape) in meta.items()}
 
 
 def _hash_span(read_at: Callable[[int, memoryview], int], path: str | Path, name: str, entry: dict[str, Any],
@@ -786,6 +849,7 @@ __all__ = [
     "LoadReport",
     "MAX_HASH_WORKERS",
     "WeightsHasher",
+    "background_hash_workers",
     "MAX_IMAGE_SIDE",
     "MAX_PARAMETERS",
     "SIZE_FIELDS",
