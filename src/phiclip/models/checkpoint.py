@@ -449,8 +449,7 @@ class WeightsHasher:
         for path in paths:
             header, data_start = read_safetensors_header(path)
             wanted = set(header)
-            key = _file_identity(path, header, wanted)
-            cached = _read_digests(key) if key else None
+            key, cached = _cached_digests(path, header, wanted)
             if cached is not None:
                 self._add_digests(cached)
                 continue
@@ -464,9 +463,9 @@ class WeightsHasher:
         stored, e.g. from safetensors' ``load_file``, all of the file's or some), with the same
         entries as :meth:`add_file` of those names, reading each byte once: the tensors' own memory
         is hashed (for ``load_file``'s memory-mapped tensors, the file's bytes themselves; the pages
-        the model will use are brought in on the way), on :func:`hash_workers` threads **in the
-        background**, so the caller can build its model meanwhile. :meth:`fingerprint` waits for it;
-        the tensors must not be changed in place before.
+        the model will use are brought in on the way), **in the background** (on
+        :func:`background_hash_workers` threads), so the caller can build its model meanwhile.
+        :meth:`fingerprint` waits for it; the tensors must not be changed in place before.
 
         The digest cache is used as :meth:`add_file` uses it (its key taken now, before any byte is
         hashed; the digests written once hashed).
@@ -486,8 +485,7 @@ class WeightsHasher:
                 raise CheckpointError(f"{path}: tensor {name!r} ({name_of}, {tuple(tensor.shape)}) is not the one "
                                       f"its header describes ({entry!r:.200})")
         wanted = set(tensors)
-        key = _file_identity(path, header, wanted)
-        cached = _read_digests(key) if key else None
+        key, cached = _cached_digests(path, header, wanted)
         if cached is not None:
             self._add_digests(cached)
             return
@@ -706,6 +704,14 @@ def _span_jobs(path: str | Path, header: dict[str, dict[str, Any]], data_start: 
             for name in order}
 
 
+def _cached_digests(path: str | Path, header: dict[str, dict[str, Any]], wanted: set[str]
+                    ) -> tuple[str | None, dict[str, tuple[str, list[int], str]] | None]:
+    """The digest cache's key of ``wanted`` tensors of a file (None: it cannot be stat'ed) and their digests
+    kept under it (None: not kept, or damaged)."""
+    key = _file_identity(path, header, wanted)
+    return key, (_read_digests(key) if key else None)
+
+
 def _file_digests(path: str | Path, names: Iterable[str] | None = None) -> dict[str, tuple[str, list[int], str]]:
     """``name -> (dtype, shape, sha256)`` of a safetensors file's tensors (all, or ``names``): read back
     from the digest cache under the file's identity, else hashed and kept there."""
@@ -714,8 +720,7 @@ def _file_digests(path: str | Path, names: Iterable[str] | None = None) -> dict[
     unknown = wanted - set(header)
     if unknown:
         raise CheckpointError(f"{path} does not hold {sorted(unknown)[:4]}")
-    key = _file_identity(path, header, wanted)
-    cached = _read_digests(key) if key else None
+    key, cached = _cached_digests(path, header, wanted)
     if cached is None:
         cached = _hash_tensors(path, header, data_start, wanted)
         if key:
