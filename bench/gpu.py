@@ -22,7 +22,11 @@ each run) and rows of ratios are added to a table:
 9. ``torch.compile`` variants (per layer and whole tower; default, max-autotune(-no-cudagraphs),
    reduce-overhead = CUDA graphs), each in its own process with a time limit, each timed on the
    tower and the HD path; then end to end with the best compiled tower
-10. a summary against the targets (1500 crops/s; 1.45x on the HD path; end to end >= 70%)
+10. CLIP ViT-B/32 and ViT-L/14-336 (random weights, real size): model only, phiclip's encoder against
+    transformers' ``get_image_features`` with SDPA, both bfloat16, and end to end with ``phiclip.embed``
+    from 640x480 JPEGs, against the 5000 and 1000 images/s targets
+11. a summary against the targets (1500 crops/s; 1.45x on the HD path; end to end >= 70% of the tower;
+    Phi-3-vision >= 60 images/s of 1920x1080 JPEGs at num_crops 16; the CLIP rows)
 
 Every section runs under try/except (a failure is logged with its traceback and the next section
 runs), has a time budget, and adds its rows to the log directory as it goes (``results.md``,
@@ -75,8 +79,13 @@ JPEG_SIZE = (1920, 1080)
 TARGET_TOWER = 1500.0  # crops/s, ViT-L/14-336 tower (23 layers) on an H200
 TARGET_HD = 1.45  # tower + HD path vs the released path with SDPA in bf16
 TARGET_E2E = 0.70  # end to end vs the tower-only rate
+#: Issue 28's end-to-end targets (bfloat16, from JPEG files): images/s.
+TARGET_PHI3V_IMAGES = 60.0  # Phi-3-vision tower + HD path, num_crops 16, 1920x1080 JPEGs
+CLIP_TARGETS = {"ViT-B/32": 5000.0, "ViT-L/14-336": 1000.0}
+CLIP_JPEG_SIZE = (640, 480)  # a typical photo for the CLIP rows (the Phi-3-vision rows use 1920x1080)
 EVENT = "@@phiclip-bench "  # prefix of the lines a child process reports results with
-SECTIONS = ("env", "ceilings", "correctness", "tower", "hd", "input", "e2e", "fp8", "compile", "e2e_compiled", "summary")
+SECTIONS = ("env", "ceilings", "correctness", "tower", "hd", "input", "e2e", "clip", "fp8", "compile", "e2e_compiled",
+            "summary")
 
 
 # ==============================================================================================
@@ -110,7 +119,7 @@ class Plan:
                 variants += (("full", "reduce-overhead", 150),)
             return cls(True, (2, 4), 2, 1, 4, 8, 32, min(2, cpus), time_limit or 420,
                        {"env": 20, "ceilings": 20, "correctness": 60, "tower": 60, "hd": 40, "input": 60, "e2e": 120,
-                        "fp8": 20, "compile": 1e6, "e2e_compiled": 150, "summary": 10}, variants, 256, 16)
+                        "clip": 120, "fp8": 20, "compile": 1e6, "e2e_compiled": 150, "summary": 10}, variants, 256, 16)
         variants = (
             ("layer", "default", 75),
             ("layer", "max-autotune-no-cudagraphs", 120),
@@ -121,7 +130,7 @@ class Plan:
         )
         return cls(False, (64, 128, 256), 5, 2, 32, 768, 64, min(16, cpus), time_limit or 505,
                    {"env": 20, "ceilings": 20, "correctness": 90, "tower": 75, "hd": 45, "input": 60, "e2e": 90,
-                    "fp8": 25, "compile": 1e6, "e2e_compiled": 100, "summary": 10}, variants, 8192, 2048)
+                    "clip": 120, "fp8": 25, "compile": 1e6, "e2e_compiled": 100, "summary": 10}, variants, 8192, 2048)
 
 
 # ==============================================================================================
@@ -981,6 +990,93 @@ def sec_e2e_compiled(b: Bench) -> None:
                 min(b.plan.budgets["e2e_compiled"], max(30.0, b.remaining() - 5)))
 
 
+def clip_configs(quick: bool) -> dict[str, dict[str, Any]]:
+    """``build_tiny_clip`` arguments of the two CLIP sizes (random weights): real size, or tiny with --quick."""
+    if quick:
+        tiny = dict(hidden_size=32, num_layers=2, num_heads=2, projection_dim=16)
+        return {"ViT-B/32": dict(image_size=64, patch_size=32, **tiny), "ViT-L/14-336": dict(image_size=56, patch_size=14, **tiny)}
+    return {
+        "ViT-B/32": dict(image_size=224, patch_size=32, hidden_size=768, num_layers=12, num_heads=12, projection_dim=512,
+                         text_overrides=dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8)),
+        "ViT-L/14-336": dict(image_size=336, patch_size=14, hidden_size=1024, num_layers=24, num_heads=16,
+                             projection_dim=768, text_overrides=dict(hidden_size=768, intermediate_size=3072,
+                                                                     num_attention_heads=12, num_hidden_layers=12)),
+    }
+
+
+def sec_clip(b: Bench) -> None:
+    """CLIP at both sizes: correctness (phiclip bfloat16 against transformers float32), model-only images/s
+    of phiclip's encoder against transformers' SDPA in bfloat16 on the same device batch, and end to end
+    with ``phiclip.embed`` from JPEG files against the issue's targets."""
+    from transformers import CLIPModel
+
+    from phiclip import embed, load_encoder
+    from phiclip.testing import build_tiny_clip
+
+    n = b.plan.jpegs * (1 if b.plan.quick else 4)
+    t = time.perf_counter()
+    paths = write_photo_jpegs(b.tmp / "clip-jpegs", n, CLIP_JPEG_SIZE, seed=300)
+    print(f"  wrote {n} JPEGs {CLIP_JPEG_SIZE[0]}x{CLIP_JPEG_SIZE[1]} in {time.perf_counter() - t:.1f} s", flush=True)
+    batch = 8 if b.plan.quick else 256
+    for name, cfg in clip_configs(b.plan.quick).items():
+        if b.out_of_time():
+            raise _Skip(f"out of time before {name}")
+        tag = name.replace("/", "").replace("-", "").lower()
+        t = time.perf_counter()
+        ckpt = build_tiny_clip(b.tmp / f"clip-{tag}", **cfg)
+        print(f"  {name}: random-weight checkpoint built in {time.perf_counter() - t:.1f} s", flush=True)
+        enc = load_encoder(f"clip:{ckpt}", device=str(b.device), dtype="bfloat16")
+        pre = [enc.preprocess(photo_like_image(*CLIP_JPEG_SIZE, seed=400 + i)) for i in range(batch)]
+        pixels = enc.collate(pre)
+        hf = CLIPModel.from_pretrained(str(ckpt), dtype=torch.bfloat16, attn_implementation="sdpa").to(b.device).eval()
+        with torch.inference_mode():
+            ref32 = CLIPModel.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+            want = ref32.get_image_features(pixel_values=pixels[:8].float())
+            want = getattr(want, "pooler_output", want).float().numpy()
+            del ref32
+        got = enc.encode_batch(pixels[:8]).embeddings
+        cos = mean_cos(torch.as_tensor(np.asarray(got, dtype=np.float32)), torch.as_tensor(want))
+        b.check(f"CLIP {name}: phiclip bfloat16 vs transformers float32 image features, mean cosine {cos:.5f}", cos > 0.999)
+        x = pixels.to(b.device, dtype=torch.bfloat16)
+
+        def hf_run(hf: Any = hf, x: Any = x) -> Any:
+            with torch.inference_mode():
+                out = hf.get_image_features(pixel_values=x)
+                return getattr(out, "pooler_output", out)
+
+        def ours(enc: Any = enc, pixels: Any = pixels) -> Any:
+            return enc.encode_batch(pixels).embeddings
+
+        hf_s, _ = time_device(hf_run, b.plan.repeats, b.plan.warmup, b.cuda, deadline=b.deadline())
+        our_s, _ = time_device(ours, b.plan.repeats, b.plan.warmup, b.cuda, deadline=b.deadline())
+        hf_rate, our_rate = batch / hf_s, batch / our_s
+        b.metric(f"clip.{tag}.model_images_per_s", our_rate)
+        b.metric(f"clip.{tag}.hf_model_images_per_s", hf_rate)
+        b.row(Row(f"CLIP {name}, model only, batch {batch}, bfloat16: transformers get_image_features (SDPA) vs phiclip "
+                  "encode_batch, pixels from the host (images/s)", f"{hf_rate:.0f}", f"{our_rate:.0f}", our_rate / hf_rate))
+        del hf
+        if b.cuda:
+            torch.cuda.empty_cache()
+        out = b.tmp / f"clip-{tag}-out"
+        warm = b.tmp / f"clip-{tag}-warm.txt"
+        warm.write_text("\n".join(str(q) for q in paths[: max(2, batch)]) + "\n")
+        embed(enc, warm, out / "warm", batch_size=batch, num_workers=b.plan.workers, progress=False)
+        res = embed(enc, paths[0].parent, out / "run", batch_size=batch, num_workers=b.plan.workers, progress=False)
+        ok = res.embedded == n and res.failed == 0
+        b.check(f"CLIP {name} end to end: {res.embedded} embedded, {res.failed} failed of {n}", ok)
+        img_s = res.processed / res.timings.get("loop", res.seconds)
+        target = CLIP_TARGETS[name]
+        b.metric(f"clip.{tag}.e2e_images_per_s", img_s)
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items())
+        b.row(Row(f"CLIP {name} end to end, {n} JPEGs {CLIP_JPEG_SIZE[0]}x{CLIP_JPEG_SIZE[1]} -> Parquet, batch {batch}, "
+                  f"{b.plan.workers} workers, bfloat16 (images/s; target {target:.0f})", f"{target:.0f}", f"{img_s:.0f}",
+                  img_s / target, 1.0, f"model only {our_rate:.0f} images/s ({img_s / our_rate:.0%} of it); {stages}"))
+        del enc
+        gc.collect()
+        if b.cuda:
+            torch.cuda.empty_cache()
+
+
 def sec_summary(b: Bench) -> None:
     mt = b.metrics
     towers = {k: v for k, v in mt.items() if k.startswith(("tower.phiclip", "tower.compile"))}
@@ -1004,6 +1100,19 @@ def sec_summary(b: Bench) -> None:
         key = max(e2e, key=e2e.__getitem__)
         b.row(Row(f"SUMMARY end to end: best ({key[4:]}) vs its tower-only rate (crops/s)",
                   f"{mt.get(key + '.tower_crops_per_s', 0):.0f}", f"{mt.get(key + '.crops_per_s', 0):.0f}", e2e[key], TARGET_E2E))
+        images = mt.get(key + ".images_per_s", 0.0)
+        b.row(Row(f"SUMMARY Phi-3-vision end to end, {JPEG_SIZE[0]}x{JPEG_SIZE[1]} JPEGs, num_crops 16 ({key[4:]}) vs "
+                  f"{TARGET_PHI3V_IMAGES:.0f} images/s", f"{TARGET_PHI3V_IMAGES:.0f}", f"{images:.1f}",
+                  images / TARGET_PHI3V_IMAGES, 1.0))
+    for name, target in CLIP_TARGETS.items():
+        tag = name.replace("/", "").replace("-", "").lower()
+        rate = mt.get(f"clip.{tag}.e2e_images_per_s")
+        if rate is not None:
+            model = mt.get(f"clip.{tag}.model_images_per_s", 0.0)
+            hf = mt.get(f"clip.{tag}.hf_model_images_per_s", 0.0)
+            b.row(Row(f"SUMMARY CLIP {name} end to end vs {target:.0f} images/s", f"{target:.0f}", f"{rate:.0f}",
+                      rate / target, 1.0, f"model only {model:.0f} images/s, {model / hf:.2f}x transformers SDPA bf16"
+                      if hf else ""))
 
 
 # ==============================================================================================
@@ -1231,7 +1340,7 @@ def main() -> None:
     plan = Plan.make(args.quick, torch.device(args.device).type == "cuda", args.time_limit)
     log_dir = Path(args.log_dir) if args.log_dir else None
     fns = {"env": sec_env, "ceilings": sec_ceilings, "correctness": sec_correctness, "tower": sec_tower, "hd": sec_hd,
-           "input": sec_input, "e2e": sec_e2e, "fp8": sec_fp8, "compile": sec_compile, "e2e_compiled": sec_e2e_compiled,
+           "input": sec_input, "e2e": sec_e2e, "clip": sec_clip, "fp8": sec_fp8, "compile": sec_compile, "e2e_compiled": sec_e2e_compiled,
            "summary": sec_summary}
     with _logging_to(log_dir), tempfile.TemporaryDirectory(prefix="phiclip-gpu-bench-") as tmp:
         b = Bench(args, plan, Path(tmp))
