@@ -146,3 +146,27 @@ def test_a_killed_driver_then_a_rerun_is_exactly_once(tmp_path: Path, ray_instan
     res = embed(MeanColourEncoder(), tmp_path / "in", out, shard_size=3, batch_size=3, progress=False)
     assert res.skipped >= 3 * done and res.skipped + res.processed == len(paths)
     _exactly_once(out, paths)
+
+
+@pytest.mark.compiled_runtime
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_the_cpu_side_of_a_compiled_encoder_ships(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runtime: str) -> None:
+    """An encoder whose image side a runtime compiled (what runtime=auto, the default, often picks) reaches
+    the driver as its CPU side: that copy must pickle and preprocess (it held the compiled model and
+    its lock before, and the probe task failed with "cannot pickle '_thread.lock' object")."""
+    pytest.importorskip(runtime)
+    from PIL import Image
+
+    from phiclip.cache import CACHE_ENV
+    from phiclip.encoders import load_encoder
+    from phiclip.pipeline.ray_engine import cpu_side
+    from phiclip.testing import build_tiny_clip
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    enc = load_encoder(f"clip:{build_tiny_clip(tmp_path / 'clip', image_size=64)}?runtime={runtime}", device="cpu",
+                       dtype="float32")
+    assert enc.precision["runtime"]["runtime"] == runtime
+    copy = ray.cloudpickle.loads(ray.cloudpickle.dumps(cpu_side(enc)))
+    pixels = copy.collate([copy.preprocess(Image.new("RGB", (48, 40), (90, 120, 30)))])
+    assert tuple(pixels.shape) == (1, 3, 64, 64)
+    assert enc.compiled is not None  # the encoder itself keeps its compiled path

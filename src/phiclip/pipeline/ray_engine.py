@@ -102,12 +102,15 @@ def precision(model: Any, opts: RayOptions) -> str:
 
 
 def cpu_side(encoder: Encoder) -> Encoder:
-    """A copy of ``encoder`` without its torch modules: what preprocessing needs, small to ship."""
+    """A copy of ``encoder`` without its torch modules and compiled runtime models (OpenVINO / ONNX
+    Runtime, which do not pickle): what preprocessing needs, small to ship."""
     import torch
+
+    from phiclip.cpu.runtimes import CompiledPath
 
     view = copy.copy(encoder)
     for name, value in list(vars(view).items()):
-        if isinstance(value, torch.nn.Module):
+        if isinstance(value, (torch.nn.Module, CompiledPath)):
             setattr(view, name, None)
     return view
 
