@@ -241,3 +241,91 @@ def test_a_lazy_fingerprint_is_computed_once_and_pickles_as_its_string() -> None
     assert pickle.loads(pickle.dumps(lazy)) == "sha256:abc"
     assert C.resolve_fingerprint(lazy) == "sha256:abc" and C.resolve_fingerprint(None) is None
     assert C.fingerprint_with("sha256:x", "|k") == "sha256:x|k" and C.fingerprint_with(None, "|k") is None
+
+
+def _no_cached_digests() -> None:
+    for entry in (C._digest_file("x").parent).glob("*.json"):
+        entry.unlink()
+
+
+def test_a_failed_background_hash_is_raised_at_every_read_never_forgotten(tmp_path, monkeypatch) -> None:
+    """A file removed while it is hashed: each read of the fingerprint raises the CheckpointError naming
+    it (before: the second read returned the fingerprint of nothing)."""
+    path = _mixed(tmp_path / "w.safetensors")
+    _no_cached_digests()
+    monkeypatch.setattr(C, "background_hash_workers", lambda: 0)  # nothing hashed until the fingerprint is read
+    hasher = C.WeightsHasher()
+    hasher.add_files_in_background([path])
+    path.unlink()
+    lazy = C.LazyFingerprint(hasher.fingerprint)
+    for _ in range(2):
+        with pytest.raises(C.CheckpointError, match="cannot read .*w.safetensors"):
+            lazy.value()
+
+
+def test_two_threads_waiting_for_one_hasher_both_get_the_whole_fingerprint(tmp_path) -> None:
+    import threading
+
+    paths = [_mixed(tmp_path / "a.safetensors"), _write(tmp_path / "b.safetensors", 3)]
+    expected = C.fingerprint_files(paths)
+    _no_cached_digests()
+    hasher = C.WeightsHasher()
+    hasher.add_files_in_background(paths)
+    got: dict[str, str] = {}
+    other = threading.Thread(target=lambda: got.setdefault("other", hasher.fingerprint()))
+    other.start()
+    got["this"] = hasher.fingerprint()
+    other.join()
+    assert got == {"other": expected, "this": expected}
+
+
+def test_a_later_file_wins_a_name_in_both_whether_its_digests_were_cached_or_not(tmp_path) -> None:
+    first = tmp_path / "first.safetensors"
+    save_file({"x": torch.zeros(4), "only.first": torch.ones(2)}, str(first))
+    second = tmp_path / "second.safetensors"
+    save_file({"x": torch.ones(4)}, str(second))
+    expected = C.fingerprint_files([first, second])  # both files' digests cached now
+    _no_cached_digests()
+    C.fingerprint_files([second])  # the second cached, the first to be hashed in the background
+    hasher = C.WeightsHasher()
+    hasher.add_files_in_background([first, second])
+    assert hasher.fingerprint() == expected
+
+
+def test_a_hasher_still_hashing_pickles_with_every_digest(tmp_path) -> None:
+    import pickle
+
+    path = _mixed(tmp_path / "w.safetensors")
+    expected = C.fingerprint_files([path])
+    _no_cached_digests()
+    hasher = C.WeightsHasher()
+    hasher.add_files_in_background([path])
+    copy = pickle.loads(pickle.dumps(hasher))
+    assert copy.fingerprint() == hasher.fingerprint() == expected
+
+
+def test_ctrl_c_in_a_caller_hashing_too_leaves_the_job_for_a_later_wait(tmp_path, monkeypatch) -> None:
+    path = _mixed(tmp_path / "w.safetensors")
+    expected = C.fingerprint_files([path])
+    _no_cached_digests()
+    header, start = C.read_safetensors_header(path)
+    jobs = C._span_jobs(path, header, start, set(header))
+    interrupted = []
+
+    def interrupt_once(job):
+        def run():
+            if not interrupted:
+                interrupted.append(1)
+                raise KeyboardInterrupt
+            return job()
+        return run
+
+    first = next(iter(jobs))
+    jobs[first] = (jobs[first][0], interrupt_once(jobs[first][1]))
+    work = C._HashJobs(jobs, threads=0)  # every job on the caller's thread
+    with pytest.raises(KeyboardInterrupt):
+        work.result()
+    digests = work.result()
+    by_file = C.WeightsHasher()
+    by_file._add_digests({n: (d, s, digests[n]) for n, (d, s) in C._meta(header, header).items()})
+    assert by_file.fingerprint() == expected

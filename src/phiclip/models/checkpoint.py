@@ -410,6 +410,15 @@ class WeightsHasher:
     def __init__(self) -> None:
         self._entries: dict[str, str] = {}
         self._pending: list[_PendingDigests] = []
+        self._waiting = threading.Lock()  # one thread at a time collects the background digests
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled with every digest (waiting for the background hashing first), without its lock."""
+        self.wait()
+        return {"_entries": dict(self._entries)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._entries, self._pending, self._waiting = dict(state["_entries"]), [], threading.Lock()
 
     def _add(self, name: str, dtype: str, shape: Iterable[int], digest: str) -> None:
         self._entries[name] = json.dumps([name, dtype, [int(d) for d in shape], digest])
@@ -450,13 +459,14 @@ class WeightsHasher:
             header, data_start = read_safetensors_header(path)
             wanted = set(header)
             key, cached = _cached_digests(path, header, wanted)
-            if cached is not None:
-                self._add_digests(cached)
-                continue
-            jobs.update({(len(files), name): job for name, job in _span_jobs(path, header, data_start, wanted).items()})
-            files.append(_FileDigests(key, _meta(header, wanted)))
+            if cached is None:
+                jobs.update({(len(files), name): job for name, job in _span_jobs(path, header, data_start, wanted).items()})
+            files.append(_FileDigests(key, _meta(header, wanted), cached))  # in order: a later file's tensor wins
+        pending = _PendingDigests(files, _HashJobs(jobs, background_hash_workers()))
         if jobs:
-            self._pending.append(_PendingDigests(files, _HashJobs(jobs, background_hash_workers())))
+            self._pending.append(pending)
+        else:
+            self._add_digests(pending.result())
 
     def add_loaded_file(self, path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
         """Add the tensors just read from the safetensors file ``path`` (``tensors``: name -> tensor as
@@ -496,9 +506,13 @@ class WeightsHasher:
 
     def wait(self) -> None:
         """Wait for the background hashing (:meth:`add_loaded_file`, :meth:`add_files_in_background`),
-        hashing what is left on this thread too, and add its digests."""
-        while self._pending:
-            self._add_digests(self._pending.pop(0).result())
+        hashing what is left on this thread too, and add its digests. What the hashing raised is raised
+        again by every later call (the work stays pending: a fingerprint is never made without it)."""
+        with self._waiting:
+            while self._pending:
+                digests = self._pending[0].result()
+                self._add_digests(digests)
+                self._pending.pop(0)
 
     def __len__(self) -> int:
         self.wait()
@@ -618,8 +632,12 @@ class _HashJobs:
                 key, compute = self._queue.popleft()
             try:
                 digest, error = compute(), None
-            except BaseException as e:  # noqa: BLE001 - handed to the caller of result()
+            except Exception as e:  # noqa: BLE001 - handed to the caller of result()
                 digest, error = "", e
+            except BaseException:  # Ctrl-C in a caller hashing too: the job goes back, for a later wait
+                with self._changed:
+                    self._queue.appendleft((key, compute))
+                raise
             with self._changed:
                 self._left -= 1
                 if error is not None:
@@ -642,10 +660,12 @@ class _HashJobs:
 
 @dataclass
 class _FileDigests:
-    """What a file's digests are filed under: its digest cache key, and ``name -> (dtype, shape)``."""
+    """What a file's digests are filed under: its digest cache key, and ``name -> (dtype, shape)``; or
+    its digests already read back from the cache (``ready``)."""
 
     key: str | None
     meta: dict[str, tuple[str, list[int]]]
+    ready: dict[str, tuple[str, list[int], str]] | None = None
 
 
 @dataclass
@@ -660,9 +680,13 @@ class _PendingDigests:
         digests = self.jobs.result()
         out: dict[str, tuple[str, list[int], str]] = {}
         for i, file in enumerate(self.files):
+            if file.ready is not None:
+                out.update(file.ready)
+                continue
             these = {name: (dtype, shape, digests[(i, name)]) for name, (dtype, shape) in file.meta.items()}
             if file.key:
                 _write_digests(file.key, these)
+                file.ready = these  # written once, even when result() is asked again
             out.update(these)
         return out
 
@@ -693,12 +717,15 @@ def _span_jobs(path: str | Path, header: dict[str, dict[str, Any]], data_start: 
         buffer = getattr(_READ_BUFFERS, "buffer", None)
         if buffer is None:
             buffer = _READ_BUFFERS.buffer = bytearray(_HASH_CHUNK)
-        with open(path, "rb", buffering=0) as f:
-            def read_at(offset: int, view: memoryview) -> int:
-                f.seek(offset)
-                return f.readinto(view) or 0
+        try:
+            with open(path, "rb", buffering=0) as f:
+                def read_at(offset: int, view: memoryview) -> int:
+                    f.seek(offset)
+                    return f.readinto(view) or 0
 
-            return _hash_span(read_at, path, name, header[name], data_start, buffer)
+                return _hash_span(read_at, path, name, header[name], data_start, buffer)
+        except OSError as e:  # removed or unreadable since the load began
+            raise CheckpointError(f"cannot read {path} to fingerprint it ({e.strerror or e})") from None
 
     return {name: (header[name]["data_offsets"][1] - header[name]["data_offsets"][0], functools.partial(job, name))
             for name in order}
