@@ -154,7 +154,7 @@ def test_the_cpu_side_of_a_compiled_encoder_ships(tmp_path: Path, monkeypatch: p
     """An encoder whose image side a runtime compiled (what runtime=auto, the default, often picks) reaches
     the driver as its CPU side: that copy must pickle and preprocess (it held the compiled model and
     its lock before, and the probe task failed with "cannot pickle '_thread.lock' object")."""
-    pytest.importorskip(runtime)
+    pytest.importorskip(runtime, reason=f"{runtime} is not installed (phiclip[cpu-runtimes]; .ci/run installs it)")
     from PIL import Image
 
     from phiclip.cache import CACHE_ENV

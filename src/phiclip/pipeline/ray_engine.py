@@ -106,7 +106,7 @@ def cpu_side(encoder: Encoder) -> Encoder:
     Runtime, which do not pickle): what preprocessing needs, small to ship."""
     import torch
 
-    from phiclip.cpu.runtimes import CompiledPath
+    from phiclip.cpu.runtimes import CompiledPath  # lazy: imports torch, as the line above
 
     view = copy.copy(encoder)
     for name, value in list(vars(view).items()):
