@@ -990,6 +990,11 @@ def sec_e2e_compiled(b: Bench) -> None:
                 min(b.plan.budgets["e2e_compiled"], max(30.0, b.remaining() - 5)))
 
 
+def clip_tag(name: str) -> str:
+    """The metric-key form of a CLIP size's name (``ViT-L/14-336`` -> ``vitl14336``)."""
+    return name.replace("/", "").replace("-", "").lower()
+
+
 def clip_configs(quick: bool) -> dict[str, dict[str, Any]]:
     """``build_tiny_clip`` arguments of the two CLIP sizes (random weights): real size, or tiny with --quick."""
     if quick:
@@ -1021,7 +1026,7 @@ def sec_clip(b: Bench) -> None:
     for name, cfg in clip_configs(b.plan.quick).items():
         if b.out_of_time():
             raise _Skip(f"out of time before {name}")
-        tag = name.replace("/", "").replace("-", "").lower()
+        tag = clip_tag(name)
         t = time.perf_counter()
         ckpt = build_tiny_clip(b.tmp / f"clip-{tag}", **cfg)
         print(f"  {name}: random-weight checkpoint built in {time.perf_counter() - t:.1f} s", flush=True)
@@ -1159,7 +1164,7 @@ def sec_summary(b: Bench) -> None:
                   f"{TARGET_PHI3V_IMAGES:.0f} images/s", f"{TARGET_PHI3V_IMAGES:.0f}", f"{images:.1f}",
                   images / TARGET_PHI3V_IMAGES, 1.0))
     for name, target in CLIP_TARGETS.items():
-        tag = name.replace("/", "").replace("-", "").lower()
+        tag = clip_tag(name)
         rate = mt.get(f"clip.{tag}.e2e_images_per_s")
         if rate is not None:
             model = mt.get(f"clip.{tag}.model_images_per_s", 0.0)

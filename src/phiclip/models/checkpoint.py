@@ -454,7 +454,7 @@ class WeightsHasher:
         now. The files are read again by position, so whatever the caller does with its own copies
         of the tensors does not change what is hashed."""
         files: list[_FileDigests] = []
-        jobs: dict[tuple[int, str], tuple[int, Callable[[], str]]] = {}
+        jobs: dict[tuple[int, str], Callable[[], str]] = {}
         for path in paths:
             header, data_start = read_safetensors_header(path)
             wanted = set(header)
@@ -500,7 +500,8 @@ class WeightsHasher:
             self._add_digests(cached)
             return
         buffers = {n: _tensor_bytes(t.detach().reshape(-1)) for n, t in tensors.items()}
-        jobs = {(0, n): (len(b), functools.partial(_sha256_hex, b)) for n, b in buffers.items()}
+        jobs = {(0, n): functools.partial(_sha256_hex, buffers[n])
+                for n in sorted(buffers, key=lambda n: -len(buffers[n]))}  # the largest first: threads finish together
         self._pending.append(_PendingDigests([_FileDigests(key, _meta(header, wanted))],
                                              _HashJobs(jobs, background_hash_workers())))
 
@@ -609,14 +610,14 @@ def _sha256_hex(data: Any) -> str:
 
 
 class _HashJobs:
-    """SHA-256 digests of named jobs (``key -> (bytes, compute)``), taken from one queue in the order
-    given by ``threads`` background threads; a caller of :meth:`result` takes jobs too until none is
+    """SHA-256 digests of named jobs (``key -> compute``), taken from one queue in the order given by
+    ``threads`` background threads; a caller of :meth:`result` takes jobs too until none is
     left, then waits for the ones in flight. The first error stops the rest and is raised by
     :meth:`result`. The threads end when the queue is empty (not daemons: a process exiting waits for
     them rather than unmapping memory they read)."""
 
-    def __init__(self, jobs: Mapping[Any, tuple[int, Callable[[], str]]], threads: int) -> None:
-        self._queue = collections.deque((key, compute) for key, (_, compute) in jobs.items())
+    def __init__(self, jobs: Mapping[Any, Callable[[], str]], threads: int) -> None:
+        self._queue = collections.deque(jobs.items())
         self._left = len(self._queue)
         self._digests: dict[Any, str] = {}
         self._error: BaseException | None = None
@@ -701,7 +702,7 @@ _READ_BUFFERS = threading.local()
 
 
 def _span_jobs(path: str | Path, header: dict[str, dict[str, Any]], data_start: int, wanted: Iterable[str], *,
-               largest_first: bool = True) -> dict[str, tuple[int, Callable[[], str]]]:
+               largest_first: bool = True) -> dict[str, Callable[[], str]]:
     """A :class:`_HashJobs` job per ``wanted`` tensor of a safetensors file: its bytes read from the file
     (its own handle, seek and read) and hashed; the largest first (threads finish together) or in file
     order. Raises :class:`CheckpointError` now for a file too short for its header."""
@@ -727,8 +728,7 @@ def _span_jobs(path: str | Path, header: dict[str, dict[str, Any]], data_start: 
         except OSError as e:  # removed or unreadable since the load began
             raise CheckpointError(f"cannot read {path} to fingerprint it ({e.strerror or e})") from None
 
-    return {name: (header[name]["data_offsets"][1] - header[name]["data_offsets"][0], functools.partial(job, name))
-            for name in order}
+    return {name: functools.partial(job, name) for name in order}
 
 
 def _cached_digests(path: str | Path, header: dict[str, dict[str, Any]], wanted: set[str]
